@@ -1,0 +1,136 @@
+"""Load, compile, plan and execute a build: the flow from build script to image file."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rfs.compiler import build_graph, compile_steps
+from rfs.errors import Interrupted, RfsError, StepFailed
+from rfs.executors import Executor
+from rfs.hashing import digest_bytes
+from rfs.inputs import digest_refs, package_refs, source_date_epoch
+from rfs.model import BuildScript
+from rfs.package import Loaded, load
+from rfs.planner import Action, Decision, manifest, plan
+from rfs.reporter import Reporter
+from rfs.steps import Facts, Step
+from rfs.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
+
+if TYPE_CHECKING:
+    from rfs.engine.base import Engine
+
+RUN_LABEL = "org.rfs.run"
+
+
+@dataclass
+class Options:
+    """What the user asked for, independent of how it was asked (CLI, tests)."""
+
+    package: Path
+    output: Path | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_size: int = DEFAULT_SIZE_LIMIT
+    network: bool = True
+
+
+@dataclass
+class Planned:
+    """A compiled and planned build, ready to execute."""
+
+    loaded: Loaded
+    steps: list[Step]
+    decisions: list[Decision]
+    facts: Facts
+    executor: Executor
+    store: Store
+    script_id: str
+
+    @property
+    def script(self) -> BuildScript:
+        """The build script being built."""
+        return self.loaded.script
+
+    def to_run(self) -> list[Decision]:
+        """The decisions whose steps will run."""
+        return [d for d in self.decisions if d.action is Action.RUN]
+
+
+def connect_engine(script: BuildScript) -> Engine:
+    """Connect to the engine the script asks for."""
+    from rfs.engine import connect
+
+    c = script.container
+    return connect(c.engine.value, c.connection_uri)
+
+
+def prepare(opts: Options, reporter: Reporter,
+            engine_factory: Callable[[BuildScript], Engine] = connect_engine) -> Planned:
+    """Load the package, gather facts, compile the graph and plan each step."""
+    loaded = load(opts.package)
+    script = loaded.script
+    store = Store(opts.cache_dir, opts.cache_size)
+    run_id = uuid.uuid4().hex[:12]
+    engine = engine_factory(script)
+    image = script.container.image
+    base_id = engine.resolve_base(image.name, image.tag)
+    memo = store.meta("file-digests")
+    digests = digest_refs(script.package_root, package_refs(script), memo)
+    store.set_meta("file-digests", memo)
+    from rfs.fs.ext4 import mkfs_version
+
+    facts = Facts(base_id=base_id, file_digests=digests, mkfs_version=mkfs_version(),
+                  engine=engine.name, source_date_epoch=source_date_epoch())
+    steps = compile_steps(script, facts)
+    graph = build_graph(steps)
+    script_file = (script.package_root or opts.package.resolve().parent) / script.script_file.name
+    script_id = digest_bytes(str(script_file.resolve()).encode())
+    previous = store.last_manifests(script_id)
+    output = opts.output or Path(str(previous.get("_output", "image.ext4")))
+    executor = Executor(script, store, lambda: engine, reporter, output,
+                        source_date_epoch=facts.source_date_epoch,
+                        labels={RUN_LABEL: run_id}, network=opts.network)
+    executor._engine = engine
+    decisions = plan(graph, executor.missing, previous)
+    return Planned(loaded, steps, decisions, facts, executor, store, script_id)
+
+
+def execute(planned: Planned, reporter: Reporter) -> None:
+    """Run the steps the plan says must run, recording each once it is complete."""
+    store = planned.store
+    ex = planned.executor
+    by_id = {s.id: s for s in planned.steps}
+    reporter.planned(planned.decisions)
+    try:
+        for d in planned.decisions:
+            if d.action is Action.CACHED:
+                store.touch(d.step.key)
+            if d.action is not Action.RUN:
+                continue
+            reporter.started(d.step, d.reason)
+            t0 = time.monotonic()
+            try:
+                record = ex.run(d.step, by_id, planned.facts.base_id)
+            except KeyboardInterrupt:
+                reporter.failed(d.step, time.monotonic() - t0, "interrupted")
+                raise Interrupted(f"interrupted during {d.step.id}") from None
+            except RfsError as exc:
+                reporter.failed(d.step, time.monotonic() - t0, exc.message)
+                if type(exc) is RfsError:  # a plain failure of the step itself
+                    raise StepFailed(d.step.id, exc.message) from exc
+                raise
+            store.put_record(d.step.key, {"kind": d.step.kind.value, "step": d.step.id,
+                                          "inputs": dict(d.step.inputs), **record})
+            reporter.finished(d.step, time.monotonic() - t0,
+                              record.get("blob_size"))
+    finally:
+        if ex._engine is not None:
+            ex.engine.remove_containers(f"{RUN_LABEL}={ex.labels[RUN_LABEL]}")
+    manifests: dict[str, object] = {s.id: manifest(s) for s in planned.steps}
+    manifests["_output"] = str(ex.output)
+    store.save_manifests(planned.script_id, manifests)
+    store.evict(keep={s.key for s in planned.steps})

@@ -1,0 +1,149 @@
+"""Compile a BuildScript into a DAG of content-addressed steps.
+
+    base ─▶ run[0] ─▶ … ─▶ run[n-1] ─▶ export ─┐
+                                              ├─▶ assemble
+    overlays ─────────────────────────────────┘
+
+Each key is blake3 over the canonical JSON of (key version, kind, own inputs, parents' keys),
+so a change anywhere invalidates exactly the steps downstream of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from rfs.hashing import digest_bytes, digest_json
+from rfs.model import BuildScript, Command, Overlay
+from rfs.steps import KEY_VERSION, Facts, Step, StepKind
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+# Bump when the bytes rfs feeds mkfs change for the same inputs (a filter fix, say).
+ASSEMBLY_VERSION = 1
+
+
+def _key(kind: StepKind, inputs: Mapping[str, Any], parent_keys: list[str]) -> str:
+    return digest_json({"v": KEY_VERSION, "kind": kind.value, "inputs": inputs,
+                        "parents": parent_keys})
+
+
+def describe_command(cmd: Command) -> str:
+    """A short human description of a command, for plans and progress lines."""
+    if cmd.command is not None:
+        text = cmd.command.strip()
+        return f"command: {text[:60]}{'…' if len(text) > 60 else ''}"
+    if cmd.script_path is not None:
+        return f"script {cmd.script_path}"
+    lines = (cmd.script_inline or "").strip().splitlines()
+    first = next((ln for ln in lines if not ln.startswith("#!")), "")
+    return f"inline script ({len(lines)} lines): {first.strip()[:50]}"
+
+
+def command_inputs(cmd: Command, script: BuildScript, facts: Facts) -> dict[str, Any]:
+    """The manifest of a RUN step: everything that can change the layer it produces."""
+    c = script.container
+    if cmd.command is not None:
+        body: dict[str, Any] = {"argv": cmd.command.split()}
+    elif cmd.script_inline is not None:
+        body = {"script": digest_bytes(cmd.script_inline.encode())}
+    else:
+        assert cmd.script_path is not None
+        body = {"script": facts.file_digests[cmd.script_path], "script_path": cmd.script_path}
+    env = dict(c.env)
+    env.update(dict(cmd.env))
+    mounted = {o.destination: facts.file_digests[o.source] for o in script.overlays
+               if o.mounted and o.source is not None}
+    mounted.update({o.destination: digest_bytes((o.source_inline or "").encode())
+                    for o in script.overlays if o.mounted and o.source_inline is not None})
+    return {
+        **body,
+        "env": env,
+        "uid": cmd.uid,
+        "gid": cmd.gid,
+        "working_dir": cmd.working_dir,
+        "privileged": cmd.privileged or c.rootful,
+        "hostname": c.hostname,
+        "cap_add": sorted(c.cap_add),
+        "cap_drop": sorted(c.cap_drop),
+        "oci_runtime": c.oci_runtime,
+        "engine": facts.engine,
+        "volumes": {target: facts.file_digests[host] for host, target in c.volumes},
+        "mounted_overlays": mounted,
+    }
+
+
+def overlay_inputs(overlay: Overlay, facts: Facts) -> dict[str, Any]:
+    """The manifest entry of one overlay: what lands where, with which owner and mode."""
+    if overlay.source is not None:
+        content = facts.file_digests[overlay.source]
+    else:
+        content = digest_bytes((overlay.source_inline or "").encode())
+    return {"destination": overlay.destination, "content": content,
+            "is_directory": overlay.is_directory, "mode": overlay.mode,
+            "uid": overlay.uid, "gid": overlay.gid}
+
+
+def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
+    """The manifest of the ASSEMBLE step: filesystem settings, selection and tools."""
+    fs = script.filesystem
+    ex = script.export
+    return {
+        "type": fs.type.value,
+        "size_mib": fs.size_mib,
+        "block_size_mib": fs.block_size_mib,
+        "dd_args": list(fs.dd_args),
+        "mkfs_args": list(fs.mkfs_args),
+        "export": {
+            "files": {"include": list(ex.files.include), "create": list(ex.files.create),
+                      "exclude": list(ex.files.exclude)},
+            "directories": {"include": list(ex.directories.include),
+                            "create": list(ex.directories.create),
+                            "exclude": list(ex.directories.exclude)},
+        },
+        "mkfs": facts.mkfs_version,
+        "assembly": ASSEMBLY_VERSION,
+        "source_date_epoch": facts.source_date_epoch,
+    }
+
+
+def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
+    """The steps of `script` in dependency order, with their keys."""
+    steps: list[Step] = []
+
+    def add(step_id: str, kind: StepKind, label: str, inputs: dict[str, Any],
+            parents: list[Step], index: int | None = None) -> Step:
+        step = Step(step_id, kind, label, inputs, tuple(p.id for p in parents),
+                    _key(kind, inputs, [p.key for p in parents]), index)
+        steps.append(step)
+        return step
+
+    image = script.container.image
+    last = add("base", StepKind.BASE, f"base image {image.ref}",
+               {"image_id": facts.base_id}, [])
+    for i, cmd in enumerate(script.commands):
+        last = add(f"run[{i}]", StepKind.RUN, f"commands[{i}] {describe_command(cmd)}",
+                   command_inputs(cmd, script, facts), [last], index=i)
+    export = add("export", StepKind.EXPORT, "export the container filesystem",
+                 {"engine": facts.engine}, [last])
+    overlays = add("overlays", StepKind.OVERLAYS, f"{len(script.overlays)} overlay(s)",
+                   {"overlays": [overlay_inputs(o, facts) for o in script.overlays]}, [])
+    add("assemble", StepKind.ASSEMBLE,
+        f"assemble {script.filesystem.type.value} image", assemble_inputs(script, facts),
+        [export, overlays])
+    return steps
+
+
+def build_graph(steps: list[Step]) -> nx.DiGraph:
+    """The steps as a networkx DiGraph, edges from each dependency to its dependent."""
+    import networkx as nx  # imported on demand: it costs ~0.1 s at start-up
+
+    graph = nx.DiGraph()
+    for step in steps:
+        graph.add_node(step.id, step=step)
+        for parent in step.parents:
+            graph.add_edge(parent, step.id)
+    if not nx.is_directed_acyclic_graph(graph):
+        raise AssertionError("build graph has a cycle")
+    return graph

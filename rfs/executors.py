@@ -1,0 +1,264 @@
+"""The one place that wires steps to the container engine, the store and the filesystem tools."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rfs.errors import RfsError
+from rfs.model import BuildScript, Command, Overlay
+from rfs.package import resolve_reference
+from rfs.steps import Step, StepKind
+from rfs.store import Store
+
+if TYPE_CHECKING:
+    from rfs.engine.base import Engine, Mount
+    from rfs.fs.tarstream import OverlayEntry, Selection
+    from rfs.reporter import Reporter
+
+LAYER_REPO = "rfs/layer"
+# Where rfs bind-mounts the files a command needs (its script). The export filter drops it.
+SCRIPT_DIR = "/.rfs"
+
+
+def layer_tag(key: str) -> str:
+    """The engine tag of the layer image committed for a RUN step."""
+    return f"{LAYER_REPO}:{key}"
+
+
+def interpreter_argv(script: bytes, path: str) -> list[str]:
+    """The argv that runs `script` stored at `path`: its #! line, else /bin/sh.
+
+    Like the kernel, everything after the interpreter on the #! line is one argument.
+    """
+    first = script.split(b"\n", 1)[0]
+    if first.startswith(b"#!"):
+        parts = first[2:].decode("utf-8", "replace").strip().split(None, 1)
+        if parts:
+            return [*parts, path]
+    return ["/bin/sh", path]
+
+
+def output_identity(path: Path) -> dict[str, int] | None:
+    """What identifies an output file we wrote: any change to it shows here."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
+
+
+@dataclass
+class Executor:
+    """Runs the steps of one build of `script`."""
+
+    script: BuildScript
+    store: Store
+    engine_factory: Any  # () -> Engine, so cached builds never connect
+    reporter: Reporter
+    output: Path
+    source_date_epoch: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    network: bool = True
+    _engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, connected on first use."""
+        if self._engine is None:
+            self._engine = self.engine_factory()
+        return self._engine
+
+    # availability, for the planner ---------------------------------------------------------
+
+    def missing(self, step: Step) -> str | None:
+        """None when `step`'s result is available, else why it is not."""
+        if step.kind is StepKind.BASE:
+            return None  # resolved (and pulled if needed) before planning
+        record = self.store.record(step.key)
+        if record is None:
+            return "no cache entry"
+        if step.kind is StepKind.RUN:
+            if not self.engine.has_tag(layer_tag(step.key)):
+                return f"layer image {layer_tag(step.key)[:28]}… is missing from the engine"
+        elif step.kind is StepKind.EXPORT:
+            if self.store.blob(step.key) is None:
+                return "export tarball missing or truncated in the cache"
+        elif step.kind is StepKind.ASSEMBLE:
+            outputs = record.get("outputs", {})
+            recorded = outputs.get(str(self.output.resolve()))
+            if recorded is None:
+                return f"{self.output} was not built from these inputs"
+            if recorded != output_identity(self.output):
+                return f"{self.output} changed or disappeared since it was built"
+        return None
+
+    # running ----------------------------------------------------------------------------------
+
+    def run(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
+        """Run `step` and return its record (stored by the caller)."""
+        if step.kind is StepKind.RUN:
+            return self._run_command(step, parents, base_id)
+        if step.kind is StepKind.EXPORT:
+            return self._export(step, parents, base_id)
+        if step.kind is StepKind.OVERLAYS:
+            return {"overlays": len(self.script.overlays)}
+        if step.kind is StepKind.ASSEMBLE:
+            return self._assemble(step, parents)
+        return {"image_id": base_id}
+
+    def _image_of(self, parent: Step, base_id: str) -> str:
+        return base_id if parent.kind is StepKind.BASE else layer_tag(parent.key)
+
+    def _package_file(self, ref: str) -> Path:
+        assert self.script.package_root is not None
+        return resolve_reference(self.script.package_root, ref)
+
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        path = Path(tempfile.mkdtemp(prefix="rfs-step-"))
+        try:
+            path.chmod(0o755)  # commands may run as any uid
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _command_argv(self, cmd: Command, scratch: Path) -> list[str]:
+        if cmd.command is not None:
+            return cmd.command.split()  # buildfs's meaning: split on whitespace, no shell
+        if cmd.script_inline is not None:
+            body = cmd.script_inline.encode()
+        else:
+            assert cmd.script_path is not None
+            body = self._package_file(cmd.script_path).read_bytes()
+        (scratch / "script").write_bytes(body)
+        (scratch / "script").chmod(0o755)
+        return interpreter_argv(body, f"{SCRIPT_DIR}/script")
+
+    def _mounts(self, scratch: Path) -> list[Mount]:
+        from rfs.engine.base import Mount
+
+        mounts = [Mount(str(scratch), SCRIPT_DIR, True)]
+        for ref, target in self.script.container.volumes:
+            mounts.append(Mount(str(self._package_file(ref)), target, True))
+        for i, overlay in enumerate(self.script.overlays):
+            if not overlay.mounted:
+                continue
+            if overlay.source is not None:
+                source = self._package_file(overlay.source)
+            else:
+                source = scratch / f"overlay-{i}"
+                source.write_text(overlay.source_inline or "")
+            mounts.append(Mount(str(source), overlay.destination, True))
+        return mounts
+
+    def _run_command(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
+        from rfs.engine.base import RunSpec
+
+        assert step.index is not None
+        cmd = self.script.commands[step.index]
+        c = self.script.container
+        parent = parents[step.parents[0]]
+        user = None
+        if cmd.uid is not None or cmd.gid is not None:
+            user = f"{cmd.uid or 0}:{cmd.gid}" if cmd.gid is not None else str(cmd.uid)
+        with self._scratch() as scratch:
+            spec = RunSpec(
+                image=self._image_of(parent, base_id),
+                argv=tuple(self._command_argv(cmd, scratch)),
+                user=user,
+                working_dir=cmd.working_dir,
+                env={**dict(c.env), **dict(cmd.env)},
+                privileged=cmd.privileged or c.rootful,
+                mounts=tuple(self._mounts(scratch)),
+                hostname=c.hostname,
+                cap_add=c.cap_add,
+                cap_drop=c.cap_drop,
+                runtime=c.oci_runtime,
+                timeout_s=float(c.timeout) if c.timeout else None,
+                stop_timeout_s=c.wait_timeout_s if c.wait_timeout_s is not None else 10,
+                network=self.network,
+                labels=self.labels,
+            )
+            image_id = self.engine.run_and_commit(
+                spec, step=f"{step.id} ({step.label})", tag=layer_tag(step.key),
+                on_output=lambda data: self.reporter.output(step, data))
+        return {"image_id": image_id, "tag": layer_tag(step.key)}
+
+    def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
+        image = self._image_of(parents[step.parents[0]], base_id)
+        with self.store.write_blob(step.key) as writer:
+            self.engine.export(image, writer, labels=self.labels)
+        return {"blob_size": writer.size, "blob_digest": writer.digest}
+
+    def _overlay_entries(self) -> list[OverlayEntry]:
+        from rfs.fs.tarstream import OverlayEntry, overlay_entries_from_dir
+
+        entries: list[OverlayEntry] = []
+        for overlay in self.script.overlays:
+            entries.extend(self._entries_for(overlay, OverlayEntry, overlay_entries_from_dir))
+        return entries
+
+    def _entries_for(self, overlay: Overlay, entry_type: Any, from_dir: Any) -> list[Any]:
+        uid = overlay.uid or 0
+        gid = overlay.gid or 0
+        if overlay.source_inline is not None:
+            return [entry_type(overlay.destination, overlay.source_inline.encode(),
+                               overlay.mode if overlay.mode is not None else 0o644, uid, gid)]
+        assert overlay.source is not None
+        host = self._package_file(overlay.source)
+        if overlay.is_directory:
+            entries: list[Any] = from_dir(host, overlay.destination, uid=uid, gid=gid,
+                                          mode=overlay.mode)
+            return entries
+        mode = overlay.mode
+        if mode is None:
+            mode = 0o755 if os.stat(host).st_mode & 0o111 else 0o644
+        return [entry_type(overlay.destination, host.read_bytes(), mode, uid, gid)]
+
+    def selection(self) -> Selection:
+        """The export selection of the build script, for the filesystem filter."""
+        from rfs.fs.tarstream import Selection
+
+        ex = self.script.export
+        return Selection(
+            whole=ex.whole,
+            include_files=ex.files.include,
+            include_dirs=ex.directories.include,
+            create_files=ex.files.create,
+            create_dirs=ex.directories.create,
+            exclude=ex.files.exclude + ex.directories.exclude,
+        )
+
+    def _assemble(self, step: Step, parents: dict[str, Step]) -> dict[str, Any]:
+        from rfs.fs.ext4 import assemble_ext4
+        from rfs.model import FsType
+
+        fs = self.script.filesystem
+        if fs.type is not FsType.EXT4:
+            raise RfsError(f"filesystem.type {fs.type.value!r} is not supported yet; use Ext4")
+        export = next(parents[p] for p in step.parents if parents[p].kind is StepKind.EXPORT)
+        blob = self.store.blob(export.key)
+        if blob is None:
+            raise RfsError("the export tarball vanished from the cache during the build")
+        if not self.store.verify_blob(blob):
+            self.store.drop(export.key)
+            raise RfsError("the cached export tarball is corrupt; it was removed, run the "
+                           "build again")
+        if fs.size_mib is None:
+            raise RfsError("filesystem.size_mib is required for now")
+        stats = assemble_ext4(
+            blob.path, self.selection(), self._overlay_entries(), self.output,
+            size_mib=fs.size_mib, seed=bytes.fromhex(step.key)[:32],
+            source_date_epoch=self.source_date_epoch, mkfs_args=fs.mkfs_args)
+        del stats
+        old = self.store.record(step.key) or {}
+        outputs = dict(old.get("outputs", {}))
+        outputs[str(self.output.resolve())] = output_identity(self.output)
+        return {"outputs": outputs}

@@ -1,0 +1,58 @@
+"""Gather the facts a build's keys depend on: package file digests, tool versions, time.
+
+Package files are hashed by content; the digest is remembered with the file's size, mtime and
+inode so an unchanged file is not read again on the next build.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rfs.hashing import digest_file, digest_tree
+from rfs.model import BuildScript
+from rfs.package import resolve_reference
+
+
+def package_refs(script: BuildScript) -> list[str]:
+    """Every package file or directory the script references."""
+    refs = [c.script_path for c in script.commands if c.script_path]
+    refs += [o.source for o in script.overlays if o.source]
+    refs += [host for host, _ in script.container.volumes]
+    return sorted(set(refs))
+
+
+def _stat_id(path: Path) -> list[int] | None:
+    st = path.stat()
+    if path.is_dir():
+        return None  # a tree's mtime does not cover its files' content: always rehash
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def digest_refs(root: Path | None, refs: Iterable[str],
+                memo: dict[str, Any] | None = None) -> dict[str, str]:
+    """Digest each referenced package path; `memo` (path -> [stat id, digest]) is updated."""
+    digests: dict[str, str] = {}
+    if root is None:
+        return digests
+    memo = memo if memo is not None else {}
+    for ref in refs:
+        path = resolve_reference(root, ref)
+        ident = _stat_id(path)
+        remembered = memo.get(str(path))
+        if ident is not None and remembered and remembered[0] == ident:
+            digests[ref] = remembered[1]
+            continue
+        digest = digest_tree(path) if path.is_dir() else digest_file(path)
+        digests[ref] = digest
+        if ident is not None:
+            memo[str(path)] = [ident, digest]
+    return digests
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH when set (reproducible-builds.org), else 0."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(raw) if raw.isdigit() else 0

@@ -1,0 +1,138 @@
+"""The build script as a frozen model: every buildfs field, plus rfs's additions.
+
+Everything here is immutable (frozen dataclasses, tuples, enums) so a model can be hashed into
+cache keys and shared between the planner and the executors without defensive copies.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class FsType(enum.Enum):
+    """Filesystem types an image can be assembled as."""
+
+    EXT4 = "ext4"
+    BTRFS = "btrfs"
+    SQUASHFS = "squashfs"
+    VFAT = "vfat"
+    XFS = "xfs"
+    EROFS = "erofs"
+
+
+class EngineKind(enum.Enum):
+    """Container engines rfs drives through the Docker Engine API."""
+
+    DOCKER = "docker"
+    PODMAN = "podman"
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """`[filesystem]`: what kind of image to produce and how big."""
+
+    type: FsType = FsType.EXT4
+    size_mib: int | None = None
+    block_size_mib: int | None = None
+    dd_args: tuple[str, ...] = ()
+    mkfs_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """`[container].image`: a base image by name and tag."""
+
+    name: str
+    tag: str
+
+    @property
+    def ref(self) -> str:
+        """The `name:tag` form the engine understands."""
+        return f"{self.name}:{self.tag}"
+
+
+@dataclass(frozen=True)
+class Container:
+    """`[container]`: the engine, the base image and how build containers run."""
+
+    image: ImageRef
+    engine: EngineKind = EngineKind.DOCKER
+    rootful: bool = False
+    wait_timeout_s: int | None = None
+    connection_uri: str | None = None
+    volumes: tuple[tuple[str, str], ...] = ()  # (package path, container path), sorted
+    env: tuple[tuple[str, str], ...] = ()  # sorted (name, value)
+    hostname: str | None = None
+    oci_runtime: str | None = None
+    timeout: int | None = None
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `[[commands]]` entry: exactly one of command, script_inline, script_path."""
+
+    command: str | None = None
+    script_inline: str | None = None
+    script_path: str | None = None  # package-relative ("/scripts/a.sh")
+    uid: int | None = None
+    gid: int | None = None
+    working_dir: str | None = None
+    privileged: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One `[[overlays]]` entry: a file or directory placed into the image after the export."""
+
+    destination: str
+    source: str | None = None  # package-relative
+    source_inline: str | None = None
+    is_directory: bool = False
+    mounted: bool = False
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
+class PathSet:
+    """`[export.files]` or `[export.directories]`."""
+
+    include: tuple[str, ...] = ()
+    create: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Export:
+    """`[export]`: which parts of the container filesystem go into the image.
+
+    With no `include` in either set the whole container filesystem is kept (buildfs would keep
+    nothing, which no user means).
+    """
+
+    files: PathSet = field(default_factory=PathSet)
+    directories: PathSet = field(default_factory=PathSet)
+
+    @property
+    def whole(self) -> bool:
+        """True when the whole container filesystem is exported."""
+        return not self.files.include and not self.directories.include
+
+
+@dataclass(frozen=True)
+class BuildScript:
+    """A loaded, validated build script and the package it came from."""
+
+    filesystem: Filesystem
+    container: Container
+    commands: tuple[Command, ...] = ()
+    overlays: tuple[Overlay, ...] = ()
+    export: Export = field(default_factory=Export)
+    script_file: Path = Path("build.toml")  # for messages
+    package_root: Path | None = None  # None: a single-file script, which references nothing

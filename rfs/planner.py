@@ -1,0 +1,117 @@
+"""Decide, for every step, whether it is cached, must run, or is not needed, and why.
+
+Planning is demand-driven from the final image backwards: a step runs only when its result is
+missing and something that must run needs it. So a cached image needs nothing upstream, and a
+missing export resumes from the deepest layer still present. Pure: availability and the last
+build's manifests are passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rfs.steps import Step
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+
+class Action(enum.Enum):
+    """What the build does with a step."""
+
+    CACHED = "cached"
+    RUN = "run"
+    SKIP = "skip"  # not needed: everything downstream is cached
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A step, what happens to it, and why."""
+
+    step: Step
+    action: Action
+    reason: str
+
+
+Availability = Callable[[Step], str | None]  # None: available; else why not
+
+
+def manifest(step: Step) -> dict[str, Any]:
+    """What is remembered of a step to explain the next build's decisions."""
+    return {"key": step.key, "inputs": dict(step.inputs), "label": step.label}
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else text[:20] + "…"
+
+
+def diff_inputs(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human descriptions of what differs between two manifests."""
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        where = f"{prefix}{name}"
+        if name not in old:
+            changes.append(f"{where} added")
+        elif name not in new:
+            changes.append(f"{where} removed")
+        elif old[name] != new[name]:
+            a, b = old[name], new[name]
+            if isinstance(a, dict) and isinstance(b, dict):
+                changes.extend(diff_inputs(a, b, where + "."))
+            elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+                    isinstance(x, dict) and isinstance(y, dict) for x, y in zip(a, b,
+                                                                              strict=True)):
+                for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                    changes.extend(diff_inputs(x, y, f"{where}[{i}]."))
+            elif isinstance(a, str | int | None) and isinstance(b, str | int | None):
+                changes.append(f"{where} changed ({_short(a)} → {_short(b)})")
+            else:
+                changes.append(f"{where} changed")
+    return changes
+
+
+def explain(step: Step, previous: Mapping[str, Any], keys: Mapping[str, str]) -> str:
+    """Why `step` differs from the last build of the same script, if it does."""
+    old = previous.get(step.id)
+    if not isinstance(old, dict):
+        return "never built"
+    if old.get("key") == step.key:
+        return ""
+    changes = diff_inputs(old.get("inputs", {}), dict(step.inputs))
+    if changes:
+        return "; ".join(changes)
+    changed_parents = [p for p in step.parents
+                       if isinstance(previous.get(p), dict) and previous[p].get("key") != keys[p]]
+    if changed_parents:
+        return f"{', '.join(changed_parents)} changed"
+    return "inputs changed"
+
+
+def plan(graph: nx.DiGraph, available: Availability,
+         previous: Mapping[str, Any] | None = None) -> list[Decision]:
+    """Decide every step of `graph`; the result is in dependency order."""
+    import networkx as nx
+
+    previous = previous or {}
+    order = list(nx.topological_sort(graph))
+    steps: dict[str, Step] = {n: graph.nodes[n]["step"] for n in order}
+    keys = {n: s.key for n, s in steps.items()}
+    needed = {n for n in order if graph.out_degree(n) == 0}
+    decided: dict[str, Decision] = {}
+    for node in reversed(order):
+        step = steps[node]
+        if node not in needed:
+            decided[node] = Decision(step, Action.SKIP, "not needed: later steps are cached")
+            continue
+        missing = available(step)
+        if missing is None:
+            decided[node] = Decision(step, Action.CACHED, "cached")
+            continue
+        why = explain(step, previous, keys)
+        decided[node] = Decision(step, Action.RUN, why or missing)
+        needed.update(graph.predecessors(node))
+    return [decided[n] for n in order]

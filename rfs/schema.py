@@ -1,0 +1,377 @@
+"""Turn a parsed document (dict) into a BuildScript, collecting every problem with its path.
+
+Nothing here touches the filesystem: package files are checked by `package.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rfs.errors import Problem, ScriptError
+from rfs.model import (
+    BuildScript,
+    Command,
+    Container,
+    EngineKind,
+    Export,
+    Filesystem,
+    FsType,
+    ImageRef,
+    Overlay,
+    PathSet,
+)
+
+T = TypeVar("T")
+
+_FS_TYPES = {t.value: t for t in FsType}
+_ENGINES = {e.value: e for e in EngineKind}
+
+_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("filesystem", "container", "commands", "overlays", "export"),
+    "filesystem": ("type", "size_mib", "block_size_mib", "dd_block_size_mib", "dd_args",
+                   "mkfs_args"),
+    "container": ("engine", "image", "rootful", "wait_timeout_s", "connection_uri", "volumes",
+                  "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop"),
+    "image": ("name", "tag"),
+    "commands": ("command", "script_inline", "script_path", "uid", "gid", "working_dir",
+                 "privileged", "env"),
+    "overlays": ("source", "source_inline", "destination", "is_directory", "mounted", "mode",
+                 "uid", "gid"),
+    "export": ("files", "directories"),
+    "pathset": ("include", "create", "exclude"),
+}
+
+# Far beyond any microVM image; catches typos such as a size given in bytes.
+MAX_SIZE_MIB = 16 * 1024 * 1024
+
+
+class _Reader:
+    """Reads typed fields out of nested mappings, recording problems instead of raising."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message, self.file))
+
+    def warn(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message, self.file, severity="warning"))
+
+    def table(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any] | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            self.error(path, f"must be a table, not {_kind(value)}")
+            return None
+        return value
+
+    def check_keys(self, data: Mapping[str, Any], known: str, path: str) -> None:
+        allowed = _KEYS[known]
+        for key in data:
+            if key in allowed:
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.warn(where, f"unknown key, ignored{hint}")
+
+    def get(self, data: Mapping[str, Any], key: str, path: str, kind: type[T],
+            default: T) -> T:
+        value = data.get(key)
+        if value is None:
+            return default
+        # bool is an int subclass in Python; a size of `true` is a mistake, not 1.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.error(path, f"must be {_name(kind)}, not {_kind(value)}")
+            return default
+        return value
+
+    def opt(self, data: Mapping[str, Any], key: str, path: str, kind: type[T]) -> T | None:
+        if data.get(key) is None:
+            return None
+        value: T | None = self.get(data, key, path, kind, None)
+        return value
+
+    def text(self, data: Mapping[str, Any], key: str, path: str) -> str | None:
+        return self.opt(data, key, path, str)
+
+    def count(self, data: Mapping[str, Any], key: str, path: str, *, minimum: int = 0,
+              maximum: int | None = None) -> int | None:
+        value = self.opt(data, key, path, int)
+        if value is None:
+            return None
+        if value < minimum:
+            self.error(path, f"must be at least {minimum}, not {value}")
+            return None
+        if maximum is not None and value > maximum:
+            self.error(path, f"must be at most {maximum}, not {value}")
+            return None
+        return value
+
+    def strings(self, data: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+        value = data.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.error(path, "must be a list of strings")
+            return ()
+        return tuple(value)
+
+    def mapping(self, data: Mapping[str, Any], key: str, path: str) -> tuple[tuple[str, str], ...]:
+        value = data.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, Mapping):
+            self.error(path, f"must be a table of strings, not {_kind(value)}")
+            return ()
+        pairs = []
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                self.error(f"{path}.{k}", f"must be a string, not {_kind(v)}")
+                continue
+            pairs.append((str(k), str(v)))
+        return tuple(sorted(pairs))
+
+    def image_path(self, data: Mapping[str, Any], key: str, path: str) -> str | None:
+        """An absolute path inside the image or the package; `..` is refused."""
+        value = self.text(data, key, path)
+        if value is None:
+            return None
+        return self.check_abs(value, path)
+
+    def check_abs(self, value: str, path: str) -> str | None:
+        if not value.startswith("/"):
+            value = "/" + value  # buildfs treats every reference as rooted; keep that
+        parts = [p for p in value.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            self.error(path, f"{value!r} must not contain '..'")
+            return None
+        return "/" + "/".join(parts)
+
+
+def _kind(value: object) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _name(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean (true/false)"}.get(
+        kind, kind.__name__)
+
+
+def _enum(r: _Reader, data: Mapping[str, Any], key: str, path: str,
+          values: Mapping[str, T], default: T) -> T:
+    raw = r.text(data, key, path)
+    if raw is None:
+        return default
+    found = values.get(raw.lower())
+    if found is None:
+        r.error(path, f"unknown value {raw!r}; expected one of "
+                      + ", ".join(v.capitalize() for v in values))
+        return default
+    return found
+
+
+def _filesystem(r: _Reader, data: Mapping[str, Any]) -> Filesystem:
+    p = "filesystem"
+    r.check_keys(data, "filesystem", p)
+    size = r.count(data, "size_mib", f"{p}.size_mib", minimum=1, maximum=MAX_SIZE_MIB)
+    block = r.count(data, "block_size_mib", f"{p}.block_size_mib", minimum=1)
+    if block is None:
+        block = r.count(data, "dd_block_size_mib", f"{p}.dd_block_size_mib", minimum=1)
+    if size is not None and block is not None and size % block:
+        r.error(f"{p}.block_size_mib", f"{block} does not divide size_mib {size}")
+    return Filesystem(
+        type=_enum(r, data, "type", f"{p}.type", _FS_TYPES, FsType.EXT4),
+        size_mib=size,
+        block_size_mib=block,
+        dd_args=r.strings(data, "dd_args", f"{p}.dd_args"),
+        mkfs_args=r.strings(data, "mkfs_args", f"{p}.mkfs_args"),
+    )
+
+
+def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
+    p = "container"
+    r.check_keys(data, "container", p)
+    image = r.table(data, "image", f"{p}.image")
+    name = tag = None
+    if image is None:
+        r.error(f"{p}.image", "is required: image = { name = \"...\", tag = \"...\" }")
+    else:
+        r.check_keys(image, "image", f"{p}.image")
+        name = r.text(image, "name", f"{p}.image.name")
+        tag = r.text(image, "tag", f"{p}.image.tag")
+        if not name:
+            r.error(f"{p}.image.name", "is required")
+        if not tag:
+            r.error(f"{p}.image.tag", "is required")
+    volumes = []
+    for host, target in r.mapping(data, "volumes", f"{p}.volumes"):
+        hp = r.check_abs(host, f"{p}.volumes.{host}")
+        tp = r.check_abs(target, f"{p}.volumes.{host}")
+        if hp and tp:
+            volumes.append((hp, tp))
+    return Container(
+        image=ImageRef(name or "", tag or ""),
+        engine=_enum(r, data, "engine", f"{p}.engine", _ENGINES, EngineKind.DOCKER),
+        rootful=r.get(data, "rootful", f"{p}.rootful", bool, False),
+        wait_timeout_s=r.count(data, "wait_timeout_s", f"{p}.wait_timeout_s"),
+        connection_uri=r.text(data, "connection_uri", f"{p}.connection_uri"),
+        volumes=tuple(sorted(volumes)),
+        env=r.mapping(data, "env", f"{p}.env"),
+        hostname=r.text(data, "hostname", f"{p}.hostname"),
+        oci_runtime=r.text(data, "oci_runtime", f"{p}.oci_runtime"),
+        timeout=r.count(data, "timeout", f"{p}.timeout", minimum=1),
+        cap_add=r.strings(data, "cap_add", f"{p}.cap_add"),
+        cap_drop=r.strings(data, "cap_drop", f"{p}.cap_drop"),
+    )
+
+
+def _command(r: _Reader, data: Mapping[str, Any], p: str) -> Command:
+    r.check_keys(data, "commands", p)
+    forms = [k for k in ("command", "script_inline", "script_path") if data.get(k) is not None]
+    if len(forms) != 1:
+        found = ", ".join(forms) if forms else "none"
+        r.error(p, "needs exactly one of command, script_inline, script_path "
+                   f"(found: {found})")
+    command = r.text(data, "command", f"{p}.command")
+    inline = r.text(data, "script_inline", f"{p}.script_inline")
+    if command is not None and not command.split():
+        r.error(f"{p}.command", "is empty")
+    if inline is not None and not inline.strip():
+        r.error(f"{p}.script_inline", "is empty")
+    return Command(
+        command=command,
+        script_inline=inline,
+        script_path=r.image_path(data, "script_path", f"{p}.script_path"),
+        uid=r.count(data, "uid", f"{p}.uid"),
+        gid=r.count(data, "gid", f"{p}.gid"),
+        working_dir=r.image_path(data, "working_dir", f"{p}.working_dir"),
+        privileged=r.get(data, "privileged", f"{p}.privileged", bool, False),
+        env=r.mapping(data, "env", f"{p}.env"),
+    )
+
+
+def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:
+    r.check_keys(data, "overlays", p)
+    has_source = data.get("source") is not None
+    has_inline = data.get("source_inline") is not None
+    if has_source == has_inline:
+        r.error(p, "needs exactly one of source, source_inline")
+    destination = r.image_path(data, "destination", f"{p}.destination")
+    if data.get("destination") is None:
+        r.error(f"{p}.destination", "is required")
+    is_dir = r.get(data, "is_directory", f"{p}.is_directory", bool, False)
+    if is_dir and has_inline:
+        r.error(f"{p}.is_directory", "cannot be used with source_inline")
+    mode = r.count(data, "mode", f"{p}.mode", maximum=0o7777)
+    return Overlay(
+        destination=destination or "/",
+        source=r.image_path(data, "source", f"{p}.source"),
+        source_inline=r.text(data, "source_inline", f"{p}.source_inline"),
+        is_directory=is_dir,
+        mounted=r.get(data, "mounted", f"{p}.mounted", bool, False),
+        mode=mode,
+        uid=r.count(data, "uid", f"{p}.uid"),
+        gid=r.count(data, "gid", f"{p}.gid"),
+    )
+
+
+def _pathset(r: _Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
+    if data is None:
+        return PathSet()
+    r.check_keys(data, "pathset", p)
+
+    def paths(key: str) -> tuple[str, ...]:
+        out = []
+        for i, raw in enumerate(r.strings(data, key, f"{p}.{key}")):
+            checked = r.check_abs(raw, f"{p}.{key}[{i}]")
+            if checked:
+                out.append(checked)
+        return tuple(out)
+
+    return PathSet(include=paths("include"), create=paths("create"),
+                   exclude=r.strings(data, "exclude", f"{p}.exclude"))
+
+
+def _list_of_tables(r: _Reader, data: Mapping[str, Any], key: str,
+                    parse: Callable[[_Reader, Mapping[str, Any], str], T]) -> tuple[T, ...]:
+    value = data.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        r.error(key, f"must be an array of tables ([[{key}]]), not {_kind(value)}")
+        return ()
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            r.error(f"{key}[{i}]", f"must be a table, not {_kind(item)}")
+            continue
+        out.append(parse(r, item, f"{key}[{i}]"))
+    return tuple(out)
+
+
+def parse_script(doc: Any, *, file: str = "build.toml", package_root: Path | None = None
+                 ) -> tuple[BuildScript, list[Problem]]:
+    """Validate `doc` and build the model; raise ScriptError listing every error.
+
+    Returns the model and the warnings (unknown keys and the like) for the caller to show.
+    """
+    script, problems = collect_script(doc, file=file, package_root=package_root)
+    if any(p.severity == "error" for p in problems):
+        raise ScriptError(problems)
+    return script, problems
+
+
+def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | None = None
+                   ) -> tuple[BuildScript, list[Problem]]:
+    """Build the model as far as possible and return it with every problem found.
+
+    Fields with errors get defaults, so later checks (package files) can still run and the
+    user sees everything at once; callers must not use the model when errors were found.
+    """
+    r = _Reader(file)
+    if not isinstance(doc, Mapping):
+        raise ScriptError([Problem("", f"must be a table at the top level, not {_kind(doc)}",
+                                   file)])
+    r.check_keys(doc, "", "")
+    fs_data = r.table(doc, "filesystem", "filesystem")
+    container_data = r.table(doc, "container", "container")
+    if container_data is None and "container" not in doc:
+        r.error("container", "is required ([container] with image = { name, tag })")
+    export_data = r.table(doc, "export", "export") or {}
+    if export_data:
+        r.check_keys(export_data, "export", "export")
+    export = Export(
+        files=_pathset(r, r.table(export_data, "files", "export.files"), "export.files"),
+        directories=_pathset(r, r.table(export_data, "directories", "export.directories"),
+                             "export.directories"),
+    )
+    script = BuildScript(
+        filesystem=_filesystem(r, fs_data or {}),
+        container=_container(r, container_data or {}),
+        commands=_list_of_tables(r, doc, "commands", _command),
+        overlays=_list_of_tables(r, doc, "overlays", _overlay),
+        export=export,
+        script_file=Path(file),
+        package_root=package_root,
+    )
+    _check_destinations(r, script)
+    return script, r.problems
+
+
+def _check_destinations(r: _Reader, script: BuildScript) -> None:
+    seen: dict[str, int] = {}
+    for i, overlay in enumerate(script.overlays):
+        if overlay.destination == "/" and not overlay.is_directory:
+            r.error(f"overlays[{i}].destination", "must name a file, not /")
+        if overlay.destination in seen:
+            r.error(f"overlays[{i}].destination",
+                    f"{overlay.destination} is also the destination of "
+                    f"overlays[{seen[overlay.destination]}]")
+        seen.setdefault(overlay.destination, i)
