@@ -1,0 +1,298 @@
+"""Assemble an ext4 image with `mke2fs -d -` fed by the tar filter: no mount, no root, atomic.
+
+mke2fs (e2fsprogs >= 1.47.1) reads the filtered stream on stdin and writes a temporary file next
+to the output, which replaces the output only once mke2fs succeeded. Everything that could
+vary between runs is pinned so the same inputs give a byte-identical image: UUID and directory
+hash seed derived from the build key, all timestamps from SOURCE_DATE_EPOCH, a mke2fs.conf of
+our own (the host's may differ or change), and the locale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from rfs import proc
+from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
+from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
+
+log = logging.getLogger("rfs.fs")
+
+MIB = 1 << 20
+_MIN_VERSION = (1, 47, 1)
+_INSTALL_HINT = (
+    "e2fsprogs 1.47.1 or later reads tar streams; on Debian 12 add the bookworm-backports "
+    "suite to the apt sources and run: apt-get install -t bookworm-backports e2fsprogs"
+)
+# Debian's ext4 defaults, pinned, minus orphan_file: e2fsck before 1.47 (Debian 11, Ubuntu
+# 22.04 guests) refuses to check a filesystem that has it. 4 KiB blocks at every size (Debian
+# uses 1 KiB below 512 MiB), with Debian's denser inode ratios for small images.
+EXT4_FEATURES = (
+    "has_journal,extent,huge_file,flex_bg,metadata_csum,metadata_csum_seed,64bit,dir_nlink,"
+    "extra_isize"
+)
+MKE2FS_CONF = "\n".join(
+    [
+        "[defaults]",
+        "    base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr",
+        "    default_mntopts = acl,user_xattr",
+        "    enable_periodic_fsck = 0",
+        "    blocksize = 4096",
+        "    inode_size = 256",
+        "    inode_ratio = 16384",
+        "[fs_types]",
+        "    ext4 = {",
+        f"        features = {EXT4_FEATURES}",
+        "    }",
+        "    small = {",
+        "        inode_ratio = 4096",
+        "    }",
+        "    floppy = {",
+        "        inode_ratio = 8192",
+        "    }",
+        "",
+    ]
+)
+# mke2fs messages that mean the image is too small for the content.
+_TOO_SMALL = re.compile(
+    r"Could not allocate (block|inode)|No free space in the directory"
+    r"|Not enough space to build proposed filesystem"
+)
+
+
+@functools.cache
+def mkfs_version() -> str:
+    """Return mke2fs's version (e.g. "mke2fs 1.47.2"), refusing one too old to read tar input."""
+    result = proc.run([proc.tool_path("mke2fs"), "-V"], what="mke2fs -V")
+    text = (result.stderr + result.stdout).decode("utf-8", "replace")
+    match = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise EnvironmentProblem(f"cannot tell the mke2fs version from {text.strip()!r}")
+    version = tuple(int(part or 0) for part in match.groups())
+    if version < _MIN_VERSION:
+        raise EnvironmentProblem(
+            f"{match.group(0)} is too old: building ext4 from a tar stream needs 1.47.1",
+            hint=_INSTALL_HINT,
+        )
+    return match.group(0)
+
+
+def assemble_ext4(
+    export_tar: Path,
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    output: Path,
+    *,
+    size_mib: int,
+    seed: bytes,
+    source_date_epoch: int,
+    mkfs_args: Sequence[str] = (),
+    restore: Mapping[str, bytes] | None = None,
+) -> StreamStats:
+    """Build `output`, an ext4 image of exactly `size_mib` MiB, from an export and overlays.
+
+    `seed` (32 bytes from the build key) fixes the filesystem UUID and directory hash seed;
+    `source_date_epoch` every timestamp mke2fs sets and the mtime of added entries. `mkfs_args`
+    go to mke2fs after rfs's own options (an `-E` is merged with rfs's). The output is replaced
+    atomically; on any failure, interruption included, nothing is left behind.
+    """
+    if len(seed) != 32:
+        raise RfsError(f"the ext4 seed must be 32 bytes, not {len(seed)}")
+    if size_mib < 1:
+        raise ScriptError([Problem("filesystem.size_mib", f"must be at least 1, not {size_mib}")])
+    mkfs_version()
+    fs_uuid = uuid.UUID(bytes=seed[:16], version=4)
+    hash_seed = uuid.UUID(bytes=seed[16:], version=4)
+    extended = [f"hash_seed={hash_seed}", "root_owner=0:0"]
+    argv = [proc.tool_path("mke2fs"), "-q", "-t", "ext4", "-U", str(fs_uuid)]
+    argv += _user_args(mkfs_args, extended)
+    argv += ["-E", ",".join(extended), "-d", "-"]
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise EnvironmentProblem(f"the output directory {output.parent} does not exist")
+    try:
+        fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.rfs-tmp-")
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create a file in {output.parent}: {exc}") from exc
+    tmp = Path(name)
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+            os.ftruncate(fd, size_mib * MIB)  # sparse: mke2fs writes only what it uses
+        finally:
+            os.close(fd)
+        with tempfile.TemporaryDirectory(prefix="rfs-mke2fs-") as confdir:
+            conf = Path(confdir, "mke2fs.conf")
+            conf.write_text(MKE2FS_CONF)
+            env = {
+                "MKE2FS_CONFIG": str(conf),
+                "E2FSPROGS_FAKE_TIME": str(source_date_epoch),
+                "SOURCE_DATE_EPOCH": str(source_date_epoch),
+            }
+            stats = _run(
+                [*argv, str(tmp)],
+                env,
+                export_tar,
+                selection,
+                overlays,
+                source_date_epoch,
+                restore,
+                size_mib,
+            )
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def _user_args(mkfs_args: Sequence[str], extended: list[str]) -> list[str]:
+    """Pass the user's mke2fs options on, folding `-E` into rfs's (mke2fs keeps only the last)."""
+    args: list[str] = []
+    items = iter(mkfs_args)
+    for arg in items:
+        if arg == "-E":
+            value = next(items, None)
+            if value is None:
+                raise ScriptError([Problem("filesystem.mkfs_args", "-E needs a value")])
+            extended.append(value)
+        elif arg.startswith("-E"):
+            extended.append(arg[2:])
+        elif arg == "-d" or arg.startswith("-d"):
+            raise ScriptError(
+                [Problem("filesystem.mkfs_args", "-d is set by rfs (the content comes from it)")]
+            )
+        else:
+            args.append(arg)
+    return args
+
+
+def _run(
+    argv: list[str],
+    env: dict[str, str],
+    export_tar: Path,
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    mtime: int,
+    restore: Mapping[str, bytes] | None,
+    size_mib: int,
+) -> StreamStats:
+    try:
+        src = export_tar.open("rb")
+    except OSError as exc:
+        raise RfsError(f"cannot read the export tarball {export_tar}: {exc}") from exc
+    with src:
+        process = proc.popen(argv, env=env)
+        assert process.stdin is not None
+        # Our own buffer: subprocess's 8 KiB one would mean a write call per small file.
+        pipe = open(process.stdin.fileno(), "wb", buffering=MIB, closefd=False)  # noqa: SIM115
+        stats: StreamStats | None = None
+        try:
+            stats = write_image_stream(src, selection, overlays, pipe, mtime=mtime, restore=restore)
+        except BrokenPipeError:
+            pass  # mke2fs stopped reading: its exit status and message say why
+        except BaseException:
+            process.kill()
+            process.communicate()
+            raise
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                pipe.close()
+    try:
+        proc.finish(process, "mke2fs")
+    except RfsError as exc:
+        raise _explain(exc, export_tar, selection, overlays, restore, size_mib) from exc
+    if stats is None:
+        raise RfsError("mke2fs stopped reading the image content but reported success")
+    return stats
+
+
+def _explain(
+    exc: RfsError,
+    export_tar: Path,
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    restore: Mapping[str, bytes] | None,
+    size_mib: int,
+) -> RfsError:
+    """Turn a mke2fs failure into the error a person can act on."""
+    text = str(exc)
+    if "No space left on device" in text:
+        return EnvironmentProblem(f"no space left on the disk that holds the image: {text}")
+    if "libarchive" in text:
+        return EnvironmentProblem(
+            f"mke2fs cannot read tar input: {text}", hint="install libarchive13 (libarchive)"
+        )
+    if _TOO_SMALL.search(text) is None:
+        return exc
+    with export_tar.open("rb") as src, open(os.devnull, "wb") as sink:
+        stats = write_image_stream(src, selection, overlays, sink, mtime=0, restore=restore)
+    need = max(required_size_mib(stats), size_mib + 1)
+    message = (
+        f"{size_mib} MiB is too small for this image: the content needs about {need} MiB "
+        f"({stats.inodes} files, directories and links; "
+        f"{stats.content_bytes / MIB:.1f} MiB of file data)"
+    )
+    return ScriptError(
+        [Problem("filesystem.size_mib", message)], hint=f"set size_mib to {need} or more"
+    )
+
+
+def _journal_blocks(blocks: int) -> int:
+    """mke2fs's default journal size (in blocks) for a filesystem of `blocks` blocks."""
+    if blocks < 2048:
+        return 0
+    for limit, size in (
+        (32768, 1024),
+        (256 << 10, 4096),
+        (512 << 10, 8192),
+        (4096 << 10, 16384),
+        (8192 << 10, 32768),
+        (16384 << 10, 65536),
+        (32768 << 10, 131072),
+    ):
+        if blocks < limit:
+            return size
+    return 262144
+
+
+def _fits(stats: StreamStats, mib: int) -> bool:
+    blocks = mib * (MIB // 4096)
+    ratio = 8192 if mib < 3 else 4096 if mib < 512 else 16384  # as MKE2FS_CONF
+    inodes = mib * MIB // ratio
+    if stats.inodes + 12 > inodes:  # 11 reserved inodes, and lost+found
+        return False
+    groups = -(-blocks // 32768)
+    gdt = -(-groups // 64)
+    reserved_gdt = min(1024, -(-groups * 1024 // 64)) - gdt
+    backups = 1 + min(groups - 1, 3 + max(0, groups.bit_length() * 2))  # sparse_super, roughly
+    overhead = (
+        inodes * 256 // 4096  # inode tables
+        + _journal_blocks(blocks)
+        + groups * 2  # block and inode bitmaps
+        + backups * (1 + gdt + max(reserved_gdt, 0))
+        + 4  # lost+found
+    )
+    # Extent blocks, fragmentation and directory growth: keep 3% spare.
+    return (stats.data_blocks + overhead) * 103 // 100 <= blocks
+
+
+def required_size_mib(stats: StreamStats) -> int:
+    """Estimate the smallest image (MiB) that holds what a stream with `stats` carries."""
+    low, high = 1, 2
+    while not _fits(stats, high):
+        low, high = high, high * 2
+    while low < high:
+        mid = (low + high) // 2
+        if _fits(stats, mid):
+            high = mid
+        else:
+            low = mid + 1
+    return high

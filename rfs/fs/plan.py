@@ -1,0 +1,187 @@
+"""Decide what the image stream holds: which export entries stay, what is created or overlaid.
+
+Everything is decided before a byte is written, so conflicts resolve the way copying onto a
+real filesystem would: an overlay replaces whatever was at its path (a file over a directory
+drops the directory's subtree; a directory over a directory only updates its owner and mode),
+and a path on the way to an overlay that is not a directory gives way to one. Relying on
+mke2fs for that is unsafe: its tar reader corrupts the image when a file entry follows a
+directory entry of the same path (the directory becomes unreachable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rfs.fs import tarformat as tf
+from rfs.fs.overlay import OverlayEntry
+from rfs.fs.selection import (
+    Matcher,
+    Selection,
+    ancestors,
+    check_destination,
+    components,
+    decode,
+    normalise,
+    resolve,
+)
+
+STICKY_TMP = frozenset({"/tmp", "/var/tmp"})
+
+
+@dataclass(eq=False)
+class Generated:
+    """An entry rfs adds after the export: a created path or an overlay."""
+
+    path: str
+    typeflag: int  # tf.REGULAR, tf.DIRECTORY or tf.SYMLINK
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    content: bytes = b""
+    target: str = ""  # symlink target
+    dropped: bool = False  # replaced by a later overlay
+
+
+@dataclass(eq=False)
+class _Node:
+    """One thing that will sit at a path: an export entry (by index) or a generated entry."""
+
+    typeflag: int
+    index: int = -1
+    generated: Generated | None = None
+
+
+@dataclass
+class Plan:
+    """The outcome of planning: per export entry, keep or not; then what to append."""
+
+    entries: list[tf.RawEntry]
+    paths: list[str]  # normalised path per entry ("" for PAX global headers)
+    keep: list[bool]
+    by_path: dict[str, tf.RawEntry]  # the whole export, for hard-link targets that were dropped
+    generated: list[Generated] = field(default_factory=list)
+    missing_includes: list[str] = field(default_factory=list)
+    restore: dict[str, bytes] = field(default_factory=dict)
+
+
+def make_plan(
+    entries: list[tf.RawEntry],
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    restore: Mapping[str, bytes],
+) -> Plan:
+    """Select export entries and lay out created paths and overlays (see the module doc)."""
+    paths: list[str] = []
+    by_path: dict[str, tf.RawEntry] = {}
+    for entry in entries:
+        if entry.typeflag == tf.PAX_GLOBAL:
+            paths.append("")
+            continue
+        text = decode(entry.name)
+        if ".." in components(text):
+            raise tf.TarError(f"the export tarball holds an unsafe path {text!r}")
+        path = normalise(text)
+        paths.append(path)
+        by_path[path] = entry
+
+    def export_symlink(path: str) -> str | None:
+        found = by_path.get(path)
+        return decode(found.linkname) if found and found.typeflag == tf.SYMLINK else None
+
+    matcher = Matcher(selection, export_symlink)
+    plan = Plan(entries, paths, [False] * len(entries), by_path)
+    plan.missing_includes = [
+        p
+        for p in matcher.requested
+        if resolve(p, export_symlink, follow_last=False)[0] not in by_path
+    ]
+    plan.restore = {check_destination(k, "restore"): v for k, v in restore.items()}
+    layout = _Layout(plan)
+    for i, (entry, path) in enumerate(zip(entries, paths, strict=True)):
+        if not path or matcher.keeps(path):
+            plan.keep[i] = True
+            if path:
+                layout.add(path, _Node(entry.typeflag, index=i))
+    for raw in selection.create_dirs:
+        mode = 0o1777 if normalise(raw) in STICKY_TMP else 0o755
+        layout.create(check_destination(raw, "export create"), tf.DIRECTORY, mode)
+    for raw in selection.create_files:
+        layout.create(check_destination(raw, "export create"), tf.REGULAR, 0o644)
+    for overlay in overlays:
+        layout.overlay(overlay)
+    return plan
+
+
+class _Layout:
+    """The tree as it will be: used to resolve symlinks and settle conflicts."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.nodes: dict[str, list[_Node]] = {}
+
+    def add(self, path: str, node: _Node) -> None:
+        self.nodes.setdefault(path, []).append(node)
+
+    def _symlink(self, path: str) -> str | None:
+        nodes = self.nodes.get(path)
+        if not nodes or nodes[-1].typeflag != tf.SYMLINK:
+            return None
+        node = nodes[-1]
+        if node.generated is not None:
+            return node.generated.target
+        return decode(self.plan.entries[node.index].linkname)
+
+    def _remove(self, path: str) -> None:
+        doomed = [path]
+        nodes = self.nodes.get(path, [])
+        if any(n.typeflag == tf.DIRECTORY for n in nodes):
+            prefix = path + "/"
+            doomed += [p for p in self.nodes if p.startswith(prefix)]
+        for p in doomed:
+            for node in self.nodes.pop(p, []):
+                if node.generated is not None:
+                    node.generated.dropped = True
+                else:
+                    self.plan.keep[node.index] = False
+
+    def _make_way(self, path: str) -> str:
+        """Resolve symlinks on the way to `path`; clear anything there that is not a directory."""
+        resolved, _ = resolve(path, self._symlink, follow_last=False)
+        for above in ancestors(resolved):
+            nodes = self.nodes.get(above)
+            if nodes and nodes[-1].typeflag != tf.DIRECTORY:
+                self._remove(above)
+        return resolved
+
+    def create(self, path: str, typeflag: int, mode: int) -> None:
+        """Add an empty file or directory unless something is already at `path`."""
+        if path == "/":
+            return
+        path = self._make_way(path)
+        if path in self.nodes:
+            return
+        generated = Generated(path, typeflag, mode)
+        self.plan.generated.append(generated)
+        self.add(path, _Node(typeflag, generated=generated))
+
+    def overlay(self, overlay: OverlayEntry) -> None:
+        """Add an overlay, replacing whatever the export or an earlier overlay put there."""
+        path = overlay.check()
+        if path == "/":
+            return  # the image root exists already; a host directory's mode must not leak in
+        path = self._make_way(path)
+        if overlay.is_dir:
+            generated = Generated(path, tf.DIRECTORY, overlay.mode, overlay.uid, overlay.gid)
+        elif overlay.symlink is not None:
+            generated = Generated(
+                path, tf.SYMLINK, 0o777, overlay.uid, overlay.gid, target=overlay.symlink
+            )
+        else:
+            content = overlay.content or b""
+            generated = Generated(path, tf.REGULAR, overlay.mode, overlay.uid, overlay.gid, content)
+        existing = self.nodes.get(path)
+        if existing and not (overlay.is_dir and existing[-1].typeflag == tf.DIRECTORY):
+            self._remove(path)
+        self.plan.generated.append(generated)
+        self.add(path, _Node(generated.typeflag, generated=generated))

@@ -1,0 +1,392 @@
+"""Filter a `docker export` tarball into the tar stream `mke2fs -d -` turns into an image.
+
+A streaming, byte-level filter, not an extraction: kept entries pass through as their original
+bytes (headers, PAX records, data), so numeric owners, large ids, every mode bit and
+`SCHILY.xattr.*` records survive. Runs of untouched entries are copied in one go (sendfile when
+both ends are real files), so the cost is parsing headers, not moving data. The fixes below are
+the only changes (see /work/shared/ASSEMBLY.md for the measurements behind them):
+
+- hard-link headers whose mode carries file-type bits get them cleared (mke2fs would otherwise
+  create empty regular files);
+- `/.dockerenv` and everything under `/.rfs` are dropped;
+- an empty regular `/dev/console` becomes the character device 5,1 (0600 root:root);
+- an empty regular file named in `restore` gets that content (Docker empties /etc/hostname,
+  /etc/hosts and /etc/resolv.conf in exports);
+- PAX path records that are not UTF-8 are marked `hdrcharset=BINARY` (mke2fs fails otherwise);
+- a hard link whose target was left out is written as the file itself (the export is read
+  through a mmap, so the target's data is at hand).
+Then come created paths and overlays, last so they always win, each preceded by any missing
+parent directory (0755 root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import mmap
+import os
+import stat
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from rfs.fs import tarformat as tf
+from rfs.fs.overlay import OverlayEntry, overlay_entries_from_dir
+from rfs.fs.plan import Generated, Plan, make_plan
+from rfs.fs.selection import Selection, ancestors, decode, encode, normalise
+
+__all__ = [
+    "OverlayEntry",
+    "Selection",
+    "StreamStats",
+    "overlay_entries_from_dir",
+    "write_image_stream",
+]
+
+CONSOLE = "/dev/console"
+_CHUNK = 8 << 20  # bytes per write when copying without sendfile
+_FS_BLOCK = 4096  # ext4 block size rfs formats with, for the size estimate
+
+
+@dataclass
+class StreamStats:
+    """What went into the stream; enough to explain an image and estimate its size."""
+
+    entries: int = 0  # entries written (export and generated)
+    content_bytes: int = 0  # bytes of file data written
+    tar_bytes: int = 0  # bytes of tar stream written
+    from_export: int = 0  # export entries kept
+    dropped: int = 0  # export entries left out (selection, excludes, fixed drops, overlaid)
+    generated: int = 0  # created paths, overlays and missing parent directories
+    hardlinks_fixed: int = 0  # link headers whose file-type mode bits were cleared
+    links_materialised: int = 0  # links to a left-out file, written as that file
+    restored: list[str] = field(default_factory=list)  # paths whose content `restore` supplied
+    missing_includes: list[str] = field(default_factory=list)  # includes not in the export
+    inodes: int = 0  # inodes the image needs (entries minus hard links)
+    data_blocks: int = 0  # 4 KiB blocks for file data, directories and long symlinks
+
+
+def write_image_stream(
+    export_tar: BinaryIO,
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    out: BinaryIO,
+    *,
+    mtime: int,
+    restore: Mapping[str, bytes] | None = None,
+) -> StreamStats:
+    """Write the filtered export, created paths and overlays to `out` as one tar stream.
+
+    `export_tar` is read whole, whatever its position: mapped when it is a real file, else read
+    (or, for a BytesIO, used in place). Created and overlay entries get `mtime`. Raises
+    ScriptError for a bad selection or overlay and TarError for a damaged export.
+    """
+    with _mapped(export_tar) as (buf, src_fd):
+        plan = make_plan(tf.index_archive(buf), selection, overlays, restore or {})
+        writer = _Writer(buf, src_fd, out)
+        try:
+            stats = _Emitter(plan, writer, mtime).run()
+        finally:
+            writer.close()
+    out.flush()
+    return stats
+
+
+@contextlib.contextmanager
+def _mapped(source: BinaryIO) -> Iterator[tuple[tf.Buffer, int | None]]:
+    try:
+        fd: int | None = source.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is not None:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            try:
+                mapping.madvise(mmap.MADV_SEQUENTIAL)
+                yield mapping, fd
+            finally:
+                with contextlib.suppress(BufferError):  # a traceback may still pin a view
+                    mapping.close()
+            return
+    if isinstance(source, io.BytesIO):
+        with source.getbuffer() as view:
+            yield view, None
+        return
+    source.seek(0)
+    yield source.read(), None
+
+
+class _Writer:
+    """Writes the stream, merging adjacent untouched spans of the export into one copy."""
+
+    def __init__(self, buf: tf.Buffer, src_fd: int | None, out: BinaryIO) -> None:
+        self._base = memoryview(buf)
+        self.view = self._base.cast("B")
+        self.src_fd = src_fd
+        self.out = out
+        self.out_fd: int | None = None
+        if src_fd is not None:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                self.out_fd = out.fileno()
+        self.start = self.end = 0
+        self.written = 0
+
+    def copy(self, start: int, end: int) -> None:
+        """Queue export bytes [start, end) for output."""
+        if start == self.end and self.end > self.start:
+            self.end = end
+        else:
+            self.flush()
+            self.start, self.end = start, end
+
+    def write(self, data: bytes) -> None:
+        """Write new bytes (after anything queued)."""
+        self.flush()
+        self.out.write(data)
+        self.written += len(data)
+
+    def flush(self) -> None:
+        """Write out the queued span of the export."""
+        start, end = self.start, self.end
+        self.start = self.end = 0
+        if end <= start:
+            return
+        self.written += end - start
+        if self.out_fd is not None and self.src_fd is not None:
+            self.out.flush()
+            try:
+                while start < end:
+                    sent = os.sendfile(self.out_fd, self.src_fd, start, end - start)
+                    if sent == 0:
+                        raise tf.TarError("the export tarball shrank while it was being read")
+                    start += sent
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.out_fd = None  # this pair of files cannot sendfile: copy from the map
+        for pos in range(start, end, _CHUNK):
+            self.out.write(self.view[pos : min(end, pos + _CHUNK)])
+
+    def close(self) -> None:
+        """Release the export's buffer (a mmap cannot close while views of it exist)."""
+        self.view.release()
+        self._base.release()
+
+
+class _Emitter:
+    """Walks the plan and writes every entry, fixing what must be fixed."""
+
+    def __init__(self, plan: Plan, writer: _Writer, mtime: int) -> None:
+        self.plan = plan
+        self.w = writer
+        self.mtime = mtime
+        self.stats = StreamStats(missing_includes=list(plan.missing_includes))
+        self.present: dict[str, bool] = {"/": True}  # emitted path -> is a directory
+        self.link_names: dict[str, bytes] = {}  # path of an emitted inode -> name to link to
+        self.dirent_bytes = 0
+
+    def run(self) -> StreamStats:
+        plan = self.plan
+        for entry, path, keep in zip(plan.entries, plan.paths, plan.keep, strict=True):
+            if not keep:
+                self.stats.dropped += 1
+            elif not path:
+                self.w.copy(entry.start, entry.end)  # PAX global header: stays in place
+            else:
+                self._export_entry(entry, path)
+        for generated in plan.generated:
+            if not generated.dropped:
+                self._generated(generated)
+        self.w.write(tf.ZERO_BLOCK * 2)
+        self.w.flush()
+        self.stats.tar_bytes = self.w.written
+        self.stats.data_blocks += -(-self.dirent_bytes // _FS_BLOCK)
+        return self.stats
+
+    def _account(self, path: str, typeflag: int, size: int, target_len: int = 0) -> None:
+        st = self.stats
+        st.entries += 1
+        self.dirent_bytes += 8 + ((len(encode(path).rsplit(b"/", 1)[-1]) + 3) & ~3)
+        if typeflag == tf.HARDLINK:
+            return
+        if typeflag == tf.DIRECTORY and self.present.get(path):
+            return  # a second entry for a directory only updates its metadata
+        st.inodes += 1
+        if typeflag in tf.REGULAR_TYPES:
+            st.content_bytes += size
+            st.data_blocks += -(-size // _FS_BLOCK)
+        elif typeflag == tf.DIRECTORY or (typeflag == tf.SYMLINK and target_len >= 60):
+            st.data_blocks += 1
+
+    def _parents(self, path: str) -> None:
+        for above in ancestors(path):
+            if above not in self.present:
+                self._emit_new(above, tf.DIRECTORY, 0o755)
+
+    def _export_entry(self, entry: tf.RawEntry, path: str) -> None:
+        self._parents(path)
+        size = entry.size
+        typeflag = entry.typeflag
+        if typeflag == tf.HARDLINK:
+            typeflag, size = self._hardlink(entry, path)
+        elif path == CONSOLE and entry.is_regular and entry.size == 0:
+            block = tf.header_block(self.w.view, entry)
+            self.w.write(
+                tf.entry_headers(
+                    name=entry.name,
+                    typeflag=tf.CHARDEV,
+                    mode=0o600,
+                    mtime=tf.parse_number(bytes(block[136:148])),
+                    devmajor=5,
+                    devminor=1,
+                )
+            )
+            typeflag = tf.CHARDEV
+        elif path in self.plan.restore and entry.is_regular and entry.size == 0:
+            content = self.plan.restore[path]
+            block = tf.header_block(self.w.view, entry)
+            tf.set_field(block, "size", len(content))
+            if entry.pax is not None and b"size" in entry.pax:
+                self.w.write(_rebuilt(entry, block, drop=(b"size",)))
+            else:
+                tf.set_checksum(block)
+                self.w.copy(entry.start, entry.header)
+                self.w.write(bytes(block))
+            self.w.write(content + bytes(tf.padded(len(content)) - len(content)))
+            size = len(content)
+            self.stats.restored.append(path)
+        elif entry.pax is not None and _needs_charset(entry.pax):
+            block = tf.header_block(self.w.view, entry)
+            self.w.write(_rebuilt(entry, block))
+            self.w.copy(entry.data, entry.end)
+        else:
+            self.w.copy(entry.start, entry.end)
+        self.stats.from_export += 1
+        self._account(path, typeflag, size, len(entry.linkname))
+        self.present[path] = typeflag == tf.DIRECTORY
+        if typeflag != tf.DIRECTORY:
+            self.link_names.setdefault(path, entry.name)
+
+    def _hardlink(self, entry: tf.RawEntry, path: str) -> tuple[int, int]:
+        """Write a hard link; returns the typeflag and data size it ended up with."""
+        target = normalise(decode(entry.linkname))
+        name = self.link_names.get(target)
+        if name is None:
+            return self._materialise(entry, path, target)
+        block = tf.header_block(self.w.view, entry)
+        mode = entry.mode
+        fixed = bool(mode & tf.S_IFMT)
+        if fixed:
+            tf.set_field(block, "mode", mode & ~tf.S_IFMT)
+            self.stats.hardlinks_fixed += 1
+        has_size = tf.parse_number(bytes(block[124:136])) != 0
+        if has_size:  # a link "with data" would make readers expect data that is not there
+            tf.set_field(block, "size", 0)
+        pax_size = entry.pax is not None and b"size" in entry.pax
+        if name != entry.linkname or pax_size or (entry.pax and _needs_charset(entry.pax)):
+            self.w.write(_rebuilt(entry, block, linkname=name, drop=(b"size",)))
+        elif fixed or has_size:
+            tf.set_checksum(block)
+            self.w.copy(entry.start, entry.header)
+            self.w.write(bytes(block))
+        else:
+            self.w.copy(entry.start, entry.end)
+        return tf.HARDLINK, 0
+
+    def _materialise(self, entry: tf.RawEntry, path: str, target: str) -> tuple[int, int]:
+        """Write a link whose target was left out as the target itself, under the link's name."""
+        source = self.plan.by_path.get(target)
+        hops = 0
+        while source is not None and source.typeflag == tf.HARDLINK and hops < 40:
+            source = self.plan.by_path.get(normalise(decode(source.linkname)))
+            hops += 1
+        if source is None or source.typeflag == tf.HARDLINK:
+            raise tf.TarError(
+                f"the export tarball's hard link {path!r} points to {target!r}, "
+                "which is not in the export"
+            )
+        block = tf.header_block(self.w.view, source)
+        self.w.write(_rebuilt(source, block, name=entry.name))
+        self.w.copy(source.data, source.end)
+        self.link_names[target] = entry.name
+        self.stats.links_materialised += 1
+        return source.typeflag, source.size
+
+    def _generated(self, generated: Generated) -> None:
+        self._parents(generated.path)
+        self._emit_new(
+            generated.path,
+            generated.typeflag,
+            generated.mode,
+            generated.uid,
+            generated.gid,
+            generated.content,
+            generated.target,
+        )
+
+    def _emit_new(
+        self,
+        path: str,
+        typeflag: int,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        content: bytes = b"",
+        target: str = "",
+    ) -> None:
+        name = encode(path)[1:]
+        linkname = encode(target)
+        self.w.write(
+            tf.entry_headers(
+                name=name,
+                typeflag=typeflag,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                size=len(content),
+                mtime=self.mtime,
+                linkname=linkname,
+            )
+        )
+        if content:
+            self.w.write(content + bytes(tf.padded(len(content)) - len(content)))
+        self.stats.generated += 1
+        self._account(path, typeflag, len(content), len(linkname))
+        self.present[path] = typeflag == tf.DIRECTORY
+        if typeflag != tf.DIRECTORY:
+            self.link_names[path] = name
+
+
+def _needs_charset(records: dict[bytes, bytes]) -> bool:
+    if records.get(b"hdrcharset") == b"BINARY":
+        return False
+    return any(tf.needs_binary_charset(records.get(k, b"")) for k in (b"path", b"linkpath"))
+
+
+def _rebuilt(
+    entry: tf.RawEntry,
+    block: bytearray,
+    *,
+    name: bytes | None = None,
+    linkname: bytes | None = None,
+    drop: tuple[bytes, ...] = (),
+) -> bytes:
+    """Re-encode an entry's headers: its PAX records kept (GNU long names folded into PAX)."""
+    name = entry.name if name is None else name
+    linkname = entry.linkname if linkname is None else linkname
+    records = {k: v for k, v in (entry.pax or {}).items() if k not in (b"path", b"linkpath", *drop)}
+    if len(name) <= 100 and name.isascii():
+        tf.set_name(block, name)
+    else:
+        tf.set_name(block, name[:100])
+        records[b"path"] = name
+    block[157:257] = linkname[:100].ljust(100, b"\x00")
+    if len(linkname) > 100 or not linkname.isascii():
+        records[b"linkpath"] = linkname
+    if _needs_charset(records):
+        records = {b"hdrcharset": b"BINARY", **records}
+    tf.set_checksum(block)
+    return (tf.pax_header(records, name) if records else b"") + bytes(block)
