@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Build the local base images that rfs's examples and tests use; no container registry needed.
+#   rfs-test/busybox:1                      busybox-static + applet symlinks, /etc/passwd, /etc/group,
+#                                           /tmp 1777; NO default command (on purpose: rfs must cope)
+#   docker.io/library/debian:bookworm-slim  stand-in for the official image that
+#                                           examples/debian/build.toml names: mmdebstrap minbase,
+#                                           CMD ["bash"] like the official one
+# An image is (re)built only if it is missing or was not made by this recipe (label
+# org.rfs.base-recipe); a debian:bookworm-slim without the label (a real pulled one) is kept.
+# Both are copied into Podman (docker save | podman load: same image IDs) when podman exists.
+# Needs root (mmdebstrap, Docker). Environment: FORCE=1 rebuilds both.
+set -euo pipefail
+
+DOCKER=/usr/bin/docker            # /usr/local/bin/docker may be another client
+LABEL=org.rfs.base-recipe
+BUSYBOX_IMAGE=rfs-test/busybox:1
+BUSYBOX_RECIPE=busybox-v1
+DEBIAN_IMAGE=docker.io/library/debian:bookworm-slim
+DEBIAN_RECIPE=debian-minbase-v1
+SUITE=bookworm
+EPOCH=1704067200                  # fixed mtime (2024-01-01) for the busybox tree
+
+CLEANUP=()
+trap 'rm -rf "${CLEANUP[@]}"' EXIT
+
+log() { printf '[make-base-images] %s\n' "$*" >&2; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
+
+# recipe label of an image in an engine, "" if the image has none, exit 1 if it is missing
+label_of() {  # label_of docker|podman IMAGE
+    local engine=$1 image=$2
+    if [ "$engine" = docker ]; then
+        "$DOCKER" image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$image" 2>/dev/null
+    else
+        podman image inspect -f "{{index .Labels \"$LABEL\"}}" "$image" 2>/dev/null
+    fi | sed 's/^<no value>$//'
+}
+
+# needs_build ENGINE IMAGE RECIPE KEEP_FOREIGN: true if missing, or not ours (unless KEEP_FOREIGN)
+needs_build() {
+    local got
+    [ "${FORCE:-0}" = 1 ] && return 0
+    got=$(label_of "$1" "$2") || return 0
+    [ "$got" = "$3" ] && return 1
+    [ "$4" = 1 ] && [ -z "$got" ] && return 1   # someone else's image under that name: keep it
+    return 0
+}
+
+make_busybox() {
+    local tree bb=/bin/busybox path
+    [ -x "$bb" ] || { log "missing $bb: install busybox-static (scripts/setup-host.sh)"; exit 1; }
+    tree=$(mktemp -d /tmp/rfs-busybox.XXXXXX)
+    CLEANUP+=("$tree")
+    install -d -m 0755 "$tree"/{bin,sbin,usr/bin,usr/sbin,etc,root,dev,proc,sys,run}
+    install -d -m 1777 "$tree/tmp"
+    install -m 0755 "$bb" "$tree/bin/busybox"
+    # every applet at its usual place (sbin/init, bin/sh, usr/bin/env, ...)
+    for path in $("$bb" --list-full); do
+        [ "$path" = bin/busybox ] || ln -s /bin/busybox "$tree/$path"
+    done
+    printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
+        'nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin' > "$tree/etc/passwd"
+    printf '%s\n' 'root:x:0:' 'nogroup:x:65534:' > "$tree/etc/group"
+    chmod 0700 "$tree/root"
+    tar -C "$tree" --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner -cf - . |
+        "$DOCKER" import --change "LABEL $LABEL=$BUSYBOX_RECIPE" \
+            --message "rfs base: busybox-static $(dpkg-query -W -f='${Version}' busybox-static)" \
+            - "$BUSYBOX_IMAGE" >/dev/null
+}
+
+make_debian() {
+    command -v mmdebstrap >/dev/null || { log "missing mmdebstrap (scripts/setup-host.sh)"; exit 1; }
+    # mmdebstrap writes sources for $SUITE, -updates and -security; it fetches from deb.debian.org.
+    mmdebstrap --quiet --variant=minbase "$SUITE" - |
+        "$DOCKER" import --change "LABEL $LABEL=$DEBIAN_RECIPE" --change 'CMD ["bash"]' \
+            --message "rfs base: mmdebstrap --variant=minbase $SUITE" - "$DEBIAN_IMAGE" >/dev/null
+}
+
+build() {  # build IMAGE RECIPE KEEP_FOREIGN FUNCTION
+    local t; t=$(now)
+    if needs_build docker "$1" "$2" "$3"; then
+        log "docker: building $1 ..."
+        "$4"
+        log "docker: built $1 in $(since "$t")"
+    else
+        log "docker: $1 present"
+    fi
+}
+
+to_podman() {  # to_podman IMAGE: make podman hold the same image (same ID) as docker
+    local t id; t=$(now)
+    id=$("$DOCKER" image inspect -f '{{.Id}}' "$1")
+    if [ "$(podman image inspect -f '{{.Id}}' "$1" 2>/dev/null)" = "${id#sha256:}" ]; then
+        log "podman: $1 present"
+        return
+    fi
+    "$DOCKER" save "$1" | podman load -q >/dev/null
+    # podman names a loaded short name docker.io/...; give it the exact name too when it differs
+    podman image exists "$1" || podman tag "${id#sha256:}" "$1"
+    log "podman: loaded $1 in $(since "$t")"
+}
+
+[ "$(id -u)" -eq 0 ] || { log "run as root"; exit 1; }
+"$DOCKER" info >/dev/null 2>&1 || { log "Docker is not answering: run scripts/setup-host.sh"; exit 1; }
+
+build "$BUSYBOX_IMAGE" "$BUSYBOX_RECIPE" 0 make_busybox
+build "$DEBIAN_IMAGE" "$DEBIAN_RECIPE" 1 make_debian
+if command -v podman >/dev/null; then
+    to_podman "$BUSYBOX_IMAGE"
+    to_podman "$DEBIAN_IMAGE"
+fi
+"$DOCKER" images --format '{{.Repository}}:{{.Tag}} {{.ID}} {{.Size}}' |
+    grep -E '^(rfs-test/busybox:1|debian:bookworm-slim) ' >&2 || true

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 (bookworm) host for rfs, as root. Idempotent and fast when already done:
+#   - Debian packages: Docker, Podman, busybox-static, mmdebstrap, e2fsprogs >= 1.47.1 (backports)
+#   - /etc/containers/containers.conf for Podman (only if missing)
+#   - dockerd and the Podman API socket, started in the background if not answering
+#   - the rfs Python package, editable, with its dev extras
+# Environment: PYTHON (interpreter to install rfs into; default: `python` if >= 3.11, else python3),
+# RFS_EXTRA_PACKAGES (more Debian packages), RFS_ENGINE_WAIT_S (default 60).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DOCKER=/usr/bin/docker            # /usr/local/bin/docker may be another client: never rely on PATH
+PODMAN_SOCK=/run/podman/podman.sock
+DOCKERD_LOG=/var/log/rfs-dockerd.log
+PODMAN_LOG=/var/log/rfs-podman-service.log
+WAIT_S=${RFS_ENGINE_WAIT_S:-60}
+E2FS_MIN=1.47.1                   # first e2fsprogs whose mke2fs -d reads a tarball / stdin
+
+export DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a
+export PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+# Debian's own python3 is "externally managed"; installing rfs into it as root is intended here.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+
+log() { printf '[setup-host] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo bash scripts/setup-host.sh)"
+[ -r /etc/os-release ] && . /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] || log "warning: written for Debian 12 (bookworm), found ${PRETTY_NAME:-unknown}"
+
+# Packages rfs, its tests and its examples need. Append here (or use RFS_EXTRA_PACKAGES).
+PACKAGES=(docker.io podman busybox-static mmdebstrap squashfs-tools-ng ca-certificates git)
+# shellcheck disable=SC2206
+PACKAGES+=(${RFS_EXTRA_PACKAGES:-})
+
+# --- which Python gets rfs -------------------------------------------------------------------
+py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+if [ -z "${PYTHON:-}" ]; then
+    if command -v python >/dev/null && py_ok python; then PYTHON=$(command -v python)
+    else PYTHON=python3; fi
+fi
+# `python -m pytest` is the documented test command: make sure a `python` exists.
+command -v python >/dev/null || PACKAGES+=(python-is-python3)
+if ! command -v "$PYTHON" >/dev/null; then PACKAGES+=(python3 python3-pip python3-venv)
+elif ! "$PYTHON" -m pip --version >/dev/null 2>&1; then PACKAGES+=(python3-pip python3-venv); fi
+
+# --- Debian packages ---------------------------------------------------------------------------
+installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }
+e2fs_ok() {
+    local v; v=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null) || return 1
+    dpkg --compare-versions "$v" ge "$E2FS_MIN"
+}
+missing=()
+for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
+
+if [ ${#missing[@]} -gt 0 ] || ! e2fs_ok; then
+    # bookworm-backports carries e2fsprogs 1.47.2; add it once, on the mirror the host already uses.
+    if ! grep -rqs --include='*.sources' --include='*.list' 'bookworm-backports' \
+            /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        mirror=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ {print $2; exit}' \
+                 /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+        mirror=${mirror:-http://deb.debian.org/debian}
+        log "adding bookworm-backports ($mirror)"
+        cat > /etc/apt/sources.list.d/bookworm-backports.sources <<EOF
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    fi
+    # No init system starts services in containers/CI VMs; keep apt from trying (we start them).
+    created_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    trap '[ -n "${created_policy:-}" ] && rm -f /usr/sbin/policy-rc.d' EXIT
+    log "apt-get install ${missing[*]:-} e2fsprogs(bookworm-backports)"
+    apt-get update -q
+    [ ${#missing[@]} -eq 0 ] || apt-get install -y -q "${missing[@]}"
+    e2fs_ok || apt-get install -y -q -t bookworm-backports e2fsprogs
+    [ -n "$created_policy" ] && rm -f /usr/sbin/policy-rc.d
+    created_policy=
+    e2fs_ok || die "e2fsprogs >= $E2FS_MIN still missing"
+else
+    log "Debian packages present (e2fsprogs $(dpkg-query -W -f='${Version}' e2fsprogs))"
+fi
+
+# --- Podman configuration ----------------------------------------------------------------------
+if [ ! -e /etc/containers/containers.conf ]; then
+    log "writing /etc/containers/containers.conf"
+    mkdir -p /etc/containers
+    cat > /etc/containers/containers.conf <<'EOF'
+# Written by rfs scripts/setup-host.sh: Podman 4.3 on Debian 12 without systemd.
+[containers]
+default_ulimits = []
+
+[engine]
+runtime = "runc"
+EOF
+fi
+
+# --- the rfs package ---------------------------------------------------------------------------
+stamp_dir=${XDG_CACHE_HOME:-$HOME/.cache}/rfs
+stamp="$stamp_dir/setup-host.pip-stamp"
+want="$("$PYTHON" -c "import sys; print(sys.executable)") $ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+        && "$PYTHON" -c 'import rfs, pytest, hypothesis' 2>/dev/null; then
+    log "rfs already installed for $PYTHON"
+else
+    log "pip install -e '.[dev]' with $PYTHON"
+    (cd "$ROOT" && "$PYTHON" -m pip install -q -e '.[dev]')
+    mkdir -p "$stamp_dir" && printf '%s\n' "$want" > "$stamp"
+fi
+
+# --- engines -----------------------------------------------------------------------------------
+wait_for() {  # wait_for DESCRIPTION LOGFILE PID COMMAND...: poll up to WAIT_S s while PID lives
+    local what=$1 logfile=$2 pid=$3 i; shift 3
+    for ((i = 0; i < WAIT_S * 4; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        kill -0 "$pid" 2>/dev/null || { log "$what exited"; break; }
+        sleep 0.25
+    done
+    log "$what did not come up (limit ${WAIT_S}s); last lines of $logfile:"
+    tail -n 20 "$logfile" >&2 || true
+    return 1
+}
+
+if "$DOCKER" info >/dev/null 2>&1; then
+    log "dockerd is running"
+else
+    log "starting dockerd (log: $DOCKERD_LOG)"
+    # own session: outlives this script and its terminal
+    setsid dockerd </dev/null >>"$DOCKERD_LOG" 2>&1 &
+    wait_for dockerd "$DOCKERD_LOG" $! "$DOCKER" info || die "dockerd failed to start"
+fi
+
+podman_up() { podman --remote --url "unix://$PODMAN_SOCK" version; }
+if podman_up >/dev/null 2>&1; then
+    log "podman API socket is up ($PODMAN_SOCK)"
+else
+    log "starting podman system service at $PODMAN_SOCK (log: $PODMAN_LOG)"
+    mkdir -p "$(dirname "$PODMAN_SOCK")"
+    rm -f "$PODMAN_SOCK"   # stale socket of a dead service
+    setsid podman system service --time=0 "unix://$PODMAN_SOCK" </dev/null >>"$PODMAN_LOG" 2>&1 &
+    wait_for "podman API socket" "$PODMAN_LOG" $! podman_up || die "podman service failed to start"
+fi
+
+log "done: docker $("$DOCKER" version -f '{{.Server.Version}}'), $(podman --version)," \
+    "mke2fs $(dpkg-query -W -f='${Version}' e2fsprogs), $("$PYTHON" --version)"
