@@ -1,0 +1,150 @@
+"""What rfs asks of a container engine: the `Engine` protocol and the plain data it takes.
+
+Nothing here imports an engine SDK, so planning and unit tests can use these types (and fake
+engines) without a daemon. `rfs.engine.connect` returns the real implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+#: Every container rfs creates carries this label (value "1"), so leftovers of a crashed or
+#: killed build can be found and removed by label.
+MANAGED_LABEL = "org.rfs.managed"
+
+#: An immutable empty mapping, for defaults that must not be shared mutable dicts.
+EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    # A private read-only copy: a caller mutating its dict later must not change a spec that
+    # may already have been hashed into a cache key.
+    return MappingProxyType(dict(mapping))
+
+
+class BinarySink(Protocol):
+    """Where an export goes: anything with `write(bytes)`, e.g. a file opened "wb"."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host file or directory bind-mounted into the step's container (read-only by default)."""
+
+    host_path: str
+    container_path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run one setup command in a fresh container.
+
+    `argv` runs without a shell and with the image's entrypoint cleared, so images without a
+    default command work. `env` and `labels` are copied into read-only mappings.
+    """
+
+    image: str
+    argv: tuple[str, ...]
+    user: str | None = None
+    working_dir: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    privileged: bool = False
+    mounts: tuple[Mount, ...] = ()
+    hostname: str | None = None
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+    runtime: str | None = None
+    timeout_s: float | None = None
+    stop_timeout_s: int = 10
+    network: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience but stored as tuples, keeping the spec immutable.
+        object.__setattr__(self, "argv", tuple(self.argv))
+        object.__setattr__(self, "mounts", tuple(self.mounts))
+        object.__setattr__(self, "cap_add", tuple(self.cap_add))
+        object.__setattr__(self, "cap_drop", tuple(self.cap_drop))
+        object.__setattr__(self, "env", _frozen(self.env))
+        object.__setattr__(self, "labels", _frozen(self.labels))
+        if not self.argv:
+            raise ValueError("RunSpec.argv must name a command")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError("RunSpec.timeout_s must be positive")
+        if self.stop_timeout_s < 0:
+            raise ValueError("RunSpec.stop_timeout_s must not be negative")
+
+
+class Engine(Protocol):
+    """A container engine as rfs uses it. Implementations raise only `rfs.errors` exceptions.
+
+    Every container an engine creates is labelled `org.rfs.managed=1` plus the caller's labels
+    and is removed before the method returns, whatever happens.
+    """
+
+    name: str  # "docker" or "podman"
+    local: bool  # the engine runs on this machine, so host paths can be bind-mounted
+
+    def ping(self) -> None:
+        """Check that the engine answers; raise EngineError saying how to fix it if not."""
+        ...
+
+    def version(self) -> str:
+        """The engine's server version, e.g. "20.10.24"."""
+        ...
+
+    def image_id(self, ref: str) -> str | None:
+        """The local image ID ("sha256:...") of a tag or ID, or None if absent. Never pulls."""
+        ...
+
+    def resolve_base(self, name: str, tag: str) -> str:
+        """The image ID of base image `name:tag`: local if present, else pulled.
+
+        Raises EnvironmentProblem quickly when it is neither present nor pullable.
+        """
+        ...
+
+    def has_tag(self, tag: str) -> bool:
+        """Whether `tag` names an image in the engine."""
+        ...
+
+    def run_and_commit(
+        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None]
+    ) -> str:
+        """Run `spec.argv` in a container, stream its output, commit it as `tag`.
+
+        Returns the committed image ID. Raises StepFailed (with the output's last lines) when
+        the command exits non-zero, cannot start, or outlives `spec.timeout_s`.
+        """
+        ...
+
+    def export(
+        self,
+        image: str,
+        dest: BinarySink,
+        *,
+        labels: Mapping[str, str] = EMPTY,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Stream the flattened filesystem of `image` as a tarball into `dest`.
+
+        `on_progress` receives the running byte count.
+        """
+        ...
+
+    def tag(self, image_id: str, tag: str) -> None:
+        """Point `tag` at `image_id` (moving it if it exists)."""
+        ...
+
+    def remove_image(self, ref: str) -> None:
+        """Remove (or untag) an image; a missing image is not an error."""
+        ...
+
+    def remove_containers(self, label: str) -> int:
+        """Force-remove every container carrying `label` ("key=value" or "key"); return count."""
+        ...

@@ -1,0 +1,656 @@
+"""Docker, and Podman through its Docker-compatible API, via the docker SDK's low-level client.
+
+This module is the boundary: every docker/requests/urllib3/socket exception is translated here
+into an `rfs.errors` exception with a sentence a person can act on. Exceptions raised by the
+caller's callbacks (`on_output`, `on_progress`, `dest.write`) are not engine failures and pass
+through untouched, as do KeyboardInterrupt and SystemExit.
+
+Quirks of the Docker API (20.10, API 1.40/1.41) this code works around:
+- `commit` merges the container's config into the image config (User, WorkingDir, Env, Labels,
+  Cmd), so a step's settings would leak into every later step. We pass the parent image's
+  config and neutralise what would leak; see `_commit_config`.
+- `attach(stream=True)` keeps the client's read timeout on its socket and the SDK turns the
+  timeout into a silent end of stream, so a command quiet for longer than the timeout would
+  lose output; the SDK's `logs()` drops which stream each frame came from. We read the
+  `logs?follow=1` endpoint ourselves without a read timeout: served from the json-file log,
+  it never misses lines a fast command printed before we started reading.
+- stdout and stderr travel through separate pipes, so their relative order is not kept (see
+  `_Tail`); order within each stream is.
+- `pull()` in the SDK has no timeout; we make the same request with a read timeout.
+
+Podman 4.3's compat API differs: its commit ignores the config body (we also send `changes`,
+see `_podman_changes`) and answers with a bare hex image ID.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import docker
+import docker.auth
+import docker.errors
+import docker.types
+import docker.utils
+import requests
+import urllib3
+
+from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
+from rfs.errors import EngineError, EnvironmentProblem, RfsError, StepFailed
+
+log = logging.getLogger("rfs.engine")
+
+#: Pinned rather than negotiated, so `connect` makes no request. 1.40 is Docker 19.03+ and
+#: Podman 3+; nothing here needs a newer API.
+API_VERSION = "1.40"
+
+_EXPORT_CHUNK = 1 << 20
+_TAIL_LINES = 20
+_ERR_LINES = 5
+_TAIL_BYTES = 64 * 1024
+_POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
+_DRAIN_S = 10.0
+# Docker supplies this PATH at run time when the image sets none; see `_commit_config`.
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The export container is never started, so its command only has to be syntactically there.
+_EXPORT_ARGV = ["/.rfs-export-container-never-runs"]
+# Image config fields a committed layer takes over from its parent.
+_KEPT_CONFIG = (
+    "User", "Env", "Cmd", "Entrypoint", "WorkingDir", "Labels", "ExposedPorts", "Volumes",
+    "StopSignal", "Healthcheck", "OnBuild", "Shell",
+)
+
+
+class _PullFailed(EngineError):
+    """The engine answered but could not pull the image."""
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and everything it wraps: urllib3 tucks the socket error into `args`/`reason`."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        for nxt in (cur.__cause__, cur.__context__, getattr(cur, "reason", None), *cur.args):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    timeouts = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    return any(isinstance(e, timeouts) for e in _causes(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    """The socket-level reason for a failed request, in a few plain words."""
+    words = {
+        errno.ENOENT: "no such socket",
+        errno.ECONNREFUSED: "connection refused",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ECONNRESET: "connection reset",
+        errno.EHOSTUNREACH: "host unreachable",
+        errno.ENETUNREACH: "network unreachable",
+    }
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return words.get(cause.errno) or (cause.strerror or str(cause)).lower()
+    for cause in _causes(exc):
+        if isinstance(cause, urllib3.exceptions.ProtocolError):
+            return "the connection was closed unexpectedly"
+    return str(exc) or type(exc).__name__
+
+
+def _explanation(exc: Any) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return str(text).strip()
+
+
+def _start_failure(exc: Any) -> str:
+    """The useful end of a runtime's start error, e.g. 'exec: "x": executable file not found'."""
+    text = _explanation(exc)
+    marker = text.find("exec: ")
+    if marker >= 0:
+        text = text[marker:]
+    return text.removesuffix(": unknown")
+
+
+def _full_id(image_id: str) -> str:
+    # Podman's commit answers with the bare hex digest, its inspect with "sha256:<hex>".
+    return image_id if ":" in image_id else f"sha256:{image_id}"
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    repo, name = docker.utils.parse_repository_tag(tag)
+    return str(repo), str(name or "latest")
+
+
+def _frames(raw: Any) -> Iterator[tuple[int, bytes]]:
+    """Demultiplex a non-TTY output stream: 8-byte headers (stream id, big-endian size)."""
+    while True:
+        header = raw.read(8)
+        if len(header) < 8:
+            return
+        stream_id, size = struct.unpack(">BxxxL", header)
+        data = raw.read(size)
+        if data:
+            yield stream_id, data
+        if len(data) < size:
+            return
+
+
+def _lines(buf: bytearray) -> list[str]:
+    return bytes(buf).decode("utf-8", "replace").rstrip().splitlines()
+
+
+class _Tail:
+    """The last lines of a command's output, for StepFailed.
+
+    stdout and stderr reach the engine through separate pipes, so their relative order is lost:
+    an error printed last on stderr is often delivered before the stdout lines printed ahead of
+    it, and would fall out of a plain tail. So the last stderr lines are kept apart too and
+    appended when the combined tail lacks them.
+    """
+
+    def __init__(self) -> None:
+        self._all = bytearray()
+        self._err = bytearray()
+
+    def add(self, stream_id: int, data: bytes) -> None:
+        for buf in (self._all, self._err) if stream_id == 2 else (self._all,):
+            buf += data
+            if len(buf) > 2 * _TAIL_BYTES:
+                del buf[:-_TAIL_BYTES]
+
+    def text(self) -> str:
+        lines = _lines(self._all)[-_TAIL_LINES:]
+        missing = [line for line in _lines(self._err)[-_ERR_LINES:] if line and line not in lines]
+        if missing:
+            keep = _TAIL_LINES - len(missing) - 1
+            lines = [*lines[-keep:], "[last lines on stderr:]", *missing]
+        return "\n".join(lines)
+
+
+class DockerEngine:
+    """An `Engine` speaking the Docker API at `base_url` (Docker or Podman's compat socket)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        name: str = "docker",
+        timeout_s: float = 60,
+        pull_timeout_s: float = 20,
+        tls_from_env: bool = False,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        # Bind mounts name host paths, which only mean the same thing to an engine on this
+        # machine: a unix socket, or TCP to this host.
+        host = base_url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        self.local = base_url.startswith("unix://") or host in {"localhost", "127.0.0.1", "[::1]"}
+        self._timeout_s = timeout_s
+        self._pull_timeout_s = pull_timeout_s
+        self._title = "Podman" if name == "podman" else "Docker"
+        try:
+            tls = docker.utils.kwargs_from_env().get("tls") if tls_from_env else None
+            self._api: Any = docker.APIClient(
+                base_url=base_url, version=API_VERSION, timeout=timeout_s, tls=tls
+            )
+        except docker.errors.DockerException as exc:
+            raise EngineError(
+                f"cannot use {self._title} engine address {base_url!r}: {_explanation(exc)}"
+            ) from exc
+
+    # -- error translation ---------------------------------------------------------------
+
+    def _unreachable(self, exc: BaseException, what: str) -> EngineError:
+        if _is_timeout(exc):
+            return EngineError(
+                f"the {self._title} engine at {self.base_url} did not answer within "
+                f"{self._timeout_s:g} s while trying to {what}",
+                hint="the engine may be overloaded or hung; check `docker info` / `podman info`",
+            )
+        reason = _reason(exc)
+        if self.name == "podman":
+            ask, hint = "is the Podman API service running?", "systemctl start podman.socket"
+        else:
+            ask, hint = "is dockerd running?", "systemctl start docker"
+        if reason == "permission denied":
+            ask, hint = "can this user use it?", "run as root or as a member of the engine's group"
+        return EngineError(
+            f"cannot reach the {self._title} engine at {self.base_url}: {reason} — {ask}", hint
+        )
+
+    @contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        """Translate foreign exceptions raised inside the block into EngineError."""
+        try:
+            yield
+        except RfsError:
+            raise
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # incl. requests' errors
+            if isinstance(exc, docker.errors.APIError):  # an HTTP error: the engine answered
+                raise EngineError(
+                    f"the {self._title} engine could not {what}: {_explanation(exc)}"
+                ) from exc
+            raise self._unreachable(exc, what) from exc
+        except docker.errors.DockerException as exc:  # refused by the SDK before any request
+            raise EngineError(f"cannot {what}: {_explanation(exc)}") from exc
+
+    # -- queries -------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Check that the engine answers; raise EngineError saying how to fix it if not."""
+        try:
+            with self._calling("answer a ping"):
+                self._api.ping()
+        except EngineError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, docker.errors.APIError) and cause.status_code == 404:
+                raise EngineError(
+                    f"{self.base_url} answers, but not as a {self._title} engine API "
+                    f"(HTTP 404 for /_ping)"
+                ) from cause
+            raise
+
+    def version(self) -> str:
+        """The engine's server version, e.g. "20.10.24+dfsg1"."""
+        with self._calling("report its version"):
+            info = self._api.version()
+        return str(info.get("Version") or "unknown")
+
+    def image_id(self, ref: str) -> str | None:
+        """The local image ID ("sha256:...") of a tag or ID, or None if absent. Never pulls."""
+        info = self._inspect_image(ref)
+        return None if info is None else str(info["Id"])
+
+    def _inspect_image(self, ref: str) -> dict[str, Any] | None:
+        with self._calling(f"inspect image {ref}"):
+            try:
+                info: dict[str, Any] = self._api.inspect_image(ref)
+            except docker.errors.NotFound:
+                return None
+        return info
+
+    def has_tag(self, tag: str) -> bool:
+        """Whether `tag` names an image in the engine."""
+        return self.image_id(tag) is not None
+
+    def resolve_base(self, name: str, tag: str) -> str:
+        """The image ID of base image `name:tag`: local if present, else pulled.
+
+        Fails within `pull_timeout_s` of silence from the engine when no registry answers.
+        """
+        ref = f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
+        found = self.image_id(ref)
+        if found is not None:
+            return found
+        log.info("base image %s is not present locally; pulling it", ref)
+        try:
+            self._pull(name, tag, ref)
+            found = self.image_id(ref)
+            if found is None:
+                raise _PullFailed("the engine reported success but does not have the image")
+        except EngineError as exc:
+            raise EnvironmentProblem(
+                f"base image {ref} is not present locally and could not be pulled: {exc.message}",
+                hint=f"load it into the engine (docker load / docker pull {ref}) and retry",
+            ) from exc
+        return found
+
+    def _pull(self, name: str, tag: str, ref: str) -> None:
+        # The SDK's pull() sends timeout=None, so a registry that never answers would hang the
+        # build; this is the same request with a read timeout between progress messages.
+        with self._calling(f"pull {ref}"):
+            registry, _ = docker.auth.resolve_repository_name(name)
+            header = docker.auth.get_config_header(self._api, registry)
+            url = f"{self._api.base_url}/v{self._api.api_version}/images/create"
+            params = {"fromImage": name, "tag": tag}
+            try:
+                resp = self._api.post(
+                    url,
+                    params=params,
+                    headers={"X-Registry-Auth": header} if header else {},
+                    stream=True,
+                    timeout=(self._timeout_s, self._pull_timeout_s),
+                )
+                try:
+                    if resp.status_code >= 400:
+                        try:
+                            message = resp.json().get("message") or resp.text
+                        except ValueError:
+                            message = resp.text
+                        raise _PullFailed(str(message).strip())
+                    for line in resp.iter_lines():
+                        event = json.loads(line) if line.strip() else {}
+                        if event.get("error"):
+                            raise _PullFailed(str(event["error"]).strip())
+                finally:
+                    resp.close()
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+                if not _is_timeout(exc):
+                    raise
+                raise _PullFailed(
+                    f"no progress for {self._pull_timeout_s:g} s (is a registry reachable?)"
+                ) from exc
+
+    # -- running steps -------------------------------------------------------------------
+
+    def run_and_commit(
+        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None]
+    ) -> str:
+        """Run `spec.argv` in a fresh container, stream its output, commit it as `tag`.
+
+        Returns the committed image ID. Raises StepFailed (with the output's last lines) when
+        the command cannot start, exits non-zero or outlives `spec.timeout_s`. The container
+        is removed in every case, including KeyboardInterrupt and errors from `on_output`.
+        """
+        parent = self._inspect_image(spec.image)
+        if parent is None:
+            raise EngineError(f"image {spec.image} is not present in the {self._title} engine")
+        cid = self._create(spec, step)
+        try:
+            with self._calling(f"start the container of step {step}"):
+                try:
+                    self._api.start(cid)
+                except docker.errors.APIError as exc:
+                    # A start failure is the step's fault (missing executable, bad user…).
+                    raise StepFailed(step, f"could not start: {_start_failure(exc)}") from exc
+            status, timed_out, tail = self._follow(cid, spec, on_output)
+            if timed_out:
+                raise StepFailed(step, f"timed out after {spec.timeout_s:g} s", tail)
+            if status != 0:
+                raise StepFailed(step, self._exit_message(cid, status), tail)
+            repo, tag_name = _split_tag(tag)
+            conf = _commit_config(parent.get("Config") or {}, spec)
+            # Podman's compat API ignores the config body and takes only `changes`.
+            changes = _podman_changes(conf) if self.name == "podman" else None
+            with self._calling(f"commit step {step} as {tag}"):
+                result = self._api.commit(
+                    cid, repository=repo, tag=tag_name, conf=conf, changes=changes
+                )
+            return _full_id(str(result["Id"]))
+        finally:
+            self._discard(cid)
+
+    def _create(self, spec: RunSpec, step: str) -> str:
+        mounts = [
+            docker.types.Mount(
+                target=m.container_path, source=m.host_path, type="bind", read_only=m.read_only
+            )
+            for m in spec.mounts
+        ]
+        with self._calling(f"create a container for step {step}"):
+            host_config = self._api.create_host_config(
+                network_mode=None if spec.network else "none",
+                privileged=spec.privileged,
+                cap_add=list(spec.cap_add) or None,
+                cap_drop=list(spec.cap_drop) or None,
+                runtime=spec.runtime,
+                mounts=mounts or None,
+                # Explicit, because `logs()` is how we read output and a daemon configured for
+                # e.g. syslog could not give it back.
+                log_config=docker.types.LogConfig(type="json-file"),
+            )
+            created = self._api.create_container(
+                spec.image,
+                command=list(spec.argv),
+                entrypoint=[],
+                user=spec.user or "",
+                working_dir=spec.working_dir,
+                environment=[f"{k}={v}" for k, v in spec.env.items()],
+                hostname=spec.hostname,
+                labels={**spec.labels, MANAGED_LABEL: "1"},
+                host_config=host_config,
+                stop_timeout=spec.stop_timeout_s,
+                # The SDK would otherwise add proxy variables from ~/.docker/config.json: an
+                # input no cache key sees.
+                use_config_proxy=False,
+            )
+        return str(created["Id"])
+
+    def _follow(
+        self, cid: str, spec: RunSpec, on_output: Callable[[bytes], None]
+    ) -> tuple[int, bool, str]:
+        """Pass output to `on_output` until the command ends; return (exit code, timed out, tail).
+
+        A reader thread blocks on the stream while this thread keeps the deadline, calls
+        `on_output` (so its exceptions reach our caller) and stops the container on timeout.
+        The stream ends when the container stops or is removed, which ends the thread.
+        """
+        what = f"read the output of container {cid[:12]}"
+        # Our own request, not the SDK's logs(): that drops each frame's stream id, which the
+        # tail needs, and a read timeout would cut off a step that is silent for a while.
+        url = f"{self._api.base_url}/v{self._api.api_version}/containers/{cid}/logs"
+        with self._calling(what):
+            resp = self._api.get(url, params={"follow": 1, "stdout": 1, "stderr": 1},
+                                 stream=True, timeout=(self._timeout_s, None))
+            if resp.status_code >= 400:
+                raise EngineError(f"the {self._title} engine could not {what}: {resp.text}")
+        items: queue.SimpleQueue[tuple[int, bytes] | BaseException | None] = queue.SimpleQueue()
+
+        def pump() -> None:
+            try:
+                for frame in _frames(resp.raw):
+                    items.put(frame)
+                items.put(None)
+            except BaseException as exc:  # handed to the main thread, translated there
+                items.put(exc)
+            finally:
+                resp.close()
+
+        threading.Thread(target=pump, name=f"rfs-output-{cid[:12]}", daemon=True).start()
+        tail = _Tail()
+        deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
+        stopped = False
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                if stopped:  # the stream outlived the stop by _DRAIN_S: give up on it
+                    break
+                self._stop(cid, spec.stop_timeout_s)
+                # Keep reading: what it printed while being stopped belongs to its output.
+                stopped, deadline, now = True, time.monotonic() + _DRAIN_S, time.monotonic()
+            try:
+                item = items.get(timeout=_POLL_S if deadline is None else deadline - now)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                with self._calling(what):
+                    raise item
+            tail.add(*item)
+            on_output(item[1])
+        if not stopped:
+            # The stream ends when the command does, so wait() returns at once; should the
+            # stream have broken early, wait() still honours the deadline.
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.1)
+            status = self._wait(cid, remaining)
+            if status is not None:
+                return status, False, tail.text()
+            self._stop(cid, spec.stop_timeout_s)
+        return -1, True, tail.text()
+
+    def _wait(self, cid: str, timeout_s: float | None) -> int | None:
+        """The container's exit code, or None if it is still running after `timeout_s`."""
+        with self._calling(f"wait for container {cid[:12]}"):
+            try:
+                result = self._api.wait(cid, timeout=timeout_s)
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+                # Depending on the transport the SDK raises ReadTimeout or a ConnectionError
+                # wrapping urllib3's ReadTimeoutError.
+                if timeout_s is not None and _is_timeout(exc):
+                    return None
+                raise
+        return int(result.get("StatusCode", -1))
+
+    def _stop(self, cid: str, stop_timeout_s: int) -> None:
+        with self._calling(f"stop container {cid[:12]}"), suppress(docker.errors.NotFound):
+            self._api.stop(cid, timeout=stop_timeout_s)
+
+    def _exit_message(self, cid: str, status: int) -> str:
+        message = f"exited with code {status}"
+        if status == 137:
+            try:
+                with self._calling(f"inspect container {cid[:12]}"):
+                    oom = self._api.inspect_container(cid)["State"].get("OOMKilled")
+            except EngineError:
+                oom = False
+            message += " (killed by the kernel's OOM killer)" if oom else " (killed by SIGKILL)"
+        return message
+
+    def _discard(self, cid: str) -> None:
+        """Force-remove a container; failure is logged, not raised (its label marks it)."""
+        try:
+            with self._calling(f"remove container {cid[:12]}"), suppress(docker.errors.NotFound):
+                self._api.remove_container(cid, force=True, v=True)
+        except EngineError as exc:
+            log.warning("container %s was left behind (label %s=1): %s", cid[:12], MANAGED_LABEL,
+                        exc)
+
+    # -- export and image housekeeping ---------------------------------------------------
+
+    def export(
+        self,
+        image: str,
+        dest: BinarySink,
+        *,
+        labels: Mapping[str, str] = EMPTY,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Stream the flattened filesystem of `image` as a tarball into `dest`.
+
+        The tarball comes from a created, never-started container, in 1 MiB chunks; memory
+        use does not grow with the image. `on_progress` receives the running byte count.
+        """
+        with self._calling(f"create a container to export {image}"):
+            created = self._api.create_container(
+                image,
+                command=_EXPORT_ARGV,
+                entrypoint=[],
+                labels={**labels, MANAGED_LABEL: "1"},
+                host_config=self._api.create_host_config(network_mode="none"),
+                use_config_proxy=False,
+            )
+        cid = str(created["Id"])
+        try:
+            with self._calling(f"export {image}"):
+                chunks = iter(self._api.export(cid, chunk_size=_EXPORT_CHUNK))
+            total = 0
+            while True:
+                with self._calling(f"export {image}"):
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                try:
+                    dest.write(chunk)
+                except OSError as exc:
+                    raise EnvironmentProblem(
+                        f"cannot write the export of {image}: {exc.strerror or exc}"
+                    ) from exc
+                total += len(chunk)
+                if on_progress is not None:
+                    on_progress(total)
+        finally:
+            self._discard(cid)
+
+    def tag(self, image_id: str, tag: str) -> None:
+        """Point `tag` at `image_id` (moving it if it exists)."""
+        repo, tag_name = _split_tag(tag)
+        with self._calling(f"tag {image_id} as {tag}"):
+            self._api.tag(image_id, repo, tag_name)
+
+    def remove_image(self, ref: str) -> None:
+        """Remove an image, or just the tag `ref` if the image has others; absent is fine."""
+        with self._calling(f"remove image {ref}"), suppress(docker.errors.NotFound):
+            self._api.remove_image(ref)
+
+    def remove_containers(self, label: str) -> int:
+        """Force-remove every container carrying `label` ("key=value" or "key"); return count."""
+        with self._calling(f"list containers labelled {label}"):
+            found = self._api.containers(all=True, filters={"label": label})
+        removed = 0
+        for container in found:
+            with self._calling(f"remove container {container['Id'][:12]}"):
+                try:
+                    self._api.remove_container(container["Id"], force=True, v=True)
+                except docker.errors.NotFound:
+                    continue
+                except docker.errors.APIError as exc:
+                    if exc.status_code == 409:  # someone else is already removing it
+                        continue
+                    raise
+            removed += 1
+        return removed
+
+
+def _commit_config(parent: Mapping[str, Any], spec: RunSpec) -> dict[str, Any]:
+    """The image config for a committed step: the parent's, with the step's settings undone.
+
+    Docker's commit fills every field we leave empty from the container's config, and merges in
+    container env vars and labels whose keys we do not mention. So the step's user, working
+    directory, env and labels would become defaults for every later step (and our run labels
+    would mark containers others create from the layer). We therefore restate the parent's
+    values and, where the parent had none, give the neutral equivalent:
+    - User "" → "0" and WorkingDir "" → "/" (what Docker uses for empty);
+    - an env key the parent lacked → "KEY" without "=", which Docker treats as unset when it
+      runs a container; PATH → Docker's default PATH, which is what an unset PATH yields;
+    - a label key the parent lacked → "" (labels cannot be deleted; an empty value matches no
+      "key=value" filter).
+    Only an empty parent Cmd cannot be restored: the step's argv stays as the layer's Cmd,
+    which is harmless since rfs always passes a command.
+    """
+    conf: dict[str, Any] = {k: parent[k] for k in _KEPT_CONFIG if parent.get(k) is not None}
+    if spec.user and not conf.get("User"):
+        conf["User"] = "0"
+    if spec.working_dir and not conf.get("WorkingDir"):
+        conf["WorkingDir"] = "/"
+    env = list(conf.get("Env") or [])
+    parent_keys = {entry.split("=", 1)[0] for entry in env}
+    for key in spec.env:
+        if key not in parent_keys:
+            env.append(f"PATH={_DEFAULT_PATH}" if key == "PATH" else key)
+    if env:
+        conf["Env"] = env
+    labels = dict(conf.get("Labels") or {})
+    for key in (*spec.labels, MANAGED_LABEL):
+        labels.setdefault(key, "")
+    conf["Labels"] = labels
+    return conf
+
+
+def _podman_changes(conf: Mapping[str, Any]) -> list[str]:
+    """`conf` as Dockerfile instructions, as far as Podman's commit can take them.
+
+    Podman 4.3 builds the image config from the container and then applies these. Its parser
+    takes one plain `LABEL key=value` per instruction, and ENV can set but not unset, so the
+    step's env vars stay in the layer's config on Podman.
+    """
+    changes = [
+        f"CMD {json.dumps(conf.get('Cmd') or [])}",
+        f"ENTRYPOINT {json.dumps(conf.get('Entrypoint') or [])}",
+    ]
+    if conf.get("User"):
+        changes.append(f"USER {conf['User']}")
+    if conf.get("WorkingDir"):
+        changes.append(f"WORKDIR {conf['WorkingDir']}")
+    for key, value in (conf.get("Labels") or {}).items():
+        if value == "" and key and not any(c.isspace() or c in "=\"'" for c in key):
+            changes.append(f"LABEL {key}=")
+    return changes
