@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rfs import etcfiles
 from rfs.errors import RfsError
 from rfs.model import BuildScript, Command, Overlay
 from rfs.package import resolve_reference
@@ -19,7 +20,8 @@ from rfs.store import Store
 
 if TYPE_CHECKING:
     from rfs.engine.base import Engine, Mount
-    from rfs.fs.tarstream import OverlayEntry, Selection
+    from rfs.fs.overlay import OverlayEntry
+    from rfs.fs.selection import Selection
     from rfs.reporter import Reporter
 
 LAYER_REPO = "rfs/layer"
@@ -137,14 +139,18 @@ class Executor:
         else:
             assert cmd.script_path is not None
             body = self._package_file(cmd.script_path).read_bytes()
-        (scratch / "script").write_bytes(body)
-        (scratch / "script").chmod(0o755)
+        (scratch / "run" / "script").write_bytes(body)
+        (scratch / "run" / "script").chmod(0o755)
         return interpreter_argv(body, f"{SCRIPT_DIR}/script")
 
-    def _mounts(self, scratch: Path) -> list[Mount]:
+    def _mounts(self, scratch: Path, seeded: dict[str, bytes]) -> list[Mount]:
         from rfs.engine.base import Mount
 
-        mounts = [Mount(str(scratch), SCRIPT_DIR, True)]
+        mounts = [Mount(str(scratch / "run"), SCRIPT_DIR, True)]
+        for path, content in seeded.items():
+            (scratch / etcfiles.scratch_name(path)).write_bytes(content)
+            (scratch / etcfiles.scratch_name(path)).chmod(0o644)
+            mounts.append(Mount(str(scratch / etcfiles.scratch_name(path)), path, False))
         for ref, target in self.script.container.volumes:
             mounts.append(Mount(str(self._package_file(ref)), target, True))
         for i, overlay in enumerate(self.script.overlays):
@@ -168,7 +174,11 @@ class Executor:
         user = None
         if cmd.uid is not None or cmd.gid is not None:
             user = f"{cmd.uid or 0}:{cmd.gid}" if cmd.gid is not None else str(cmd.uid)
+        written = self._written(parent)
+        seeded = etcfiles.seed(written, c.hostname) if self.engine.local else {}
         with self._scratch() as scratch:
+            (scratch / "run").mkdir()
+            (scratch / "run").chmod(0o755)  # commands may run as any uid
             spec = RunSpec(
                 image=self._image_of(parent, base_id),
                 argv=tuple(self._command_argv(cmd, scratch)),
@@ -176,7 +186,7 @@ class Executor:
                 working_dir=cmd.working_dir,
                 env={**dict(c.env), **dict(cmd.env)},
                 privileged=cmd.privileged or c.rootful,
-                mounts=tuple(self._mounts(scratch)),
+                mounts=tuple(self._mounts(scratch, seeded)),
                 hostname=c.hostname,
                 cap_add=c.cap_add,
                 cap_drop=c.cap_drop,
@@ -189,42 +199,52 @@ class Executor:
             image_id = self.engine.run_and_commit(
                 spec, step=f"{step.id} ({step.label})", tag=layer_tag(step.key),
                 on_output=lambda data: self.reporter.output(step, data))
-        return {"image_id": image_id, "tag": layer_tag(step.key)}
+            written = etcfiles.collect(scratch, seeded, written)
+        return {"image_id": image_id, "tag": layer_tag(step.key), "etc_written": written}
+
+    def _written(self, parent: Step) -> dict[str, bytes]:
+        """What the commands up to `parent` wrote into the engine-managed /etc files."""
+        if parent.kind is StepKind.BASE:
+            return {}
+        record = self.store.record(parent.key) or {}
+        return dict(record.get("etc_written", {}))
 
     def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
         image = self._image_of(parents[step.parents[0]], base_id)
         with self.store.write_blob(step.key) as writer:
             self.engine.export(image, writer, labels=self.labels)
-        return {"blob_size": writer.size, "blob_digest": writer.digest}
+        written = self._written(parents[step.parents[0]])
+        return {"blob_size": writer.size, "blob_digest": writer.digest, "etc_written": written}
 
     def _overlay_entries(self) -> list[OverlayEntry]:
-        from rfs.fs.tarstream import OverlayEntry, overlay_entries_from_dir
-
         entries: list[OverlayEntry] = []
         for overlay in self.script.overlays:
-            entries.extend(self._entries_for(overlay, OverlayEntry, overlay_entries_from_dir))
+            entries.extend(self._entries_for(overlay))
         return entries
 
-    def _entries_for(self, overlay: Overlay, entry_type: Any, from_dir: Any) -> list[Any]:
+    def _entries_for(self, overlay: Overlay) -> list[OverlayEntry]:
+        from rfs.fs.overlay import OverlayEntry, overlay_entries_from_dir
+
         uid = overlay.uid or 0
         gid = overlay.gid or 0
         if overlay.source_inline is not None:
-            return [entry_type(overlay.destination, overlay.source_inline.encode(),
-                               overlay.mode if overlay.mode is not None else 0o644, uid, gid)]
+            content = overlay.source_inline.encode()
+            mode = overlay.mode if overlay.mode is not None else 0o644
+            return [OverlayEntry(overlay.destination, content, mode, uid, gid)]
         assert overlay.source is not None
         host = self._package_file(overlay.source)
         if overlay.is_directory:
-            entries: list[Any] = from_dir(host, overlay.destination, uid=uid, gid=gid,
-                                          mode=overlay.mode)
-            return entries
-        mode = overlay.mode
-        if mode is None:
+            return overlay_entries_from_dir(host, overlay.destination, uid=uid, gid=gid,
+                                            mode=overlay.mode)
+        if overlay.mode is not None:
+            mode = overlay.mode
+        else:  # only "executable or not" is taken from the checkout
             mode = 0o755 if os.stat(host).st_mode & 0o111 else 0o644
-        return [entry_type(overlay.destination, host.read_bytes(), mode, uid, gid)]
+        return [OverlayEntry(overlay.destination, host.read_bytes(), mode, uid, gid)]
 
     def selection(self) -> Selection:
         """The export selection of the build script, for the filesystem filter."""
-        from rfs.fs.tarstream import Selection
+        from rfs.fs.selection import Selection
 
         ex = self.script.export
         return Selection(
@@ -253,10 +273,12 @@ class Executor:
                            "build again")
         if fs.size_mib is None:
             raise RfsError("filesystem.size_mib is required for now")
+        restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
         stats = assemble_ext4(
             blob.path, self.selection(), self._overlay_entries(), self.output,
             size_mib=fs.size_mib, seed=bytes.fromhex(step.key)[:32],
-            source_date_epoch=self.source_date_epoch, mkfs_args=fs.mkfs_args)
+            source_date_epoch=self.source_date_epoch, mkfs_args=fs.mkfs_args,
+            restore=restore)
         del stats
         old = self.store.record(step.key) or {}
         outputs = dict(old.get("outputs", {}))

@@ -97,7 +97,9 @@ def plan(graph: nx.DiGraph, available: Availability,
     import networkx as nx
 
     previous = previous or {}
-    order = list(nx.topological_sort(graph))
+    # Ties are broken by insertion order, so overlays are prepared right before assembly.
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
     steps: dict[str, Step] = {n: graph.nodes[n]["step"] for n in order}
     keys = {n: s.key for n, s in steps.items()}
     needed = {n for n in order if graph.out_degree(n) == 0}

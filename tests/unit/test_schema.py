@@ -143,7 +143,8 @@ source_inline = "a"
 
 
 def test_sizes_are_checked() -> None:
-    assert errors_of(MINIMAL.replace("64", "0")) == ["filesystem.size_mib: must be at least 1, not 0"]
+    assert errors_of(MINIMAL.replace("64", "0")) == [
+        "filesystem.size_mib: must be at least 1, not 0"]
     assert errors_of(MINIMAL.replace("64", "true"))[0].startswith("filesystem.size_mib: must be an")
 
 

@@ -1,0 +1,192 @@
+"""End to end through the `rfs` command on the real Docker engine and the real mke2fs.
+
+Each test builds a small busybox package into an ext4 image, then edits it and checks that
+exactly the steps the edit touched ran again: judged by rfs's own report and, independently,
+by the containers the engine saw created.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fsinspect import list_ext4, read_ext4_file
+
+pytestmark = pytest.mark.integration
+
+BASE = "rfs-test/busybox:1"
+
+BUILD_TOML = """
+[filesystem]
+size_mib = 32
+
+[container]
+image = { name = "IMAGE_NAME", tag = "IMAGE_TAG" }
+
+[[commands]]
+script_inline = '''
+#!/bin/sh
+mkdir -p /srv/data
+echo one > /srv/data/one
+echo first command ran
+'''
+
+[[commands]]
+script_path = "/scripts/two.sh"
+
+[[commands]]
+command = "touch /srv/data/three"
+
+[[overlays]]
+source = "/files/motd"
+destination = "/etc/motd"
+mode = 0o640
+uid = 1
+gid = 2
+"""
+
+
+def content(image: Path, path: str) -> bytes:
+    """A regular file's bytes in an ext4 image."""
+    return read_ext4_file(image, list_ext4(image)[path].inode)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    created: int  # containers the engine created during the run
+
+    def ran(self) -> list[str]:
+        """Step ids rfs reports as run, in order."""
+        return [line.split()[1] for line in self.err.splitlines()
+                if line.strip().startswith("done ")]
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    pkg = tmp_path / "pkg"
+    (pkg / "scripts").mkdir(parents=True)
+    (pkg / "files").mkdir()
+    name, tag = BASE.split(":")
+    (pkg / "build.toml").write_text(
+        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag))
+    (pkg / "scripts" / "two.sh").write_text("#!/bin/sh\necho two > /srv/data/two\n")
+    (pkg / "files" / "motd").write_text("welcome\n")
+    return pkg
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def rfs(cache_dir: Path, docker_client: object) -> Iterator[object]:
+    def run(*args: str | Path) -> Result:
+        since = int(time.time()) - 1
+        proc = subprocess.run(
+            [sys.executable, "-m", "rfs", *map(str, args)],
+            capture_output=True, text=True, env={**os.environ, "RFS_CACHE_DIR": str(cache_dir)},
+            check=False, timeout=600)
+        until = int(time.time()) + 1
+        events = docker_client.events(  # type: ignore[attr-defined]
+            since=since, until=until, decode=True,
+            filters={"type": "container", "event": "create", "label": "org.rfs.managed=1"})
+        return Result(proc.returncode, proc.stdout, proc.stderr, sum(1 for _ in events))
+
+    yield run
+
+
+def test_build_then_noop_then_edits(rfs: object, package: Path, tmp_path: Path,
+                                    busybox_v2: str) -> None:
+    run = rfs  # the fixture is a function
+    out = tmp_path / "out.ext4"
+
+    first = run("build", package, "-o", out)  # type: ignore[operator]
+    assert first.code == 0, first.err
+    assert first.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
+    assert "run[0] | first command ran" in first.err
+    subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
+    tree = list_ext4(out)
+    assert content(out, "/srv/data/one") == b"one\n"
+    assert content(out, "/srv/data/two") == b"two\n"
+    assert "/srv/data/three" in tree
+    motd = tree["/etc/motd"]
+    assert (motd.mode & 0o7777, motd.uid, motd.gid) == (0o640, 1, 2)
+    assert content(out, "/etc/motd") == b"welcome\n"
+    assert "/.dockerenv" not in tree and "/.rfs" not in tree
+    assert out.stat().st_size == 32 * 1024 * 1024
+    assert out.stat().st_blocks * 512 < out.stat().st_size  # sparse
+    image_bytes = out.read_bytes()
+
+    # nothing changed: no container, the same bytes, nothing ran
+    again = run("build", package, "-o", out)  # type: ignore[operator]
+    assert again.code == 0, again.err
+    assert (again.ran(), again.created) == ([], 0)
+    assert out.read_bytes() == image_bytes
+
+    # an overlay edit reassembles without starting a container
+    (package / "files" / "motd").write_text("edited\n")
+    plan = run("plan", package, "-o", out)  # type: ignore[operator]
+    assert "run     overlays" in plan.out and "run     assemble" in plan.out
+    assert "run     run[" not in plan.out and "run     export" not in plan.out
+    edited = run("build", package, "-o", out)  # type: ignore[operator]
+    assert (edited.ran(), edited.created) == (["overlays", "assemble"], 0)
+    assert content(out, "/etc/motd") == b"edited\n"
+
+    # editing the second of three commands reuses the first layer: two commands run
+    (package / "scripts" / "two.sh").write_text("#!/bin/sh\necho TWO > /srv/data/two\n")
+    plan = run("plan", package, "-o", out)  # type: ignore[operator]
+    assert "cached  run[0]" in plan.out and "script changed" in plan.out
+    second = run("build", package, "-o", out)  # type: ignore[operator]
+    assert second.ran() == ["run[1]", "run[2]", "export", "assemble"]
+    assert second.created == 3  # two commands and the export
+    assert content(out, "/srv/data/two") == b"TWO\n"
+
+    # another base image reruns everything
+    tag = busybox_v2.split(":")[1]
+    toml = package / "build.toml"
+    toml.write_text(toml.read_text().replace(
+        'name = "rfs-test/busybox", tag = "1"', f'name = "rfs-test-tmp/busybox", tag = "{tag}"'))
+    plan = run("plan", package, "-o", out)  # type: ignore[operator]
+    assert "image_id changed" in plan.out
+    rebased = run("build", package, "-o", out)  # type: ignore[operator]
+    assert rebased.ran() == ["run[0]", "run[1]", "run[2]", "export", "assemble"]
+    assert content(out, "/etc/busybox-v2") == b"v2\n"
+
+
+def test_failing_command_names_step_and_leaves_nothing(rfs: object, package: Path,
+                                                       tmp_path: Path, cache_dir: Path) -> None:
+    toml = package / "build.toml"
+    toml.write_text(toml.read_text().replace('command = "touch /srv/data/three"',
+                                             'command = "ls /no/such/dir"'))
+    out = tmp_path / "out.ext4"
+    result = rfs("build", package, "-o", out)  # type: ignore[operator]
+    assert result.code == 1
+    assert "run[2]" in result.err and "exited with code" in result.err
+    assert "Traceback" not in result.err
+    assert not out.exists()
+    assert list(tmp_path.glob(".out.ext4*")) == []
+    assert list((cache_dir / "tmp").iterdir()) == []
+    # the layers that succeeded are reused by the next build
+    toml.write_text(toml.read_text().replace('command = "ls /no/such/dir"', 'command = "true"'))
+    fixed = rfs("build", package, "-o", out)  # type: ignore[operator]
+    assert fixed.code == 0, fixed.err
+    assert fixed.ran() == ["run[2]", "export", "overlays", "assemble"]
+
+
+def test_bad_script_exits_2_with_path(rfs: object, package: Path, tmp_path: Path) -> None:
+    (package / "build.toml").write_text("[filesystem]\nsize_mib = 'big'\n")
+    result = rfs("build", package, "-o", tmp_path / "x.ext4")  # type: ignore[operator]
+    assert result.code == 2
+    assert "filesystem.size_mib: must be an integer" in result.err
+    assert "Traceback" not in result.err
