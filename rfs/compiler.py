@@ -113,15 +113,16 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
     steps: list[Step] = []
 
     def add(step_id: str, kind: StepKind, label: str, inputs: dict[str, Any],
-            parents: list[Step], index: int | None = None) -> Step:
+            parents: list[Step], index: int | None = None,
+            context: dict[str, Any] | None = None) -> Step:
         step = Step(step_id, kind, label, inputs, tuple(p.id for p in parents),
-                    _key(kind, inputs, [p.key for p in parents]), index)
+                    _key(kind, inputs, [p.key for p in parents]), index, context or {})
         steps.append(step)
         return step
 
     image = script.container.image
     last = add("base", StepKind.BASE, f"base image {image.ref}",
-               {"image_id": facts.base_id}, [])
+               {"image_id": facts.base_id}, [], context={"image": image.ref})
     for i, cmd in enumerate(script.commands):
         last = add(f"run[{i}]", StepKind.RUN, f"commands[{i}] {describe_command(cmd)}",
                    command_inputs(cmd, script, facts), [last], index=i)

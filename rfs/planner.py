@@ -41,7 +41,8 @@ Availability = Callable[[Step], str | None]  # None: available; else why not
 
 def manifest(step: Step) -> dict[str, Any]:
     """What is remembered of a step to explain the next build's decisions."""
-    return {"key": step.key, "inputs": dict(step.inputs), "label": step.label}
+    return {"key": step.key, "inputs": dict(step.inputs), "label": step.label,
+            "context": dict(step.context)}
 
 
 def _short(value: Any) -> str:
@@ -74,20 +75,38 @@ def diff_inputs(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
     return changes
 
 
-def explain(step: Step, previous: Mapping[str, Any], keys: Mapping[str, str]) -> str:
+def _own_changes(step: Step, old: Mapping[str, Any]) -> list[str]:
+    if "image_id" in step.inputs:  # the base: say which tag moved, or which tag replaced it
+        was, now = old.get("context", {}).get("image"), step.context.get("image")
+        old_id, new_id = old.get("inputs", {}).get("image_id"), step.inputs["image_id"]
+        if old_id == new_id:
+            return []
+        ids = f"{_short(old_id)} → {_short(new_id)}"
+        if was == now:
+            return [f"image {now} now resolves to a different ID ({ids})"]
+        return [f"image changed from {was} to {now} ({ids})"]
+    return diff_inputs(old.get("inputs", {}), dict(step.inputs))
+
+
+def explain(step: Step, previous: Mapping[str, Any], keys: Mapping[str, str],
+            steps: Mapping[str, Step] | None = None) -> str:
     """Why `step` differs from the last build of the same script, if it does."""
     old = previous.get(step.id)
     if not isinstance(old, dict):
         return "never built"
     if old.get("key") == step.key:
         return ""
-    changes = diff_inputs(old.get("inputs", {}), dict(step.inputs))
+    changes = _own_changes(step, old)
     if changes:
         return "; ".join(changes)
-    changed_parents = [p for p in step.parents
-                       if isinstance(previous.get(p), dict) and previous[p].get("key") != keys[p]]
-    if changed_parents:
-        return f"{', '.join(changed_parents)} changed"
+    changed = [p for p in step.parents
+               if isinstance(previous.get(p), dict) and previous[p].get("key") != keys[p]]
+    if changed:
+        parts = []
+        for parent in changed:
+            own = _own_changes(steps[parent], previous[parent]) if steps else []
+            parts.append(f"{parent} changed" + (f" ({'; '.join(own)})" if own else ""))
+        return ", ".join(parts)
     return "inputs changed"
 
 
@@ -113,7 +132,7 @@ def plan(graph: nx.DiGraph, available: Availability,
         if missing is None:
             decided[node] = Decision(step, Action.CACHED, "cached")
             continue
-        why = explain(step, previous, keys)
+        why = explain(step, previous, keys, steps)
         decided[node] = Decision(step, Action.RUN, why or missing)
         needed.update(graph.predecessors(node))
     return [decided[n] for n in order]

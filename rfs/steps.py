@@ -36,6 +36,8 @@ class Step:
     parents: tuple[str, ...]
     key: str
     index: int | None = None  # the command index, for RUN steps
+    # Facts shown in explanations but deliberately left out of the key (the base image's tag).
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -92,16 +92,17 @@ def cache_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def rfs(cache_dir: Path, docker_client: object) -> Iterator[object]:
     def run(*args: str | Path) -> Result:
-        since = int(time.time()) - 1
+        start_ns = time.time_ns()
         proc = subprocess.run(
             [sys.executable, "-m", "rfs", *map(str, args)],
             capture_output=True, text=True, env={**os.environ, "RFS_CACHE_DIR": str(cache_dir)},
             check=False, timeout=600)
         until = int(time.time()) + 1
         events = docker_client.events(  # type: ignore[attr-defined]
-            since=since, until=until, decode=True,
+            since=start_ns // 10**9 - 1, until=until, decode=True,
             filters={"type": "container", "event": "create", "label": "org.rfs.managed=1"})
-        return Result(proc.returncode, proc.stdout, proc.stderr, sum(1 for _ in events))
+        created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
+        return Result(proc.returncode, proc.stdout, proc.stderr, created)
 
     yield run
 
@@ -158,7 +159,7 @@ def test_build_then_noop_then_edits(rfs: object, package: Path, tmp_path: Path,
     toml.write_text(toml.read_text().replace(
         'name = "rfs-test/busybox", tag = "1"', f'name = "rfs-test-tmp/busybox", tag = "{tag}"'))
     plan = run("plan", package, "-o", out)  # type: ignore[operator]
-    assert "image_id changed" in plan.out
+    assert "base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2" in plan.out
     rebased = run("build", package, "-o", out)  # type: ignore[operator]
     assert rebased.ran() == ["run[0]", "run[1]", "run[2]", "export", "assemble"]
     assert content(out, "/etc/busybox-v2") == b"v2\n"

@@ -124,7 +124,7 @@ def test_reasons_name_what_changed() -> None:
     decisions = _plan(edited, {"base", "run[0]", "overlays"}, old)
     assert decisions["run[1]"][0] is Action.RUN
     assert decisions["run[1]"][1].startswith("script changed")
-    assert decisions["run[2]"][1] == "run[1] changed"
+    assert decisions["run[2]"][1].startswith("run[1] changed (script changed")
     assert _plan(script(), set(), {})["run[0]"][1] == "never built"
     same = {s.id: manifest(s) for s in compile_steps(script(), FACTS)}
     assert _plan(script(), set(), same)["run[0]"][1] == "no cache entry"
