@@ -37,7 +37,7 @@ def describe_command(cmd: Command) -> str:
     if cmd.script_path is not None:
         return f"script {cmd.script_path}"
     lines = (cmd.script_inline or "").strip().splitlines()
-    first = next((ln for ln in lines if not ln.startswith("#!")), "")
+    first = next((ln for ln in lines if ln.strip() and not ln.startswith("#!")), "")
     return f"inline script ({len(lines)} lines): {first.strip()[:50]}"
 
 

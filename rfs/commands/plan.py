@@ -1,0 +1,44 @@
+"""`rfs plan`: every step with its key, cached or to run, and why."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rfs.commands import add_cache_options, add_package, cache_dir, cache_size
+from rfs.errors import EXIT_OK
+
+
+def register(sub: Any) -> None:
+    """Add the `plan` parser."""
+    p = sub.add_parser("plan", help="show each step: cached or to run, and why")
+    add_package(p)
+    add_cache_options(p)
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="the image file the build would write (default: the last one)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan."""
+    from rfs.build import Options, prepare
+    from rfs.planner import Action
+    from rfs.reporter import Reporter
+
+    opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
+                   cache_size=cache_size(args))
+    planned = prepare(opts, Reporter())
+    try:
+        for warning in planned.loaded.warnings:
+            print(f"rfs: warning: {warning}", file=sys.stderr)
+        for d in planned.decisions:
+            print(f"{d.action.value:<7} {d.step.id:<10} {d.step.key[:12]}  {d.step.label}")
+            if d.action is Action.RUN:
+                print(f"{'':30}why: {d.reason}")
+        n = len(planned.to_run())
+        print(f"{n} step(s) to run" if n else "nothing to do: the image is up to date")
+    finally:
+        planned.store.close()
+    return EXIT_OK

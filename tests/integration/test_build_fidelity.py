@@ -1,0 +1,94 @@
+"""A build script creates every kind of metadata; the image built by `rfs build` keeps it all."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fsinspect import Entry, list_ext4, read_ext4_file
+from tests.integration.conftest import CAP_NET_RAW
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = r"""
+#!/bin/sh
+set -e
+mkdir -p /fid
+cd /fid
+echo data > owned && chown 1234:5678 owned
+echo x > suid && chmod 4755 suid
+mkdir sgid && chmod 2775 sgid
+mkdir sticky && chmod 1777 sticky
+echo secret > zero && chmod 0000 zero
+ln -s owned link
+echo hl > hard1 && ln hard1 hard2
+mknod chr c 1 3
+mknod blk b 7 0
+mkfifo fifo
+echo bytes > "$(printf 'caf\303\251')"
+touch owned-big && chown 4000000000:4000000001 owned-big
+echo "127.0.0.1 localhost fidelity" > /etc/hosts
+"""
+
+
+@pytest.fixture
+def tree(tmp_path: Path, caps_image: str) -> tuple[Path, dict[str, Entry]]:
+    name, tag = caps_image.split(":")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "build.toml").write_text(
+        f'[filesystem]\nsize_mib = 32\n[container]\nimage = {{ name = "{name}", tag = "{tag}" }}\n'
+        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n")
+    out = tmp_path / "fid.ext4"
+    proc = subprocess.run([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out)],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "RFS_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True,
+                          check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    return out, list_ext4(out)
+
+
+def test_owners_modes_and_special_files(tree: tuple[Path, dict[str, Entry]]) -> None:
+    _, t = tree
+    expect = {
+        "/fid/owned": ("file", 0o644, 1234, 5678),
+        "/fid/owned-big": ("file", 0o644, 4000000000, 4000000001),
+        "/fid/suid": ("file", 0o4755, 0, 0),
+        "/fid/sgid": ("dir", 0o2775, 0, 0),
+        "/fid/sticky": ("dir", 0o1777, 0, 0),
+        "/fid/zero": ("file", 0o000, 0, 0),
+        "/fid/fifo": ("fifo", 0o644, 0, 0),
+        "/tmp": ("dir", 0o1777, 0, 0),
+    }
+    for path, (kind, mode, uid, gid) in expect.items():
+        e = t[path]
+        assert (e.type, e.mode & 0o7777, e.uid, e.gid) == (kind, mode, uid, gid), path
+
+
+def test_links_devices_names(tree: tuple[Path, dict[str, Entry]]) -> None:
+    image, t = tree
+    assert t["/fid/link"].type == "symlink" and t["/fid/link"].target == "owned"
+    assert t["/fid/hard1"].inode == t["/fid/hard2"].inode
+    assert read_ext4_file(image, t["/fid/hard2"].inode) == b"hl\n"
+    assert (t["/fid/chr"].type, t["/fid/chr"].major, t["/fid/chr"].minor) == ("char", 1, 3)
+    assert (t["/fid/blk"].type, t["/fid/blk"].major, t["/fid/blk"].minor) == ("block", 7, 0)
+    assert read_ext4_file(image, t["/fid/café"].inode) == b"bytes\n"
+    console = t["/dev/console"]
+    assert (console.type, console.major, console.minor) == ("char", 5, 1)
+    assert "/.dockerenv" not in t and "/.rfs" not in t
+
+
+def test_capability_xattr_survives(tree: tuple[Path, dict[str, Entry]]) -> None:
+    _, t = tree
+    assert t["/usr/bin/capped"].xattrs.get("security.capability") == CAP_NET_RAW
+
+
+def test_what_a_command_writes_to_etc_hosts_is_kept(tree: tuple[Path, dict[str, Entry]]) -> None:
+    image, t = tree
+    assert read_ext4_file(image, t["/etc/hosts"].inode) == b"127.0.0.1 localhost fidelity\n"
