@@ -9,6 +9,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rfs import __version__
 from rfs.errors import EXIT_INTERRUPTED, RfsError, ScriptError, UsageError
@@ -32,15 +33,30 @@ def make_parser() -> argparse.ArgumentParser:
         prog="rfs", description="Build microVM root filesystem images from a build script, "
                                 "rerunning only the steps whose inputs changed.")
     parser.add_argument("--version", action="version", version=f"rfs {__version__}")
-    parser.add_argument("-l", "--log-level", default="warning",
-                        choices=["trace", "debug", "info", "warn", "warning", "error"],
-                        help="how much rfs itself logs (default: warning)")
-    parser.add_argument("-e", "--no-exec-logs", "-q", "--quiet", dest="quiet",
-                        action="store_true", help="do not show the commands' output")
+    _global_options(parser, None)
+    # The same options are accepted after the verb too (`rfs build -q …`); there they must not
+    # overwrite a value given before it with their default.
+    after_verb = argparse.ArgumentParser(add_help=False)
+    _global_options(after_verb, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    original = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return original(name, parents=[after_verb], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     for name in MODULES:
         importlib.import_module(f"rfs.commands.{name}").register(sub)
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-l", "--log-level", default=default or "warning",
+                        choices=["trace", "debug", "info", "warn", "warning", "error"],
+                        help="how much rfs itself logs (default: warning)")
+    parser.add_argument("-e", "--no-exec-logs", "-q", "--quiet", dest="quiet",
+                        action="store_true", default=default or False,
+                        help="do not show the commands' output")
 
 
 def _report(exc: RfsError) -> None:
