@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_or_skip
+
 BASE = "rfs-test/busybox:1"
 
 
@@ -19,11 +21,11 @@ def docker_client() -> Iterator[Any]:
         client = docker.from_env()
         client.ping()
     except Exception as exc:  # any failure here means: no engine to test against
-        pytest.skip(f"Docker engine unreachable: {exc}")
+        require_or_skip(f"Docker engine unreachable: {exc}")
     try:
         client.images.get(BASE)
     except docker.errors.ImageNotFound:
-        pytest.skip(f"{BASE} missing: run scripts/make-base-images.sh")
+        require_or_skip(f"{BASE} missing: run scripts/make-base-images.sh")
     yield client
     client.close()
 
