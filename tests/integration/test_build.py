@@ -159,7 +159,8 @@ def test_build_then_noop_then_edits(rfs: object, package: Path, tmp_path: Path,
     toml.write_text(toml.read_text().replace(
         'name = "rfs-test/busybox", tag = "1"', f'name = "rfs-test-tmp/busybox", tag = "{tag}"'))
     plan = run("plan", package, "-o", out)  # type: ignore[operator]
-    assert "base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2" in plan.out
+    assert ("base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2"
+            in plan.out)
     rebased = run("build", package, "-o", out)  # type: ignore[operator]
     assert rebased.ran() == ["run[0]", "run[1]", "run[2]", "export", "assemble"]
     assert content(out, "/etc/busybox-v2") == b"v2\n"
