@@ -79,7 +79,7 @@ def make_plan(
             paths.append("")
             continue
         text = decode(entry.name)
-        if ".." in components(text):
+        if ".." in text and ".." in components(text):
             raise tf.TarError(f"the export tarball holds an unsafe path {text!r}")
         path = normalise(text)
         paths.append(path)
@@ -97,12 +97,15 @@ def make_plan(
         if resolve(p, export_symlink, follow_last=False)[0] not in by_path
     ]
     plan.restore = {check_destination(k, "restore"): v for k, v in restore.items()}
+    keep = plan.keep
+    for i, path in enumerate(paths):
+        keep[i] = not path or matcher.keeps(path)
+    if not (selection.create_dirs or selection.create_files or overlays):
+        return plan
     layout = _Layout(plan)
     for i, (entry, path) in enumerate(zip(entries, paths, strict=True)):
-        if not path or matcher.keeps(path):
-            plan.keep[i] = True
-            if path:
-                layout.add(path, _Node(entry.typeflag, index=i))
+        if path and keep[i]:
+            layout.add(path, _Node(entry.typeflag, index=i))
     for raw in selection.create_dirs:
         mode = 0o1777 if normalise(raw) in STICKY_TMP else 0o755
         layout.create(check_destination(raw, "export create"), tf.DIRECTORY, mode)

@@ -54,6 +54,8 @@ def components(path: str) -> list[str]:
 
 def normalise(name: str) -> str:
     """Return the absolute form of an archive name: "./etc/x/" and "etc/x" give "/etc/x"."""
+    if name and name[0] not in "./" and name[-1] != "/" and "//" not in name and "/." not in name:
+        return "/" + name  # the usual export name, already clean
     return "/" + "/".join(components(name))
 
 
@@ -173,7 +175,9 @@ class Matcher:
         return verdict
 
     def keeps(self, path: str) -> bool:
-        """True if the selection keeps `path` from the export."""
+        """True if the selection keeps `path` from the export (its root entry always)."""
+        if path == "/":
+            return True
         if self.excluded(path):
             return False
         return self.everything or path in self.exact or self._subtree(path)

@@ -7,7 +7,10 @@ in (owners, large ids, all mode bits and `SCHILY.xattr.*` records survive untouc
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -39,6 +42,7 @@ _EXTENSION_TYPES = frozenset({PAX_LOCAL, GNU_LONGNAME, GNU_LONGLINK})
 
 S_IFMT = 0o170000
 _USTAR_MAGIC = b"ustar\x00"  # POSIX ustar/PAX; GNU's "ustar  \0" has no prefix field
+_RELEASE_EVERY = 32 << 20
 _MAX_OCTAL_ID = 0o7777777  # 7 digits: the widest id a plain ustar field holds
 _MAX_OCTAL_SIZE = 0o77777777777
 
@@ -222,8 +226,7 @@ class RawEntry:
     end: int  # offset just past its padded data
     typeflag: int
     name: bytes  # full raw name: PAX path, else GNU long name, else ustar prefix/name
-    linkname: bytes
-    mode: int  # the header's mode field, file-type bits included if the writer put them
+    linkname: bytes  # for hard links and symlinks only (b"" otherwise)
     pax: dict[bytes, bytes] | None  # its local PAX records, if any
     has_gnu_long: bool  # a GNU 'L'/'K' header precedes it
 
@@ -244,12 +247,32 @@ def index_archive(buf: Buffer) -> list[RawEntry]:
     passed through in place. Raises TarError on a damaged or truncated archive.
     """
     with memoryview(buf) as base, base.cast("B") as view:
-        return _index(view)
+        return _index(view, buf.madvise if isinstance(buf, mmap.mmap) else None)
 
 
-def _index(view: memoryview) -> list[RawEntry]:
+def _number(field: bytes) -> int:
+    """parse_number, with a fast path for the common plain octal field."""
+    if field[0] < 0x80:
+        with contextlib.suppress(ValueError):
+            return int(field.partition(b"\x00")[0] or b"0", 8)
+    return parse_number(field)
+
+
+def _checksum_ok(block: bytes) -> bool:
+    """Verify a header checksum; adler32's low half is 1 + the byte sum mod 65521, in C."""
+    try:
+        stored = _number(block[148:156])
+    except TarError:
+        return False
+    field_sum = sum(block[148:156])
+    return (stored - 8 * 0x20 + field_sum + 1) % 65521 == zlib.adler32(block) & 0xFFFF
+
+
+def _index(view: memoryview, madvise: Callable[[int, int, int], None] | None) -> list[RawEntry]:
     total = len(view)
+    released = 0  # pages of a mmap before this offset were handed back
     entries: list[RawEntry] = []
+    append = entries.append
     pos = 0
     ext_start = -1
     pax: dict[bytes, bytes] | None = None
@@ -261,15 +284,11 @@ def _index(view: memoryview) -> list[RawEntry]:
         if block == ZERO_BLOCK:
             complete = ext_start < 0
             break
-        try:
-            valid = parse_number(block[148:156]) == checksum(block)
-        except TarError:
-            valid = False
-        if not valid:
+        if not _checksum_ok(block):
             what = "is not a tar archive" if pos == 0 else f"has a bad header at byte {pos}"
             raise TarError(f"the export tarball {what}")
         typeflag = block[156]
-        size = parse_number(block[124:136])
+        size = _number(block[124:136])
         if typeflag in _EXTENSION_TYPES or typeflag == PAX_GLOBAL:
             data_end = pos + BLOCK + size
             if data_end > total:
@@ -277,9 +296,7 @@ def _index(view: memoryview) -> list[RawEntry]:
             payload = bytes(view[pos + BLOCK : data_end])
             end = pos + BLOCK + padded(size)
             if typeflag == PAX_GLOBAL:
-                entries.append(
-                    RawEntry(pos, pos, pos + BLOCK, size, end, typeflag, b"", b"", 0, None, False)
-                )
+                append(RawEntry(pos, pos, pos + BLOCK, size, end, typeflag, b"", b"", None, False))
             else:
                 if ext_start < 0:
                     ext_start = pos
@@ -296,15 +313,18 @@ def _index(view: memoryview) -> list[RawEntry]:
         elif longname is not None:
             name = longname
         else:
-            name = _cstring(block[0:100])
-            if block[257:263] == _USTAR_MAGIC and block[345] != 0:
+            cut = block.find(b"\x00", 0, 100)
+            name = block[: cut if cut >= 0 else 100]
+            if block[345] != 0 and block[257:263] == _USTAR_MAGIC:
                 name = _cstring(block[345:500]) + b"/" + name
-        if pax is not None and b"linkpath" in pax:
-            linkname = pax[b"linkpath"]
-        elif longlink is not None:
-            linkname = longlink
-        else:
-            linkname = _cstring(block[157:257])
+        linkname = b""
+        if typeflag in (HARDLINK, SYMLINK):
+            if pax is not None and b"linkpath" in pax:
+                linkname = pax[b"linkpath"]
+            elif longlink is not None:
+                linkname = longlink
+            else:
+                linkname = _cstring(block[157:257])
         if pax is not None and b"size" in pax:
             size = int(pax[b"size"])
         if typeflag in HEADER_ONLY_TYPES:
@@ -312,23 +332,27 @@ def _index(view: memoryview) -> list[RawEntry]:
         end = pos + BLOCK + padded(size)
         if end > total:
             break
-        entries.append(
+        append(
             RawEntry(
-                start=pos if ext_start < 0 else ext_start,
-                header=pos,
-                data=pos + BLOCK,
-                size=size,
-                end=end,
-                typeflag=typeflag,
-                name=name,
-                linkname=linkname,
-                mode=parse_number(block[100:108]),
-                pax=pax,
-                has_gnu_long=longname is not None or longlink is not None,
+                pos if ext_start < 0 else ext_start,
+                pos,
+                pos + BLOCK,
+                size,
+                end,
+                typeflag,
+                name,
+                linkname,
+                pax,
+                longname is not None or longlink is not None,
             )
         )
         pos = end
         ext_start, pax, longname, longlink = -1, None, None, None
+        if madvise is not None and pos - released >= _RELEASE_EVERY:
+            # Unmap what was read (it stays in the page cache): keeps RSS flat on big exports.
+            upto = pos & ~(mmap.PAGESIZE - 1)
+            madvise(mmap.MADV_DONTNEED, released, upto - released)
+            released = upto
     else:
         # No end-of-archive blocks: tolerated (as GNU tar does) if the last entry is whole.
         complete = pos == total and pos > 0 and ext_start < 0

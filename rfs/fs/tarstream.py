@@ -124,6 +124,7 @@ class _Writer:
     def __init__(self, buf: tf.Buffer, src_fd: int | None, out: BinaryIO) -> None:
         self._base = memoryview(buf)
         self.view = self._base.cast("B")
+        self._madvise = buf.madvise if isinstance(buf, mmap.mmap) else None
         self.src_fd = src_fd
         self.out = out
         self.out_fd: int | None = None
@@ -168,7 +169,11 @@ class _Writer:
                     raise
                 self.out_fd = None  # this pair of files cannot sendfile: copy from the map
         for pos in range(start, end, _CHUNK):
-            self.out.write(self.view[pos : min(end, pos + _CHUNK)])
+            stop = min(end, pos + _CHUNK)
+            self.out.write(self.view[pos:stop])
+            if self._madvise is not None:  # unmap what was copied: RSS stays flat
+                first = pos & ~(mmap.PAGESIZE - 1)
+                self._madvise(mmap.MADV_DONTNEED, first, (stop & ~(mmap.PAGESIZE - 1)) - first)
 
     def close(self) -> None:
         """Release the export's buffer (a mmap cannot close while views of it exist)."""
@@ -184,7 +189,7 @@ class _Emitter:
         self.w = writer
         self.mtime = mtime
         self.stats = StreamStats(missing_includes=list(plan.missing_includes))
-        self.present: dict[str, bool] = {"/": True}  # emitted path -> is a directory
+        self.present: dict[str, bool] = {"/": True, "": True}  # path -> is a directory
         self.link_names: dict[str, bytes] = {}  # path of an emitted inode -> name to link to
         self.dirent_bytes = 0
 
@@ -209,7 +214,7 @@ class _Emitter:
     def _account(self, path: str, typeflag: int, size: int, target_len: int = 0) -> None:
         st = self.stats
         st.entries += 1
-        self.dirent_bytes += 8 + ((len(encode(path).rsplit(b"/", 1)[-1]) + 3) & ~3)
+        self.dirent_bytes += 8 + ((len(path) - path.rfind("/") + 2) & ~3)  # name, 4-aligned
         if typeflag == tf.HARDLINK:
             return
         if typeflag == tf.DIRECTORY and self.present.get(path):
@@ -222,6 +227,8 @@ class _Emitter:
             st.data_blocks += 1
 
     def _parents(self, path: str) -> None:
+        if path[: path.rfind("/")] in self.present:  # the usual case: parent already written
+            return
         for above in ancestors(path):
             if above not in self.present:
                 self._emit_new(above, tf.DIRECTORY, 0o755)
@@ -277,7 +284,7 @@ class _Emitter:
         if name is None:
             return self._materialise(entry, path, target)
         block = tf.header_block(self.w.view, entry)
-        mode = entry.mode
+        mode = tf.parse_number(bytes(block[100:108]))
         fixed = bool(mode & tf.S_IFMT)
         if fixed:
             tf.set_field(block, "mode", mode & ~tf.S_IFMT)

@@ -174,7 +174,8 @@ def test_hardlink_mode_type_bits_are_cleared() -> None:
     assert link.islnk() and link.linkname == "a"
     assert link.mode == 0o644
     entry = tf.index_archive(out.raw)[1]
-    assert entry.mode == 0o644  # the raw field, not just what tarfile reports
+    raw_mode = tf.parse_number(out.raw[entry.header + 100 : entry.header + 108])
+    assert raw_mode == 0o644  # the raw field, not just what tarfile reports
     assert out.stats.hardlinks_fixed == 1
     assert out.stats.inodes == 1
 
@@ -380,3 +381,35 @@ def test_overlay_entries_from_dir(tmp_path: Path) -> None:
     assert [e.mode for e in kept[1:4]] == [0o600, 0o700, 0o700] and kept[1].uid == 3
     forced = overlay_entries_from_dir(tmp_path, "/y", mode=0o640)
     assert [e.mode for e in forced[:4]] == [0o750, 0o640, 0o750, 0o640]
+
+
+def test_dot_slash_names_and_trailing_slashes_compare_equal() -> None:
+    specs = [
+        D("./", mode=0o700),
+        D("./etc/"),
+        Spec("./etc/passwd", data=b"root\n"),
+        Spec("./etc/shadow", data=b"x"),
+        Spec("./etc/passwd-", tarfile.LNKTYPE, link="./etc/passwd"),
+    ]
+    selection = Selection(whole=False, include_files=("/etc/passwd/", "//etc/./passwd-"))
+    out = run(make_tar(specs), selection, overlays=[OverlayEntry("/etc/passwd", b"new\n", 0o644)])
+    assert out.names() == [".", "./etc", "./etc/passwd-", "etc/passwd"]
+    assert out.get(".").mode == 0o700  # the root entry is kept: it carries the root's mode
+    assert out.get("./etc/passwd-").isreg()  # its target gave way to the overlay
+    assert out.data["./etc/passwd-"] == b"root\n"
+    assert out.data["etc/passwd"] == b"new\n"
+
+
+def test_pax_global_header_stays_in_place() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.pax_headers = {"comment": "made by a test"}
+        info = tarfile.TarInfo("f")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    out = run(buf.getvalue())
+    assert (
+        out.raw[: tf.index_archive(buf.getvalue())[-1].end]
+        == buf.getvalue()[: tf.index_archive(buf.getvalue())[-1].end]
+    )
+    assert out.stats.entries == 1
