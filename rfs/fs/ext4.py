@@ -172,7 +172,7 @@ def _user_args(mkfs_args: Sequence[str], extended: list[str]) -> list[str]:
             extended.append(value)
         elif arg.startswith("-E"):
             extended.append(arg[2:])
-        elif arg == "-d" or arg.startswith("-d"):
+        elif arg.startswith("-d"):
             raise ScriptError(
                 [Problem("filesystem.mkfs_args", "-d is set by rfs (the content comes from it)")]
             )

@@ -95,7 +95,9 @@ def export_tar(
         info.pax_headers = {"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("latin-1")}
         tar.addfile(info, io.BytesIO(b"cap\n"))
     labels = {**run_labels, "org.rfs.test": "ext4-fidelity"}
-    container = docker_client.containers.create(BASE, ["/bin/sh", "-c", SETUP], labels=labels)
+    container = docker_client.containers.create(
+        BASE, ["/bin/sh", "-c", SETUP], labels=labels, network_mode="none"
+    )
     try:
         container.start()
         status = container.wait(timeout=120)["StatusCode"]
