@@ -3,7 +3,9 @@
 Everything is decided before a byte is written, so conflicts resolve the way copying onto a
 real filesystem would: an overlay replaces whatever was at its path (a file over a directory
 drops the directory's subtree; a directory over a directory only updates its owner and mode),
-and a path on the way to an overlay that is not a directory gives way to one. Relying on
+and a path on the way to an overlay that is not a directory gives way to one. Symlinks on the
+way are followed, as a copy inside the container would (on a merged-/usr image, an overlay at
+/lib/x lands in /usr/lib/x instead of replacing the /lib symlink). Relying on
 mke2fs for that is unsafe: its tar reader corrupts the image when a file entry follows a
 directory entry of the same path (the directory becomes unreachable).
 """

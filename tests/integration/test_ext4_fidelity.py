@@ -7,6 +7,7 @@ import hashlib
 import io
 import subprocess
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -192,6 +193,17 @@ def test_same_inputs_give_the_same_bytes(export_tar: Path, image: Path, tmp_path
     other = tmp_path / "other.ext4"
     assemble(export_tar, other, seed=bytes(32))
     assert _sha256(other) != _sha256(image)
+
+
+def test_uuid_and_hash_seed_come_from_the_seed(export_tar: Path, tmp_path: Path) -> None:
+    output = tmp_path / "seeded.ext4"
+    assemble(export_tar, output, mkfs_args=["-E", "lazy_itable_init=1", "-L", "rootfs"])
+    header = subprocess.run(["dumpe2fs", "-h", str(output)], capture_output=True, check=True)
+    fields = dict(line.split(":", 1) for line in header.stdout.decode().splitlines() if ":" in line)
+    assert fields["Filesystem UUID"].strip() == str(uuid.UUID(bytes=SEED[:16], version=4))
+    assert fields["Directory Hash Seed"].strip() == str(uuid.UUID(bytes=SEED[16:], version=4))
+    assert fields["Filesystem volume name"].strip() == "rootfs"
+    assert "orphan_file" not in fields["Filesystem features"]
 
 
 def test_selection_keeps_includes_and_parents(export_tar: Path, tmp_path: Path) -> None:
