@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -74,7 +75,8 @@ def prepare(opts: Options, reporter: Reporter,
     loaded = load(opts.package)
     script = loaded.script
     store = Store(opts.cache_dir, opts.cache_size)
-    run_id = uuid.uuid4().hex[:12]
+    # CI can name the run (its job id, say) so leftover containers are attributable.
+    run_id = os.environ.get("RFS_RUN_ID") or uuid.uuid4().hex[:12]
     engine = engine_factory(script)
     image = script.container.image
     base_id = engine.resolve_base(image.name, image.tag)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +94,16 @@ def cache_dir(tmp_path: Path) -> Path:
 def rfs(cache_dir: Path, docker_client: object) -> Iterator[object]:
     def run(*args: str | Path) -> Result:
         start_ns = time.time_ns()
+        run_id = uuid.uuid4().hex  # labels exactly this run's containers
         proc = subprocess.run(
             [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True, text=True, env={**os.environ, "RFS_CACHE_DIR": str(cache_dir)},
+            capture_output=True, text=True, env={**os.environ, "RFS_CACHE_DIR": str(cache_dir),
+                                               "RFS_RUN_ID": run_id},
             check=False, timeout=600)
         until = int(time.time()) + 1
         events = docker_client.events(  # type: ignore[attr-defined]
             since=start_ns // 10**9 - 1, until=until, decode=True,
-            filters={"type": "container", "event": "create", "label": "org.rfs.managed=1"})
+            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
         created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
         return Result(proc.returncode, proc.stdout, proc.stderr, created)
 
