@@ -7,7 +7,6 @@ in (owners, large ids, all mode bits and `SCHILY.xattr.*` records survive untouc
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import zlib
 from collections.abc import Callable
@@ -253,8 +252,10 @@ def index_archive(buf: Buffer) -> list[RawEntry]:
 def _number(field: bytes) -> int:
     """parse_number, with a fast path for the common plain octal field."""
     if field[0] < 0x80:
-        with contextlib.suppress(ValueError):
+        try:  # try/except, not contextlib.suppress: this runs twice per header
             return int(field.partition(b"\x00")[0] or b"0", 8)
+        except ValueError:
+            pass
     return parse_number(field)
 
 
