@@ -111,8 +111,7 @@ def _mapped(source: BinaryIO) -> Iterator[tuple[tf.Buffer, int | None]]:
                     mapping.close()
             return
     if isinstance(source, io.BytesIO):
-        with source.getbuffer() as view:
-            yield view, None
+        yield source.getvalue(), None  # no copy when it wraps bytes (getbuffer would copy)
         return
     source.seek(0)
     yield source.read(), None
