@@ -5,10 +5,13 @@ Layout of the cache directory:
                       manifests of the last build of each script (to explain misses)
     blobs/<key>       artifacts (export tarballs), written to tmp/ and renamed when complete
     tmp/              partial writes; anything here is garbage from an interrupted build
+    locks/            per-key flock files (`rfs.locks`): a step is built by one process at a
+                      time, and eviction skips entries a running build uses
 
 diskcache's own culling is switched off: it would drop index rows without deleting the blob
 files or the engine images they describe. rfs evicts whole entries itself, least recently
-used first, when the blob bytes exceed the size limit.
+used first, when the blob bytes exceed the size limit, and `prune` removes the layer images
+of the entries it drops through a callback (the store itself never talks to the engine).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import blake3
 
 from rfs.errors import EnvironmentProblem
+from rfs.locks import FileLock, Locks
 
 DEFAULT_SIZE_LIMIT = 20 * 1024**3
 _STEP = "step/"
@@ -91,13 +95,28 @@ class Store:
                 str(root / "index"), eviction_policy="none", size_limit=2**62,
                 statistics=False,
             )
+            self.locks = Locks(root / "locks")
         except OSError as exc:
             raise EnvironmentProblem(f"cannot use cache directory {root}: {exc.strerror}",
                                      hint="pass --cache-dir or set RFS_CACHE_DIR") from exc
 
     def close(self) -> None:
-        """Release the index's database handles."""
+        """Release the index's database handles and this process's use locks."""
+        self.locks.release_all()
         self._index.close()
+
+    def hold(self, keys: set[str]) -> None:
+        """Protect `keys` from eviction by any process until `close` (call before planning)."""
+        self.locks.hold(keys)
+
+    def building(self, key: str, on_wait: Callable[[], None] | None = None,
+                 ) -> contextlib.AbstractContextManager[None]:
+        """Hold the build lock of `key`: one process builds a step, the others wait for it."""
+        return self.locks.building(key, on_wait)
+
+    def build_lock(self, key: str, on_wait: Callable[[], None] | None = None) -> FileLock:
+        """Take the build lock of `key` (held until `release()`): see `building`."""
+        return self.locks.build_lock(key, on_wait)
 
     # records -----------------------------------------------------------------------------
 
@@ -199,22 +218,79 @@ class Store:
 
     def blob_bytes(self) -> int:
         """Total bytes of artifacts on disk."""
-        return sum(p.stat().st_size for p in (self.root / "blobs").iterdir() if p.is_file())
+        total = 0
+        for path in (self.root / "blobs").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another process may evict it now
+                total += path.stat().st_size
+        return total
 
     def evict(self, keep: set[str]) -> list[str]:
-        """Drop least recently used entries with blobs until under the size limit."""
-        total = self.blob_bytes()
-        if total <= self.size_limit:
+        """Drop least recently used entries with blobs until under the size limit.
+
+        Entries in use by any running build (its use locks) are skipped, as are `keep`.
+        """
+        if self.blob_bytes() <= self.size_limit:
             return []
-        dropped = []
+        dropped = self.prune(max_size=self.size_limit, blobs_only=True, keep=keep)
+        return [key for key, _ in dropped]
+
+    def prune(self, *, max_size: int | None = None, older_than: float | None = None,
+              blobs_only: bool = False, keep: set[str] | frozenset[str] = frozenset(),
+              on_drop: Callable[[str, dict[str, Any]], bool] | None = None,
+              ) -> list[tuple[str, dict[str, Any]]]:
+        """Drop entries, least recently used first, and return them as (key, record).
+
+        An entry goes if it was last used more than `older_than` seconds ago, or while the blob
+        bytes exceed `max_size`; with neither, every entry goes (`rfs cache clear`).
+        `on_drop(key, record)` runs first (to remove a layer image from the engine) and keeps
+        the entry by returning False. Entries used by a running build are never dropped.
+        """
+        now = time.time()
+        total = self.blob_bytes()
         candidates = sorted(
-            ((r.get("last_used", 0.0), k, int(r.get("blob_size", 0)))
-             for k, r in self.records() if "blob_size" in r and k not in keep),
+            ((float(r.get("last_used", 0.0)), k, r) for k, r in self.records()
+             if k not in keep and (not blobs_only or "blob_size" in r)),
+            key=lambda item: (item[0], item[1]),
         )
-        for _, key, size in candidates:
-            if total <= self.size_limit:
-                break
-            self.drop(key)
-            total -= size
-            dropped.append(key)
+        everything = max_size is None and older_than is None
+        dropped: list[tuple[str, dict[str, Any]]] = []
+        for last_used, key, record in candidates:
+            old = older_than is not None and now - last_used > older_than
+            big = max_size is not None and total > max_size
+            if not (everything or old or big):
+                continue
+            with self.locks.evicting(key) as free:
+                if not free:
+                    continue
+                if on_drop is not None and not on_drop(key, record):
+                    continue
+                blob = self.blob(key)
+                size = blob.size if blob is not None else 0
+                self.drop(key)
+                total -= size
+                dropped.append((key, record))
         return dropped
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes and hits by kind, for `rfs cache info`."""
+        kinds: dict[str, dict[str, int]] = {}
+        for key, record in self.records():
+            kind = str(record.get("kind", "unknown"))
+            row = kinds.setdefault(kind, {"entries": 0, "bytes": 0, "hits": 0,
+                                          "remote_hits": 0})
+            row["entries"] += 1
+            row["hits"] += int(record.get("hits", 0))
+            row["remote_hits"] += 1 if record.get("fetched_from") else 0
+            blob = self.blob(key)
+            if blob is not None:
+                row["bytes"] += blob.size
+            row["bytes"] += int(record.get("layer_bytes", 0))
+        return {
+            "directory": str(self.root),
+            "entries": sum(r["entries"] for r in kinds.values()),
+            "bytes": sum(r["bytes"] for r in kinds.values()),
+            "hits": sum(r["hits"] for r in kinds.values()),
+            "blob_bytes": self.blob_bytes(),
+            "size_limit": self.size_limit,
+            "kinds": kinds,
+        }

@@ -1,0 +1,133 @@
+"""Where a build's remote cache settings come from: flags, then environment, then config file.
+
+    --cache-from URL (repeatable)  RFS_CACHE_FROM="URL URL"   [cache] from = ["URL", …]
+    --cache-to URL                 RFS_CACHE_TO=URL            [cache] to = "URL"
+    --cache-scope NAME             RFS_CACHE_SCOPE=NAME        [cache] scope = "NAME"
+    --cache-strict                 RFS_CACHE_STRICT=1          [cache] strict = true
+                                   RFS_CACHE_INSECURE=1        [cache] insecure = true
+                                                               [cache] timeout = 30, retries = 2
+
+The config file is $RFS_CONFIG, else $XDG_CONFIG_HOME/rfs/config.toml, else
+~/.config/rfs/config.toml; a flag beats the environment, which beats the file. A laptop that
+only reads what CI wrote sets `from` and no `to`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rfs.errors import UsageError
+from rfs.remote.base import RemoteSettings
+
+SCHEMES = ("http://", "https://", "oci://")
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def add_remote_options(p: argparse.ArgumentParser) -> None:
+    """The remote cache flags of `rfs build` (and `rfs plan`)."""
+    g = p.add_argument_group("remote cache")
+    g.add_argument("--cache-from", action="append", metavar="URL", default=None,
+                   help="read steps from this cache (http(s)://… or oci://host/repo); "
+                        "repeatable; default $RFS_CACHE_FROM or the config file")
+    g.add_argument("--cache-to", metavar="URL", default=None,
+                   help="write the steps this build made to this cache (also read from)")
+    g.add_argument("--cache-scope", metavar="NAME", default=None,
+                   help="write into this scope (e.g. the branch); reads try it, then the "
+                        "default scope")
+    g.add_argument("--cache-strict", action="store_true", default=None,
+                   help="fail (exit 3) when a remote cache fails, instead of warning and "
+                        "building locally")
+
+
+def config_path(environ: Mapping[str, str]) -> Path:
+    """The config file rfs reads (it need not exist)."""
+    if environ.get("RFS_CONFIG"):
+        return Path(environ["RFS_CONFIG"])
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "rfs" / "config.toml"
+
+
+def _file_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    path = config_path(environ)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if environ.get("RFS_CONFIG"):
+            raise UsageError(f"RFS_CONFIG names {path}, which does not exist") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read the rfs config file {path}: {exc}") from exc
+    cache = data.get("cache", {})
+    if not isinstance(cache, dict):
+        raise UsageError(f"{path}: [cache] must be a table")
+    known = {"from", "to", "scope", "strict", "insecure", "timeout", "retries"}
+    unknown = sorted(set(cache) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s) in [cache]: {', '.join(unknown)}")
+    return cache
+
+
+def _urls(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    items = re.split(r"[\s,]+", value.strip()) if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(u, str) for u in items):
+        raise UsageError(f"{where}: expected a URL or a list of URLs")
+    return [check_url(u, where) for u in items if u]
+
+
+def check_url(url: str, where: str = "cache URL") -> str:
+    """`url` if it names a supported remote cache, else UsageError."""
+    if not url.startswith(SCHEMES):
+        raise UsageError(f"{where}: {url!r} is not a remote cache URL "
+                         "(use http://, https:// or oci://host/repository)")
+    return url
+
+
+def _flag(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in _TRUE
+
+
+def remote_settings(args: argparse.Namespace,
+                    environ: Mapping[str, str] | None = None) -> RemoteSettings:
+    """The settings the flags, environment and config file ask for."""
+    env = os.environ if environ is None else environ
+    conf = _file_settings(env)
+    if getattr(args, "cache_from", None):
+        sources = [check_url(u, "--cache-from") for u in args.cache_from]
+    elif env.get("RFS_CACHE_FROM"):
+        sources = _urls(env["RFS_CACHE_FROM"], "RFS_CACHE_FROM")
+    else:
+        sources = _urls(conf.get("from"), "config [cache] from")
+    target = getattr(args, "cache_to", None) or env.get("RFS_CACHE_TO") or conf.get("to")
+    if target is not None:
+        target = check_url(str(target), "cache target")
+    scope = getattr(args, "cache_scope", None) or env.get("RFS_CACHE_SCOPE") or conf.get("scope")
+    if scope is not None and not _SCOPE.fullmatch(str(scope)):
+        raise UsageError(f"cache scope {scope!r}: use letters, digits and . _ / - "
+                         "(at most 128)")
+    strict = getattr(args, "cache_strict", None)
+    if strict is None:
+        strict = _flag(env["RFS_CACHE_STRICT"]) if "RFS_CACHE_STRICT" in env else _flag(
+            conf.get("strict", False))
+    insecure = _flag(env.get("RFS_CACHE_INSECURE", conf.get("insecure", False)))
+    try:
+        timeout = float(conf.get("timeout", 30))
+        retries = int(conf.get("retries", 2))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"config [cache] timeout/retries: {exc}") from exc
+    if not 0 < timeout <= 3600 or not 0 <= retries <= 10:
+        raise UsageError("config [cache]: timeout must be in (0, 3600] s, retries in [0, 10]")
+    settings = RemoteSettings(sources=tuple(sources), target=target,
+                              scope=str(scope) if scope else None, strict=bool(strict),
+                              timeout_s=timeout, connect_timeout_s=min(3.0, timeout),
+                              retries=retries, insecure=insecure)
+    return settings

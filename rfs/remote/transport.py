@@ -1,0 +1,94 @@
+"""HTTP plumbing shared by the backends: bounded time-outs, bounded retries, plain-word errors.
+
+Retries come from urllib3's `Retry` (already installed with requests and the docker SDK):
+connection failures are retried for every method (nothing was sent), 5xx/429 answers and read
+failures only for GET and HEAD. A PUT is not repeated after its body started: a file body
+cannot be rewound by urllib3, and an upload that fails is only a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+import requests.adapters
+import urllib3.util.retry
+
+from rfs.errors import RemoteCacheError
+from rfs.remote.base import RemoteSettings
+from rfs.remote.codec import CHUNK
+
+
+def make_session(settings: RemoteSettings) -> requests.Session:
+    """A session with rfs's retry policy mounted for http and https."""
+    retry = urllib3.util.retry.Retry(
+        total=settings.retries, connect=settings.retries, read=settings.retries,
+        status=settings.retries, other=0, backoff_factor=0.2,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False,
+        respect_retry_after_header=False,  # a server asking for minutes would stall the build
+    )
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "rfs-remote-cache"
+    return session
+
+
+def _reason(exc: BaseException) -> str:
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen or not isinstance(cur, BaseException):
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, requests.exceptions.Timeout | TimeoutError):
+            return "timed out"
+        if isinstance(cur, ConnectionRefusedError) or (
+                isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED):
+            return "connection refused"
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror.lower()
+        todo.extend([cur.__cause__, cur.__context__, getattr(cur, "reason", None), *cur.args])
+    text = str(exc)
+    if "Max retries exceeded" in text or "NewConnectionError" in text:
+        return "cannot connect"
+    return text[:200] or type(exc).__name__
+
+
+@contextlib.contextmanager
+def translating(base_url: str, what: str) -> Iterator[None]:
+    """Turn requests/urllib3/socket failures inside the block into RemoteCacheError."""
+    try:
+        yield
+    except RemoteCacheError:
+        raise
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+            OSError) as exc:
+        raise RemoteCacheError(f"remote cache {base_url}: cannot {what}: {_reason(exc)}") from exc
+
+
+def status_error(base_url: str, what: str, resp: requests.Response) -> RemoteCacheError:
+    """A RemoteCacheError for an unexpected HTTP status."""
+    body = resp.text[:200].strip() if resp.content is not None else ""
+    detail = f": {body}" if body and "<html" not in body.lower() else ""
+    return RemoteCacheError(
+        f"remote cache {base_url}: cannot {what}: HTTP {resp.status_code} {resp.reason}{detail}")
+
+
+def download(resp: requests.Response, dest: Path, limit: int | None = None) -> int:
+    """Stream a response body into `dest`; return the byte count (at most `limit`)."""
+    total = 0
+    with dest.open("wb") as f:
+        for chunk in resp.iter_content(CHUNK):
+            total += len(chunk)
+            if limit is not None and total > limit:
+                break  # more than promised: the caller's size check turns this into a miss
+            f.write(chunk)
+    return total
