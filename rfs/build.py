@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 from rfs.compiler import build_graph, compile_steps
 from rfs.errors import Interrupted, RfsError, StepFailed
 from rfs.executors import Executor
+from rfs.explain import remembered_text
 from rfs.hashing import digest_bytes
 from rfs.inputs import digest_refs, package_refs, source_date_epoch
 from rfs.model import BuildScript
 from rfs.package import Loaded, load
 from rfs.planner import Action, Decision, manifest, plan
-from rfs.reporter import Reporter
+from rfs.reporter import Reporter, artifact_size
 from rfs.steps import Facts, Step
 from rfs.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
 
@@ -37,6 +38,7 @@ class Options:
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_size: int = DEFAULT_SIZE_LIMIT
     network: bool = True
+    keep_failed: bool = False  # keep the container of a failed command for inspection
 
 
 @dataclass
@@ -95,7 +97,8 @@ def prepare(opts: Options, reporter: Reporter,
     output = opts.output or Path(str(previous.get("_output", "image.ext4")))
     executor = Executor(script, store, lambda: engine, reporter, output,
                         source_date_epoch=facts.source_date_epoch,
-                        labels={RUN_LABEL: run_id}, network=opts.network)
+                        labels={RUN_LABEL: run_id}, network=opts.network,
+                        keep_failed=opts.keep_failed)
     executor._engine = engine
     decisions = plan(graph, executor.missing, previous)
     return Planned(loaded, steps, decisions, facts, executor, store, script_id)
@@ -107,11 +110,15 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     ex = planned.executor
     by_id = {s.id: s for s in planned.steps}
     reporter.planned(planned.decisions)
+    kept: list[str] = []
     try:
         for d in planned.decisions:
             if d.action is Action.CACHED:
                 store.touch(d.step.key)
             if d.action is not Action.RUN:
+                # What the step took when it ran: the time the cache saves now.
+                recorded = (store.record(d.step.key) or {}).get("seconds")
+                reporter.reused(d.step, d.action, recorded)
                 continue
             reporter.started(d.step, d.reason)
             t0 = time.monotonic()
@@ -122,17 +129,21 @@ def execute(planned: Planned, reporter: Reporter) -> None:
                 raise Interrupted(f"interrupted during {d.step.id}") from None
             except RfsError as exc:
                 reporter.failed(d.step, time.monotonic() - t0, exc.message)
+                if isinstance(exc, StepFailed) and exc.container:
+                    kept.append(exc.container)  # --keep-failed: the user will inspect it
                 if type(exc) is RfsError:  # a plain failure of the step itself
                     raise StepFailed(d.step.id, exc.message) from exc
                 raise
+            seconds = time.monotonic() - t0
             store.put_record(d.step.key, {"kind": d.step.kind.value, "step": d.step.id,
-                                          "inputs": dict(d.step.inputs), **record})
-            reporter.finished(d.step, time.monotonic() - t0,
-                              record.get("blob_size"))
+                                          "inputs": dict(d.step.inputs),
+                                          "seconds": round(seconds, 3), **record})
+            reporter.finished(d.step, seconds, artifact_size(d.step, record, ex.output))
     finally:
         if ex._engine is not None:
-            ex.engine.remove_containers(f"{RUN_LABEL}={ex.labels[RUN_LABEL]}")
-    manifests: dict[str, object] = {s.id: manifest(s) for s in planned.steps}
+            ex.engine.remove_containers(f"{RUN_LABEL}={ex.labels[RUN_LABEL]}", keep=kept)
+    manifests: dict[str, object] = {s.id: {**manifest(s), **remembered_text(planned.script, s)}
+                                    for s in planned.steps}
     manifests["_output"] = str(ex.output)
     store.save_manifests(planned.script_id, manifests)
     store.evict(keep={s.key for s in planned.steps})

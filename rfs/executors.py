@@ -68,6 +68,7 @@ class Executor:
     source_date_epoch: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     network: bool = True
+    keep_failed: bool = False  # keep a failed command's container (rfs build --keep-failed)
     _engine: Engine | None = None
 
     @property
@@ -198,7 +199,8 @@ class Executor:
             )
             image_id = self.engine.run_and_commit(
                 spec, step=f"{step.id} ({step.label})", tag=layer_tag(step.key),
-                on_output=lambda data: self.reporter.output(step, data))
+                on_output=lambda data: self.reporter.output(step, data),
+                keep_failed=self.keep_failed)
             written = etcfiles.collect(scratch, seeded, written)
         return {"image_id": image_id, "tag": layer_tag(step.key), "etc_written": written}
 
@@ -212,7 +214,8 @@ class Executor:
     def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
         image = self._image_of(parents[step.parents[0]], base_id)
         with self.store.write_blob(step.key) as writer:
-            self.engine.export(image, writer, labels=self.labels)
+            self.engine.export(image, writer, labels=self.labels,
+                               on_progress=lambda n: self.reporter.progress(step, n))
         written = self._written(parents[step.parents[0]])
         return {"blob_size": writer.size, "blob_digest": writer.digest, "etc_written": written}
 
@@ -274,11 +277,15 @@ class Executor:
         if fs.size_mib is None:
             raise RfsError("filesystem.size_mib is required for now")
         restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
-        stats = assemble_ext4(
-            blob.path, self.selection(), self._overlay_entries(), self.output,
-            size_mib=fs.size_mib, seed=bytes.fromhex(step.key)[:32],
-            source_date_epoch=self.source_date_epoch, mkfs_args=fs.mkfs_args,
-            restore=restore)
+        from rfs.childio import child_reads
+
+        # Progress: what mke2fs has read of the stream, against the export's size.
+        with child_reads("mke2fs", lambda n: self.reporter.progress(step, n, blob.size)):
+            stats = assemble_ext4(
+                blob.path, self.selection(), self._overlay_entries(), self.output,
+                size_mib=fs.size_mib, seed=bytes.fromhex(step.key)[:32],
+                source_date_epoch=self.source_date_epoch, mkfs_args=fs.mkfs_args,
+                restore=restore)
         del stats
         old = self.store.record(step.key) or {}
         outputs = dict(old.get("outputs", {}))

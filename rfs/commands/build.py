@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +19,81 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="image file to write")
     p.add_argument("--no-network", action="store_true",
                    help="run the commands without network access")
+    p.add_argument("--json", action="store_true",
+                   help="JSON-lines events on stdout (docs/events.md); the human display goes "
+                        "to stderr")
+    p.add_argument("--watch", action="store_true",
+                   help="build, then build again whenever a file of the package changes "
+                        "(Ctrl-C ends)")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the container of a failed command and print how to enter it")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the image."""
+    """Build the image (again on every change of the package, with --watch)."""
+    if args.watch:
+        from rfs.watch import watch
+
+        return watch(args.package, lambda: build_once(args), ignore=[args.output],
+                     out=sys.stderr)
+    return build_once(args)
+
+
+def build_once(args: argparse.Namespace) -> int:
+    """Build the image once, reporting to the terminal, the log or JSON as asked."""
     from rfs.build import Options, execute, prepare
-    from rfs.reporter import ConsoleReporter
+    from rfs.errors import StepFailed
+    from rfs.reporter import Reporter, Tee, make_reporter
 
     opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args), network=not args.no_network)
-    reporter = ConsoleReporter(quiet=args.quiet)
-    planned = prepare(opts, reporter)
-    for warning in planned.loaded.warnings:
-        reporter.message(f"rfs: warning: {warning}")
+                   cache_size=cache_size(args), network=not args.no_network,
+                   keep_failed=args.keep_failed)
+    reporter: Reporter = make_reporter(sys.stderr, quiet=args.quiet)
+    if args.json:
+        from rfs.events import JsonReporter
+
+        # Machines get every event on stdout; the person watching keeps the display on stderr.
+        reporter = Tee(JsonReporter(sys.stdout, quiet=args.quiet, output=str(opts.output)),
+                       reporter)
+    error: BaseException | None = None
     try:
-        execute(planned, reporter)
+        planned = prepare(opts, reporter)
+        for warning in planned.loaded.warnings:
+            reporter.message(f"rfs: warning: {warning}")
+        try:
+            execute(planned, reporter)
+        finally:
+            planned.store.close()
+    except StepFailed as exc:
+        error = exc
+        if exc.container:
+            reporter.message(enter_hint(exc.container, exc.step, planned.facts.engine))
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        planned.store.close()
-    reporter.summary()
-    print(str(opts.output))
+        reporter.close(error)
+    if not args.json:
+        print(str(opts.output))
     return EXIT_OK
+
+
+def enter_hint(container: str, step: str, engine: str) -> str:
+    """How to get a shell in the kept container of failed step `step`.
+
+    A stopped container cannot be exec'ed into, and `start -ai` would rerun the failed command
+    with bind mounts rfs has already removed; so: commit it, and run a shell from the commit
+    with the entrypoint replaced, which works for images without a default command.
+    """
+    cli = "podman" if engine == "podman" else "docker"
+    short = container[:12]
+    image = f"rfs/failed:{short}"
+    return "\n".join([
+        f"rfs: kept the container of {step}: {short}",
+        f"rfs:   see what it changed:  {cli} diff {short}",
+        f"rfs:   get a shell in it:    {cli} commit {short} {image} && "
+        f"{cli} run --rm -it --entrypoint /bin/sh {image}",
+        f"rfs:   remove it afterwards: {cli} rm {short}; {cli} rmi {image}",
+    ])

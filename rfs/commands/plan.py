@@ -18,12 +18,19 @@ def register(sub: Any) -> None:
     add_cache_options(p)
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="the image file the build would write (default: the last one)")
+    p.add_argument("--explain", action="store_true",
+                   help="for each step that will run, list every input that differs from the "
+                        "last build of this script")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as one JSON event (docs/events.md), with the "
+                        "explanations")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan."""
     from rfs.build import Options, prepare
+    from rfs.explain import explain_plan
     from rfs.planner import Action
     from rfs.reporter import Reporter
 
@@ -33,10 +40,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         for warning in planned.loaded.warnings:
             print(f"rfs: warning: {warning}", file=sys.stderr)
+        changes: dict[str, list[str]] = {}
+        if args.explain or args.json:
+            previous = planned.store.last_manifests(planned.script_id)
+            changes = explain_plan(planned.decisions, previous, planned.script)
+        if args.json:
+            from rfs.events import JsonReporter, plan_steps
+
+            JsonReporter(sys.stdout).emit("plan", steps=plan_steps(planned.decisions, changes))
+            return EXIT_OK
         for d in planned.decisions:
             print(f"{d.action.value:<7} {d.step.id:<10} {d.step.key[:12]}  {d.step.label}")
             if d.action is Action.RUN:
                 print(f"{'':30}why: {d.reason}")
+                for change in changes.get(d.step.id, []):
+                    print(f"{'':30}  - {change}")
         n = len(planned.to_run())
         print(f"{n} step(s) to run" if n else "nothing to do: the image is up to date")
     finally:

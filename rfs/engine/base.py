@@ -6,7 +6,7 @@ engines) without a daemon. `rfs.engine.connect` returns the real implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -114,12 +114,15 @@ class Engine(Protocol):
         ...
 
     def run_and_commit(
-        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None]
+        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None],
+        keep_failed: bool = False,
     ) -> str:
         """Run `spec.argv` in a container, stream its output, commit it as `tag`.
 
         Returns the committed image ID. Raises StepFailed (with the output's last lines) when
-        the command exits non-zero, cannot start, or outlives `spec.timeout_s`.
+        the command exits non-zero, cannot start, or outlives `spec.timeout_s`. With
+        `keep_failed`, a command that ran and failed leaves its container, stopped, named by
+        `StepFailed.container`.
         """
         ...
 
@@ -145,6 +148,7 @@ class Engine(Protocol):
         """Remove (or untag) an image; a missing image is not an error."""
         ...
 
-    def remove_containers(self, label: str) -> int:
-        """Force-remove every container carrying `label` ("key=value" or "key"); return count."""
+    def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
+        """Force-remove every container carrying `label` ("key=value" or "key") except the
+        ones whose full ID is in `keep`; return the count."""
         ...

@@ -31,7 +31,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -352,18 +352,22 @@ class DockerEngine:
     # -- running steps -------------------------------------------------------------------
 
     def run_and_commit(
-        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None]
+        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None],
+        keep_failed: bool = False,
     ) -> str:
         """Run `spec.argv` in a fresh container, stream its output, commit it as `tag`.
 
         Returns the committed image ID. Raises StepFailed (with the output's last lines) when
         the command cannot start, exits non-zero or outlives `spec.timeout_s`. The container
-        is removed in every case, including KeyboardInterrupt and errors from `on_output`.
+        is removed in every case, including KeyboardInterrupt and errors from `on_output`,
+        except with `keep_failed` when the command ran and failed: then it stays, stopped,
+        and `StepFailed.container` names it.
         """
         parent = self._inspect_image(spec.image)
         if parent is None:
             raise EngineError(f"image {spec.image} is not present in the {self._title} engine")
         cid = self._create(spec, step)
+        kept = False
         try:
             with self._calling(f"start the container of step {step}"):
                 try:
@@ -372,10 +376,12 @@ class DockerEngine:
                     # A start failure is the step's fault (missing executable, bad user…).
                     raise StepFailed(step, f"could not start: {_start_failure(exc)}") from exc
             status, timed_out, tail = self._follow(cid, spec, on_output)
+            kept = keep_failed and (timed_out or status != 0)
+            container = cid if kept else None
             if timed_out:
-                raise StepFailed(step, f"timed out after {spec.timeout_s:g} s", tail)
+                raise StepFailed(step, f"timed out after {spec.timeout_s:g} s", tail, container)
             if status != 0:
-                raise StepFailed(step, self._exit_message(cid, status), tail)
+                raise StepFailed(step, self._exit_message(cid, status), tail, container)
             repo, tag_name = _split_tag(tag)
             conf = _commit_config(parent.get("Config") or {}, spec)
             # Podman's compat API ignores the config body and takes only `changes`.
@@ -386,7 +392,8 @@ class DockerEngine:
                 )
             return _full_id(str(result["Id"]))
         finally:
-            self._discard(cid)
+            if not kept:
+                self._discard(cid)
 
     def _create(self, spec: RunSpec, step: str) -> str:
         mounts = [
@@ -581,12 +588,15 @@ class DockerEngine:
         with self._calling(f"remove image {ref}"), suppress(docker.errors.NotFound):
             self._api.remove_image(ref)
 
-    def remove_containers(self, label: str) -> int:
-        """Force-remove every container carrying `label` ("key=value" or "key"); return count."""
+    def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
+        """Force-remove every container carrying `label` ("key=value" or "key") except the
+        ones whose full ID is in `keep`; return the count."""
         with self._calling(f"list containers labelled {label}"):
             found = self._api.containers(all=True, filters={"label": label})
         removed = 0
         for container in found:
+            if container["Id"] in keep:
+                continue
             with self._calling(f"remove container {container['Id'][:12]}"):
                 try:
                     self._api.remove_container(container["Id"], force=True, v=True)
