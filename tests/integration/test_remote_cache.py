@@ -1,0 +1,286 @@
+"""Shared remote caches, end to end: real nginx (WebDAV) and a real OCI registry started from
+cache/, the real engine, the `rfs` command. Runner A builds and pushes; runner B has an empty
+cache directory and none of A's layer images in the engine.
+
+Containers are counted from the engine's events (by each build's run label), independently of
+what rfs reports. Every package carries a unique marker, so its step keys (and layer tags) are
+this test's alone and removing them cannot disturb anyone else's build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cacheservers import Server, ServerMissing, start_nginx, start_registry
+from tests.conftest import require_or_skip
+from tests.fsinspect import list_ext4, read_ext4_file
+
+pytestmark = pytest.mark.integration
+
+BUILD_TOML = """
+[filesystem]
+size_mib = 32
+
+[container]
+image = { name = "rfs-test/busybox", tag = "1" }
+
+[[commands]]
+script_inline = '''
+#!/bin/sh
+mkdir -p /srv/data
+echo MARKER > /srv/data/marker
+'''
+
+[[commands]]
+command = "touch /srv/data/two"
+
+[[commands]]
+command = "touch /srv/data/three"
+
+[[overlays]]
+source = "/files/motd"
+destination = "/etc/motd"
+"""
+
+
+@dataclass
+class Result:
+    code: int
+    err: str
+    created: int  # containers the engine created for this build
+    seconds: float
+
+    def ran(self) -> list[str]:
+        """Step ids rfs reports as run."""
+        return [ln.split()[1] for ln in self.err.splitlines() if ln.strip().startswith("done ")]
+
+    def fetched(self) -> list[str]:
+        """Step ids rfs reports as downloaded from a remote cache."""
+        return [ln.split()[1] for ln in self.err.splitlines()
+                if ln.strip().startswith("fetched ")]
+
+    def warnings(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if "warning:" in ln]
+
+
+Rfs = Callable[..., Result]
+
+
+@pytest.fixture
+def rfs(docker_client: Any, tmp_path: Path) -> Iterator[Rfs]:
+    """Run `rfs` with a cache directory of its own per runner name; remove layer tags after."""
+    dirs: list[Path] = []
+
+    def run(*args: str | Path, runner: str = "a", env: dict[str, str] | None = None) -> Result:
+        cache = tmp_path / f"cache-{runner}"
+        if cache not in dirs:
+            dirs.append(cache)
+        run_id = uuid.uuid4().hex
+        start_ns, t0 = time.time_ns(), time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "rfs", *map(str, args)], capture_output=True, text=True,
+            env={**os.environ, "RFS_CACHE_DIR": str(cache), "RFS_RUN_ID": run_id,
+                 "RFS_CONFIG": str(tmp_path / "no-config.toml"), **(env or {})},
+            check=False, timeout=300)
+        seconds = time.monotonic() - t0
+        (tmp_path / "no-config.toml").touch()
+        events = docker_client.events(
+            since=start_ns // 10**9 - 1, until=int(time.time()) + 1, decode=True,
+            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
+        created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
+        return Result(proc.returncode, proc.stderr, created, seconds)
+
+    (tmp_path / "no-config.toml").touch()
+    yield run
+    for cache in dirs:
+        remove_layers(docker_client, cache)
+
+
+def layer_tags(cache: Path) -> list[str]:
+    """The layer tags the records of a cache directory name."""
+    from rfs.store import Store
+
+    if not (cache / "index").exists():
+        return []
+    store = Store(cache)
+    try:
+        return [str(r["tag"]) for _, r in store.records() if r.get("kind") == "run"]
+    finally:
+        store.close()
+
+
+def remove_layers(docker_client: Any, cache: Path) -> None:
+    """Remove a runner's layer images from the engine (a runner with an empty engine)."""
+    import docker
+
+    for tag in layer_tags(cache):
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag, force=True)
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    pkg = tmp_path / "pkg"
+    (pkg / "files").mkdir(parents=True)
+    (pkg / "build.toml").write_text(BUILD_TOML.replace("MARKER", uuid.uuid4().hex))
+    (pkg / "files" / "motd").write_text("hello from the cache\n")
+    return pkg
+
+
+def _server(start: Callable[[], Server]) -> Iterator[Server]:
+    try:
+        server = start()
+    except ServerMissing as exc:
+        require_or_skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nginx() -> Iterator[Server]:
+    yield from _server(start_nginx)
+
+
+@pytest.fixture
+def registry() -> Iterator[Server]:
+    yield from _server(start_registry)
+
+
+@pytest.fixture(params=["http", "oci"])
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    yield from _server(start_nginx if request.param == "http" else start_registry)
+
+
+def file_in(image: Path, path: str) -> bytes:
+    return read_ext4_file(image, list_ext4(image)[path].inode)
+
+
+def edit_last_command(package: Path) -> None:
+    toml = package / "build.toml"
+    toml.write_text(toml.read_text().replace('"touch /srv/data/three"',
+                                             '"touch /srv/data/THREE"'))
+
+
+def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_path: Path,
+                                                 server: Server, docker_client: Any) -> None:
+    out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
+    a = rfs("build", package, "-o", out_a, "--cache-to", server.url, runner="a")
+    assert a.code == 0, a.err
+    assert a.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
+    assert "pushed   6 step(s)" in a.err
+
+    # Runner B: empty cache directory, A's layer images gone from the engine.
+    remove_layers(docker_client, tmp_path / "cache-a")
+    b = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b")
+    assert b.code == 0, b.err
+    assert (b.ran(), b.created, b.fetched()) == ([], 0, ["assemble"])  # only the image
+    assert out_b.read_bytes() == out_a.read_bytes()
+    assert b.warnings() == []
+
+    # B with the last command changed: it alone runs, on a layer downloaded from the cache.
+    edit_last_command(package)
+    c = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b")
+    assert c.code == 0, c.err
+    assert c.fetched() == ["run[1]", "overlays"]
+    assert c.ran() == ["run[2]", "export", "assemble"]
+    assert c.created == 2  # the changed command and the export
+    assert file_in(out_b, "/srv/data/two") == b""
+    assert "/srv/data/THREE" in list_ext4(out_b)
+    assert file_in(out_b, "/etc/motd") == b"hello from the cache\n"
+
+
+def _records(server: Server) -> dict[str, dict[str, Any]]:
+    """nginx's stored records by step id."""
+    found = {}
+    for path in (server.data / "ac").iterdir():
+        doc = json.loads(path.read_bytes())
+        found[doc["step"]] = doc
+    return found
+
+
+def test_corrupt_and_partial_objects_are_misses(rfs: Rfs, package: Path, tmp_path: Path,
+                                                nginx: Server, docker_client: Any) -> None:
+    out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
+    a = rfs("build", package, "-o", out_a, "--cache-to", nginx.url, runner="a")
+    assert a.code == 0, a.err
+    remove_layers(docker_client, tmp_path / "cache-a")
+    records = _records(nginx)
+    image = nginx.data / "cas" / records["assemble"]["image"]["object"]["sha256"]
+    export = nginx.data / "cas" / records["export"]["export"]["object"]["sha256"]
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit, same size
+    image.write_bytes(bytes(data))
+    with export.open("r+b") as f:  # a partial upload
+        f.truncate(export.stat().st_size // 2)
+
+    b = rfs("build", package, "-o", out_b, "--cache-from", nginx.url, runner="b")
+    assert b.code == 0, b.err
+    warnings = "\n".join(b.warnings())
+    assert "does not match its blake3 hash" in warnings and "assemble will be rebuilt" in warnings
+    assert "truncated" in warnings and "export will be rebuilt" in warnings
+    assert sorted(b.fetched()) == ["overlays", "run[2]"]  # the next good copies upstream
+    assert b.ran() == ["export", "assemble"]
+    assert b.created == 1  # the export container; no command ran
+    assert out_b.read_bytes() == out_a.read_bytes()
+    assert "Traceback" not in b.err
+
+
+def test_unreachable_server_warns_and_builds_locally(rfs: Rfs, package: Path, tmp_path: Path,
+                                                     nginx: Server) -> None:
+    nginx.stop(remove=False)
+    out = tmp_path / "out.ext4"
+    r = rfs("build", package, "-o", out, "--cache-from", nginx.url, "--cache-to", nginx.url)
+    assert r.code == 0, r.err
+    assert r.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
+    assert len(r.warnings()) == 1 and "connection refused" in r.warnings()[0], r.err
+    assert "/srv/data/three" in list_ext4(out)
+    assert r.seconds < 60
+
+    edit_last_command(package)
+    strict = rfs("build", package, "-o", out, "--cache-from", nginx.url, "--cache-strict")
+    assert strict.code == 3, strict.err
+    assert "connection refused" in strict.err and "Traceback" not in strict.err
+    assert strict.created == 0
+
+
+def test_branch_scope_writes_apart_and_reads_main(rfs: Rfs, package: Path, tmp_path: Path,
+                                                  registry: Server, docker_client: Any) -> None:
+    url = registry.url
+    main = rfs("build", package, "-o", tmp_path / "main.ext4", "--cache-to", url, runner="main")
+    assert main.code == 0, main.err
+
+    # A branch build with the last command changed: reads main's layers, writes its scope.
+    edit_last_command(package)
+    env = {"RFS_CACHE_TO": url, "RFS_CACHE_SCOPE": "feature/x"}  # the environment works too
+    remove_layers(docker_client, tmp_path / "cache-main")
+    branch = rfs("build", package, "-o", tmp_path / "b.ext4", runner="branch", env=env)
+    assert branch.code == 0, branch.err
+    assert branch.fetched() == ["run[1]", "overlays"]
+    assert branch.ran() == ["run[2]", "export", "assemble"]
+    remove_layers(docker_client, tmp_path / "cache-branch")
+
+    # Main's scope did not receive the branch's steps ...
+    other = rfs("build", package, "-o", tmp_path / "o.ext4", "--cache-from", url, runner="o")
+    assert other.code == 0, other.err
+    assert other.ran() == ["run[2]", "export", "assemble"]
+    remove_layers(docker_client, tmp_path / "cache-o")
+    # ... and a reader of the branch's scope gets the image without running anything.
+    again = rfs("build", package, "-o", tmp_path / "again.ext4", "--cache-from", url,
+                "--cache-scope", "feature/x", runner="again")
+    assert again.code == 0, again.err
+    assert (again.ran(), again.created, again.fetched()) == ([], 0, ["assemble"])
+    assert (tmp_path / "again.ext4").read_bytes() == (tmp_path / "b.ext4").read_bytes()
