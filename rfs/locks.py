@@ -132,3 +132,11 @@ class Locks:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(key, "build"))
             lock.release(unlink=True)
+
+    def sweep(self, known: set[str]) -> None:
+        """Delete the lock files of keys not in `known` that no process holds."""
+        for path in sorted(self.root.glob("*.use")):
+            key = path.name.removesuffix(".use")
+            if key not in known:
+                with self.evicting(key):
+                    pass  # unlinked on the way out when free

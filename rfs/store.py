@@ -269,6 +269,7 @@ class Store:
                 self.drop(key)
                 total -= size
                 dropped.append((key, record))
+        self.locks.sweep({key for key, _ in self.records()})
         return dropped
 
     def stats(self) -> dict[str, Any]:

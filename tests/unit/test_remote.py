@@ -1,0 +1,201 @@
+"""Remote cache pieces that need no server: codecs, scopes, settings, and time-outs against a
+real (silent or refusing) socket on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from rfs.errors import RemoteCacheError, UsageError
+from rfs.remote import open_backend
+from rfs.remote.base import RemoteSettings, record_names, scoped_name
+from rfs.remote.codec import (
+    BadObject,
+    ObjectRef,
+    data_extents,
+    decode_sparse,
+    encode_sparse,
+    join_tarball,
+    open_unpacked,
+    packing,
+    split_tarball,
+    unpack,
+    verify_object,
+)
+from rfs.remote.config import remote_settings
+
+KEY = "ab" * 32
+
+
+def pack_bytes(tmp: Path, data: bytes, name: str) -> tuple[Path, ObjectRef]:
+    with packing(tmp) as (sink, finish):
+        sink.write(data)
+        path, ref = finish()
+        kept = tmp / name
+        kept.write_bytes(path.read_bytes())
+    return kept, ref
+
+
+def test_objects_round_trip_and_corruption_is_caught(tmp_path: Path) -> None:
+    data = b"layer data " * 10000
+    path, ref = pack_bytes(tmp_path, data, "obj")
+    assert ref.size == path.stat().st_size < len(data)
+    verify_object(path, ref)
+    out = io.BytesIO()
+    unpack(path, out)
+    assert out.getvalue() == data
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BadObject, match="blake3"):
+        verify_object(path, ref)
+    path.write_bytes(bytes(raw[:10]))
+    with pytest.raises(BadObject, match="truncated"):
+        verify_object(path, ref)
+
+
+def test_sparse_images_travel_without_their_holes(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"superblock" * 100)
+        f.seek(40 << 20)
+        f.write(b"\x01" * 5000)
+    extents = data_extents(image)
+    assert sum(n for _, n in extents) < 1 << 20  # only the written blocks
+    with packing(tmp_path) as (sink, finish):
+        encode_sparse(image, sink)
+        path, ref = finish()
+        assert ref.size < 64 * 1024
+        copy = tmp_path / "copy"
+        with open_unpacked(path) as reader:
+            decode_sparse(reader, copy)
+    assert copy.read_bytes() == image.read_bytes()
+    assert copy.stat().st_blocks * 512 < 4 << 20  # still sparse
+
+
+def _tarball(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        d = tarfile.TarInfo("layer")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("layer/again.tar")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "layer.tar"
+        tar.addfile(link)
+
+
+def test_image_tarballs_split_into_shared_members(tmp_path: Path) -> None:
+    big = bytes(range(256)) * 1000  # large: an object; the json stays inline
+    src = tmp_path / "image.tar"
+    _tarball(src, {"layer/layer.tar": big, "manifest.json": b"[]"})
+    stored: dict[str, Path] = {}
+
+    def put(data: IO[bytes], size: int) -> ObjectRef:
+        path, ref = pack_bytes(tmp_path, data.read(), f"o{len(stored)}")
+        stored[ref.sha256] = path
+        return ref
+
+    members = split_tarball(src, put)
+    assert [m["type"] for m in members] == ["dir", "file", "file", "symlink"]
+    assert "object" in members[1] and "data" in members[2]
+    again = split_tarball(src, put)
+    assert again[1]["object"] == members[1]["object"]  # same content, same object
+    out = io.BytesIO()
+    join_tarball(members, stored, out)
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        extracted = tar.extractfile("layer/layer.tar")
+        assert extracted is not None and extracted.read() == big
+        assert tar.getmember("layer/again.tar").linkname == "layer.tar"
+
+
+def test_scopes_read_their_own_then_the_default() -> None:
+    assert record_names(KEY, None) == [KEY]
+    names = record_names(KEY, "feature/x")
+    assert names[1] == KEY and names[0] == scoped_name(KEY, "feature/x") != KEY
+    assert len(names[0]) == 64 and scoped_name(KEY, "other") != names[0]
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = {"cache_from": None, "cache_to": None, "cache_scope": None, "cache_strict": None}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_settings_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text('[cache]\nfrom = ["http://file/"]\nto = "oci://reg/x"\nstrict = true\n'
+                    'timeout = 5\n')
+    env = {"RFS_CONFIG": str(conf)}
+    s = remote_settings(_args(), env)
+    assert s.sources == ("http://file/",) and s.target == "oci://reg/x" and s.strict
+    assert s.timeout_s == 5 and s.read_urls() == ["http://file/", "oci://reg/x"]
+    env["RFS_CACHE_FROM"] = "http://env1/ http://env2/"
+    env["RFS_CACHE_STRICT"] = "0"
+    s = remote_settings(_args(), env)
+    assert s.sources == ("http://env1/", "http://env2/") and not s.strict
+    s = remote_settings(_args(cache_from=["https://flag/"], cache_scope="main"), env)
+    assert s.sources == ("https://flag/",) and s.scope == "main"
+    with pytest.raises(UsageError, match="not a remote cache URL"):
+        remote_settings(_args(cache_to="ftp://x/"), env)
+    conf.write_text("[cache]\nfrm = 1\n")
+    with pytest.raises(UsageError, match="unknown setting"):
+        remote_settings(_args(), env)
+
+
+def test_silent_server_times_out_within_bounds() -> None:
+    """A server that accepts and never answers: bounded by timeout x (1 + retries)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        settings = RemoteSettings(timeout_s=0.3, connect_timeout_s=0.3, retries=1)
+        for url in (f"http://127.0.0.1:{port}/", f"oci://127.0.0.1:{port}/rfs/cache"):
+            backend = open_backend(url, settings)
+            t0 = time.monotonic()
+            with pytest.raises(RemoteCacheError, match="timed out"):
+                backend.get_record(KEY)
+            assert time.monotonic() - t0 < 3
+            backend.close()
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_refused_connection_is_a_remote_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = open_backend(f"http://127.0.0.1:{port}/", RemoteSettings(retries=1))
+    with pytest.raises(RemoteCacheError, match="connection refused"):
+        backend.get_record(KEY)

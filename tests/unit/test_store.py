@@ -1,0 +1,103 @@
+"""The local store: eviction order, entries in use, per-key build locks, statistics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from rfs.store import Store
+
+
+def add(store: Store, key: str, size: int = 0, kind: str = "export") -> None:
+    record: dict[str, object] = {"kind": kind}
+    if size:
+        with store.write_blob(key) as w:
+            w.write(b"x" * size)
+        record.update(blob_size=w.size, blob_digest=w.digest)
+    store.put_record(key, record)
+    time.sleep(0.01)  # distinct last_used stamps: the order below is the LRU order
+
+
+def test_prune_drops_least_recently_used_until_it_fits(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for key in ("a", "b", "c"):
+        add(store, key, 100)
+    store.touch("a")  # now the most recently used
+    dropped = store.prune(max_size=200)
+    assert [k for k, _ in dropped] == ["b"]
+    assert store.blob_bytes() == 200 and store.record("b") is None
+    assert not (tmp_path / "blobs" / "b").exists()
+    dropped = store.prune(max_size=100)
+    assert [k for k, _ in dropped] == ["c"]
+
+
+def test_prune_by_age_and_clear(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    add(store, "old", 10)
+    time.sleep(0.3)
+    add(store, "new", 10, kind="run")
+    assert [k for k, _ in store.prune(older_than=0.2)] == ["old"]
+    assert [k for k, _ in store.prune()] == ["new"]  # neither limit: everything
+    assert list(store.records()) == []
+
+
+def test_entries_in_use_by_another_build_are_never_dropped(tmp_path: Path) -> None:
+    running = Store(tmp_path)  # a build in progress holds its steps
+    add(running, "used", 100)
+    add(running, "idle", 100)
+    running.hold({"used"})
+    other = Store(tmp_path)  # another process's prune
+    dropped = other.prune()
+    assert [k for k, _ in dropped] == ["idle"]
+    assert other.record("used") is not None and other.blob("used") is not None
+    running.close()  # the build ended
+    assert [k for k, _ in other.prune()] == ["used"]
+    assert list((tmp_path / "locks").iterdir()) == []
+
+
+def test_on_drop_can_keep_an_entry(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    add(store, "layer", kind="run")
+    assert store.prune(on_drop=lambda key, record: False) == []
+    assert store.record("layer") is not None
+
+
+def test_evict_respects_the_size_limit_and_keep(tmp_path: Path) -> None:
+    store = Store(tmp_path, size_limit=150)
+    add(store, "a", 100)
+    add(store, "b", 100)
+    assert store.evict(keep={"a"}) == ["b"]
+    assert store.evict(keep=set()) == []
+
+
+def test_a_step_is_built_by_one_holder_at_a_time(tmp_path: Path) -> None:
+    first, second = Store(tmp_path), Store(tmp_path)
+    events: list[str] = []
+    waited = threading.Event()
+    lock = first.build_lock("k")
+
+    def contender() -> None:
+        with second.building("k", on_wait=waited.set):
+            events.append("second")
+
+    thread = threading.Thread(target=contender)
+    thread.start()
+    assert waited.wait(5)  # it found the lock taken and said so
+    time.sleep(0.1)
+    events.append("first done")
+    lock.release()
+    thread.join(5)
+    assert events == ["first done", "second"]
+
+
+def test_stats_count_entries_bytes_and_hits(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    add(store, "e", 64)
+    add(store, "r", kind="run")
+    store.touch("r")
+    store.touch("r")
+    stats = store.stats()
+    assert stats["entries"] == 2 and stats["hits"] == 2 and stats["blob_bytes"] == 64
+    assert stats["kinds"]["export"] == {"entries": 1, "bytes": 64, "hits": 0, "remote_hits": 0}
+    assert stats["kinds"]["run"]["hits"] == 2
