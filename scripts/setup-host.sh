@@ -30,6 +30,8 @@ die() { log "ERROR: $*"; exit 1; }
 
 # Packages rfs, its tests and its examples need. Append here (or use RFS_EXTRA_PACKAGES).
 PACKAGES=(docker.io podman busybox-static mmdebstrap squashfs-tools-ng ca-certificates git)
+# The remote cache servers of cache/, which the integration tests start (never as services).
+PACKAGES+=(nginx docker-registry)
 # shellcheck disable=SC2206
 PACKAGES+=(${RFS_EXTRA_PACKAGES:-})
 
