@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rfs.compiler import build_graph, compile_steps
 from rfs.errors import Interrupted, RfsError, StepFailed
@@ -18,13 +19,18 @@ from rfs.hashing import digest_bytes
 from rfs.inputs import digest_refs, package_refs, source_date_epoch
 from rfs.model import BuildScript
 from rfs.package import Loaded, load
-from rfs.planner import Action, Decision, manifest, plan
+from rfs.planner import Action, Availability, Decision, manifest, plan
 from rfs.reporter import Reporter, artifact_size
 from rfs.steps import Facts, Step
 from rfs.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
 
 if TYPE_CHECKING:
+    import networkx as nx
+
     from rfs.engine.base import Engine
+    from rfs.locks import FileLock
+    from rfs.remote.base import RemoteSettings
+    from rfs.remote.sync import RemoteCache
 
 RUN_LABEL = "org.rfs.run"
 
@@ -39,6 +45,7 @@ class Options:
     cache_size: int = DEFAULT_SIZE_LIMIT
     network: bool = True
     keep_failed: bool = False  # keep the container of a failed command for inspection
+    remote: RemoteSettings | None = None  # remote caches to read and write (rfs.remote)
 
 
 @dataclass
@@ -52,6 +59,9 @@ class Planned:
     executor: Executor
     store: Store
     script_id: str
+    graph: nx.DiGraph | None = None  # kept to plan again when a remote download fails
+    previous: dict[str, Any] = field(default_factory=dict)
+    remote: RemoteCache | None = None
 
     @property
     def script(self) -> BuildScript:
@@ -100,8 +110,17 @@ def prepare(opts: Options, reporter: Reporter,
                         labels={RUN_LABEL: run_id}, network=opts.network,
                         keep_failed=opts.keep_failed)
     executor._engine = engine
-    decisions = plan(graph, executor.missing, previous)
-    return Planned(loaded, steps, decisions, facts, executor, store, script_id)
+    store.hold({s.key for s in steps})  # no eviction removes these while this build runs
+    available: Availability = executor.missing
+    remote: RemoteCache | None = None
+    if opts.remote is not None and opts.remote.enabled:
+        from rfs.remote.sync import RemoteCache
+
+        remote = RemoteCache(opts.remote, store, executor, reporter)
+        available = remote.availability(executor.missing)
+    decisions = plan(graph, available, previous)
+    return Planned(loaded, steps, decisions, facts, executor, store, script_id, graph=graph,
+                   previous=previous, remote=remote)
 
 
 def execute(planned: Planned, reporter: Reporter) -> None:
@@ -109,7 +128,11 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     store = planned.store
     ex = planned.executor
     by_id = {s.id: s for s in planned.steps}
+    if planned.remote is not None:  # download what the plan takes from a remote cache
+        planned.decisions = planned.remote.materialize(planned)
     reporter.planned(planned.decisions)
+    ran: set[str] = set()
+    lock: FileLock | None = None
     kept: list[str] = []
     try:
         for d in planned.decisions:
@@ -119,6 +142,13 @@ def execute(planned: Planned, reporter: Reporter) -> None:
                 # What the step took when it ran: the time the cache saves now.
                 recorded = (store.record(d.step.key) or {}).get("seconds")
                 reporter.reused(d.step, d.action, recorded)
+                continue
+            # One process builds a step; another that needs it waits, then reuses it.
+            lock = store.build_lock(d.step.key, on_wait=functools.partial(
+                reporter.message, f"  waiting  {d.step.id:<10} another rfs build is making it"))
+            if ex.missing(d.step) is None:
+                lock.release()
+                reporter.reused(d.step, Action.CACHED, None)
                 continue
             reporter.started(d.step, d.reason)
             t0 = time.monotonic()
@@ -138,12 +168,34 @@ def execute(planned: Planned, reporter: Reporter) -> None:
             store.put_record(d.step.key, {"kind": d.step.kind.value, "step": d.step.id,
                                           "inputs": dict(d.step.inputs),
                                           "seconds": round(seconds, 3), **record})
+            lock.release()
+            ran.add(d.step.key)
             reporter.finished(d.step, seconds, artifact_size(d.step, record, ex.output))
     finally:
+        if lock is not None:
+            lock.release()
         if ex._engine is not None:
             ex.engine.remove_containers(f"{RUN_LABEL}={ex.labels[RUN_LABEL]}", keep=kept)
+        if planned.remote is not None:
+            _upload(planned.remote, planned, ran)
     manifests: dict[str, object] = {s.id: {**manifest(s), **remembered_text(planned.script, s)}
                                     for s in planned.steps}
     manifests["_output"] = str(ex.output)
     store.save_manifests(planned.script_id, manifests)
     store.evict(keep={s.key for s in planned.steps})
+
+
+def _upload(remote: RemoteCache, planned: Planned, ran: set[str]) -> None:
+    """Upload what succeeded, also after a failed step (never after an interrupt)."""
+    import sys
+
+    failing = sys.exc_info()[1]
+    if isinstance(failing, KeyboardInterrupt | Interrupted):
+        return
+    try:
+        remote.upload(planned, ran)
+    except RfsError:
+        if failing is None:  # --cache-strict; a failing step's error matters more
+            raise
+    finally:
+        remote.close()

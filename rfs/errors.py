@@ -4,7 +4,8 @@
     ├── ScriptError        (2)   the build script or package is wrong (carries every problem)
     ├── UsageError         (2)   the command line is wrong
     ├── EnvironmentProblem (3)   the machine is not ready: engine down, tool missing, no space
-    │   └── EngineError    (3)   the container engine failed or is unreachable
+    │   ├── EngineError    (3)   the container engine failed or is unreachable
+    │   └── RemoteCacheError (3) a remote cache failed (a warning unless --cache-strict)
     ├── StepFailed         (1)   a build step ran and failed (names the step)
     └── Interrupted      (130)   SIGINT / SIGTERM
 
@@ -80,6 +81,13 @@ class EnvironmentProblem(RfsError):
 
 class EngineError(EnvironmentProblem):
     """The container engine is unreachable or refused a request."""
+
+
+class RemoteCacheError(EnvironmentProblem):
+    """A remote cache server is unreachable, too slow, failing, or served a bad object.
+
+    Builds turn it into a warning and build locally unless `--cache-strict` is given.
+    """
 
 
 class StepFailed(RfsError):

@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
                         "(Ctrl-C ends)")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep the container of a failed command and print how to enter it")
+    from rfs.remote.config import add_remote_options
+
+    add_remote_options(p)
     p.set_defaults(func=run)
 
 
@@ -49,6 +52,9 @@ def build_once(args: argparse.Namespace) -> int:
     opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
                    cache_size=cache_size(args), network=not args.no_network,
                    keep_failed=args.keep_failed)
+    from rfs.remote.config import remote_settings
+
+    opts.remote = remote_settings(args)
     reporter: Reporter = make_reporter(sys.stderr, quiet=args.quiet)
     if args.json:
         from rfs.events import JsonReporter

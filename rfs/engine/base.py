@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 #: Every container rfs creates carries this label (value "1"), so leftovers of a crashed or
 #: killed build can be found and removed by label.
@@ -138,6 +138,14 @@ class Engine(Protocol):
 
         `on_progress` receives the running byte count.
         """
+        ...
+
+    def save_image(self, ref: str, dest: BinarySink) -> None:
+        """Stream `ref` with its parent layers as an image tarball (`docker save`) into `dest`."""
+        ...
+
+    def load_image(self, source: BinaryIO) -> list[str]:
+        """Load an image tarball (`docker load`) read from `source`; return the loaded refs."""
         ...
 
     def tag(self, image_id: str, tag: str) -> None:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, BinaryIO
 
 import docker
 import docker.auth
@@ -576,6 +576,38 @@ class DockerEngine:
                     on_progress(total)
         finally:
             self._discard(cid)
+
+    def save_image(self, ref: str, dest: BinarySink) -> None:
+        """Stream `ref` with its parent layers as an image tarball (`docker save`) into `dest`."""
+        with self._calling(f"save image {ref}"):
+            chunks = iter(self._api.get_image(ref, chunk_size=_EXPORT_CHUNK))
+        while True:
+            with self._calling(f"save image {ref}"):
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            try:
+                dest.write(chunk)
+            except OSError as exc:
+                raise EnvironmentProblem(
+                    f"cannot write the saved image {ref}: {exc.strerror or exc}") from exc
+
+    def load_image(self, source: BinaryIO) -> list[str]:
+        """Load an image tarball (`docker load`) read from `source`; return what was loaded.
+
+        The result holds the tags and IDs from the engine's "Loaded image" messages.
+        """
+        loaded: list[str] = []
+        with self._calling("load an image tarball"):
+            for message in self._api.load_image(source):
+                if message.get("error"):
+                    raise EngineError(f"the {self._title} engine could not load an image "
+                                      f"tarball: {message['error']}")
+                text = str(message.get("stream", ""))
+                for line in text.splitlines():
+                    if line.startswith("Loaded image"):
+                        loaded.append(line.split(": ", 1)[-1].strip())
+        return loaded
 
     def tag(self, image_id: str, tag: str) -> None:
         """Point `tag` at `image_id` (moving it if it exists)."""
