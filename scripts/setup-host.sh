@@ -32,6 +32,8 @@ die() { log "ERROR: $*"; exit 1; }
 PACKAGES=(docker.io podman busybox-static mmdebstrap squashfs-tools-ng ca-certificates git)
 # The remote cache servers of cache/, which the integration tests start (never as services).
 PACKAGES+=(nginx docker-registry)
+# rfs graph's svg/png (Graphviz); the tests of the live display and of shell completion.
+PACKAGES+=(graphviz tmux zsh fish)
 # shellcheck disable=SC2206
 PACKAGES+=(${RFS_EXTRA_PACKAGES:-})
 
