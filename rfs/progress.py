@@ -41,10 +41,12 @@ _STATUS_STYLE = {"ran": "green", "cached": "cyan", "skipped": "dim", "failed": "
 class LiveReporter(Reporter):
     """Live progress on a terminal; see the module docstring."""
 
-    def __init__(self, stream: TextIO, *, quiet: bool = False) -> None:
+    def __init__(self, stream: TextIO, *, quiet: bool = False,
+                 console: Console | None = None) -> None:
         super().__init__()
         self.quiet = quiet
-        self.console = Console(file=stream, highlight=False, soft_wrap=False)
+        # `console` lets tests pose as a terminal of a fixed size.
+        self.console = console or Console(file=stream, highlight=False, soft_wrap=False)
         self._lock = threading.Lock()
         self._running: Step | None = None
         self._reason = ""

@@ -1,0 +1,131 @@
+"""docs/reference.md against the schema and the model: every field the schema reads is
+documented with a type, a default and its buildfs equivalent, nothing else is documented, and
+each documented type and default agrees with the model's dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from pathlib import Path
+
+import pytest
+
+from rfs import model
+from rfs.schema import _KEYS
+
+REFERENCE = Path(__file__).parents[2] / "docs" / "reference.md"
+
+
+def documented() -> dict[str, dict[str, str]]:
+    """Rows of the reference tables: field path -> {type, default, buildfs, meaning}."""
+    rows: dict[str, dict[str, str]] = {}
+    for line in REFERENCE.read_text().splitlines():
+        m = re.match(r"^\| `([^`]+)` \|(.*)\|\s*$", line)
+        if not m:
+            continue
+        cells = [c.strip() for c in m.group(2).split(" | ")]
+        assert len(cells) == 4, f"a reference row needs 5 cells: {line}"
+        assert m.group(1) not in rows, f"{m.group(1)} is documented twice"
+        rows[m.group(1)] = dict(zip(("type", "default", "buildfs", "meaning"), cells,
+                                    strict=True))
+    return rows
+
+
+def schema_fields() -> set[str]:
+    """Every field path the schema reads, from its table of known keys."""
+    handled = {"", "filesystem", "container", "image", "commands", "overlays", "export",
+               "pathset"}
+    assert set(_KEYS) == handled, (
+        f"the schema has new sections {set(_KEYS) - handled}: document them in "
+        "docs/reference.md and teach this test their paths")
+    fields = set(_KEYS[""])
+    fields |= {f"filesystem.{k}" for k in _KEYS["filesystem"]}
+    fields |= {f"container.{k}" for k in _KEYS["container"]}
+    fields |= {f"container.image.{k}" for k in _KEYS["image"]}
+    fields |= {f"commands[].{k}" for k in _KEYS["commands"]}
+    fields |= {f"overlays[].{k}" for k in _KEYS["overlays"]}
+    fields |= {f"export.{k}" for k in _KEYS["export"]}
+    fields |= {f"export.{part}.{k}" for part in _KEYS["export"] for k in _KEYS["pathset"]}
+    return fields
+
+
+def test_every_schema_field_is_documented_and_nothing_else() -> None:
+    docs, fields = set(documented()), schema_fields()
+    assert not fields - docs, f"undocumented in docs/reference.md: {sorted(fields - docs)}"
+    assert not docs - fields, f"documented but not in the schema: {sorted(docs - fields)}"
+
+
+def test_every_row_is_complete() -> None:
+    for path, row in documented().items():
+        for column in ("type", "default", "buildfs", "meaning"):
+            assert row[column], f"{path}: the {column} column is empty"
+
+
+# The dataclass and attribute behind each documented field, where there is one.
+_MODEL = {"filesystem": model.Filesystem, "container": model.Container,
+          "commands[]": model.Command, "overlays[]": model.Overlay,
+          "export.files": model.PathSet, "export.directories": model.PathSet}
+_RENAMED = {"filesystem.dd_block_size_mib": "block_size_mib"}
+
+
+def _model_field(path: str) -> dataclasses.Field[object] | None:
+    section, _, name = path.rpartition(".")
+    cls = _MODEL.get(section)
+    if cls is None:
+        return None
+    name = _RENAMED.get(path, name)
+    found = {f.name: f for f in dataclasses.fields(cls)}
+    assert name in found, f"{path}: no field {name!r} in model.{cls.__name__}"
+    return found[name]
+
+
+def _expected_type(annotation: str) -> str:
+    if "tuple[tuple[str, str]" in annotation:
+        return "table of strings"
+    if "tuple[str" in annotation:
+        return "list of strings"
+    if "ImageRef" in annotation:
+        return "table"
+    if annotation.startswith("bool"):
+        return "boolean"
+    if annotation.startswith("int"):
+        return "integer"
+    return "string"  # str and the enums, spelled as strings in a script
+
+
+def _expected_default(f: dataclasses.Field[object]) -> set[str]:
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return {"required"}
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(value, bool):
+        return {f"`{str(value).lower()}`"}
+    if isinstance(value, enum.Enum):
+        return {f'`"{value.value.capitalize()}"`'}
+    if value == ():
+        return {"`[]`", "`{}`"}
+    if value is None:
+        return {"(unset)", "required", "required (or `archive`)"}
+    return {f"`{value}`"}
+
+
+def test_types_and_defaults_agree_with_the_model() -> None:
+    checked = 0
+    for path, row in documented().items():
+        f = _model_field(path)
+        if f is None:
+            continue
+        checked += 1
+        assert row["type"].startswith(_expected_type(str(f.type))), (
+            f"{path}: documented as {row['type']!r}, the model says {f.type}")
+        assert row["default"] in _expected_default(f), (
+            f"{path}: default {row['default']!r}, the model says {f.default!r}")
+    assert checked >= 40  # the mapping above must not silently stop matching rows
+
+
+def test_reference_test_fails_on_a_missing_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above is able to fail: a field added to the schema is caught."""
+    keys = dict(_KEYS)
+    keys["commands"] = (*keys["commands"], "brand_new_field")
+    monkeypatch.setitem(globals(), "_KEYS", keys)
+    assert schema_fields() - set(documented()) == {"commands[].brand_new_field"}
