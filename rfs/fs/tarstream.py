@@ -10,8 +10,10 @@ the only changes (see /work/shared/ASSEMBLY.md for the measurements behind them)
   create empty regular files);
 - `/.dockerenv` and everything under `/.rfs` are dropped;
 - an empty regular `/dev/console` becomes the character device 5,1 (0600 root:root);
-- an empty regular file named in `restore` gets that content (Docker empties /etc/hostname,
-  /etc/hosts and /etc/resolv.conf in exports);
+- an empty regular file named in `restore` gets that content and mode 0644 (Docker empties
+  /etc/hostname, /etc/hosts and /etc/resolv.conf in exports, and shows them as 0755);
+- with `clamp_mtime`, every mtime later than it is lowered to it (tools that keep the archive's
+  timestamps, unlike mke2fs, need it for a reproducible image);
 - PAX path records that are not UTF-8 are marked `hdrcharset=BINARY` (mke2fs fails otherwise);
 - a hard link whose target was left out is written as the file itself (the export is read
   through a mmap, so the target's data is at hand).
@@ -75,18 +77,20 @@ def write_image_stream(
     *,
     mtime: int,
     restore: Mapping[str, bytes] | None = None,
+    clamp_mtime: int | None = None,
 ) -> StreamStats:
     """Write the filtered export, created paths and overlays to `out` as one tar stream.
 
     `export_tar` is read whole, whatever its position: mapped when it is a real file, else read
-    (or, for a BytesIO, used in place). Created and overlay entries get `mtime`. Raises
-    ScriptError for a bad selection or overlay and TarError for a damaged export.
+    (or, for a BytesIO, used in place). Created and overlay entries get `mtime`; with
+    `clamp_mtime`, export entries newer than it get it too. Raises ScriptError for a bad
+    selection or overlay and TarError for a damaged export.
     """
     with _mapped(export_tar) as (buf, src_fd):
         plan = make_plan(tf.index_archive(buf), selection, overlays, restore or {})
         writer = _Writer(buf, src_fd, out)
         try:
-            stats = _Emitter(plan, writer, mtime).run()
+            stats = _Emitter(plan, writer, mtime, clamp_mtime).run()
         finally:
             writer.close()
     out.flush()
@@ -183,10 +187,13 @@ class _Writer:
 class _Emitter:
     """Walks the plan and writes every entry, fixing what must be fixed."""
 
-    def __init__(self, plan: Plan, writer: _Writer, mtime: int) -> None:
+    def __init__(self, plan: Plan, writer: _Writer, mtime: int, clamp: int | None = None) -> None:
         self.plan = plan
         self.w = writer
         self.mtime = mtime
+        self.clamp = clamp
+        # A PAX mtime record would override the clamped ustar field: drop it when clamping.
+        self.no_mtime: tuple[bytes, ...] = (b"mtime",) if clamp is not None else ()
         self.stats = StreamStats(missing_includes=list(plan.missing_includes))
         self.present: dict[str, bool] = {"/": True, "": True}  # path -> is a directory
         self.link_names: dict[str, bytes] = {}  # path of an emitted inode -> name to link to
@@ -232,6 +239,21 @@ class _Emitter:
             if above not in self.present:
                 self._emit_new(above, tf.DIRECTORY, 0o755)
 
+    def _clamped(self, block: bytearray) -> bool:
+        """Lower the header's mtime to the clamp; True if it changed."""
+        if self.clamp is None or tf.parse_number(bytes(block[136:148])) <= self.clamp:
+            return False
+        block[136:148] = b"%011o\x00" % self.clamp
+        return True
+
+    def _needs_clamp(self, entry: tf.RawEntry) -> bool:
+        if self.clamp is None:
+            return False
+        if entry.pax is not None and b"mtime" in entry.pax:
+            return True
+        view = self.w.view
+        return tf.parse_number(bytes(view[entry.header + 136 : entry.header + 148])) > self.clamp
+
     def _export_entry(self, entry: tf.RawEntry, path: str) -> None:
         self._parents(path)
         size = entry.size
@@ -245,7 +267,7 @@ class _Emitter:
                     name=entry.name,
                     typeflag=tf.CHARDEV,
                     mode=0o600,
-                    mtime=tf.parse_number(bytes(block[136:148])),
+                    mtime=self._mtime_of(block),
                     devmajor=5,
                     devminor=1,
                 )
@@ -255,8 +277,10 @@ class _Emitter:
             content = self.plan.restore[path]
             block = tf.header_block(self.w.view, entry)
             tf.set_field(block, "size", len(content))
-            if entry.pax is not None and b"size" in entry.pax:
-                self.w.write(_rebuilt(entry, block, drop=(b"size",)))
+            tf.set_field(block, "mode", 0o644)  # the export shows Docker's bind-mount 0755
+            clamped = self._clamped(block)
+            if entry.pax is not None and (b"size" in entry.pax or clamped):
+                self.w.write(_rebuilt(entry, block, drop=(b"size", *self.no_mtime)))
             else:
                 tf.set_checksum(block)
                 self.w.copy(entry.start, entry.header)
@@ -264,9 +288,10 @@ class _Emitter:
             self.w.write(content + bytes(tf.padded(len(content)) - len(content)))
             size = len(content)
             self.stats.restored.append(path)
-        elif entry.pax is not None and _needs_charset(entry.pax):
+        elif (entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry):
             block = tf.header_block(self.w.view, entry)
-            self.w.write(_rebuilt(entry, block))
+            self._clamped(block)
+            self.w.write(_rebuilt(entry, block, drop=self.no_mtime))
             self.w.copy(entry.data, entry.end)
         else:
             self.w.copy(entry.start, entry.end)
@@ -291,10 +316,14 @@ class _Emitter:
         has_size = tf.parse_number(bytes(block[124:136])) != 0
         if has_size:  # a link "with data" would make readers expect data that is not there
             tf.set_field(block, "size", 0)
-        pax_size = entry.pax is not None and b"size" in entry.pax
+        clamped = self._clamped(block)
+        rebuild = bool(self.no_mtime) and clamped  # a PAX mtime record must go as well
+        pax_size = entry.pax is not None and (
+            b"size" in entry.pax or (rebuild and b"mtime" in entry.pax)
+        )
         if name != entry.linkname or pax_size or (entry.pax and _needs_charset(entry.pax)):
-            self.w.write(_rebuilt(entry, block, linkname=name, drop=(b"size",)))
-        elif fixed or has_size:
+            self.w.write(_rebuilt(entry, block, linkname=name, drop=(b"size", *self.no_mtime)))
+        elif fixed or has_size or clamped:
             tf.set_checksum(block)
             self.w.copy(entry.start, entry.header)
             self.w.write(bytes(block))
@@ -315,11 +344,16 @@ class _Emitter:
                 "which is not in the export"
             )
         block = tf.header_block(self.w.view, source)
-        self.w.write(_rebuilt(source, block, name=entry.name))
+        self._clamped(block)
+        self.w.write(_rebuilt(source, block, name=entry.name, drop=self.no_mtime))
         self.w.copy(source.data, source.end)
         self.link_names[target] = entry.name
         self.stats.links_materialised += 1
         return source.typeflag, source.size
+
+    def _mtime_of(self, block: bytearray) -> int:
+        mtime = tf.parse_number(bytes(block[136:148]))
+        return mtime if self.clamp is None else min(mtime, self.clamp)
 
     def _generated(self, generated: Generated) -> None:
         self._parents(generated.path)
