@@ -245,7 +245,14 @@ def explain_step(decision: Decision, previous: Mapping[str, Any], steps: Mapping
 
 def explain_plan(decisions: Sequence[Decision], previous: Mapping[str, Any],
                  script: BuildScript | None = None) -> dict[str, list[str]]:
-    """`explain_step` for every step that will run, by step id."""
+    """`explain_step` for every step that will run, by step id; and for the base image when
+    it differs from the last build (it never "runs": it is resolved, and pulled if need be)."""
     steps = {d.step.id: d.step for d in decisions}
-    return {d.step.id: explain_step(d, previous, steps, script)
-            for d in decisions if d.action is Action.RUN}
+    out = {d.step.id: explain_step(d, previous, steps, script)
+           for d in decisions if d.action is Action.RUN}
+    for d in decisions:
+        old = previous.get(d.step.id)
+        if (d.step.kind is StepKind.BASE and isinstance(old, dict)
+                and old.get("key") != d.step.key):
+            out[d.step.id] = [f"base: {change}" for change in own_changes(d.step, old, script)]
+    return out

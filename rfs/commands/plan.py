@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{d.action.value:<7} {d.step.id:<10} {d.step.key[:12]}  {d.step.label}")
             if d.action is Action.RUN:
                 print(f"{'':30}why: {d.reason}")
-                for change in changes.get(d.step.id, []):
-                    print(f"{'':30}  - {change}")
+            for change in changes.get(d.step.id, []):  # the base is explained when it moved
+                print(f"{'':30}  - {change}")
         n = len(planned.to_run())
         print(f"{n} step(s) to run" if n else "nothing to do: the image is up to date")
     finally:
