@@ -93,7 +93,8 @@ class Reporter:
         result = self.results.get(step.id)
         if result is None:
             result = self.results[step.id] = StepResult(step, action)
-        result.recorded = recorded
+        # A step planned to run can still be reused: another build made it meanwhile.
+        result.action, result.pending, result.recorded = action, False, recorded
 
     def started(self, step: Step, reason: str) -> None:
         """`step` starts running because of `reason`."""

@@ -179,6 +179,18 @@ def test_console_progress_is_rate_limited() -> None:
     assert "  progress export     5.0 MiB of about 10.0 MiB" in sink.getvalue()
 
 
+def test_a_step_planned_to_run_can_be_reused() -> None:
+    """Another build made it while this one waited for its lock: cached, not "not run"."""
+    sink = io.StringIO()
+    reporter = ConsoleReporter(sink)
+    _, steps = compiled()
+    reporter.planned(decisions(steps, set()))
+    reporter.reused(steps[1], Action.CACHED, None)
+    assert reporter.results["run[0]"].status == "cached"
+    assert "  cached   run[0]" in sink.getvalue()
+    assert reporter.summary_totals().pending == len(steps) - 1  # all but run[0]
+
+
 def test_close_before_plan_prints_no_summary() -> None:
     sink = io.StringIO()
     ConsoleReporter(sink).close(RuntimeError("bad script"))
