@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rfs.compiler import build_graph, compile_steps
 from rfs.errors import Interrupted, RfsError, StepFailed
-from rfs.executors import Executor
+from rfs.executors import Executor, resolve_base
 from rfs.explain import remembered_text
 from rfs.hashing import digest_bytes
 from rfs.inputs import digest_refs, package_refs, source_date_epoch
@@ -90,18 +90,21 @@ def prepare(opts: Options, reporter: Reporter,
     # CI can name the run (its job id, say) so leftover containers are attributable.
     run_id = os.environ.get("RFS_RUN_ID") or uuid.uuid4().hex[:12]
     engine = engine_factory(script)
-    image = script.container.image
-    base_id = engine.resolve_base(image.name, image.tag)
     memo = store.meta("file-digests")
-    digests = digest_refs(script.package_root, package_refs(script), memo)
+    # An archive package is unpacked to a new directory each run: its paths are not worth
+    # remembering.
+    digests = digest_refs(script.package_root, package_refs(script),
+                          memo if script.origin is None else None)
     store.set_meta("file-digests", memo)
+    base_id = resolve_base(engine, script, digests)
     from rfs.fs.ext4 import mkfs_version
 
     facts = Facts(base_id=base_id, file_digests=digests, mkfs_version=mkfs_version(),
                   engine=engine.name, source_date_epoch=source_date_epoch())
     steps = compile_steps(script, facts)
     graph = build_graph(steps)
-    script_file = (script.package_root or opts.package.resolve().parent) / script.script_file.name
+    script_file = script.origin or (
+        (script.package_root or opts.package.resolve().parent) / script.script_file.name)
     script_id = digest_bytes(str(script_file.resolve()).encode())
     previous = store.last_manifests(script_id)
     output = opts.output or Path(str(previous.get("_output", "image.ext4")))

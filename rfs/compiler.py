@@ -120,9 +120,13 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
         steps.append(step)
         return step
 
-    image = script.container.image
-    last = add("base", StepKind.BASE, f"base image {image.ref}",
-               {"image_id": facts.base_id}, [], context={"image": image.ref})
+    c = script.container
+    # An archive is keyed by its content: importing a root filesystem tarball gives a new image
+    # ID each time, and a `docker save` tarball's content fixes its image ID anyway.
+    base_inputs = ({"archive": facts.file_digests[c.archive]} if c.archive is not None
+                   else {"image_id": facts.base_id})
+    last = add("base", StepKind.BASE, f"base image {c.base_label}",
+               base_inputs, [], context={"image": c.base_label})
     for i, cmd in enumerate(script.commands):
         last = add(f"run[{i}]", StepKind.RUN, f"commands[{i}] {describe_command(cmd)}",
                    command_inputs(cmd, script, facts), [last], index=i)

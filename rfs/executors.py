@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,36 @@ def interpreter_argv(script: bytes, path: str) -> list[str]:
         if parts:
             return [*parts, path]
     return ["/bin/sh", path]
+
+
+BASE_REPO = "rfs/base"
+
+
+def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str]) -> str:
+    """The image ID the first command runs on: `container.image` resolved (pulled if need be),
+    or `container.archive` brought into the engine once and kept as `rfs/base:<digest>`.
+
+    The archive's content digest (`digests`, from the package) names it, so an unchanged
+    archive is neither reread nor reloaded, and an edited one is loaded again.
+    """
+    c = script.container
+    if c.archive is None:
+        assert c.image is not None  # the schema requires one of them
+        return engine.resolve_base(c.image.name, c.image.tag)
+    from rfs.packing import inspect_base_archive
+
+    tag = f"{BASE_REPO}:{digests[c.archive]}"
+    found = engine.image_id(tag)
+    if found is not None:
+        return found
+    assert script.package_root is not None
+    path = resolve_reference(script.package_root, c.archive)
+    archive = inspect_base_archive(path)
+    image_id = engine.import_archive(str(path), image=archive.is_image)
+    if archive.image_id is not None and engine.image_id(archive.image_id) is not None:
+        image_id = archive.image_id  # the manifest's config digest: what was loaded
+    engine.tag(image_id, tag)
+    return image_id
 
 
 def output_identity(path: Path) -> dict[str, int] | None:

@@ -21,6 +21,8 @@ def package_refs(script: BuildScript) -> list[str]:
     refs = [c.script_path for c in script.commands if c.script_path]
     refs += [o.source for o in script.overlays if o.source]
     refs += [host for host, _ in script.container.volumes]
+    if script.container.archive:
+        refs.append(script.container.archive)
     return sorted(set(refs))
 
 

@@ -55,9 +55,15 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Container:
-    """`[container]`: the engine, the base image and how build containers run."""
+    """`[container]`: the engine, the base image and how build containers run.
 
-    image: ImageRef
+    The base image is either `image` (a name and tag in the engine or a registry) or `archive`
+    (a package file: a `docker save` tarball or a root filesystem tarball, for machines
+    without a registry); the schema makes sure exactly one is set.
+    """
+
+    image: ImageRef | None = None
+    archive: str | None = None  # package-relative ("/images/base.tar")
     engine: EngineKind = EngineKind.DOCKER
     rootful: bool = False
     wait_timeout_s: int | None = None
@@ -69,6 +75,13 @@ class Container:
     timeout: int | None = None
     cap_add: tuple[str, ...] = ()
     cap_drop: tuple[str, ...] = ()
+
+    @property
+    def base_label(self) -> str:
+        """The base image as people name it: `name:tag`, or `archive /images/base.tar`."""
+        if self.archive is not None:
+            return f"archive {self.archive}"
+        return self.image.ref if self.image is not None else "(no image)"
 
 
 @dataclass(frozen=True)
@@ -136,3 +149,6 @@ class BuildScript:
     export: Export = field(default_factory=Export)
     script_file: Path = Path("build.toml")  # for messages
     package_root: Path | None = None  # None: a single-file script, which references nothing
+    # The .tar/.tar.gz package `package_root` was unpacked from (a temporary directory): the
+    # build's identity (its last manifests) and its messages go by this path instead.
+    origin: Path | None = None

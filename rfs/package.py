@@ -1,12 +1,23 @@
-"""Load a package: a single build script, or a directory holding build.toml / build.yaml.
+"""Load a package: a build script, a directory holding build.toml / build.yaml, or that
+directory as a tar archive (plain or gzip-compressed; see `packing.py`).
 
 This is the only module of the schema layer that reads files. Package references
-(`script_path`, overlay `source`, volume host paths) are rooted at the package directory;
-anything that resolves outside it is refused, since a build script must never read the host.
+(`script_path`, overlay `source`, volume host paths, `container.archive`) are rooted at the
+package directory; anything that resolves outside it is refused, since a build script must never
+read the host.
+
+An archive is unpacked into a private temporary directory that lives as long as the rfs process:
+the build reads scripts and overlays from it and bind-mounts volumes out of it until the end.
+It is removed when the process exits, and a later rfs removes those a killed one left behind.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import dataclasses
+import os
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +25,12 @@ from typing import Any
 
 from rfs.errors import Problem, ScriptError, UsageError
 from rfs.model import BuildScript
+from rfs.packing import SCRIPT_NAMES, detect, extract, remove_tree
 from rfs.schema import collect_script
 
-SCRIPT_NAMES = ("build.toml", "build.yaml", "build.yml")
+_UNPACK_PREFIX = "rfs-package-"
+# archive path -> (its stat identity, unpacked root, temporary directory), for this process
+_unpacked: dict[Path, tuple[tuple[int, int, int], Path, Path]] = {}
 
 
 @dataclass(frozen=True)
@@ -27,17 +41,23 @@ class Loaded:
     warnings: tuple[Problem, ...]
 
 
-def _parse_document(path: Path) -> Any:
+def _parse_document(path: Path, label: str) -> Any:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse_bytes(raw, path.suffix, label)
+
+
+def parse_bytes(raw: bytes, suffix: str, label: str) -> Any:
+    """Parse a build script's bytes as YAML (suffix .yaml/.yml) or TOML; `label` names it."""
+    path = label
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ScriptError([Problem("", f"is not UTF-8 text (byte {exc.start})", str(path))]
                           ) from exc
-    if path.suffix in (".yaml", ".yml"):
+    if suffix in (".yaml", ".yml"):
         import yaml  # only YAML users pay for the import
 
         try:
@@ -78,8 +98,11 @@ def resolve_reference(root: Path, ref: str) -> Path:
     return candidate
 
 
-def _check_references(script: BuildScript, file: str) -> list[Problem]:
-    refs: list[tuple[str, str, str]] = []  # (field path, reference, "file" | "dir" | "any")
+def references(script: BuildScript) -> list[tuple[str, str, str]]:
+    """Every package path the script uses: (field path, reference, "file" | "dir" | "any")."""
+    refs: list[tuple[str, str, str]] = []
+    if script.container.archive:
+        refs.append(("container.archive", script.container.archive, "file"))
     for i, cmd in enumerate(script.commands):
         if cmd.script_path:
             refs.append((f"commands[{i}].script_path", cmd.script_path, "file"))
@@ -88,6 +111,11 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
             refs.append((f"overlays[{i}].source", ov.source, "dir" if ov.is_directory else "file"))
     for vol, _ in script.container.volumes:
         refs.append((f"container.volumes.{vol}", vol, "any"))
+    return refs
+
+
+def _check_references(script: BuildScript, file: str) -> list[Problem]:
+    refs = references(script)
     problems = []
     root = script.package_root
     for field_path, ref, kind in refs:
@@ -111,12 +139,80 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
     return problems
 
 
+def collect(package: Path) -> tuple[BuildScript | None, list[Problem]]:
+    """Read `package` (any form) as far as possible: the model, if any, and every problem.
+
+    For `rfs check`, which reports everything at once; `load` is the strict form.
+    """
+    origin = None
+    try:
+        if detect(package).is_archive:
+            origin, package = package, unpacked(package)
+    except ScriptError as exc:  # the archive itself is bad: nothing more to read
+        return None, list(exc.problems)
+    script_file, root = find_script(package)
+    # Problems in an unpacked archive name the archive, not the temporary directory.
+    label = str(script_file) if origin is None else f"{origin}:{script_file.name}"
+    try:
+        doc = _parse_document(script_file, label)
+        script, problems = collect_script(doc, file=label, package_root=root)
+    except ScriptError as exc:
+        return None, list(exc.problems)
+    if origin is not None:
+        script = dataclasses.replace(script, script_file=script_file, origin=origin)
+    problems += _check_references(script, label)
+    return script, problems
+
+
 def load(package: Path) -> Loaded:
     """Load and validate the build script of `package`; raise ScriptError with every problem."""
-    script_file, root = find_script(package)
-    doc = _parse_document(script_file)
-    script, problems = collect_script(doc, file=str(script_file), package_root=root)
-    problems += _check_references(script, str(script_file))
-    if any(p.severity == "error" for p in problems):
+    script, problems = collect(package)
+    if script is None or any(p.severity == "error" for p in problems):
         raise ScriptError(problems)
     return Loaded(script, tuple(problems))
+
+
+def unpacked(archive: Path) -> Path:
+    """The package root of `archive`, unpacked once per process (again if the file changed)."""
+    key = archive.resolve()
+    st = key.stat()
+    ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+    known = _unpacked.get(key)
+    if known is not None and known[0] == ident:
+        return known[1]
+    if known is not None:
+        remove_tree(known[2])
+        del _unpacked[key]
+    _remove_orphans()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_UNPACK_PREFIX}{os.getpid()}-"))
+    try:
+        root = extract(archive, tmp).resolve()
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    if not _unpacked:
+        atexit.register(cleanup)
+    _unpacked[key] = (ident, root, tmp)
+    return root
+
+
+def cleanup() -> None:
+    """Remove every package this process unpacked (also run at exit)."""
+    while _unpacked:
+        _, (_, _, tmp) = _unpacked.popitem()
+        remove_tree(tmp)
+
+
+def _remove_orphans() -> None:
+    """Remove unpacked packages of rfs processes that died without cleaning up (SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_UNPACK_PREFIX}*"):
+        pid = path.name[len(_UNPACK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                remove_tree(path)
+        except PermissionError:
+            continue  # alive, another user's

@@ -33,8 +33,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "": ("filesystem", "container", "commands", "overlays", "export"),
     "filesystem": ("type", "size_mib", "block_size_mib", "dd_block_size_mib", "dd_args",
                    "mkfs_args"),
-    "container": ("engine", "image", "rootful", "wait_timeout_s", "connection_uri", "volumes",
-                  "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop"),
+    "container": ("engine", "image", "archive", "rootful", "wait_timeout_s", "connection_uri",
+                  "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop"),
     "image": ("name", "tag"),
     "commands": ("command", "script_inline", "script_path", "uid", "gid", "working_dir",
                  "privileged", "env"),
@@ -46,6 +46,11 @@ _KEYS: dict[str, tuple[str, ...]] = {
 
 # Far beyond any microVM image; catches typos such as a size given in bytes.
 MAX_SIZE_MIB = 16 * 1024 * 1024
+# The smallest filesystem each mkfs accepts, so `rfs check` says so before a long build: mkfs.btrfs
+# (btrfs-progs 5.x/6.x) refuses devices under 114294784 bytes (109 MiB) and mkfs.xfs (xfsprogs
+# 5.19 on) under 300 MB; mke2fs makes 1 MiB (measured with 1.47.2; no journal below 8 MiB).
+# squashfs and erofs images are sized by their content.
+MIN_SIZE_MIB: dict[FsType, int] = {FsType.BTRFS: 109, FsType.XFS: 300}
 
 
 class _Reader:
@@ -186,8 +191,13 @@ def _filesystem(r: _Reader, data: Mapping[str, Any]) -> Filesystem:
         block = r.count(data, "dd_block_size_mib", f"{p}.dd_block_size_mib", minimum=1)
     if size is not None and block is not None and size % block:
         r.error(f"{p}.block_size_mib", f"{block} does not divide size_mib {size}")
+    fs_type = _enum(r, data, "type", f"{p}.type", _FS_TYPES, FsType.EXT4)
+    minimum = MIN_SIZE_MIB.get(fs_type, 1)
+    if size is not None and size < minimum:
+        r.error(f"{p}.size_mib", f"{size} MiB is below the smallest {fs_type.value} filesystem "
+                                 f"mkfs can make ({minimum} MiB)")
     return Filesystem(
-        type=_enum(r, data, "type", f"{p}.type", _FS_TYPES, FsType.EXT4),
+        type=fs_type,
         size_mib=size,
         block_size_mib=block,
         dd_args=r.strings(data, "dd_args", f"{p}.dd_args"),
@@ -199,10 +209,15 @@ def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
     p = "container"
     r.check_keys(data, "container", p)
     image = r.table(data, "image", f"{p}.image")
+    archive = r.image_path(data, "archive", f"{p}.archive")
     name = tag = None
-    if image is None:
-        r.error(f"{p}.image", "is required: image = { name = \"...\", tag = \"...\" }")
-    else:
+    if image is not None and data.get("archive") is not None:
+        r.error(f"{p}.archive", "conflicts with container.image: give one base image, either "
+                                "image = { name, tag } or archive = \"/path/in/package.tar\"")
+    elif image is None and data.get("archive") is None:
+        r.error(f"{p}.image", "is required: image = { name = \"...\", tag = \"...\" } "
+                              "(or archive = \"/path/in/package.tar\")")
+    if image is not None:
         r.check_keys(image, "image", f"{p}.image")
         name = r.text(image, "name", f"{p}.image.name")
         tag = r.text(image, "tag", f"{p}.image.tag")
@@ -217,7 +232,8 @@ def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
         if hp and tp:
             volumes.append((hp, tp))
     return Container(
-        image=ImageRef(name or "", tag or ""),
+        image=ImageRef(name or "", tag or "") if image is not None else None,
+        archive=archive,
         engine=_enum(r, data, "engine", f"{p}.engine", _ENGINES, EngineKind.DOCKER),
         rootful=r.get(data, "rootful", f"{p}.rootful", bool, False),
         wait_timeout_s=r.count(data, "wait_timeout_s", f"{p}.wait_timeout_s"),

@@ -5,11 +5,14 @@ Markers (declared in pyproject.toml):
   engine and skip (with the reason) when none answers. Deselect them with `-m "not integration"`.
 - `slow`: skipped unless `--run-slow` is given or RFS_RUN_SLOW=1.
 
-Engine fixtures: `docker_engine` (connected once per session; RFS_TEST_ENGINE / RFS_TEST_ENGINE_URI
-choose another engine or socket, e.g. podman), `busybox_image`, `run_label` / `run_labels` (unique
-to this test run: put them on every container a test creates), and `tmp_tag` (image tags under
-`rfs-test-tmp/<run id>-…`). At the end of the session every container carrying the run label and
-every `rfs-test-tmp/<run id>-*` image is removed, if an engine was ever connected.
+Engine fixtures: `engine_kind` ("docker" or "podman"; parametrised, so every test that uses it,
+directly or through `docker_engine`, runs once per engine: RFS_TEST_ENGINES="docker,podman" by
+default, or a single RFS_TEST_ENGINE, whose socket RFS_TEST_ENGINE_URI may name), `docker_engine`
+(the engine under test, connected once per session and engine), `busybox_image`, `run_label` /
+`run_labels` (unique to this test run: put them on every container a test creates), and `tmp_tag`
+(image tags under `rfs-test-tmp/<run id>-…`). At the end of the session every container carrying
+the run label and every `rfs-test-tmp/<run id>-*` image is removed, if an engine was ever
+connected.
 """
 
 from __future__ import annotations
@@ -58,16 +61,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
 
 
+def engine_kinds() -> list[str]:
+    """The engines the integration tests run against, in order."""
+    single = os.environ.get("RFS_TEST_ENGINE")
+    if single:
+        return [single]
+    kinds = os.environ.get("RFS_TEST_ENGINES", "docker,podman")
+    return [kind.strip() for kind in kinds.split(",") if kind.strip()]
+
+
+@pytest.fixture(scope="session", params=engine_kinds())
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    """The engine under test, "docker" or "podman": each test using it runs once per engine."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def docker_engine() -> Engine:
+def docker_engine(engine_kind: str) -> Engine:
     """The engine under test, connected and answering; skips the test when there is none."""
-    kind = os.environ.get("RFS_TEST_ENGINE", "docker")
-    uri = os.environ.get("RFS_TEST_ENGINE_URI") or None
+    uri = (os.environ.get("RFS_TEST_ENGINE_URI") or None) if os.environ.get(
+        "RFS_TEST_ENGINE") else None
     try:
-        engine = connect(kind, uri)
+        engine = connect(engine_kind, uri)
         engine.ping()
     except EngineError as exc:
-        require_or_skip(f"integration tests need a {kind} engine: {exc}")
+        require_or_skip(f"integration tests need a {engine_kind} engine: {exc}")
     _connected.append(engine)
     return engine
 

@@ -109,6 +109,21 @@ class Engine(Protocol):
         """
         ...
 
+    def check_base(self, name: str, tag: str) -> None:
+        """Raise EnvironmentProblem unless `name:tag` is local or a registry has it (rfs check).
+
+        Docker asks the registry without pulling; Podman's API cannot, so it pulls.
+        """
+        ...
+
+    def import_archive(self, path: str, *, image: bool) -> str:
+        """Bring a base image tarball into the engine and return its image ID.
+
+        `image`: a `docker save`/OCI archive, loaded as it is (with the tags it carries);
+        otherwise a root filesystem tarball, imported as a one-layer image without config.
+        """
+        ...
+
     def has_tag(self, tag: str) -> bool:
         """Whether `tag` names an image in the engine."""
         ...

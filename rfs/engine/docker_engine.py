@@ -349,6 +349,73 @@ class DockerEngine:
                     f"no progress for {self._pull_timeout_s:g} s (is a registry reachable?)"
                 ) from exc
 
+    def check_base(self, name: str, tag: str) -> None:
+        """Raise EnvironmentProblem unless `name:tag` is local or a registry has it (rfs check).
+
+        Docker answers from the registry's manifest without pulling; Podman's compat API has no
+        such query (404), so there the image is pulled, as the build would.
+        """
+        ref = f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
+        if self.image_id(ref) is not None:
+            return
+        if self.name == "podman":
+            self.resolve_base(name, tag)
+            return
+        try:
+            with self._calling(f"ask a registry for {ref}"):
+                registry, _ = docker.auth.resolve_repository_name(name)
+                header = docker.auth.get_config_header(self._api, registry)
+                url = f"{self._api.base_url}/v{self._api.api_version}/distribution/{ref}/json"
+                resp = self._api.get(url, headers={"X-Registry-Auth": header} if header else {},
+                                     timeout=(self._timeout_s, self._pull_timeout_s))
+                if resp.status_code >= 400:
+                    try:
+                        message = resp.json().get("message") or resp.text
+                    except ValueError:
+                        message = resp.text
+                    raise _PullFailed(str(message).strip())
+        except EngineError as exc:
+            raise EnvironmentProblem(
+                f"base image {ref} is not in the {self._title} engine and cannot be pulled: "
+                f"{exc.message}",
+                hint=f"load it into the engine (docker load / docker pull {ref}) and retry",
+            ) from exc
+
+    def import_archive(self, path: str, *, image: bool) -> str:
+        """Bring a base image tarball into the engine and return its image ID.
+
+        `image`: a `docker save`/OCI archive, loaded as it is (with the tags it carries);
+        otherwise a root filesystem tarball, imported as a one-layer image without config.
+        Both engines answer an import with the new ID as a "status" message; Podman ignores
+        the repository and tag parameters, so none are sent and the caller tags the ID.
+        """
+        what = f"{'load' if image else 'import'} the base image archive {path}"
+        messages: list[dict[str, Any]] = []
+        with self._calling(what):
+            if image:
+                with open(path, "rb") as f:
+                    messages = [m for m in self._api.load_image(f) if isinstance(m, dict)]
+            else:
+                text = str(self._api.import_image_from_file(path))
+                messages = [json.loads(line) for line in text.splitlines() if line.strip()]
+        for message in messages:
+            if message.get("error") or message.get("errorDetail"):
+                raise EngineError(f"the {self._title} engine could not {what}: "
+                                  f"{message.get('error') or message.get('errorDetail')}")
+        for message in reversed(messages):
+            if image:  # "Loaded image: name:tag" or "Loaded image ID: sha256:..."
+                for line in str(message.get("stream", "")).splitlines():
+                    if line.startswith("Loaded image"):
+                        found = self.image_id(line.split(": ", 1)[-1].strip())
+                        if found is not None:
+                            return found
+            else:
+                status = str(message.get("status") or message.get("id") or "")
+                if status.startswith("sha256:"):
+                    return status
+        raise EngineError(f"the {self._title} engine did not say which image it made when "
+                          f"asked to {what}: {messages[-3:]}")
+
     # -- running steps -------------------------------------------------------------------
 
     def run_and_commit(

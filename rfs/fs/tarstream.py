@@ -10,8 +10,9 @@ the only changes (see /work/shared/ASSEMBLY.md for the measurements behind them)
   create empty regular files);
 - `/.dockerenv` and everything under `/.rfs` are dropped;
 - an empty regular `/dev/console` becomes the character device 5,1 (0600 root:root);
-- an empty regular file named in `restore` gets that content and mode 0644 (Docker empties
-  /etc/hostname, /etc/hosts and /etc/resolv.conf in exports, and shows them as 0755);
+- an empty regular file named in `restore` gets that content; Docker empties /etc/hostname,
+  /etc/hosts and /etc/resolv.conf in exports and shows them as 0755 (its bind-mount targets),
+  so those three, when empty, get mode 0644 whether restored or not;
 - with `clamp_mtime`, every mtime later than it is lowered to it (tools that keep the archive's
   timestamps, unlike mke2fs, need it for a reproducible image);
 - PAX path records that are not UTF-8 are marked `hdrcharset=BINARY` (mke2fs fails otherwise);
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 CONSOLE = "/dev/console"
+ENGINE_ETC_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
 _CHUNK = 8 << 20  # bytes per write when copying without sendfile
 _FS_BLOCK = 4096  # ext4 block size rfs formats with, for the size estimate
 
@@ -288,6 +290,11 @@ class _Emitter:
             self.w.write(content + bytes(tf.padded(len(content)) - len(content)))
             size = len(content)
             self.stats.restored.append(path)
+        elif path in ENGINE_ETC_FILES and entry.is_regular and entry.size == 0:
+            block = tf.header_block(self.w.view, entry)
+            tf.set_field(block, "mode", 0o644)  # Docker's bind-mount target shows as 0755
+            self._clamped(block)
+            self.w.write(_rebuilt(entry, block, drop=self.no_mtime))
         elif (entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry):
             block = tf.header_block(self.w.view, entry)
             self._clamped(block)

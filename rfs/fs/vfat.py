@@ -101,7 +101,10 @@ def lost(inv: staging.Inventory) -> list[str]:
     seen: dict[str, str] = {}
     clashes: list[str] = []
     bad: list[str] = []
+    foreign: list[str] = []
     for name in inv.names:
+        if not name.isascii():
+            foreign.append(name)
         folded = name.casefold()
         if folded in seen and seen[folded] != name:
             clashes.append(name)
@@ -109,7 +112,8 @@ def lost(inv: staging.Inventory) -> list[str]:
         if _BAD_CHARS & set(name.rsplit("/", 1)[-1]):
             bad.append(name)
     kinds += [(clashes, "name(s) that differ only in case from another (one is lost)"),
-              (bad, "name(s) with characters FAT cannot store (mtools changes them)")]
+              (bad, "name(s) with characters FAT cannot store (mtools changes them)"),
+              (foreign, "name(s) that are not ASCII (mtools may change their case or bytes)")]
     for paths, what in kinds:
         if paths:
             shown = ", ".join(paths[:3]) + (" …" if len(paths) > 3 else "")

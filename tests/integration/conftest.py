@@ -1,4 +1,9 @@
-"""Fixtures for the end-to-end build tests: the Docker SDK client and derived base images."""
+"""Fixtures for the end-to-end build tests: SDK clients and derived base images.
+
+`docker_client` is Docker's, always; `engine_client` is the SDK client of the engine under test
+(`engine_kind`: Docker, then Podman), and `engine_toml` the `[container]` lines selecting it in
+a build script. The derived images (`busybox_v2`, `caps_image`) exist in the engine under test.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,25 @@ def docker_client() -> Iterator[Any]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def engine_client(docker_engine: Any) -> Iterator[Any]:
+    """The docker SDK client of the engine under test (Podman through its compat socket)."""
+    docker = pytest.importorskip("docker")
+    client = docker.DockerClient(base_url=docker_engine.base_url, version="1.40")
+    try:
+        client.images.get(BASE)
+    except docker.errors.ImageNotFound:
+        require_or_skip(f"{BASE} missing in {docker_engine.name}: run scripts/make-base-images.sh")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def engine_toml(engine_kind: str) -> str:
+    """`[container]` lines that make a build script use the engine under test."""
+    return f'engine = "{engine_kind.capitalize()}"\n'
+
+
 def _derive(client: Any, tag: str, files: dict[str, tuple[bytes, dict[str, str]]]) -> str:
     """Commit an image from BASE with `files` added (with optional PAX records, e.g. xattrs)."""
     buf = io.BytesIO()
@@ -51,11 +75,11 @@ def _derive(client: Any, tag: str, files: dict[str, tuple[bytes, dict[str, str]]
 
 
 @pytest.fixture(scope="session")
-def busybox_v2(docker_client: Any) -> Iterator[str]:
+def busybox_v2(engine_client: Any) -> Iterator[str]:
     """A second base image, different from BASE by one file."""
-    tag = _derive(docker_client, "rfs-test-tmp/busybox:v2", {"/etc/busybox-v2": (b"v2\n", {})})
+    tag = _derive(engine_client, "rfs-test-tmp/busybox:v2", {"/etc/busybox-v2": (b"v2\n", {})})
     yield tag
-    docker_client.images.remove(tag, force=True)
+    engine_client.images.remove(tag, force=True)
 
 
 # cap_net_raw+ep as the kernel stores it (vfs_cap_data revision 2)
@@ -63,10 +87,10 @@ CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 
 
 @pytest.fixture(scope="session")
-def caps_image(docker_client: Any) -> Iterator[str]:
+def caps_image(engine_client: Any) -> Iterator[str]:
     """A base image holding /usr/bin/ping-like file with security.capability set."""
     pax = {"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("latin-1")}
-    tag = _derive(docker_client, "rfs-test-tmp/busybox:caps",
+    tag = _derive(engine_client, "rfs-test-tmp/busybox:caps",
                   {"/usr/bin/capped": (b"#!/bin/sh\n", pax)})
     yield tag
-    docker_client.images.remove(tag, force=True)
+    engine_client.images.remove(tag, force=True)

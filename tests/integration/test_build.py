@@ -73,13 +73,14 @@ class Result:
 
 
 @pytest.fixture
-def package(tmp_path: Path) -> Path:
+def package(tmp_path: Path, engine_toml: str) -> Path:
     pkg = tmp_path / "pkg"
     (pkg / "scripts").mkdir(parents=True)
     (pkg / "files").mkdir()
     name, tag = BASE.split(":")
     (pkg / "build.toml").write_text(
-        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag))
+        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag)
+        .replace("[container]\n", f"[container]\n{engine_toml}"))
     (pkg / "scripts" / "two.sh").write_text("#!/bin/sh\necho two > /srv/data/two\n")
     (pkg / "files" / "motd").write_text("welcome\n")
     return pkg
@@ -91,7 +92,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def rfs(cache_dir: Path, docker_client: object) -> Iterator[object]:
+def rfs(cache_dir: Path, engine_client: object) -> Iterator[object]:
     def run(*args: str | Path) -> Result:
         start_ns = time.time_ns()
         run_id = uuid.uuid4().hex  # labels exactly this run's containers
@@ -101,7 +102,7 @@ def rfs(cache_dir: Path, docker_client: object) -> Iterator[object]:
                                                "RFS_RUN_ID": run_id},
             check=False, timeout=600)
         until = int(time.time()) + 1
-        events = docker_client.events(  # type: ignore[attr-defined]
+        events = engine_client.events(  # type: ignore[attr-defined]
             since=start_ns // 10**9 - 1, until=until, decode=True,
             filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
         created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)

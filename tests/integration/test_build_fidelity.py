@@ -35,13 +35,18 @@ echo "127.0.0.1 localhost fidelity" > /etc/hosts
 """
 
 
-@pytest.fixture
-def tree(tmp_path: Path, caps_image: str) -> tuple[Path, dict[str, Entry]]:
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory, caps_image: str, engine_toml: str
+         ) -> tuple[Path, dict[str, Entry]]:
+    # Built once per engine: the tests below only read the image.
+    tmp_path = tmp_path_factory.mktemp("fidelity")
     name, tag = caps_image.split(":")
     pkg = tmp_path / "pkg"
     pkg.mkdir()
+    # Podman's default capabilities lack MKNOD, which the script needs; Docker's include it.
     (pkg / "build.toml").write_text(
         f'[filesystem]\nsize_mib = 32\n[container]\nimage = {{ name = "{name}", tag = "{tag}" }}\n'
+        f'{engine_toml}cap_add = ["MKNOD"]\n'
         f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n")
     out = tmp_path / "fid.ext4"
     proc = subprocess.run([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out)],
@@ -79,9 +84,20 @@ def test_links_devices_names(tree: tuple[Path, dict[str, Entry]]) -> None:
     assert (t["/fid/chr"].type, t["/fid/chr"].major, t["/fid/chr"].minor) == ("char", 1, 3)
     assert (t["/fid/blk"].type, t["/fid/blk"].major, t["/fid/blk"].minor) == ("block", 7, 0)
     assert read_ext4_file(image, t["/fid/café"].inode) == b"bytes\n"
+    assert "/.dockerenv" not in t and "/.rfs" not in t
+
+
+def test_dev_console_is_a_char_device(tree: tuple[Path, dict[str, Entry]], engine_kind: str,
+                                      request: pytest.FixtureRequest) -> None:
+    # Docker exports an empty /dev/console file, which the filter turns into char 5,1; Podman
+    # exports none at all, so a Podman-built image has no console node until the filter adds
+    # one whenever /dev exists (strict: this fails once that is done, to drop the marker).
+    request.applymarker(pytest.mark.xfail(
+        engine_kind == "podman", strict=True,
+        reason="podman export has no /dev/console and rfs does not add one yet"))
+    _, t = tree
     console = t["/dev/console"]
     assert (console.type, console.major, console.minor) == ("char", 5, 1)
-    assert "/.dockerenv" not in t and "/.rfs" not in t
 
 
 def test_capability_xattr_survives(tree: tuple[Path, dict[str, Entry]]) -> None:

@@ -202,3 +202,48 @@ def test_malformed_toml_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ScriptError) as info:
         load(bad)
     assert str(bad) in str(info.value) and "line 1" in str(info.value)
+
+
+def test_archive_is_the_other_form_of_base_image(tmp_path: Path) -> None:
+    archive = MINIMAL.replace('image = { name = "a", tag = "b" }', 'archive = "/images/base.tar"')
+    script, _ = parse_script(tomllib.loads(archive))
+    assert script.container.archive == "/images/base.tar" and script.container.image is None
+    assert script.container.base_label == "archive /images/base.tar"
+    both = MINIMAL + 'archive = "/base.tar"\n'
+    assert errors_of(both)[0].startswith("container.archive: conflicts with container.image")
+    neither = MINIMAL.replace('image = { name = "a", tag = "b" }', 'hostname = "x"')
+    assert errors_of(neither)[0].startswith("container.image: is required")
+    (tmp_path / "build.toml").write_text(archive)
+    with pytest.raises(ScriptError) as info:
+        load(tmp_path)
+    assert "container.archive: /images/base.tar not found in package" in str(info.value)
+
+
+def test_size_below_the_filesystems_minimum_is_an_error() -> None:
+    xfs = MINIMAL.replace("size_mib = 64", 'type = "Xfs"\nsize_mib = 100')
+    assert errors_of(xfs) == [
+        "filesystem.size_mib: 100 MiB is below the smallest xfs filesystem mkfs can make "
+        "(300 MiB)"]
+    btrfs = MINIMAL.replace("size_mib = 64", 'type = "btrfs"\nsize_mib = 64')
+    assert errors_of(btrfs)[0].startswith("filesystem.size_mib: 64 MiB is below the smallest")
+    parse_script(tomllib.loads(MINIMAL.replace("64", "1")))  # mke2fs makes 1 MiB
+
+
+def test_script_inline_without_shebang_and_every_command_form_are_accepted() -> None:
+    script, _ = parse_script(tomllib.loads(MINIMAL + """
+[[commands]]
+script_inline = "echo no shebang"
+[[commands]]
+command = "echo   split   on   whitespace"
+"""))
+    assert script.commands[0].script_inline == "echo no shebang"
+    found = errors_of(MINIMAL + '[[commands]]\nuid = 1\n[[commands]]\ncommand = "  "\n')
+    assert found == ["commands[0]: needs exactly one of command, script_inline, script_path "
+                     "(found: none)", "commands[1].command: is empty"]
+
+
+def test_minimum_sizes_match_the_drivers() -> None:
+    from rfs.fs import btrfs, xfs
+    from rfs.schema import MIN_SIZE_MIB
+
+    assert MIN_SIZE_MIB == {FsType.BTRFS: btrfs.MIN_MIB, FsType.XFS: xfs.MIN_MIB}

@@ -1,0 +1,479 @@
+"""Package forms: tell them apart by content, unpack archives safely, pack (`rfs pack`/`unpack`).
+
+A package is a build script, a directory holding `build.toml` (or `build.yaml`) and the files it
+references, or that directory as a `.tar` or gzip-compressed tar (`.tar.gz`, `.tgz`). The form
+is read from the bytes (gzip and ustar magic), not the name, so `pkg.bin` works too.
+
+Archives are untrusted input: before anything is written, every member is checked and each
+one that would land outside the package is refused by name: absolute names, `..`, hard links
+leaving it, members reached through a symbolic link, device nodes and FIFOs, and symbolic links
+pointing out of it. The one exception is a symbolic link *inside* a directory the script uses
+as an `is_directory` overlay or as a volume: there the link is content of the image (or of the
+container), resolved there and never followed on the host, so `/etc/localtime ->
+/usr/share/zoneinfo/UTC` in an overlay directory is kept. Extraction then goes through Python's
+`data` tar filter as a second line of defence.
+
+`pack` writes only the build script and the files it references (like buildfs, minus its bug
+of copying host paths), in sorted order with fixed owners, modes and times, so packing the same
+package twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gzip
+import io
+import json
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, cast
+
+from rfs.errors import Problem, ScriptError, UsageError
+
+SCRIPT_NAMES = ("build.toml", "build.yaml", "build.yml")
+_GZIP_MAGIC = b"\x1f\x8b"
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# A build script is text of a few KiB; anything this large under that name is not one.
+_MAX_SCRIPT_BYTES = 4 << 20
+
+
+class PackageType(enum.Enum):
+    """The four forms a package takes (the values are `rfs pack --type` names)."""
+
+    BUILD_SCRIPT = "build-script"
+    DIRECTORY = "directory"
+    TAR = "tar"
+    TAR_GZ = "tar-gz"
+
+    @property
+    def is_archive(self) -> bool:
+        """True for the tarball forms."""
+        return self in (PackageType.TAR, PackageType.TAR_GZ)
+
+
+def detect(path: Path) -> PackageType:
+    """The form of the package at `path`, judged by its content."""
+    if path.is_dir():
+        return PackageType.DIRECTORY
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file or directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if head.startswith(_GZIP_MAGIC):
+        return PackageType.TAR_GZ
+    if head[257:262] == b"ustar":  # POSIX (and GNU) tar headers carry this magic
+        return PackageType.TAR
+    if path.name.endswith(_TAR_SUFFIXES):
+        # Old v7 tarballs have no magic; anything else with a tar name is a mistake.
+        if tarfile.is_tarfile(path):
+            return PackageType.TAR
+        raise UsageError(f"{path} is named like a tar archive but is not one")
+    return PackageType.BUILD_SCRIPT
+
+
+# -- reading archives ---------------------------------------------------------------------
+
+
+def _parts(name: str) -> list[str]:
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def _norm(name: str) -> str:
+    """A member name without "./", doubled or trailing slashes ("" is the package root)."""
+    return "/".join(_parts(name))
+
+
+def _inside(base: str, path: str) -> bool:
+    """Whether normalised `path` is `base` or below it (`base` "" is the root)."""
+    return base == "" or path == base or path.startswith(base + "/")
+
+
+@dataclass(frozen=True)
+class _ScriptMember:
+    prefix: str  # the package root inside the archive: "" or a single top-level directory
+    member: tarfile.TarInfo
+
+
+def _find_script(members: Sequence[tarfile.TarInfo]) -> _ScriptMember | None:
+    """The build script member, at the top or under one top-level directory (`tar c pkg/`)."""
+    by_name = {_norm(m.name): m for m in members if m.isreg()}
+    for name in SCRIPT_NAMES:
+        if name in by_name:
+            return _ScriptMember("", by_name[name])
+    tops = {_parts(m.name)[0] for m in members if _parts(m.name)}
+    if len(tops) == 1:
+        (top,) = tops
+        for name in SCRIPT_NAMES:
+            if f"{top}/{name}" in by_name:
+                return _ScriptMember(top, by_name[f"{top}/{name}"])
+    return None
+
+
+def _content_dirs(tar: tarfile.TarFile, script: _ScriptMember, label: str) -> list[str]:
+    """Directories whose symbolic links are image or container content (see the module doc)."""
+    from rfs.package import parse_bytes
+    from rfs.schema import collect_script
+
+    if script.member.size > _MAX_SCRIPT_BYTES:
+        return []
+    f = tar.extractfile(script.member)
+    if f is None:
+        return []
+    try:
+        doc = parse_bytes(f.read(), Path(script.member.name).suffix, label)
+        model, _ = collect_script(doc, file=label)
+    except ScriptError:
+        return []  # reported when the unpacked package is loaded
+    refs = [o.source for o in model.overlays if o.is_directory and o.source]
+    refs += [host for host, _ in model.container.volumes]
+    return [posixpath.join(script.prefix, _norm(ref)) for ref in refs if _norm(ref)]
+
+
+def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str] = ()
+                  ) -> tuple[list[tuple[str, str]], set[str]]:
+    """Every member that would escape the package, as (member name, why).
+
+    Also returns the symbolic links allowed to point out (inside `content_dirs`).
+    """
+    problems: list[tuple[str, str]] = []
+    links = {_norm(m.name): m for m in members if m.issym()}
+    allowed: set[str] = set()
+    for m in members:
+        name = _norm(m.name)
+        parts = name.split("/") if name else []
+        if m.name.startswith("/"):
+            problems.append((m.name, "is an absolute path; package members must be relative"))
+            continue
+        if ".." in parts:
+            problems.append((m.name, "leads outside the package ('..')"))
+            continue
+        through = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts)))
+                        if p in links), None)
+        if through is not None:
+            problems.append((m.name, f"lies beneath the symbolic link {through}, which could "
+                                     "send it anywhere"))
+            continue
+        if m.issym():
+            target = m.linkname
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+            if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                if any(d != name and _inside(d, name) for d in content_dirs):
+                    allowed.add(name)
+                else:
+                    problems.append((m.name, f"is a symbolic link pointing out of the package "
+                                             f"(to {target})"))
+        elif m.islnk():
+            target = _norm(m.linkname)
+            if m.linkname.startswith("/") or ".." in target.split("/"):
+                problems.append((m.name, f"is a hard link to {m.linkname}, outside the package"))
+        elif not (m.isreg() or m.isdir()):
+            problems.append((m.name, "is a device node, FIFO or other special file; a package "
+                                     "holds only files, directories and links"))
+    return problems, allowed
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Unpack the package `archive` into the empty directory `dest`; return its root.
+
+    The root is `dest` itself, or the single top-level directory holding the build script.
+    Raises ScriptError naming every member that would escape, before writing anything.
+    """
+    label = str(archive)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            script = _find_script(members)
+            content = _content_dirs(tar, script, label) if script else []
+            problems, allowed = check_members(members, content)
+            if problems:
+                raise ScriptError([Problem(name, why, label) for name, why in problems])
+            if script is None:
+                raise ScriptError([Problem("", "holds no build script (" + ", ".join(
+                    SCRIPT_NAMES) + ") at its top or in a single top-level directory", label)])
+
+            def only_safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+                if _norm(member.name) in allowed:  # checked above: inside a content dir
+                    return tarfile.tar_filter(member, path).replace(
+                        uid=os.getuid(), gid=os.getgid(), uname="", gname="", deep=False)
+                return tarfile.data_filter(member, path)
+
+            tar.extractall(dest, filter=only_safe)
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        if isinstance(exc, tarfile.FilterError):
+            raise ScriptError([Problem(exc.tarinfo.name, str(exc), label)]) from exc
+        raise ScriptError([Problem("", f"is not a readable tar archive: {exc}", label)]
+                          ) from exc
+    return dest / script.prefix if script.prefix else dest
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree, including read-only directories a package may have brought."""
+
+    def retry(func: Callable[..., object], failed: str, _exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+            func(failed)
+
+    shutil.rmtree(path, onerror=retry)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty_target(dst: Path) -> None:
+    if dst.is_dir():
+        if any(dst.iterdir()):
+            raise UsageError(f"{dst} exists and is not empty")
+    elif dst.exists() or dst.is_symlink():
+        raise UsageError(f"{dst} exists and is not a directory")
+
+
+def unpack(src: Path, dst: Path) -> Path:
+    """`rfs unpack`: unpack the archive package `src` into the new or empty directory `dst`."""
+    kind = detect(src)
+    if not kind.is_archive:
+        raise UsageError(f"{src} is a {kind.value} package, not a tar archive: nothing to unpack")
+    _empty_target(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # Unpacked beside the destination and moved into place: a failure leaves nothing behind.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.rfs-", dir=dst.parent))
+    try:
+        root = extract(src, tmp)
+        root.chmod(0o755)  # mkdtemp made it private; the result is an ordinary directory
+        if dst.is_dir():
+            dst.rmdir()
+        root.rename(dst)
+    finally:
+        if tmp.exists():
+            remove_tree(tmp)
+    return dst
+
+
+# -- packing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: str  # relative, normalised
+    kind: str  # "file" | "dir" | "link"
+    data: bytes = b""
+    mode: int = 0o644
+    target: str = ""
+
+
+def _script_name(script_file: Path) -> str:
+    return "build.yaml" if script_file.suffix in (".yaml", ".yml") else "build.toml"
+
+
+def _file_mode(st: os.stat_result) -> int:
+    # Only "executable or not" survives, as in cache keys: the rest is the packer's umask.
+    return 0o755 if st.st_mode & 0o111 else 0o644
+
+
+def _tree_entries(host: Path, rel: str, where: str, file: str) -> Iterator[_Entry]:
+    yield _Entry(rel, "dir", mode=0o755)
+    for dirpath, dirnames, filenames in os.walk(host, followlinks=False):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            path = base / name
+            sub = f"{rel}/{path.relative_to(host).as_posix()}"
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                yield _Entry(sub, "link", mode=0o777, target=os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                yield _Entry(sub, "dir", mode=0o755)
+            elif stat.S_ISREG(st.st_mode):
+                yield _Entry(sub, "file", path.read_bytes(), _file_mode(st))
+            else:
+                raise ScriptError([Problem(where, f"{path} is a device, FIFO or socket; a "
+                                                  "package holds only files, directories and "
+                                                  "links", file)])
+
+
+def _entries(src: Path) -> tuple[list[_Entry], list[tuple[str, str]]]:
+    """The package's files as entries, and its references as (field path, reference)."""
+    from rfs.package import load, references, resolve_reference
+
+    loaded = load(src)
+    script = loaded.script
+    root = script.package_root
+    file = str(script.origin or script.script_file)
+    entries: dict[str, _Entry] = {}
+    script_path = script.script_file if root is None else root / script.script_file.name
+    entries[_script_name(script_path)] = _Entry(_script_name(script_path), "file",
+                                                script_path.read_bytes())
+    refs = references(script)
+    for where, ref, _kind in refs:
+        assert root is not None  # load() refuses references in single-file scripts
+        host = resolve_reference(root, ref)
+        rel = _norm(ref)
+        if host.is_dir():
+            for entry in _tree_entries(host, rel, where, file):
+                entries.setdefault(entry.path, entry)
+        else:
+            entries[rel] = _Entry(rel, "file", host.read_bytes(), _file_mode(host.stat()))
+    for path in list(entries):  # parents of every entry, so extraction needs no guessing
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            entries.setdefault(parent, _Entry(parent, "dir", mode=0o755))
+    return sorted(entries.values(), key=lambda e: e.path), [(w, r) for w, r, _ in refs]
+
+
+def _write_tar(entries: Sequence[_Entry], out: IO[bytes]) -> None:
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries:
+            info = tarfile.TarInfo(e.path)
+            info.mtime, info.mode, info.uid, info.gid = mtime, e.mode, 0, 0
+            if e.kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif e.kind == "link":
+                info.type, info.linkname = tarfile.SYMTYPE, e.target
+                tar.addfile(info)
+            else:
+                info.size = len(e.data)
+                tar.addfile(info, io.BytesIO(e.data))
+
+
+def _write_dir(entries: Sequence[_Entry], dest: Path) -> None:
+    for e in entries:
+        path = dest / e.path
+        if e.kind == "dir":
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(e.mode)
+        elif e.kind == "link":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(e.target)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(e.data)
+            path.chmod(e.mode)
+
+
+def _refuse_inside(src: Path, dst: Path) -> None:
+    """buildfs could pack a file onto itself; refuse any destination inside the source."""
+    source = src.resolve()
+    target = dst.resolve()
+    root = source if source.is_dir() else source.parent
+    if target == source or (source.is_dir() and root in target.parents):
+        raise UsageError(f"{dst} lies inside the package {src}; choose a destination outside it")
+
+
+def pack(src: Path, dst: Path, kind: PackageType) -> int:
+    """`rfs pack`: write the package `src` (any form) to `dst` as `kind`; return the file count.
+
+    The result holds the build script and every file it references, nothing else. It is
+    written beside `dst` and renamed into place, so a failure leaves `dst` untouched.
+    """
+    _refuse_inside(src, dst)
+    entries, refs = _entries(src)
+    if kind is PackageType.BUILD_SCRIPT and refs:
+        raise ScriptError([Problem(where, f"{ref}: a single build script cannot carry package "
+                                          "files; pack as directory, tar or tar-gz", str(src))
+                           for where, ref in refs])
+    if kind is PackageType.DIRECTORY:
+        _empty_target(dst)
+    elif dst.is_dir():
+        raise UsageError(f"{dst} is a directory; give the file to write")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if kind is PackageType.DIRECTORY:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.rfs-", dir=dst.parent))
+        try:
+            _write_dir(entries, tmp)
+            tmp.chmod(0o755)
+            if dst.is_dir():
+                dst.rmdir()
+            tmp.rename(dst)
+        finally:
+            if tmp.exists():
+                remove_tree(tmp)
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.rfs-", dir=dst.parent)
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                if kind is PackageType.BUILD_SCRIPT:
+                    raw.write(entries[0].data if len(entries) == 1 else
+                              next(e.data for e in entries if e.path in SCRIPT_NAMES))
+                elif kind is PackageType.TAR:
+                    _write_tar(entries, raw)
+                else:
+                    # mtime 0 and no file name in the gzip header: the same package gives the
+                    # same bytes.
+                    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                        _write_tar(entries, cast(IO[bytes], gz))
+            tmp.chmod(0o644)
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return sum(1 for e in entries if e.kind == "file")
+
+
+# -- base image archives (`container.archive`) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseArchive:
+    """What a `container.archive` tarball holds."""
+
+    is_image: bool  # a `docker save`/OCI image archive (else a root filesystem tarball)
+    image_id: str | None = None  # the image ID a docker-archive's manifest names
+
+
+def inspect_base_archive(path: Path, where: str = "container.archive") -> BaseArchive:
+    """Tell an image archive (`docker save`, `podman save`) from a root filesystem tarball.
+
+    Image archives carry `manifest.json` (docker-archive) or `index.json` plus `oci-layout`
+    at the top; anything else is taken as the files of a root filesystem.
+    """
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names: dict[str, tarfile.TarInfo] = {}
+            for member in tar:  # streamed: a big rootfs is read once, never held
+                name = _norm(member.name)
+                if name in ("manifest.json", "index.json", "oci-layout"):
+                    names[name] = member
+            if "manifest.json" in names:
+                f = tar.extractfile(names["manifest.json"])
+                manifest = json.loads(f.read()) if f is not None else None
+                return BaseArchive(True, _manifest_image_id(manifest, path, where))
+            if "index.json" in names and "oci-layout" in names:
+                return BaseArchive(True)
+            if not tar.getmembers():
+                raise ScriptError([Problem(where, f"{path} is an empty tar archive")])
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ScriptError([Problem(where, f"{path} is not a readable tar archive: {exc}")]
+                          ) from exc
+    return BaseArchive(False)
+
+
+def _manifest_image_id(manifest: object, path: Path, where: str) -> str | None:
+    if not isinstance(manifest, list) or not manifest:
+        return None
+    if len(manifest) > 1:
+        raise ScriptError([Problem(where, f"{path} holds {len(manifest)} images; save exactly "
+                                          "one (docker save NAME:TAG -o FILE)")])
+    entry = manifest[0]
+    config = entry.get("Config") if isinstance(entry, dict) else None
+    if not isinstance(config, str):
+        return None
+    # "<hex>.json" (docker save before v25) or "blobs/sha256/<hex>" (OCI layout inside)
+    digest = posixpath.basename(config).removesuffix(".json")
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return f"sha256:{digest}"
+    return None
