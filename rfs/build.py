@@ -97,9 +97,10 @@ def prepare(opts: Options, reporter: Reporter,
                           memo if script.origin is None else None)
     store.set_meta("file-digests", memo)
     base_id = resolve_base(engine, script, digests)
-    from rfs.fs.ext4 import mkfs_version
+    from rfs.fs.assemble import tool_version
 
-    facts = Facts(base_id=base_id, file_digests=digests, mkfs_version=mkfs_version(),
+    facts = Facts(base_id=base_id, file_digests=digests,
+                  mkfs_version=tool_version(script.filesystem.type),
                   engine=engine.name, source_date_epoch=source_date_epoch())
     steps = compile_steps(script, facts)
     graph = build_graph(steps)

@@ -290,12 +290,10 @@ class Executor:
         )
 
     def _assemble(self, step: Step, parents: dict[str, Step]) -> dict[str, Any]:
-        from rfs.fs.ext4 import assemble_ext4
-        from rfs.model import FsType
+        from rfs.fs.assemble import assemble
+        from rfs.fs.image import Options
 
         fs = self.script.filesystem
-        if fs.type is not FsType.EXT4:
-            raise RfsError(f"filesystem.type {fs.type.value!r} is not supported yet; use Ext4")
         export = next(parents[p] for p in step.parents if parents[p].kind is StepKind.EXPORT)
         blob = self.store.blob(export.key)
         if blob is None:
@@ -304,20 +302,20 @@ class Executor:
             self.store.drop(export.key)
             raise RfsError("the cached export tarball is corrupt; it was removed, run the "
                            "build again")
-        if fs.size_mib is None:
-            raise RfsError("filesystem.size_mib is required for now")
         restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
         from rfs.childio import child_reads
 
         # Progress: what mke2fs has read of the stream, against the export's size.
+        options = Options(seed=bytes.fromhex(step.key)[:32],
+                          source_date_epoch=self.source_date_epoch, size_mib=fs.size_mib,
+                          block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
+                          dd_args=fs.dd_args)
         with child_reads("mke2fs", lambda n: self.reporter.progress(step, n, blob.size)):
-            stats = assemble_ext4(
-                blob.path, self.selection(), self._overlay_entries(), self.output,
-                size_mib=fs.size_mib, seed=bytes.fromhex(step.key)[:32],
-                source_date_epoch=self.source_date_epoch, mkfs_args=fs.mkfs_args,
-                restore=restore)
-        del stats
+            result = assemble(fs.type, blob.path, self.selection(), self._overlay_entries(),
+                              self.output, options, restore=restore,
+                              warn=lambda text: self.reporter.message(f"rfs: warning: {text}"))
         old = self.store.record(step.key) or {}
         outputs = dict(old.get("outputs", {}))
         outputs[str(self.output.resolve())] = output_identity(self.output)
-        return {"outputs": outputs}
+        return {"outputs": outputs, "size_mib": result.size_mib, "route": result.route,
+                "warnings": result.warnings}

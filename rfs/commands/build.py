@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
                         "(Ctrl-C ends)")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep the container of a failed command and print how to enter it")
+    p.add_argument("--verify", action="store_true",
+                   help="check the image with its type's checker (e2fsck -fn, btrfs check, "
+                        "xfs_repair -n, fsck.vfat -n, unsquashfs, fsck.erofs) after the build")
     from rfs.remote.config import add_remote_options
 
     add_remote_options(p)
@@ -69,6 +72,8 @@ def build_once(args: argparse.Namespace) -> int:
             reporter.message(f"rfs: warning: {warning}")
         try:
             execute(planned, reporter)
+            if args.verify:
+                verify_image(planned.script.filesystem.type, planned.executor.output, reporter)
         finally:
             planned.store.close()
     except StepFailed as exc:
@@ -84,6 +89,14 @@ def build_once(args: argparse.Namespace) -> int:
     if not args.json:
         print(str(opts.output))
     return EXIT_OK
+
+
+def verify_image(fs_type: Any, image: Path, reporter: Any) -> None:
+    """Run the image type's checker on the built (or cached) image; raise if it complains."""
+    from rfs.fs.assemble import verify
+
+    verify(fs_type, image)
+    reporter.message(f"rfs: {image}: {fs_type.value} checker found no problem")
 
 
 def enter_hint(container: str, step: str, engine: str) -> str:
