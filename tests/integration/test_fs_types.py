@@ -94,8 +94,12 @@ def built(workdir: Path, caps_base: str) -> dict[str, tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def container(built: dict[str, tuple[Path, str]], workdir: Path) -> dict[str, Node]:
+    return container_listing(workdir / "cache")
+
+
+def container_listing(cache: Path) -> dict[str, Node]:
     """The container's listing, from the one export tarball in the cache, as rfs fixes it."""
-    blobs = [p for p in (workdir / "cache" / "blobs").iterdir() if p.is_file()]
+    blobs = [p for p in (cache / "blobs").iterdir() if p.is_file()]
     assert len(blobs) == 1, blobs
     nodes = list_export(blobs[0])
     for path in [p for p in nodes if p == "/.dockerenv" or p.startswith("/.rfs")]:
