@@ -77,12 +77,14 @@ def popen(
     env: Mapping[str, str] | None = None,
     stdin: int | None = subprocess.PIPE,
     stdout: int | None = subprocess.DEVNULL,
+    stderr: int | None = subprocess.PIPE,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` with stderr captured; the caller feeds it and calls `finish`."""
+    """Start `argv` with stderr captured (unless `stderr` says otherwise); the caller feeds it
+    and calls `finish`."""
     log.debug("+ %s", shlex.join(argv))
     try:
         return subprocess.Popen(
-            list(argv), env=_env(env), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE
+            list(argv), env=_env(env), stdin=stdin, stdout=stdout, stderr=stderr
         )
     except FileNotFoundError as exc:
         raise EnvironmentProblem(f"required tool {argv[0]!r} is not installed") from exc

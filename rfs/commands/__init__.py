@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rfs.store import DEFAULT_SIZE_LIMIT, default_cache_dir
 
-MODULES = ("build", "plan", "check", "cache", "pack", "graph", "completion")
+MODULES = ("build", "plan", "check", "cache", "pack", "graph", "completion", "boot")
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
