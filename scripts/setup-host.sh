@@ -30,6 +30,10 @@ die() { log "ERROR: $*"; exit 1; }
 
 # Packages rfs, its tests and its examples need. Append here (or use RFS_EXTRA_PACKAGES).
 PACKAGES=(docker.io podman busybox-static mmdebstrap squashfs-tools-ng ca-certificates git)
+# Every image type's mkfs and checker (fakeroot hands staged owners to mkfs.erofs/mkfs.btrfs),
+# and QEMU with Debian's cloud kernel for `rfs boot` and the boot test.
+PACKAGES+=(btrfs-progs xfsprogs squashfs-tools erofs-utils dosfstools mtools fakeroot)
+PACKAGES+=(qemu-system-x86 linux-image-cloud-amd64)
 # The remote cache servers of cache/, which the integration tests start (never as services).
 PACKAGES+=(nginx docker-registry)
 # rfs graph's svg/png (Graphviz); the tests of the live display and of shell completion.
