@@ -52,6 +52,16 @@ def normalised_mode(st: os.stat_result) -> int:
     return 0o755 if st.st_mode & 0o111 else 0o644
 
 
+def _text(name: str) -> str:
+    """`name` for canonical JSON: a file name that is not UTF-8 (held as surrogates) cannot be
+    encoded there, so it becomes the hex of its bytes, marked so no UTF-8 name can equal it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "\x00hex:" + os.fsencode(name).hex()  # NUL: in no real file name
+    return name
+
+
 def digest_tree(root: Path) -> str:
     """A digest of a directory tree: relative paths, kinds, normalised modes and contents.
 
@@ -63,10 +73,10 @@ def digest_tree(root: Path) -> str:
         base = Path(dirpath)
         for name in sorted(dirnames + filenames):
             path = base / name
-            rel = path.relative_to(root).as_posix()
+            rel = _text(path.relative_to(root).as_posix())
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
-                entries.append([rel, "link", os.readlink(path)])
+                entries.append([rel, "link", _text(os.readlink(path))])
             elif stat.S_ISDIR(st.st_mode):
                 entries.append([rel, "dir", normalised_mode(st)])
             elif stat.S_ISREG(st.st_mode):

@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import stat
 import tempfile
 import tomllib
 from dataclasses import dataclass
@@ -68,10 +69,23 @@ def parse_bytes(raw: bytes, suffix: str, label: str) -> Any:
             problem = getattr(exc, "problem", None) or str(exc)
             raise ScriptError([Problem("", f"invalid YAML: {where}{problem}", str(path))]
                               ) from exc
+        except (RecursionError, ValueError) as exc:
+            raise ScriptError([Problem("", f"invalid YAML: {_unparsable(exc)}", str(path))]
+                              ) from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScriptError([Problem("", f"invalid TOML: {exc}", str(path))]) from exc
+    except (RecursionError, ValueError) as exc:
+        raise ScriptError([Problem("", f"invalid TOML: {_unparsable(exc)}", str(path))]
+                          ) from exc
+
+
+def _unparsable(exc: BaseException) -> str:
+    """What the parsers' own limits mean, for a document no build script looks like."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)  # e.g. Python's limit on the digits of an integer
 
 
 def find_script(package: Path) -> tuple[Path, Path | None]:
@@ -136,7 +150,48 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
         elif kind == "dir" and not host.is_dir():
             problems.append(Problem(field_path, f"{ref} is not a directory (is_directory = true)",
                                     file))
+        elif field_path.endswith(".script_path") and (why := _script_problem(host)):
+            problems.append(Problem(field_path, f"{ref} {why}", file))
+        elif kind != "file" and (socket := _socket_in(host)) is not None:
+            # A host socket in a build container is a way out of it (the engine's socket gives
+            # root on the host), and a package never needs one.
+            where = ref if socket == host else f"{ref}/{socket.relative_to(host)}"
+            problems.append(Problem(field_path, f"{where} is a socket; rfs never passes a "
+                                    "socket into a build container", file))
     return problems
+
+
+def _script_problem(path: Path) -> str | None:
+    """Why a `script_path` file cannot be run, or None: it must be UTF-8 text, not blank."""
+    try:
+        body = path.read_bytes()
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if not body.strip():
+        return "is empty"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start})"
+    return None
+
+
+def _socket_in(path: Path) -> Path | None:
+    """The first socket at or under `path` (symlinks not followed), or None."""
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            return path
+    except OSError:
+        return None
+    if not path.is_dir():
+        return None
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            child = Path(dirpath, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(child.lstat().st_mode):
+                    return child
+    return None
 
 
 def collect(package: Path) -> tuple[BuildScript | None, list[Problem]]:

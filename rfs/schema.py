@@ -44,6 +44,13 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "pathset": ("include", "create", "exclude"),
 }
 
+# Where Docker, Podman and containerd put their API sockets: no volume may land there.
+ENGINE_SOCKETS = frozenset({
+    "/var/run/docker.sock", "/run/docker.sock", "/run/podman/podman.sock",
+    "/var/run/podman/podman.sock", "/run/containerd/containerd.sock",
+    "/var/run/containerd/containerd.sock", "/run/user/0/podman/podman.sock",
+})
+
 # Far beyond any microVM image; catches typos such as a size given in bytes.
 MAX_SIZE_MIB = 16 * 1024 * 1024
 # The smallest filesystem each mkfs accepts, so `rfs check` says so before a long build: mkfs.btrfs
@@ -156,6 +163,9 @@ class _Reader:
         if ".." in parts:
             self.error(path, f"{value!r} must not contain '..'")
             return None
+        if "\x00" in value:  # no file name holds one; the OS would cut the path there
+            self.error(path, f"{value!r} must not contain a NUL character")
+            return None
         return "/" + "/".join(parts)
 
 
@@ -229,7 +239,12 @@ def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
     for host, target in r.mapping(data, "volumes", f"{p}.volumes"):
         hp = r.check_abs(host, f"{p}.volumes.{host}")
         tp = r.check_abs(target, f"{p}.volumes.{host}")
-        if hp and tp:
+        if tp in ENGINE_SOCKETS:
+            # Whatever the package puts there, a script must never find an engine socket
+            # where tools look for one.
+            r.error(f"{p}.volumes.{host}", f"{tp} is where a container engine's socket lives; "
+                                           "rfs never mounts anything there")
+        elif hp and tp:
             volumes.append((hp, tp))
     return Container(
         image=ImageRef(name or "", tag or "") if image is not None else None,
@@ -287,7 +302,7 @@ def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:
         r.error(f"{p}.is_directory", "cannot be used with source_inline")
     mode = r.count(data, "mode", f"{p}.mode", maximum=0o7777)
     return Overlay(
-        destination=destination or "/",
+        destination=destination or "",  # "": invalid, reported already
         source=r.image_path(data, "source", f"{p}.source"),
         source_inline=r.text(data, "source_inline", f"{p}.source_inline"),
         is_directory=is_dir,
@@ -352,6 +367,9 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
     user sees everything at once; callers must not use the model when errors were found.
     """
     r = _Reader(file)
+    if doc is None:  # YAML reads an empty file as null
+        raise ScriptError([Problem("", "is empty: a build script needs at least [container]",
+                                   file)])
     if not isinstance(doc, Mapping):
         raise ScriptError([Problem("", f"must be a table at the top level, not {_kind(doc)}",
                                    file)])
@@ -384,6 +402,8 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
 def _check_destinations(r: _Reader, script: BuildScript) -> None:
     seen: dict[str, int] = {}
     for i, overlay in enumerate(script.overlays):
+        if not overlay.destination:
+            continue  # missing or invalid: said already
         if overlay.destination == "/" and not overlay.is_directory:
             r.error(f"overlays[{i}].destination", "must name a file, not /")
         if overlay.destination in seen:
