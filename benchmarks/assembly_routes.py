@@ -7,7 +7,9 @@ loop mount of the second):
 
 Both end with their data on disk (the mount route's umount flushes; the rfs image is fsync'ed),
 so neither wins by leaving writes in the page cache. Reports the median wall time of `--runs`
-runs and the image's allocated bytes (`st_blocks`), as a Markdown table.
+runs, the bytes each route wrote (`ru_oublock` of rfs and its children) and the image's
+allocated bytes (`st_blocks`: mkfs.ext4 discards the zeros dd wrote, so both end up sparse),
+as a Markdown table.
 
     python benchmarks/assembly_routes.py [--export TAR | --image debian:bookworm-slim]
                                          [--size-mib 1024] [--runs 5]
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rfs.fs.ext4 import assemble_ext4  # noqa: E402
-from rfs.fs.tarstream import Selection  # noqa: E402
+from rfs.fs.ext4 import assemble_ext4
+from rfs.fs.tarstream import Selection
 
 DOCKER = "/usr/bin/docker"  # Debian's client; another one may shadow it on PATH
 
@@ -78,18 +81,29 @@ def export_image(image: str, dest: Path) -> None:
 def measure(export: Path, size_mib: int, runs: int, workdir: Path) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in ROUTES}
     allocated: dict[str, list[float]] = {name: [] for name in ROUTES}
+    written: dict[str, list[float]] = {name: [] for name in ROUTES}
     for _ in range(runs):
         for name, (_, route) in ROUTES.items():  # interleaved: drift hits both alike
             image = workdir / f"{name}.ext4"
             image.unlink(missing_ok=True)
             subprocess.run(["sync"], check=True)
+            w0 = _written()
             t0 = time.perf_counter()
             route(export, image, size_mib)
             times[name].append(time.perf_counter() - t0)
+            written[name].append(_written() - w0)
             allocated[name].append(image.stat().st_blocks * 512)
             image.unlink()
     return {**{f"{n}:time": t for n, t in times.items()},
-            **{f"{n}:alloc": a for n, a in allocated.items()}}
+            **{f"{n}:alloc": a for n, a in allocated.items()},
+            **{f"{n}:written": w for n, w in written.items()}}
+
+
+def _written() -> int:
+    """Bytes written to block devices so far by this process and its waited-for children."""
+    blocks = sum(resource.getrusage(who).ru_oublock
+                 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return blocks * 512
 
 
 def main() -> int:
@@ -113,13 +127,14 @@ def main() -> int:
     mib = export.stat().st_size / (1 << 20) if export.exists() else float("nan")
     print(f"export: {args.export or args.image} ({mib:.0f} MiB), image {args.size_mib} MiB, "
           f"median of {args.runs} runs\n")
-    print("| route | time (median) | min–max | allocated |")
-    print("|---|---|---|---|")
+    print("| route | time (median) | min-max | written | allocated |")
+    print("|---|---|---|---|---|")
     for name, (label, _) in ROUTES.items():
         t = results[f"{name}:time"]
         alloc = statistics.median(results[f"{name}:alloc"]) / (1 << 20)
-        print(f"| {label} | {statistics.median(t):.2f} s | {min(t):.2f}–{max(t):.2f} s | "
-              f"{alloc:.0f} MiB |")
+        wrote = statistics.median(results[f"{name}:written"]) / (1 << 20)
+        print(f"| {label} | {statistics.median(t):.2f} s | {min(t):.2f}-{max(t):.2f} s | "
+              f"{wrote:.0f} MiB | {alloc:.0f} MiB |")
     return 0
 
 

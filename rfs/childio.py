@@ -1,4 +1,4 @@
-"""Byte progress of a child process, read from Linux's /proc: how much it has read so far.
+"""Byte progress of child processes, read from Linux's /proc: how much they have read so far.
 
 The assembly streams the export into `mke2fs -d -` with sendfile, in spans as large as the
 whole export, so the writer has no natural place to count bytes; mke2fs's own read counter
@@ -49,9 +49,10 @@ def _named(pid: int, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def child_reads(name: str, on_progress: Callable[[int], None],
+def child_reads(name: str | None, on_progress: Callable[[int], None],
                 interval: float = _POLL_S) -> Iterator[None]:
-    """While the block runs, call `on_progress(bytes read)` for our child process `name`.
+    """While the block runs, call `on_progress(bytes read)` by our child processes named `name`
+    (None: every child, whichever tool the filesystem type runs).
 
     Calls come from a background thread, about every `interval` seconds and only when the count
     grew; the thread is stopped and joined when the block ends.
@@ -65,7 +66,7 @@ def child_reads(name: str, on_progress: Callable[[int], None],
             total = 0
             seen = False
             for child in _children(me):
-                if _named(child, name):
+                if name is None or _named(child, name):
                     count = read_bytes(child)
                     if count is not None:
                         total += count

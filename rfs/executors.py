@@ -305,12 +305,12 @@ class Executor:
         restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
         from rfs.childio import child_reads
 
-        # Progress: what mke2fs has read of the stream, against the export's size.
         options = Options(seed=bytes.fromhex(step.key)[:32],
                           source_date_epoch=self.source_date_epoch, size_mib=fs.size_mib,
                           block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
                           dd_args=fs.dd_args)
-        with child_reads("mke2fs", lambda n: self.reporter.progress(step, n, blob.size)):
+        # Progress: what the filesystem tool has read of the stream, against the export's size.
+        with child_reads(None, lambda n: self.reporter.progress(step, n, blob.size)):
             result = assemble(fs.type, blob.path, self.selection(), self._overlay_entries(),
                               self.output, options, restore=restore,
                               warn=lambda text: self.reporter.message(f"rfs: warning: {text}"))

@@ -8,7 +8,9 @@ UUIDs and stamps inodes and the superblock with the current time, whatever SOURC
 says (the filesystem UUID is fixed from the build key; file mtimes are clamped).
 
 The image is `size_mib` MiB (at least 109 MiB: mkfs.btrfs refuses smaller devices), or the
-content's size plus headroom; a size the content cannot fit is refused before mkfs runs.
+content's size plus headroom; a size the content cannot fit is refused before mkfs runs, or
+after it when mkfs.btrfs needed more than the estimate (it then extends the file: a computed
+size grows with it, a given `size_mib` fails with the size it took).
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
                         hint=f"set size_mib to {need + need // 4} or more",
                     ) from exc
                 raise
+            # mkfs.btrfs --rootdir extends a file that is too small instead of failing.
+            grown = -(-tmp.stat().st_size // MIB)
+            if grown > size:
+                if options.size_mib is not None:
+                    check_size("btrfs", size, grown, piped.stats)
+                size = grown
     return Result(piped.stats, size, "tar stream → staging dir → fakeroot mkfs.btrfs --rootdir",
                   warnings)
 

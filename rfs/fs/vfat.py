@@ -66,6 +66,7 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
         with stream_pipe(source, mtime=epoch, clamp_mtime=epoch) as piped:
             staged = staging.extract(piped.reader, root, clamp_mtime=epoch, plain=True)
         _raise_times(root, epoch)
+        _rename_unstorable(root)
         warnings = lost(staged.inventory)
         with temp_image(output, size) as tmp:
             proc.run([proc.tool_path("mkfs.vfat"), "--invariant", "-i", volume_id,
@@ -84,6 +85,20 @@ def _raise_times(root: Path, epoch: int) -> None:
             path = os.path.join(dirpath, name)
             if os.lstat(path).st_mtime < FAT_EPOCH:
                 os.utime(path, (epoch, epoch), follow_symlinks=False)
+
+
+def _rename_unstorable(root: Path) -> None:
+    """Replace the characters FAT cannot store with "_" (mtools refuses such names, and would
+    fail the whole copy): /var/lib/dpkg/info/libc6:amd64.list becomes libc6_amd64.list."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in [*dirnames, *filenames]:
+            if _BAD_CHARS.isdisjoint(name):
+                continue
+            fixed = "".join("_" if c in _BAD_CHARS else c for c in name)
+            target, n = fixed, 1
+            while os.path.lexists(os.path.join(dirpath, target)):
+                target, n = f"{fixed}~{n}", n + 1
+            os.rename(os.path.join(dirpath, name), os.path.join(dirpath, target))
 
 
 def lost(inv: staging.Inventory) -> list[str]:
@@ -112,7 +127,7 @@ def lost(inv: staging.Inventory) -> list[str]:
         if _BAD_CHARS & set(name.rsplit("/", 1)[-1]):
             bad.append(name)
     kinds += [(clashes, "name(s) that differ only in case from another (one is lost)"),
-              (bad, "name(s) with characters FAT cannot store (mtools changes them)"),
+              (bad, 'name(s) with characters FAT cannot store (stored with "_" instead)'),
               (foreign, "name(s) that are not ASCII (mtools may change their case or bytes)")]
     for paths, what in kinds:
         if paths:
