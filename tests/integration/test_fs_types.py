@@ -231,3 +231,22 @@ def test_rebuild_with_cleared_cache_is_byte_identical(
 
 def test_btrfs_and_xfs_are_not_claimed_bit_identical() -> None:
     assert FsType.BTRFS not in BIT_IDENTICAL and FsType.XFS not in BIT_IDENTICAL
+
+
+def test_unmatched_include_and_dd_args_are_warned(
+    built: dict[str, tuple[Path, str]], workdir: Path
+) -> None:
+    from rfs.fs.assemble import assemble
+    from rfs.fs.image import Options
+    from rfs.fs.tarstream import Selection
+
+    blob = next(p for p in (workdir / "cache" / "blobs").iterdir() if p.is_file())
+    said: list[str] = []
+    selection = Selection(whole=False, include_dirs=("/fid", "/no/such/dir"))
+    result = assemble(FsType.SQUASHFS, blob, selection, [], workdir / "partial.squashfs",
+                      Options(seed=bytes(32), dd_args=("conv=fsync",)), warn=said.append)
+    assert said == result.warnings
+    assert any("export include /no/such/dir matched nothing" in w for w in said)
+    assert any("dd_args ['conv=fsync'] ignored" in w for w in said)
+    listing = list_image(workdir / "partial.squashfs", "squashfs")
+    assert "/fid/owned" in listing and "/bin" not in listing
