@@ -149,8 +149,11 @@ def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str
     problems: list[tuple[str, str]] = []
     links = {_norm(m.name): m for m in members if m.issym()}
     allowed: set[str] = set()
+    earlier: set[str] = set()  # a hard link can only point back (tarfile's rule)
     for m in members:
         name = _norm(m.name)
+        target_known = _norm(m.linkname) in earlier
+        earlier.add(name)
         parts = name.split("/") if name else []
         if m.name.startswith("/"):
             problems.append((m.name, "is an absolute path; package members must be relative"))
@@ -177,6 +180,9 @@ def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str
             target = _norm(m.linkname)
             if m.linkname.startswith("/") or ".." in target.split("/"):
                 problems.append((m.name, f"is a hard link to {m.linkname}, outside the package"))
+            elif not target_known:
+                problems.append((m.name, f"is a hard link to {m.linkname}, which is not in the "
+                                         "archive before it"))
         elif not (m.isreg() or m.isdir()):
             problems.append((m.name, "is a device node, FIFO or other special file; a package "
                                      "holds only files, directories and links"))
@@ -209,7 +215,8 @@ def extract(archive: Path, dest: Path) -> Path:
                 return tarfile.data_filter(member, path)
 
             tar.extractall(dest, filter=only_safe)
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, KeyError) as exc:
+        # KeyError: tarfile's word for a link whose target is missing (checked above too)
         if isinstance(exc, tarfile.FilterError):
             raise ScriptError([Problem(exc.tarinfo.name, str(exc), label)]) from exc
         raise ScriptError([Problem("", f"is not a readable tar archive: {exc}", label)]
