@@ -217,10 +217,11 @@ def test_command_and_container_fields(rfs: Rfs, proxy: EngineProxy, tmp_path: Pa
     assert created[2]["Cmd"] == ["/usr/bin/awk", "-f", "/.rfs/script"]
     assert (created[3]["User"], created[3]["WorkingDir"]) == ("1000:100", "/home/u")
 
-    # -e hides the commands' output (an unchanged build runs nothing, so use a fresh cache)
+    # -q (also -e, --no-exec-logs; before or after the verb) hides the commands' output (an
+    # unchanged build runs nothing, so use a fresh cache)
     quiet = Rfs(tmp_path / "cache-quiet")
     quiet.run_ids = rfs.run_ids  # checked for leftovers like the others
-    hushed = quiet("-e", "build", pkg, "-o", tmp_path / "quiet.ext4", "--no-network")
+    hushed = quiet("build", "-q", pkg, "-o", tmp_path / "quiet.ext4", "--no-network")
     assert hushed.code == 0, hushed.err
     assert "42-marker" not in hushed.err and "DEBUG" not in hushed.err
 

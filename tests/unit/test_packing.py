@@ -237,5 +237,7 @@ def test_cli_pack_unpack_and_refusal(pkg: Path, tmp_path: Path) -> None:
     refused = rfs("unpack", evil, tmp_path / "e")
     assert refused.returncode == 2 and "../x: leads outside the package" in refused.stderr
     assert "Traceback" not in refused.stderr
+    checked = rfs("check", "--script-only", evil)
+    assert checked.returncode == 2 and "../x: leads outside the package" in checked.stderr
     busy = rfs("unpack", tmp_path / "p.tar.gz", tmp_path / "u")
     assert busy.returncode == 2 and "exists and is not empty" in busy.stderr
