@@ -3,7 +3,8 @@
 Markers (declared in pyproject.toml):
 - `integration`: tests under tests/integration/ get it automatically; they need a running
   engine and skip (with the reason) when none answers. Deselect them with `-m "not integration"`.
-- `slow`: skipped unless `--run-slow` is given or RFS_RUN_SLOW=1.
+- `slow`: skipped unless `--run-slow` is given, RFS_RUN_SLOW=1, or CI is set (CI runs them all:
+  the boot test and the Debian example build are the proofs that matter most).
 
 Engine fixtures: `engine_kind` ("docker" or "podman"; parametrised, so every test that uses it,
 directly or through `docker_engine`, runs once per engine: RFS_TEST_ENGINES="docker,podman" by
@@ -52,7 +53,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    run_slow = config.getoption("--run-slow") or os.environ.get("RFS_RUN_SLOW") == "1"
+    run_slow = (config.getoption("--run-slow") or os.environ.get("RFS_RUN_SLOW") == "1"
+                or bool(os.environ.get("CI")))
     skip_slow = pytest.mark.skip(reason="slow: use --run-slow or RFS_RUN_SLOW=1")
     for item in items:
         if _INTEGRATION_DIR in Path(str(item.path)).parents:
