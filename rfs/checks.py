@@ -57,7 +57,8 @@ def base_archive_problems(script: BuildScript, file: str = "") -> list[Problem]:
 
 
 def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
-    """The engine answers at its address, and the base image is local or pullable."""
+    """The engine answers at its address, has the OCI runtime asked for, and the base image
+    is local or pullable."""
     from rfs.engine import connect
 
     c = script.container
@@ -67,10 +68,17 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         engine.ping()
     except RfsError as exc:
         return [Problem(where, exc.message, file)]
+    problems = []
+    if c.oci_runtime is not None:
+        try:
+            engine.check_runtime(c.oci_runtime)
+        except RfsError as exc:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            problems.append(Problem("container.oci_runtime", f"{exc.message}{hint}", file))
     if c.image is None or not c.image.name or not c.image.tag:
-        return []  # the archive form, or an image the schema already reported
+        return problems  # the archive form, or an image the schema already reported
     try:
         engine.check_base(c.image.name, c.image.tag)
     except RfsError as exc:
-        return [Problem("container.image", exc.message, file)]
-    return []
+        problems.append(Problem("container.image", exc.message, file))
+    return problems

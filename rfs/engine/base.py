@@ -116,6 +116,10 @@ class Engine(Protocol):
         """
         ...
 
+    def check_runtime(self, runtime: str) -> None:
+        """Raise EnvironmentProblem unless commands can run with the OCI runtime `runtime`."""
+        ...
+
     def import_archive(self, path: str, *, image: bool) -> str:
         """Bring a base image tarball into the engine and return its image ID.
 

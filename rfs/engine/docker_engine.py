@@ -206,6 +206,7 @@ class DockerEngine:
         self._timeout_s = timeout_s
         self._pull_timeout_s = pull_timeout_s
         self._title = "Podman" if name == "podman" else "Docker"
+        self._runtimes_ok: set[str] = set()
         try:
             tls = docker.utils.kwargs_from_env().get("tls") if tls_from_env else None
             self._api: Any = docker.APIClient(
@@ -381,6 +382,33 @@ class DockerEngine:
                 hint=f"load it into the engine (docker load / docker pull {ref}) and retry",
             ) from exc
 
+    def check_runtime(self, runtime: str) -> None:
+        """Raise EnvironmentProblem unless commands can run with the OCI runtime `runtime`.
+
+        Docker lists its runtimes in /info and refuses others itself. Podman's compat API
+        ignores a container's runtime (4.3 records "oci" and runs its default), so asking for
+        another one there would silently build with the wrong runtime: refused instead.
+        """
+        if runtime in self._runtimes_ok:
+            return
+        with self._calling("list its OCI runtimes"):
+            info = self._api.info()
+        default = str(info.get("DefaultRuntime") or "")
+        names = sorted(info.get("Runtimes") or {})
+        if self.name == "podman" and runtime != default:
+            raise EnvironmentProblem(
+                f"Podman's API cannot choose an OCI runtime per container (it would run "
+                f"{default!r}, not {runtime!r})",
+                hint=f'set runtime = "{runtime}" in the [engine] table of containers.conf and '
+                     "restart the Podman service, or remove container.oci_runtime")
+        if runtime not in names:
+            raise EnvironmentProblem(
+                f"the {self._title} engine has no OCI runtime {runtime!r} (it has: "
+                f"{', '.join(names) or 'none listed'})",
+                hint='add it to "runtimes" in /etc/docker/daemon.json, or remove '
+                     "container.oci_runtime")
+        self._runtimes_ok.add(runtime)
+
     def import_archive(self, path: str, *, image: bool) -> str:
         """Bring a base image tarball into the engine and return its image ID.
 
@@ -433,6 +461,8 @@ class DockerEngine:
         parent = self._inspect_image(spec.image)
         if parent is None:
             raise EngineError(f"image {spec.image} is not present in the {self._title} engine")
+        if spec.runtime is not None:
+            self.check_runtime(spec.runtime)
         cid = self._create(spec, step)
         kept = False
         try:

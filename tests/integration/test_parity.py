@@ -345,6 +345,17 @@ def test_timeout_stops_a_command_that_ignores_sigterm(rfs: Rfs, proxy: EnginePro
     assert not out.exists()
 
 
+def test_a_runtime_the_engine_cannot_use_fails_the_build(rfs: Rfs, tmp_path: Path,
+                                                          engine_toml: str) -> None:
+    # Docker refuses an unknown runtime; Podman's API would silently use its default instead.
+    pkg = write_package(tmp_path / "pkg", f"[filesystem]\nsize_mib = 16\n[container]\n"
+                        f'{engine_toml}{IMAGE}oci_runtime = "crun-x"\n'
+                        '[[commands]]\ncommand = "true"\n')
+    failed = rfs("build", pkg, "-o", tmp_path / "x.ext4", "--no-network")
+    assert failed.code == 3 and "OCI runtime" in failed.err and "'crun-x'" in failed.err
+    assert "Traceback" not in failed.err
+
+
 # -- [[overlays]] and [export] -------------------------------------------------------------------
 
 SELECTION = """
@@ -578,14 +589,16 @@ source_inline = "z"
     assert "Traceback" not in checked.err
 
 
-def test_check_finds_a_base_image_neither_local_nor_pullable(rfs: Rfs, tmp_path: Path,
-                                                             engine_toml: str) -> None:
+def test_check_finds_a_missing_base_image_and_runtime(rfs: Rfs, tmp_path: Path,
+                                                      engine_toml: str) -> None:
     missing = 'image = { name = "rfs-test/no-such-image", tag = "1" }\n'
     pkg = write_package(tmp_path / "pkg", f"[filesystem]\nsize_mib = 16\n[container]\n"
-                                          f"{engine_toml}{missing}")
+                                          f'{engine_toml}{missing}oci_runtime = "crun-x"\n')
     checked = rfs("check", pkg)
     assert checked.code == 3, checked.err  # the script is fine; the machine is not
-    assert "rfs-test/no-such-image:1" in findings(checked)["container.image"]
+    found = findings(checked)
+    assert "rfs-test/no-such-image:1" in found["container.image"]
+    assert "'crun-x'" in found["container.oci_runtime"]
     ok = write_package(tmp_path / "ok", f"[filesystem]\nsize_mib = 16\n[container]\n"
                                         f"{engine_toml}{IMAGE}")
     fine = rfs("dry-run", ok)
