@@ -147,6 +147,9 @@ cat /etc/mounted.conf > /out/mounted
 grep CapEff /proc/self/status > /out/caps
 echo "$CENV $SHARED $CMDENV" > /out/env
 if chown 1:1 /out/cmdline 2>/dev/null; then echo allowed; else echo refused; fi > /out/chown
+for f in /mnt/vol/new /etc/mounted.conf; do
+    if echo x >> $f 2>/dev/null; then echo writable; else echo read-only; fi
+done > /out/read-only
 echo "$((6 * 7))-marker"
 '''
 
@@ -193,6 +196,7 @@ def test_command_and_container_fields(rfs: Rfs, proxy: EngineProxy, tmp_path: Pa
     caps = int(text(out, t, "/out/caps").split()[1], 16)
     assert caps & (1 << CAP_NET_ADMIN) and not caps & (1 << CAP_CHOWN)
     assert text(out, t, "/out/chown") == "refused\n"
+    assert text(out, t, "/out/read-only") == "read-only\nread-only\n"  # volume, overlay
     assert (text(out, t, "/out/uid"), text(out, t, "/out/gid")) == ("1000\n", "100\n")
     assert text(out, t, "/out/pwd") == "/home/u\n"
     assert (t["/home/u/mine"].uid, t["/home/u/mine"].gid) == (1000, 100)
