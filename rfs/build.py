@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rfs import signals
 from rfs.compiler import build_graph, compile_steps
 from rfs.errors import Interrupted, RfsError, StepFailed
 from rfs.executors import Executor, resolve_base
@@ -33,6 +37,14 @@ if TYPE_CHECKING:
     from rfs.remote.sync import RemoteCache
 
 RUN_LABEL = "org.rfs.run"
+# "<host>:<pid>:<process start time>" of the rfs process that created a container, so a later
+# build can tell the containers of a build that died (SIGKILL, a crashed engine restarted
+# later) from those of a build still running, and remove only the former.
+OWNER_LABEL = "org.rfs.owner"
+# On every container of a `--keep-failed` build: what it leaves is left on purpose.
+KEEP_LABEL = "org.rfs.keep"
+
+log = logging.getLogger("rfs.build")
 
 
 @dataclass
@@ -111,7 +123,7 @@ def prepare(opts: Options, reporter: Reporter,
     output = opts.output or Path(str(previous.get("_output", "image.ext4")))
     executor = Executor(script, store, lambda: engine, reporter, output,
                         source_date_epoch=facts.source_date_epoch,
-                        labels={RUN_LABEL: run_id}, network=opts.network,
+                        labels=_labels(run_id, opts.keep_failed), network=opts.network,
                         keep_failed=opts.keep_failed)
     executor._engine = engine
     store.hold({s.key for s in steps})  # no eviction removes these while this build runs
@@ -138,6 +150,10 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     ran: set[str] = set()
     lock: FileLock | None = None
     kept: list[str] = []
+    running: Step | None = None  # the step an interrupt stops
+    t0 = time.monotonic()
+    if ex._engine is not None:
+        remove_abandoned(ex.engine)
     try:
         for d in planned.decisions:
             if d.action is Action.CACHED:
@@ -155,13 +171,14 @@ def execute(planned: Planned, reporter: Reporter) -> None:
                 reporter.reused(d.step, Action.CACHED, None)
                 continue
             reporter.started(d.step, d.reason)
-            t0 = time.monotonic()
+            running, t0 = d.step, time.monotonic()
             try:
                 record = ex.run(d.step, by_id, planned.facts.base_id)
-            except KeyboardInterrupt:
-                reporter.failed(d.step, time.monotonic() - t0, "interrupted")
-                raise Interrupted(f"interrupted during {d.step.id}") from None
             except RfsError as exc:
+                if signals.received() is not None:
+                    # Ctrl-C reaches the whole process group: a tool rfs runs (mke2fs) may die
+                    # of it first, and its failure is the interrupt's doing.
+                    raise KeyboardInterrupt from exc
                 reporter.failed(d.step, time.monotonic() - t0, exc.message)
                 if isinstance(exc, StepFailed) and exc.container:
                     kept.append(exc.container)  # --keep-failed: the user will inspect it
@@ -172,14 +189,18 @@ def execute(planned: Planned, reporter: Reporter) -> None:
             store.put_record(d.step.key, {"kind": d.step.kind.value, "step": d.step.id,
                                           "inputs": dict(d.step.inputs),
                                           "seconds": round(seconds, 3), **record})
+            running = None
             lock.release()
             ran.add(d.step.key)
             reporter.finished(d.step, seconds, artifact_size(d.step, record, ex.output))
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into it by rfs.signals
+        if running is not None:
+            reporter.failed(running, time.monotonic() - t0, "interrupted")
+        raise _interrupted(running, len(ran)) from None
     finally:
         if lock is not None:
             lock.release()
-        if ex._engine is not None:
-            ex.engine.remove_containers(f"{RUN_LABEL}={ex.labels[RUN_LABEL]}", keep=kept)
+        _remove_containers(ex, kept)
         if planned.remote is not None:
             _upload(planned.remote, planned, ran)
     manifests: dict[str, object] = {s.id: {**manifest(s), **remembered_text(planned.script, s)}
@@ -187,6 +208,85 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     manifests["_output"] = str(ex.output)
     store.save_manifests(planned.script_id, manifests)
     store.evict(keep={s.key for s in planned.steps})
+
+
+def _interrupted(step: Step | None, finished: int) -> Interrupted:
+    """The one-line summary of an interrupted build."""
+    signum = signals.received()
+    how = f"interrupted by {signals.name(signum)}" if signum is not None else "interrupted"
+    where = f" during {step.id}" if step is not None else ""
+    done = (f"{finished} step(s) finished and are cached" if finished
+            else "no step finished")
+    return Interrupted(f"{how}{where}: {done}; nothing half-done was kept")
+
+
+def _labels(run_id: str, keep_failed: bool) -> dict[str, str]:
+    """The labels every container of this build carries."""
+    labels = {RUN_LABEL: run_id, OWNER_LABEL: _owner(os.getpid()) or "unknown"}
+    if keep_failed:
+        labels[KEEP_LABEL] = "1"
+    return labels
+
+
+def _owner(pid: int) -> str | None:
+    """"<host>:<pid>:<start time>" of process `pid` if it is alive, else None.
+
+    The start time (field 22 of /proc/<pid>/stat) tells a reused pid from the original.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name may hold spaces
+    if len(fields) < 20:
+        return None
+    return f"{socket.gethostname()}:{pid}:{fields[19]}"
+
+
+def remove_abandoned(engine: Engine) -> int:
+    """Remove the containers of rfs builds on this machine whose process is gone; return how
+    many went. A build killed with SIGKILL, or one whose engine died and came back, leaves its
+    containers; the next build clears them. Builds still running and `--keep-failed` builds
+    are left alone, and so is everything when the engine cannot tell (a warning, not a failure).
+    """
+    host = socket.gethostname()
+    try:
+        found = engine.container_labels(OWNER_LABEL)
+        dead = set()
+        for labels in found.values():
+            owner = labels.get(OWNER_LABEL, "")
+            parts = owner.split(":")
+            run = labels.get(RUN_LABEL, "")
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue  # another machine's, or a container made from a layer image
+            if run and not labels.get(KEEP_LABEL) and _owner(int(parts[1])) != owner:
+                dead.add(run)
+        removed = sum(engine.remove_containers(f"{RUN_LABEL}={run}") for run in sorted(dead))
+    except RfsError as exc:
+        log.warning("could not look for containers of dead rfs builds: %s", exc)
+        return 0
+    if removed:
+        log.info("removed %d container(s) left by rfs builds that died", removed)
+    return removed
+
+
+def _remove_containers(ex: Executor, kept: list[str]) -> None:
+    """Remove every container of this build but those kept for inspection.
+
+    While an error is on its way out, a failure here (the engine that just died, say) is only
+    logged: it must not replace the error that explains why the build ended. The next build
+    removes what is left (`remove_abandoned`).
+    """
+    failing = sys.exc_info()[1]
+    if ex._engine is None:
+        return
+    try:
+        ex.engine.remove_containers(f"{RUN_LABEL}={ex.labels[RUN_LABEL]}", keep=kept)
+    except RfsError as exc:
+        if failing is None:
+            raise
+        log.warning("could not remove the containers of this build (label %s=%s; the next "
+                    "build will): %s", RUN_LABEL, ex.labels[RUN_LABEL], exc)
 
 
 def _upload(remote: RemoteCache, planned: Planned, ran: set[str]) -> None:

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from rfs import __version__
-from rfs.errors import EXIT_INTERRUPTED, RfsError, ScriptError, UsageError
+from rfs import __version__, signals
+from rfs.errors import EXIT_INTERRUPTED, Interrupted, RfsError, ScriptError, UsageError
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -80,11 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return UsageError.exit_code
     try:
-        code: int = args.func(args)
+        # SIGTERM takes the same way out as Ctrl-C: through every clean-up (rfs.signals).
+        with signals.handled():
+            code: int = args.func(args)
         return code
+    except Interrupted as exc:  # the build's one-line summary of what it kept
+        print(f"rfs: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except RfsError as exc:
         _report(exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("rfs: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before or after the steps: nothing was being built
+        signum = signals.received()
+        by = f" by {signals.name(signum)}" if signum is not None else ""
+        print(f"rfs: interrupted{by}", file=sys.stderr)
         return EXIT_INTERRUPTED

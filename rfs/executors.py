@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs import etcfiles
-from rfs.errors import RfsError
+from rfs.errors import EngineError, RfsError
 from rfs.model import BuildScript, Command, Overlay
 from rfs.package import resolve_reference
 from rfs.steps import Step, StepKind
-from rfs.store import Store
+from rfs.store import Blob, Store
 
 if TYPE_CHECKING:
-    from rfs.engine.base import Engine, Mount
+    from rfs.engine.base import BinarySink, Engine, Mount
     from rfs.fs.overlay import OverlayEntry
     from rfs.fs.selection import Selection
     from rfs.reporter import Reporter
@@ -86,6 +86,30 @@ def output_identity(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _TarEnd:
+    """A sink that passes writes on and keeps the last 1 KiB: a complete tar archive ends with
+    two zero blocks (the end-of-archive marker Docker's and Podman's Go tar writers add)."""
+
+    def __init__(self, sink: BinarySink) -> None:
+        self._sink = sink
+        self._tail = b""
+
+    def write(self, data: bytes, /) -> object:
+        """Write `data` on, remembering the end of the stream."""
+        result = self._sink.write(data)
+        self._tail = (self._tail + bytes(data[-1024:]))[-1024:]
+        return result
+
+    def complete(self) -> bool:
+        """True if what went through ends with the end-of-archive marker."""
+        return len(self._tail) == 1024 and not any(self._tail)
+
+
 @dataclass
 class Executor:
     """Runs the steps of one build of `script`."""
@@ -100,6 +124,9 @@ class Executor:
     network: bool = True
     keep_failed: bool = False  # keep a failed command's container (rfs build --keep-failed)
     _engine: Engine | None = None
+    # key -> identity (inode, size, mtime) of export blobs whose content hash was checked (or
+    # written) during this build, so the planner's check is not repeated before assembly.
+    _verified: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def engine(self) -> Engine:
@@ -121,8 +148,13 @@ class Executor:
             if not self.engine.has_tag(layer_tag(step.key)):
                 return f"layer image {layer_tag(step.key)[:28]}… is missing from the engine"
         elif step.kind is StepKind.EXPORT:
-            if self.store.blob(step.key) is None:
+            blob = self.store.blob(step.key)
+            if blob is None:
                 return "export tarball missing or truncated in the cache"
+            # Rehashed here, when an assembly needs it, so a corrupt tarball is exported
+            # again by this same build instead of failing it.
+            if not self._verify(step.key, blob):
+                return "the cached export tarball is corrupt (its content hash changed)"
         elif step.kind is StepKind.ASSEMBLE:
             outputs = record.get("outputs", {})
             recorded = outputs.get(str(self.output.resolve()))
@@ -145,6 +177,19 @@ class Executor:
         if step.kind is StepKind.ASSEMBLE:
             return self._assemble(step, parents)
         return {"image_id": base_id}
+
+    def _verify(self, key: str, blob: Blob) -> bool:
+        """Whether `blob` still has its recorded content hash (rehashed once per build)."""
+        try:
+            ident = _identity(blob.path)
+        except OSError:
+            return False
+        if self._verified.get(key) == ident:
+            return True
+        if not self.store.verify_blob(blob):
+            return False
+        self._verified[key] = ident
+        return True
 
     def _image_of(self, parent: Step, base_id: str) -> str:
         return base_id if parent.kind is StepKind.BASE else layer_tag(parent.key)
@@ -244,8 +289,16 @@ class Executor:
     def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
         image = self._image_of(parents[step.parents[0]], base_id)
         with self.store.write_blob(step.key) as writer:
-            self.engine.export(image, writer, labels=self.labels,
+            sink = _TarEnd(writer)
+            self.engine.export(image, sink, labels=self.labels,
                                on_progress=lambda n: self.reporter.progress(step, n))
+            if not sink.complete():
+                # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
+                # boundary; an export without the end-of-archive marker must never be cached.
+                raise EngineError(f"the export of {image} ended early ({writer.size} bytes, "
+                                  "no end-of-archive marker): did the engine stop?")
+        with contextlib.suppress(OSError):  # the content hash was taken on the way in
+            self._verified[step.key] = _identity(self.store.root / "blobs" / step.key)
         written = self._written(parents[step.parents[0]])
         return {"blob_size": writer.size, "blob_digest": writer.digest, "etc_written": written}
 
@@ -298,10 +351,12 @@ class Executor:
         blob = self.store.blob(export.key)
         if blob is None:
             raise RfsError("the export tarball vanished from the cache during the build")
-        if not self.store.verify_blob(blob):
+        if not self._verify(export.key, blob):
+            # Checked when planning, so it went bad during this build: too late to export
+            # again here, but the next build will.
             self.store.drop(export.key)
-            raise RfsError("the cached export tarball is corrupt; it was removed, run the "
-                           "build again")
+            raise RfsError("the cached export tarball was damaged during the build; it was "
+                           "removed, and the next build exports it again")
         restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
         from rfs.childio import child_reads
 

@@ -17,7 +17,10 @@ of the entries it drops through a callback (the store itself never talks to the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,8 +33,21 @@ from rfs.errors import EnvironmentProblem
 from rfs.locks import FileLock, Locks
 
 DEFAULT_SIZE_LIMIT = 20 * 1024**3
+log = logging.getLogger("rfs.store")
+# SQLite's result codes for a file that is not (or no longer) a sound database.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
 _STEP = "step/"
 _LAST = "last/"
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """True if `exc` says the database file is damaged (not merely busy or unwritable)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "not a database" in text or "malformed" in text
 
 
 def default_cache_dir() -> Path:
@@ -84,21 +100,43 @@ class Store:
     """Records and artifacts of built steps, keyed by step key."""
 
     def __init__(self, root: Path, size_limit: int = DEFAULT_SIZE_LIMIT) -> None:
-        import diskcache  # imported here so commands that never touch the cache stay fast
-
         self.root = root
         self.size_limit = size_limit
         try:
             for sub in ("blobs", "tmp"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
-            self._index = diskcache.Cache(
-                str(root / "index"), eviction_policy="none", size_limit=2**62,
-                statistics=False,
-            )
+            try:
+                self._index = self._open_index()
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                self._index = self._replace_damaged_index(exc)
             self.locks = Locks(root / "locks")
+        except sqlite3.OperationalError as exc:  # e.g. a full disk or a read-only directory
+            raise EnvironmentProblem(f"cannot use the cache index in {root}: {exc}",
+                                     hint="pass --cache-dir or set RFS_CACHE_DIR") from exc
         except OSError as exc:
             raise EnvironmentProblem(f"cannot use cache directory {root}: {exc.strerror}",
                                      hint="pass --cache-dir or set RFS_CACHE_DIR") from exc
+
+    def _open_index(self) -> Any:
+        import diskcache  # imported here so commands that never touch the cache stay fast
+
+        index = diskcache.Cache(str(self.root / "index"), eviction_policy="none",
+                                size_limit=2**62, statistics=False)
+        index.get("meta/probe")  # a damaged database may open, and fail on the first read
+        return index
+
+    def _replace_damaged_index(self, exc: sqlite3.DatabaseError) -> Any:
+        """Delete a damaged index and start an empty one: every step is a miss and is built
+        again, which is slower but right. The blobs go too: without their records' digests
+        they could not be verified."""
+        log.warning("the cache index in %s is damaged (%s); starting it afresh", self.root, exc)
+        shutil.rmtree(self.root / "index")
+        for blob in (self.root / "blobs").iterdir():
+            with contextlib.suppress(OSError):
+                blob.unlink()
+        return self._open_index()
 
     def close(self) -> None:
         """Release the index's database handles and this process's use locks."""
@@ -121,8 +159,15 @@ class Store:
     # records -----------------------------------------------------------------------------
 
     def record(self, key: str) -> dict[str, Any] | None:
-        """The record of step `key`, or None."""
-        value = self._index.get(_STEP + key)
+        """The record of step `key`, or None (also for a record too damaged to read)."""
+        try:
+            value = self._index.get(_STEP + key)
+        except sqlite3.OperationalError:
+            raise  # the database is busy or unwritable: not the record's fault
+        except Exception as exc:  # unpickling a damaged row can raise almost anything
+            log.warning("the cache record of %s is damaged (%s); treating it as missing",
+                        key[:12], exc)
+            return None
         return value if isinstance(value, dict) else None
 
     def put_record(self, key: str, record: dict[str, Any]) -> None:
@@ -204,16 +249,23 @@ class Store:
         block; a failure or interruption leaves no file behind.
         """
         tmp = self.root / "tmp" / f"{key}.{os.getpid()}.part"
-        writer = BlobWriter(tmp)
+        try:
+            writer = BlobWriter(tmp)
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot write to the cache in {self.root}: "
+                                     f"{exc.strerror or exc}") from exc
         try:
             yield writer
             writer.close()
             os.replace(tmp, self.root / "blobs" / key)
-        except BaseException:
-            with contextlib.suppress(OSError):
+        except BaseException as exc:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: closed already
                 writer.close()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+            if isinstance(exc, OSError):  # a full disk shows here (fsync), not only in write
+                raise EnvironmentProblem(f"cannot write to the cache in {self.root}: "
+                                         f"{exc.strerror or exc}") from exc
             raise
 
     def blob_bytes(self) -> int:

@@ -175,6 +175,10 @@ class Engine(Protocol):
         """Remove (or untag) an image; a missing image is not an error."""
         ...
 
+    def container_labels(self, label: str) -> dict[str, dict[str, str]]:
+        """The labels of every container carrying `label` (a key or "key=value"), by ID."""
+        ...
+
     def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         """Force-remove every container carrying `label` ("key=value" or "key") except the
         ones whose full ID is in `keep`; return the count."""

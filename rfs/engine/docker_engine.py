@@ -717,6 +717,12 @@ class DockerEngine:
         with self._calling(f"remove image {ref}"), suppress(docker.errors.NotFound):
             self._api.remove_image(ref)
 
+    def container_labels(self, label: str) -> dict[str, dict[str, str]]:
+        """The labels of every container carrying `label` (a key or "key=value"), by ID."""
+        with self._calling(f"list containers labelled {label}"):
+            found = self._api.containers(all=True, filters={"label": label})
+        return {str(c["Id"]): dict(c.get("Labels") or {}) for c in found}
+
     def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         """Force-remove every container carrying `label` ("key=value" or "key") except the
         ones whose full ID is in `keep`; return the count."""

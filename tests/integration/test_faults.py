@@ -1,0 +1,678 @@
+"""Faults on the real engine: a failing command, a timeout, the engine down or dying, Ctrl-C
+and SIGTERM at every stage, a full disk, a damaged cache.
+
+Every scenario runs the `rfs` command as a separate process with its own $TMPDIR, cache, output
+directory and run id (RFS_RUN_ID, the value of every container's `org.rfs.run` label), and then
+`assert_clean` checks that nothing is left: no container of that run, nothing in $TMPDIR (scratch
+directories `rfs-step-*`, `rfs-mke2fs-*`, unpacked packages), nothing in the cache's tmp/, no
+`.<image>.rfs-tmp-*` next to the output, no mount under the test's directory, and that the output
+is either absent or exactly the previous complete image. Then the next build must succeed and
+reuse what was cached before the fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_or_skip
+
+pytestmark = pytest.mark.integration
+
+BASE = "rfs-test/busybox:1"
+DOCKER_URI = os.environ.get("RFS_TEST_ENGINE_URI") or "unix:///var/run/docker.sock"
+# The size of the file the "big" package's command writes: big enough that its export and its
+# assembly take a second or more (time to interrupt them), small enough to stay quick.
+BIG_MIB = 200
+
+_layer_caches: list[Path] = []  # caches whose layer images are removed from the engine at the end
+
+
+# -- running rfs and checking what it leaves -------------------------------------------------
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    run_id: str
+
+    def ran(self) -> list[str]:
+        """Step ids rfs reports as run (done), in order."""
+        return [line.split()[1] for line in self.err.splitlines()
+                if line.strip().startswith("done ")]
+
+    @property
+    def last_line(self) -> str:
+        lines = self.err.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or written: inode, size, mtime."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class Running:
+    """An rfs process; its stdout and stderr are read by threads as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str], run_id: str) -> None:
+        self.proc = proc
+        self.run_id = run_id
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(stream, into), daemon=True)
+                         for stream, into in ((proc.stdout, self.out), (proc.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: Any, into: list[str]) -> None:
+        for line in iter(stream.readline, ""):
+            into.append(line)
+
+    def wait_for(self, when: Callable[[str], bool], timeout: float = 120) -> None:
+        """Return once `when(stderr so far)` is true; fail if rfs ends first."""
+        deadline = time.monotonic() + timeout
+        while not when("".join(self.err)):
+            if self.proc.poll() is not None:
+                pytest.fail(f"rfs ended before it was expected to:\n{self.finish().err}")
+            assert time.monotonic() < deadline, "".join(self.err)
+            time.sleep(0.005)
+
+    def finish(self, timeout: float = 300) -> Result:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return Result(self.proc.returncode, "".join(self.out), "".join(self.err), self.run_id)
+
+
+class Rfs:
+    """The `rfs` command with a private $TMPDIR and cache; checks what each run leaves."""
+
+    def __init__(self, base: Path, api: Any, engine_uri: str = DOCKER_URI) -> None:
+        self.base = base
+        self.tmpdir = base / "tmp"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.cache = base / "cache"
+        self.api = api
+        self.engine_uri = engine_uri
+        _layer_caches.append(self.cache)
+
+    def env(self, run_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, "TMPDIR": str(self.tmpdir), "RFS_CACHE_DIR": str(self.cache),
+               "RFS_RUN_ID": run_id, "DOCKER_HOST": self.engine_uri}
+        env.pop("CI", None)  # no behaviour of rfs depends on it; keep the display plain
+        env.update(extra or {})
+        return env
+
+    def start(self, *args: str | Path, extra_env: dict[str, str] | None = None) -> Running:
+        """Start rfs in its own session (so a signal can go to its whole process group, as
+        Ctrl-C in a terminal does); its output is collected as it comes."""
+        run_id = f"fault-{uuid.uuid4().hex[:12]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rfs", *map(str, args)], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=self.env(run_id, extra_env),
+            start_new_session=True)
+        return Running(proc, run_id)
+
+    def run(self, *args: str | Path, extra_env: dict[str, str] | None = None) -> Result:
+        return self.start(*args, extra_env=extra_env).finish()
+
+    def interrupt(self, args: list[str | Path], when: Callable[[str], bool], sig: int, *,
+                  group: bool, timeout: float = 120) -> Result:
+        """Run rfs and send `sig` once `when(stderr so far)` is true: to the process group
+        (Ctrl-C in a terminal) or to rfs alone (`kill`); signal 0 sends nothing."""
+        running = self.start(*args)
+        running.wait_for(when, timeout)
+        if sig and group:
+            os.killpg(running.proc.pid, sig)
+        elif sig:
+            os.kill(running.proc.pid, sig)
+        return running.finish()
+
+    def containers(self, run_id: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.api.containers(
+            all=True, filters={"label": f"org.rfs.run={run_id}"})
+        return found
+
+    def assert_clean(self, result: Result, output: Path,
+                     previous: tuple[int, int, int] | None) -> None:
+        """Nothing of the run is left, and the output is the previous image (or none)."""
+        assert "Traceback" not in result.err, result.err
+        assert self.containers(result.run_id) == [], "containers left behind"
+        assert sorted(os.listdir(self.tmpdir)) == [], "temporary files left in $TMPDIR"
+        tmp = self.cache / "tmp"
+        assert not tmp.exists() or sorted(os.listdir(tmp)) == [], "partial cache writes left"
+        assert list(output.parent.glob(f".{output.name}.rfs-*")) == [], "temporary image left"
+        assert identity(output) == previous, "the output changed"
+        mounts = Path("/proc/self/mountinfo").read_text()
+        assert str(self.base) not in mounts.replace(str(self.base / "mnt"), ""), mounts
+
+
+def build_toml(marker: str, commands: list[str], *, size_mib: int = 64, overlay: str = "one",
+               container: str = "") -> str:
+    """A busybox build script; `marker` makes its keys (and layer tags) this test's own."""
+    cmds = "".join(f"\n[[commands]]\n{c}\n" for c in commands)
+    name, tag = BASE.split(":")
+    return (f'[filesystem]\nsize_mib = {size_mib}\n\n[container]\n'
+            f'image = {{ name = "{name}", tag = "{tag}" }}\nenv = {{ MARKER = "{marker}" }}\n'
+            f"{container}\n{cmds}\n"
+            f'[[overlays]]\nsource_inline = "{overlay}"\ndestination = "/etc/overlay"\n')
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[Any]:
+    docker = pytest.importorskip("docker")
+    client = docker.APIClient(base_url=DOCKER_URI, version="1.40")
+    try:
+        client.ping()
+        client.inspect_image(BASE)
+    except Exception as exc:  # no engine or no base image: nothing here can run
+        require_or_skip(f"these tests need the Docker engine and {BASE}: {exc}")
+    yield client
+    from tests.integration.test_remote_cache import layer_tags
+
+    for cache in _layer_caches:
+        for tag in layer_tags(cache):
+            with contextlib.suppress(docker.errors.APIError):
+                client.remove_image(tag, force=True)
+    client.close()
+
+
+@pytest.fixture
+def rfs(tmp_path: Path, api: Any) -> Rfs:
+    return Rfs(tmp_path, api)
+
+
+def write_package(root: Path, text: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "build.toml").write_text(text)
+    return root
+
+
+# -- a command that fails; a command that times out ------------------------------------------
+
+
+def test_failing_command(rfs: Rfs, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    good = ['command = "mkdir -p /srv/one"', 'command = "touch /srv/one/two"']
+    pkg = write_package(tmp_path / "pkg", build_toml(marker, [*good, 'command = "ls /nope"']))
+    out = tmp_path / "out" / "image.ext4"
+    out.parent.mkdir()
+
+    failed = rfs.run("build", pkg, "-o", out)
+    assert failed.code == 1, failed.err
+    assert "rfs: error: step run[2] (commands[2] command: ls /nope) failed: exited with code 1" \
+        in failed.err
+    assert "/nope" in failed.err  # the command's own message, from the output's tail
+    rfs.assert_clean(failed, out, None)
+
+    fixed = write_package(pkg, build_toml(marker, [*good, 'command = "true"']))
+    again = rfs.run("build", fixed, "-o", out)
+    assert again.code == 0, again.err
+    assert again.ran() == ["run[2]", "export", "overlays", "assemble"]  # run[0], run[1] reused
+
+
+def test_command_exceeding_timeout(rfs: Rfs, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    first = 'command = "touch /first"'
+    slow = build_toml(marker, [first, 'script_inline = "echo started; sleep 60"'],
+                      container="timeout = 2\nwait_timeout_s = 1")
+    pkg = write_package(tmp_path / "pkg", slow)
+    out = tmp_path / "image.ext4"
+
+    t0 = time.monotonic()
+    failed = rfs.run("build", pkg, "-o", out)
+    assert time.monotonic() - t0 < 30, "the timeout did not stop the command"
+    assert failed.code == 1, failed.err
+    assert "step run[1]" in failed.err and "timed out after 2 s" in failed.err
+    assert "started" in failed.err  # what it printed before it was stopped
+    rfs.assert_clean(failed, out, None)
+
+    quick = build_toml(marker, [first, 'script_inline = "echo started; sleep 0.1"'],
+                       container="timeout = 2\nwait_timeout_s = 1")
+    again = rfs.run("build", write_package(pkg, quick), "-o", out)
+    assert again.code == 0, again.err
+    assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
+
+
+# -- the engine not running --------------------------------------------------------------------
+
+
+def test_engine_not_running(rfs: Rfs, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    pkg = write_package(tmp_path / "pkg", build_toml(marker, ['command = "touch /x"']))
+    out = tmp_path / "image.ext4"
+    built = rfs.run("build", pkg, "-o", out)
+    assert built.code == 0, built.err
+    image = identity(out)
+
+    dead = tmp_path / "dead.sock"  # a socket file nobody listens on: connection refused
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(dead))
+    # Through DOCKER_HOST, and through the script's connection_uri (no such socket).
+    via_env = rfs.run("build", pkg, "-o", out, extra_env={"DOCKER_HOST": f"unix://{dead}"})
+    assert via_env.code == 3, via_env.err
+    assert f"cannot reach the Docker engine at unix://{dead}: connection refused" in via_env.err
+    assert "is dockerd running?" in via_env.err
+    rfs.assert_clean(via_env, out, image)
+
+    nowhere = tmp_path / "nowhere.sock"
+    uri_pkg = write_package(tmp_path / "pkg2", build_toml(
+        marker, ['command = "touch /x"'], container=f'connection_uri = "unix://{nowhere}"'))
+    via_uri = rfs.run("build", uri_pkg, "-o", out)
+    assert via_uri.code == 3, via_uri.err
+    assert f"unix://{nowhere}: no such socket" in via_uri.err
+    rfs.assert_clean(via_uri, out, image)
+
+    again = rfs.run("build", pkg, "-o", out)
+    assert again.code == 0, again.err
+    assert again.ran() == []  # everything was still cached
+    assert identity(out) == image
+
+
+# -- signals during a command ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-to-group", "SIGTERM-to-rfs"])
+def test_interrupt_during_command(rfs: Rfs, tmp_path: Path, sig: int, group: bool) -> None:
+    marker = uuid.uuid4().hex
+    first = 'command = "touch /first"'
+    pkg = write_package(tmp_path / "pkg", build_toml(
+        marker, [first, 'script_inline = "echo started; sleep 60"']))
+    out = tmp_path / "image.ext4"
+
+    stopped = rfs.interrupt(["build", pkg, "-o", out], lambda err: "run[1] | started" in err,
+                            sig, group=group)
+    assert stopped.code == 130, stopped.err
+    name = signal.Signals(sig).name
+    assert stopped.last_line == (f"rfs: interrupted by {name} during run[1]: 1 step(s) "
+                                 "finished and are cached; nothing half-done was kept")
+    rfs.assert_clean(stopped, out, None)
+
+    quick = build_toml(marker, [first, 'script_inline = "echo started"'])
+    again = rfs.run("build", write_package(pkg, quick), "-o", out)
+    assert again.code == 0, again.err
+    assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
+
+
+def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path: Path) -> None:
+    """SIGKILL skips every clean-up: the container stays until the next build removes it."""
+    marker = uuid.uuid4().hex
+    pkg = write_package(tmp_path / "pkg", build_toml(
+        marker, ['script_inline = "echo started; sleep 60"']))
+    out = tmp_path / "image.ext4"
+    killed = rfs.interrupt(["build", pkg, "-o", out], lambda err: "run[0] | started" in err,
+                           signal.SIGKILL, group=False)
+    assert killed.code == -signal.SIGKILL
+    assert len(rfs.containers(killed.run_id)) == 1  # what a killed build leaves
+
+    # Another build (any package) removes it; a running build's containers stay.
+    other = write_package(tmp_path / "other", build_toml(
+        uuid.uuid4().hex, ['script_inline = "echo started; sleep 60"']))
+    alive = rfs.start("build", other, "-o", tmp_path / "other.ext4")
+    try:
+        alive.wait_for(lambda err: "run[0] | started" in err)
+        quick = write_package(tmp_path / "quick", build_toml(marker, ['command = "true"']))
+        cleaner = rfs.run("build", quick, "-o", tmp_path / "quick.ext4")
+        assert cleaner.code == 0, cleaner.err
+        assert rfs.containers(killed.run_id) == []
+        assert len(rfs.containers(alive.run_id)) == 1  # a live build's is not touched
+    finally:
+        os.killpg(alive.proc.pid, signal.SIGINT)
+        alive.finish()
+    assert rfs.containers(alive.run_id) == []
+    shutil.rmtree(rfs.tmpdir)  # the killed build's scratch directory: SIGKILL allows no clean-up
+    rfs.tmpdir.mkdir()
+
+
+# -- a big image: signals during export and assembly, a full disk ------------------------------
+
+
+@dataclass
+class Big:
+    """A package whose only layer holds BIG_MIB MiB, built once; its cache and image."""
+
+    rfs: Rfs
+    pkg: Path
+    out: Path
+    marker: str
+
+    def rewrite(self, overlay: str, *, size_mib: int = BIG_MIB * 2) -> None:
+        """A new overlay value: the image must be assembled again (the layer stays cached)."""
+        cmd = f'command = "dd if=/dev/urandom of=/big bs=1M count={BIG_MIB}"'
+        write_package(self.pkg, build_toml(self.marker, [cmd], size_mib=size_mib,
+                                           overlay=overlay))
+
+    def drop_export(self) -> None:
+        """Delete the export tarball (not its record): the next build must export again."""
+        for blob in (self.rfs.cache / "blobs").iterdir():
+            blob.unlink()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory, api: Any) -> Big:
+    base = tmp_path_factory.mktemp("big")
+    b = Big(Rfs(base, api), base / "pkg", base / "out" / "image.ext4", uuid.uuid4().hex)
+    b.out.parent.mkdir()
+    b.rewrite("zero")
+    built = b.rfs.run("build", b.pkg, "-o", b.out, "-q")
+    assert built.code == 0, built.err
+    return b
+
+
+def _part_growing(cache: Path) -> Callable[[str], bool]:
+    def when(_: str) -> bool:
+        return any(p.stat().st_size > 0 for p in (cache / "tmp").glob("*.part"))
+    return when
+
+
+def _image_tmp(out: Path) -> Callable[[str], bool]:
+    return lambda _: any(out.parent.glob(f".{out.name}.rfs-tmp-*"))
+
+
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-to-group", "SIGTERM-to-rfs"])
+def test_interrupt_during_export(big: Big, sig: int, group: bool) -> None:
+    big.rewrite(uuid.uuid4().hex)
+    big.drop_export()
+    before = identity(big.out)
+    stopped = big.rfs.interrupt(["build", big.pkg, "-o", big.out, "-q"],
+                                _part_growing(big.rfs.cache), sig, group=group)
+    assert stopped.code == 130, stopped.err
+    name = signal.Signals(sig).name
+    assert stopped.last_line == (f"rfs: interrupted by {name} during export: no step finished; "
+                                 "nothing half-done was kept")
+    big.rfs.assert_clean(stopped, big.out, before)
+
+    again = big.rfs.run("build", big.pkg, "-o", big.out, "-q")
+    assert again.code == 0, again.err
+    assert again.ran() == ["export", "overlays", "assemble"]  # the layer was reused
+
+
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-to-group", "SIGTERM-to-rfs"])
+def test_interrupt_during_assembly(big: Big, sig: int, group: bool) -> None:
+    big.rewrite(uuid.uuid4().hex)
+    before = identity(big.out)
+    stopped = big.rfs.interrupt(["build", big.pkg, "-o", big.out, "-q"], _image_tmp(big.out),
+                                sig, group=group)
+    assert stopped.code == 130, stopped.err
+    name = signal.Signals(sig).name
+    assert stopped.last_line == (f"rfs: interrupted by {name} during assemble: 1 step(s) "
+                                 "finished and are cached; nothing half-done was kept")
+    big.rfs.assert_clean(stopped, big.out, before)  # the previous image, untouched
+
+    again = big.rfs.run("build", big.pkg, "-o", big.out, "-q")
+    assert again.code == 0, again.err
+    assert again.ran() == ["assemble"]  # the export and the overlays were reused
+    subprocess.run(["e2fsck", "-fn", str(big.out)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB mounted at `path` (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        require_or_skip("a full disk is simulated with a tmpfs mount, which needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_while_exporting(big: Big) -> None:
+    """The cache on a disk too small for the export: exit 3, no partial blob, then, with
+    room, the same cache finishes the build and the layer is reused."""
+    big.rewrite(uuid.uuid4().hex)
+    with small_disk(big.rfs.base / "mnt" / "cache", BIG_MIB // 2) as disk:
+        cache = disk / "rfs"
+        shutil.copytree(big.rfs.cache / "index", cache / "index")  # the layer's record
+        before = identity(big.out)
+        full = big.rfs.run("build", big.pkg, "-o", big.out, "-q", "--cache-dir", cache)
+        assert full.code == 3, full.err
+        assert "rfs: error:" in full.err and "No space left on device" in full.err
+        big.rfs.assert_clean(full, big.out, before)
+        assert sorted(os.listdir(cache / "tmp")) == [] and os.listdir(cache / "blobs") == []
+
+        subprocess.run(["mount", "-o", f"remount,size={BIG_MIB * 3}m", str(disk)], check=True)
+        again = big.rfs.run("build", big.pkg, "-o", big.out, "-q", "--cache-dir", cache)
+        assert again.code == 0, again.err
+        assert again.ran() == ["export", "overlays", "assemble"]
+
+
+def test_disk_full_while_assembling(big: Big) -> None:
+    """The output on a disk with room for one image but not two: the new image cannot be
+    written beside the old one; the old one stays, whole, and no temporary file remains."""
+    with small_disk(big.rfs.base / "mnt" / "out", BIG_MIB * 3 // 2) as disk:
+        out = disk / "image.ext4"
+        big.rewrite(uuid.uuid4().hex)
+        first = big.rfs.run("build", big.pkg, "-o", out, "-q")
+        assert first.code == 0, first.err
+        before = identity(out)
+        big.rewrite(uuid.uuid4().hex)
+        full = big.rfs.run("build", big.pkg, "-o", out, "-q")
+        assert full.code == 3, full.err
+        assert "no space left on the disk that holds the image" in full.err
+        big.rfs.assert_clean(full, out, before)
+        subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
+
+        out.unlink()  # room again
+        again = big.rfs.run("build", big.pkg, "-o", out, "-q")
+        assert again.code == 0, again.err
+        assert again.ran() == ["assemble"]
+
+
+# -- a damaged cache ---------------------------------------------------------------------------
+
+
+def test_corrupt_export_is_exported_again_in_the_same_build(rfs: Rfs, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    cmd = 'command = "touch /x"'
+    pkg = write_package(tmp_path / "pkg", build_toml(marker, [cmd], overlay="one"))
+    out = tmp_path / "image.ext4"
+    assert rfs.run("build", pkg, "-o", out).code == 0
+    (blob,) = (rfs.cache / "blobs").iterdir()
+
+    # Same size, other bytes: only the content hash can tell.
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    write_package(pkg, build_toml(marker, [cmd], overlay="two"))
+    plan = rfs.run("plan", pkg, "-o", out)
+    assert "export tarball is corrupt" in plan.out, plan.out
+    healed = rfs.run("build", pkg, "-o", out)
+    assert healed.code == 0, healed.err
+    assert healed.ran() == ["export", "overlays", "assemble"]  # run[0] reused
+    assert "export tarball is corrupt" in healed.err
+    rfs.assert_clean(healed, out, identity(out))
+
+    # Cut short: a cheaper check (the size) finds it.
+    with blob.open("r+b") as f:
+        f.truncate(blob.stat().st_size // 2)
+    write_package(pkg, build_toml(marker, [cmd], overlay="three"))
+    again = rfs.run("build", pkg, "-o", out)
+    assert again.code == 0, again.err
+    assert again.ran() == ["export", "overlays", "assemble"]
+
+
+def test_damaged_cache_index_is_started_afresh(rfs: Rfs, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    pkg = write_package(tmp_path / "pkg", build_toml(marker, ['command = "touch /x"']))
+    out = tmp_path / "image.ext4"
+    assert rfs.run("build", pkg, "-o", out).code == 0
+    db = rfs.cache / "index" / "cache.db"
+    db.write_bytes(b"this is not a database" * 100)
+
+    rebuilt = rfs.run("build", pkg, "-o", out)
+    assert rebuilt.code == 0, rebuilt.err
+    assert "cache index" in rebuilt.err and "damaged" in rebuilt.err
+    assert rebuilt.ran() == ["run[0]", "export", "overlays", "assemble"]
+    again = rfs.run("build", pkg, "-o", out)
+    assert (again.code, again.ran()) == (0, [])
+
+
+# -- the engine dying in the middle of a build (a private dockerd) -----------------------------
+
+
+class PrivateDockerd:
+    """A second dockerd with its own data root, exec root, pid file and socket: this test may
+    kill it, which it must never do to the shared one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sock = root / "docker.sock"
+        self.uri = f"unix://{self.sock}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import docker
+
+        # In a network namespace of its own: a dockerd started with --bridge=none deletes any
+        # interface named docker0 it can see, which would be the shared daemon's bridge.
+        argv = ["unshare", "--net", shutil.which("dockerd") or "dockerd",
+                "--data-root", str(self.root / "data"),
+                "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "pid"),
+                "-H", self.uri, "--bridge=none", "--iptables=false", "--ip-masq=false",
+                "--log-level=warn"]
+        log = (self.root / "dockerd.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        api = docker.APIClient(base_url=self.uri, version="1.40", timeout=5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                api.ping()
+                break
+            except Exception:  # not up yet
+                assert self.proc.poll() is None, (self.root / "dockerd.log").read_text()
+                assert time.monotonic() < deadline, "the private dockerd did not come up"
+                time.sleep(0.1)
+        api.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no chance to stop its containers. Its containerd goes
+        too (else the restarted dockerd cannot start its own); the containers' shims stay."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        self._kill_containerd()
+
+    def _kill_containerd(self) -> None:
+        # dockerd started its own containerd under the exec root. Whether or not it outlived
+        # dockerd, its pid file must go: a restarted dockerd that finds the pid taken by
+        # another process waits for a containerd that never answers.
+        pidfile = self.root / "exec" / "containerd" / "containerd.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            if str(self.root) in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL what this daemon started and left running (containers' shims), by pid."""
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                if str(self.root) in cmdline.read_text():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        self._kill_containerd()
+
+
+@pytest.fixture(scope="module")
+def private_dockerd(api: Any) -> Iterator[PrivateDockerd]:
+    if shutil.which("dockerd") is None or shutil.which("unshare") is None or os.geteuid():
+        require_or_skip("needs dockerd, unshare and root to run a second, private dockerd")
+    import docker
+
+    root = Path(tempfile.mkdtemp(prefix="rfsd-", dir="/tmp"))  # a short socket path
+    daemon = PrivateDockerd(root)
+    try:
+        daemon.start()
+        private = docker.APIClient(base_url=daemon.uri, version="1.40")
+        private.load_image(api.get_image(BASE))
+        private.close()
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.kill_leftovers()
+        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
+                  .splitlines() if line.split()[4].startswith(str(root))]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_engine_killed_in_the_middle_of_a_command(private_dockerd: PrivateDockerd,
+                                                  tmp_path: Path) -> None:
+    import docker
+
+    private = docker.APIClient(base_url=private_dockerd.uri, version="1.40")
+    rfs = Rfs(tmp_path, private, engine_uri=private_dockerd.uri)
+    marker = uuid.uuid4().hex
+    first = 'command = "touch /first"'
+    pkg = write_package(tmp_path / "pkg", build_toml(
+        marker, [first, 'script_inline = "echo started; sleep 60"']))
+    out = tmp_path / "image.ext4"
+
+    def at_second_command(err: str) -> bool:
+        if "run[1] | started" not in err:
+            return False
+        private_dockerd.kill()
+        return True
+
+    dead = rfs.interrupt(["build", pkg, "-o", out, "--no-network"], at_second_command,
+                         0, group=False)  # signal 0: the daemon's death is the fault
+    assert dead.code == 3, dead.err
+    assert f"the Docker engine at {private_dockerd.uri}" in dead.err, dead.err
+    assert dead.last_line == "rfs: hint: systemctl start docker"
+    assert "rfs: error: cannot reach the Docker engine" in dead.err
+    assert "Traceback" not in dead.err
+
+    private_dockerd.start()  # it comes back with the dead build's container, stopped
+    private = docker.APIClient(base_url=private_dockerd.uri, version="1.40")
+    rfs.api = private
+    assert len(rfs.containers(dead.run_id)) == 1
+    quick = build_toml(marker, [first, 'script_inline = "echo started"'])
+    again = rfs.run("build", write_package(pkg, quick), "-o", out, "--no-network")
+    assert again.code == 0, again.err
+    assert again.ran() == ["run[1]", "export", "overlays", "assemble"]  # run[0] reused
+    rfs.assert_clean(dead, out, identity(out))  # and the next build removed its container
