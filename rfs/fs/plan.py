@@ -36,13 +36,14 @@ class Generated:
     """An entry rfs adds after the export: a created path or an overlay."""
 
     path: str
-    typeflag: int  # tf.REGULAR, tf.DIRECTORY or tf.SYMLINK
+    typeflag: int  # tf.REGULAR, tf.DIRECTORY, tf.SYMLINK or tf.CHARDEV
     mode: int
     uid: int = 0
     gid: int = 0
     content: bytes = b""
     target: str = ""  # symlink target
     dropped: bool = False  # replaced by a later overlay
+    device: tuple[int, int] = (0, 0)  # major, minor of a device node
 
 
 @dataclass(eq=False)
@@ -102,6 +103,7 @@ def make_plan(
     keep = plan.keep
     for i, path in enumerate(paths):
         keep[i] = not path or matcher.keeps(path)
+    _add_console(plan)
     if not (selection.create_dirs or selection.create_files or overlays):
         return plan
     layout = _Layout(plan)
@@ -116,6 +118,23 @@ def make_plan(
     for overlay in overlays:
         layout.overlay(overlay)
     return plan
+
+
+CONSOLE = "/dev/console"
+
+
+def _add_console(plan: Plan) -> None:
+    """Give a kept /dev without a console the char device 5,1 a booting kernel writes to.
+
+    `podman export` leaves /dev/console out (Docker exports an empty file, which the emitter
+    turns into the device), and init without /dev/console loses its early messages.
+    """
+    dev = plan.by_path.get("/dev")
+    if dev is None or dev.typeflag != tf.DIRECTORY or CONSOLE in plan.by_path:
+        return
+    if not plan.keep[plan.paths.index("/dev")]:
+        return
+    plan.generated.append(Generated(CONSOLE, tf.CHARDEV, 0o600, device=(5, 1)))
 
 
 class _Layout:

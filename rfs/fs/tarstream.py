@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from rfs.fs import tarformat as tf
 from rfs.fs.overlay import OverlayEntry, overlay_entries_from_dir
-from rfs.fs.plan import Generated, Plan, make_plan
+from rfs.fs.plan import CONSOLE, Generated, Plan, make_plan
 from rfs.fs.selection import Selection, ancestors, decode, encode, normalise
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "write_image_stream",
 ]
 
-CONSOLE = "/dev/console"
 ENGINE_ETC_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
 _CHUNK = 8 << 20  # bytes per write when copying without sendfile
 _FS_BLOCK = 4096  # ext4 block size rfs formats with, for the size estimate
@@ -372,6 +371,7 @@ class _Emitter:
             generated.gid,
             generated.content,
             generated.target,
+            generated.device,
         )
 
     def _emit_new(
@@ -383,6 +383,7 @@ class _Emitter:
         gid: int = 0,
         content: bytes = b"",
         target: str = "",
+        device: tuple[int, int] = (0, 0),
     ) -> None:
         name = encode(path)[1:]
         linkname = encode(target)
@@ -396,6 +397,8 @@ class _Emitter:
                 size=len(content),
                 mtime=self.mtime,
                 linkname=linkname,
+                devmajor=device[0],
+                devminor=device[1],
             )
         )
         if content:

@@ -87,14 +87,9 @@ def test_links_devices_names(tree: tuple[Path, dict[str, Entry]]) -> None:
     assert "/.dockerenv" not in t and "/.rfs" not in t
 
 
-def test_dev_console_is_a_char_device(tree: tuple[Path, dict[str, Entry]], engine_kind: str,
-                                      request: pytest.FixtureRequest) -> None:
+def test_dev_console_is_a_char_device(tree: tuple[Path, dict[str, Entry]]) -> None:
     # Docker exports an empty /dev/console file, which the filter turns into char 5,1; Podman
-    # exports none at all, so a Podman-built image has no console node until the filter adds
-    # one whenever /dev exists (strict: this fails once that is done, to drop the marker).
-    request.applymarker(pytest.mark.xfail(
-        engine_kind == "podman", strict=True,
-        reason="podman export has no /dev/console and rfs does not add one yet"))
+    # exports none at all, and the filter adds one wherever /dev exists.
     _, t = tree
     console = t["/dev/console"]
     assert (console.type, console.major, console.minor) == ("char", 5, 1)

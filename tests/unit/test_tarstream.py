@@ -195,6 +195,17 @@ def test_fixed_drops_console_and_restore() -> None:
     assert out.get("ping").pax_headers["SCHILY.xattr.security.capability"] == CAP.decode()
 
 
+def test_dev_without_console_gets_one() -> None:
+    # podman export leaves /dev/console out; a rootfs needs it for init's first messages
+    out = run(make_tar([D("dev"), D("etc")]))
+    console = out.get("dev/console")
+    assert console.ischr() and (console.devmajor, console.devminor) == (5, 1)
+    assert (console.mode, console.uid, console.gid) == (0o600, 0, 0)
+    assert "dev/console" not in run(make_tar([D("etc")])).names()
+    assert "dev/console" not in run(make_tar([D("dev"), D("etc")]),
+                                     Selection(exclude=("/dev",))).names()
+
+
 def test_reserved_rfs_directory_is_dropped() -> None:
     specs = [D(".rfs"), Spec(".rfs/script.sh", data=b"#!/bin/sh\n"), Spec(".rfsx", data=b"k")]
     out = run(make_tar(specs))
