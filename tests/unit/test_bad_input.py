@@ -371,3 +371,53 @@ def test_bad_package_tarball_names_archive_and_member(
     assert not Path("/etc/evil").exists() and not (short_tmp.parent / "evil").exists()
     assert list(unpack_dir.iterdir()) == []
     assert sorted(p.name for p in short_tmp.iterdir()) == ["pkg.tar", "tmp"]
+
+
+# -- overlays through symlinks in the image that point outside it ----------------------------
+
+
+def _export_with_escaping_links() -> bytes:
+    """An export whose /etc/up climbs far above the root and whose /etc/root is "/"."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        etc = tarfile.TarInfo("etc")
+        etc.type, etc.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(etc)
+        for name, target in (("etc/up", "../../../../../../outside"), ("etc/root", "/")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+    return buf.getvalue()
+
+
+def test_overlay_through_an_image_symlink_pointing_out_stays_in_the_image(
+        short_tmp: Path) -> None:
+    """A symlink is resolved inside the image, as the kernel of the booted image would: `..`
+    stops at the image's root and `/` is the image's root. Staged on the host (the route of
+    erofs, btrfs and vfat), nothing lands outside the staging directory."""
+    from rfs.fs.overlay import OverlayEntry
+    from rfs.fs.selection import Selection
+    from rfs.fs.staging import extract
+    from rfs.fs.tarstream import write_image_stream
+
+    overlays = [OverlayEntry("/etc/up/x", b"one", 0o644),
+                OverlayEntry("/etc/root/etc/passwd", b"two", 0o644)]
+    stream = io.BytesIO()
+    write_image_stream(io.BytesIO(_export_with_escaping_links()), Selection(), overlays, stream,
+                       mtime=0)
+    stream.seek(0)
+    with tarfile.open(fileobj=stream) as tar:
+        files = {m.name.strip("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
+                 for m in tar.getmembers() if m.isfile()}
+        names = [m.name for m in tar.getmembers()]
+    assert files == {"outside/x": b"one", "etc/passwd": b"two"}
+    assert not any(".." in name.split("/") for name in names)
+
+    stage = short_tmp / "stage"
+    stage.mkdir()
+    stream.seek(0)
+    extract(stream, stage, clamp_mtime=0)
+    assert (stage / "outside" / "x").read_bytes() == b"one"
+    assert (stage / "etc" / "passwd").read_bytes() == b"two"
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["stage"]
+    assert not Path("/outside").exists()
