@@ -1,0 +1,131 @@
+"""The pieces behind "nothing lost, nothing left behind", without an engine: signals, the
+removal of dead builds' containers, and a damaged cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rfs import signals
+from rfs.build import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, _owner, remove_abandoned
+from rfs.errors import EngineError
+from rfs.store import Store
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def test_sigterm_becomes_keyboard_interrupt_and_only_once() -> None:
+    with signals.handled():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1)  # let the handler run
+        # Clean-up in progress: a second signal must not cut it short.
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.1)
+        assert signals.received() == signal.SIGTERM
+        # A third one gives up on the clean-up.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# -- containers of dead builds ---------------------------------------------------------------
+
+
+class Engine:
+    """Just the two calls `remove_abandoned` makes."""
+
+    def __init__(self, containers: dict[str, dict[str, str]], fail: bool = False) -> None:
+        self.containers = containers
+        self.fail = fail
+        self.removed: list[str] = []
+
+    def container_labels(self, label: str) -> dict[str, dict[str, str]]:
+        if self.fail:
+            raise EngineError("the engine is gone")
+        return {cid: labels for cid, labels in self.containers.items() if label in labels}
+
+    def remove_containers(self, label: str) -> int:
+        run = label.split("=", 1)[1]
+        gone = [cid for cid, labels in self.containers.items() if labels.get(RUN_LABEL) == run]
+        for cid in gone:
+            del self.containers[cid]
+        self.removed.append(run)
+        return len(gone)
+
+
+def _dead_owner() -> str:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = _owner(proc.pid)
+    proc.wait()
+    assert owner is not None and _owner(proc.pid) != owner
+    return owner
+
+
+def test_only_containers_of_dead_local_builds_are_removed() -> None:
+    alive = _owner(os.getpid())
+    dead = _dead_owner()
+    assert alive is not None
+    engine = Engine({
+        "a": {RUN_LABEL: "dead", OWNER_LABEL: dead},
+        "b": {RUN_LABEL: "dead", OWNER_LABEL: dead},
+        "c": {RUN_LABEL: "alive", OWNER_LABEL: alive},
+        "d": {RUN_LABEL: "kept", OWNER_LABEL: dead, KEEP_LABEL: "1"},  # --keep-failed
+        "e": {RUN_LABEL: "remote", OWNER_LABEL: "elsewhere:1:1"},  # another machine's
+        "f": {RUN_LABEL: "", OWNER_LABEL: ""},  # made by someone from a layer image
+    })
+    assert remove_abandoned(engine) == 2  # type: ignore[arg-type]
+    assert engine.removed == ["dead"]
+    assert sorted(engine.containers) == ["c", "d", "e", "f"]
+
+
+def test_an_unanswering_engine_is_only_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    assert remove_abandoned(Engine({}, fail=True)) == 0  # type: ignore[arg-type]
+    assert "could not look for containers of dead rfs builds" in caplog.text
+
+
+# -- a damaged cache -------------------------------------------------------------------------
+
+
+def test_damaged_index_starts_afresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path)
+    store.put_record("k", {"blob_size": 1, "blob_digest": "x"})
+    (tmp_path / "blobs" / "k").write_bytes(b"x")
+    store.close()
+    (tmp_path / "index" / "cache.db").write_bytes(b"garbage" * 1000)
+
+    store = Store(tmp_path)
+    assert store.record("k") is None
+    assert list((tmp_path / "blobs").iterdir()) == []  # unverifiable without their records
+    store.put_record("k", {"a": 1})
+    assert store.record("k") is not None
+    store.close()
+    assert "is damaged" in caplog.text
+
+
+def test_damaged_record_is_a_miss(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.put_record("k", {"a": 1})
+    store.close()
+    db = sqlite3.connect(tmp_path / "index" / "cache.db")
+    with db:  # a pickled value whose bytes went bad
+        db.execute("UPDATE Cache SET value = ?, mode = 4 WHERE key = ?",
+                   (b"\x80\x04not a pickle", "step/k"))
+    db.close()
+    store = Store(tmp_path)
+    assert store.record("k") is None
+    store.close()
+
+
+def test_busy_index_is_not_mistaken_for_damage(tmp_path: Path) -> None:
+    from rfs.store import _damaged
+
+    assert not _damaged(sqlite3.OperationalError("database is locked"))
+    assert _damaged(sqlite3.DatabaseError("file is not a database"))
