@@ -256,12 +256,13 @@ def remove_abandoned(engine: Engine) -> int:
         for labels in found.values():
             owner = labels.get(OWNER_LABEL, "")
             parts = owner.split(":")
-            run = labels.get(RUN_LABEL, "")
             if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
                 continue  # another machine's, or a container made from a layer image
-            if run and not labels.get(KEEP_LABEL) and _owner(int(parts[1])) != owner:
-                dead.add(run)
-        removed = sum(engine.remove_containers(f"{RUN_LABEL}={run}") for run in sorted(dead))
+            if not labels.get(KEEP_LABEL) and _owner(int(parts[1])) != owner:
+                dead.add(owner)
+        # By owner, not by run id: builds may share a run id (RFS_RUN_ID in a CI job).
+        removed = sum(engine.remove_containers(f"{OWNER_LABEL}={owner}")
+                      for owner in sorted(dead))
     except RfsError as exc:
         log.warning("could not look for containers of dead rfs builds: %s", exc)
         return 0

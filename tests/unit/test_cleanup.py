@@ -53,11 +53,11 @@ class Engine:
         return {cid: labels for cid, labels in self.containers.items() if label in labels}
 
     def remove_containers(self, label: str) -> int:
-        run = label.split("=", 1)[1]
-        gone = [cid for cid, labels in self.containers.items() if labels.get(RUN_LABEL) == run]
+        key, value = label.split("=", 1)
+        gone = [cid for cid, labels in self.containers.items() if labels.get(key) == value]
         for cid in gone:
             del self.containers[cid]
-        self.removed.append(run)
+        self.removed.append(label)
         return len(gone)
 
 
@@ -74,15 +74,15 @@ def test_only_containers_of_dead_local_builds_are_removed() -> None:
     dead = _dead_owner()
     assert alive is not None
     engine = Engine({
-        "a": {RUN_LABEL: "dead", OWNER_LABEL: dead},
-        "b": {RUN_LABEL: "dead", OWNER_LABEL: dead},
-        "c": {RUN_LABEL: "alive", OWNER_LABEL: alive},
-        "d": {RUN_LABEL: "kept", OWNER_LABEL: dead, KEEP_LABEL: "1"},  # --keep-failed
+        "a": {RUN_LABEL: "ci-job", OWNER_LABEL: dead},
+        "b": {RUN_LABEL: "ci-job", OWNER_LABEL: dead},
+        "c": {RUN_LABEL: "ci-job", OWNER_LABEL: alive},  # same run id, a live process
+        "d": {RUN_LABEL: "kept", OWNER_LABEL: _dead_owner(), KEEP_LABEL: "1"},  # --keep-failed
         "e": {RUN_LABEL: "remote", OWNER_LABEL: "elsewhere:1:1"},  # another machine's
         "f": {RUN_LABEL: "", OWNER_LABEL: ""},  # made by someone from a layer image
     })
     assert remove_abandoned(engine) == 2  # type: ignore[arg-type]
-    assert engine.removed == ["dead"]
+    assert engine.removed == [f"{OWNER_LABEL}={dead}"]
     assert sorted(engine.containers) == ["c", "d", "e", "f"]
 
 
