@@ -50,6 +50,30 @@ def interpreter_argv(script: bytes, path: str) -> list[str]:
 BASE_REPO = "rfs/base"
 
 
+# Steps that need the container engine to run (assembly and overlays do not).
+ENGINE_STEPS = frozenset({StepKind.BASE, StepKind.RUN, StepKind.EXPORT})
+
+
+def quick_base_id(script: BuildScript, digests: Mapping[str, str]) -> str | None:
+    """The base image's ID when the engine has it locally, asked without the docker SDK.
+
+    None when the shortcut cannot tell (the image is missing and may need pulling, the engine
+    is not on a local socket): then `resolve_base` does it properly.
+    """
+    from rfs.engine import default_uri
+    from rfs.engine.lite import Unavailable, image_id
+
+    c = script.container
+    ref = f"{BASE_REPO}:{digests[c.archive]}" if c.archive is not None else (
+        c.image.ref if c.image is not None else None)
+    if ref is None:
+        return None
+    try:
+        return image_id(c.connection_uri or default_uri(c.engine.value), ref)
+    except (Unavailable, RfsError):
+        return None
+
+
 def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str]) -> str:
     """The image ID the first command runs on: `container.image` resolved (pulled if need be),
     or `container.archive` brought into the engine once and kept as `rfs/base:<digest>`.

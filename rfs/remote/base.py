@@ -12,10 +12,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from rfs.hashing import digest_bytes
-from rfs.remote.codec import ObjectRef
+
+if TYPE_CHECKING:  # the codec (tarfile, zstandard) is not needed to read settings
+    from rfs.remote.codec import ObjectRef
 
 #: Records larger than this are refused: a record is a few KiB of JSON.
 MAX_RECORD_BYTES = 16 * 1024 * 1024

@@ -140,3 +140,16 @@ def test_interpreter_from_shebang() -> None:
     assert interpreter_argv(b"#!/bin/bash -eu\necho", "/s") == ["/bin/bash", "-eu", "/s"]
     assert interpreter_argv(b"#!/usr/bin/env python3\n", "/s") == ["/usr/bin/env", "python3", "/s"]
     assert interpreter_argv(b"echo hi\n", "/s") == ["/bin/sh", "/s"]
+
+
+def test_plan_without_graph_matches_plan_when_image_is_cached() -> None:
+    from rfs.planner import plan_cached
+
+    steps = compile_steps(script(), FACTS)
+    graph = build_graph(steps)
+
+    def cached_image(step: Step) -> str | None:
+        return None if step.id == "assemble" else "no cache entry"
+
+    assert plan_cached(steps, cached_image) == plan(graph, cached_image)
+    assert plan_cached(steps, lambda step: "no cache entry") is None
