@@ -323,6 +323,26 @@ def test_interrupt_during_command(rfs: Rfs, tmp_path: Path, sig: int, group: boo
     assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
 
 
+def test_sigterm_to_a_build_of_a_package_tarball(rfs: Rfs, tmp_path: Path) -> None:
+    """A package tarball is unpacked under $TMPDIR for the build; SIGTERM removes it too."""
+    import tarfile
+
+    marker = uuid.uuid4().hex
+    pkg = write_package(tmp_path / "pkg", build_toml(
+        marker, ['script_path = "/slow.sh"']))
+    (pkg / "slow.sh").write_text("#!/bin/sh\necho started\nsleep 60\n")
+    archive = tmp_path / "pkg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("build.toml", "slow.sh"):
+            tar.add(pkg / name, arcname=name)
+    out = tmp_path / "image.ext4"
+    stopped = rfs.interrupt(["build", archive, "-o", out],
+                            lambda err: "run[0] | started" in err, signal.SIGTERM, group=False)
+    assert stopped.code == 130, stopped.err
+    assert stopped.last_line.startswith("rfs: interrupted by SIGTERM during run[0]")
+    rfs.assert_clean(stopped, out, None)  # $TMPDIR empty: no rfs-package-* left
+
+
 def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path: Path) -> None:
     """SIGKILL skips every clean-up: the container stays until the next build removes it."""
     marker = uuid.uuid4().hex
