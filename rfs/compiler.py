@@ -20,8 +20,8 @@ from rfs.steps import KEY_VERSION, Facts, Step, StepKind
 if TYPE_CHECKING:
     import networkx as nx
 
-# Bump when the bytes rfs feeds mkfs change for the same inputs (a filter fix, say).
-ASSEMBLY_VERSION = 1
+# Bump when the bytes rfs feeds mkfs, or the options it passes, change for the same inputs.
+ASSEMBLY_VERSION = 2
 
 
 def _key(kind: StepKind, inputs: Mapping[str, Any], parent_keys: list[str]) -> str:

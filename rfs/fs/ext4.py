@@ -114,7 +114,10 @@ def assemble_ext4(
         log.warning("%d MiB is below 8 MiB: mke2fs makes the image without a journal", size_mib)
     fs_uuid = uuid.UUID(bytes=seed[:16], version=4)
     hash_seed = uuid.UUID(bytes=seed[16:], version=4)
-    extended = [f"hash_seed={hash_seed}", "root_owner=0:0"]
+    # The temp file is new and sparse, so it reads as zeros: mke2fs need not write zeros into
+    # the journal and inode tables (32 MiB of a 1 GiB image), and marks the tables zeroed so
+    # the guest kernel does not zero them on first mount either.
+    extended = [f"hash_seed={hash_seed}", "root_owner=0:0", "assume_storage_prezeroed=1"]
     argv = [proc.tool_path("mke2fs"), "-q", "-t", "ext4", "-U", str(fs_uuid)]
     argv += _user_args(mkfs_args, extended)
     argv += ["-E", ",".join(extended), "-d", "-"]
