@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 from rfs import signals
 from rfs.compiler import build_graph, compile_steps
 from rfs.errors import Interrupted, RfsError, StepFailed
-from rfs.executors import ENGINE_STEPS, Executor, quick_base_id, resolve_base
+from rfs.executors import (
+    ENGINE_STEPS,
+    SCRATCH_PREFIX,
+    Executor,
+    quick_base_id,
+    remove_orphans,
+    resolve_base,
+)
 from rfs.explain import remembered_text
 from rfs.hashing import digest_bytes
 from rfs.inputs import digest_refs, package_refs, source_date_epoch
@@ -164,6 +172,10 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     t0 = time.monotonic()
     if any(d.action is Action.RUN and d.step.kind in ENGINE_STEPS for d in planned.decisions):
         remove_abandoned(ex.engine)
+    if any(d.action is Action.RUN for d in planned.decisions):
+        # What killed builds left on disk: scratch directories, half-written images.
+        remove_orphans(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
+        remove_orphans(ex.output.parent, f".{ex.output.name}.rfs-tmp-")
     try:
         for d in planned.decisions:
             if d.action is Action.CACHED:

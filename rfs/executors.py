@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -25,8 +26,38 @@ if TYPE_CHECKING:
     from rfs.reporter import Reporter
 
 LAYER_REPO = "rfs/layer"
+# Per-step scratch directories under $TMPDIR: rfs-step-<pid>-<random>.
+SCRATCH_PREFIX = "rfs-step-"
 # Where rfs bind-mounts the files a command needs (its script). The export filter drops it.
 SCRIPT_DIR = "/.rfs"
+
+
+def remove_orphans(directory: Path, prefix: str) -> list[Path]:
+    """Delete the `<prefix><pid>-…` files and directories in `directory` whose rfs process is
+    gone (a SIGKILL allows no clean-up); those of live processes stay. Returns what went."""
+    try:
+        found = list(directory.glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return []
+    removed = []
+    for path in found:
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue  # not named by rfs with a pid (older versions), or ours
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or the pid is in use again: keep, to be safe)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        removed.append(path)
+    return removed
 
 
 def layer_tag(key: str) -> str:
@@ -224,7 +255,8 @@ class Executor:
 
     @contextlib.contextmanager
     def _scratch(self) -> Iterator[Path]:
-        path = Path(tempfile.mkdtemp(prefix="rfs-step-"))
+        # The pid in the name lets a later build remove it if this process is killed.
+        path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         try:
             path.chmod(0o755)  # commands may run as any uid
             yield path

@@ -125,7 +125,9 @@ def assemble_ext4(
     if not output.parent.is_dir():
         raise EnvironmentProblem(f"the output directory {output.parent} does not exist")
     try:
-        fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.rfs-tmp-")
+        # The pid lets a later build remove it if this process is killed.
+        prefix = f".{output.name}.rfs-tmp-{os.getpid()}-"
+        fd, name = tempfile.mkstemp(dir=output.parent, prefix=prefix)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot create a file in {output.parent}: {exc}") from exc
     tmp = Path(name)

@@ -353,6 +353,7 @@ def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path
                            signal.SIGKILL, group=False)
     assert killed.code == -signal.SIGKILL
     assert len(rfs.containers(killed.run_id)) == 1  # what a killed build leaves
+    (scratch,) = rfs.tmpdir.glob("rfs-step-*")  # and its scratch directory
 
     # Another build (any package) removes it; a running build's containers stay.
     other = write_package(tmp_path / "other", build_toml(
@@ -363,14 +364,14 @@ def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path
         quick = write_package(tmp_path / "quick", build_toml(marker, ['command = "true"']))
         cleaner = rfs.run("build", quick, "-o", tmp_path / "quick.ext4")
         assert cleaner.code == 0, cleaner.err
-        assert rfs.containers(killed.run_id) == []
-        assert len(rfs.containers(alive.run_id)) == 1  # a live build's is not touched
+        assert rfs.containers(killed.run_id) == [] and not scratch.exists()
+        # A live build's container and scratch directory are not touched.
+        assert len(rfs.containers(alive.run_id)) == 1
+        assert len(list(rfs.tmpdir.glob("rfs-step-*"))) == 1
     finally:
         os.killpg(alive.proc.pid, signal.SIGINT)
-        alive.finish()
-    assert rfs.containers(alive.run_id) == []
-    shutil.rmtree(rfs.tmpdir)  # the killed build's scratch directory: SIGKILL allows no clean-up
-    rfs.tmpdir.mkdir()
+        stopped = alive.finish()
+    rfs.assert_clean(stopped, tmp_path / "other.ext4", None)
 
 
 # -- a big image: signals during export and assembly, a full disk ------------------------------

@@ -129,3 +129,25 @@ def test_busy_index_is_not_mistaken_for_damage(tmp_path: Path) -> None:
 
     assert not _damaged(sqlite3.OperationalError("database is locked"))
     assert _damaged(sqlite3.DatabaseError("file is not a database"))
+
+
+def test_files_of_killed_processes_are_removed(tmp_path: Path) -> None:
+    from rfs.executors import remove_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine, gone = os.getpid(), dead.pid
+    (tmp_path / f"rfs-step-{gone}-abc").mkdir()
+    (tmp_path / f"rfs-step-{gone}-abc" / "script").write_text("x")
+    (tmp_path / f"rfs-step-{mine}-def").mkdir()  # this process: alive
+    (tmp_path / f"rfs-step-{os.getppid()}-ghi").mkdir()  # another live process
+    (tmp_path / "rfs-step-xyz").mkdir()  # no pid in the name: cannot tell, kept
+    (tmp_path / f".image.ext4.rfs-tmp-{gone}-q1").write_bytes(b"half an image")
+    (tmp_path / f".other.ext4.rfs-tmp-{gone}-q2").write_bytes(b"another output's")
+
+    assert remove_orphans(tmp_path, "rfs-step-") == [tmp_path / f"rfs-step-{gone}-abc"]
+    assert remove_orphans(tmp_path, ".image.ext4.rfs-tmp-") == [
+        tmp_path / f".image.ext4.rfs-tmp-{gone}-q1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        f"rfs-step-{mine}-def", f"rfs-step-{os.getppid()}-ghi", "rfs-step-xyz",
+        f".other.ext4.rfs-tmp-{gone}-q2"])
