@@ -58,6 +58,7 @@ _ERR_LINES = 5
 _TAIL_BYTES = 64 * 1024
 _POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
 _DRAIN_S = 10.0
+_WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
 # Docker supplies this PATH at run time when the image sets none; see `_commit_config`.
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The export container is never started, so its command only has to be syntactically there.
@@ -583,13 +584,29 @@ class DockerEngine:
             on_output(item[1])
         if not stopped:
             # The stream ends when the command does, so wait() returns at once; should the
-            # stream have broken early, wait() still honours the deadline.
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.1)
-            status = self._wait(cid, remaining)
-            if status is not None:
-                return status, False, tail.text()
+            # stream have broken early, wait() still honours the deadline. Each wait is bounded
+            # and backed by inspect: Podman 4.3's wait was seen never to answer for a container
+            # that had exited minutes before (the build hung for good).
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                status = self._wait(cid, _WAIT_S if left is None else min(max(left, 0.1),
+                                                                           _WAIT_S))
+                if status is None:
+                    status = self._exited(cid)
+                if status is not None:
+                    return status, False, tail.text()
             self._stop(cid, spec.stop_timeout_s)
         return -1, True, tail.text()
+
+    def _exited(self, cid: str) -> int | None:
+        """The exit code of a container that is no longer running, else None."""
+        with self._calling(f"inspect container {cid[:12]}"):
+            state = self._api.inspect_container(cid).get("State") or {}
+        if state.get("Running", True):
+            return None
+        return int(state.get("ExitCode", -1))
 
     def _wait(self, cid: str, timeout_s: float | None) -> int | None:
         """The container's exit code, or None if it is still running after `timeout_s`."""
