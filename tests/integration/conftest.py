@@ -7,6 +7,7 @@ a build script. The derived images (`busybox_v2`, `caps_image`) exist in the eng
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 from collections.abc import Iterator
@@ -54,6 +55,14 @@ def engine_toml(engine_kind: str) -> str:
     return f'engine = "{engine_kind.capitalize()}"\n'
 
 
+def _remove_image(client: Any, tag: str) -> None:
+    """Remove a test image; already gone (a cleanup elsewhere got to it) is fine."""
+    import docker
+
+    with contextlib.suppress(docker.errors.NotFound):
+        client.images.remove(tag, force=True)
+
+
 def _derive(client: Any, tag: str, files: dict[str, tuple[bytes, dict[str, str]]]) -> str:
     """Commit an image from BASE with `files` added (with optional PAX records, e.g. xattrs)."""
     buf = io.BytesIO()
@@ -79,7 +88,7 @@ def busybox_v2(engine_client: Any) -> Iterator[str]:
     """A second base image, different from BASE by one file."""
     tag = _derive(engine_client, "rfs-test-tmp/busybox:v2", {"/etc/busybox-v2": (b"v2\n", {})})
     yield tag
-    engine_client.images.remove(tag, force=True)
+    _remove_image(engine_client, tag)
 
 
 # cap_net_raw+ep as the kernel stores it (vfs_cap_data revision 2)
@@ -93,4 +102,4 @@ def caps_image(engine_client: Any) -> Iterator[str]:
     tag = _derive(engine_client, "rfs-test-tmp/busybox:caps",
                   {"/usr/bin/capped": (b"#!/bin/sh\n", pax)})
     yield tag
-    engine_client.images.remove(tag, force=True)
+    _remove_image(engine_client, tag)
