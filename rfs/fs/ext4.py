@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from rfs import proc
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
+from rfs.fs.image import temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
 
 log = logging.getLogger("rfs.fs")
@@ -121,47 +122,25 @@ def assemble_ext4(
     argv = [proc.tool_path("mke2fs"), "-q", "-t", "ext4", "-U", str(fs_uuid)]
     argv += _user_args(mkfs_args, extended)
     argv += ["-E", ",".join(extended), "-d", "-"]
-    output = Path(output)
-    if not output.parent.is_dir():
-        raise EnvironmentProblem(f"the output directory {output.parent} does not exist")
-    try:
-        # The pid lets a later build remove it if this process is killed.
-        prefix = f".{output.name}.rfs-tmp-{os.getpid()}-"
-        fd, name = tempfile.mkstemp(dir=output.parent, prefix=prefix)
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot create a file in {output.parent}: {exc}") from exc
-    tmp = Path(name)
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-            os.ftruncate(fd, size_mib * MIB)  # sparse: mke2fs writes only what it uses
-        finally:
-            os.close(fd)
-        with tempfile.TemporaryDirectory(prefix="rfs-mke2fs-") as confdir:
-            conf = Path(confdir, "mke2fs.conf")
-            conf.write_text(MKE2FS_CONF)
-            env = {
-                "MKE2FS_CONFIG": str(conf),
-                "E2FSPROGS_FAKE_TIME": str(source_date_epoch),
-                "SOURCE_DATE_EPOCH": str(source_date_epoch),
-            }
-            stats = _run(
-                [*argv, str(tmp)],
-                env,
-                export_tar,
-                selection,
-                overlays,
-                source_date_epoch,
-                restore,
-                size_mib,
-            )
-        try:
-            os.replace(tmp, output)
-        except OSError as exc:
-            raise RfsError(f"cannot put the image at {output}: {exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with temp_image(output, size_mib) as tmp, \
+            tempfile.TemporaryDirectory(prefix="rfs-mke2fs-") as confdir:
+        conf = Path(confdir, "mke2fs.conf")
+        conf.write_text(MKE2FS_CONF)
+        env = {
+            "MKE2FS_CONFIG": str(conf),
+            "E2FSPROGS_FAKE_TIME": str(source_date_epoch),
+            "SOURCE_DATE_EPOCH": str(source_date_epoch),
+        }
+        stats = _run(
+            [*argv, str(tmp)],
+            env,
+            export_tar,
+            selection,
+            overlays,
+            source_date_epoch,
+            restore,
+            size_mib,
+        )
     return stats
 
 
