@@ -56,6 +56,7 @@ _EXPORT_CHUNK = 1 << 20
 _TAIL_LINES = 20
 _ERR_LINES = 5
 _TAIL_BYTES = 64 * 1024
+_HEADERS_S = 30.0  # an engine that has not started answering a request by then never will
 _POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
 _DRAIN_S = 10.0
 _WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
@@ -542,22 +543,43 @@ class DockerEngine:
         # Our own request, not the SDK's logs(): that drops each frame's stream id, which the
         # tail needs, and a read timeout would cut off a step that is silent for a while.
         url = f"{self._api.base_url}/v{self._api.api_version}/containers/{cid}/logs"
+        resp: Any = None
         with self._calling(what):
-            resp = self._api.get(url, params={"follow": 1, "stdout": 1, "stderr": 1},
-                                 stream=True, timeout=(self._timeout_s, None))
-            if resp.status_code >= 400:
-                raise EngineError(f"the {self._title} engine could not {what}: {resp.text}")
+            try:
+                # The answer's headers come at once; only the body may then be silent for long.
+                resp = self._api.get(url, params={"follow": 1, "stdout": 1, "stderr": 1},
+                                     stream=True, timeout=(self._timeout_s, _HEADERS_S))
+            except requests.exceptions.RequestException as exc:
+                if not _is_timeout(exc):
+                    raise
+                # Podman 4.3 was seen never to answer a follow request (a build hung for good):
+                # wait for the command to end instead, then fetch its output in one go.
+                log.warning("the %s engine did not answer a request to %s; waiting for the "
+                            "command to end to read its output", self._title, what)
+            if resp is not None:
+                if resp.status_code >= 400:
+                    raise EngineError(f"the {self._title} engine could not {what}: {resp.text}")
+                with suppress(AttributeError, OSError):
+                    raw = self._api._get_raw_response_socket(resp)  # SocketIO on unix sockets
+                    getattr(raw, "_sock", raw).settimeout(None)
         items: queue.SimpleQueue[tuple[int, bytes] | BaseException | None] = queue.SimpleQueue()
 
         def pump() -> None:
+            stream = resp
             try:
-                for frame in _frames(resp.raw):
+                if stream is None:
+                    while self._exited(cid) is None:
+                        time.sleep(_POLL_S)
+                    stream = self._api.get(url, params={"stdout": 1, "stderr": 1},
+                                           stream=True, timeout=self._timeout_s)
+                for frame in _frames(stream.raw):
                     items.put(frame)
                 items.put(None)
             except BaseException as exc:  # handed to the main thread, translated there
                 items.put(exc)
             finally:
-                resp.close()
+                if stream is not None:
+                    stream.close()
 
         threading.Thread(target=pump, name=f"rfs-output-{cid[:12]}", daemon=True).start()
         tail = _Tail()
