@@ -58,6 +58,7 @@ _ERR_LINES = 5
 _TAIL_BYTES = 64 * 1024
 _HEADERS_S = 30.0  # an engine that has not started answering a request by then never will
 _POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
+_CHECK_S = 3.0  # how often a silent step's container is inspected, and the grace after it ends
 _DRAIN_S = 10.0
 _WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
 # Docker supplies this PATH at run time when the image sets none; see `_commit_config`.
@@ -585,6 +586,8 @@ class DockerEngine:
         tail = _Tail()
         deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
         stopped = False
+        next_check = time.monotonic() + _CHECK_S
+        exited_at: float | None = None
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -596,6 +599,17 @@ class DockerEngine:
             try:
                 item = items.get(timeout=_POLL_S if deadline is None else deadline - now)
             except queue.Empty:
+                # Podman 4.3 was seen to keep a follow stream open after the container had
+                # exited (the build hung for good): while the stream is silent, look at the
+                # container now and then, and stop reading a stream that outlives it.
+                if now >= next_check:
+                    next_check = now + _CHECK_S
+                    if exited_at is None and self._exited(cid) is not None:
+                        exited_at = now
+                    if exited_at is not None and now - exited_at >= _CHECK_S:
+                        log.warning("the %s engine kept the output of container %s open after "
+                                    "it ended; stopped reading it", self._title, cid[:12])
+                        break
                 continue
             if item is None:
                 break
