@@ -9,8 +9,6 @@ our own (the host's may differ or change), and the locale.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -19,11 +17,10 @@ import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from rfs import proc
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
-from rfs.fs.image import temp_image
+from rfs.fs.image import Source, feed, temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
 
 log = logging.getLogger("rfs.fs")
@@ -175,41 +172,11 @@ def _run(
     restore: Mapping[str, bytes] | None,
     size_mib: int,
 ) -> StreamStats:
+    source = Source(export_tar, selection, overlays, restore)
     try:
-        src = export_tar.open("rb")
-    except OSError as exc:
-        raise RfsError(f"cannot read the export tarball {export_tar}: {exc}") from exc
-    with src:
-        process = proc.popen(argv, env=env)
-        assert process.stdin is not None
-        with contextlib.suppress(OSError):  # fewer context switches; the default is 64 KiB
-            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, MIB)
-        # Our own buffer: subprocess's 8 KiB one would mean a write call per small file.
-        pipe = open(process.stdin.fileno(), "wb", buffering=MIB, closefd=False)  # noqa: SIM115
-        stats: StreamStats | None = None
-        try:
-            stats = write_image_stream(src, selection, overlays, pipe, mtime=mtime, restore=restore)
-        except BrokenPipeError:
-            pass  # mke2fs stopped reading: its exit status and message say why
-        except BaseException:
-            process.kill()
-            _discard(pipe)
-            process.communicate()
-            raise
-        _discard(pipe)
-    try:
-        proc.finish(process, "mke2fs")
+        return feed(argv, source, mtime=mtime, what="mke2fs", env=env)
     except RfsError as exc:
         raise _explain(exc, export_tar, selection, overlays, restore, size_mib) from exc
-    if stats is None:
-        raise RfsError("mke2fs stopped reading the image content but reported success")
-    return stats
-
-
-def _discard(pipe: BinaryIO) -> None:
-    """Close our buffer on mke2fs's stdin; after a failure its pending bytes cannot matter."""
-    with contextlib.suppress(OSError):
-        pipe.close()
 
 
 def _explain(

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import pytest
 
 from rfs.errors import EnvironmentProblem, RfsError, ScriptError
-from rfs.fs import ext4
+from rfs.fs import image as fs_image
 from rfs.fs.ext4 import assemble_ext4, mkfs_version, required_size_mib
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats
 from tests.conftest import require_or_skip
@@ -277,7 +277,7 @@ def test_interrupt_leaves_nothing_behind(
         out.write(src.read(1 << 16))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ext4, "write_image_stream", interrupted)
+    monkeypatch.setattr(fs_image, "write_image_stream", interrupted)  # what ext4 feeds mke2fs with
     with pytest.raises(KeyboardInterrupt):
         assemble(export_tar, tmp_path / "never.ext4")
     assert list(tmp_path.iterdir()) == []
