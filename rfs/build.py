@@ -23,15 +23,15 @@ from rfs.executors import (
     SCRATCH_PREFIX,
     Executor,
     quick_base_id,
-    remove_orphans,
     resolve_base,
 )
 from rfs.explain import remembered_text
 from rfs.hashing import digest_bytes
 from rfs.inputs import digest_refs, package_refs, source_date_epoch
 from rfs.model import BuildScript
+from rfs.orphans import remove_orphans
 from rfs.package import Loaded, load
-from rfs.planner import Action, Availability, Decision, manifest, plan, plan_cached
+from rfs.planner import Action, Availability, Decision, manifest, plan_steps
 from rfs.reporter import Reporter, artifact_size
 from rfs.steps import Facts, Step
 from rfs.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
@@ -124,12 +124,16 @@ def prepare(opts: Options, reporter: Reporter,
     # remembering.
     digests = digest_refs(script.package_root, package_refs(script),
                           memo if script.origin is None else None)
-    store.set_meta("file-digests", memo)
+    if memo != store.meta("file-digests"):
+        store.set_meta("file-digests", memo)
     base_id = quick_base_id(script, digests) or resolve_base(engine(), script, digests)
-    from rfs.fs.assemble import tool_version
+    from rfs.fs.tools import remembered_tool_version
 
-    facts = Facts(base_id=base_id, file_digests=digests,
-                  mkfs_version=tool_version(script.filesystem.type),
+    tools = store.meta("tool-versions")
+    mkfs_version = remembered_tool_version(script.filesystem.type, tools)
+    if tools != store.meta("tool-versions"):
+        store.set_meta("tool-versions", tools)
+    facts = Facts(base_id=base_id, file_digests=digests, mkfs_version=mkfs_version,
                   engine=script.container.engine.value, source_date_epoch=source_date_epoch())
     steps = compile_steps(script, facts)
     script_file = script.origin or (
@@ -151,9 +155,7 @@ def prepare(opts: Options, reporter: Reporter,
         available = remote.availability(executor.missing)
     planned = Planned(loaded, steps, [], facts, executor, store, script_id, previous=previous,
                       remote=remote)
-    # An up-to-date image needs no graph: skip networkx's import (0.1 s) on that path.
-    planned.decisions = (plan_cached(steps, available)
-                         or plan(planned.graph, available, previous))
+    planned.decisions = plan_steps(steps, available, previous)
     return planned
 
 
@@ -176,6 +178,7 @@ def execute(planned: Planned, reporter: Reporter) -> None:
         # What killed builds left on disk: scratch directories, half-written images.
         remove_orphans(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
         remove_orphans(ex.output.parent, f".{ex.output.name}.rfs-tmp-")
+        store.remove_parts()
     try:
         for d in planned.decisions:
             if d.action is Action.CACHED:
@@ -214,7 +217,8 @@ def execute(planned: Planned, reporter: Reporter) -> None:
             running = None
             lock.release()
             ran.add(d.step.key)
-            reporter.finished(d.step, seconds, artifact_size(d.step, record, ex.output))
+            reporter.finished(d.step, seconds, artifact_size(d.step, record, ex.output),
+                              detail=str(record.get("route", "")))
     except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into it by rfs.signals
         if running is not None:
             reporter.failed(running, time.monotonic() - t0, "interrupted")

@@ -25,9 +25,30 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The argument parser of `rfs` with every verb registered."""
+# Verbs whose module name differs from the verb.
+_ALIASES = {"run": "build", "dry-run": "check"}
+
+
+def _verb_module(argv: Sequence[str]) -> str | None:
+    """The command module `argv` names, if it clearly names one (options before it skipped)."""
     from rfs.commands import MODULES
+
+    items = iter(argv)
+    for arg in items:
+        if arg in ("-l", "--log-level"):
+            next(items, None)
+        elif not arg.startswith("-"):
+            name = _ALIASES.get(arg, arg)
+            return name if name in MODULES else None
+    return None
+
+
+def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of `rfs`: with `argv` naming a verb, only that verb's (building
+    all of them costs ~0.03 s, a tenth of an up-to-date build); else every verb's."""
+    from rfs.commands import MODULES
+
+    only = _verb_module(argv) if argv is not None else None
 
     parser = argparse.ArgumentParser(
         prog="rfs", description="Build microVM root filesystem images from a build script, "
@@ -45,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
         return original(name, parents=[after_verb], **kwargs)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
-    for name in MODULES:
+    for name in MODULES if only is None else (only,):
         importlib.import_module(f"rfs.commands.{name}").register(sub)
     return parser
 
@@ -72,7 +93,7 @@ def _report(exc: RfsError) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rfs` command; returns the exit code."""
-    parser = make_parser()
+    parser = make_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     level = {"trace": "DEBUG", "warn": "WARNING"}.get(args.log_level, args.log_level.upper())
     logging.basicConfig(level=level, format="rfs: %(levelname)s: %(message)s")

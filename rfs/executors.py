@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import tempfile
@@ -30,34 +29,6 @@ LAYER_REPO = "rfs/layer"
 SCRATCH_PREFIX = "rfs-step-"
 # Where rfs bind-mounts the files a command needs (its script). The export filter drops it.
 SCRIPT_DIR = "/.rfs"
-
-
-def remove_orphans(directory: Path, prefix: str) -> list[Path]:
-    """Delete the `<prefix><pid>-…` files and directories in `directory` whose rfs process is
-    gone (a SIGKILL allows no clean-up); those of live processes stay. Returns what went."""
-    try:
-        found = list(directory.glob(f"{glob.escape(prefix)}*"))
-    except OSError:
-        return []
-    removed = []
-    for path in found:
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue  # not named by rfs with a pid (older versions), or ours
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or the pid is in use again: keep, to be safe)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        removed.append(path)
-    return removed
 
 
 def layer_tag(key: str) -> str:
@@ -419,7 +390,7 @@ class Executor:
         options = Options(seed=bytes.fromhex(step.key)[:32],
                           source_date_epoch=self.source_date_epoch, size_mib=fs.size_mib,
                           block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
-                          dd_args=fs.dd_args)
+                          dd_args=fs.dd_args, base_images=_BaseImages(self, export.key))
         # Progress: what the filesystem tool has read of the stream, against the export's size.
         with child_reads(None, lambda n: self.reporter.progress(step, n, blob.size)):
             result = assemble(fs.type, blob.path, self.selection(), self._overlay_entries(),
@@ -430,3 +401,51 @@ class Executor:
         outputs[str(self.output.resolve())] = output_identity(self.output)
         return {"outputs": outputs, "size_mib": result.size_mib, "route": result.route,
                 "warnings": result.warnings}
+
+
+class _BaseImages:
+    """The store as the ext4 driver's cache of base images (rfs.fs.image.BaseImageCache).
+
+    A base image is keyed by the export's key and the settings the driver names; it is a
+    local-only entry of kind "ext4-base" (never uploaded: the final image is), verified like
+    an export, evicted like any entry.
+    """
+
+    def __init__(self, executor: Executor, export_key: str) -> None:
+        self.executor = executor
+        self.store = executor.store
+        self.export_key = export_key
+
+    def key(self, identity: Mapping[str, object]) -> str:
+        """The key of the base image of this export with `identity`."""
+        from rfs.hashing import digest_json
+
+        key = digest_json({"export": self.export_key, **identity})
+        self.store.hold({key})
+        return key
+
+    def get(self, key: str) -> Path | None:
+        """The verified base image of `key`, or None (a damaged one is dropped)."""
+        blob = self.store.blob(key)
+        if blob is None:
+            return None
+        if not self.executor._verify(key, blob):
+            self.store.drop(key)
+            return None
+        self.store.touch(key)
+        return blob.path
+
+    @contextlib.contextmanager
+    def put(self, key: str) -> Iterator[Path]:
+        """Where the driver writes a new base image; recorded once complete."""
+        from rfs.hashing import digest_sparse_file
+
+        with self.store.blob_file(key) as tmp:
+            yield tmp
+            digest = digest_sparse_file(tmp)
+            size = tmp.stat().st_size
+        self.store.put_record(key, {"kind": "ext4-base", "export": self.export_key,
+                                    "blob_size": size, "blob_digest": digest,
+                                    "blob_sparse": True})
+        with contextlib.suppress(OSError):  # hashed just now: no need to again this build
+            self.executor._verified[key] = _identity(self.store.root / "blobs" / key)

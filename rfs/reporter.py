@@ -334,7 +334,8 @@ class ConsoleReporter(Reporter):
         super().finished(step, seconds, size, detail)
         self._flush_output(step)
         extra = f", {format_size(size)}" if size is not None else ""
-        self._line(f"  done     {step.id:<10} {seconds:.2f} s{extra}")
+        how = f" ({detail})" if detail else ""  # e.g. how the image was made
+        self._line(f"  done     {step.id:<10} {seconds:.2f} s{extra}{how}")
 
     def failed(self, step: Step, seconds: float, message: str) -> None:
         super().failed(step, seconds, message)

@@ -3,8 +3,9 @@
 Layout of the cache directory:
     index/            diskcache (sqlite) index: one record per step key, plus the input
                       manifests of the last build of each script (to explain misses)
-    blobs/<key>       artifacts (export tarballs), written to tmp/ and renamed when complete
-    tmp/              partial writes; anything here is garbage from an interrupted build
+    blobs/<key>       artifacts (export tarballs; ext4 base images, sparse), written to tmp/
+                      and renamed when complete
+    tmp/              partial writes (`part-<pid>-…`): garbage once their process is gone
     locks/            per-key flock files (`rfs.locks`): a step is built by one process at a
                       time, and eviction skips entries a running build uses
 
@@ -59,6 +60,10 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "rfs"
 
 
+def _disk_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
 @dataclass(frozen=True)
 class Blob:
     """A completed artifact file and its verified identity."""
@@ -66,6 +71,7 @@ class Blob:
     path: Path
     size: int
     digest: str
+    sparse: bool = False  # digested by data extents (rfs.hashing.digest_sparse_file)
 
 
 class BlobWriter:
@@ -233,13 +239,42 @@ class Store:
             return None
         if size != record["blob_size"]:
             return None
-        return Blob(path, size, str(record["blob_digest"]))
+        return Blob(path, size, str(record["blob_digest"]), bool(record.get("blob_sparse")))
 
     def verify_blob(self, blob: Blob) -> bool:
         """Rehash `blob` and compare with its recorded digest."""
-        from rfs.hashing import digest_file
+        from rfs.hashing import digest_file, digest_sparse_file
 
-        return digest_file(blob.path) == blob.digest
+        try:
+            digest = digest_sparse_file(blob.path) if blob.sparse else digest_file(blob.path)
+        except OSError:
+            return False
+        return digest == blob.digest
+
+    def _part(self, key: str) -> Path:
+        # The pid lets a later build remove it if this process is killed (remove_parts).
+        return self.root / "tmp" / f"part-{os.getpid()}-{key}"
+
+    def remove_parts(self) -> None:
+        """Delete the partial writes of rfs processes that are gone (a SIGKILL allows no
+        clean-up); a tool's own temp file beside one starts with a dot."""
+        from rfs.orphans import remove_orphans
+
+        for prefix in ("part-", ".part-"):
+            remove_orphans(self.root / "tmp", prefix)
+
+    @contextlib.contextmanager
+    def blob_file(self, key: str) -> Iterator[Path]:
+        """A path for a tool to write the artifact of `key` to; it becomes the blob only if
+        the block completes (record it after, with `blob_size`/`blob_digest`)."""
+        tmp = self._part(key)
+        try:
+            yield tmp
+            os.replace(tmp, self.root / "blobs" / key)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
     @contextlib.contextmanager
     def write_blob(self, key: str) -> Iterator[BlobWriter]:
@@ -248,7 +283,7 @@ class Store:
         The caller records the step (with `blob_size`/`blob_digest` from the writer) after the
         block; a failure or interruption leaves no file behind.
         """
-        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.part"
+        tmp = self._part(key)
         try:
             writer = BlobWriter(tmp)
         except OSError as exc:
@@ -269,11 +304,11 @@ class Store:
             raise
 
     def blob_bytes(self) -> int:
-        """Total bytes of artifacts on disk."""
+        """Total bytes the artifacts occupy on disk (a sparse image counts what it allocates)."""
         total = 0
         for path in (self.root / "blobs").iterdir():
             with contextlib.suppress(FileNotFoundError):  # another process may evict it now
-                total += path.stat().st_size
+                total += _disk_bytes(path)
         return total
 
     def evict(self, keep: set[str]) -> list[str]:
@@ -317,7 +352,7 @@ class Store:
                 if on_drop is not None and not on_drop(key, record):
                     continue
                 blob = self.blob(key)
-                size = blob.size if blob is not None else 0
+                size = _disk_bytes(blob.path) if blob is not None else 0
                 self.drop(key)
                 total -= size
                 dropped.append((key, record))
@@ -336,7 +371,8 @@ class Store:
             row["remote_hits"] += 1 if record.get("fetched_from") else 0
             blob = self.blob(key)
             if blob is not None:
-                row["bytes"] += blob.size
+                with contextlib.suppress(FileNotFoundError):
+                    row["bytes"] += _disk_bytes(blob.path)
             row["bytes"] += int(record.get("layer_bytes", 0))
         return {
             "directory": str(self.root),

@@ -166,3 +166,35 @@ def read_ext4_file(image: Path, inode: int) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         _debugfs(image, [f"dump <{inode}> {tmp}/out"])
         return Path(tmp, "out").read_bytes()
+
+
+# `stat` lines that hold where an inode is, not what it is: they differ between two images of
+# the same tree made in different orders.
+_PLACEMENT = re.compile(
+    rb"^(Inode: \d+\s+|Inode checksum:.*|EXTENTS:|\(\d.*|Generation:.*|.*Blockcount: \d+)"
+)
+
+
+def inode_details(image: Path) -> dict[str, bytes]:
+    """Every path's `debugfs stat` text without what depends on placement (inode and block
+    numbers, checksums): equal for the same tree whichever way the image was made."""
+    listing = _listing(image)
+    inodes = sorted({ino for ino, _ in listing.values()})
+    stats = _sections(_debugfs(image, [f"stat <{ino}>" for ino in inodes]))
+    details: dict[str, bytes] = {}
+    for path, (ino, _) in listing.items():
+        text = stats[("stat", ino)]
+        text = re.sub(rb"^Inode: \d+\s+", b"", text, flags=re.M)
+        text = re.sub(rb"Blockcount: \d+|File ACL: \d+", b"", text)
+        kept = [line for line in text.splitlines() if not _PLACEMENT.match(line)]
+        details[path] = b"\n".join(kept)
+    return details
+
+
+def link_groups(image: Path) -> set[frozenset[str]]:
+    """The sets of paths that share an inode (hard links), each with more than one path."""
+    by_inode: dict[int, set[str]] = {}
+    for path, (ino, mode) in _listing(image).items():
+        if mode & 0o170000 != 0o040000:
+            by_inode.setdefault(ino, set()).add(path)
+    return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}

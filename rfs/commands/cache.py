@@ -79,14 +79,15 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"entries: {stats['entries']}, files: {_size(stats['blob_bytes'])} "
           f"(limit {_size(stats['size_limit'])}), hits: {stats['hits']}")
     print(f"  {'kind':<10} {'entries':>7} {'bytes':>10} {'hits':>6} {'fetched':>8}")
-    for kind in ("run", "export", "overlays", "assemble"):
+    for kind in ("run", "export", "overlays", "assemble", "ext4-base"):
         row = stats["kinds"].get(kind)
         if row is None:
             continue
         print(f"  {kind:<10} {row['entries']:>7} {_size(row['bytes']):>10} {row['hits']:>6} "
               f"{row['remote_hits']:>8}")
-    print("  (run: layer images live in the engine, tagged rfs/layer:<key>; "
-          "fetched: downloaded from a remote cache)")
+    print("  (run: layer images live in the engine, tagged rfs/layer:<key>; ext4-base: images "
+          "without overlays, patched on an overlay edit; fetched: downloaded from a remote "
+          "cache)")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +67,11 @@ def last_seconds(decision: Decision, store: Store, previous: Mapping[str, Any]) 
     return float(record["seconds"])
 
 
-def to_dot(decisions: list[Decision], timings: Mapping[str, float | None],
-           title: str = "", why: Mapping[str, str] | None = None) -> str:
-    """The Graphviz source of the plan: one node per step, one edge per dependency."""
+def to_dot(decisions: list[Decision], edges: Iterable[tuple[str, str]],
+           timings: Mapping[str, float | None], title: str = "",
+           why: Mapping[str, str] | None = None) -> str:
+    """The Graphviz source of the plan: one node per step, one edge per dependency (`edges`,
+    from the step graph: dependency first)."""
     from rfs.reporter import format_seconds
 
     lines = ["digraph rfs {",
@@ -87,9 +89,8 @@ def to_dot(decisions: list[Decision], timings: Mapping[str, float | None],
             parts.append(_clip(f"why: {(why or {}).get(d.step.id) or d.reason}"))
         lines.append(f"  {_quote(d.step.id)} [label={_quote(chr(10).join(parts))}, "
                      f"fillcolor={_quote(_FILL[action])}];")
-    for d in decisions:
-        for parent in d.step.parents:
-            lines.append(f"  {_quote(parent)} -> {_quote(d.step.id)};")
+    for parent, child in edges:
+        lines.append(f"  {_quote(parent)} -> {_quote(child)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                                                  planned.script).items() if changes}
     finally:
         planned.store.close()
-    dot = to_dot(planned.decisions, timings, title=str(args.package), why=why)
+    dot = to_dot(planned.decisions, planned.graph.edges, timings, title=str(args.package),
+                 why=why)
     data = dot.encode() if args.format == "dot" else render(dot, args.format)
     if args.output is None:
         sys.stdout.buffer.write(data)

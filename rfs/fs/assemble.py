@@ -2,7 +2,7 @@
 
 | type     | route                                                    | root? | bit-identical |
 |----------|----------------------------------------------------------|-------|---------------|
-| ext4     | tar stream → `mke2fs -d -`                               | no    | yes           |
+| ext4     | tar stream → `mke2fs -d -` (no overlays), then debugfs   | no    | yes           |
 | squashfs | tar stream → `tar2sqfs`                                  | no    | yes           |
 | erofs    | tar stream → staging dir → `mkfs.erofs` under fakeroot   | no    | yes           |
 | btrfs    | tar stream → staging dir → `mkfs.btrfs --rootdir` (fakeroot) | no | no         |
@@ -95,14 +95,28 @@ def assemble(
 
 
 def _ext4(source: Source, output: Path, options: Options) -> Result:
-    from rfs.fs.ext4 import assemble_ext4, mkfs_version, required_size_mib
+    from rfs.fs.ext4 import (
+        assemble_ext4,
+        assemble_ext4_patched,
+        mkfs_version,
+        required_size_mib,
+    )
 
     mkfs_version()  # refuse an old mke2fs before scanning
-    stats = scan(source, options.source_date_epoch)
-    need = required_size_mib(stats)
-    size = options.size_mib if options.size_mib is not None else with_headroom(need)
-    check_size("ext4", size, need, stats)
+    if options.size_mib is not None:
+        # No scan: mke2fs says when the content does not fit, and that error scans to explain.
+        size = options.size_mib
+    else:
+        stats = scan(source, options.source_date_epoch)
+        need = required_size_mib(stats)
+        size = with_headroom(need)
+        check_size("ext4", size, need, stats)
     check_block_size(options, size)
+    if options.base_images is not None:
+        patched = assemble_ext4_patched(source, output, options, size)
+        if patched is not None:
+            stats, operations = patched
+            return Result(stats, size, f"cached base image + debugfs ({operations} change(s))")
     stats = assemble_ext4(
         source.export_tar, source.selection, source.overlays, output, size_mib=size,
         seed=options.seed, source_date_epoch=options.source_date_epoch,

@@ -9,8 +9,10 @@ our own (the host's may differ or change), and the locale.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import mmap
 import os
 import re
 import tempfile
@@ -20,8 +22,10 @@ from pathlib import Path
 
 from rfs import proc
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
-from rfs.fs.image import Source, feed, temp_image
+from rfs.fs import tarformat as tf
+from rfs.fs.image import Options, Source, copy_sparse, feed, temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
+from rfs.hashing import digest_bytes
 
 log = logging.getLogger("rfs.fs")
 
@@ -141,6 +145,74 @@ def assemble_ext4(
     return stats
 
 
+# Bumped whenever the base image or the patch would come out differently for the same inputs.
+_BASE_ROUTE = "ext4-base/1"
+_INCOMPAT_CSUM_SEED, _RO_COMPAT_METADATA_CSUM = 0x2000, 0x400
+
+
+def assemble_ext4_patched(
+    source: Source, output: Path, options: Options, size_mib: int
+) -> tuple[StreamStats, int] | None:
+    """Build `output` as a copy of the cached base image (made first if missing) with the
+    overlays written into it by debugfs (see rfs.fs.ext4patch). Returns the stats and the
+    number of overlay operations, or None when the overlays cannot be patched exactly or
+    debugfs failed: the caller then makes the image in full."""
+    from rfs.fs.ext4patch import PatchFailed, apply_patch, derive_patch
+
+    cache = options.base_images
+    assert cache is not None
+    try:
+        with source.export_tar.open("rb") as src, \
+                mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            patch = derive_patch(tf.index_archive(view), source.selection, source.overlays,
+                                 source.restore or {})
+    except (OSError, ValueError) as exc:
+        raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
+    if isinstance(patch, str):
+        log.info("making the image in full: %s", patch)
+        return None
+    restore = {path: digest_bytes(data) for path, data in (source.restore or {}).items()}
+    key = cache.key({
+        "route": _BASE_ROUTE, "tool": mkfs_version(), "size_mib": size_mib,
+        "selection": dataclasses.asdict(source.selection), "restore": restore,
+        "mkfs_args": list(options.mkfs_args), "source_date_epoch": options.source_date_epoch,
+    })
+    base = cache.get(key)
+    if base is None:
+        with cache.put(key) as tmp:
+            assemble_ext4(source.export_tar, source.selection, (), tmp, size_mib=size_mib,
+                          seed=bytes.fromhex(key)[:32],
+                          source_date_epoch=options.source_date_epoch,
+                          mkfs_args=options.mkfs_args, restore=source.restore)
+        base = cache.get(key)
+        if base is None:
+            raise RfsError("the base image vanished from the cache during the build")
+    # The base image's UUID comes from the base key; the image's own comes from its build key,
+    # so two images that differ only in overlays do not share a UUID. With metadata_csum but
+    # without metadata_csum_seed (a user's -O) the checksums hang on the UUID: keep it then.
+    fs_uuid: uuid.UUID | None = uuid.UUID(bytes=options.seed[:16], version=4)
+    if "-U" in options.mkfs_args or not _uuid_settable(base):
+        fs_uuid = None
+    try:
+        with temp_image(output, None) as tmp:
+            copy_sparse(base, tmp)
+            apply_patch(tmp, patch, mtime=options.source_date_epoch, fs_uuid=fs_uuid)
+    except PatchFailed as exc:
+        log.info("making the image in full: %s", exc)
+        return None
+    stats = StreamStats(missing_includes=patch.missing_includes)
+    return stats, len(patch.remove) + len(patch.add)
+
+
+def _uuid_settable(image: Path) -> bool:
+    """Whether debugfs may change the UUID without rewriting every metadata checksum."""
+    with image.open("rb") as f:
+        f.seek(1024 + 0x60)
+        incompat = int.from_bytes(f.read(4), "little")
+        ro_compat = int.from_bytes(f.read(4), "little")
+    return bool(incompat & _INCOMPAT_CSUM_SEED or not ro_compat & _RO_COMPAT_METADATA_CSUM)
+
+
 def _user_args(mkfs_args: Sequence[str], extended: list[str]) -> list[str]:
     """Pass the user's mke2fs options on, folding `-E` into rfs's (mke2fs keeps only the last)."""
     args: list[str] = []
@@ -201,7 +273,7 @@ def _explain(
         stats = write_image_stream(src, selection, overlays, sink, mtime=0, restore=restore)
     need = max(required_size_mib(stats), size_mib + 1)
     message = (
-        f"{size_mib} MiB is too small for this image: the content needs about {need} MiB "
+        f"{size_mib} MiB is too small for this ext4 image: the content needs about {need} MiB "
         f"({stats.inodes} files, directories and links; "
         f"{stats.content_bytes / MIB:.1f} MiB of file data)"
     )

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from rfs import proc
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
@@ -42,6 +42,20 @@ class Source:
     restore: Mapping[str, bytes] | None = None
 
 
+class BaseImageCache(Protocol):
+    """Where a driver keeps base images (everything but the overlays) between builds; the
+    build provides it over its store. See rfs.fs.ext4patch."""
+
+    def key(self, identity: Mapping[str, object]) -> str:
+        """The hex key of a base image made from the build's export and `identity`."""
+
+    def get(self, key: str) -> Path | None:
+        """The cached base image of `key`, checked intact, or None."""
+
+    def put(self, key: str) -> contextlib.AbstractContextManager[Path]:
+        """A path to write the base image of `key` to; kept only if the block succeeds."""
+
+
 @dataclass(frozen=True)
 class Options:
     """How to make the image: the build script's `[filesystem]` settings and the build's seed."""
@@ -52,6 +66,7 @@ class Options:
     block_size_mib: int | None = None
     mkfs_args: tuple[str, ...] = ()
     dd_args: tuple[str, ...] = ()
+    base_images: BaseImageCache | None = None  # set: ext4 patches overlays into a cached base
 
 
 @dataclass
@@ -137,6 +152,18 @@ def temp_image(output: Path, size_mib: int | None) -> Iterator[Path]:
             raise RfsError(f"cannot put the image at {output}: {exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy an image file without writing its holes (a reflink where the filesystem can)."""
+    try:
+        proc.run([proc.tool_path("cp"), "--sparse=always", "--reflink=auto", "--", str(source),
+                  str(target)], what="cp (copying the base image)")
+    except RfsError as exc:
+        if "No space left on device" in exc.message:
+            raise EnvironmentProblem(
+                f"no space left on the disk that holds the image: {exc.message}") from exc
         raise
 
 

@@ -66,6 +66,15 @@ class Plan:
     generated: list[Generated] = field(default_factory=list)
     missing_includes: list[str] = field(default_factory=list)
     restore: dict[str, bytes] = field(default_factory=dict)
+    # The plan as it stood before the overlays (for rfs.fs.ext4patch): `keep`, and the
+    # `dropped` flags of the first `len(...)` generated entries, then.
+    keep_without_overlays: list[bool] = field(default_factory=list)
+    dropped_without_overlays: list[bool] = field(default_factory=list)
+
+    def snapshot(self) -> None:
+        """Remember the plan as it is now: everything but the overlays is laid out."""
+        self.keep_without_overlays = list(self.keep)
+        self.dropped_without_overlays = [g.dropped for g in self.generated]
 
 
 def make_plan(
@@ -105,6 +114,7 @@ def make_plan(
         keep[i] = not path or matcher.keeps(path)
     _add_console(plan)
     if not (selection.create_dirs or selection.create_files or overlays):
+        plan.snapshot()
         return plan
     layout = _Layout(plan)
     for i, (entry, path) in enumerate(zip(entries, paths, strict=True)):
@@ -115,6 +125,7 @@ def make_plan(
         layout.create(check_destination(raw, "export create"), tf.DIRECTORY, mode)
     for raw in selection.create_files:
         layout.create(check_destination(raw, "export create"), tf.REGULAR, 0o644)
+    plan.snapshot()
     for overlay in overlays:
         layout.overlay(overlay)
     return plan

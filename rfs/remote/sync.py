@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 from rfs.errors import EnvironmentProblem, RemoteCacheError
 from rfs.executors import layer_tag, output_identity
 from rfs.hashing import digest_file
-from rfs.planner import Action, Availability, Decision, plan
+from rfs.planner import Action, Availability, Decision, plan_steps
 from rfs.remote import open_backend
 from rfs.remote.base import Backend, RemoteSettings, record_names, scoped_name
 from rfs.remote.codec import (
@@ -195,8 +195,8 @@ class RemoteCache:
                     failed = True
             if not failed:
                 return decisions
-            decisions = plan(planned.graph, self.availability(self.ex.missing),
-                             planned.previous)
+            decisions = plan_steps(planned.steps, self.availability(self.ex.missing),
+                                   planned.previous)
         return decisions
 
     def _fetch_locked(self, step: Step, backend: Backend, doc: dict[str, Any]) -> None:

@@ -147,6 +147,11 @@ def test_build_then_noop_then_edits(rfs: object, package: Path, tmp_path: Path,
     edited = run("build", package, "-o", out)  # type: ignore[operator]
     assert (edited.ran(), edited.created) == (["overlays", "assemble"], 0)
     assert content(out, "/etc/motd") == b"edited\n"
+    # ... by writing the overlays into the base image the first build cached, not by mke2fs
+    assert "(cached base image + debugfs (" in edited.err, edited.err
+    subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
+    motd = list_ext4(out)["/etc/motd"]
+    assert (motd.mode & 0o7777, motd.uid, motd.gid, motd.mtime) == (0o640, 1, 2, 0)
 
     # editing the second of three commands reuses the first layer: two commands run
     (package / "scripts" / "two.sh").write_text("#!/bin/sh\necho TWO > /srv/data/two\n")

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.cachefiles import export_blob
 from tests.conftest import require_or_skip
 
 pytestmark = pytest.mark.integration
@@ -394,8 +395,7 @@ class Big:
 
     def drop_export(self) -> None:
         """Delete the export tarball (not its record): the next build must export again."""
-        for blob in (self.rfs.cache / "blobs").iterdir():
-            blob.unlink()
+        export_blob(self.rfs.cache).unlink()
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +411,7 @@ def big(tmp_path_factory: pytest.TempPathFactory, api: Any) -> Big:
 
 def _part_growing(cache: Path) -> Callable[[str], bool]:
     def when(_: str) -> bool:
-        return any(p.stat().st_size > 0 for p in (cache / "tmp").glob("*.part"))
+        return any(p.stat().st_size > 0 for p in (cache / "tmp").glob("part-*"))
     return when
 
 
@@ -522,7 +522,7 @@ def test_corrupt_export_is_exported_again_in_the_same_build(rfs: Rfs, tmp_path: 
     pkg = write_package(tmp_path / "pkg", build_toml(marker, [cmd], overlay="one"))
     out = tmp_path / "image.ext4"
     assert rfs.run("build", pkg, "-o", out).code == 0
-    (blob,) = (rfs.cache / "blobs").iterdir()
+    blob = export_blob(rfs.cache)
 
     # Same size, other bytes: only the content hash can tell.
     data = bytearray(blob.read_bytes())

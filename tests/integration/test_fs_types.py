@@ -19,6 +19,7 @@ import pytest
 
 from rfs.fs.assemble import BIT_IDENTICAL
 from rfs.model import FsType
+from tests.cachefiles import export_blob
 from tests.conftest import TMP_REPO_PREFIX, require_or_skip
 from tests.fslisting import Node, list_export, list_image
 from tests.integration.conftest import CAP_NET_RAW, _derive
@@ -99,9 +100,7 @@ def container(built: dict[str, tuple[Path, str]], workdir: Path) -> dict[str, No
 
 def container_listing(cache: Path) -> dict[str, Node]:
     """The container's listing, from the one export tarball in the cache, as rfs fixes it."""
-    blobs = [p for p in (cache / "blobs").iterdir() if p.is_file()]
-    assert len(blobs) == 1, blobs
-    nodes = list_export(blobs[0])
+    nodes = list_export(export_blob(cache))
     for path in [p for p in nodes if p == "/.dockerenv" or p.startswith("/.rfs")]:
         del nodes[path]
     nodes.setdefault("/", Node("dir", 0o755, 0, 0))  # exports have no entry for the root
@@ -196,7 +195,7 @@ def test_computed_sizes(built: dict[str, tuple[Path, str]]) -> None:
         assert built[fs_type][0].stat().st_blocks * 512 < sizes[fs_type] // 2, fs_type
 
 
-def test_too_small_fails_before_mkfs(workdir: Path, caps_base: str) -> None:
+def test_too_small_fails_naming_the_size_needed(workdir: Path, caps_base: str) -> None:
     pkg = write_package(workdir / "small", caps_base, "ext4", "size_mib = 2")
     out = workdir / "small.ext4"
     done = rfs_build(pkg, out, workdir / "cache")
@@ -204,6 +203,7 @@ def test_too_small_fails_before_mkfs(workdir: Path, caps_base: str) -> None:
     assert "2 MiB is too small for this ext4 image: the content needs about" in done.stderr
     assert "hint: set size_mib to" in done.stderr
     assert not out.exists() and not list(workdir.glob(".small.ext4*"))
+    assert list((workdir / "cache" / "tmp").iterdir()) == []
 
 
 def test_read_only_types_are_padded_to_size_mib(workdir: Path, caps_base: str) -> None:
@@ -240,7 +240,7 @@ def test_unmatched_include_and_dd_args_are_warned(
     from rfs.fs.image import Options
     from rfs.fs.tarstream import Selection
 
-    blob = next(p for p in (workdir / "cache" / "blobs").iterdir() if p.is_file())
+    blob = export_blob(workdir / "cache")
     said: list[str] = []
     selection = Selection(whole=False, include_dirs=("/fid", "/no/such/dir"))
     result = assemble(FsType.SQUASHFS, blob, selection, [], workdir / "partial.squashfs",

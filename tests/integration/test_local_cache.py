@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.cachefiles import blobs, disk_bytes
 from tests.integration.test_remote_cache import BUILD_TOML, layer_tags, remove_layers
 
 pytestmark = pytest.mark.integration
@@ -80,10 +81,12 @@ def test_concurrent_builds_build_each_step_once(cache: Path, tmp_path: Path,
 
     stats = info(cache)
     kinds = {k: v["entries"] for k, v in stats["kinds"].items()}
-    assert kinds == {"run": 3, "export": 1, "overlays": 1, "assemble": 1}
-    blobs = list((cache / "blobs").iterdir())
-    assert len(blobs) == 1 and stats["blob_bytes"] == blobs[0].stat().st_size
-    assert stats["kinds"]["export"]["bytes"] == stats["blob_bytes"]
+    assert kinds == {"run": 3, "export": 1, "overlays": 1, "assemble": 1, "ext4-base": 1}
+    (export,) = blobs(cache, "export")
+    (base,) = blobs(cache, "ext4-base")
+    assert stats["blob_bytes"] == disk_bytes(export) + disk_bytes(base)
+    assert stats["kinds"]["export"]["bytes"] == disk_bytes(export)
+    assert disk_bytes(base) < base.stat().st_size  # sparse, counted by what it allocates
     assert list((cache / "tmp").iterdir()) == []
     # Both outputs are known: a third build to either one does nothing.
     for i in (0, 1):
@@ -109,7 +112,8 @@ def test_prune_by_age_and_clear_remove_layers_too(cache: Path, tmp_path: Path,
     age = time.time() - boundary + 0.5  # everything of "old" is older, all of "new" younger
     pruned = rfs(cache, "cache", "prune", "--older-than", f"{age:.1f}s")
     assert pruned.returncode == 0, pruned.stderr
-    assert "dropped 6 entries (3 layer images)" in pruned.stdout  # every step of "old"
+    # every step of "old", and its ext4 base image
+    assert "dropped 7 entries (3 layer images)" in pruned.stdout
     assert sorted(layer_tags(cache)) == new_tags
 
     def present(tag: str) -> bool:
@@ -127,12 +131,14 @@ def test_prune_by_age_and_clear_remove_layers_too(cache: Path, tmp_path: Path,
     rebuilt = rfs(cache, "build", old, "-o", tmp_path / "old.ext4")
     assert rebuilt.returncode == 0 and "6 step(s) ran" in rebuilt.stderr, rebuilt.stderr
 
-    # --max-size: the least recently used export goes first
-    sizes = {p.name: p.stat().st_size for p in (cache / "blobs").iterdir()}
-    assert len(sizes) == 2
-    smaller = rfs(cache, "cache", "prune", "--max-size", str(max(sizes.values())))
+    # --max-size: the least recently used entry with a file goes first, and only as many as
+    # needed (sizes are what the files allocate: the base images are sparse)
+    files = blobs(cache)  # two exports, two base images
+    assert len(files) == 4
+    total = sum(disk_bytes(p) for p in files)
+    smaller = rfs(cache, "cache", "prune", "--max-size", str(total - 1))
     assert smaller.returncode == 0, smaller.stderr
-    assert len(list((cache / "blobs").iterdir())) == 1
+    assert [p.exists() for p in files] == [False, True, True, True]
 
     cleared = rfs(cache, "cache", "clear")
     assert cleared.returncode == 0, cleared.stderr

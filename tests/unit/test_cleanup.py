@@ -132,7 +132,7 @@ def test_busy_index_is_not_mistaken_for_damage(tmp_path: Path) -> None:
 
 
 def test_files_of_killed_processes_are_removed(tmp_path: Path) -> None:
-    from rfs.executors import remove_orphans
+    from rfs.orphans import remove_orphans
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rfs.compiler import build_graph, compile_steps
 from rfs.executors import interpreter_argv
 from rfs.model import BuildScript
-from rfs.planner import Action, manifest, plan
+from rfs.planner import Action, manifest, plan, plan_steps
 from rfs.schema import parse_script
 from rfs.steps import Facts, Step
 
@@ -142,14 +143,14 @@ def test_interpreter_from_shebang() -> None:
     assert interpreter_argv(b"echo hi\n", "/s") == ["/bin/sh", "/s"]
 
 
-def test_plan_without_graph_matches_plan_when_image_is_cached() -> None:
-    from rfs.planner import plan_cached
-
+@pytest.mark.parametrize("cached", [set(), {"assemble"}, {"export"}, {"run[0]", "overlays"},
+                                    {"run[1]", "export", "overlays"}])
+def test_plan_over_the_step_list_matches_plan_over_the_graph(cached: set[str]) -> None:
     steps = compile_steps(script(), FACTS)
     graph = build_graph(steps)
 
-    def cached_image(step: Step) -> str | None:
-        return None if step.id == "assemble" else "no cache entry"
+    def available(step: Step) -> str | None:
+        return None if step.id in cached else "no cache entry"
 
-    assert plan_cached(steps, cached_image) == plan(graph, cached_image)
-    assert plan_cached(steps, lambda step: "no cache entry") is None
+    old = {s.id: {"key": "0" * 64, "inputs": {}} for s in steps}
+    assert plan_steps(steps, available, old) == plan(graph, available, old)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,14 +23,53 @@ def add(store: Store, key: str, size: int = 0, kind: str = "export") -> None:
 def test_prune_drops_least_recently_used_until_it_fits(tmp_path: Path) -> None:
     store = Store(tmp_path)
     for key in ("a", "b", "c"):
-        add(store, key, 100)
+        add(store, key, 8192)  # whole 4 KiB blocks: the limit counts what is allocated
     store.touch("a")  # now the most recently used
-    dropped = store.prune(max_size=200)
+    dropped = store.prune(max_size=16384)
     assert [k for k, _ in dropped] == ["b"]
-    assert store.blob_bytes() == 200 and store.record("b") is None
+    assert store.blob_bytes() == 16384 and store.record("b") is None
     assert not (tmp_path / "blobs" / "b").exists()
-    dropped = store.prune(max_size=100)
+    dropped = store.prune(max_size=8192)
     assert [k for k, _ in dropped] == ["c"]
+
+
+def test_a_sparse_blob_counts_what_it_allocates(tmp_path: Path) -> None:
+    from rfs.hashing import digest_sparse_file
+
+    store = Store(tmp_path)
+    with store.blob_file("img") as tmp:
+        with tmp.open("wb") as f:
+            f.truncate(1 << 30)
+            f.seek(1 << 20)
+            f.write(b"data" * 1024)
+        digest = digest_sparse_file(tmp)
+    store.put_record("img", {"kind": "ext4-base", "blob_size": 1 << 30, "blob_digest": digest,
+                             "blob_sparse": True})
+    assert store.blob_bytes() < 1 << 20  # a 1 GiB image with 4 KiB of data
+    blob = store.blob("img")
+    assert blob is not None and store.verify_blob(blob)
+    with (tmp_path / "blobs" / "img").open("r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"DATA")
+    assert not store.verify_blob(blob)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_killed_builds_partial_writes_are_removed(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    gone = _dead_pid()
+    for name in (f"part-{gone}-k1", f".part-{gone}-k1.rfs-tmp-{gone}-x", f"part-{os.getpid()}-k2"):
+        (tmp_path / "tmp" / name).write_bytes(b"x")
+    store.remove_parts()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [f"part-{os.getpid()}-k2"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_prune_by_age_and_clear(tmp_path: Path) -> None:
@@ -64,9 +104,9 @@ def test_on_drop_can_keep_an_entry(tmp_path: Path) -> None:
 
 
 def test_evict_respects_the_size_limit_and_keep(tmp_path: Path) -> None:
-    store = Store(tmp_path, size_limit=150)
-    add(store, "a", 100)
-    add(store, "b", 100)
+    store = Store(tmp_path, size_limit=12288)
+    add(store, "a", 8192)
+    add(store, "b", 8192)
     assert store.evict(keep={"a"}) == ["b"]
     assert store.evict(keep=set()) == []
 
@@ -93,11 +133,12 @@ def test_a_step_is_built_by_one_holder_at_a_time(tmp_path: Path) -> None:
 
 def test_stats_count_entries_bytes_and_hits(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    add(store, "e", 64)
+    add(store, "e", 8192)
     add(store, "r", kind="run")
     store.touch("r")
     store.touch("r")
     stats = store.stats()
-    assert stats["entries"] == 2 and stats["hits"] == 2 and stats["blob_bytes"] == 64
-    assert stats["kinds"]["export"] == {"entries": 1, "bytes": 64, "hits": 0, "remote_hits": 0}
+    assert stats["entries"] == 2 and stats["hits"] == 2 and stats["blob_bytes"] == 8192
+    assert stats["kinds"]["export"] == {"entries": 1, "bytes": 8192, "hits": 0,
+                                        "remote_hits": 0}
     assert stats["kinds"]["run"]["hits"] == 2

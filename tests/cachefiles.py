@@ -1,0 +1,38 @@
+"""What a test can see of an rfs cache directory, through the store's own records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rfs.store import Store
+
+
+def blobs(cache: Path, kind: str | None = None) -> list[Path]:
+    """The blob files of the entries of `kind` ("export", "ext4-base"; None: any), least
+    recently used first."""
+    store = Store(cache)
+    try:
+        found = sorted((float(r.get("last_used", 0)), key) for key, r in store.records()
+                       if kind in (None, r.get("kind")) and (cache / "blobs" / key).is_file())
+    finally:
+        store.close()
+    return [cache / "blobs" / key for _, key in found]
+
+
+def _is_tar(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(257)
+        return f.read(5) == b"ustar"
+
+
+def export_blob(cache: Path) -> Path:
+    """The one export tarball in `cache` (fails the test if there are several). Told apart by
+    content, so a cache another user owns is only read."""
+    found = [p for p in (cache / "blobs").iterdir() if p.is_file() and _is_tar(p)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def disk_bytes(path: Path) -> int:
+    """What a file occupies on disk (the store counts sparse images this way)."""
+    return path.stat().st_blocks * 512
