@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from rfs.engine.base import Engine
     from rfs.locks import FileLock
-    from rfs.remote.base import RemoteSettings
+    from rfs.remote.config import RemoteSettings
     from rfs.remote.sync import RemoteCache
 
 RUN_LABEL = "org.rfs.run"

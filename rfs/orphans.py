@@ -1,4 +1,5 @@
-"""Clean-up after killed rfs processes: their temp files are named with their pid."""
+"""Removing what rfs leaves on disk: trees a package made read-only, and the temp files and
+directories of rfs processes that were killed (named with their pid)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import glob
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -29,9 +31,24 @@ def remove_orphans(directory: Path, prefix: str) -> list[Path]:
         except PermissionError:
             continue  # alive, another user's
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         else:
             with contextlib.suppress(OSError):
                 path.unlink()
         removed.append(path)
     return removed
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree, including read-only directories a package may have brought."""
+
+    def retry(func: Callable[..., object], failed: str, _exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+            func(failed)
+
+    shutil.rmtree(path, onerror=retry)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)

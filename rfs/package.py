@@ -26,8 +26,8 @@ from typing import Any
 
 from rfs.errors import Problem, ScriptError, UsageError
 from rfs.model import BuildScript
-from rfs.packing import SCRIPT_NAMES, detect, extract, remove_tree
-from rfs.schema import collect_script
+from rfs.orphans import remove_orphans, remove_tree
+from rfs.schema import SCRIPT_NAMES, collect_script
 
 _UNPACK_PREFIX = "rfs-package-"
 # archive path -> (its stat identity, unpacked root, temporary directory), for this process
@@ -201,7 +201,7 @@ def collect(package: Path) -> tuple[BuildScript | None, list[Problem]]:
     """
     origin = None
     try:
-        if detect(package).is_archive:
+        if not package.is_dir() and _is_archive(package):
             origin, package = package, unpacked(package)
     except ScriptError as exc:  # the archive itself is bad: nothing more to read
         return None, list(exc.problems)
@@ -241,6 +241,8 @@ def unpacked(archive: Path) -> Path:
     _remove_orphans()
     tmp = Path(tempfile.mkdtemp(prefix=f"{_UNPACK_PREFIX}{os.getpid()}-"))
     try:
+        from rfs.packing import extract  # tarfile and gzip: only for archives
+
         root = extract(archive, tmp).resolve()
     except BaseException:
         remove_tree(tmp)
@@ -260,14 +262,10 @@ def cleanup() -> None:
 
 def _remove_orphans() -> None:
     """Remove unpacked packages of rfs processes that died without cleaning up (SIGKILL)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{_UNPACK_PREFIX}*"):
-        pid = path.name[len(_UNPACK_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                remove_tree(path)
-        except PermissionError:
-            continue  # alive, another user's
+    remove_orphans(Path(tempfile.gettempdir()), _UNPACK_PREFIX)
+
+
+def _is_archive(package: Path) -> bool:
+    from rfs.packing import detect
+
+    return detect(package).is_archive

@@ -20,25 +20,24 @@ package twice gives the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import gzip
 import io
 import json
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
 from rfs.errors import Problem, ScriptError, UsageError
+from rfs.orphans import remove_tree
+from rfs.schema import SCRIPT_NAMES
 
-SCRIPT_NAMES = ("build.toml", "build.yaml", "build.yml")
 _GZIP_MAGIC = b"\x1f\x8b"
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # A build script is text of a few KiB; anything this large under that name is not one.
@@ -222,21 +221,6 @@ def extract(archive: Path, dest: Path) -> Path:
         raise ScriptError([Problem("", f"is not a readable tar archive: {exc}", label)]
                           ) from exc
     return dest / script.prefix if script.prefix else dest
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a directory tree, including read-only directories a package may have brought."""
-
-    def retry(func: Callable[..., object], failed: str, _exc: object) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(failed), 0o700)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                os.chmod(failed, 0o700)
-            func(failed)
-
-    shutil.rmtree(path, onerror=retry)
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _empty_target(dst: Path) -> None:

@@ -24,6 +24,9 @@ from rfs.model import (
     PathSet,
 )
 
+# The names a build script may have in a package directory, in order of preference.
+SCRIPT_NAMES = ("build.toml", "build.yaml", "build.yml")
+
 T = TypeVar("T")
 
 _FS_TYPES = {t.value: t for t in FsType}

@@ -1,20 +1,36 @@
 """The container engine adapter: the only code in rfs that talks to Docker or Podman.
 
 `connect` picks the socket and returns an `Engine`; the SDK is imported only there, so importing
-this package (for the types) stays cheap and works without the docker SDK installed.
+this package (for the types) stays cheap and works without the docker SDK installed. The
+types come from `rfs.engine.base` on first use: an up-to-date build imports this package for
+`default_uri` and `lite` only.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, Engine, Mount, RunSpec
 from rfs.errors import UsageError
+
+if TYPE_CHECKING:
+    from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, Engine, Mount, RunSpec
 
 __all__ = [
     "EMPTY", "MANAGED_LABEL", "BinarySink", "Engine", "Mount", "RunSpec", "connect", "default_uri",
 ]
+
+_FROM_BASE = frozenset(__all__) - {"connect", "default_uri"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _FROM_BASE:
+        from rfs.engine import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ENGINES = ("docker", "podman")
 DOCKER_DEFAULT_URI = "unix:///var/run/docker.sock"

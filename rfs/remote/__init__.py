@@ -10,14 +10,20 @@ downloads of only what the plan needs, uploads of what the build made.
 
 from __future__ import annotations
 
-from rfs.remote.base import Backend, RemoteSettings
-from rfs.remote.config import check_url
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # at run time, imported where used: `rfs build` parses its options from
+    # rfs.remote.config without needing the backends' types
+    from rfs.remote.base import Backend
+    from rfs.remote.config import RemoteSettings
 
 __all__ = ["Backend", "RemoteSettings", "open_backend"]
 
 
 def open_backend(url: str, settings: RemoteSettings) -> Backend:
     """The backend for `url` (no request is made here)."""
+    from rfs.remote.config import check_url
+
     check_url(url)
     if url.startswith("oci://"):
         from rfs.remote.oci import OciBackend

@@ -1,4 +1,4 @@
-"""The one interface every remote cache backend implements, and the settings of a build's use.
+"""The one interface every remote cache backend implements (settings: rfs.remote.config).
 
 A backend stores two things, as Bazel's remote cache does:
     records   small JSON documents, one per step key (and scope): the "action cache", `ac/`;
@@ -10,7 +10,6 @@ objects the plan needs.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,32 +20,6 @@ if TYPE_CHECKING:  # the codec (tarfile, zstandard) is not needed to read settin
 
 #: Records larger than this are refused: a record is a few KiB of JSON.
 MAX_RECORD_BYTES = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    """Which remote caches a build reads and writes, and how patiently."""
-
-    sources: tuple[str, ...] = ()  # read, in order (the write target is read too)
-    target: str | None = None  # write
-    scope: str | None = None  # writes go here; reads try it, then the default scope
-    strict: bool = False  # a remote failure fails the build (exit 3) instead of warning
-    timeout_s: float = 30.0  # between bytes of a response
-    connect_timeout_s: float = 3.0
-    retries: int = 2  # per request, for connection failures and 5xx answers
-    insecure: bool = False  # plain HTTP to registries off this machine too
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any remote cache is configured."""
-        return bool(self.sources or self.target)
-
-    def read_urls(self) -> list[str]:
-        """Every URL read, in order: the sources, then the write target."""
-        urls = list(self.sources)
-        if self.target and self.target not in urls:
-            urls.append(self.target)
-        return urls
 
 
 def record_names(key: str, scope: str | None) -> list[str]:

@@ -19,15 +19,42 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rfs.errors import UsageError
-from rfs.remote.base import RemoteSettings
 
 SCHEMES = ("http://", "https://", "oci://")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 _TRUE = {"1", "true", "yes", "on"}
+
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Which remote caches a build reads and writes, and how patiently."""
+
+    sources: tuple[str, ...] = ()  # read, in order (the write target is read too)
+    target: str | None = None  # write
+    scope: str | None = None  # writes go here; reads try it, then the default scope
+    strict: bool = False  # a remote failure fails the build (exit 3) instead of warning
+    timeout_s: float = 30.0  # between bytes of a response
+    connect_timeout_s: float = 3.0
+    retries: int = 2  # per request, for connection failures and 5xx answers
+    insecure: bool = False  # plain HTTP to registries off this machine too
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any remote cache is configured."""
+        return bool(self.sources or self.target)
+
+    def read_urls(self) -> list[str]:
+        """Every URL read, in order: the sources, then the write target."""
+        urls = list(self.sources)
+        if self.target and self.target not in urls:
+            urls.append(self.target)
+        return urls
 
 
 def add_remote_options(p: argparse.ArgumentParser) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rfs.remote.base import MAX_RECORD_BYTES, RemoteSettings
+from rfs.remote.base import MAX_RECORD_BYTES
 from rfs.remote.codec import BadObject, ObjectRef
+from rfs.remote.config import RemoteSettings
 from rfs.remote.transport import download, make_session, status_error, translating
 
 

@@ -30,8 +30,9 @@ from typing import Any
 import requests
 
 from rfs.errors import UsageError
-from rfs.remote.base import MAX_RECORD_BYTES, RemoteSettings, is_loopback
+from rfs.remote.base import MAX_RECORD_BYTES, is_loopback
 from rfs.remote.codec import BadObject, ObjectRef
+from rfs.remote.config import RemoteSettings
 from rfs.remote.transport import download, make_session, status_error, translating
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

@@ -31,7 +31,7 @@ from rfs.executors import layer_tag, output_identity
 from rfs.hashing import digest_file
 from rfs.planner import Action, Availability, Decision, plan_steps
 from rfs.remote import open_backend
-from rfs.remote.base import Backend, RemoteSettings, record_names, scoped_name
+from rfs.remote.base import Backend, record_names, scoped_name
 from rfs.remote.codec import (
     CHUNK,
     BadObject,
@@ -49,6 +49,7 @@ from rfs.remote.codec import (
     unpack,
     verify_object,
 )
+from rfs.remote.config import RemoteSettings
 from rfs.steps import Step, StepKind
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ import requests.adapters
 import urllib3.util.retry
 
 from rfs.errors import RemoteCacheError
-from rfs.remote.base import RemoteSettings
 from rfs.remote.codec import CHUNK
+from rfs.remote.config import RemoteSettings
 
 
 def make_session(settings: RemoteSettings) -> requests.Session:

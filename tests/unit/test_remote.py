@@ -16,7 +16,7 @@ import pytest
 
 from rfs.errors import RemoteCacheError, UsageError
 from rfs.remote import open_backend
-from rfs.remote.base import RemoteSettings, record_names, scoped_name
+from rfs.remote.base import record_names, scoped_name
 from rfs.remote.codec import (
     BadObject,
     ObjectRef,
@@ -30,7 +30,7 @@ from rfs.remote.codec import (
     unpack,
     verify_object,
 )
-from rfs.remote.config import remote_settings
+from rfs.remote.config import RemoteSettings, remote_settings
 
 KEY = "ab" * 32
 
