@@ -31,7 +31,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO
 
@@ -707,32 +707,25 @@ class DockerEngine:
             )
         cid = str(created["Id"])
         try:
-            with self._calling(f"export {image}"):
-                chunks = iter(self._api.export(cid, chunk_size=_EXPORT_CHUNK))
-            total = 0
-            while True:
-                with self._calling(f"export {image}"):
-                    chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                try:
-                    dest.write(chunk)
-                except OSError as exc:
-                    raise EnvironmentProblem(
-                        f"cannot write the export of {image}: {exc.strerror or exc}"
-                    ) from exc
-                total += len(chunk)
-                if on_progress is not None:
-                    on_progress(total)
+            self._drain(lambda: self._api.export(cid, chunk_size=_EXPORT_CHUNK), dest,
+                        f"export {image}", f"the export of {image}", on_progress)
         finally:
             self._discard(cid)
 
     def save_image(self, ref: str, dest: BinarySink) -> None:
         """Stream `ref` with its parent layers as an image tarball (`docker save`) into `dest`."""
-        with self._calling(f"save image {ref}"):
-            chunks = iter(self._api.get_image(ref, chunk_size=_EXPORT_CHUNK))
+        self._drain(lambda: self._api.get_image(ref, chunk_size=_EXPORT_CHUNK), dest,
+                    f"save image {ref}", f"the saved image {ref}")
+
+    def _drain(self, request: Callable[[], Iterable[bytes]], dest: BinarySink, doing: str,
+               written: str, on_progress: Callable[[int], None] | None = None) -> None:
+        """Copy a streamed response into `dest`: engine errors name `doing`, a failed write
+        (a full disk) names `written`."""
+        with self._calling(doing):
+            chunks = iter(request())
+        total = 0
         while True:
-            with self._calling(f"save image {ref}"):
+            with self._calling(doing):
                 chunk = next(chunks, None)
             if chunk is None:
                 return
@@ -740,7 +733,10 @@ class DockerEngine:
                 dest.write(chunk)
             except OSError as exc:
                 raise EnvironmentProblem(
-                    f"cannot write the saved image {ref}: {exc.strerror or exc}") from exc
+                    f"cannot write {written}: {exc.strerror or exc}") from exc
+            total += len(chunk)
+            if on_progress is not None:
+                on_progress(total)
 
     def load_image(self, source: BinaryIO) -> list[str]:
         """Load an image tarball (`docker load`) read from `source`; return what was loaded.

@@ -28,12 +28,10 @@ from rfs.fs.image import (
     Options,
     Result,
     Source,
-    check_block_size,
     check_size,
-    scan,
+    settle_size,
     stream_pipe,
     temp_image,
-    with_headroom,
 )
 from rfs.fs.tarstream import StreamStats
 
@@ -61,13 +59,9 @@ def need_mib(stats: StreamStats) -> int:
 def assemble(source: Source, output: Path, options: Options) -> Result:
     """Build a btrfs image at `output` from `source` (see the module doc)."""
     epoch = options.source_date_epoch
-    stats = scan(source, epoch)
+    stats, size = settle_size("btrfs", source, options, need_mib, mtime=epoch,
+                              minimum_mib=MIN_MIB, overhead_mib=_OVERHEAD_MIB)
     need = need_mib(stats)
-    size = options.size_mib
-    if size is None:
-        size = with_headroom(need, MIN_MIB, _OVERHEAD_MIB)
-    check_size("btrfs", size, need, stats)
-    check_block_size(options, size)
     fs_uuid = uuid.UUID(bytes=options.seed[:16], version=4)
     mkfs = proc.tool_path("mkfs.btrfs")
     warnings: list[str] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 from rfs import proc
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
 from rfs.fs import tarformat as tf
-from rfs.fs.image import Options, Source, copy_sparse, feed, temp_image
+from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
 from rfs.hashing import digest_bytes
 
@@ -272,14 +272,11 @@ def _explain(
     with export_tar.open("rb") as src, open(os.devnull, "wb") as sink:
         stats = write_image_stream(src, selection, overlays, sink, mtime=0, restore=restore)
     need = max(required_size_mib(stats), size_mib + 1)
-    message = (
-        f"{size_mib} MiB is too small for this ext4 image: the content needs about {need} MiB "
-        f"({stats.inodes} files, directories and links; "
-        f"{stats.content_bytes / MIB:.1f} MiB of file data)"
-    )
-    return ScriptError(
-        [Problem("filesystem.size_mib", message)], hint=f"set size_mib to {need} or more"
-    )
+    try:
+        check_size("ext4", size_mib, need, stats)
+    except ScriptError as too_small:
+        return too_small
+    return exc  # unreachable: need > size_mib
 
 
 def _journal_blocks(blocks: int) -> int:

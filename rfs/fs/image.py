@@ -113,6 +113,29 @@ def check_size(fs_name: str, size_mib: int, need_mib: int, stats: StreamStats) -
     )
 
 
+def settle_size(
+    fs_name: str,
+    source: Source,
+    options: Options,
+    need_mib: Callable[[StreamStats], int],
+    *,
+    mtime: int,
+    minimum_mib: int = 1,
+    overhead_mib: int = 0,
+) -> tuple[StreamStats, int]:
+    """Scan `source` and decide the size of a writable image: the script's `size_mib` (refused
+    if the content needs more) or what the content needs plus headroom. Also checks
+    `block_size_mib`. Returns the scan's statistics and the size in MiB."""
+    stats = scan(source, mtime)
+    need = need_mib(stats)
+    size = options.size_mib
+    if size is None:
+        size = with_headroom(need, minimum_mib, overhead_mib)
+    check_size(fs_name, size, need, stats)
+    check_block_size(options, size)
+    return stats, size
+
+
 def check_block_size(options: Options, size_mib: int) -> None:
     """`block_size_mib` (buildfs: dd's block size) must divide the image size."""
     block = options.block_size_mib

@@ -22,12 +22,9 @@ from rfs.fs.image import (
     Options,
     Result,
     Source,
-    check_block_size,
-    check_size,
-    scan,
+    settle_size,
     stream_pipe,
     temp_image,
-    with_headroom,
 )
 from rfs.fs.tarstream import StreamStats
 
@@ -55,11 +52,7 @@ def need_mib(stats: StreamStats) -> int:
 def assemble(source: Source, output: Path, options: Options) -> Result:
     """Build a vfat image at `output` from `source` (see the module doc)."""
     epoch = max(options.source_date_epoch, FAT_EPOCH)
-    stats = scan(source, epoch)
-    need = need_mib(stats)
-    size = options.size_mib if options.size_mib is not None else with_headroom(need, 1, 2)
-    check_size("vfat", size, need, stats)
-    check_block_size(options, size)
+    _, size = settle_size("vfat", source, options, need_mib, mtime=epoch, overhead_mib=2)
     volume_id = options.seed[:4].hex()
     env = {"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(epoch), "TZ": "UTC"}
     with staging.staging_dir(output, source.export_tar.stat().st_size) as root:

@@ -30,12 +30,9 @@ from rfs.fs.image import (
     Options,
     Result,
     Source,
-    check_block_size,
-    check_size,
     feed,
-    scan,
+    settle_size,
     temp_image,
-    with_headroom,
 )
 from rfs.fs.tarstream import StreamStats
 
@@ -67,13 +64,8 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
                  "no root",
         )
     epoch = options.source_date_epoch
-    stats = scan(source, epoch)
-    need = need_mib(stats)
-    size = options.size_mib
-    if size is None:
-        size = with_headroom(need, MIN_MIB, _OVERHEAD_MIB)
-    check_size("xfs", size, need, stats)
-    check_block_size(options, size)
+    _, size = settle_size("xfs", source, options, need_mib, mtime=epoch, minimum_mib=MIN_MIB,
+                          overhead_mib=_OVERHEAD_MIB)
     fs_uuid = uuid.UUID(bytes=options.seed[:16], version=4)
     with temp_image(output, size) as tmp:
         proc.run([proc.tool_path("mkfs.xfs"), "-q", "-f", "-m", f"uuid={fs_uuid}",

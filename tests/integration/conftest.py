@@ -95,6 +95,17 @@ def busybox_v2(engine_client: Any) -> Iterator[str]:
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 
 
+@contextlib.contextmanager
+def capped_base(client: Any, tag: str) -> Iterator[str]:
+    """BASE plus /usr/bin/capped carrying cap_net_raw, committed as `tag` for the block."""
+    pax = {"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("latin-1")}
+    made = _derive(client, tag, {"/usr/bin/capped": (b"#!/bin/sh\n", pax)})
+    try:
+        yield made
+    finally:
+        client.images.remove(made, force=True)
+
+
 @pytest.fixture(scope="session")
 def caps_image(engine_client: Any) -> Iterator[str]:
     """A base image holding /usr/bin/ping-like file with security.capability set."""

@@ -22,7 +22,7 @@ from rfs.model import FsType
 from tests.cachefiles import export_blob
 from tests.conftest import TMP_REPO_PREFIX, require_or_skip
 from tests.fslisting import Node, list_export, list_image
-from tests.integration.conftest import CAP_NET_RAW, _derive
+from tests.integration.conftest import CAP_NET_RAW, capped_base
 from tests.integration.test_build_fidelity import SCRIPT
 
 pytestmark = pytest.mark.integration
@@ -72,11 +72,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def caps_base(docker_client: Any) -> Iterator[str]:
     """The busybox base with a file carrying security.capability, in Docker only (the image
     types are what these tests vary; engines are covered elsewhere), under this run's tag."""
-    pax = {"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("latin-1")}
-    tag = _derive(docker_client, f"{TMP_REPO_PREFIX}fs-caps:1",
-                  {"/usr/bin/capped": (b"#!/bin/sh\n", pax)})
-    yield tag
-    docker_client.images.remove(tag, force=True)
+    with capped_base(docker_client, f"{TMP_REPO_PREFIX}fs-caps:1") as tag:
+        yield tag
 
 
 @pytest.fixture(scope="module")

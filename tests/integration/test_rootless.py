@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import RUN_ID, TMP_REPO_PREFIX, require_or_skip
 from tests.fslisting import list_image
-from tests.integration.conftest import CAP_NET_RAW, _derive
+from tests.integration.conftest import CAP_NET_RAW, capped_base
 from tests.integration.test_fs_types import (
     comparable,
     container_listing,
@@ -88,11 +88,8 @@ def user() -> Iterator[tuple[str, Path]]:
 
 @pytest.fixture(scope="module")
 def caps_base(docker_client: Any) -> Iterator[str]:
-    pax = {"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("latin-1")}
-    tag = _derive(docker_client, f"{TMP_REPO_PREFIX}rootless-caps:1",
-                  {"/usr/bin/capped": (b"#!/bin/sh\n", pax)})
-    yield tag
-    docker_client.images.remove(tag, force=True)
+    with capped_base(docker_client, f"{TMP_REPO_PREFIX}rootless-caps:1") as tag:
+        yield tag
 
 
 @pytest.fixture(scope="module")
