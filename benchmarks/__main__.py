@@ -126,11 +126,13 @@ class Bench:
 
     def bare_assembly(self) -> tuple[Sample, int]:
         """mke2fs from the already-extracted tree of the current export, and its content bytes."""
-        blobs = sorted((self.cache / "blobs").iterdir(), key=lambda p: p.stat().st_mtime)
+        # The newest export tarball (the cache also holds ext4 base images).
+        exports = sorted((p for p in (self.cache / "blobs").iterdir() if _is_tar(p)),
+                         key=lambda p: p.stat().st_mtime)
         tree = self.work / "tree"
         shutil.rmtree(tree, ignore_errors=True)
         tree.mkdir()
-        subprocess.run(["tar", "-C", str(tree), "-xpf", str(blobs[-1]), "--numeric-owner",
+        subprocess.run(["tar", "-C", str(tree), "-xpf", str(exports[-1]), "--numeric-owner",
                         "--xattrs", "--xattrs-include=*"], check=True)
         content = int(subprocess.run(["du", "-sb", "--apparent-size", str(tree)], check=True,
                                      capture_output=True, text=True).stdout.split()[0])
@@ -145,6 +147,12 @@ class Bench:
     def cleanup(self) -> None:
         for tag in self.base_tags:
             subprocess.run([edits.DOCKER, "rmi", "-f", tag], capture_output=True, check=False)
+
+
+def _is_tar(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(257)
+        return f.read(5) == b"ustar"
 
 
 def _size_mib(pkg: Path) -> int:
