@@ -315,10 +315,16 @@ class Executor:
 
     def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
         image = self._image_of(parents[step.parents[0]], base_id)
+        # The progress display's total: the image's size, which the tarball differs from by
+        # its headers (a few percent).
+        try:
+            total = self.engine.image_size(image)
+        except EngineError:
+            total = None
         with self.store.write_blob(step.key) as writer:
             sink = _TarEnd(writer)
             self.engine.export(image, sink, labels=self.labels,
-                               on_progress=lambda n: self.reporter.progress(step, n))
+                               on_progress=lambda n: self.reporter.progress(step, n, total))
             if not sink.complete():
                 # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
                 # boundary; an export without the end-of-archive marker must never be cached.

@@ -102,6 +102,11 @@ class Engine(Protocol):
         """The local image ID ("sha256:...") of a tag or ID, or None if absent. Never pulls."""
         ...
 
+    def image_size(self, ref: str) -> int | None:
+        """The size in bytes of image `ref`'s files (all its layers), or None if unknown: about
+        what an export of it will stream."""
+        ...
+
     def resolve_base(self, name: str, tag: str) -> str:
         """The image ID of base image `name:tag`: local if present, else pulled.
 

@@ -283,6 +283,12 @@ class DockerEngine:
         info = self._inspect_image(ref)
         return None if info is None else str(info["Id"])
 
+    def image_size(self, ref: str) -> int | None:
+        """The size in bytes of image `ref`'s files (all its layers), or None if unknown."""
+        info = self._inspect_image(ref)
+        size = None if info is None else info.get("Size")
+        return size if isinstance(size, int) and size > 0 else None
+
     def _inspect_image(self, ref: str) -> dict[str, Any] | None:
         with self._calling(f"inspect image {ref}"):
             try:
