@@ -24,6 +24,9 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the plan as one JSON event (docs/events.md), with the "
                         "explanations")
+    from rfs.remote.config import add_remote_options
+
+    add_remote_options(p)
     p.set_defaults(func=run)
 
 
@@ -32,10 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from rfs.build import Options, prepare
     from rfs.explain import explain_plan
     from rfs.planner import Action
+    from rfs.remote.config import remote_settings
     from rfs.reporter import Reporter
 
     opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
                    cache_size=cache_size(args))
+    opts.remote = remote_settings(args)  # a build would look there too: so does its plan
     planned = prepare(opts, Reporter())
     try:
         for warning in planned.loaded.warnings:
@@ -49,14 +54,24 @@ def run(args: argparse.Namespace) -> int:
 
             JsonReporter(sys.stdout).emit("plan", steps=plan_steps(planned.decisions, changes))
             return EXIT_OK
+        # Steps the plan counts as cached only because a remote cache has them (looked up
+        # while planning, nothing downloaded): a build downloads them.
+        remote = planned.remote.found if planned.remote is not None else {}
+        fetched = 0
         for d in planned.decisions:
             print(f"{d.action.value:<7} {d.step.id:<10} {d.step.key[:12]}  {d.step.label}")
             if d.action is Action.RUN:
                 print(f"{'':30}why: {d.reason}")
+            elif d.action is Action.CACHED and d.step.key in remote:
+                print(f"{'':30}from: {remote[d.step.key][0].url}")
+                fetched += 1
             for change in changes.get(d.step.id, []):  # the base is explained when it moved
                 print(f"{'':30}  - {change}")
         n = len(planned.to_run())
-        print(f"{n} step(s) to run" if n else "nothing to do: the image is up to date")
+        if fetched:
+            print(f"{n} step(s) to run, {fetched} to download from a remote cache")
+        else:
+            print(f"{n} step(s) to run" if n else "nothing to do: the image is up to date")
     finally:
         planned.store.close()
     return EXIT_OK

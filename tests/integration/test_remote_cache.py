@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ class Result:
     err: str
     created: int  # containers the engine created for this build
     seconds: float
+    out: str = ""
 
     def ran(self) -> list[str]:
         """Step ids rfs reports as run."""
@@ -100,7 +102,7 @@ def rfs(docker_client: Any, tmp_path: Path) -> Iterator[Rfs]:
             since=start_ns // 10**9 - 1, until=int(time.time()) + 1, decode=True,
             filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
         created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
-        return Result(proc.returncode, proc.stderr, created, seconds)
+        return Result(proc.returncode, proc.stderr, created, seconds, proc.stdout)
 
     (tmp_path / "no-config.toml").touch()
     yield run
@@ -183,8 +185,15 @@ def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_pa
     assert a.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
     assert "pushed   6 step(s)" in a.err
 
-    # Runner B: empty cache directory, A's layer images gone from the engine.
+    # Runner B: empty cache directory, A's layer images gone from the engine. Its plan looks
+    # in the remote cache as the build will, without downloading anything.
     remove_layers(docker_client, tmp_path / "cache-a")
+    plan = rfs("plan", package, "-o", out_b, "--cache-from", server.url, runner="b")
+    assert plan.code == 0, plan.err
+    assert re.search(r"^cached  assemble .*\n +from: " + re.escape(server.url) + "$", plan.out,
+                     re.M), plan.out
+    assert plan.out.endswith("0 step(s) to run, 1 to download from a remote cache\n"), plan.out
+    assert not out_b.exists()
     b = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b")
     assert b.code == 0, b.err
     assert (b.ran(), b.created, b.fetched()) == ([], 0, ["assemble"])  # only the image
