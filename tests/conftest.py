@@ -131,12 +131,38 @@ def _tmp_images(engine: Engine) -> list[str]:
     return [tag for image in found for tag in image.get("RepoTags") or []]
 
 
+def _layer_tags(base: Path) -> set[str]:
+    """The `rfs/layer:<key>` tags recorded by every rfs cache the tests made under `base`."""
+    from rfs.store import Store
+
+    tags: set[str] = set()
+    for index in base.rglob("index"):
+        root = index.parent
+        if not (index.is_dir() and (root / "blobs").is_dir()):
+            continue
+        try:
+            store = Store(root)
+        except Exception:  # a cache a test damaged on purpose
+            continue
+        try:
+            tags.update(str(r["tag"]) for _, r in store.records()
+                        if r.get("kind") == "run" and r.get("tag"))
+        finally:
+            store.close()
+    return tags
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _remove_test_leftovers() -> Iterator[None]:
-    """At session end, remove this run's containers and rfs-test-tmp images."""
+def _remove_test_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At session end, remove this run's containers, rfs-test-tmp images and the layer images
+    of the rfs caches the tests made (a developer's engine would otherwise fill up)."""
     yield
+    layers = _layer_tags(tmp_path_factory.getbasetemp()) if _connected else set()
     for engine in _connected:
         engine.remove_containers(f"{RUN_LABEL_KEY}={RUN_ID}")
         # Any order works: untagging a parent keeps it only until its last child goes.
-        for tag in _tmp_images(engine):
-            engine.remove_image(tag)
+        for tag in [*_tmp_images(engine), *sorted(layers)]:
+            try:
+                engine.remove_image(tag)
+            except EngineError:  # still used (a container of another run): leave it
+                continue

@@ -492,11 +492,14 @@ class DockerEngine:
             conf = _commit_config(parent.get("Config") or {}, spec)
             # Podman's compat API ignores the config body and takes only `changes`.
             changes = _podman_changes(conf) if self.name == "podman" else None
+            previous = self.image_id(tag)
             with self._calling(f"commit step {step} as {tag}"):
                 result = self._api.commit(
                     cid, repository=repo, tag=tag_name, conf=conf, changes=changes
                 )
-            return _full_id(str(result["Id"]))
+            committed = _full_id(str(result["Id"]))
+            self._retire(previous, committed)
+            return committed
         finally:
             if not kept:
                 self._discard(cid)
@@ -764,8 +767,26 @@ class DockerEngine:
     def tag(self, image_id: str, tag: str) -> None:
         """Point `tag` at `image_id` (moving it if it exists)."""
         repo, tag_name = _split_tag(tag)
+        previous = self.image_id(tag)
         with self._calling(f"tag {image_id} as {tag}"):
             self._api.tag(image_id, repo, tag_name)
+        self._retire(previous, _full_id(image_id))
+
+    def _retire(self, previous: str | None, current: str) -> None:
+        """Remove the image a tag pointed at before it moved to `current`, so no untagged
+        image is left behind (a build from an empty cache makes every layer again under the
+        same key). Kept when something still needs it: another tag, a child image, a
+        container (the engine refuses, and that is fine)."""
+        if previous is None or previous == current:
+            return
+        with suppress(docker.errors.APIError, OSError, EngineError):
+            info = self._inspect_image(previous)
+            # Still named by another tag: keep it (Podman would delete an image by ID with
+            # all its tags, where Docker refuses).
+            if info is None or info.get("RepoTags"):
+                return
+            with self._calling(f"remove the replaced image {previous[:19]}"):
+                self._api.remove_image(previous)
 
     def remove_image(self, ref: str) -> None:
         """Remove an image, or just the tag `ref` if the image has others; absent is fine."""

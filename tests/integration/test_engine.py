@@ -229,6 +229,41 @@ def test_commit_tags_the_layer(docker_engine: Engine, busybox_image: str,
     assert docker_engine.image_id(tag) == layer
 
 
+def test_a_moved_tag_leaves_no_untagged_image(docker_engine: Engine, busybox_image: str,
+                                              run_labels: dict[str, str],
+                                              tmp_tag: Callable[[str], str]) -> None:
+    """A build from an empty cache makes a layer again under the same tag: the image the tag
+    left must go, unless something still needs it (here: a child layer)."""
+    tag, child_tag = tmp_tag("again"), tmp_tag("child")
+
+    def commit(argv: tuple[str, ...], image: str, to: str) -> str:
+        spec = RunSpec(image=image, argv=argv, labels=run_labels)
+        return docker_engine.run_and_commit(spec, step="run[0]", tag=to,
+                                            on_output=lambda _: None)
+
+    first = commit(("touch", "/one"), busybox_image, tag)
+    second = commit(("touch", "/two"), busybox_image, tag)
+    assert first != second and docker_engine.image_id(tag) == second
+    assert docker_engine.image_id(first) is None  # gone, not left dangling
+    child = commit(("touch", "/three"), second, child_tag)
+    third = commit(("touch", "/four"), busybox_image, tag)
+    assert docker_engine.image_id(tag) == third
+    # The child layer is intact: Docker keeps `second` as its parent; Podman's storage counts
+    # the shared layers and lets the image record go.
+    check_tag = tmp_tag("check")
+    commit(("test", "-e", "/two"), child, check_tag)
+    docker_engine.remove_image(check_tag)
+    if docker_engine.name == "docker":
+        assert docker_engine.image_id(second) == second
+    docker_engine.remove_image(child_tag)  # the child goes, and with it its untagged parent
+    assert docker_engine.image_id(child) is None and docker_engine.image_id(second) is None
+    base_id = docker_engine.image_id(busybox_image)
+    assert base_id is not None
+    docker_engine.tag(base_id, child_tag)
+    docker_engine.tag(third, child_tag)  # the base keeps its own tag: the engine refuses
+    assert docker_engine.image_id(busybox_image) == base_id
+
+
 def test_nonzero_exit_raises_step_failed_with_the_tail(run: Run) -> None:
     script = "for i in $(busybox seq 1 30); do echo line $i; done; echo oops >&2; exit 3"
     with pytest.raises(StepFailed) as caught:
