@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.cachefiles import export_blob
+from tests.cachefiles import blobs, export_blob
 from tests.conftest import require_or_skip
 
 pytestmark = pytest.mark.integration
@@ -544,6 +544,31 @@ def test_corrupt_export_is_exported_again_in_the_same_build(rfs: Rfs, tmp_path: 
     again = rfs.run("build", pkg, "-o", out)
     assert again.code == 0, again.err
     assert again.ran() == ["export", "overlays", "assemble"]
+
+
+def test_damaged_base_image_is_made_again(rfs: Rfs, tmp_path: Path) -> None:
+    """The ext4 base image an overlay edit copies is checked first: a damaged one is dropped
+    and made again from the export, and the image is right."""
+    marker = uuid.uuid4().hex
+    pkg = write_package(tmp_path / "pkg", build_toml(marker, ['command = "touch /x"']))
+    out = tmp_path / "image.ext4"
+    assert rfs.run("build", pkg, "-o", out).code == 0
+    (base,) = blobs(rfs.cache, "ext4-base")
+    original = base.read_bytes()
+    # A flipped byte in a data extent (the superblock's block), same size and sparseness.
+    with base.open("r+b") as f:
+        f.seek(1024 + 0x78)  # s_volume_name: harmless to a kernel, fatal to the digest
+        f.write(b"X")
+    write_package(pkg, build_toml(marker, ['command = "touch /x"'], overlay="edited"))
+    healed = rfs.run("build", pkg, "-o", out)
+    assert healed.code == 0, healed.err
+    assert healed.ran() == ["overlays", "assemble"]
+    assert "(cached base image + debugfs (" in healed.err
+    (again,) = blobs(rfs.cache, "ext4-base")
+    assert again.read_bytes() == original  # made again, byte for byte
+    subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
+    assert b"edited" in subprocess.run(["debugfs", "-R", "cat /etc/overlay", str(out)],
+                                       check=True, capture_output=True).stdout
 
 
 def test_damaged_cache_index_is_started_afresh(rfs: Rfs, tmp_path: Path) -> None:
