@@ -32,6 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.cachefiles import layer_tags  # noqa: E402
 from tests.cacheservers import start_nginx, start_registry  # noqa: E402
 
 DOCKER = "/usr/bin/docker"  # Debian's client; another one may shadow it on PATH
@@ -77,19 +78,6 @@ def build(pkg: Path, out: Path, cache: Path, *extra: str) -> dict[str, Any]:
     fetched = [ln.strip() for ln in lines if ln.strip().startswith("fetched ")]
     pushed = [ln.strip() for ln in lines if ln.strip().startswith("pushed ")]
     return {"seconds": round(seconds, 2), "ran": ran, "fetched": fetched, "pushed": pushed}
-
-
-def layer_tags(cache: Path) -> list[str]:
-    """The layer image tags recorded in a cache directory."""
-    from rfs.store import Store
-
-    if not (cache / "index").exists():
-        return []
-    store = Store(cache)
-    try:
-        return [str(r["tag"]) for _, r in store.records() if r.get("kind") == "run"]
-    finally:
-        store.close()
 
 
 def drop_layers(*caches: Path) -> None:

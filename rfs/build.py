@@ -120,18 +120,20 @@ def prepare(opts: Options, reporter: Reporter,
     # Connected on first use: a build whose image is up to date never needs the docker SDK.
     engine = functools.cache(lambda: engine_factory(script))
     memo = store.meta("file-digests")
+    remembered = dict(memo)  # entries are replaced, never changed in place
     # An archive package is unpacked to a new directory each run: its paths are not worth
     # remembering.
     digests = digest_refs(script.package_root, package_refs(script),
                           memo if script.origin is None else None)
-    if memo != store.meta("file-digests"):
+    if memo != remembered:
         store.set_meta("file-digests", memo)
     base_id = quick_base_id(script, digests) or resolve_base(engine(), script, digests)
     from rfs.fs.tools import remembered_tool_version
 
     tools = store.meta("tool-versions")
+    known_tools = dict(tools)
     mkfs_version = remembered_tool_version(script.filesystem.type, tools)
-    if tools != store.meta("tool-versions"):
+    if tools != known_tools:
         store.set_meta("tool-versions", tools)
     facts = Facts(base_id=base_id, file_digests=digests, mkfs_version=mkfs_version,
                   engine=script.container.engine.value, source_date_epoch=source_date_epoch())

@@ -45,28 +45,22 @@ def digest_sparse_file(path: Path) -> str:
     """The hex blake3 digest of a sparse file's data extents, each preceded by its offset and
     length: equal to another file's only if the content is, without reading the holes (a 1 GiB
     image with 180 MiB of data hashes in a tenth of the time)."""
+    from rfs.sparse import data_extents
+
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    extents = data_extents(path)
     with path.open("rb") as f:
-        fd = f.fileno()
-        end = os.fstat(fd).st_size
-        hasher.update(end.to_bytes(8, "little"))
-        offset = 0
-        while offset < end:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            stop = os.lseek(fd, start, os.SEEK_HOLE)
-            hasher.update(start.to_bytes(8, "little") + (stop - start).to_bytes(8, "little"))
+        hasher.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+        for start, length in extents:
+            hasher.update(start.to_bytes(8, "little") + length.to_bytes(8, "little"))
             f.seek(start)
-            remaining = stop - start
+            remaining = length
             while remaining:
                 chunk = f.read(min(CHUNK * 8, remaining))
                 if not chunk:
                     raise OSError(f"{path} shrank while being hashed")
                 hasher.update(chunk)
                 remaining -= len(chunk)
-            offset = stop
     return hasher.hexdigest()
 
 

@@ -19,6 +19,17 @@ def blobs(cache: Path, kind: str | None = None) -> list[Path]:
     return [cache / "blobs" / key for _, key in found]
 
 
+def layer_tags(cache: Path) -> list[str]:
+    """The layer image tags the records of a cache directory name."""
+    if not (cache / "index").exists():
+        return []
+    store = Store(cache)
+    try:
+        return [str(r["tag"]) for _, r in store.records() if r.get("kind") == "run"]
+    finally:
+        store.close()
+
+
 def _is_tar(path: Path) -> bool:
     with path.open("rb") as f:
         f.seek(257)

@@ -18,6 +18,7 @@ connected.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import uuid
@@ -133,22 +134,14 @@ def _tmp_images(engine: Engine) -> list[str]:
 
 def _layer_tags(base: Path) -> set[str]:
     """The `rfs/layer:<key>` tags recorded by every rfs cache the tests made under `base`."""
-    from rfs.store import Store
+    from tests.cachefiles import layer_tags
 
     tags: set[str] = set()
     for index in base.rglob("index"):
-        root = index.parent
-        if not (index.is_dir() and (root / "blobs").is_dir()):
+        if not (index.is_dir() and (index.parent / "blobs").is_dir()):
             continue
-        try:
-            store = Store(root)
-        except Exception:  # a cache a test damaged on purpose
-            continue
-        try:
-            tags.update(str(r["tag"]) for _, r in store.records()
-                        if r.get("kind") == "run" and r.get("tag"))
-        finally:
-            store.close()
+        with contextlib.suppress(Exception):  # a cache a test damaged on purpose
+            tags.update(layer_tags(index.parent))
     return tags
 
 

@@ -132,6 +132,15 @@ def _start_failure(exc: Any) -> str:
     return text.removesuffix(": unknown")
 
 
+def _answer_message(resp: Any) -> str:
+    """The engine's message in an error answer (JSON `message`, else the body)."""
+    try:
+        message = resp.json().get("message") or resp.text
+    except ValueError:
+        message = resp.text
+    return str(message).strip()
+
+
 def _full_id(image_id: str) -> str:
     # Podman's commit answers with the bare hex digest, its inspect with "sha256:<hex>".
     return image_id if ":" in image_id else f"sha256:{image_id}"
@@ -341,11 +350,7 @@ class DockerEngine:
                 )
                 try:
                     if resp.status_code >= 400:
-                        try:
-                            message = resp.json().get("message") or resp.text
-                        except ValueError:
-                            message = resp.text
-                        raise _PullFailed(str(message).strip())
+                        raise _PullFailed(_answer_message(resp))
                     for line in resp.iter_lines():
                         event = json.loads(line) if line.strip() else {}
                         if event.get("error"):
@@ -379,11 +384,7 @@ class DockerEngine:
                 resp = self._api.get(url, headers={"X-Registry-Auth": header} if header else {},
                                      timeout=(self._timeout_s, self._pull_timeout_s))
                 if resp.status_code >= 400:
-                    try:
-                        message = resp.json().get("message") or resp.text
-                    except ValueError:
-                        message = resp.text
-                    raise _PullFailed(str(message).strip())
+                    raise _PullFailed(_answer_message(resp))
         except EngineError as exc:
             raise EnvironmentProblem(
                 f"base image {ref} is not in the {self._title} engine and cannot be pulled: "

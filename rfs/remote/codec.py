@@ -25,6 +25,7 @@ from typing import IO, Any, BinaryIO, cast
 import blake3
 
 from rfs.errors import RemoteCacheError
+from rfs.sparse import data_extents
 
 CHUNK = 1 << 20
 ZSTD_LEVEL = 3  # fast to compress, and tarballs still shrink 2-4x
@@ -173,24 +174,6 @@ def open_unpacked(path: Path) -> BinaryIO:
 
 
 # -- sparse image files ---------------------------------------------------------------------
-
-
-def data_extents(path: Path) -> list[tuple[int, int]]:
-    """The (offset, length) ranges of `path` that hold data; holes read as zeros."""
-    extents: list[tuple[int, int]] = []
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        fd = f.fileno()
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            extents.append((start, end - start))
-            offset = end
-    return extents
 
 
 def encode_sparse(path: Path, sink: Any) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.cachefiles import blobs, export_blob
+from tests.cachefiles import blobs, export_blob, layer_tags
 from tests.conftest import require_or_skip
 
 pytestmark = pytest.mark.integration
@@ -195,7 +195,6 @@ def api() -> Iterator[Any]:
     except Exception as exc:  # no engine or no base image: nothing here can run
         require_or_skip(f"these tests need the Docker engine and {BASE}: {exc}")
     yield client
-    from tests.integration.test_remote_cache import layer_tags
 
     for cache in _layer_caches:
         for tag in layer_tags(cache):

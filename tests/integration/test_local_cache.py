@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.cachefiles import blobs, disk_bytes
-from tests.integration.test_remote_cache import BUILD_TOML, layer_tags, remove_layers
+from tests.cachefiles import blobs, disk_bytes, layer_tags
+from tests.integration.test_remote_cache import BUILD_TOML, remove_layers
 
 pytestmark = pytest.mark.integration
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.cachefiles import layer_tags
 from tests.cacheservers import Server, ServerMissing, start_nginx, start_registry
 from tests.conftest import require_or_skip
 from tests.fsinspect import list_ext4, read_ext4_file
@@ -108,19 +109,6 @@ def rfs(docker_client: Any, tmp_path: Path) -> Iterator[Rfs]:
     yield run
     for cache in dirs:
         remove_layers(docker_client, cache)
-
-
-def layer_tags(cache: Path) -> list[str]:
-    """The layer tags the records of a cache directory name."""
-    from rfs.store import Store
-
-    if not (cache / "index").exists():
-        return []
-    store = Store(cache)
-    try:
-        return [str(r["tag"]) for _, r in store.records() if r.get("kind") == "run"]
-    finally:
-        store.close()
 
 
 def remove_layers(docker_client: Any, cache: Path) -> None:
