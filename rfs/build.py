@@ -22,18 +22,34 @@ from rfs.executors import (
     ENGINE_STEPS,
     SCRATCH_PREFIX,
     Executor,
-    quick_base_id,
-    resolve_base,
+    engine_facts,
+    quick_engine_facts,
 )
 from rfs.explain import remembered_text
 from rfs.hashing import digest_bytes
-from rfs.inputs import digest_refs, package_refs, source_date_epoch
+from rfs.inputs import (
+    DIGEST_MEMO,
+    command_refs,
+    digest_refs,
+    overlay_refs,
+    package_refs,
+    source_date_epoch,
+)
 from rfs.model import BuildScript
 from rfs.orphans import remove_orphans
 from rfs.package import Loaded, load
-from rfs.planner import Action, Availability, Decision, manifest, plan_steps
+from rfs.planner import (
+    Action,
+    Availability,
+    Decision,
+    made_at,
+    manifest,
+    plan_steps,
+    stale_steps,
+)
 from rfs.reporter import Reporter, artifact_size
-from rfs.steps import Facts, Step
+from rfs.snapshot import PackageSnapshot
+from rfs.steps import Facts, Step, StepKind
 from rfs.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
 
 if TYPE_CHECKING:
@@ -66,6 +82,9 @@ class Options:
     network: bool = True
     keep_failed: bool = False  # keep the container of a failed command for inspection
     remote: RemoteSettings | None = None  # remote caches to read and write (rfs.remote)
+    no_cache: bool = False  # run every step; its result replaces the cached one
+    rebuild: tuple[str, ...] = ()  # step ids to run again, with every step after them
+    pull: bool = False  # look the base image's tag up in its registry again
 
 
 @dataclass
@@ -81,6 +100,7 @@ class Planned:
     script_id: str
     previous: dict[str, Any] = field(default_factory=dict)
     remote: RemoteCache | None = None
+    forced: dict[str, str] = field(default_factory=dict)  # step id -> why it runs regardless
     _graph: nx.DiGraph | None = None
 
     @property
@@ -119,15 +139,19 @@ def prepare(opts: Options, reporter: Reporter,
     run_id = os.environ.get("RFS_RUN_ID") or uuid.uuid4().hex[:12]
     # Connected on first use: a build whose image is up to date never needs the docker SDK.
     engine = functools.cache(lambda: engine_factory(script))
-    memo = store.meta("file-digests")
+    memo = store.meta(DIGEST_MEMO)
     remembered = dict(memo)  # entries are replaced, never changed in place
     # An archive package is unpacked to a new directory each run: its paths are not worth
     # remembering.
     digests = digest_refs(script.package_root, package_refs(script),
                           memo if script.origin is None else None)
     if memo != remembered:
-        store.set_meta("file-digests", memo)
-    base_id = quick_base_id(script, digests) or resolve_base(engine(), script, digests)
+        store.set_meta(DIGEST_MEMO, memo)
+    snapshot = PackageSnapshot(script.package_root, digests, mtime=source_date_epoch())
+    found = None if opts.pull else quick_engine_facts(script, digests)
+    if found is None:
+        found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull)
+    from rfs.codeversion import code_version
     from rfs.fs.tools import remembered_tool_version
 
     tools = store.meta("tool-versions")
@@ -135,8 +159,11 @@ def prepare(opts: Options, reporter: Reporter,
     mkfs_version = remembered_tool_version(script.filesystem.type, tools)
     if tools != known_tools:
         store.set_meta("tool-versions", tools)
-    facts = Facts(base_id=base_id, file_digests=digests, mkfs_version=mkfs_version,
-                  engine=script.container.engine.value, source_date_epoch=source_date_epoch())
+    facts = Facts(base_id=found.base_id, file_digests=digests, mkfs_version=mkfs_version,
+                  engine=script.container.engine.value, source_date_epoch=source_date_epoch(),
+                  platform=found.platform, engine_version=found.engine_version,
+                  network=opts.network,
+                  code={kind: code_version(kind) for kind in ("run", "export", "assemble")})
     steps = compile_steps(script, facts)
     script_file = script.origin or (
         (script.package_root or opts.package.resolve().parent) / script.script_file.name)
@@ -146,7 +173,8 @@ def prepare(opts: Options, reporter: Reporter,
     executor = Executor(script, store, engine, reporter, output,
                         source_date_epoch=facts.source_date_epoch,
                         labels=_labels(run_id, opts.keep_failed), network=opts.network,
-                        keep_failed=opts.keep_failed)
+                        keep_failed=opts.keep_failed, snapshot=snapshot,
+                        no_cache=opts.no_cache)
     store.hold({s.key for s in steps})  # no eviction removes these while this build runs
     available: Availability = executor.missing
     remote: RemoteCache | None = None
@@ -157,8 +185,40 @@ def prepare(opts: Options, reporter: Reporter,
         available = remote.availability(executor.missing)
     planned = Planned(loaded, steps, [], facts, executor, store, script_id, previous=previous,
                       remote=remote)
-    planned.decisions = plan_steps(steps, available, previous)
+    planned.forced = forced_steps(steps, script, store, opts)
+    planned.decisions = plan_steps(steps, available, previous, planned.forced)
     return planned
+
+
+def max_ages(script: BuildScript) -> dict[str, int]:
+    """Step id -> the `max_age` (seconds) of each command that has one."""
+    return {f"run[{i}]": cmd.max_age_s for i, cmd in enumerate(script.commands)
+            if cmd.max_age_s is not None}
+
+
+def forced_steps(steps: list[Step], script: BuildScript, store: Store,
+                 opts: Options) -> dict[str, str]:
+    """The steps that must run whatever is cached, and why: `--no-cache`, `--rebuild`,
+    commands with `no_cache`, and results older than a command's `max_age` (the planner adds
+    every step after them)."""
+    ids = [s.id for s in steps]
+    unknown = [r for r in opts.rebuild if r not in ids]
+    if unknown:
+        from rfs.errors import UsageError
+
+        raise UsageError(f"--rebuild {unknown[0]}: no such step; the steps of this build are "
+                         f"{', '.join(ids)}")
+    if opts.no_cache:
+        return {s.id: "--no-cache" for s in steps if s.kind is not StepKind.BASE}
+    forced = {step_id: "--rebuild" for step_id in opts.rebuild}
+    for i, cmd in enumerate(script.commands):
+        if cmd.no_cache:
+            forced.setdefault(f"run[{i}]", f"commands[{i}].no_cache: runs on every build")
+    ages = max_ages(script)
+    if ages:
+        for step_id, why in stale_steps(steps, store.record, ages, time.time()).items():
+            forced.setdefault(step_id, why)
+    return forced
 
 
 def execute(planned: Planned, reporter: Reporter) -> None:
@@ -182,6 +242,10 @@ def execute(planned: Planned, reporter: Reporter) -> None:
         remove_orphans(ex.output.parent, f".{ex.output.name}.rfs-tmp-")
         store.remove_parts()
     try:
+        # The package files the steps to run will use are copied now, while they are still
+        # what the keys were computed from (a step checks its copies either way).
+        if ex.snapshot is not None:
+            ex.snapshot.take(_refs_to_run(planned))
         for d in planned.decisions:
             if d.action is Action.CACHED:
                 store.touch(d.step.key)
@@ -193,7 +257,7 @@ def execute(planned: Planned, reporter: Reporter) -> None:
             # One process builds a step; another that needs it waits, then reuses it.
             lock = store.build_lock(d.step.key, on_wait=functools.partial(
                 reporter.message, f"  waiting  {d.step.id:<10} another rfs build is making it"))
-            if ex.missing(d.step) is None:
+            if not d.forced and ex.missing(d.step) is None:
                 lock.release()
                 reporter.reused(d.step, Action.CACHED, None)
                 continue
@@ -213,9 +277,11 @@ def execute(planned: Planned, reporter: Reporter) -> None:
                     raise StepFailed(d.step.id, exc.message) from exc
                 raise
             seconds = time.monotonic() - t0
+            sources = made_at(d.step, store.record, by_id)
             store.put_record(d.step.key, {"kind": d.step.kind.value, "step": d.step.id,
                                           "inputs": dict(d.step.inputs),
-                                          "seconds": round(seconds, 3), **record})
+                                          "seconds": round(seconds, 3), **record,
+                                          **({"made_at": sources} if sources else {})})
             running = None
             lock.release()
             ran.add(d.step.key)
@@ -228,6 +294,8 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     finally:
         if lock is not None:
             lock.release()
+        if ex.snapshot is not None:
+            ex.snapshot.close()
         _remove_containers(ex, kept)
         if planned.remote is not None:
             _upload(planned.remote, planned, ran)
@@ -236,6 +304,20 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     manifests["_output"] = str(ex.output)
     store.save_manifests(planned.script_id, manifests)
     store.evict(keep={s.key for s in planned.steps})
+
+
+def _refs_to_run(planned: Planned) -> list[str]:
+    """The package references the steps that will run read."""
+    script = planned.script
+    refs: set[str] = set()
+    for d in planned.decisions:
+        if d.action is not Action.RUN:
+            continue
+        if d.step.kind is StepKind.RUN and d.step.index is not None:
+            refs.update(command_refs(script, d.step.index))
+        elif d.step.kind is StepKind.ASSEMBLE:
+            refs.update(overlay_refs(script))
+    return sorted(refs)
 
 
 def _interrupted(step: Step | None, finished: int) -> Interrupted:

@@ -20,10 +20,6 @@ from rfs.steps import KEY_VERSION, Facts, Step, StepKind
 if TYPE_CHECKING:
     import networkx as nx
 
-# Bump when the bytes rfs feeds mkfs, or the options it passes, change for the same inputs.
-ASSEMBLY_VERSION = 2
-
-
 def _key(kind: StepKind, inputs: Mapping[str, Any], parent_keys: list[str]) -> str:
     return digest_json({"v": KEY_VERSION, "kind": kind.value, "inputs": inputs,
                         "parents": parent_keys})
@@ -48,9 +44,9 @@ def command_inputs(cmd: Command, script: BuildScript, facts: Facts) -> dict[str,
         body: dict[str, Any] = {"argv": cmd.command.split()}
     elif cmd.script_inline is not None:
         body = {"script": digest_bytes(cmd.script_inline.encode())}
-    else:
+    else:  # by content alone: the script runs as /.rfs/script wherever the package keeps it
         assert cmd.script_path is not None
-        body = {"script": facts.file_digests[cmd.script_path], "script_path": cmd.script_path}
+        body = {"script": facts.file_digests[cmd.script_path]}
     env = dict(c.env)
     env.update(dict(cmd.env))
     mounted = {o.destination: facts.file_digests[o.source] for o in script.overlays
@@ -69,8 +65,10 @@ def command_inputs(cmd: Command, script: BuildScript, facts: Facts) -> dict[str,
         "cap_drop": sorted(c.cap_drop),
         "oci_runtime": c.oci_runtime,
         "engine": facts.engine,
+        "network": facts.network,
         "volumes": {target: facts.file_digests[host] for host, target in c.volumes},
         "mounted_overlays": mounted,
+        "code": facts.code.get("run", ""),
     }
 
 
@@ -103,7 +101,7 @@ def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
                             "exclude": list(ex.directories.exclude)},
         },
         "mkfs": facts.mkfs_version,
-        "assembly": ASSEMBLY_VERSION,
+        "code": facts.code.get("assemble", ""),
         "source_date_epoch": facts.source_date_epoch,
     }
 
@@ -123,15 +121,18 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
     c = script.container
     # An archive is keyed by its content: importing a root filesystem tarball gives a new image
     # ID each time, and a `docker save` tarball's content fixes its image ID anyway.
-    base_inputs = ({"archive": facts.file_digests[c.archive]} if c.archive is not None
-                   else {"image_id": facts.base_id})
+    base_inputs: dict[str, Any] = ({"archive": facts.file_digests[c.archive]}
+                                   if c.archive is not None else {"image_id": facts.base_id})
+    # An image ID may name a multi-platform index: the platform it resolved to is keyed too.
+    base_inputs["platform"] = facts.platform
     last = add("base", StepKind.BASE, f"base image {c.base_label}",
                base_inputs, [], context={"image": c.base_label})
     for i, cmd in enumerate(script.commands):
         last = add(f"run[{i}]", StepKind.RUN, f"commands[{i}] {describe_command(cmd)}",
                    command_inputs(cmd, script, facts), [last], index=i)
     export = add("export", StepKind.EXPORT, "export the container filesystem",
-                 {"engine": facts.engine}, [last])
+                 {"engine": facts.engine, "engine_version": facts.engine_version,
+                  "code": facts.code.get("export", "")}, [last])
     overlays = add("overlays", StepKind.OVERLAYS, f"{len(script.overlays)} overlay(s)",
                    {"overlays": [overlay_inputs(o, facts) for o in script.overlays]}, [])
     add("assemble", StepKind.ASSEMBLE,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from rfs.fs.overlay import OverlayEntry
     from rfs.fs.selection import Selection
     from rfs.reporter import Reporter
+    from rfs.snapshot import PackageSnapshot
 
 LAYER_REPO = "rfs/layer"
 # Per-step scratch directories under $TMPDIR: rfs-step-<pid>-<random>.
@@ -31,9 +32,10 @@ SCRATCH_PREFIX = "rfs-step-"
 SCRIPT_DIR = "/.rfs"
 
 
-def layer_tag(key: str) -> str:
-    """The engine tag of the layer image committed for a RUN step."""
-    return f"{LAYER_REPO}:{key}"
+def layer_tag(key: str, cache_id: str) -> str:
+    """The engine tag of the layer image committed for a RUN step by the cache `cache_id`
+    (`Store.cache_id`): each cache directory owns its tags."""
+    return f"{LAYER_REPO}/{cache_id}:{key}"
 
 
 def interpreter_argv(script: bytes, path: str) -> list[str]:
@@ -56,29 +58,60 @@ BASE_REPO = "rfs/base"
 ENGINE_STEPS = frozenset({StepKind.BASE, StepKind.RUN, StepKind.EXPORT})
 
 
-def quick_base_id(script: BuildScript, digests: Mapping[str, str]) -> str | None:
-    """The base image's ID when the engine has it locally, asked without the docker SDK.
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the engine contributes to the keys: the base image and how it exports."""
+
+    base_id: str  # the image ID the first command runs on
+    platform: str  # "os/architecture[/variant]" of that image
+    engine_version: str  # the engine's server version
+
+
+def _base_ref(script: BuildScript, digests: Mapping[str, str]) -> str | None:
+    c = script.container
+    if c.archive is not None:
+        return f"{BASE_REPO}:{digests[c.archive]}"
+    return c.image.ref if c.image is not None else None
+
+
+def quick_engine_facts(script: BuildScript, digests: Mapping[str, str]) -> EngineFacts | None:
+    """The engine facts when the engine has the base image locally, asked without the docker
+    SDK (two GETs on its unix socket).
 
     None when the shortcut cannot tell (the image is missing and may need pulling, the engine
-    is not on a local socket): then `resolve_base` does it properly.
+    is not on a local socket): then `engine_facts` does it properly.
     """
     from rfs.engine import default_uri
-    from rfs.engine.lite import Unavailable, image_id
+    from rfs.engine.lite import Unavailable, engine_version, image_facts
 
     c = script.container
-    ref = f"{BASE_REPO}:{digests[c.archive]}" if c.archive is not None else (
-        c.image.ref if c.image is not None else None)
+    ref = _base_ref(script, digests)
     if ref is None:
         return None
+    uri = c.connection_uri or default_uri(c.engine.value)
     try:
-        return image_id(c.connection_uri or default_uri(c.engine.value), ref)
+        found = image_facts(uri, ref)
+        if found is None:
+            return None
+        return EngineFacts(found[0], found[1], engine_version(uri))
     except (Unavailable, RfsError):
         return None
 
 
-def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str]) -> str:
-    """The image ID the first command runs on: `container.image` resolved (pulled if need be),
-    or `container.archive` brought into the engine once and kept as `rfs/base:<digest>`.
+def engine_facts(engine: Engine, script: BuildScript, digests: Mapping[str, str],
+                 snapshot: PackageSnapshot | None = None, *, pull: bool = False
+                 ) -> EngineFacts:
+    """The engine facts through the engine client: the base resolved (pulled if need be, or
+    looked up again with `pull`), its platform and the engine's version."""
+    base_id = resolve_base(engine, script, digests, snapshot, pull=pull)
+    return EngineFacts(base_id, engine.image_platform(base_id), engine.version())
+
+
+def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str],
+                 snapshot: PackageSnapshot | None = None, *, pull: bool = False) -> str:
+    """The image ID the first command runs on: `container.image` resolved (pulled if need be,
+    looked up in its registry again with `pull`), or `container.archive` brought into the
+    engine once and kept as `rfs/base:<digest>`.
 
     The archive's content digest (`digests`, from the package) names it, so an unchanged
     archive is neither reread nor reloaded, and an edited one is loaded again.
@@ -86,15 +119,18 @@ def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str]
     c = script.container
     if c.archive is None:
         assert c.image is not None  # the schema requires one of them
-        return engine.resolve_base(c.image.name, c.image.tag)
+        return engine.resolve_base(c.image.name, c.image.tag, pull=pull)
     from rfs.packing import inspect_base_archive
 
     tag = f"{BASE_REPO}:{digests[c.archive]}"
     found = engine.image_id(tag)
     if found is not None:
         return found
-    assert script.package_root is not None
-    path = resolve_reference(script.package_root, c.archive)
+    if snapshot is not None:  # the copy whose digest names the tag, not the live file
+        path = snapshot.path(c.archive)
+    else:
+        assert script.package_root is not None
+        path = resolve_reference(script.package_root, c.archive)
     archive = inspect_base_archive(path)
     image_id = engine.import_archive(str(path), image=archive.is_image)
     if archive.image_id is not None and engine.image_id(archive.image_id) is not None:
@@ -149,6 +185,9 @@ class Executor:
     labels: dict[str, str] = field(default_factory=dict)
     network: bool = True
     keep_failed: bool = False  # keep a failed command's container (rfs build --keep-failed)
+    # The build's copies of package files, checked against the digests the keys were made of.
+    snapshot: PackageSnapshot | None = None
+    no_cache: bool = False  # rfs build --no-cache: cached ext4 base images are not used either
     _engine: Engine | None = None
     # key -> identity (inode, size, mtime) of export blobs whose content hash was checked (or
     # written) during this build, so the planner's check is not repeated before assembly.
@@ -171,8 +210,8 @@ class Executor:
         if record is None:
             return "no cache entry"
         if step.kind is StepKind.RUN:
-            if not self.engine.has_tag(layer_tag(step.key)):
-                return f"layer image {layer_tag(step.key)[:28]}… is missing from the engine"
+            if not self.engine.has_tag(self.layer_tag(step.key)):
+                return f"layer image {self.layer_tag(step.key)[:41]}… is missing from the engine"
         elif step.kind is StepKind.EXPORT:
             blob = self.store.blob(step.key)
             if blob is None:
@@ -218,9 +257,15 @@ class Executor:
         return True
 
     def _image_of(self, parent: Step, base_id: str) -> str:
-        return base_id if parent.kind is StepKind.BASE else layer_tag(parent.key)
+        return base_id if parent.kind is StepKind.BASE else self.layer_tag(parent.key)
+
+    def layer_tag(self, key: str) -> str:
+        """The tag of the layer image of RUN step `key` in this build's cache."""
+        return layer_tag(key, self.store.cache_id)
 
     def _package_file(self, ref: str) -> Path:
+        if self.snapshot is not None:
+            return self.snapshot.path(ref)
         assert self.script.package_root is not None
         return resolve_reference(self.script.package_root, ref)
 
@@ -300,11 +345,11 @@ class Executor:
                 labels=self.labels,
             )
             image_id = self.engine.run_and_commit(
-                spec, step=f"{step.id} ({step.label})", tag=layer_tag(step.key),
+                spec, step=f"{step.id} ({step.label})", tag=self.layer_tag(step.key),
                 on_output=lambda data: self.reporter.output(step, data),
                 keep_failed=self.keep_failed)
             written = etcfiles.collect(scratch, seeded, written)
-        return {"image_id": image_id, "tag": layer_tag(step.key), "etc_written": written}
+        return {"image_id": image_id, "tag": self.layer_tag(step.key), "etc_written": written}
 
     def _written(self, parent: Step) -> dict[str, bytes]:
         """What the commands up to `parent` wrote into the engine-managed /etc files."""
@@ -357,8 +402,10 @@ class Executor:
                                             mode=overlay.mode)
         if overlay.mode is not None:
             mode = overlay.mode
-        else:  # only "executable or not" is taken from the checkout
-            mode = 0o755 if os.stat(host).st_mode & 0o111 else 0o644
+        else:  # only the owner's "executable or not" is taken from the checkout
+            from rfs.hashing import normalised_mode
+
+            mode = normalised_mode(os.stat(host))
         return [OverlayEntry(overlay.destination, host.read_bytes(), mode, uid, gid)]
 
     def selection(self) -> Selection:
@@ -396,7 +443,8 @@ class Executor:
         options = Options(seed=bytes.fromhex(step.key)[:32],
                           source_date_epoch=self.source_date_epoch, size_mib=fs.size_mib,
                           block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
-                          dd_args=fs.dd_args, base_images=_BaseImages(self, export.key))
+                          dd_args=fs.dd_args,
+                          base_images=_BaseImages(self, export.key, str(blob.digest)))
         # Progress: what the filesystem tool has read of the stream, against the export's size.
         with child_reads(None, lambda n: self.reporter.progress(step, n, blob.size)):
             result = assemble(fs.type, blob.path, self.selection(), self._overlay_entries(),
@@ -417,21 +465,39 @@ class _BaseImages:
     an export, evicted like any entry.
     """
 
-    def __init__(self, executor: Executor, export_key: str) -> None:
+    def __init__(self, executor: Executor, export_key: str, export_digest: str) -> None:
         self.executor = executor
         self.store = executor.store
         self.export_key = export_key
+        # By the export's content, not its key: a step forced to run again (--rebuild, a
+        # stale command) makes new bytes under the same key.
+        self.export_digest = export_digest
+        self._made: set[str] = set()  # base images this build made (--no-cache uses these)
 
     def key(self, identity: Mapping[str, object]) -> str:
         """The key of the base image of this export with `identity`."""
+        from rfs.codeversion import code_version
         from rfs.hashing import digest_json
 
-        key = digest_json({"export": self.export_key, **identity})
+        key = digest_json({"export": self.export_digest, "code": code_version("assemble"),
+                           **identity})
         self.store.hold({key})
         return key
 
+    def seed(self, identity: Mapping[str, object]) -> bytes:
+        """The UUID and hash seed of the base image of this export with `identity`: by the
+        export's key (its bytes differ between equal builds only in what the image clamps)."""
+        from rfs.codeversion import code_version
+        from rfs.hashing import digest_json
+
+        return bytes.fromhex(digest_json({"export": self.export_key,
+                                          "code": code_version("assemble"), **identity}))[:32]
+
     def get(self, key: str) -> Path | None:
-        """The verified base image of `key`, or None (a damaged one is dropped)."""
+        """The verified base image of `key`, or None (a damaged one is dropped; with
+        `--no-cache` none is used, and the new one replaces it)."""
+        if self.executor.no_cache and key not in self._made:
+            return None
         blob = self.store.blob(key)
         if blob is None:
             return None
@@ -450,6 +516,7 @@ class _BaseImages:
             yield tmp
             digest = digest_sparse_file(tmp)
             size = tmp.stat().st_size
+        self._made.add(key)
         self.store.put_record(key, {"kind": "ext4-base", "export": self.export_key,
                                     "blob_size": size, "blob_digest": digest,
                                     "blob_sparse": True})

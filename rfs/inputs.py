@@ -1,7 +1,9 @@
 """Gather the facts a build's keys depend on: package file digests, tool versions, time.
 
-Package files are hashed by content; the digest is remembered with the file's size, mtime and
-inode so an unchanged file is not read again on the next build.
+Package files are hashed by content and normalised mode (`rfs.hashing.digest_input`); a file's
+digest is remembered with its size, mtime, inode and ctime (a chmod changes the ctime) so an
+unchanged file is not read again on the next build. What a step then uses is the build's own
+snapshot of these files, checked against these digests (`rfs.snapshot`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rfs.hashing import digest_file, digest_tree
+from rfs.hashing import digest_input
 from rfs.model import BuildScript
 from rfs.package import resolve_reference
+
+# The store's table of remembered digests; renamed whenever the digest's format changes, so a
+# digest of the old format is never taken for one of the new.
+DIGEST_MEMO = "input-digests-2"
 
 
 def package_refs(script: BuildScript) -> list[str]:
@@ -24,6 +30,20 @@ def package_refs(script: BuildScript) -> list[str]:
     if script.container.archive:
         refs.append(script.container.archive)
     return sorted(set(refs))
+
+
+def command_refs(script: BuildScript, index: int) -> list[str]:
+    """The package files command `index` sees: its script, the volumes, mounted overlays."""
+    cmd = script.commands[index]
+    refs = [cmd.script_path] if cmd.script_path else []
+    refs += [host for host, _ in script.container.volumes]
+    refs += [o.source for o in script.overlays if o.mounted and o.source]
+    return sorted(set(refs))
+
+
+def overlay_refs(script: BuildScript) -> list[str]:
+    """The package files the assembly lays into the image."""
+    return sorted({o.source for o in script.overlays if o.source})
 
 
 def _stat_id(path: Path) -> list[int] | None:
@@ -47,7 +67,7 @@ def digest_refs(root: Path | None, refs: Iterable[str],
         if ident is not None and remembered and remembered[0] == ident:
             digests[ref] = remembered[1]
             continue
-        digest = digest_tree(path) if path.is_dir() else digest_file(path)
+        digest = digest_input(path)
         digests[ref] = digest
         if ident is not None:
             memo[str(path)] = [ident, digest]

@@ -96,6 +96,9 @@ class Command:
     working_dir: str | None = None
     privileged: bool = False
     env: tuple[tuple[str, str], ...] = ()
+    # Not in the key (they cannot change what the command makes, only when it is made again):
+    max_age_s: int | None = None  # a cached result older than this is made again
+    no_cache: bool = False  # made again on every build
 
 
 @dataclass(frozen=True)

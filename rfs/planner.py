@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rfs.steps import Step
+from rfs.steps import Step, StepKind
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -34,6 +34,7 @@ class Decision:
     step: Step
     action: Action
     reason: str
+    forced: bool = False  # runs whatever is cached (--no-cache, --rebuild, stale, no_cache)
 
 
 Availability = Callable[[Step], str | None]  # None: available; else why not
@@ -110,24 +111,47 @@ def explain(step: Step, previous: Mapping[str, Any], keys: Mapping[str, str],
     return "inputs changed"
 
 
+def forced_closure(steps: Sequence[Step], forced: Mapping[str, str]) -> dict[str, str]:
+    """`forced` (step id -> why it must run) with every step after a forced one added: a step
+    made again may give other bytes (`apt-get update`), and what was made from the old result
+    must not be reused with the new one. `steps` in dependency order."""
+    closure = dict(forced)
+    for step in steps:
+        if step.id in closure:
+            continue
+        for parent in step.parents:
+            if parent in closure:
+                closure[step.id] = f"{parent} runs again ({closure[parent]})"
+                break
+    return closure
+
+
 def plan_steps(steps: Sequence[Step], available: Availability,
-               previous: Mapping[str, Any] | None = None) -> list[Decision]:
+               previous: Mapping[str, Any] | None = None,
+               forced: Mapping[str, str] | None = None) -> list[Decision]:
     """Decide every step; `steps` must be in dependency order (as `compile_steps` gives them),
     and the decisions come in that order.
 
     Demand-driven, from the final steps back: a step is needed if it is final or a needed step
     that must run depends on it; a needed step runs unless `available` says it is cached.
+    `forced` (step id -> reason) steps, and every step after them, run whatever is cached
+    (`rfs build --no-cache`, `--rebuild`, stale or always-run commands).
     This is the same walk as `plan` over the graph, done on the list so a build does not
     import networkx (0.1-0.2 s) to answer.
     """
     previous = previous or {}
     by_id = {s.id: s for s in steps}
     keys = {s.id: s.key for s in steps}
+    must = forced_closure(steps, forced or {})
     needed = {s.id for s in steps} - {p for s in steps for p in s.parents}
     decided: dict[str, Decision] = {}
     for step in reversed(steps):
         if step.id not in needed:
             decided[step.id] = Decision(step, Action.SKIP, "not needed: later steps are cached")
+            continue
+        if step.id in must:
+            decided[step.id] = Decision(step, Action.RUN, must[step.id], forced=True)
+            needed.update(step.parents)
             continue
         missing = available(step)
         if missing is None:
@@ -140,11 +164,74 @@ def plan_steps(steps: Sequence[Step], available: Availability,
 
 
 def plan(graph: nx.DiGraph, available: Availability,
-         previous: Mapping[str, Any] | None = None) -> list[Decision]:
+         previous: Mapping[str, Any] | None = None,
+         forced: Mapping[str, str] | None = None) -> list[Decision]:
     """Decide every step of `graph` (see `plan_steps`); the result is in dependency order."""
     import networkx as nx
 
     # Ties are broken by insertion order, so overlays are prepared right before assembly.
     position = {node: i for i, node in enumerate(graph.nodes)}
     order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
-    return plan_steps([graph.nodes[n]["step"] for n in order], available, previous)
+    return plan_steps([graph.nodes[n]["step"] for n in order], available, previous, forced)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def stale_steps(steps: Sequence[Step], record: Callable[[str], Mapping[str, Any] | None],
+                max_age: Mapping[str, int], now: float) -> dict[str, str]:
+    """The cached steps whose result is, or was made from, a result older than the `max_age`
+    (step id -> seconds) of its step: step id -> why it must be made again.
+
+    A record says when it was made (`created`) and, in `made_at`, when each result it was made
+    from that can go stale was made (parent key -> time); a record without that time for such
+    a result is stale (it predates the bookkeeping). `steps` in dependency order.
+    """
+    by_id = {s.id: s for s in steps}
+    ancestors: dict[str, set[str]] = {}
+    for step in steps:
+        ancestors[step.id] = set().union(*(ancestors[p] | {p} for p in step.parents))
+    stale: dict[str, str] = {}
+    for step in steps:
+        found = record(step.key)
+        if found is None:
+            continue
+        limit = max_age.get(step.id)
+        age = now - float(found.get("created", 0))
+        if limit is not None and age > limit:
+            stale[step.id] = f"stale: made {_age(age)} ago, max_age is {_age(limit)}"
+            continue
+        made_at = found.get("made_at")
+        made_at = made_at if isinstance(made_at, Mapping) else {}
+        for ancestor in sorted(a for a in ancestors[step.id] if a in max_age):
+            when = made_at.get(by_id[ancestor].key)
+            if not isinstance(when, int | float):
+                stale[step.id] = f"stale: made from a result of {ancestor} of unknown age"
+                break
+            if now - when > max_age[ancestor]:
+                stale[step.id] = (f"stale: made from a result of {ancestor} made "
+                                  f"{_age(now - when)} ago, max_age is {_age(max_age[ancestor])}")
+                break
+    return stale
+
+
+def made_at(step: Step, record: Callable[[str], Mapping[str, Any] | None],
+            by_id: Mapping[str, Step]) -> dict[str, float]:
+    """When each command result that `step` is made from was made (key -> time), from its
+    parents' records: kept in `step`'s record, so `stale_steps` can tell its age even for a
+    `max_age` added after it was made."""
+    found: dict[str, float] = {}
+    for parent_id in step.parents:
+        parent = by_id[parent_id]
+        parent_record = record(parent.key) or {}
+        inherited = parent_record.get("made_at")
+        if isinstance(inherited, Mapping):
+            found.update({str(k): float(v) for k, v in inherited.items()
+                          if isinstance(v, int | float)})
+        if parent.kind is StepKind.RUN and isinstance(parent_record.get("created"), int | float):
+            found[parent.key] = float(parent_record["created"])
+    return found

@@ -40,7 +40,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
                   "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop"),
     "image": ("name", "tag"),
     "commands": ("command", "script_inline", "script_path", "uid", "gid", "working_dir",
-                 "privileged", "env"),
+                 "privileged", "env", "max_age", "no_cache"),
     "overlays": ("source", "source_inline", "destination", "is_directory", "mounted", "mode",
                  "uid", "gid"),
     "export": ("files", "directories"),
@@ -288,7 +288,36 @@ def _command(r: _Reader, data: Mapping[str, Any], p: str) -> Command:
         working_dir=r.image_path(data, "working_dir", f"{p}.working_dir"),
         privileged=r.get(data, "privileged", f"{p}.privileged", bool, False),
         env=r.mapping(data, "env", f"{p}.env"),
+        max_age_s=_duration(r, data, "max_age", f"{p}.max_age"),
+        no_cache=r.get(data, "no_cache", f"{p}.no_cache", bool, False),
     )
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int | None:
+    """Seconds in "90s", "30m", "12h", "1d", "2w" or a bare number of seconds; None if not a
+    duration."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text.lower())
+    if match is None:
+        return None
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def _duration(r: _Reader, data: Mapping[str, Any], key: str, path: str) -> int | None:
+    """A positive duration: a string such as "24h" or a number of seconds."""
+    value = data.get(key)
+    if value is None:
+        return None
+    seconds = (value if isinstance(value, int) and not isinstance(value, bool)
+               else parse_duration(value) if isinstance(value, str) else None)
+    if seconds is None or seconds <= 0:
+        r.error(path, f"must be a duration such as \"24h\", \"30m\" or \"7d\", not {value!r}")
+        return None
+    return seconds
 
 
 def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:

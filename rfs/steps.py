@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Bump when the meaning of a key's inputs changes, so old cache entries stop matching.
-KEY_VERSION = 1
+# Bump when the meaning of a key's inputs changes, so old cache entries stop matching. (The
+# code that makes each artifact is keyed by its own digest: see rfs.codeversion.)
+KEY_VERSION = 2
 
 
 class StepKind(enum.Enum):
@@ -52,3 +53,9 @@ class Facts:
     mkfs_version: str = ""
     engine: str = "docker"
     source_date_epoch: int = 0
+    # "os/architecture[/variant]" of the base image: what every command runs as.
+    platform: str = ""
+    engine_version: str = ""  # the engine's server version (the export's bytes depend on it)
+    network: bool = True  # commands may reach the network (rfs build --no-network: False)
+    # Step kind -> digest of the rfs code that shapes its artifacts (rfs.codeversion).
+    code: Mapping[str, str] = field(default_factory=dict)

@@ -18,8 +18,11 @@ of the entries it drops through a callback (the store itself never talks to the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
+import secrets
 import shutil
 import sqlite3
 import time
@@ -40,6 +43,7 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 _STEP = "step/"
 _LAST = "last/"
+_CACHE_ID = "cache-id"
 
 
 def _damaged(exc: sqlite3.DatabaseError) -> bool:
@@ -124,6 +128,19 @@ class Store:
         except OSError as exc:
             raise EnvironmentProblem(f"cannot use cache directory {root}: {exc.strerror}",
                                      hint="pass --cache-dir or set RFS_CACHE_DIR") from exc
+
+    @functools.cached_property
+    def cache_id(self) -> str:
+        """This cache directory's own name, chosen at random once: its layer images are tagged
+        `rfs/layer/<cache id>:<key>`, so caches sharing one engine never share, move or remove
+        each other's tags (clearing one leaves the others' layers alone)."""
+        new = secrets.token_hex(6)
+        self._index.add("meta/" + _CACHE_ID, {"id": new})  # only if none is there yet
+        found = self.meta(_CACHE_ID).get("id")
+        if isinstance(found, str) and re.fullmatch(r"[0-9a-f]{12}", found):
+            return found
+        self.set_meta(_CACHE_ID, {"id": new})  # a damaged value: start a new name
+        return new
 
     def _open_index(self) -> Any:
         import diskcache  # imported here so commands that never touch the cache stay fast

@@ -23,6 +23,26 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                    help="evict least recently used artifacts above this size (default 20G)")
 
 
+def add_force_options(p: argparse.ArgumentParser) -> None:
+    """Options that make steps run although they are cached (build and plan take them)."""
+    p.add_argument("--no-cache", action="store_true",
+                   help="run every step; its result replaces the cached one")
+    p.add_argument("--rebuild", action="append", default=[], metavar="STEP",
+                   help="run STEP (e.g. run[0], export, assemble) and every step after it "
+                        "although cached; repeatable")
+    p.add_argument("--pull", action="store_true",
+                   help="look the base image's tag up in its registry again (a moved tag "
+                        "makes every step run)")
+    p.add_argument("--no-network", action="store_true",
+                   help="run the commands without network access (part of their keys)")
+
+
+def force_options(args: argparse.Namespace) -> dict[str, object]:
+    """The `Options` fields `add_force_options` sets."""
+    return {"no_cache": args.no_cache, "rebuild": tuple(args.rebuild), "pull": args.pull,
+            "network": not args.no_network}
+
+
 def add_package(p: argparse.ArgumentParser) -> None:
     """The PACKAGE positional argument."""
     p.add_argument("package", type=Path,

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rfs.commands import add_cache_options, add_package, cache_dir, cache_size
+from rfs.commands import (
+    add_cache_options,
+    add_force_options,
+    add_package,
+    cache_dir,
+    cache_size,
+    force_options,
+)
 from rfs.errors import EXIT_OK
 
 
@@ -17,8 +24,7 @@ def register(sub: Any) -> None:
     add_package(p)
     add_cache_options(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="image file to write")
-    p.add_argument("--no-network", action="store_true",
-                   help="run the commands without network access")
+    add_force_options(p)
     p.add_argument("--json", action="store_true",
                    help="JSON-lines events on stdout (docs/events.md); the human display goes "
                         "to stderr")
@@ -53,8 +59,8 @@ def build_once(args: argparse.Namespace) -> int:
     from rfs.reporter import Reporter, Tee, make_reporter
 
     opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args), network=not args.no_network,
-                   keep_failed=args.keep_failed)
+                   cache_size=cache_size(args), keep_failed=args.keep_failed,
+                   **force_options(args))  # type: ignore[arg-type]
     from rfs.remote.config import remote_settings
 
     opts.remote = remote_settings(args)

@@ -1,8 +1,9 @@
 """`rfs cache info|prune|clear`: inspect the local cache and keep it within bounds.
 
 Entries a running build uses are never dropped (see rfs.locks); dropping a layer entry also
-removes its `rfs/layer:<key>` tag from the engine that made it (the default socket of Docker
-or Podman), and an entry whose engine cannot be reached is kept rather than orphaned.
+removes its `rfs/layer/<cache name>:<key>` tag from the engine that made it (the default socket
+of Docker or Podman), and an entry whose engine cannot be reached is kept rather than orphaned.
+Each cache directory tags only its own layers, so clearing one leaves the others' alone.
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ def run_info(args: argparse.Namespace) -> int:
             continue
         print(f"  {kind:<10} {row['entries']:>7} {_size(row['bytes']):>10} {row['hits']:>6} "
               f"{row['remote_hits']:>8}")
-    print("  (run: layer images live in the engine, tagged rfs/layer:<key>; ext4-base: images "
-          "without overlays, patched on an overlay edit; fetched: downloaded from a remote "
-          "cache)")
+    print("  (run: layer images live in the engine, tagged rfs/layer/<cache name>:<key>; "
+          "ext4-base: images without overlays, patched on an overlay edit; fetched: downloaded "
+          "from a remote cache)")
     return EXIT_OK
 
 

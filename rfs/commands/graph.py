@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfs.commands import add_cache_options, add_package, cache_dir, cache_size
+from rfs.commands import (
+    add_cache_options,
+    add_force_options,
+    add_package,
+    cache_dir,
+    cache_size,
+    force_options,
+)
 from rfs.errors import EXIT_OK, EnvironmentProblem, UsageError
 
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("graph", help="draw the step graph with each step's state and timing")
     add_package(p)
     add_cache_options(p)
+    add_force_options(p)
     p.add_argument("--format", choices=FORMATS, default="dot",
                    help="dot (Graphviz source, the default), svg or png (drawn by `dot`)")
     p.add_argument("-o", "--output", type=Path, default=None,
@@ -117,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "png" and args.output is None and sys.stdout.isatty():
         raise UsageError("a PNG would garble the terminal: pass -o FILE or pipe it")
     opts = Options(package=args.package, output=args.image, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args))
+                   cache_size=cache_size(args), **force_options(args))  # type: ignore[arg-type]
     planned = prepare(opts, Reporter())
     try:
         previous = planned.store.last_manifests(planned.script_id)

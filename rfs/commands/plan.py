@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rfs.commands import add_cache_options, add_package, cache_dir, cache_size
+from rfs.commands import (
+    add_cache_options,
+    add_force_options,
+    add_package,
+    cache_dir,
+    cache_size,
+    force_options,
+)
 from rfs.errors import EXIT_OK
 
 
@@ -16,6 +23,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("plan", help="show each step: cached or to run, and why")
     add_package(p)
     add_cache_options(p)
+    add_force_options(p)
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="the image file the build would write (default: the last one)")
     p.add_argument("--explain", action="store_true",
@@ -39,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from rfs.reporter import Reporter
 
     opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args))
+                   cache_size=cache_size(args), **force_options(args))  # type: ignore[arg-type]
     opts.remote = remote_settings(args)  # a build would look there too: so does its plan
     planned = prepare(opts, Reporter())
     try:

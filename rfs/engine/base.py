@@ -107,9 +107,15 @@ class Engine(Protocol):
         what an export of it will stream."""
         ...
 
-    def resolve_base(self, name: str, tag: str) -> str:
+    def image_platform(self, ref: str) -> str:
+        """"os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
+        ...
+
+    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
         """The image ID of base image `name:tag`: local if present, else pulled.
 
+        `pull`: ask the registry even when the image is local (`rfs build --pull`), failing
+        with EnvironmentProblem when no registry answers.
         Raises EnvironmentProblem quickly when it is neither present nor pullable.
         """
         ...

@@ -44,6 +44,7 @@ import requests
 import urllib3
 
 from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
+from rfs.engine.lite import platform_of
 from rfs.errors import EngineError, EnvironmentProblem, RfsError, StepFailed
 
 log = logging.getLogger("rfs.engine")
@@ -298,6 +299,11 @@ class DockerEngine:
         size = None if info is None else info.get("Size")
         return size if isinstance(size, int) and size > 0 else None
 
+    def image_platform(self, ref: str) -> str:
+        """"os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
+        info = self._inspect_image(ref)
+        return platform_of(info) if info is not None else ""
+
     def _inspect_image(self, ref: str) -> dict[str, Any] | None:
         with self._calling(f"inspect image {ref}"):
             try:
@@ -310,12 +316,21 @@ class DockerEngine:
         """Whether `tag` names an image in the engine."""
         return self.image_id(tag) is not None
 
-    def resolve_base(self, name: str, tag: str) -> str:
+    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
         """The image ID of base image `name:tag`: local if present, else pulled.
 
+        `pull` asks the registry even when the image is local (`rfs build --pull`).
         Fails within `pull_timeout_s` of silence from the engine when no registry answers.
         """
         ref = f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
+        if pull:
+            try:
+                self._pull(name, tag, ref)
+            except EngineError as exc:
+                raise EnvironmentProblem(
+                    f"--pull: cannot look up base image {ref} in its registry: {exc.message}",
+                    hint="build without --pull to use the image the engine has",
+                ) from exc
         found = self.image_id(ref)
         if found is not None:
             return found

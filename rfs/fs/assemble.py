@@ -50,9 +50,16 @@ def _driver(fs_type: FsType) -> ModuleType:
     return importlib.import_module(f"rfs.fs.{_MODULES[fs_type]}")
 
 
-def tool_version(fs_type: FsType) -> str:
-    """The version of the tool(s) that make `fs_type` images: part of the assemble key."""
-    version: str = _driver(fs_type).mkfs_version()
+def tool_version(fs_type: FsType, *, fresh: bool = False) -> str:
+    """The version of the tool(s) that make `fs_type` images: part of the assemble key.
+
+    Drivers remember it for the process; `fresh` asks the tools again (their files changed:
+    a long `rfs build --watch` outlives a tool upgrade).
+    """
+    ask = _driver(fs_type).mkfs_version
+    if fresh:
+        ask.cache_clear()
+    version: str = ask()
     return version
 
 

@@ -73,7 +73,21 @@ _TOO_SMALL = re.compile(
 
 @functools.cache
 def mkfs_version() -> str:
-    """Return mke2fs's version (e.g. "mke2fs 1.47.2"), refusing one too old to read tar input."""
+    """The versions of mke2fs and debugfs (which writes overlays into cached base images), e.g.
+    "mke2fs 1.47.2; debugfs 1.47.2", refusing a mke2fs too old to read tar input."""
+    return f"{_mke2fs_version()}; {_debugfs_version()}"
+
+
+def _debugfs_version() -> str:
+    result = proc.run([proc.tool_path("debugfs"), "-V"], what="debugfs -V")
+    text = (result.stderr + result.stdout).decode("utf-8", "replace")
+    match = re.search(r"debugfs (\d+\.\d+(?:\.\d+)?)", text)
+    if match is None:
+        raise EnvironmentProblem(f"cannot tell the debugfs version from {text.strip()!r}")
+    return match.group(0)
+
+
+def _mke2fs_version() -> str:
     result = proc.run([proc.tool_path("mke2fs"), "-V"], what="mke2fs -V")
     text = (result.stderr + result.stdout).decode("utf-8", "replace")
     match = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
@@ -172,16 +186,17 @@ def assemble_ext4_patched(
         log.info("making the image in full: %s", patch)
         return None
     restore = {path: digest_bytes(data) for path, data in (source.restore or {}).items()}
-    key = cache.key({
+    identity = {
         "route": _BASE_ROUTE, "tool": mkfs_version(), "size_mib": size_mib,
         "selection": dataclasses.asdict(source.selection), "restore": restore,
         "mkfs_args": list(options.mkfs_args), "source_date_epoch": options.source_date_epoch,
-    })
+    }
+    key = cache.key(identity)
     base = cache.get(key)
     if base is None:
         with cache.put(key) as tmp:
             assemble_ext4(source.export_tar, source.selection, (), tmp, size_mib=size_mib,
-                          seed=bytes.fromhex(key)[:32],
+                          seed=cache.seed(identity),
                           source_date_epoch=options.source_date_epoch,
                           mkfs_args=options.mkfs_args, restore=source.restore)
         base = cache.get(key)

@@ -49,6 +49,11 @@ class BaseImageCache(Protocol):
     def key(self, identity: Mapping[str, object]) -> str:
         """The hex key of a base image made from the build's export and `identity`."""
 
+    def seed(self, identity: Mapping[str, object]) -> bytes:
+        """32 bytes for the UUID and hash seed of that base image: fixed by the export's key
+        and `identity`, not by the export's bytes (their mtimes differ from run to run, and a
+        clean build must make the same image)."""
+
     def get(self, key: str) -> Path | None:
         """The cached base image of `key`, checked intact, or None."""
 

@@ -44,6 +44,6 @@ def remembered_tool_version(fs_type: FsType, memo: MutableMapping[str, Any]) -> 
         return str(known["version"])
     from rfs.fs.assemble import tool_version
 
-    version = tool_version(fs_type)
+    version = tool_version(fs_type, fresh=True)
     memo[fs_type.value] = {"tools": identity, "version": version}
     return version

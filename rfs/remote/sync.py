@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from rfs.errors import EnvironmentProblem, RemoteCacheError
-from rfs.executors import layer_tag, output_identity
+from rfs.executors import output_identity
 from rfs.hashing import digest_file
 from rfs.planner import Action, Availability, Decision, plan_steps
 from rfs.remote import open_backend
@@ -197,7 +197,7 @@ class RemoteCache:
             if not failed:
                 return decisions
             decisions = plan_steps(planned.steps, self.availability(self.ex.missing),
-                                   planned.previous)
+                                   planned.previous, planned.forced)
         return decisions
 
     def _fetch_locked(self, step: Step, backend: Backend, doc: dict[str, Any]) -> None:
@@ -271,9 +271,9 @@ class RemoteCache:
         # image with this ID is the image that was uploaded.
         if engine.image_id(image_id) != image_id:
             raise BadObject(f"the layer of {step.id} did not load as image {image_id[:19]}")
-        engine.tag(image_id, layer_tag(step.key))
+        engine.tag(image_id, self.ex.layer_tag(step.key))
         self.store.put_record(step.key, {**base, "image_id": image_id,
-                                         "tag": layer_tag(step.key),
+                                         "tag": self.ex.layer_tag(step.key),
                                          "etc_written": dict(rec.get("etc_written", {}))})
         return total
 
@@ -370,7 +370,7 @@ class RemoteCache:
             if step.kind is StepKind.RUN:
                 tarball = tmp / "image.tar"
                 with tarball.open("wb") as f:
-                    self.ex.engine.save_image(layer_tag(step.key), f)
+                    self.ex.engine.save_image(self.ex.layer_tag(step.key), f)
                 doc["layer"] = {"members": split_tarball(
                     tarball, lambda data, size: self._put_member(writer, data, tmp, objects))}
                 keep = {"image_id": record["image_id"],

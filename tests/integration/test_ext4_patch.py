@@ -45,6 +45,9 @@ class DictCache:
     def key(self, identity: Mapping[str, object]) -> str:
         return digest_json(dict(identity))
 
+    def seed(self, identity: Mapping[str, object]) -> bytes:
+        return bytes.fromhex(self.key(identity))[:32]
+
     def get(self, key: str) -> Path | None:
         path = self.root / key
         return path if path.exists() else None

@@ -233,12 +233,12 @@ def test_command_and_container_fields(rfs: Rfs, proxy: EngineProxy, tmp_path: Pa
 
     # volumes and mounted overlays are inputs of every command that sees them
     (pkg / "vol" / "input").write_text("changed\n")
-    plan = rfs("plan", pkg, "-o", out)
+    plan = rfs("plan", pkg, "-o", out, "--no-network")
     assert all(f"run     run[{i}]" in plan.out for i in range(4)), plan.out
     assert "run     overlays" not in plan.out
     (pkg / "vol" / "input").write_text("volume content\n")
     (pkg / "files" / "mounted.conf").write_text("edited\n")
-    plan = rfs("plan", pkg, "-o", out)
+    plan = rfs("plan", pkg, "-o", out, "--no-network")
     assert all(f"run     run[{i}]" in plan.out for i in range(4)) and "run     overlays" in plan.out
 
 
@@ -496,19 +496,19 @@ def test_archive_base_image_forms(rfs: Rfs, engine_client: Any, tmp_path: Path,
         assert built.code == 0, built.err
         t = list_ext4(out)
         assert "/made" in t and "/bin/busybox" in t
-        plan = rfs("plan", pkg, "-o", out)
+        plan = rfs("plan", pkg, "-o", out, "--no-network")
         assert "nothing to do" in plan.out, plan.out
     # keyed by content, not by the image ID an import makes (new each time): imported again
     # after its tag is gone, the same rootfs still matches every cached step
     for tag in _base_tags(engine_client):
         engine_client.images.remove(tag)
-    plan = rfs("plan", tmp_path / "rootfs.tgz", "-o", tmp_path / "rootfs.tgz.ext4")
+    plan = rfs("plan", tmp_path / "rootfs.tgz", "-o", tmp_path / "rootfs.tgz.ext4", "--no-network")
     assert "nothing to do" in plan.out, plan.out
     # a changed rootfs rebuilds every step
     pkg = tmp_path / "rootfs.tgz"
     (pkg / "images" / "rootfs.tgz").write_bytes(_rootfs_tar_gz(engine_client, b"new\n"))
     out = tmp_path / "rootfs.tgz.ext4"
-    plan = rfs("plan", pkg, "-o", out)
+    plan = rfs("plan", pkg, "-o", out, "--no-network")
     assert "run     run[0]" in plan.out and "run     export" in plan.out, plan.out
     rebuilt = rfs("build", pkg, "-o", out, "--no-network")
     assert rebuilt.code == 0, rebuilt.err

@@ -66,7 +66,8 @@ def test_every_row_is_complete() -> None:
 _MODEL = {"filesystem": model.Filesystem, "container": model.Container,
           "commands[]": model.Command, "overlays[]": model.Overlay,
           "export.files": model.PathSet, "export.directories": model.PathSet}
-_RENAMED = {"filesystem.dd_block_size_mib": "block_size_mib"}
+_RENAMED = {"filesystem.dd_block_size_mib": "block_size_mib",
+            "commands[].max_age": "max_age_s"}
 
 
 def _model_field(path: str) -> dataclasses.Field[object] | None:

@@ -1,0 +1,381 @@
+"""A warm cache changes how fast an image is made, never which image is made.
+
+The differential test walks the schema: for every field (the schema's own table of keys, so a
+new field without a case fails `test_every_field_has_a_case`) and every attribute of a package
+file (content, the mode bits that reach the image, kind, symlink target), it changes that one
+thing in a package whose cache is warm with the other cases' results, builds, and builds the
+same package again from an empty cache: the two images must be byte-identical (ext4 and
+squashfs images are byte-reproducible). Changes that must not matter (a moved script, a group
+execute bit, another name for the same image, `max_age`) must also leave every command cached.
+
+The base image is the local busybox; everything runs on Docker (one case moves to Podman).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rfs.schema import _KEYS
+from tests.conftest import require_or_skip
+from tests.fsinspect import list_ext4
+from tests.rfsrun import rfs, steps_run
+
+BASE = "rfs-test/busybox:1"
+
+BUILD = """\
+[filesystem]
+size_mib = 24
+
+[container]
+engine = "Docker"
+image = { name = "rfs-test/busybox", tag = "1" }
+env = { GREETING = "hello" }
+hostname = "rfsbox"
+volumes = { "/vol" = "/mnt/vol" }
+
+[[commands]]
+script_path = "/scripts/setup.sh"
+env = { STAGE = "one" }
+
+[[commands]]
+command = "mkdir -p /from-command"
+
+[[commands]]
+script_inline = "#!/bin/sh\\nid > /out/inline-id\\npwd > /out/inline-pwd\\n"
+
+[[overlays]]
+source = "/files/motd"
+destination = "/etc/motd"
+
+[[overlays]]
+source = "/tree"
+destination = "/opt/tree"
+is_directory = true
+"""
+
+# Everything a command's container can show ends up in the image, so a field that changes the
+# container changes the image.
+SETUP = """\
+#!/bin/sh
+set -e
+mkdir -p /out
+chmod 1777 /out
+echo "$GREETING $STAGE" > /out/env
+id > /out/id
+pwd > /out/pwd
+hostname > /out/hostname
+for f in /mnt/vol*/*; do stat -c '%n %a %s' "$f"; done > /out/vol
+cat /mnt/vol*/* > /out/vol-content
+grep Cap /proc/self/status > /out/caps
+ls /sys/class/net > /out/net
+cat /etc/motd > /out/motd-seen 2>/dev/null || true
+"""
+
+
+def write_base(root: Path) -> Path:
+    """The package every case starts from."""
+    files = {"build.toml": BUILD, "scripts/setup.sh": SETUP, "scripts/other.sh": SETUP + "\n# x\n",
+             "files/motd": "hello from the package\n", "files/motd2": "another motd\n",
+             "tree/a.txt": "a\n", "tree/sub/b.txt": "b\n", "vol/input": "volume\n"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "scripts" / "setup.sh").chmod(0o755)
+    os.symlink("a.txt", root / "tree" / "link")
+    return root
+
+
+def edit(old: str, new: str) -> Callable[[Path], None]:
+    """A case that replaces `old` by `new` in build.toml (which must contain it)."""
+    def apply(pkg: Path) -> None:
+        text = (pkg / "build.toml").read_text()
+        assert old in text, old
+        (pkg / "build.toml").write_text(text.replace(old, new, 1))
+    return apply
+
+
+def append(section_line: str, line: str) -> Callable[[Path], None]:
+    """A case that adds `line` after the first `section_line` of build.toml."""
+    return edit(section_line + "\n", f"{section_line}\n{line}\n")
+
+
+@dataclass(frozen=True)
+class Case:
+    """Change one thing; `keyed=False`: no command may run again for it."""
+
+    fields: tuple[str, ...]  # the schema fields (paths as in docs/reference.md) it covers
+    change: Callable[[Path], None]
+    keyed: bool = True
+    needs: str = ""  # "podman", "archive", "v2", "alias": prepared by the test
+
+
+def _chmod(rel: str, mode: int) -> Callable[[Path], None]:
+    return lambda pkg: (pkg / rel).chmod(mode)
+
+
+def _write(rel: str, text: str) -> Callable[[Path], None]:
+    return lambda pkg: (pkg / rel).write_text(text)
+
+
+def _relink(rel: str, target: str) -> Callable[[Path], None]:
+    def apply(pkg: Path) -> None:
+        (pkg / rel).unlink()
+        os.symlink(target, pkg / rel)
+    return apply
+
+
+def _link_to_file(pkg: Path) -> None:
+    (pkg / "tree" / "link").unlink()
+    (pkg / "tree" / "link").write_text("a file where the link was\n")
+
+
+def _move_script(pkg: Path) -> None:
+    (pkg / "scripts" / "setup.sh").rename(pkg / "scripts" / "moved.sh")
+    edit('"/scripts/setup.sh"', '"/scripts/moved.sh"')(pkg)
+
+
+CASES: dict[str, Case] = {
+    # [filesystem]
+    "type": Case(("filesystem", "filesystem.type"), append("[filesystem]", 'type = "Squashfs"')),
+    "size": Case(("filesystem.size_mib",), edit("size_mib = 24", "size_mib = 28")),
+    "block size": Case(("filesystem.block_size_mib",),
+                       append("[filesystem]", "block_size_mib = 4")),
+    "dd block size": Case(("filesystem.dd_block_size_mib",),
+                          append("[filesystem]", "dd_block_size_mib = 4")),
+    "dd args": Case(("filesystem.dd_args",), append("[filesystem]", 'dd_args = ["conv=sparse"]')),
+    "mkfs args": Case(("filesystem.mkfs_args",),
+                      append("[filesystem]", 'mkfs_args = ["-L", "rootfs"]')),
+    # [container]
+    "engine": Case(("container.engine",), edit('engine = "Docker"', 'engine = "Podman"'),
+                   needs="podman"),
+    "image tag": Case(("container.image", "container.image.tag"),
+                      edit('image = { name = "rfs-test/busybox", tag = "1" }',
+                           'image = { name = "rfs-test-tmp/busybox", tag = "truth-v2" }'),
+                      needs="v2"),
+    "image name, same image": Case(("container.image.name",),
+                                   edit('name = "rfs-test/busybox"', 'name = "ALIAS"'),
+                                   keyed=False, needs="alias"),
+    "archive": Case(("container.archive",),
+                    edit('image = { name = "rfs-test/busybox", tag = "1" }',
+                         'archive = "/images/base.tar"'), needs="archive"),
+    "wait timeout": Case(("container.wait_timeout_s",),
+                         append("[container]", "wait_timeout_s = 5"), keyed=False),
+    "connection uri": Case(("container.connection_uri",),
+                           append("[container]", 'connection_uri = "unix:///run/docker.sock"'),
+                           keyed=False),
+    "volume target": Case(("container.volumes",), edit('"/mnt/vol"', '"/mnt/vol2"')),
+    "env": Case(("container", "container.env"), edit('GREETING = "hello"', 'GREETING = "bye"')),
+    "hostname": Case(("container.hostname",), edit('hostname = "rfsbox"', 'hostname = "other"')),
+    "oci runtime": Case(("container.oci_runtime",), append("[container]", 'oci_runtime = "runc"')),
+    "timeout": Case(("container.timeout",), append("[container]", "timeout = 600"), keyed=False),
+    "cap add": Case(("container.cap_add",), append("[container]", 'cap_add = ["NET_ADMIN"]')),
+    "cap drop": Case(("container.cap_drop",), append("[container]", 'cap_drop = ["CHOWN"]')),
+    # [[commands]]
+    "command": Case(("commands", "commands[].command"),
+                    edit('"mkdir -p /from-command"', '"mkdir -p /from-command-2"')),
+    "script inline": Case(("commands[].script_inline",), edit("pwd > /out/inline-pwd", "pwd")),
+    "script path": Case(("commands[].script_path",),
+                        edit('"/scripts/setup.sh"', '"/scripts/other.sh"')),
+    "script moved": Case(("commands[].script_path",), _move_script, keyed=False),
+    "uid": Case(("commands[].uid",), edit("[[commands]]\nscript_inline",
+                                           "[[commands]]\nuid = 1000\nscript_inline")),
+    "gid": Case(("commands[].gid",), edit("[[commands]]\nscript_inline",
+                                           "[[commands]]\ngid = 1000\nscript_inline")),
+    "working dir": Case(("commands[].working_dir",),
+                        edit("[[commands]]\nscript_inline",
+                             '[[commands]]\nworking_dir = "/tmp"\nscript_inline')),
+    "command env": Case(("commands[].env",), edit('STAGE = "one"', 'STAGE = "two"')),
+    "max age": Case(("commands[].max_age",), edit('"mkdir -p /from-command"',
+                                                  '"mkdir -p /from-command"\nmax_age = "7d"'),
+                    keyed=False),
+    "no cache": Case(("commands[].no_cache",), edit('"mkdir -p /from-command"',
+                                                    '"mkdir -p /from-command"\nno_cache = true')),
+    # [[overlays]]
+    "overlay source": Case(("overlays", "overlays[].source"),
+                           edit('"/files/motd"', '"/files/motd2"')),
+    "overlay inline": Case(("overlays[].source_inline",),
+                           edit('source = "/files/motd"', 'source_inline = "inline motd\\n"')),
+    "overlay destination": Case(("overlays[].destination",), edit('"/etc/motd"', '"/etc/motd2"')),
+    "overlay is_directory": Case(("overlays[].is_directory",),
+                                 edit('source = "/tree"\ndestination = "/opt/tree"\n'
+                                      "is_directory = true",
+                                      'source = "/tree/a.txt"\ndestination = "/opt/tree"')),
+    "overlay mounted": Case(("overlays[].mounted",),
+                            edit('destination = "/etc/motd"',
+                                 'destination = "/etc/motd"\nmounted = true')),
+    "overlay mode": Case(("overlays[].mode",),
+                         edit('destination = "/etc/motd"',
+                              'destination = "/etc/motd"\nmode = 0o600')),
+    "overlay uid": Case(("overlays[].uid",),
+                        edit('destination = "/opt/tree"', 'destination = "/opt/tree"\nuid = 1000')),
+    "overlay gid": Case(("overlays[].gid",),
+                        edit('destination = "/opt/tree"', 'destination = "/opt/tree"\ngid = 1000')),
+    # [export]
+    "exclude a file": Case(("export", "export.files", "export.files.exclude"),
+                           lambda p: _add(p, '[export.files]\nexclude = ["/out/id"]\n')),
+    "include files": Case(("export.files.include",),
+                          lambda p: _add(p, '[export.files]\ninclude = ["/bin/busybox"]\n')),
+    "create a file": Case(("export.files.create",),
+                          lambda p: _add(p, '[export.files]\ncreate = ["/etc/machine-id"]\n')),
+    "include directories": Case(("export.directories", "export.directories.include"),
+                                lambda p: _add(p, '[export.directories]\n'
+                                                  'include = ["/bin", "/etc", "/out", "/opt"]\n')),
+    "create a directory": Case(("export.directories.create",),
+                               lambda p: _add(p, '[export.directories]\ncreate = ["/srv/new"]\n')),
+    "exclude a directory": Case(("export.directories.exclude",),
+                                lambda p: _add(p, '[export.directories]\nexclude = ["/out"]\n')),
+    # package files: content, the mode bits that reach the image, kind, symlink target
+    "overlay file content": Case((), _write("files/motd", "edited\n")),
+    "overlay file made executable": Case((), _chmod("files/motd", 0o744)),
+    "overlay file group-executable": Case((), _chmod("files/motd", 0o654), keyed=False),
+    "tree file content": Case((), _write("tree/sub/b.txt", "B\n")),
+    "tree file made executable": Case((), _chmod("tree/a.txt", 0o700)),
+    "tree file added": Case((), _write("tree/sub/c.txt", "c\n")),
+    "tree symlink target": Case((), _relink("tree/link", "sub/b.txt")),
+    "tree symlink becomes a file": Case((), _link_to_file),
+    "volume file content": Case((), _write("vol/input", "other volume\n")),
+    "volume file made executable": Case((), _chmod("vol/input", 0o755)),
+    "script content": Case((), _write("scripts/setup.sh", SETUP + "echo more > /out/more\n")),
+}
+# Fields that cannot be shown on this host, with the reason; each still has its key tested in
+# tests/unit (test_graph.py).
+CANNOT_RUN_HERE = {
+    "container.rootful": "this host refuses privileged containers (runc: unable to apply caps)",
+    "commands[].privileged": "this host refuses privileged containers (runc: unable to apply "
+                             "caps)",
+}
+
+
+def _add(pkg: Path, text: str) -> None:
+    with (pkg / "build.toml").open("a") as f:
+        f.write("\n" + text)
+
+
+def schema_fields() -> set[str]:
+    """Every field path of the schema, from its own table of keys."""
+    sections = {"filesystem": "filesystem", "container": "container",
+                "container.image": "image", "commands[]": "commands",
+                "overlays[]": "overlays", "export": "export"}
+    fields = set(_KEYS[""])
+    for prefix, table in sections.items():
+        fields |= {f"{prefix}.{k}" for k in _KEYS[table]}
+    fields |= {f"export.{part}.{k}" for part in _KEYS["export"] for k in _KEYS["pathset"]}
+    return fields
+
+
+def test_every_field_has_a_case() -> None:
+    covered = {f for case in CASES.values() for f in case.fields} | set(CANNOT_RUN_HERE)
+    missing = sorted(schema_fields() - covered)
+    assert not missing, f"schema fields without a differential case: {missing}"
+    unknown = sorted(covered - schema_fields())
+    assert not unknown, f"cases name fields the schema does not have: {unknown}"
+
+
+def test_the_case_list_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = dict(_KEYS)
+    keys["overlays"] = (*keys["overlays"], "brand_new")
+    monkeypatch.setitem(globals(), "_KEYS", keys)
+    with pytest.raises(AssertionError, match="brand_new"):
+        test_every_field_has_a_case()
+
+
+# --- the differential build ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        dict[str, Any]]:
+    """A warm cache holding the base package's build, and what the cases need."""
+    import docker
+
+    root = tmp_path_factory.mktemp("truth")
+    base = write_base(root / "base")
+    warm = root / "warm-cache"
+    built = rfs("build", base, "-o", root / "base.ext4", "--no-network", cache=warm)
+    assert built.code == 0, built.err
+    image = docker_client.images.get(BASE)
+    alias = f"rfs-test-tmp/truth-alias-{uuid.uuid4().hex[:8]}"
+    image.tag(alias, "1")
+    container = docker_client.containers.create(BASE, command=["/bin/true"],
+                                                labels={"org.rfs.test": "1"})
+    try:
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("etc/truth-v2")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"v2\n"))
+        container.put_archive("/", buf.getvalue())
+        container.commit("rfs-test-tmp/busybox", "truth-v2")
+    finally:
+        container.remove(force=True)
+    archive = root / "base.tar"
+    with archive.open("wb") as f:
+        for chunk in image.save(named=False):
+            f.write(chunk)
+    yield {"root": root, "base": base, "warm": warm, "alias": alias, "archive": archive}
+    for tag in (f"{alias}:1", "rfs-test-tmp/busybox:truth-v2"):
+        with contextlib.suppress(docker.errors.APIError):
+            docker_client.images.remove(tag)
+
+
+def _podman_ready() -> None:
+    from rfs.engine import connect
+    from rfs.errors import EngineError
+
+    try:
+        engine = connect("podman")
+        engine.ping()
+        if engine.image_id(BASE) is None:
+            require_or_skip(f"{BASE} is not in Podman: run scripts/make-base-images.sh")
+    except EngineError as exc:
+        require_or_skip(f"the engine case needs Podman: {exc}")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_warm_build_gives_what_a_clean_build_gives(name: str, prepared: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    case = CASES[name]
+    pkg = tmp_path / "pkg"
+    shutil.copytree(prepared["base"], pkg, symlinks=True)
+    if case.needs == "podman":
+        _podman_ready()
+    if case.needs == "archive":
+        (pkg / "images").mkdir()
+        shutil.copy(prepared["archive"], pkg / "images" / "base.tar")
+    case.change(pkg)
+    if case.needs == "alias":
+        text = (pkg / "build.toml").read_text().replace("ALIAS", prepared["alias"])
+        (pkg / "build.toml").write_text(text)
+
+    # The warm build writes over the base package's image, freshly rebuilt: a change missing
+    # from the keys would find that image cached and keep it.
+    warm_out, clean_out = prepared["root"] / "shared.img", tmp_path / "clean.img"
+    again = rfs("build", prepared["base"], "-o", warm_out, "--no-network", cache=prepared["warm"])
+    assert again.code == 0, again.err
+    plan = rfs("plan", pkg, "-o", warm_out, "--no-network", cache=prepared["warm"])
+    assert plan.code == 0, plan.err
+    if not case.keyed:
+        assert not steps_run(plan.out), f"{name} must not make any step run again:\n{plan.out}"
+    warm = rfs("build", pkg, "-o", warm_out, "--no-network", cache=prepared["warm"])
+    assert warm.code == 0, warm.err
+    clean = rfs("build", pkg, "-o", clean_out, "--no-network", cache=tmp_path / "empty-cache")
+    assert clean.code == 0, clean.err
+    if warm_out.read_bytes() != clean_out.read_bytes():
+        detail = ""
+        if (pkg / "build.toml").read_text().count("Squashfs") == 0:
+            a, b = list_ext4(warm_out), list_ext4(clean_out)
+            detail = "\n".join(f"{p}: {a.get(p)} != {b.get(p)}" for p in sorted(set(a) | set(b))
+                               if a.get(p) != b.get(p))[:3000]
+        pytest.fail(f"{name}: the warm build's image differs from a clean build's\n{detail}")

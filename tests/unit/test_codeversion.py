@@ -1,0 +1,118 @@
+"""The code digests in the keys cover every module that can shape an artifact.
+
+`rfs.codeversion.SHAPED_BY` lists, per step kind, the modules whose code decides what its
+artifact holds. This test follows the imports (lazy ones inside functions included) of each
+kind's entry modules: every rfs module they reach must be listed there or below, or named in
+NEUTRAL here with the reason it cannot change a result. A new module that the assembly or the
+executor imports therefore fails this test until someone decides where it belongs.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from rfs.codeversion import PACKAGE, SHAPED_BY, _files, code_version
+
+# Modules that may be imported on the way but cannot change what an artifact holds.
+NEUTRAL = {
+    "errors.py": "exception types and exit codes",
+    "model.py": "the parsed script; its values are keyed as inputs",
+    "steps.py": "step records; keys are computed from inputs",
+    "store.py": "where artifacts are kept, verified by their hashes",
+    "locks.py": "file locks",
+    "reporter.py": "progress display",
+    "events.py": "progress events",
+    "progress.py": "progress display",
+    "orphans.py": "removal of leftovers",
+    "signals.py": "Ctrl-C handling",
+    "schema.py": "parsing; its result is keyed as inputs",
+    "packing.py": "package archives; what they contain is keyed by content",
+    "codeversion.py": "this module",
+    "__init__.py": "package markers",
+    "fs/tools.py": "reads tool versions, which are keyed themselves",
+    "planner.py": "decides which steps run, not what they make",
+}
+# Where each kind's artifact is made (executors.py, the glue, is listed for every kind and
+# checked as a whole below).
+ENTRIES = {
+    "run": ["engine/docker_engine.py", "etcfiles.py", "snapshot.py"],
+    "export": ["engine/docker_engine.py"],
+    "assemble": ["fs/assemble.py", "etcfiles.py", "snapshot.py"],
+}
+
+
+def _module_path(name: str) -> Path | None:
+    if not name.startswith("rfs"):
+        return None
+    parts = name.split(".")[1:]
+    base = PACKAGE.joinpath(*parts) if parts else PACKAGE
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[Path]:
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
+            # importlib.import_module(f"rfs.fs.{...}"): the drivers, all under rfs/fs
+            found.update((PACKAGE / "fs").glob("*.py"))
+        for name in names:
+            module = _module_path(name)
+            if module is not None:
+                found.add(module)
+    return found
+
+
+def _closure(entries: list[str]) -> set[Path]:
+    todo = [PACKAGE / e for e in entries]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(_imports(path) - seen)
+    return seen
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPED_BY))
+def test_every_module_an_artifact_depends_on_is_in_its_code_digest(kind: str) -> None:
+    listed = set(_files(SHAPED_BY[kind]))
+    neutral = {PACKAGE / name for name in NEUTRAL} | set(PACKAGE.rglob("__init__.py"))
+    reached = _closure(ENTRIES[kind])
+    unclassified = sorted(str(p.relative_to(PACKAGE)) for p in reached - listed - neutral)
+    assert not unclassified, (
+        f"{kind} artifacts depend on {unclassified}: add them to rfs.codeversion.SHAPED_BY "
+        "or, if they cannot change a result, to NEUTRAL in this test")
+
+
+def test_everything_the_executor_reaches_is_classified() -> None:
+    listed = {p for entries in SHAPED_BY.values() for p in _files(entries)}
+    neutral = {PACKAGE / name for name in NEUTRAL} | set(PACKAGE.rglob("__init__.py"))
+    reached = _closure(["executors.py"])
+    assert all(PACKAGE / "executors.py" in _files(e) for e in SHAPED_BY.values())
+    unclassified = sorted(str(p.relative_to(PACKAGE)) for p in reached - listed - neutral)
+    assert not unclassified, f"classify {unclassified} in rfs.codeversion.SHAPED_BY or NEUTRAL"
+
+
+def test_the_closure_walk_finds_lazy_imports() -> None:
+    """The check above can fail: the lazy import of the drivers is seen."""
+    assert PACKAGE / "fs" / "ext4.py" in _closure(["fs/assemble.py"])
+    assert PACKAGE / "fs" / "ext4patch.py" in _closure(["fs/assemble.py"])
+
+
+def test_code_versions_differ_per_kind_and_are_stable() -> None:
+    versions = {kind: code_version(kind) for kind in SHAPED_BY}
+    assert len(set(versions.values())) == len(versions)
+    code_version.cache_clear()
+    assert {kind: code_version(kind) for kind in SHAPED_BY} == versions
