@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import networkx as nx
 
 # Bump when the bytes rfs feeds mkfs, or the options it passes, change for the same inputs.
-ASSEMBLY_VERSION = 2
+ASSEMBLY_VERSION = 3  # 3: one tar entry per directory (a directory overlay on one merges)
 
 
 def _key(kind: StepKind, inputs: Mapping[str, Any], parent_keys: list[str]) -> str:
