@@ -393,7 +393,7 @@ def _entries(src: Path) -> tuple[list[_Entry], list[tuple[str, str]]]:
                                                 script_path.read_bytes())
     refs = references(script)
     for where, ref, _kind in refs:
-        assert root is not None  # load() refuses references in single-file scripts
+        assert root is not None  # load() refuses references without a package root
         host = resolve_reference(root, ref)
         rel = _norm(ref)
         if host.is_dir():

@@ -201,3 +201,40 @@ def test_bad_script_exits_2_with_path(rfs: object, package: Path, tmp_path: Path
     assert result.code == 2
     assert "filesystem.size_mib: must be an integer" in result.err
     assert "Traceback" not in result.err
+
+
+def test_script_named_directly_is_the_package_of_its_directory(rfs: object, package: Path,
+                                                               tmp_path: Path) -> None:
+    """`rfs <verb> pkg/build.toml` (or a YAML script of any name) resolves script_path, overlay
+    sources and volumes from the script's directory, as buildfs's pack does."""
+    import tomllib
+
+    import yaml
+
+    run = rfs  # the fixture is a function
+    script = package / "build.toml"
+    script.write_text(script.read_text().replace(
+        "[container]\n", '[container]\nvolumes = { "/files" = "/mnt/files" }\n')
+        + '\n[[commands]]\ncommand = "cp /mnt/files/motd /srv/from-volume"\n')
+    for verb in (["check"], ["plan"], ["graph"]):
+        done = run(*verb, script)  # type: ignore[operator]
+        assert done.code == 0, f"{verb}: {done.err}"
+        assert "cannot reference package files" not in done.err
+    out = tmp_path / "named.ext4"
+    built = run("build", script, "-o", out)  # type: ignore[operator]
+    assert built.code == 0, built.err
+    assert content(out, "/srv/data/two") == b"two\n"  # script_path from the directory
+    assert content(out, "/etc/motd") == b"welcome\n"  # overlay source
+    assert content(out, "/srv/from-volume") == b"welcome\n"  # volume
+    # the same package as the directory: same archive, and the same steps, all cached
+    by_file, by_dir = tmp_path / "by-file.tgz", tmp_path / "by-dir.tgz"
+    assert run("pack", script, by_file, "-t", "tar-gz").code == 0  # type: ignore[operator]
+    assert run("pack", package, by_dir, "-t", "tar-gz").code == 0  # type: ignore[operator]
+    assert by_file.read_bytes() == by_dir.read_bytes()
+    variant = package / "variant.yaml"
+    variant.write_text(yaml.safe_dump(tomllib.loads(script.read_text())))
+    again = run("build", variant, "-o", tmp_path / "variant.ext4")  # type: ignore[operator]
+    assert again.code == 0, again.err
+    # no container: every command step cached (a new output path is assembled again)
+    assert again.created == 0 and again.ran() == ["assemble"], again.err
+    assert (tmp_path / "variant.ext4").read_bytes() == out.read_bytes()

@@ -302,3 +302,19 @@ def test_own_writer_never_writes_through_a_replaced_link(tmp_path: Path,
     assert (out / "build.toml").read_bytes() == SCRIPT[1]
     assert not (out / "x").is_symlink() and (out / "x").read_bytes() == b"replacement"
     assert (out / "h").stat().st_ino == (out / "x").stat().st_ino
+
+
+def test_script_named_directly_is_the_package_of_its_directory(pkg: Path, tmp_path: Path
+                                                               ) -> None:
+    from rfs.watch import _watched
+
+    as_file = tmp_path / "by-file.tgz"
+    as_dir = tmp_path / "by-dir.tgz"
+    assert pack(pkg / "build.toml", as_file, PackageType.TAR_GZ) == 7
+    pack(pkg, as_dir, PackageType.TAR_GZ)
+    assert as_file.read_bytes() == as_dir.read_bytes()
+    loaded = package.load(pkg / "build.toml")
+    assert loaded.script.package_root == pkg.resolve()
+    # --watch polls the package: the script's directory, not the script alone
+    assert _watched(pkg / "build.toml") == pkg.resolve()
+    assert _watched(pkg) == pkg and _watched(as_file) == as_file
