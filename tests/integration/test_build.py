@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,3 +239,52 @@ def test_script_named_directly_is_the_package_of_its_directory(rfs: object, pack
     # no container: every command step cached (a new output path is assembled again)
     assert again.created == 0 and again.ran() == ["assemble"], again.err
     assert (tmp_path / "variant.ext4").read_bytes() == out.read_bytes()
+
+
+def privileged_refusal_seen_by_the_sdk(engine_client: Any) -> str | None:
+    """The engine's own answer to a privileged busybox container, asked without rfs."""
+    import docker.errors
+
+    api = engine_client.api
+    host = api.create_host_config(privileged=True, network_mode="none")
+    cid = api.create_container(BASE, command=["true"], entrypoint=[], host_config=host,
+                               labels={"org.rfs.managed": "1"})["Id"]
+    try:
+        api.start(cid)
+        api.wait(cid, timeout=30)  # removing it while it exits races in Podman 4.3
+        return None
+    except docker.errors.APIError as exc:
+        return str(exc.explanation)
+    finally:
+        api.remove_container(cid, force=True)
+
+
+@pytest.mark.parametrize("field", ["container.rootful", "commands[0].privileged"])
+def test_privilege_the_host_refuses_is_exit_3_naming_the_field(
+        rfs: object, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str,
+        field: str) -> None:
+    run = rfs  # the fixture is a function
+    name, tag = BASE.split(":")
+    rootful = "rootful = true\n" if field == "container.rootful" else ""
+    privileged = "privileged = true\n" if field != "container.rootful" else ""
+    (package / "build.toml").write_text(
+        f'[container]\n{engine_toml}image = {{ name = "{name}", tag = "{tag}" }}\n{rootful}'
+        f"[[commands]]\nscript_inline = 'grep CapEff /proc/self/status > /caps'\n{privileged}")
+    refusal = privileged_refusal_seen_by_the_sdk(engine_client)
+    checked = run("check", package)  # type: ignore[operator]
+    out = tmp_path / "priv.ext4"
+    built = run("build", package, "-o", out)  # type: ignore[operator]
+    if refusal is None:  # this engine starts privileged containers here (Podman on this host)
+        assert checked.code == 0, checked.err
+        assert built.code == 0, built.err
+        caps = int(content(out, "/caps").split()[1], 16)
+        assert caps & (1 << 21), "CAP_SYS_ADMIN: the command ran privileged"
+    else:  # Docker on this host: runc "unable to apply caps: operation not permitted"
+        for done in (checked, built):
+            assert done.code == 3, done.err
+            errors = [ln for ln in done.err.splitlines() if ln.startswith("rfs: error:")]
+            assert len(errors) == 1 and f"{field}: asks for privileged containers" in errors[0]
+            reason = errors[0].split("refuses to start one here: ", 1)[1]
+            assert reason in refusal, (reason, refusal)  # the host's own words
+            assert "Traceback" not in done.err
+        assert not out.exists()
