@@ -103,8 +103,8 @@ EOF
 fi
 
 # --- the rfs package: a venv of Debian's Python -------------------------------------------------
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-    || die "$PYTHON is $("$PYTHON" --version 2>&1); rfs needs Python >= 3.11"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11, 2))' \
+    || die "$PYTHON is $("$PYTHON" --version 2>&1); rfs needs Python >= 3.11.2 (pyproject.toml)"
 # A venv keeps rfs's dependencies away from Debian's "externally managed" python3 and follows
 # its interpreter: made again only when missing or made from another interpreter.
 if [ ! -x "$VENV/bin/python" ] \
