@@ -8,8 +8,14 @@ person sees every problem at once, next to the setting that causes it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from rfs.errors import Problem, RfsError, ScriptError
 from rfs.model import BuildScript
+
+if TYPE_CHECKING:
+    from rfs.engine.base import Engine
 
 # A person waits for `rfs check`: an engine that does not answer within this is reported.
 ENGINE_TIMEOUT_S = 10.0
@@ -81,4 +87,54 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         engine.check_base(c.image.name, c.image.tag)
     except RfsError as exc:
         problems.append(Problem("container.image", exc.message, file))
+        return problems
+    field = privilege_field(script)
+    if field is not None:
+        image = engine.image_id(f"{c.image.name}:{c.image.tag}")
+        refusal = None
+        if image is not None:  # pulled only by the build (Docker's check asks the registry)
+            try:
+                refusal = privilege_refusal(engine, image)
+            except RfsError as exc:
+                problems.append(Problem(field, f"could not try a privileged container: "
+                                               f"{exc.message}", file))
+        if refusal is not None:
+            problems.append(Problem(field, privilege_message(engine.name, refusal), file))
     return problems
+
+
+# A command every base image rfs builds on has (busybox, Debian...). Without it both probes
+# fail alike and nothing is claimed.
+_PROBE_ARGV = ("true",)
+
+
+def privilege_field(script: BuildScript) -> str | None:
+    """The field asking for privileged containers (`container.rootful` or the first
+    `commands[i].privileged`), or None when nothing does."""
+    if script.container.rootful:
+        return "container.rootful"
+    return next((f"commands[{i}].privileged" for i, cmd in enumerate(script.commands)
+                 if cmd.privileged), None)
+
+
+def privilege_refusal(engine: Engine, image: str, labels: Mapping[str, str] | None = None
+                      ) -> str | None:
+    """How the engine refuses to start a privileged container of `image`, or None.
+
+    Two short-lived containers: a privileged one, then, if it fails to start, the same one
+    unprivileged. Only when that one starts is privilege the cause (on a host that is itself a
+    restricted container, runc cannot grant every capability: "unable to apply caps:
+    operation not permitted"); a failure of both is someone else's (no `true` in the image).
+    """
+    refused = engine.probe_start(image, _PROBE_ARGV, privileged=True, labels=labels or {})
+    if refused is None:
+        return None
+    if engine.probe_start(image, _PROBE_ARGV, privileged=False, labels=labels or {}) is not None:
+        return None
+    return refused
+
+
+def privilege_message(engine_name: str, refusal: str) -> str:
+    """The words for a refused privilege, after the field path."""
+    return (f"asks for privileged containers, and the {engine_name.capitalize()} engine "
+            f"refuses to start one here: {refusal}")

@@ -7,6 +7,7 @@
     │   ├── EngineError    (3)   the container engine failed or is unreachable
     │   └── RemoteCacheError (3) a remote cache failed (a warning unless --cache-strict)
     ├── StepFailed         (1)   a build step ran and failed (names the step)
+    │   └── StartFailed    (1)   its container could not start
     └── Interrupted      (130)   SIGINT / SIGTERM
 
 Foreign exceptions (requests, docker, OSError) are translated at the adapter boundary, so
@@ -101,6 +102,15 @@ class StepFailed(RfsError):
         self.output_tail = output_tail
         self.container = container  # kept for inspection (rfs build --keep-failed)
         super().__init__(f"step {step} failed: {message}")
+
+
+class StartFailed(StepFailed):
+    """A step's container could not start (a missing executable, a bad user, a privilege the
+    host refuses); `reason` is the runtime's message."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(step, f"could not start: {reason}")
 
 
 class Interrupted(RfsError):

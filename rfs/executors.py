@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs import etcfiles
-from rfs.errors import EngineError, RfsError
+from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed
 from rfs.model import BuildScript, Command, Overlay
 from rfs.package import resolve_reference
 from rfs.steps import Step, StepKind
@@ -344,12 +344,33 @@ class Executor:
                 network=self.network,
                 labels=self.labels,
             )
-            image_id = self.engine.run_and_commit(
-                spec, step=f"{step.id} ({step.label})", tag=self.layer_tag(step.key),
-                on_output=lambda data: self.reporter.output(step, data),
-                keep_failed=self.keep_failed)
+            try:
+                image_id = self.engine.run_and_commit(
+                    spec, step=f"{step.id} ({step.label})", tag=self.layer_tag(step.key),
+                    on_output=lambda data: self.reporter.output(step, data),
+                    keep_failed=self.keep_failed)
+            except StartFailed as exc:
+                if spec.privileged:
+                    self._refused_privilege(step, spec.image, exc)
+                raise
             written = etcfiles.collect(scratch, seeded, written)
         return {"image_id": image_id, "tag": self.layer_tag(step.key), "etc_written": written}
+
+    def _refused_privilege(self, step: Step, image: str, failure: StartFailed) -> None:
+        """Raise EnvironmentProblem (exit 3) when the privileged container of `step` could not
+        start because the host refuses privilege, not because of the command."""
+        from rfs.checks import privilege_message, privilege_refusal
+
+        refusal = privilege_refusal(self.engine, image, self.labels)
+        if refusal is None:
+            return
+        assert step.index is not None
+        field = ("container.rootful" if self.script.container.rootful
+                 else f"commands[{step.index}].privileged")
+        raise EnvironmentProblem(
+            f"{field}: {privilege_message(self.engine.name, refusal)}",
+            hint=f"remove {field} if the commands do not need it, or build with an engine "
+                 "and host that allow privileged containers") from failure
 
     def _written(self, parent: Step) -> dict[str, bytes]:
         """What the commands up to `parent` wrote into the engine-managed /etc files."""

@@ -151,7 +151,7 @@ class BuildScript:
     overlays: tuple[Overlay, ...] = ()
     export: Export = field(default_factory=Export)
     script_file: Path = Path("build.toml")  # for messages
-    package_root: Path | None = None  # None: a single-file script, which references nothing
+    package_root: Path | None = None  # the package directory; None: parsed without one
     # The .tar/.tar.gz package `package_root` was unpacked from (a temporary directory): the
     # build's identity (its last manifests) and its messages go by this path instead.
     origin: Path | None = None

@@ -4,7 +4,9 @@ directory as a tar archive (plain or gzip-compressed; see `packing.py`).
 This is the only module of the schema layer that reads files. Package references
 (`script_path`, overlay `source`, volume host paths, `container.archive`) are rooted at the
 package directory; anything that resolves outside it is refused, since a build script must never
-read the host.
+read the host. A build script named directly (`rfs build pkg/build.toml`, any name, TOML or
+YAML) is the package rooted at its own directory, as buildfs's `pack` reads it: the script sits
+among the files it references.
 
 An archive is unpacked into a private temporary directory that lives as long as the rfs process:
 the build reads scripts and overlays from it and bind-mounts volumes out of it until the end.
@@ -88,8 +90,9 @@ def _unparsable(exc: BaseException) -> str:
     return str(exc)  # e.g. Python's limit on the digits of an integer
 
 
-def find_script(package: Path) -> tuple[Path, Path | None]:
-    """Return (script file, package root or None for a single-file script)."""
+def find_script(package: Path) -> tuple[Path, Path]:
+    """Return (script file, package root): a directory's build script, or a script named
+    directly with its own directory as the root."""
     if package.is_dir():
         for name in SCRIPT_NAMES:
             candidate = package / name
@@ -97,7 +100,7 @@ def find_script(package: Path) -> tuple[Path, Path | None]:
                 return candidate, package.resolve()
         raise UsageError(f"{package} holds no build script ({', '.join(SCRIPT_NAMES)})")
     if package.is_file():
-        return package, None
+        return package, package.resolve().parent
     raise UsageError(f"{package}: no such file or directory")
 
 
@@ -133,10 +136,9 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
     problems = []
     root = script.package_root
     for field_path, ref, kind in refs:
-        if root is None:
-            problems.append(Problem(field_path, f"{ref}: a single-file build script cannot "
-                                    "reference package files; make a directory with build.toml",
-                                    file))
+        if root is None:  # a script parsed from bytes alone: there are no package files
+            problems.append(Problem(field_path, f"{ref}: this build script has no package "
+                                    "directory to take package files from", file))
             continue
         try:
             host = resolve_reference(root, ref)

@@ -11,7 +11,8 @@ pointing out of it. The one exception is a symbolic link *inside* a directory th
 as an `is_directory` overlay or as a volume: there the link is content of the image (or of the
 container), resolved there and never followed on the host, so `/etc/localtime ->
 /usr/share/zoneinfo/UTC` in an overlay directory is kept. Extraction then goes through Python's
-`data` tar filter as a second line of defence.
+`data` tar filter as a second line of defence, or, on Pythons older than 3.11.4 (Debian 12 has
+3.11.2), through rfs's own member-by-member writer that applies the same rules.
 
 `pack` writes only the build script and the files it references (like buildfs, minus its bug
 of copying host paths), in sorted order with fixed owners, modes and times, so packing the same
@@ -188,6 +189,86 @@ def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str
     return problems, allowed
 
 
+# Python 3.11.4 brought extraction filters (PEP 706); Debian 12's python3 is 3.11.2. Where they
+# exist the `data` filter is the second line of defence; elsewhere `_extract_checked` is.
+_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+
+
+def _data_mode(mode: int) -> int:
+    """The `data` filter's mode for a regular file: no setuid/setgid/sticky, no group/other
+    write, no execute bits unless the owner has one, always readable and writable by the owner."""
+    mode &= 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    return mode | 0o600
+
+
+def _extract_checked(tar: tarfile.TarFile, members: Sequence[tarfile.TarInfo], dest: Path,
+                     allowed: set[str], label: str) -> None:
+    """Write `members` (all passed by `check_members`) under `dest` without tarfile's extractor.
+
+    The names written are the normalised ones checked above, never the raw tar metadata. Nothing
+    is written through a symbolic link: no member lies beneath one (checked), a member that
+    replaces an earlier one removes it first, and files are opened with O_NOFOLLOW. Owners are
+    ignored, modes limited as the `data` filter does. Like that filter, a link (other than the
+    `allowed` ones, which are image content) whose target resolves out of `dest` on this host
+    (a chain of inner links can do that) is refused by name.
+    """
+    root = os.path.realpath(dest)
+
+    def outside(path: str) -> bool:
+        return os.path.commonpath([os.path.realpath(path), root]) != root
+
+    def clear(path: str) -> None:
+        """Make room for a member: a later member of the same name replaces an earlier one."""
+        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
+            os.unlink(path)
+
+    dirs: list[tuple[str, int]] = []
+    for m in members:
+        name = _norm(m.name)
+        path = os.path.join(root, name) if name else root
+        if name:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        if m.isdir():
+            if name:
+                clear(path)
+                os.makedirs(path, exist_ok=True)
+            dirs.append((path, int(m.mtime)))
+        elif m.isreg():
+            clear(path)
+            src = tar.extractfile(m)
+            if src is None:  # cannot happen for a regular member; refuse rather than guess
+                raise ScriptError([Problem(m.name, "has no data in the archive", label)])
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         _data_mode(m.mode))
+            with os.fdopen(fd, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+                os.fchmod(out.fileno(), _data_mode(m.mode))  # the umask applied at creation
+            os.utime(path, (m.mtime, m.mtime), follow_symlinks=False)
+        elif m.issym():
+            if name not in allowed and (m.linkname.startswith("/") or outside(
+                    os.path.join(os.path.dirname(path), m.linkname))):
+                raise ScriptError([Problem(m.name, f"is a symbolic link pointing out of the "
+                                                   f"package (to {m.linkname})", label)])
+            clear(path)
+            os.symlink(m.linkname, path)
+        elif m.islnk():
+            target = os.path.join(root, _norm(m.linkname))
+            if outside(target):
+                raise ScriptError([Problem(m.name, f"is a hard link to {m.linkname}, outside "
+                                                   "the package", label)])
+            clear(path)
+            os.link(target, path, follow_symlinks=False)
+        else:  # refused by check_members already
+            raise ScriptError([Problem(m.name, "is a device node, FIFO or other special file; "
+                                               "a package holds only files, directories and "
+                                               "links", label)])
+    for path, mtime in reversed(dirs):  # deepest last-written first, as tarfile does
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+
 def extract(archive: Path, dest: Path) -> Path:
     """Unpack the package `archive` into the empty directory `dest`; return its root.
 
@@ -207,16 +288,20 @@ def extract(archive: Path, dest: Path) -> Path:
                 raise ScriptError([Problem("", "holds no build script (" + ", ".join(
                     SCRIPT_NAMES) + ") at its top or in a single top-level directory", label)])
 
-            def only_safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-                if _norm(member.name) in allowed:  # checked above: inside a content dir
-                    return tarfile.tar_filter(member, path).replace(
-                        uid=os.getuid(), gid=os.getgid(), uname="", gname="", deep=False)
-                return tarfile.data_filter(member, path)
+            if _HAS_DATA_FILTER:
+                def only_safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+                    if _norm(member.name) in allowed:  # checked above: inside a content dir
+                        return tarfile.tar_filter(member, path).replace(
+                            uid=os.getuid(), gid=os.getgid(), uname="", gname="", deep=False)
+                    return tarfile.data_filter(member, path)
 
-            tar.extractall(dest, filter=only_safe)
+                tar.extractall(dest, filter=only_safe)
+            else:
+                _extract_checked(tar, members, dest, allowed, label)
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, KeyError) as exc:
         # KeyError: tarfile's word for a link whose target is missing (checked above too)
-        if isinstance(exc, tarfile.FilterError):
+        filter_error = getattr(tarfile, "FilterError", None)  # Python >= 3.11.4 only
+        if filter_error is not None and isinstance(exc, filter_error):
             raise ScriptError([Problem(exc.tarinfo.name, str(exc), label)]) from exc
         raise ScriptError([Problem("", f"is not a readable tar archive: {exc}", label)]
                           ) from exc
@@ -308,7 +393,7 @@ def _entries(src: Path) -> tuple[list[_Entry], list[tuple[str, str]]]:
                                                 script_path.read_bytes())
     refs = references(script)
     for where, ref, _kind in refs:
-        assert root is not None  # load() refuses references in single-file scripts
+        assert root is not None  # load() refuses references without a package root
         host = resolve_reference(root, ref)
         rel = _norm(ref)
         if host.is_dir():

@@ -80,10 +80,20 @@ def wait_for_change(root: Path, before: Snapshot, ignore: Iterable[Path] = (),
             now = settled
 
 
+def _watched(package: Path) -> Path:
+    """What to poll: a package directory or archive itself; for a build script named directly,
+    its directory, which is the package it references files from."""
+    from rfs.packing import PackageType, detect
+
+    if package.is_file() and detect(package) is PackageType.BUILD_SCRIPT:
+        return package.resolve().parent
+    return package
+
+
 def watch(package: Path, build: Callable[[], int], *, ignore: Iterable[Path] = (),
           out: TextIO, poll_s: float = POLL_S) -> int:
     """Run `build` now and after every change of the package until Ctrl-C."""
-    root = package  # a package directory, or a single-file script
+    root = _watched(package)
     ignore = [Path(p) for p in ignore if p is not None]
     state = snapshot(root, ignore)
     try:

@@ -3,9 +3,11 @@
 #   - Debian packages: Docker, Podman, busybox-static, mmdebstrap, e2fsprogs >= 1.47.1 (backports)
 #   - /etc/containers/containers.conf for Podman (only if missing)
 #   - dockerd and the Podman API socket, started in the background if not answering
-#   - the rfs Python package, editable, with its dev extras
-# Environment: PYTHON (interpreter to install rfs into; default: `python` if >= 3.11, else python3),
-# RFS_EXTRA_PACKAGES (more Debian packages), RFS_ENGINE_WAIT_S (default 60).
+#   - rfs, editable with its dev extras, in a venv made from Debian's own /usr/bin/python3
+#     (3.11.2 on Debian 12: the interpreter a Debian user has), linked as /usr/local/bin/rfs
+# Environment: RFS_VENV (default /opt/rfs/venv), PYTHON (interpreter the venv is made from;
+# default /usr/bin/python3), RFS_EXTRA_PACKAGES (more Debian packages), RFS_ENGINE_WAIT_S
+# (default 60).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,8 +20,8 @@ E2FS_MIN=1.47.1                   # first e2fsprogs whose mke2fs -d reads a tarb
 
 export DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a
 export PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
-# Debian's own python3 is "externally managed"; installing rfs into it as root is intended here.
-export PIP_BREAK_SYSTEM_PACKAGES=1
+VENV=${RFS_VENV:-/opt/rfs/venv}
+PYTHON=${PYTHON:-/usr/bin/python3}
 
 log() { printf '[setup-host] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -38,19 +40,10 @@ PACKAGES+=(qemu-system-x86 linux-image-cloud-amd64)
 PACKAGES+=(nginx docker-registry)
 # rfs graph's svg/png (Graphviz); the tests of the live display and of shell completion.
 PACKAGES+=(graphviz tmux zsh fish)
+# Debian's Python and its venv module (ensurepip lives in python3-venv on Debian).
+PACKAGES+=(python3 python3-venv)
 # shellcheck disable=SC2206
 PACKAGES+=(${RFS_EXTRA_PACKAGES:-})
-
-# --- which Python gets rfs -------------------------------------------------------------------
-py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
-if [ -z "${PYTHON:-}" ]; then
-    if command -v python >/dev/null && py_ok python; then PYTHON=$(command -v python)
-    else PYTHON=python3; fi
-fi
-# `python -m pytest` is the documented test command: make sure a `python` exists.
-command -v python >/dev/null || PACKAGES+=(python-is-python3)
-if ! command -v "$PYTHON" >/dev/null; then PACKAGES+=(python3 python3-pip python3-venv)
-elif ! "$PYTHON" -m pip --version >/dev/null 2>&1; then PACKAGES+=(python3-pip python3-venv); fi
 
 # --- Debian packages ---------------------------------------------------------------------------
 installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }
@@ -109,21 +102,40 @@ runtime = "runc"
 EOF
 fi
 
-# --- the rfs package ---------------------------------------------------------------------------
-stamp_dir=${XDG_CACHE_HOME:-$HOME/.cache}/rfs
-stamp="$stamp_dir/setup-host.pip-stamp"
-want="$("$PYTHON" -c "import sys; print(sys.executable)") $ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$PYTHON" -c 'import rfs, pytest, hypothesis' 2>/dev/null; then
-    log "rfs already installed for $PYTHON"
+# --- the rfs package: a venv of Debian's Python -------------------------------------------------
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11, 2))' \
+    || die "$PYTHON is $("$PYTHON" --version 2>&1); rfs needs Python >= 3.11.2 (pyproject.toml)"
+# A venv keeps rfs's dependencies away from Debian's "externally managed" python3 and follows
+# its interpreter: made again only when missing or made from another interpreter.
+if [ ! -x "$VENV/bin/python" ] \
+        || [ "$(readlink -f "$VENV/bin/python")" != "$(readlink -f "$PYTHON")" ]; then
+    log "creating the venv $VENV from $PYTHON ($("$PYTHON" --version))"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PYTHON" -m venv "$VENV"
+fi
+VPY=$VENV/bin/python
+# Installed (editable) from this clone with everything the tests import? Asked from / so that
+# the working directory's rfs/ cannot answer for the installed one.
+installed_here() {
+    (cd / && "$VPY" -c 'import sys, pathlib, rfs, pytest, hypothesis, jsonschema
+sys.exit(pathlib.Path(rfs.__file__).resolve().parent != pathlib.Path(sys.argv[1], "rfs"))' \
+        "$ROOT") 2>/dev/null
+}
+stamp="$VENV/rfs-setup.stamp"   # the pyproject.toml it was installed from: dependencies change
+want="$ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed_here; then
+    log "rfs already installed in $VENV"
 else
-    log "pip install -e '.[dev]' with $PYTHON"
-    (cd "$ROOT" && "$PYTHON" -m pip install -q -e '.[dev]')
-    mkdir -p "$stamp_dir" && printf '%s\n' "$want" > "$stamp"
+    log "pip install -e '.[dev]' into $VENV"
+    (cd "$ROOT" && "$VPY" -m pip install -q -e '.[dev]')
+    installed_here || die "rfs in $VENV does not import from $ROOT"
+    printf '%s\n' "$want" > "$stamp"
 fi
 # An editable install is not byte-compiled, and with PYTHONDONTWRITEBYTECODE set Python never
 # caches it: every rfs command would compile the package again (about 0.1 s).
-"$PYTHON" -m compileall -q "$ROOT/rfs" >/dev/null
+"$VPY" -m compileall -q "$ROOT/rfs" >/dev/null
+ln -sfn "$VENV/bin/rfs" /usr/local/bin/rfs
 
 # --- engines -----------------------------------------------------------------------------------
 wait_for() {  # wait_for DESCRIPTION LOGFILE PID COMMAND...: poll up to WAIT_S s while PID lives
@@ -159,4 +171,4 @@ else
 fi
 
 log "done: docker $("$DOCKER" version -f '{{.Server.Version}}'), $(podman --version)," \
-    "mke2fs $(dpkg-query -W -f='${Version}' e2fsprogs), $("$PYTHON" --version)"
+    "mke2fs $(dpkg-query -W -f='${Version}' e2fsprogs), $("$VPY" --version) in $VENV"

@@ -6,7 +6,7 @@ engines) without a daemon. `rfs.engine.connect` returns the real implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import BinaryIO, Protocol
@@ -150,10 +150,18 @@ class Engine(Protocol):
         """Run `spec.argv` in a container, stream its output, commit it as `tag`.
 
         Returns the committed image ID. Raises StepFailed (with the output's last lines) when
-        the command exits non-zero, cannot start, or outlives `spec.timeout_s`. With
+        the command exits non-zero or outlives `spec.timeout_s`, StartFailed when it cannot
+        start. With
         `keep_failed`, a command that ran and failed leaves its container, stopped, named by
         `StepFailed.container`.
         """
+        ...
+
+    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
+                    labels: Mapping[str, str] = EMPTY) -> str | None:
+        """Start a short-lived container of the local `image` running `argv` (no network,
+        nothing mounted) and remove it. Returns the runtime's start error, or None when the
+        container started (whatever `argv` then did)."""
         ...
 
     def export(

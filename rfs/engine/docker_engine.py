@@ -31,7 +31,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO
 
@@ -45,7 +45,7 @@ import urllib3
 
 from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
 from rfs.engine.lite import platform_of
-from rfs.errors import EngineError, EnvironmentProblem, RfsError, StepFailed
+from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed, StepFailed
 
 log = logging.getLogger("rfs.engine")
 
@@ -122,6 +122,10 @@ def _explanation(exc: Any) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return str(text).strip()
+
+
+# How long a probe container's `true` may take to end before it is removed anyway.
+_PROBE_WAIT_S = 10
 
 
 def _start_failure(exc: Any) -> str:
@@ -495,8 +499,9 @@ class DockerEngine:
                 try:
                     self._api.start(cid)
                 except docker.errors.APIError as exc:
-                    # A start failure is the step's fault (missing executable, bad user…).
-                    raise StepFailed(step, f"could not start: {_start_failure(exc)}") from exc
+                    # A start failure is the step's fault (missing executable, bad user…),
+                    # or a privilege the host refuses (the executor tells them apart).
+                    raise StartFailed(step, _start_failure(exc)) from exc
             status, timed_out, tail = self._follow(cid, spec, on_output)
             kept = keep_failed and (timed_out or status != 0)
             container = cid if kept else None
@@ -519,6 +524,28 @@ class DockerEngine:
         finally:
             if not kept:
                 self._discard(cid)
+
+    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
+                    labels: Mapping[str, str] = EMPTY) -> str | None:
+        """Start a short-lived container of local `image` running `argv` (no network, nothing
+        mounted) and remove it: the runtime's start error, or None when it started."""
+        spec = RunSpec(image=image, argv=tuple(argv), privileged=privileged, network=False,
+                       labels=labels)
+        what = "privileged probe" if privileged else "probe"
+        cid = self._create(spec, what)
+        try:
+            with self._calling(f"start a {what} container"):
+                try:
+                    self._api.start(cid)
+                except docker.errors.APIError as exc:
+                    return _start_failure(exc)
+            # Removing it while it exits can fail in Podman 4.3 ("container state improper"):
+            # let `argv` (`true`) end first.
+            with suppress(docker.errors.APIError, requests.RequestException):
+                self._api.wait(cid, timeout=_PROBE_WAIT_S)
+            return None
+        finally:
+            self._discard(cid)
 
     def _create(self, spec: RunSpec, step: str) -> str:
         mounts = [

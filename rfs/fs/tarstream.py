@@ -19,7 +19,10 @@ the only changes (see /work/shared/ASSEMBLY.md for the measurements behind them)
 - a hard link whose target was left out is written as the file itself (the export is read
   through a mmap, so the target's data is at hand).
 Then come created paths and overlays, last so they always win, each preceded by any missing
-parent directory (0755 root).
+parent directory (0755 root). Every path has one entry: a directory laid over a directory (an
+overlay directory at `/` meets /etc, /usr...) changes only its owner, mode and time, so the
+first entry for it carries the last directory's and the later ones are not written. mke2fs
+would take a second entry as a metadata update, but tar2sqfs refuses it ("etc: File exists").
 """
 
 from __future__ import annotations
@@ -199,6 +202,11 @@ class _Emitter:
         self.present: dict[str, bool] = {"/": True, "": True}  # path -> is a directory
         self.link_names: dict[str, bytes] = {}  # path of an emitted inode -> name to link to
         self.dirent_bytes = 0
+        # The last directory the created paths and overlays put at each path: whichever entry
+        # writes the path first carries its owner, mode and time (see the module doc).
+        self.dir_meta: dict[str, Generated] = {
+            g.path: g for g in plan.generated if g.typeflag == tf.DIRECTORY and not g.dropped
+        }
 
     def run(self) -> StreamStats:
         plan = self.plan
@@ -238,7 +246,11 @@ class _Emitter:
             return
         for above in ancestors(path):
             if above not in self.present:
-                self._emit_new(above, tf.DIRECTORY, 0o755)
+                meta = self.dir_meta.get(above)
+                if meta is None:
+                    self._emit_new(above, tf.DIRECTORY, 0o755)
+                else:  # an overlay directory comes later: this entry is the one written
+                    self._emit_new(above, tf.DIRECTORY, meta.mode, meta.uid, meta.gid)
 
     def _clamped(self, block: bytearray) -> bool:
         """Lower the header's mtime to the clamp; True if it changed."""
@@ -259,7 +271,10 @@ class _Emitter:
         self._parents(path)
         size = entry.size
         typeflag = entry.typeflag
-        if typeflag == tf.HARDLINK:
+        meta = self.dir_meta.get(path) if typeflag == tf.DIRECTORY else None
+        if meta is not None:  # a directory laid over this one later: its metadata, here
+            self.w.write(_merged_directory(entry, meta, self.mtime))
+        elif typeflag == tf.HARDLINK:
             typeflag, size = self._hardlink(entry, path)
         elif path == CONSOLE and entry.is_regular and entry.size == 0:
             block = tf.header_block(self.w.view, entry)
@@ -362,6 +377,10 @@ class _Emitter:
         return mtime if self.clamp is None else min(mtime, self.clamp)
 
     def _generated(self, generated: Generated) -> None:
+        if generated.typeflag == tf.DIRECTORY:
+            if self.present.get(generated.path):
+                return  # written already, with the last directory's metadata
+            generated = self.dir_meta.get(generated.path, generated)
         self._parents(generated.path)
         self._emit_new(
             generated.path,
@@ -408,6 +427,19 @@ class _Emitter:
         self.present[path] = typeflag == tf.DIRECTORY
         if typeflag != tf.DIRECTORY:
             self.link_names[path] = name
+
+
+# PAX records a merged directory entry sets itself (or must lose: times and owner names).
+_MERGED_DROPS = frozenset({b"path", b"linkpath", b"size", b"uid", b"gid", b"uname", b"gname",
+                           b"mtime", b"atime", b"ctime", b"hdrcharset"})
+
+
+def _merged_directory(entry: tf.RawEntry, meta: Generated, mtime: int) -> bytes:
+    """An export directory's entry with the owner, mode and time of the directory laid over
+    it, as a second entry would give them; its other PAX records (xattrs) stay."""
+    extra = {k: v for k, v in (entry.pax or {}).items() if k not in _MERGED_DROPS}
+    return tf.entry_headers(name=entry.name, typeflag=tf.DIRECTORY, mode=meta.mode,
+                            uid=meta.uid, gid=meta.gid, mtime=mtime, extra=extra)
 
 
 def _needs_charset(records: dict[bytes, bytes]) -> bool:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,89 @@ def test_bad_script_exits_2_with_path(rfs: object, package: Path, tmp_path: Path
     assert result.code == 2
     assert "filesystem.size_mib: must be an integer" in result.err
     assert "Traceback" not in result.err
+
+
+def test_script_named_directly_is_the_package_of_its_directory(rfs: object, package: Path,
+                                                               tmp_path: Path) -> None:
+    """`rfs <verb> pkg/build.toml` (or a YAML script of any name) resolves script_path, overlay
+    sources and volumes from the script's directory, as buildfs's pack does."""
+    import tomllib
+
+    import yaml
+
+    run = rfs  # the fixture is a function
+    script = package / "build.toml"
+    script.write_text(script.read_text().replace(
+        "[container]\n", '[container]\nvolumes = { "/files" = "/mnt/files" }\n')
+        + '\n[[commands]]\ncommand = "cp /mnt/files/motd /srv/from-volume"\n')
+    for verb in (["check"], ["plan"], ["graph"]):
+        done = run(*verb, script)  # type: ignore[operator]
+        assert done.code == 0, f"{verb}: {done.err}"
+        assert "cannot reference package files" not in done.err
+    out = tmp_path / "named.ext4"
+    built = run("build", script, "-o", out)  # type: ignore[operator]
+    assert built.code == 0, built.err
+    assert content(out, "/srv/data/two") == b"two\n"  # script_path from the directory
+    assert content(out, "/etc/motd") == b"welcome\n"  # overlay source
+    assert content(out, "/srv/from-volume") == b"welcome\n"  # volume
+    # the same package as the directory: same archive, and the same steps, all cached
+    by_file, by_dir = tmp_path / "by-file.tgz", tmp_path / "by-dir.tgz"
+    assert run("pack", script, by_file, "-t", "tar-gz").code == 0  # type: ignore[operator]
+    assert run("pack", package, by_dir, "-t", "tar-gz").code == 0  # type: ignore[operator]
+    assert by_file.read_bytes() == by_dir.read_bytes()
+    variant = package / "variant.yaml"
+    variant.write_text(yaml.safe_dump(tomllib.loads(script.read_text())))
+    again = run("build", variant, "-o", tmp_path / "variant.ext4")  # type: ignore[operator]
+    assert again.code == 0, again.err
+    # no container: every command step cached (a new output path is assembled again)
+    assert again.created == 0 and again.ran() == ["assemble"], again.err
+    assert (tmp_path / "variant.ext4").read_bytes() == out.read_bytes()
+
+
+def privileged_refusal_seen_by_the_sdk(engine_client: Any) -> str | None:
+    """The engine's own answer to a privileged busybox container, asked without rfs."""
+    import docker.errors
+
+    api = engine_client.api
+    host = api.create_host_config(privileged=True, network_mode="none")
+    cid = api.create_container(BASE, command=["true"], entrypoint=[], host_config=host,
+                               labels={"org.rfs.managed": "1"})["Id"]
+    try:
+        api.start(cid)
+        api.wait(cid, timeout=30)  # removing it while it exits races in Podman 4.3
+        return None
+    except docker.errors.APIError as exc:
+        return str(exc.explanation)
+    finally:
+        api.remove_container(cid, force=True)
+
+
+@pytest.mark.parametrize("field", ["container.rootful", "commands[0].privileged"])
+def test_privilege_the_host_refuses_is_exit_3_naming_the_field(
+        rfs: object, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str,
+        field: str) -> None:
+    run = rfs  # the fixture is a function
+    name, tag = BASE.split(":")
+    rootful = "rootful = true\n" if field == "container.rootful" else ""
+    privileged = "privileged = true\n" if field != "container.rootful" else ""
+    (package / "build.toml").write_text(
+        f'[container]\n{engine_toml}image = {{ name = "{name}", tag = "{tag}" }}\n{rootful}'
+        f"[[commands]]\nscript_inline = 'grep CapEff /proc/self/status > /caps'\n{privileged}")
+    refusal = privileged_refusal_seen_by_the_sdk(engine_client)
+    checked = run("check", package)  # type: ignore[operator]
+    out = tmp_path / "priv.ext4"
+    built = run("build", package, "-o", out)  # type: ignore[operator]
+    if refusal is None:  # this engine starts privileged containers here (Podman on this host)
+        assert checked.code == 0, checked.err
+        assert built.code == 0, built.err
+        caps = int(content(out, "/caps").split()[1], 16)
+        assert caps & (1 << 21), "CAP_SYS_ADMIN: the command ran privileged"
+    else:  # Docker on this host: runc "unable to apply caps: operation not permitted"
+        for done in (checked, built):
+            assert done.code == 3, done.err
+            errors = [ln for ln in done.err.splitlines() if ln.startswith("rfs: error:")]
+            assert len(errors) == 1 and f"{field}: asks for privileged containers" in errors[0]
+            reason = errors[0].split("refuses to start one here: ", 1)[1]
+            assert reason in refusal, (reason, refusal)  # the host's own words
+            assert "Traceback" not in done.err
+        assert not out.exists()

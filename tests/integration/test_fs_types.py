@@ -226,6 +226,45 @@ def test_rebuild_with_cleared_cache_is_byte_identical(
     assert sha256(again) == sha256(first)
 
 
+ROOT_OVERLAY_SCRIPT = """
+[filesystem]
+type = "{type}"
+[container]
+image = {{ name = "rfs-test/busybox", tag = "1" }}
+[[commands]]
+script_inline = "echo built > /etc/built"
+[[overlays]]
+source = "/root"
+destination = "/"
+is_directory = true
+"""
+
+
+@pytest.mark.parametrize("fs_type", [t for t in TYPES if t != "vfat"])
+def test_directory_overlay_at_root_merges_into_every_type(workdir: Path, fs_type: str) -> None:
+    # A recipe's tree laid over / meets the export's /etc and /usr: squashfs used to fail with
+    # "tar2sqfs failed (exit 1): etc: File exists".
+    pkg = workdir / f"root-overlay-{fs_type}"
+    (pkg / "root" / "etc").mkdir(parents=True)
+    (pkg / "root" / "usr" / "local" / "bin").mkdir(parents=True)
+    (pkg / "root" / "etc" / "motd").write_text("from the overlay\n")
+    tool = pkg / "root" / "usr" / "local" / "bin" / "hello"
+    tool.write_text("#!/bin/sh\necho hello\n")
+    tool.chmod(0o755)
+    (pkg / "root").chmod(0o700)  # the host directory's mode must not reach the image root
+    (pkg / "build.toml").write_text(ROOT_OVERLAY_SCRIPT.format(type=SCHEMA_NAME[fs_type]))
+    out = workdir / f"root-overlay.{fs_type}"
+    done = rfs_build(pkg, out, workdir / "cache-root-overlay", "--verify")
+    assert done.returncode == 0, done.stderr
+    nodes = list_image(out, fs_type)
+    assert nodes["/"].mode == 0o755 and nodes["/etc"].type == "dir"
+    motd = hashlib.sha256(b"from the overlay\n").hexdigest()
+    assert nodes["/etc/motd"] == Node("file", 0o644, 0, 0, 17, sha256=motd)
+    assert nodes["/usr/local/bin/hello"].mode == 0o755
+    assert nodes["/etc/built"].size == 6  # the command's file, from the export
+    assert nodes["/etc/passwd"].size > 0 and nodes["/bin/busybox"].size > 0  # the base's
+
+
 def test_btrfs_and_xfs_are_not_claimed_bit_identical() -> None:
     assert FsType.BTRFS not in BIT_IDENTICAL and FsType.XFS not in BIT_IDENTICAL
 

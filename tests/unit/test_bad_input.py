@@ -167,9 +167,9 @@ CASES: dict[str, Case] = {
     "directory overlay on a file": Case(toml('[[overlays]]\nsource = "/f"\ndestination = "/x"\n'
                                              "is_directory = true\n", f="x"),
                                         "overlays[0].source", "/f is not a directory"),
-    "single file referencing files": Case(
+    "script named directly, reference missing beside it": Case(
         {"one.toml": HEAD + '[[commands]]\nscript_path = "/s.sh"\n'}, "commands[0].script_path",
-        "a single-file build script cannot reference package files", script="one.toml"),
+        "/s.sh not found in package", script="one.toml"),
     # -- scripts that are not UTF-8 --------------------------------------------------------
     "script file not utf-8": Case(toml('[[commands]]\nscript_path = "/s.sh"\n',
                                        **{"s.sh": b"#!/bin/sh\necho \xff\n"}),
@@ -252,7 +252,7 @@ def write_package(root: Path, case: Case) -> Path:
     if case.setup is not None:
         case.setup(root)
     if case.script not in SCRIPT_NAMES:
-        return root / case.script  # a single-file script
+        return root / case.script  # the script named directly: its directory is the package
     return root
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rfs import package
+from rfs import package, packing
 from rfs.errors import ScriptError, UsageError
 from rfs.hashing import digest_tree
 from rfs.packing import PackageType, detect, pack, unpack
@@ -241,3 +241,80 @@ def test_cli_pack_unpack_and_refusal(pkg: Path, tmp_path: Path) -> None:
     assert checked.returncode == 2 and "../x: leads outside the package" in checked.stderr
     busy = rfs("unpack", tmp_path / "p.tar.gz", tmp_path / "u")
     assert busy.returncode == 2 and "exists and is not empty" in busy.stderr
+
+
+# -- the two extraction routes: Python's `data` filter (>= 3.11.4) and rfs's own writer ------
+
+
+@pytest.fixture(params=["data-filter", "own-writer"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through each extraction route this interpreter has (3.11.2 lacks the filter)."""
+    if request.param == "data-filter":
+        if not hasattr(tarfile, "data_filter"):
+            pytest.skip("this Python has no tarfile extraction filters (< 3.11.4)")
+        monkeypatch.setattr(packing, "_HAS_DATA_FILTER", True)
+    else:
+        monkeypatch.setattr(packing, "_HAS_DATA_FILTER", False)
+    return str(request.param)
+
+
+def test_both_routes_unpack_the_same_package(pkg: Path, tmp_path: Path, route: str) -> None:
+    archive = tmp_path / "p.tgz"
+    pack(pkg, archive, PackageType.TAR_GZ)
+    same_package(pkg, unpack(archive, tmp_path / "out"))
+
+
+def test_both_routes_limit_modes_and_drop_owners(tmp_path: Path, route: str) -> None:
+    def file(name: str, mode: int) -> tuple[tarfile.TarInfo, bytes]:
+        info = member(name)
+        info.mode, info.uid, info.gid = mode, 4321, 4321
+        return info, b"data"
+
+    archive = make_tar(tmp_path / "m.tar", [SCRIPT, file("suid", 0o4755), file("shared", 0o666),
+                                            file("ro", 0o400), file("grp", 0o640),
+                                            file("odd", 0o011)])
+    out = unpack(archive, tmp_path / "out")
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in out.iterdir() if p.name != "build.toml"}
+    assert modes == {"suid": 0o755, "shared": 0o644, "ro": 0o600, "grp": 0o640, "odd": 0o600}
+    assert {p.stat().st_uid for p in out.iterdir()} == {os.getuid()}
+
+
+def test_both_routes_refuse_a_chain_of_inner_links_leading_out(tmp_path: Path,
+                                                               route: str) -> None:
+    # each link alone stays inside the package by its name; followed on the host, e leads out
+    chain = make_tar(tmp_path / "chain.tar", [SCRIPT, (member("d", tarfile.DIRTYPE), b""),
+                                              (member("d/up", tarfile.SYMTYPE, ".."), b""),
+                                              (member("e", tarfile.SYMTYPE, "d/up/.."), b"")])
+    with pytest.raises(ScriptError) as info:
+        unpack(chain, tmp_path / "dest")
+    assert [p.path for p in info.value.problems] == ["e"]
+    assert not (tmp_path / "dest").exists()
+
+
+def test_own_writer_never_writes_through_a_replaced_link(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packing, "_HAS_DATA_FILTER", False)
+    archive = make_tar(tmp_path / "dup.tar", [SCRIPT,
+                                              (member("x", tarfile.SYMTYPE, "build.toml"), b""),
+                                              (member("x"), b"replacement"),
+                                              (member("h", tarfile.LNKTYPE, "x"), b"")])
+    out = unpack(archive, tmp_path / "out")
+    assert (out / "build.toml").read_bytes() == SCRIPT[1]
+    assert not (out / "x").is_symlink() and (out / "x").read_bytes() == b"replacement"
+    assert (out / "h").stat().st_ino == (out / "x").stat().st_ino
+
+
+def test_script_named_directly_is_the_package_of_its_directory(pkg: Path, tmp_path: Path
+                                                               ) -> None:
+    from rfs.watch import _watched
+
+    as_file = tmp_path / "by-file.tgz"
+    as_dir = tmp_path / "by-dir.tgz"
+    assert pack(pkg / "build.toml", as_file, PackageType.TAR_GZ) == 7
+    pack(pkg, as_dir, PackageType.TAR_GZ)
+    assert as_file.read_bytes() == as_dir.read_bytes()
+    loaded = package.load(pkg / "build.toml")
+    assert loaded.script.package_root == pkg.resolve()
+    # --watch polls the package: the script's directory, not the script alone
+    assert _watched(pkg / "build.toml") == pkg.resolve()
+    assert _watched(pkg) == pkg and _watched(as_file) == as_file

@@ -4,15 +4,18 @@ each documented type and default agrees with the model's dataclasses."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rfs import model
-from rfs.schema import _KEYS
+from rfs.errors import ScriptError
+from rfs.schema import _KEYS, parse_script
 
 REFERENCE = Path(__file__).parents[2] / "docs" / "reference.md"
 
@@ -105,9 +108,13 @@ def _expected_default(f: dataclasses.Field[object]) -> set[str]:
         return {f'`"{value.value.capitalize()}"`'}
     if value == ():
         return {"`[]`", "`{}`"}
-    if value is None:
-        return {"(unset)", "required", "required (or `archive`)"}
+    if value is None:  # optional in the model; the schema may still insist (see below)
+        return {"(unset)"}
     return {f"`{value}`"}
+
+
+# Fields the model leaves None but the schema requires in a form the model cannot express.
+_REQUIRED_BY_SCHEMA = {"container.image": "required (or `archive`)"}
 
 
 def test_types_and_defaults_agree_with_the_model() -> None:
@@ -119,7 +126,9 @@ def test_types_and_defaults_agree_with_the_model() -> None:
         checked += 1
         assert row["type"].startswith(_expected_type(str(f.type))), (
             f"{path}: documented as {row['type']!r}, the model says {f.type}")
-        assert row["default"] in _expected_default(f), (
+        expected = _expected_default(f) | ({_REQUIRED_BY_SCHEMA[path]}
+                                           if path in _REQUIRED_BY_SCHEMA else set())
+        assert row["default"] in expected, (
             f"{path}: default {row['default']!r}, the model says {f.default!r}")
     assert checked >= 40  # the mapping above must not silently stop matching rows
 
@@ -130,3 +139,31 @@ def test_reference_test_fails_on_a_missing_field(monkeypatch: pytest.MonkeyPatch
     keys["commands"] = (*keys["commands"], "brand_new_field")
     monkeypatch.setitem(globals(), "_KEYS", keys)
     assert schema_fields() - set(documented()) == {"commands[].brand_new_field"}
+
+
+# A script with only what the reference calls required, and where each such field lives in it.
+_MINIMAL = {"container": {"image": {"name": "a", "tag": "b"}},
+            "overlays": [{"source_inline": "x", "destination": "/x"}]}
+_WHERE = {"container": ("container",), "container.image": ("container", "image"),
+          "container.image.name": ("container", "image", "name"),
+          "container.image.tag": ("container", "image", "tag"),
+          "overlays[].destination": ("overlays", 0, "destination")}
+
+
+def test_required_means_required_and_nothing_else_is() -> None:
+    """The "required" column against the parser: the script holding only the documented
+    required fields parses (so `filesystem.size_mib` and the rest are optional), and each one
+    left out is an error at its path."""
+    required = {p for p, row in documented().items() if row["default"].startswith("required")}
+    assert required == set(_WHERE), "teach _WHERE where the newly required fields go"
+    script, _ = parse_script(copy.deepcopy(_MINIMAL))
+    assert script.filesystem.size_mib is None
+    for path, where in _WHERE.items():
+        doc: Any = copy.deepcopy(_MINIMAL)
+        parent = doc
+        for key in where[:-1]:
+            parent = parent[key]
+        del parent[where[-1]]
+        with pytest.raises(ScriptError) as info:
+            parse_script(doc)
+        assert path.replace("[]", "[0]") in {p.path for p in info.value.problems}

@@ -303,9 +303,38 @@ def test_overlay_file_over_directory_drops_its_subtree() -> None:
 
 
 def test_overlay_directory_over_directory_keeps_contents() -> None:
-    out = run(make_tar(BASE), overlays=[OverlayEntry("/usr", None, 0o700, is_dir=True)])
+    out = run(make_tar(BASE), overlays=[OverlayEntry("/usr", None, 0o700, uid=1, gid=2,
+                                                     is_dir=True)])
     assert "usr/lib/libc.so" in out.names()
-    assert out.members[-1].name == "usr" and out.members[-1].mode == 0o700
+    # one entry (tar2sqfs refuses a second), in the export's place, with the overlay's metadata
+    assert out.names().count("usr") == 1 and out.names().index("usr") < out.names().index("usr/lib")
+    usr = out.get("usr")
+    assert (usr.mode, usr.uid, usr.gid, usr.mtime, usr.uname) == (0o700, 1, 2, MTIME, "")
+
+
+def test_overlay_directory_at_root_writes_every_path_once() -> None:
+    xattr = {"SCHILY.xattr.user.note": "kept"}
+    specs = [*BASE, Spec("var/log", tarfile.DIRTYPE, mode=0o755, uid=9, pax=xattr)]
+    overlays = [
+        OverlayEntry("/opt/early", b"e", 0o644),  # /opt: an implicit parent, declared below
+        OverlayEntry("/", None, 0o700, is_dir=True),  # the host directory's mode must not leak
+        OverlayEntry("/etc", None, 0o755, is_dir=True),
+        OverlayEntry("/etc/motd", b"hi\n", 0o644),
+        OverlayEntry("/var", None, 0o755, is_dir=True),
+        OverlayEntry("/var/log", None, 0o750, uid=4, is_dir=True),
+        OverlayEntry("/opt", None, 0o711, uid=5, is_dir=True),
+        OverlayEntry("/opt", None, 0o701, uid=6, is_dir=True),  # a second overlay: it wins
+    ]
+    out = run(make_tar(specs), overlays=overlays)
+    names = out.names()
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert {"etc/passwd", "etc/motd", "var/cache/apt.bin", "opt/early"} <= set(names)
+    assert (out.get("etc").mode, out.get("etc").mtime) == (0o755, MTIME)
+    log = out.get("var/log")
+    assert (log.mode, log.uid) == (0o750, 4) and log.pax_headers.get("SCHILY.xattr.user.note")
+    opt = out.get("opt")
+    assert (opt.mode, opt.uid) == (0o701, 6) and names.index("opt") < names.index("opt/early")
+    assert out.get("usr").mode == 0o750  # not overlaid: the export's own entry, untouched
 
 
 def test_symlinked_directories_are_followed() -> None:
