@@ -201,10 +201,10 @@ def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_pa
 
 
 def _records(server: Server) -> dict[str, dict[str, Any]]:
-    """nginx's stored records by step id."""
+    """nginx's stored records (their JSON bodies) by step id."""
     found = {}
     for path in (server.data / "ac").iterdir():
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(path.read_bytes().partition(b"\n\n")[2])
         found[doc["step"]] = doc
     return found
 
