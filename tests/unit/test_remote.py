@@ -129,7 +129,7 @@ def test_layers_travel_as_config_and_checked_layers_never_as_tags(tmp_path: Path
             [f"{image_id[7:]}.json", "manifest.json",
              *{f"{hashlib.sha256(d).hexdigest()}.tar" for d in (big, b"small layer")}])
     # A layer object that decompresses to other bytes (same size) is refused.
-    bad, bad_ref = pack_bytes(tmp_path, big[::-1], "bad")
+    bad, _ = pack_bytes(tmp_path, big[::-1], "bad")
     with pytest.raises(BadObject, match="does not match its digest"):
         write_load_tarball(record, {next(iter(stored)): bad}, io.BytesIO())
 
