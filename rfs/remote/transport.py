@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,8 @@ def _reason(exc: BaseException) -> str:
         seen.add(id(cur))
         if isinstance(cur, requests.exceptions.Timeout | TimeoutError):
             return "timed out"
+        if isinstance(cur, http.client.IncompleteRead):
+            return "the answer ended early (the server closed the connection)"
         if isinstance(cur, ConnectionRefusedError) or (
                 isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED):
             return "connection refused"
