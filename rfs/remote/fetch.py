@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfs.errors import EnvironmentProblem
+from rfs.errors import EngineError, EnvironmentProblem
 from rfs.executors import layer_tag, output_identity
 from rfs.hashing import digest_file
 from rfs.remote.codec import (
@@ -77,8 +77,13 @@ def _layer(store: Store, ex: Executor, step: Step, backend: Backend, record: Rec
         path.unlink()
     image_id = str(record.fields["image_id"])
     engine = ex.engine
-    with tarball.open("rb") as f:
-        engine.load_image(f)
+    try:
+        with tarball.open("rb") as f:
+            engine.load_image(f)
+    except EngineError as exc:
+        # The config is the record's (e.g. one the engine finds invalid): a miss, not a
+        # failed build. A dead engine fails the next step anyway, with its own message.
+        raise BadObject(f"the engine refused the layer of {step.id}: {exc.message}") from exc
     # The image ID is the digest of the config the record carries, which lists the digest of
     # every layer, each checked while the tarball was written: an image with this ID in the
     # engine is exactly the image the record names.
