@@ -1,4 +1,5 @@
-"""`rfs cache info|prune|clear`: inspect the local cache and keep it within bounds.
+"""`rfs cache info|prune|clear|keygen`: inspect the local cache and keep it within bounds;
+make a key to sign remote cache records with.
 
 Entries a running build uses are never dropped (see rfs.locks); dropping a layer entry also
 removes its `rfs/layer/<cache name>:<key>` tag from the engine that made it (the default socket
@@ -12,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from rfs.commands import add_cache_options, cache_dir, cache_size
@@ -32,8 +34,10 @@ def register(sub: Any) -> None:
     """Add the `cache` parser and its sub-verbs."""
     from rfs.cli import parse_size
 
-    p = sub.add_parser("cache", help="inspect, prune or clear the local cache")
-    verbs = p.add_subparsers(dest="cache_verb", metavar="info|prune|clear", required=True)
+    p = sub.add_parser("cache", help="inspect, prune or clear the local cache; make a "
+                                     "signing key for a shared cache")
+    verbs = p.add_subparsers(dest="cache_verb", metavar="info|prune|clear|keygen",
+                             required=True)
     info = verbs.add_parser("info", help="entries, bytes and hits by kind")
     add_cache_options(info)
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -49,6 +53,15 @@ def register(sub: Any) -> None:
     clear = verbs.add_parser("clear", help="drop every entry no running build uses")
     add_cache_options(clear)
     clear.set_defaults(func=run_clear)
+    keygen = verbs.add_parser(
+        "keygen", help="write a new secret key for signing remote cache records (mode 0600) "
+                       "and print its public key")
+    keygen.add_argument("keyfile", type=Path, metavar="KEYFILE",
+                        help="where to write the secret key (never over an existing file)")
+    keygen.add_argument("--name", default=None,
+                        help="the key's name, shown in signatures and warnings (default: "
+                             "KEYFILE's name without its extension, e.g. ci-2025)")
+    keygen.set_defaults(func=run_keygen)
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -151,3 +164,16 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_clear(args: argparse.Namespace) -> int:
     """Drop every entry that no running build uses."""
     return _prune(args)
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    """Write a secret signing key and print its public key, on one line, on stdout."""
+    from rfs.remote.signing import generate
+
+    name = args.name or args.keyfile.name.split(".")[0]
+    public = generate(args.keyfile, name)
+    print(public.text())
+    print(f"rfs: wrote the secret key {args.keyfile} (mode 0600): keep it in the CI secret "
+          "store, sign with --cache-sign-key; readers trust the line above with "
+          "--cache-trust", file=sys.stderr)
+    return EXIT_OK

@@ -81,5 +81,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{n} step(s) to run" if n else "nothing to do: the image is up to date")
     finally:
+        if planned.remote is not None:  # says which remote copies were misses, and why
+            planned.remote.close()
         planned.store.close()
     return EXIT_OK

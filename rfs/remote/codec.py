@@ -1,4 +1,4 @@
-"""How artifacts travel: zstd-compressed objects, sparse images, image tarballs split by member.
+"""How artifacts travel: zstd-compressed objects and sparse images (layers: rfs.remote.layers).
 
 Every object is addressed by the sha256 of its (compressed) bytes, as the Bazel HTTP cache's
 `cas/` and OCI registries both require, and carries the blake3 of the same bytes, which is
@@ -7,15 +7,14 @@ checked after every download before anything is decompressed or used.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,11 @@ SPARSE_MAGIC = b"rfs-sparse-1\n"
 # Tarball members up to this size travel inside the record (manifests, configs), saving a
 # round trip per member.
 INLINE_MAX = 16 * 1024
+MAX_SPARSE_HEADER = 64 << 20  # extents of a fragmented 1 TiB image fit
+#: Object names (sha256) and hashes: exactly this, nothing a path could be made of.
+HEX64 = re.compile(r"[0-9a-f]{64}")
+#: No object is larger (an image of 1 TiB, compressed, is far below).
+MAX_OBJECT_BYTES = 1 << 40
 
 
 class BadObject(RemoteCacheError):
@@ -53,14 +57,19 @@ class ObjectRef:
 
     @classmethod
     def from_json(cls, data: Any) -> ObjectRef:
-        """Read an object reference from a remote record; raise BadObject if malformed."""
-        try:
-            ref = cls(str(data["sha256"]), str(data["blake3"]), int(data["size"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadObject(f"malformed object reference in a remote record: {exc}") from exc
-        if len(ref.sha256) != 64 or len(ref.blake3) != 64 or ref.size < 0:
+        """Read an object reference from a remote record; raise BadObject if malformed.
+
+        The names are exactly 64 lowercase hex digits: the sha256 becomes part of a URL and
+        of nothing else, and no text a server sends can climb out of a directory or a path.
+        """
+        if not isinstance(data, dict) or set(data) != {"sha256", "blake3", "size"}:
             raise BadObject("malformed object reference in a remote record")
-        return ref
+        sha, b3, size = data["sha256"], data["blake3"], data["size"]
+        if not (isinstance(sha, str) and HEX64.fullmatch(sha) and isinstance(b3, str)
+                and HEX64.fullmatch(b3) and isinstance(size, int)
+                and not isinstance(size, bool) and 0 <= size <= MAX_OBJECT_BYTES):
+            raise BadObject("malformed object reference in a remote record")
+        return cls(sha, b3, size)
 
 
 class _HashingWriter:
@@ -152,25 +161,55 @@ def verify_object(path: Path, ref: ObjectRef) -> None:
                         "(corrupted on the server or in transit)")
 
 
-def unpack(path: Path, dest: Any) -> None:
-    """Decompress a verified object file into `dest` (anything with `write`)."""
-    import zstandard
+def unpack(path: Path, dest: Any, limit: int) -> None:
+    """Decompress a verified object file into `dest` (anything with `write`); raise BadObject
+    if it holds more than `limit` bytes (a small object must not fill the disk)."""
+    total = 0
+    with open_unpacked(path) as reader:
+        for chunk in iter(lambda: reader.read(CHUNK), b""):
+            total += len(chunk)
+            if total > limit:
+                raise BadObject(f"object {path.name} decompresses to more than recorded")
+            dest.write(chunk)
 
-    try:
-        with path.open("rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
-            for chunk in iter(lambda: reader.read(CHUNK), b""):
-                dest.write(chunk)
-    except zstandard.ZstdError as exc:
-        raise BadObject(f"object {path.name} does not decompress: {exc}") from exc
+
+class _Unpacked(io.RawIOBase):
+    """The decompressed content of an object file; zstd errors become BadObject (an object
+    can match its hashes yet not be zstd: its writer was wrong, or hostile)."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        super().__init__()
+        self._errors = zstandard.ZstdError
+        self._file = path.open("rb")
+        self._name = path.name
+        self._reader = zstandard.ZstdDecompressor().stream_reader(self._file)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return bytes(self._reader.read(-1 if size is None else size))
+        except self._errors as exc:
+            raise BadObject(f"object {self._name} does not decompress: {exc}") from exc
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()  # type: ignore[no-untyped-call]
+            self._file.close()
+        super().close()
 
 
 def open_unpacked(path: Path) -> BinaryIO:
     """A reader of the decompressed content of a verified object file."""
-    import zstandard
-
-    reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(path.open("rb"),
-                                                                  closefd=True)
-    return reader
+    return cast(BinaryIO, _Unpacked(path))
 
 
 # -- sparse image files ---------------------------------------------------------------------
@@ -206,17 +245,28 @@ def _read_exact(reader: Any, n: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_sparse(reader: Any, dest: Path) -> None:
-    """Recreate a sparse file at `dest` from what `encode_sparse` wrote."""
+def decode_sparse(reader: Any, dest: Path, expected_size: int) -> None:
+    """Recreate a sparse file of `expected_size` bytes at `dest` from what `encode_sparse`
+    wrote; raise BadObject if the header does not describe such a file (extents in order,
+    inside it), so a hostile header cannot make rfs write past it."""
     if _read_exact(reader, len(SPARSE_MAGIC)) != SPARSE_MAGIC:
         raise BadObject("not an rfs sparse image object")
     (length,) = struct.unpack(">Q", _read_exact(reader, 8))
+    if length > MAX_SPARSE_HEADER:
+        raise BadObject("a sparse image object has an oversized header")
     try:
         header = json.loads(_read_exact(reader, length))
-        size = int(header["size"])
-        extents = [(int(o), int(n)) for o, n in header["extents"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadObject(f"malformed sparse image header: {exc}") from exc
+        size = header["size"]
+        extents = [(o, n) for o, n in header["extents"]]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise BadObject(f"malformed sparse image header: {type(exc).__name__}") from exc
+    end = 0
+    for offset, n in extents:
+        if not (type(offset) is int and type(n) is int and offset >= end and n > 0):
+            raise BadObject("malformed sparse image header: extents out of order")
+        end = offset + n
+    if size != expected_size or end > expected_size:
+        raise BadObject("a sparse image object is not the size its record says")
     with dest.open("wb") as f:
         f.truncate(size)
         for offset, n in extents:
@@ -232,98 +282,6 @@ def decode_sparse(reader: Any, dest: Path) -> None:
         os.fsync(f.fileno())
 
 
-# -- image tarballs (docker save), split into members -----------------------------------------
-
-
-def split_tarball(path: Path, put: Callable[[IO[bytes], int], ObjectRef]) -> list[dict[str, Any]]:
-    """Describe the image tarball at `path` member by member; large files go through `put`.
-
-    `docker save` repeats every parent layer in every layer's tarball; stored member by
-    member, a layer shared by many steps (the base image's, above all) is uploaded once.
-    """
-    members: list[dict[str, Any]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            entry: dict[str, Any] = {"name": m.name, "mode": m.mode, "mtime": int(m.mtime)}
-            if m.isfile():
-                entry["type"] = "file"
-                data = tar.extractfile(m)
-                assert data is not None
-                if m.size <= INLINE_MAX:
-                    entry["data"] = base64.b64encode(data.read()).decode()
-                else:
-                    entry["object"] = put(data, m.size).to_json()
-                    entry["size"] = m.size
-            elif m.isdir():
-                entry["type"] = "dir"
-            elif m.issym() or m.islnk():
-                entry["type"] = "symlink" if m.issym() else "link"
-                entry["target"] = m.linkname
-            else:
-                raise RemoteCacheError(f"unexpected member {m.name!r} in an image tarball")
-            members.append(entry)
-    return members
-
-
-def join_tarball(members: list[dict[str, Any]], objects: dict[str, Path], dest: IO[bytes]) -> None:
-    """Write the image tarball described by `members` to `dest`.
-
-    `objects` maps each member object's sha256 to its downloaded, verified file.
-    """
-    with tarfile.open(fileobj=dest, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for entry in members:
-            info = tarfile.TarInfo(str(entry["name"]))
-            info.mode = int(entry["mode"])
-            info.mtime = int(entry["mtime"])
-            kind = entry["type"]
-            if kind == "dir":
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif kind in ("symlink", "link"):
-                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
-                info.linkname = str(entry["target"])
-                tar.addfile(info)
-            elif "data" in entry:
-                data = base64.b64decode(entry["data"])
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                ref = ObjectRef.from_json(entry["object"])
-                info.size = int(entry["size"])
-                with open_unpacked(objects[ref.sha256]) as reader:
-                    try:
-                        tar.addfile(info, reader)
-                    except OSError as exc:  # tarfile: "unexpected end of data"
-                        raise BadObject(f"member {info.name} is shorter than recorded") from exc
-                    if reader.read(1):
-                        raise BadObject(f"member {info.name} is longer than recorded")
-
-
 def copy_stream(src: IO[bytes], dest: Any) -> None:
     """Copy in chunks."""
     shutil.copyfileobj(src, dest, CHUNK)
-
-
-# -- records ------------------------------------------------------------------------------
-
-
-def jsonable(value: Any) -> Any:
-    """A store record in JSON terms: bytes become {"$b64": ...}."""
-    if isinstance(value, bytes):
-        return {"$b64": base64.b64encode(value).decode()}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def from_jsonable(value: Any) -> Any:
-    """The inverse of `jsonable`."""
-    if isinstance(value, dict):
-        if set(value) == {"$b64"}:
-            return base64.b64decode(value["$b64"])
-        return {k: from_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_jsonable(v) for v in value]
-    return value

@@ -4,12 +4,18 @@
     --cache-to URL                 RFS_CACHE_TO=URL            [cache] to = "URL"
     --cache-scope NAME             RFS_CACHE_SCOPE=NAME        [cache] scope = "NAME"
     --cache-strict                 RFS_CACHE_STRICT=1          [cache] strict = true
+    --cache-sign-key FILE          RFS_CACHE_SIGN_KEY=FILE
+    --cache-trust KEY (repeatable) RFS_CACHE_TRUST="KEY KEY"   [cache] trusted_keys = ["KEY"]
                                    RFS_CACHE_INSECURE=1        [cache] insecure = true
                                                                [cache] timeout = 30, retries = 2
 
 The config file is $RFS_CONFIG, else $XDG_CONFIG_HOME/rfs/config.toml, else
 ~/.config/rfs/config.toml; a flag beats the environment, which beats the file. A laptop that
-only reads what CI wrote sets `from` and no `to`.
+only reads what CI wrote sets `from` and no `to`, and the CI key in `trusted_keys`.
+
+Signing (rfs.remote.signing): a writer given a secret key signs every record it writes and
+trusts that key's records; a reader given trusted keys uses only records one of them signed.
+No secret key is read from the config file: it belongs in the CI secret store.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from rfs.errors import UsageError
+from rfs.remote.signing import (
+    PublicKey,
+    SecretKey,
+    load_secret_key,
+    parse_public_keys,
+    split_keys,
+)
 
 SCHEMES = ("http://", "https://", "oci://")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
@@ -43,6 +56,13 @@ class RemoteSettings:
     connect_timeout_s: float = 3.0
     retries: int = 2  # per request, for connection failures and 5xx answers
     insecure: bool = False  # plain HTTP to registries off this machine too
+    sign_key: SecretKey | None = None  # sign the records written
+    trusted: tuple[PublicKey, ...] = ()  # if any: use only records one of these signed
+
+    @property
+    def record_deadline_s(self) -> float:
+        """How long reading one record may take in all (the time-out is between bytes)."""
+        return 4 * self.timeout_s
 
     @property
     def enabled(self) -> bool:
@@ -71,6 +91,13 @@ def add_remote_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-strict", action="store_true", default=None,
                    help="fail (exit 3) when a remote cache fails, instead of warning and "
                         "building locally")
+    g.add_argument("--cache-sign-key", metavar="FILE", default=None,
+                   help="sign the records written with this secret key (from `rfs cache "
+                        "keygen`); default $RFS_CACHE_SIGN_KEY")
+    g.add_argument("--cache-trust", action="append", metavar="PUBKEY", default=None,
+                   help="use only remote records signed by this public key (rfs-key-1:NAME:"
+                        "BASE64); repeatable; default $RFS_CACHE_TRUST or trusted_keys in "
+                        "the config file")
 
 
 def config_path(environ: Mapping[str, str]) -> Path:
@@ -95,7 +122,7 @@ def _file_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     cache = data.get("cache", {})
     if not isinstance(cache, dict):
         raise UsageError(f"{path}: [cache] must be a table")
-    known = {"from", "to", "scope", "strict", "insecure", "timeout", "retries"}
+    known = {"from", "to", "scope", "strict", "insecure", "timeout", "retries", "trusted_keys"}
     unknown = sorted(set(cache) - known)
     if unknown:
         raise UsageError(f"{path}: unknown setting(s) in [cache]: {', '.join(unknown)}")
@@ -153,8 +180,38 @@ def remote_settings(args: argparse.Namespace,
         raise UsageError(f"config [cache] timeout/retries: {exc}") from exc
     if not 0 < timeout <= 3600 or not 0 <= retries <= 10:
         raise UsageError("config [cache]: timeout must be in (0, 3600] s, retries in [0, 10]")
+    sign_key, trusted = _signing(args, env, conf)
     settings = RemoteSettings(sources=tuple(sources), target=target,
                               scope=str(scope) if scope else None, strict=bool(strict),
                               timeout_s=timeout, connect_timeout_s=min(3.0, timeout),
-                              retries=retries, insecure=insecure)
+                              retries=retries, insecure=insecure, sign_key=sign_key,
+                              trusted=trusted)
     return settings
+
+
+def _signing(args: argparse.Namespace, env: Mapping[str, str],
+             conf: Mapping[str, Any]) -> tuple[SecretKey | None, tuple[PublicKey, ...]]:
+    """The signing key and the trusted keys (the signing key's own public key among them)."""
+    flags = getattr(args, "cache_trust", None)
+    if flags:
+        trusted = parse_public_keys(flags, "--cache-trust")
+    elif env.get("RFS_CACHE_TRUST", "").strip():
+        trusted = parse_public_keys(split_keys(env["RFS_CACHE_TRUST"]), "RFS_CACHE_TRUST")
+    else:
+        listed = conf.get("trusted_keys", [])
+        if isinstance(listed, str):
+            listed = split_keys(listed)
+        if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+            raise UsageError(f"{config_path(env)}: [cache] trusted_keys must be a list of "
+                             "public keys")
+        trusted = parse_public_keys(listed, f"{config_path(env)}: trusted_keys")
+    path = getattr(args, "cache_sign_key", None)
+    where = "--cache-sign-key"
+    if not path and env.get("RFS_CACHE_SIGN_KEY"):
+        path, where = env["RFS_CACHE_SIGN_KEY"], "RFS_CACHE_SIGN_KEY"
+    sign_key = load_secret_key(Path(path), where) if path else None
+    if sign_key is not None and sign_key.public() not in trusted:
+        # A writer that signs trusts what it signed, and so never builds on an unsigned
+        # record (which anyone able to write to the server could have put there).
+        trusted = (*trusted, sign_key.public())
+    return sign_key, trusted

@@ -15,7 +15,13 @@ from pathlib import Path
 from rfs.remote.base import MAX_RECORD_BYTES
 from rfs.remote.codec import BadObject, ObjectRef
 from rfs.remote.config import RemoteSettings
-from rfs.remote.transport import download, make_session, status_error, translating
+from rfs.remote.transport import (
+    download,
+    make_session,
+    read_bounded,
+    status_error,
+    translating,
+)
 
 
 class HttpBackend:
@@ -26,6 +32,7 @@ class HttpBackend:
         self._base = url.rstrip("/") + "/"
         self._session = make_session(settings)
         self._timeout = (settings.connect_timeout_s, settings.timeout_s)
+        self._deadline = settings.record_deadline_s
 
     def _url(self, kind: str, name: str) -> str:
         return f"{self._base}{kind}/{name}"
@@ -33,15 +40,14 @@ class HttpBackend:
     def get_record(self, name: str) -> bytes | None:
         """GET ac/<name>; None on 404."""
         what = f"read record {name[:12]}…"
-        with translating(self.url, what):
-            resp = self._session.get(self._url("ac", name), timeout=self._timeout)
+        with translating(self.url, what), self._session.get(
+                self._url("ac", name), timeout=self._timeout, stream=True) as resp:
             if resp.status_code == 404:
                 return None
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
-            if len(resp.content) > MAX_RECORD_BYTES:
-                raise BadObject(f"remote cache {self.url}: record {name[:12]}… is too large")
-            return resp.content
+            return read_bounded(resp, MAX_RECORD_BYTES, self._deadline, self.url,
+                                f"record {name[:12]}…")
 
     def put_record(self, name: str, data: bytes, objects: list[ObjectRef]) -> None:
         """PUT ac/<name> (the objects are in cas/ already)."""
@@ -62,7 +68,7 @@ class HttpBackend:
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
             length = resp.headers.get("Content-Length")
-            return length is None or int(length) == ref.size
+            return length is None or (length.isdigit() and int(length) == ref.size)
 
     def get_object(self, ref: ObjectRef, dest: Path) -> None:
         """GET cas/<sha256> into `dest`."""
@@ -74,7 +80,7 @@ class HttpBackend:
                                 "is missing on the server")
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
-            download(resp, dest, limit=ref.size)
+            download(resp, dest, ref.size, self.url)
 
     def put_object(self, ref: ObjectRef, path: Path) -> None:
         """PUT cas/<sha256>, streaming the file."""

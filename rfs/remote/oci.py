@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,18 @@ from rfs.errors import UsageError
 from rfs.remote.base import MAX_RECORD_BYTES, is_loopback
 from rfs.remote.codec import BadObject, ObjectRef
 from rfs.remote.config import RemoteSettings
-from rfs.remote.transport import download, make_session, status_error, translating
+from rfs.remote.transport import (
+    download,
+    make_session,
+    read_bounded,
+    status_error,
+    translating,
+)
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.rfs.step.v1"
-RECORD_TYPE = "application/vnd.rfs.step.record.v1+json"
+RECORD_TYPE = "application/vnd.rfs.step.record.v2"  # rfs.remote.record: a header, then JSON
+MAX_MANIFEST_BYTES = 4 << 20  # a record's manifest lists its objects: a few KiB
 OBJECT_TYPE = "application/vnd.rfs.object.v1+zstd"
 
 
@@ -57,6 +65,22 @@ def parse_oci_url(url: str) -> tuple[str, str, str | None, str | None]:
     return host, repo, user, password
 
 
+def _record_blob(manifest: bytes, what: str) -> tuple[str, int]:
+    """The digest and size of the record a manifest names; BadObject unless it is an rfs
+    record's manifest (the digest goes into a URL: it must be exactly sha256:<64 hex>)."""
+    try:
+        config = json.loads(manifest)["config"]
+        digest, size = config["digest"], config["size"]
+        media = config.get("mediaType")
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+        raise BadObject(f"{what} is not an rfs record") from exc
+    if (media != RECORD_TYPE or not isinstance(digest, str)
+            or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or type(size) is not int
+            or not 0 <= size <= MAX_RECORD_BYTES):
+        raise BadObject(f"{what} is not an rfs record")
+    return digest, size
+
+
 class OciBackend:
     """A cache in repository `repo` of the registry at `host`."""
 
@@ -68,6 +92,7 @@ class OciBackend:
         self._base = f"{scheme}://{self.host}/v2/{self.repo}"
         self._session = make_session(settings)
         self._timeout = (settings.connect_timeout_s, settings.timeout_s)
+        self._deadline = settings.record_deadline_s
         self._basic = (user, password or "") if user else self._docker_credentials()
         self._token: str | None = None
 
@@ -110,6 +135,8 @@ class OciBackend:
         if token_resp.status_code != 200:
             return False
         body = token_resp.json()
+        if not isinstance(body, dict):
+            return False
         token = body.get("token") or body.get("access_token")
         if not token or token == self._token:
             return False
@@ -156,7 +183,7 @@ class OciBackend:
                                 "in the registry")
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
-            download(resp, dest, limit=size)
+            download(resp, dest, size, self.url)
 
     def put_object(self, ref: ObjectRef, path: Path) -> None:
         """Upload the blob unless the registry has it: POST an upload, PUT the bytes."""
@@ -186,25 +213,20 @@ class OciBackend:
         """GET the manifest tagged `name`, then its config blob (the record)."""
         what = f"read record {name[:12]}…"
         with translating(self.url, what):
-            resp = self._request("GET", f"{self._base}/manifests/{name}",
-                                 headers={"Accept": MANIFEST_TYPE})
-            if resp.status_code == 404:
-                return None
-            if resp.status_code != 200:
-                raise status_error(self.url, what, resp)
-            try:
-                config = resp.json()["config"]
-                digest, size = str(config["digest"]), int(config["size"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BadObject(f"remote cache {self.url}: tag {name[:12]}… is not an rfs "
-                                "record") from exc
-            if config.get("mediaType") != RECORD_TYPE or size > MAX_RECORD_BYTES:
-                raise BadObject(f"remote cache {self.url}: tag {name[:12]}… is not an rfs "
-                                "record")
-            resp = self._request("GET", self._blob_url(digest))
-            if resp.status_code != 200:
-                raise status_error(self.url, what, resp)
-            data = resp.content
+            with self._request("GET", f"{self._base}/manifests/{name}", stream=True,
+                               headers={"Accept": MANIFEST_TYPE}) as resp:
+                if resp.status_code == 404:
+                    return None
+                if resp.status_code != 200:
+                    raise status_error(self.url, what, resp)
+                body = read_bounded(resp, MAX_MANIFEST_BYTES, self._deadline, self.url,
+                                    f"the manifest of record {name[:12]}…")
+            digest, size = _record_blob(body, f"tag {name[:12]}…")
+            with self._request("GET", self._blob_url(digest), stream=True) as resp:
+                if resp.status_code != 200:
+                    raise status_error(self.url, what, resp)
+                data = read_bounded(resp, size, self._deadline, self.url,
+                                    f"record {name[:12]}…")
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise BadObject(f"remote cache {self.url}: record {name[:12]}… does not match "
                             "its digest")

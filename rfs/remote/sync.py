@@ -5,51 +5,36 @@
    record and a miss at command 3 stops at the deepest layer some cache holds.
 2. `materialize` downloads exactly the steps the plan marked cached but the local cache lacks:
    the image file, an export tarball, or one layer (`docker load`ed into the engine). Every
-   object is checked against its size, sha256 and blake3 before use; a bad or missing one is a
-   miss with a warning, and the build is planned again without it.
+   record is decoded and checked (rfs.remote.record), every object verified before use
+   (rfs.remote.fetch); a bad one is a miss, and the build is planned again without it.
 3. `upload` sends what this build made (and what the target has not seen) after the steps:
-   objects first, the record last, so a record never names an object that is not there.
-   Only recorded steps are uploaded, and a step is recorded only once it succeeded.
+   objects first, the record last (rfs.remote.push), so a record never names an object that is
+   not there. Only recorded steps are uploaded, and a step is recorded only once it succeeded.
 
 A server that cannot be reached, times out or answers with errors is a warning and is not used
-again in this build; with `strict` it is an error (exit 3).
+again in this build; with `strict` it is an error (exit 3). Records and objects that are
+malformed, wrong or not signed by a trusted key are misses, summed up in one warning per server
+once the plan is final: a hostile server costs misses, never a wrong image.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from rfs.errors import EnvironmentProblem, RemoteCacheError
-from rfs.executors import output_identity
-from rfs.hashing import digest_file
+from rfs.errors import RemoteCacheError
 from rfs.planner import Action, Availability, Decision, plan_steps
 from rfs.remote import open_backend
 from rfs.remote.base import Backend, record_names, scoped_name
-from rfs.remote.codec import (
-    CHUNK,
-    BadObject,
-    ObjectRef,
-    RawDigest,
-    copy_stream,
-    decode_sparse,
-    encode_sparse,
-    from_jsonable,
-    join_tarball,
-    jsonable,
-    open_unpacked,
-    packing,
-    split_tarball,
-    unpack,
-    verify_object,
-)
+from rfs.remote.codec import BadObject
 from rfs.remote.config import RemoteSettings
+from rfs.remote.fetch import install
+from rfs.remote.push import Pusher
+from rfs.remote.record import Record, Untrusted, Wanted, decode_record
 from rfs.steps import Step, StepKind
 
 if TYPE_CHECKING:
@@ -58,8 +43,7 @@ if TYPE_CHECKING:
     from rfs.reporter import Reporter
     from rfs.store import Store
 
-FORMAT = "rfs-remote-1"
-_MEMO = "remote-objects"  # raw blake3 of a tarball member -> its object, to skip recompressing
+_SHOWN = 3  # reasons named in a server's warning; the rest are counted
 
 
 def _size(n: int) -> str:
@@ -86,14 +70,17 @@ class RemoteCache:
             index = settings.read_urls().index(settings.target)
             self.writer = self.readers[index]
         self.down: set[str] = set()  # servers that failed: not asked again in this build
-        self.found: dict[str, tuple[Backend, dict[str, Any]]] = {}
+        self.found: dict[str, tuple[Backend, Record]] = {}
         self.bad: set[str] = set()  # step keys whose remote copy failed to download
         self._looked: set[str] = set()
         self.fetched: list[str] = []  # step ids downloaded, in order
         self.sent_bytes = 0
+        # server URL -> (why one of its copies was a miss, whether for its signature)
+        self.ignored: dict[str, list[tuple[str, bool]]] = {}
 
     def close(self) -> None:
-        """Close every backend's connections."""
+        """Report what was ignored (if not yet), and close every backend's connections."""
+        self.report_ignored()
         for backend in self.readers:
             backend.close()
 
@@ -112,6 +99,26 @@ class RemoteCache:
             self.down.add(backend.url)
             self._warn(f"{exc.message}; continuing without this cache")
 
+    def _ignore(self, backend: Backend, exc: BadObject, step: Step, fetching: bool) -> None:
+        """A record or object of `backend` is a miss: remember why, for one warning later."""
+        text = exc.message.removeprefix(f"remote cache {backend.url}: ")
+        if fetching:
+            text += f" ({step.id} will be rebuilt)"
+        self.ignored.setdefault(backend.url, []).append((text, isinstance(exc, Untrusted)))
+
+    def report_ignored(self) -> None:
+        """One warning per server whose records or objects were misses, then forget them."""
+        for url, reasons in self.ignored.items():
+            untrusted = sum(1 for _, unsigned in reasons if unsigned)
+            shown = list(dict.fromkeys(text for text, _ in reasons))
+            more = f" (and {len(shown) - _SHOWN} more)" if len(shown) > _SHOWN else ""
+            count = f"{len(reasons)} record(s) or object(s)"
+            if untrusted:
+                count += f", {untrusted} of them not signed by a trusted key"
+            self._warn(f"remote cache {url}: ignored {count}, built locally instead: "
+                       f"{'; '.join(shown[:_SHOWN])}{more}")
+        self.ignored.clear()
+
     # -- planning --------------------------------------------------------------------------
 
     def availability(self, local: Availability) -> Availability:
@@ -125,43 +132,33 @@ class RemoteCache:
 
         return available
 
-    def lookup(self, step: Step) -> tuple[Backend, dict[str, Any]] | None:
-        """The first remote record of `step` (scope first, then the default scope), if any."""
+    def lookup(self, step: Step) -> tuple[Backend, Record] | None:
+        """The first usable remote record of `step` (scope first, then the default scope)."""
         if step.key in self._looked:
             return self.found.get(step.key)
         self._looked.add(step.key)
+        scope = self.settings.scope
         for backend in self.readers:
             if backend.url in self.down:
                 continue
-            for name in record_names(step.key, self.settings.scope):
+            for name in record_names(step.key, scope):
+                # The default scope's record was written without a scope.
+                in_scope = scope if scope and name != step.key else ""
+                wanted = Wanted(name, in_scope, step.key, step.kind.value, step.id)
                 try:
                     data = backend.get_record(name)
                     if data is None:
                         continue
-                    doc = self._parse(data, step, backend)
+                    record = decode_record(data, wanted, self.settings.trusted)
                 except BadObject as exc:
-                    self._warn(f"{exc.message}; ignoring it")
+                    self._ignore(backend, exc, step, fetching=False)
                     continue
                 except RemoteCacheError as exc:
                     self._server_failed(backend, exc)
                     break
-                self.found[step.key] = (backend, doc)
-                return backend, doc
+                self.found[step.key] = (backend, record)
+                return backend, record
         return None
-
-    def _parse(self, data: bytes, step: Step, backend: Backend) -> dict[str, Any]:
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            raise BadObject(f"remote cache {backend.url}: the record of {step.id} is not "
-                            "JSON") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise BadObject(f"remote cache {backend.url}: the record of {step.id} has an "
-                            "unknown format")
-        if doc.get("key") != step.key or doc.get("kind") != step.kind.value:
-            raise BadObject(f"remote cache {backend.url}: the record of {step.id} is for "
-                            "another step")
-        return doc
 
     # -- downloading -----------------------------------------------------------------------
 
@@ -172,6 +169,12 @@ class RemoteCache:
         falls back to the export, a bad export to the layer, and so on. Bounded: each round
         either succeeds or removes at least one remote copy.
         """
+        try:
+            return self._materialize(planned)
+        finally:
+            self.report_ignored()
+
+    def _materialize(self, planned: Planned) -> list[Decision]:
         decisions = planned.decisions
         for _ in range(len(planned.steps) + 1):
             todo = [d.step for d in decisions
@@ -179,15 +182,15 @@ class RemoteCache:
                     and self.ex.missing(d.step) is not None]
             failed = False
             for step in todo:
-                backend, doc = self.found[step.key]
+                backend, record = self.found[step.key]
                 if backend.url in self.down:
                     failed = True
                     self.bad.add(step.key)
                     continue
                 try:
-                    self._fetch_locked(step, backend, doc)
+                    self._fetch_locked(step, backend, record)
                 except BadObject as exc:
-                    self._warn(f"{exc.message}; {step.id} will be rebuilt")
+                    self._ignore(backend, exc, step, fetching=True)
                     self.bad.add(step.key)
                     failed = True
                 except RemoteCacheError as exc:
@@ -200,7 +203,7 @@ class RemoteCache:
                                    planned.previous, planned.forced)
         return decisions
 
-    def _fetch_locked(self, step: Step, backend: Backend, doc: dict[str, Any]) -> None:
+    def _fetch_locked(self, step: Step, backend: Backend, record: Record) -> None:
         def waiting() -> None:
             self.reporter.message(f"  waiting  {step.id:<10} another rfs process is "
                                   "fetching or building it")
@@ -209,111 +212,22 @@ class RemoteCache:
             if self.ex.missing(step) is None:
                 return  # another process fetched or built it meanwhile
             t0 = time.monotonic()
-            nbytes = self._fetch(step, backend, doc)
-            self.fetched.append(step.id)
-            self.reporter.message(f"  fetched  {step.id:<10} from {backend.url} "
-                                  f"({_size(nbytes)} in {time.monotonic() - t0:.2f} s)")
-
-    @contextlib.contextmanager
-    def _scratch(self) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="remote-", dir=self.store.root / "tmp") as tmp:
-            yield Path(tmp)
-
-    def _download(self, backend: Backend, ref: ObjectRef, tmp: Path) -> Path:
-        path = tmp / ref.sha256
-        if not path.exists():
-            backend.get_object(ref, path)
-            verify_object(path, ref)
-        return path
-
-    def _fetch(self, step: Step, backend: Backend, doc: dict[str, Any]) -> int:
-        """Download and install one step; return the bytes downloaded."""
-        try:
-            rec = from_jsonable(doc.get("record", {}))
             base: dict[str, Any] = {"kind": step.kind.value, "step": step.id,
                                     "inputs": dict(step.inputs), "fetched_from": backend.url}
             if self.writer is not None and backend.url == self.writer.url:
                 base["pushed"] = [backend.url]  # it is there already: no need to send it back
             with self._scratch() as tmp:
-                if step.kind is StepKind.RUN:
-                    return self._fetch_layer(step, backend, doc, rec, base, tmp)
-                if step.kind is StepKind.EXPORT:
-                    return self._fetch_export(step, backend, doc, rec, base, tmp)
-                if step.kind is StepKind.ASSEMBLE:
-                    return self._fetch_image(step, backend, doc, base, tmp)
-                self.store.put_record(step.key, {**base, "overlays": int(rec["overlays"])})
-                return 0
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadObject(f"remote cache {backend.url}: the record of {step.id} is "
-                            f"malformed ({type(exc).__name__}: {exc})") from exc
+                nbytes = install(self.store, self.ex, step, backend, record, base, tmp)
+            self.fetched.append(step.id)
+            signed = f", signed by {record.signer}" if record.signer else ""
+            self.reporter.message(f"  fetched  {step.id:<10} from {backend.url} "
+                                  f"({_size(nbytes)} in {time.monotonic() - t0:.2f} s{signed})")
 
-    def _fetch_layer(self, step: Step, backend: Backend, doc: dict[str, Any],
-                     rec: dict[str, Any], base: dict[str, Any], tmp: Path) -> int:
-        members = doc["layer"]["members"]
-        paths: dict[str, Path] = {}
-        total = 0
-        for entry in members:
-            if "object" in entry:
-                ref = ObjectRef.from_json(entry["object"])
-                if ref.sha256 not in paths:
-                    paths[ref.sha256] = self._download(backend, ref, tmp)
-                    total += ref.size
-        tarball = tmp / "image.tar"
-        with tarball.open("wb") as f:
-            join_tarball(members, paths, f)
-        for path in paths.values():  # free the space before the engine copies the layers
-            path.unlink()
-        engine = self.ex.engine
-        with tarball.open("rb") as f:
-            engine.load_image(f)
-        image_id = str(rec["image_id"])
-        # The engine checks every layer against the image config, whose digest is the ID: an
-        # image with this ID is the image that was uploaded.
-        if engine.image_id(image_id) != image_id:
-            raise BadObject(f"the layer of {step.id} did not load as image {image_id[:19]}")
-        engine.tag(image_id, self.ex.layer_tag(step.key))
-        self.store.put_record(step.key, {**base, "image_id": image_id,
-                                         "tag": self.ex.layer_tag(step.key),
-                                         "etc_written": dict(rec.get("etc_written", {}))})
-        return total
-
-    def _fetch_export(self, step: Step, backend: Backend, doc: dict[str, Any],
-                      rec: dict[str, Any], base: dict[str, Any], tmp: Path) -> int:
-        ref = ObjectRef.from_json(doc["export"]["object"])
-        path = self._download(backend, ref, tmp)
-        size, digest = int(rec["blob_size"]), str(rec["blob_digest"])
-        with self.store.write_blob(step.key) as writer:
-            unpack(path, writer)
-            if writer.size != size or writer.digest != digest:
-                raise BadObject(f"the export of {step.id} does not match its blake3 hash "
-                                "after decompression")
-        self.store.put_record(step.key, {**base, "blob_size": size, "blob_digest": digest,
-                                         "etc_written": dict(rec.get("etc_written", {}))})
-        return ref.size
-
-    def _fetch_image(self, step: Step, backend: Backend, doc: dict[str, Any],
-                     base: dict[str, Any], tmp: Path) -> int:
-        image = doc["image"]
-        ref = ObjectRef.from_json(image["object"])
-        path = self._download(backend, ref, tmp)
-        out = self.ex.output
-        part = out.parent / f".{out.name}.rfs-fetch-{os.getpid()}"
-        try:
-            with open_unpacked(path) as reader:
-                decode_sparse(reader, part)
-            if part.stat().st_size != int(image["size"]) or digest_file(part) != image["blake3"]:
-                raise BadObject(f"the image of {step.id} does not match its blake3 hash")
-            os.replace(part, out)
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot write {out}: {exc.strerror or exc}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
-        old = self.store.record(step.key) or {}
-        outputs = dict(old.get("outputs", {}))
-        outputs[str(out.resolve())] = output_identity(out)
-        self.store.put_record(step.key, {**base, "outputs": outputs})
-        return ref.size
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        # Inside the cache directory: downloads never land anywhere else.
+        with tempfile.TemporaryDirectory(prefix="remote-", dir=self.store.root / "tmp") as tmp:
+            yield Path(tmp)
 
     # -- uploading -------------------------------------------------------------------------
 
@@ -322,10 +236,10 @@ class RemoteCache:
         writer = self.writer
         if writer is None or writer.url in self.down:
             return
+        pusher = Pusher(writer, self.store, self.ex, self.settings.sign_key)
         actions = {d.step.key: d.action for d in planned.decisions}
         t0 = time.monotonic()
-        pushed = 0
-        sent_before = self.sent_bytes
+        pushed = sent = 0
         for step in planned.steps:
             record = self.store.record(step.key)
             if step.kind is StepKind.BASE or record is None:
@@ -335,9 +249,12 @@ class RemoteCache:
             if step.key not in ran and actions.get(step.key) is not Action.CACHED:
                 continue
             try:
-                name = scoped_name(step.key, self.settings.scope)
-                if step.key in ran or writer.get_record(name) is None:
-                    self._push(writer, step, record, name)
+                scope = self.settings.scope or ""
+                wanted = Wanted(scoped_name(step.key, scope), scope, step.key,
+                                step.kind.value, step.id)
+                if step.key in ran or not self._target_has(writer, wanted):
+                    with self._scratch() as tmp:
+                        pusher.push(step, record, wanted, tmp)
                     pushed += 1
                 self._mark_pushed(step.key, writer.url)
             except BadObject as exc:
@@ -345,11 +262,27 @@ class RemoteCache:
             except RemoteCacheError as exc:
                 self._server_failed(writer, exc)
                 return
+            finally:
+                sent += pusher.sent_bytes
+                pusher.sent_bytes = 0
+        self.sent_bytes += sent
         if pushed:
             self.reporter.message(
                 f"  pushed   {pushed} step(s) to {writer.url} "
-                f"({_size(self.sent_bytes - sent_before)} sent in "
-                f"{time.monotonic() - t0:.2f} s)")
+                f"({_size(sent)} sent in {time.monotonic() - t0:.2f} s)")
+
+    def _target_has(self, writer: Backend, wanted: Wanted) -> bool:
+        """Whether the target holds a record of the step that readers will use: one that
+        decodes, and is signed by this writer's key when it signs (a record signed by a key
+        since rotated away is written again)."""
+        data = writer.get_record(wanted.name)
+        if data is None:
+            return False
+        try:
+            decode_record(data, wanted, self.settings.trusted)
+        except BadObject:
+            return False
+        return True
 
     def _mark_pushed(self, key: str, url: str) -> None:
         record = self.store.record(key)
@@ -357,79 +290,3 @@ class RemoteCache:
             record["pushed"] = sorted({*record.get("pushed", []), url})
             self.store.put_record(key, record)
 
-    def _put(self, writer: Backend, path: Path, ref: ObjectRef) -> None:
-        if not writer.has_object(ref):
-            writer.put_object(ref, path)
-            self.sent_bytes += ref.size
-
-    def _push(self, writer: Backend, step: Step, record: dict[str, Any], name: str) -> None:
-        doc: dict[str, Any] = {"format": FORMAT, "key": step.key, "kind": step.kind.value,
-                               "step": step.id}
-        objects: list[ObjectRef] = []
-        with self._scratch() as tmp:
-            if step.kind is StepKind.RUN:
-                tarball = tmp / "image.tar"
-                with tarball.open("wb") as f:
-                    self.ex.engine.save_image(self.ex.layer_tag(step.key), f)
-                doc["layer"] = {"members": split_tarball(
-                    tarball, lambda data, size: self._put_member(writer, data, tmp, objects))}
-                keep = {"image_id": record["image_id"],
-                        "etc_written": record.get("etc_written", {})}
-            elif step.kind is StepKind.EXPORT:
-                blob = self.store.blob(step.key)
-                if blob is None or not self.store.verify_blob(blob):
-                    raise BadObject("its export tarball is missing or corrupt in the cache")
-                with packing(tmp) as (sink, finish), blob.path.open("rb") as f:
-                    copy_stream(f, sink)
-                    path, ref = finish()
-                    self._put(writer, path, ref)
-                objects.append(ref)
-                doc["export"] = {"object": ref.to_json()}
-                keep = {k: record[k] for k in ("blob_size", "blob_digest")}
-                keep["etc_written"] = record.get("etc_written", {})
-            elif step.kind is StepKind.ASSEMBLE:
-                out = self.ex.output
-                recorded = record.get("outputs", {}).get(str(out.resolve()))
-                if recorded is None or recorded != output_identity(out):
-                    raise BadObject(f"{out} changed since it was built")
-                with packing(tmp) as (sink, finish):
-                    encode_sparse(out, sink)
-                    path, ref = finish()
-                    self._put(writer, path, ref)
-                objects.append(ref)
-                doc["image"] = {"object": ref.to_json(), "size": out.stat().st_size,
-                                "blake3": digest_file(out)}
-                keep = {}
-            else:
-                keep = {"overlays": record.get("overlays", 0)}
-            doc["record"] = jsonable(keep)
-            writer.put_record(name, json.dumps(doc, sort_keys=True).encode(), objects)
-
-    def _put_member(self, writer: Backend, data: IO[bytes], tmp: Path,
-                    objects: list[ObjectRef]) -> ObjectRef:
-        """Upload one tarball member as an object; members seen before are not recompressed."""
-        raw = RawDigest(_Null())
-        start = data.tell()
-        copy_stream(data, raw)
-        memo = self.store.meta(_MEMO)
-        known = memo.get(raw.hash.hexdigest())
-        if known is not None:
-            ref = ObjectRef.from_json(known)
-            if writer.has_object(ref):
-                objects.append(ref)
-                return ref
-        data.seek(start)
-        with packing(tmp) as (sink, finish):
-            for chunk in iter(lambda: data.read(CHUNK), b""):
-                sink.write(chunk)
-            path, ref = finish()
-            self._put(writer, path, ref)
-        memo[raw.hash.hexdigest()] = ref.to_json()
-        self.store.set_meta(_MEMO, memo)
-        objects.append(ref)
-        return ref
-
-
-class _Null:
-    def write(self, data: bytes) -> int:
-        return len(data)

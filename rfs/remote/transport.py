@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ def _reason(exc: BaseException) -> str:
         seen.add(id(cur))
         if isinstance(cur, requests.exceptions.Timeout | TimeoutError):
             return "timed out"
+        if isinstance(cur, http.client.IncompleteRead):
+            return "the answer ended early (the server closed the connection)"
         if isinstance(cur, ConnectionRefusedError) or (
                 isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED):
             return "connection refused"
@@ -76,19 +80,52 @@ def translating(base_url: str, what: str) -> Iterator[None]:
 
 def status_error(base_url: str, what: str, resp: requests.Response) -> RemoteCacheError:
     """A RemoteCacheError for an unexpected HTTP status."""
-    body = resp.text[:200].strip() if resp.content is not None else ""
+    # At most 1 KiB of the body: an error answer can be as long as a server likes.
+    try:
+        head = next(resp.iter_content(1024), b"")
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError):
+        head = b""
+    body = head.decode("utf-8", "replace")[:200].strip()
     detail = f": {body}" if body and "<html" not in body.lower() else ""
     return RemoteCacheError(
         f"remote cache {base_url}: cannot {what}: HTTP {resp.status_code} {resp.reason}{detail}")
 
 
-def download(resp: requests.Response, dest: Path, limit: int | None = None) -> int:
-    """Stream a response body into `dest`; return the byte count (at most `limit`)."""
+def download(resp: requests.Response, dest: Path, limit: int, base_url: str) -> int:
+    """Stream a response body into `dest`; return the byte count. More than `limit` bytes is
+    BadObject: a server cannot make rfs write more than the record promised."""
+    from rfs.remote.codec import BadObject
+
     total = 0
     with dest.open("wb") as f:
         for chunk in resp.iter_content(CHUNK):
             total += len(chunk)
-            if limit is not None and total > limit:
-                break  # more than promised: the caller's size check turns this into a miss
+            if total > limit:
+                raise BadObject(f"remote cache {base_url}: an object is larger than its "
+                                f"record says ({limit} bytes)")
             f.write(chunk)
     return total
+
+
+def read_bounded(resp: requests.Response, limit: int, deadline_s: float, base_url: str,
+                 what: str) -> bytes:
+    """The body of a streamed response, at most `limit` bytes and within `deadline_s` seconds
+    in all (the read time-out bounds only the wait between bytes: a server trickling one byte
+    at a time must not hold a build). BadObject if larger; RemoteCacheError if too slow."""
+    from rfs.remote.codec import BadObject
+
+    declared = resp.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadObject(f"remote cache {base_url}: {what} is too large "
+                        f"({declared} bytes; at most {limit})")
+    buf = bytearray()
+    end = time.monotonic() + deadline_s
+    for chunk in resp.iter_content(64 * 1024):
+        buf += chunk
+        if len(buf) > limit:
+            raise BadObject(f"remote cache {base_url}: {what} is too large "
+                            f"(more than {limit} bytes)")
+        if time.monotonic() > end:
+            raise RemoteCacheError(f"remote cache {base_url}: {what} took more than "
+                                   f"{deadline_s:.0f} s")
+    return bytes(buf)

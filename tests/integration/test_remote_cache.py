@@ -165,10 +165,24 @@ def edit_last_command(package: Path) -> None:
                                              '"touch /srv/data/THREE"'))
 
 
+@pytest.fixture(params=["unsigned", "signed"])
+def signing(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """(A's extra flags, B's environment): none, or A signs and B trusts only A's key."""
+    if request.param == "unsigned":
+        return [], {}
+    key = tmp_path / "ci.key"
+    public = subprocess.run([sys.executable, "-m", "rfs", "cache", "keygen", str(key)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return ["--cache-sign-key", str(key)], {"RFS_CACHE_TRUST": public}
+
+
 def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_path: Path,
-                                                 server: Server, docker_client: Any) -> None:
+                                                 server: Server, docker_client: Any,
+                                                 signing: tuple[list[str], dict[str, str]],
+                                                 ) -> None:
+    sign, trust = signing
     out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
-    a = rfs("build", package, "-o", out_a, "--cache-to", server.url, runner="a")
+    a = rfs("build", package, "-o", out_a, "--cache-to", server.url, *sign, runner="a")
     assert a.code == 0, a.err
     assert a.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
     assert "pushed   6 step(s)" in a.err
@@ -176,22 +190,24 @@ def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_pa
     # Runner B: empty cache directory, A's layer images gone from the engine. Its plan looks
     # in the remote cache as the build will, without downloading anything.
     remove_layers(docker_client, tmp_path / "cache-a")
-    plan = rfs("plan", package, "-o", out_b, "--cache-from", server.url, runner="b")
+    plan = rfs("plan", package, "-o", out_b, "--cache-from", server.url, runner="b", env=trust)
     assert plan.code == 0, plan.err
     assert re.search(r"^cached  assemble .*\n +from: " + re.escape(server.url) + "$", plan.out,
                      re.M), plan.out
     assert plan.out.endswith("0 step(s) to run, 1 to download from a remote cache\n"), plan.out
     assert not out_b.exists()
-    b = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b")
+    b = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b", env=trust)
     assert b.code == 0, b.err
     assert (b.ran(), b.created, b.fetched()) == ([], 0, ["assemble"])  # only the image
+    assert ("signed by ci" in b.err) == bool(trust), b.err
     assert out_b.read_bytes() == out_a.read_bytes()
     assert b.warnings() == []
 
     # B with the last command changed: it alone runs, on a layer downloaded from the cache.
     edit_last_command(package)
-    c = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b")
+    c = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b", env=trust)
     assert c.code == 0, c.err
+    assert c.warnings() == []
     assert c.fetched() == ["run[1]", "overlays"]
     assert c.ran() == ["run[2]", "export", "assemble"]
     assert c.created == 2  # the changed command and the export
@@ -201,10 +217,10 @@ def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_pa
 
 
 def _records(server: Server) -> dict[str, dict[str, Any]]:
-    """nginx's stored records by step id."""
+    """nginx's stored records (their JSON bodies) by step id."""
     found = {}
     for path in (server.data / "ac").iterdir():
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(path.read_bytes().partition(b"\n\n")[2])
         found[doc["step"]] = doc
     return found
 

@@ -4,7 +4,9 @@ real (silent or refusing) socket on loopback."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import socket
 import tarfile
 import threading
@@ -23,14 +25,14 @@ from rfs.remote.codec import (
     data_extents,
     decode_sparse,
     encode_sparse,
-    join_tarball,
     open_unpacked,
     packing,
-    split_tarball,
     unpack,
     verify_object,
 )
 from rfs.remote.config import RemoteSettings, remote_settings
+from rfs.remote.layers import describe_layer, write_load_tarball
+from rfs.remote.record import Wanted, decode_record, encode_record
 
 KEY = "ab" * 32
 
@@ -50,7 +52,7 @@ def test_objects_round_trip_and_corruption_is_caught(tmp_path: Path) -> None:
     assert ref.size == path.stat().st_size < len(data)
     verify_object(path, ref)
     out = io.BytesIO()
-    unpack(path, out)
+    unpack(path, out, limit=len(data))
     assert out.getvalue() == data
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 1
@@ -78,49 +80,58 @@ def test_sparse_images_travel_without_their_holes(tmp_path: Path) -> None:
         assert ref.size < 64 * 1024
         copy = tmp_path / "copy"
         with open_unpacked(path) as reader:
-            decode_sparse(reader, copy)
+            decode_sparse(reader, copy, image.stat().st_size)
     assert copy.read_bytes() == image.read_bytes()
     assert copy.stat().st_blocks * 512 < 4 << 20  # still sparse
 
 
-def _tarball(path: Path, members: dict[str, bytes]) -> None:
+def _saved_image(path: Path, layers: list[bytes], tags: list[str]) -> str:
+    """A `docker save`-like tarball of an image with `layers`; return its image ID."""
+    diff_ids = [f"sha256:{hashlib.sha256(data).hexdigest()}" for data in layers]
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    image_id = f"sha256:{hashlib.sha256(config).hexdigest()}"
+    names = [f"l{i}/layer.tar" for i in range(len(layers))]
+    manifest = [{"Config": f"{image_id[7:]}.json", "RepoTags": tags, "Layers": names}]
     with tarfile.open(path, "w") as tar:
-        d = tarfile.TarInfo("layer")
-        d.type = tarfile.DIRTYPE
-        tar.addfile(d)
-        for name, data in members.items():
+        files = {f"{image_id[7:]}.json": config, "manifest.json": json.dumps(manifest).encode(),
+                 "repositories": b"{}", **dict(zip(names, layers, strict=True))}
+        for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("layer/again.tar")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "layer.tar"
-        tar.addfile(link)
+    return image_id
 
 
-def test_image_tarballs_split_into_shared_members(tmp_path: Path) -> None:
-    big = bytes(range(256)) * 1000  # large: an object; the json stays inline
+def test_layers_travel_as_config_and_checked_layers_never_as_tags(tmp_path: Path) -> None:
+    big = bytes(range(256)) * 1000  # large: an object; the small layer stays inline
     src = tmp_path / "image.tar"
-    _tarball(src, {"layer/layer.tar": big, "manifest.json": b"[]"})
-    stored: dict[str, Path] = {}
+    image_id = _saved_image(src, [big, b"small layer"], ["rfs-test/busybox:1"])
+    stored: dict[ObjectRef, Path] = {}
 
     def put(data: IO[bytes], size: int) -> ObjectRef:
         path, ref = pack_bytes(tmp_path, data.read(), f"o{len(stored)}")
-        stored[ref.sha256] = path
+        stored[ref] = path
         return ref
 
-    members = split_tarball(src, put)
-    assert [m["type"] for m in members] == ["dir", "file", "file", "symlink"]
-    assert "object" in members[1] and "data" in members[2]
-    again = split_tarball(src, put)
-    assert again[1]["object"] == members[1]["object"]  # same content, same object
+    part = describe_layer(src, image_id, put)
+    assert "object" in part["layers"][0] and "data" in part["layers"][1]
+    wanted = Wanted(KEY, "", KEY, "run", "run[0]")
+    data = encode_record({"layer": part, "fields": {"image_id": image_id, "etc_written": {}}},
+                         wanted, None)
+    record = decode_record(data, wanted)
     out = io.BytesIO()
-    join_tarball(members, stored, out)
+    write_load_tarball(record, stored, out)
     out.seek(0)
     with tarfile.open(fileobj=out) as tar:
-        extracted = tar.extractfile("layer/layer.tar")
-        assert extracted is not None and extracted.read() == big
-        assert tar.getmember("layer/again.tar").linkname == "layer.tar"
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        assert manifest[0]["RepoTags"] == []  # loading it tags nothing
+        assert sorted(tar.getnames()) == sorted(
+            [f"{image_id[7:]}.json", "manifest.json",
+             *{f"{hashlib.sha256(d).hexdigest()}.tar" for d in (big, b"small layer")}])
+    # A layer object that decompresses to other bytes (same size) is refused.
+    bad, _ = pack_bytes(tmp_path, big[::-1], "bad")
+    with pytest.raises(BadObject, match="does not match its digest"):
+        write_load_tarball(record, {next(iter(stored)): bad}, io.BytesIO())
 
 
 def test_scopes_read_their_own_then_the_default() -> None:
