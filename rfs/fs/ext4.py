@@ -78,21 +78,22 @@ def mkfs_version() -> str:
     return f"{_mke2fs_version()}; {_debugfs_version()}"
 
 
-def _debugfs_version() -> str:
-    result = proc.run([proc.tool_path("debugfs"), "-V"], what="debugfs -V")
+def _version_of(tool: str) -> re.Match[str]:
+    """`TOOL -V`'s "TOOL X.Y[.Z]", with the numbers as groups (e2fsprogs tools print it so)."""
+    result = proc.run([proc.tool_path(tool), "-V"], what=f"{tool} -V")
     text = (result.stderr + result.stdout).decode("utf-8", "replace")
-    match = re.search(r"debugfs (\d+\.\d+(?:\.\d+)?)", text)
+    match = re.search(rf"{tool} (\d+)\.(\d+)(?:\.(\d+))?", text)
     if match is None:
-        raise EnvironmentProblem(f"cannot tell the debugfs version from {text.strip()!r}")
-    return match.group(0)
+        raise EnvironmentProblem(f"cannot tell the {tool} version from {text.strip()!r}")
+    return match
+
+
+def _debugfs_version() -> str:
+    return _version_of("debugfs").group(0)
 
 
 def _mke2fs_version() -> str:
-    result = proc.run([proc.tool_path("mke2fs"), "-V"], what="mke2fs -V")
-    text = (result.stderr + result.stdout).decode("utf-8", "replace")
-    match = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
-    if match is None:
-        raise EnvironmentProblem(f"cannot tell the mke2fs version from {text.strip()!r}")
+    match = _version_of("mke2fs")
     version = tuple(int(part or 0) for part in match.groups())
     if version < _MIN_VERSION:
         raise EnvironmentProblem(

@@ -303,3 +303,24 @@ def test_the_snapshot_shows_no_timestamps_of_the_checkout(tmp_path: Path) -> Non
         assert times == {1_700_000_000}
     finally:
         snap.close()
+
+
+def test_a_tool_upgrade_is_noticed_by_a_long_running_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rfs build --watch` outlives a tool upgrade: the tools' files change, and the version
+    is asked again although the driver remembers it for the process."""
+    from rfs.fs import ext4, tools
+    from rfs.model import FsType
+
+    memo: dict[str, object] = {}
+    monkeypatch.setattr(tools, "_identity", lambda names: [["/usr/sbin/mke2fs", 1, 1, 1]])
+    monkeypatch.setattr(ext4, "_mke2fs_version", lambda: "mke2fs 1.47.2")
+    monkeypatch.setattr(ext4, "_debugfs_version", lambda: "debugfs 1.47.2")
+    ext4.mkfs_version.cache_clear()
+    assert tools.remembered_tool_version(FsType.EXT4, memo) == "mke2fs 1.47.2; debugfs 1.47.2"
+    monkeypatch.setattr(ext4, "_debugfs_version", lambda: "debugfs 1.47.3")
+    # unchanged files: the remembered version, no process started
+    assert tools.remembered_tool_version(FsType.EXT4, memo) == "mke2fs 1.47.2; debugfs 1.47.2"
+    monkeypatch.setattr(tools, "_identity", lambda names: [["/usr/sbin/mke2fs", 2, 2, 2]])
+    assert tools.remembered_tool_version(FsType.EXT4, memo) == "mke2fs 1.47.2; debugfs 1.47.3"
+    ext4.mkfs_version.cache_clear()
