@@ -15,6 +15,10 @@ from typing import BinaryIO, Protocol
 #: killed build can be found and removed by label.
 MANAGED_LABEL = "org.rfs.managed"
 
+#: Containers that only try whether the engine starts one (a privileged probe) also carry this
+#: label, with what they probe as its value.
+PROBE_LABEL = "org.rfs.probe"
+
 #: An immutable empty mapping, for defaults that must not be shared mutable dicts.
 EMPTY: Mapping[str, str] = MappingProxyType({})
 

@@ -43,7 +43,7 @@ import docker.utils
 import requests
 import urllib3
 
-from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
+from rfs.engine.base import EMPTY, MANAGED_LABEL, PROBE_LABEL, BinarySink, RunSpec
 from rfs.engine.lite import platform_of
 from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed, StepFailed
 
@@ -530,7 +530,7 @@ class DockerEngine:
         """Start a short-lived container of local `image` running `argv` (no network, nothing
         mounted) and remove it: the runtime's start error, or None when it started."""
         spec = RunSpec(image=image, argv=tuple(argv), privileged=privileged, network=False,
-                       labels=labels)
+                       labels={**labels, PROBE_LABEL: "privileged" if privileged else "plain"})
         what = "privileged probe" if privileged else "probe"
         cid = self._create(spec, what)
         try:

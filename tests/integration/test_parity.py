@@ -29,6 +29,7 @@ from typing import Any
 import docker
 import pytest
 
+from rfs.engine.base import PROBE_LABEL
 from tests.engineproxy import EngineProxy
 from tests.fsinspect import Entry, list_ext4, read_ext4_file
 
@@ -309,15 +310,26 @@ def privileged_builds(rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml:
 REFUSED = re.compile(r"unable to apply caps|operation not permitted", re.I)
 
 
+def privileged_flags(created: list[dict[str, Any]], probes: bool) -> list[bool]:
+    """Privileged per create request: of the steps' containers, or of rfs's probes."""
+    return [c["HostConfig"].get("Privileged", False) for c in created
+            if (PROBE_LABEL in (c.get("Labels") or {})) == probes]
+
+
 def test_privileged_and_rootful_reach_the_engine(privileged_builds: PrivilegedBuilds) -> None:
     b = privileged_builds
-    assert [c["HostConfig"].get("Privileged", False) for c in b.privileged_created] == [
-        False, True]
-    assert [c["HostConfig"].get("Privileged", False) for c in b.rootful_created] == [True]
-    for run, step in ((b.privileged, "run[1]"), (b.rootful, "run[0]")):
-        # Either the host runs privileged containers, or the build fails naming the step.
-        assert run.code == 0 or (run.code == 1 and step in run.err and REFUSED.search(run.err)
-                                 and "Traceback" not in run.err), run.err
+    assert privileged_flags(b.privileged_created, probes=False) == [False, True]
+    assert privileged_flags(b.rootful_created, probes=False) == [True]
+    for run, created, field in ((b.privileged, b.privileged_created, "commands[1].privileged"),
+                                (b.rootful, b.rootful_created, "container.rootful")):
+        # Either the host runs privileged containers, or the build fails with exit 3 naming
+        # the field, after trying the same image privileged and not.
+        if run.code == 0:
+            assert privileged_flags(created, probes=True) == []
+        else:
+            assert run.code == 3 and f"{field}: asks for privileged containers" in run.err
+            assert REFUSED.search(run.err) and "Traceback" not in run.err, run.err
+            assert privileged_flags(created, probes=True) == [True, False]
 
 
 def test_privileged_command_has_every_capability(privileged_builds: PrivilegedBuilds) -> None:
