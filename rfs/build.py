@@ -46,6 +46,7 @@ from rfs.planner import (
     manifest,
     plan_steps,
     stale_steps,
+    staleness,
 )
 from rfs.reporter import Reporter, artifact_size
 from rfs.snapshot import PackageSnapshot
@@ -182,6 +183,9 @@ def prepare(opts: Options, reporter: Reporter,
         from rfs.remote.sync import RemoteCache
 
         remote = RemoteCache(opts.remote, store, executor, reporter)
+        ages = max_ages(script)
+        if ages:
+            remote.stale = staleness(steps, ages, time.time())
         available = remote.availability(executor.missing)
     planned = Planned(loaded, steps, [], facts, executor, store, script_id, previous=previous,
                       remote=remote)

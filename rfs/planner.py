@@ -158,7 +158,9 @@ def plan_steps(steps: Sequence[Step], available: Availability,
             decided[step.id] = Decision(step, Action.CACHED, "cached")
             continue
         why = explain(step, previous, keys, by_id)
-        decided[step.id] = Decision(step, Action.RUN, why or missing)
+        # A cache copy too old for a command's max_age says more than "never built".
+        decided[step.id] = Decision(step, Action.RUN,
+                                    missing if missing.startswith("stale:") else why or missing)
         needed.update(step.parents)
     return [decided[s.id] for s in steps]
 
@@ -182,40 +184,53 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def stale_steps(steps: Sequence[Step], record: Callable[[str], Mapping[str, Any] | None],
-                max_age: Mapping[str, int], now: float) -> dict[str, str]:
-    """The cached steps whose result is, or was made from, a result older than the `max_age`
-    (step id -> seconds) of its step: step id -> why it must be made again.
+def staleness(steps: Sequence[Step], max_age: Mapping[str, int],
+              now: float) -> Callable[[Step, Mapping[str, Any]], str | None]:
+    """A check of one step's record against the `max_age` (step id -> seconds) of its own
+    command and of every command it was made from: None if fresh, else why it is stale.
 
-    A record says when it was made (`created`) and, in `made_at`, when each result it was made
-    from that can go stale was made (parent key -> time); a record without that time for such
-    a result is stale (it predates the bookkeeping). `steps` in dependency order.
+    A record says when it was made (`created`) and, in `made_at`, when each command result it
+    was made from was made (key -> time); a record without that time for such a result is
+    stale (it predates the bookkeeping). `steps` in dependency order. Used on local records
+    (`stale_steps`) and on remote ones before they are downloaded.
     """
     by_id = {s.id: s for s in steps}
     ancestors: dict[str, set[str]] = {}
     for step in steps:
         ancestors[step.id] = set().union(*(ancestors[p] | {p} for p in step.parents))
+
+    def check(step: Step, found: Mapping[str, Any]) -> str | None:
+        limit = max_age.get(step.id)
+        created = found.get("created")
+        if limit is not None:
+            if not isinstance(created, int | float):
+                return "stale: made at an unknown time"
+            if now - created > limit:
+                return f"stale: made {_age(now - created)} ago, max_age is {_age(limit)}"
+        made_at = found.get("made_at")
+        made_at = made_at if isinstance(made_at, Mapping) else {}
+        for ancestor in sorted(a for a in ancestors.get(step.id, ()) if a in max_age):
+            when = made_at.get(by_id[ancestor].key)
+            if not isinstance(when, int | float):
+                return f"stale: made from a result of {ancestor} of unknown age"
+            if now - when > max_age[ancestor]:
+                return (f"stale: made from a result of {ancestor} made "
+                        f"{_age(now - when)} ago, max_age is {_age(max_age[ancestor])}")
+        return None
+
+    return check
+
+
+def stale_steps(steps: Sequence[Step], record: Callable[[str], Mapping[str, Any] | None],
+                max_age: Mapping[str, int], now: float) -> dict[str, str]:
+    """The cached steps whose result is, or was made from, a result older than the `max_age`
+    of its command (see `staleness`): step id -> why it must be made again."""
+    check = staleness(steps, max_age, now)
     stale: dict[str, str] = {}
     for step in steps:
         found = record(step.key)
-        if found is None:
-            continue
-        limit = max_age.get(step.id)
-        age = now - float(found.get("created", 0))
-        if limit is not None and age > limit:
-            stale[step.id] = f"stale: made {_age(age)} ago, max_age is {_age(limit)}"
-            continue
-        made_at = found.get("made_at")
-        made_at = made_at if isinstance(made_at, Mapping) else {}
-        for ancestor in sorted(a for a in ancestors[step.id] if a in max_age):
-            when = made_at.get(by_id[ancestor].key)
-            if not isinstance(when, int | float):
-                stale[step.id] = f"stale: made from a result of {ancestor} of unknown age"
-                break
-            if now - when > max_age[ancestor]:
-                stale[step.id] = (f"stale: made from a result of {ancestor} made "
-                                  f"{_age(now - when)} ago, max_age is {_age(max_age[ancestor])}")
-                break
+        if found is not None and (why := check(step, found)) is not None:
+            stale[step.id] = why
     return stale
 
 

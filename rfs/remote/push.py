@@ -79,6 +79,11 @@ class Pusher:
         if step.kind in (StepKind.RUN, StepKind.EXPORT):
             fields["etc_written"] = {path: b64(bytes(data)) for path, data
                                      in dict(record.get("etc_written", {})).items()}
+        # When it was made, so a reader applies the commands' max_age as the writer would.
+        if isinstance(record.get("created"), int | float):
+            fields["created"] = float(record["created"])
+        if isinstance(record.get("made_at"), dict):
+            fields["made_at"] = {str(k): float(v) for k, v in record["made_at"].items()}
         body["fields"] = fields
         self.writer.put_record(wanted.name, encode_record(body, wanted, self.sign_key),
                                _objects(body))

@@ -196,6 +196,14 @@ def _size(value: Any, where: str) -> int:
     return value
 
 
+def _time(value: Any, where: str) -> float:
+    """A time in seconds since the epoch (a finite, non-negative number)."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not (
+            0 <= value < 1e11):
+        raise BadRecord(f"{where} is malformed (a time is not a number of seconds)")
+    return float(value)
+
+
 def _hex(value: Any, where: str) -> str:
     if not isinstance(value, str) or not HEX64.fullmatch(value):
         raise BadRecord(f"{where} is malformed (a hash is not 64 hex digits)")
@@ -218,8 +226,21 @@ def _ref(value: Any, where: str) -> ObjectRef:
         raise BadRecord(f"{where}: {exc.message}") from exc
 
 
+# When a record's result, and each command result it was made from, were made (rfs.planner
+# `staleness`): optional, so records of writers that do not send them still decode.
+_TIMES = {"created", "made_at"}
+
+
 def _fields(value: Any, kind: str, where: str) -> dict[str, Any]:
+    times = {k: value.pop(k) for k in _TIMES & set(value)} if isinstance(value, dict) else {}
     fields = dict(_dict(value, _FIELDS[kind], where))
+    if "created" in times:
+        fields["created"] = _time(times["created"], where)
+    if "made_at" in times:
+        made_at = times["made_at"]
+        if not isinstance(made_at, dict) or len(made_at) > 10_000:
+            raise BadRecord(f"{where} is malformed (made_at is not a table of times)")
+        fields["made_at"] = {_hex(k, where): _time(v, where) for k, v in made_at.items()}
     if "etc_written" in fields:
         etc = fields["etc_written"]
         if not isinstance(etc, dict) or not set(etc) <= set(MANAGED):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,9 @@ class RemoteCache:
         self.sent_bytes = 0
         # server URL -> (why one of its copies was a miss, whether for its signature)
         self.ignored: dict[str, list[tuple[str, bool]]] = {}
+        # Why a record's result is stale (a command's max_age), or None: a stale remote copy
+        # is a miss, as a stale local one makes its step run (set by the build).
+        self.stale: Callable[[Step, Mapping[str, Any]], str | None] | None = None
 
     def close(self) -> None:
         """Report what was ignored (if not yet), and close every backend's connections."""
@@ -128,7 +131,11 @@ class RemoteCache:
             why = local(step)
             if why is None or step.kind is StepKind.BASE or step.key in self.bad:
                 return why
-            return None if self.lookup(step) is not None else why
+            found = self.lookup(step)
+            if found is None:
+                return why
+            stale = self.stale(step, found[1].fields) if self.stale is not None else None
+            return None if stale is None else f"{stale} (the remote copy)"
 
         return available
 

@@ -270,3 +270,38 @@ def _age_record(cache: Path, kind: str, label_part: str, days: float) -> None:
     finally:
         store.close()
 
+
+
+def test_a_stale_remote_copy_is_a_miss(tmp_path: Path) -> None:
+    """Records carry when their results were made: a runner does not download a result that
+    its command's max_age says is stale, and takes the fresh ones it was not made from."""
+    from tests.cacheservers import ServerMissing, start_nginx
+
+    try:
+        server = start_nginx()
+    except ServerMissing as exc:
+        from tests.conftest import require_or_skip
+
+        require_or_skip(str(exc))
+    try:
+        pkg = package(tmp_path / "pkg", command1='max_age = "1d"')
+        writer = rfs("build", pkg, "-o", tmp_path / "a.ext4", "--no-network",
+                     "--cache-to", server.url, cache=tmp_path / "cache-a")
+        assert writer.code == 0, writer.err
+        fresh = rfs("plan", pkg, "-o", tmp_path / "b.ext4", "--no-network", "--cache-from",
+                    server.url, cache=tmp_path / "cache-b")
+        assert steps_run(fresh.out) == set(), fresh.out
+        for path in (server.data / "ac").iterdir():  # the server's records, two days older
+            head, _, body = path.read_bytes().partition(b"\n\n")
+            doc = json.loads(body)
+            fields = doc["fields"]
+            fields["created"] -= 2 * 86400
+            fields["made_at"] = {k: v - 2 * 86400 for k, v in fields.get("made_at", {}).items()}
+            path.write_bytes(head + b"\n\n" + json.dumps(doc).encode())
+        plan = rfs("plan", pkg, "-o", tmp_path / "b.ext4", "--no-network", "--cache-from",
+                   server.url, cache=tmp_path / "cache-b")
+        assert steps_run(plan.out) == {"run[2]", "export", "assemble"}, plan.out
+        assert "why: stale: made 2.0d ago, max_age is 1.0d (the remote copy)" in plan.out
+        assert "from: " in plan.out  # run[1], made before run[2], still comes from the server
+    finally:
+        server.stop()
