@@ -27,16 +27,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rfs.errors import UsageError
-from rfs.remote.signing import (
-    PublicKey,
-    SecretKey,
-    load_secret_key,
-    parse_public_keys,
-    split_keys,
-)
+
+if TYPE_CHECKING:
+    from rfs.remote.signing import PublicKey, SecretKey
 
 SCHEMES = ("http://", "https://", "oci://")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
@@ -192,6 +188,12 @@ def remote_settings(args: argparse.Namespace,
 def _signing(args: argparse.Namespace, env: Mapping[str, str],
              conf: Mapping[str, Any]) -> tuple[SecretKey | None, tuple[PublicKey, ...]]:
     """The signing key and the trusted keys (the signing key's own public key among them)."""
+    if not (getattr(args, "cache_trust", None) or env.get("RFS_CACHE_TRUST", "").strip()
+            or conf.get("trusted_keys") or getattr(args, "cache_sign_key", None)
+            or env.get("RFS_CACHE_SIGN_KEY")):
+        return None, ()  # nothing to sign or check: not even the import (4 ms) is paid
+    from rfs.remote.signing import load_secret_key, parse_public_keys, split_keys
+
     flags = getattr(args, "cache_trust", None)
     if flags:
         trusted = parse_public_keys(flags, "--cache-trust")
