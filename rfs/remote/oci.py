@@ -46,6 +46,8 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.rfs.step.v1"
 RECORD_TYPE = "application/vnd.rfs.step.record.v2"  # rfs.remote.record: a header, then JSON
 MAX_MANIFEST_BYTES = 4 << 20  # a record's manifest lists its objects: a few KiB
+MAX_TOKEN_ANSWER = 64 << 10  # a registry's token answer: a JWT and a few fields
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,16384}")
 OBJECT_TYPE = "application/vnd.rfs.object.v1+zstd"
 
 
@@ -130,15 +132,27 @@ class OciBackend:
         if not realm:
             return False
         fields.setdefault("scope", f"repository:{self.repo}:pull,push")
-        token_resp = self._session.get(realm, params=fields, auth=self._basic,
-                                       timeout=self._timeout)
-        if token_resp.status_code != 200:
+        # The registry names where our credentials go: only over TLS, unless the registry
+        # itself is spoken to in plain http (loopback or `insecure`), as Docker does.
+        if not (realm.startswith("https://") or
+                (realm.startswith("http://") and self._base.startswith("http://"))):
             return False
-        body = token_resp.json()
+        with self._session.get(realm, params=fields, auth=self._basic, timeout=self._timeout,
+                               stream=True) as token_resp:
+            if token_resp.status_code != 200:
+                return False
+            raw = read_bounded(token_resp, MAX_TOKEN_ANSWER, self._deadline, self.url,
+                               "the token answer")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return False
         if not isinstance(body, dict):
             return False
         token = body.get("token") or body.get("access_token")
-        if not token or token == self._token:
+        # A token travels in a header: anything but a short printable word could inject one.
+        if (not isinstance(token, str) or not _TOKEN.fullmatch(token)
+                or token == self._token):
             return False
         self._token = str(token)
         self._session.headers["Authorization"] = f"Bearer {self._token}"
