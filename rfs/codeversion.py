@@ -31,12 +31,16 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
+# Below those directories but never part of a real build: the engine for tests.
+NOT_SHAPING = frozenset({"engine/fake.py"})
+
+
 def _files(entries: tuple[str, ...]) -> list[Path]:
     found: set[Path] = set()
     for entry in entries:
         path = PACKAGE / entry
         found.update(path.rglob("*.py") if path.is_dir() else [path])
-    return sorted(found)
+    return sorted(p for p in found if p.relative_to(PACKAGE).as_posix() not in NOT_SHAPING)
 
 
 @functools.cache

@@ -1,0 +1,445 @@
+"""An engine in memory, for testing the build pipeline without Docker or Podman.
+
+In the spirit of httpx's `MockTransport`: `FakeEngine` satisfies the same `Engine` protocol as
+the real adapter, keeps images as layers of file trees, and runs a Python callable in place of
+each command. Planning, executing, caching, interrupts, faults and remote sync can then be
+tested end to end in milliseconds; `tests/integration/test_engine_contract.py` runs the same
+cases against it and the real engines, so the two keep agreeing.
+
+    def run(ctx: FakeRun) -> int:
+        if ctx.argv[:1] == ("touch",):
+            ctx.write(ctx.argv[1], b"")
+        return 0
+
+    engine = FakeEngine(run)
+    engine.add_image("busybox:1", {"/bin/sh": b"#!fake"})
+
+Images are real in the ways rfs relies on: an image's ID is the sha256 of its config, which
+lists the digest of every layer tarball; `export` streams a tar archive with its end marker;
+`save_image`/`load_image` read and write `docker save` tarballs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
+
+from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
+from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One path of an image: a regular file, a directory or a symlink."""
+
+    kind: str = "file"  # "file" | "dir" | "symlink"
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    target: str = ""  # symlinks
+
+
+Tree = dict[str, Entry]  # absolute path -> entry
+
+
+@dataclass
+class _Image:
+    config: bytes  # its sha256 is the image ID
+    layers: list[bytes]  # layer tarballs, base first
+    tree: Tree
+    size: int
+
+
+@dataclass
+class FakeRun:
+    """What a command stand-in sees: its spec and the container's files, which it may change."""
+
+    spec: RunSpec
+    files: Tree
+    output: list[bytes] = field(default_factory=list)
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The command line."""
+        return self.spec.argv
+
+    def print(self, text: str) -> None:
+        """Write `text` (and a newline) to the command's output."""
+        self.output.append(text.encode() + b"\n")
+
+    def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
+              gid: int = 0) -> None:
+        """Create or replace the file `path` (parents are made)."""
+        path = _norm(path)
+        _make_parents(self.files, path)
+        self.files[path] = Entry("file", data, mode, uid, gid)
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        """Make directory `path` and its parents."""
+        path = _norm(path)
+        _make_parents(self.files, path)
+        self.files.setdefault(path, Entry("dir", mode=mode))
+
+    def read(self, path: str) -> bytes:
+        """The content of file `path`; a mounted host file wins, as in a container."""
+        path = _norm(path)
+        for mount in self.spec.mounts:
+            inside = _norm(mount.container_path)
+            if path == inside or path.startswith(inside + "/"):
+                host = mount.host_path + path[len(inside):]
+                with open(host, "rb") as f:
+                    return f.read()
+        return self.files[path].data
+
+    def remove(self, path: str) -> None:
+        """Remove `path` and everything below it."""
+        path = _norm(path)
+        for name in [p for p in self.files if p == path or p.startswith(path + "/")]:
+            del self.files[name]
+
+
+Command = Callable[[FakeRun], int]
+
+
+def _norm(path: str) -> str:
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
+def _make_parents(files: Tree, path: str) -> None:
+    parent = posixpath.dirname(path)
+    while parent != "/" and parent not in files:
+        files[parent] = Entry("dir", mode=0o755)
+        parent = posixpath.dirname(parent)
+
+
+def _layer_tar(changes: Mapping[str, Entry | None]) -> bytes:
+    """A layer tarball: changed entries, and whiteouts for removed paths."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(changes):
+            entry = changes[path]
+            name = path.lstrip("/")
+            if entry is None:
+                head, tail = posixpath.split(name)
+                info = tarfile.TarInfo(posixpath.join(head, f".wh.{tail}"))
+                tar.addfile(info, io.BytesIO(b""))
+                continue
+            info = tarfile.TarInfo(name)
+            info.mode, info.uid, info.gid, info.mtime = entry.mode, entry.uid, entry.gid, 0
+            if entry.kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif entry.kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, entry.target
+                tar.addfile(info)
+            else:
+                info.size = len(entry.data)
+                tar.addfile(info, io.BytesIO(entry.data))
+    return buf.getvalue()
+
+
+def _apply_layer(tree: Tree, layer: bytes) -> None:
+    with tarfile.open(fileobj=io.BytesIO(layer), mode="r:") as tar:
+        for info in tar:
+            path = _norm(info.name)
+            head, tail = posixpath.split(path)
+            if tail.startswith(".wh."):
+                gone = posixpath.join(head, tail[4:])
+                for name in [p for p in tree if p == gone or p.startswith(gone + "/")]:
+                    del tree[name]
+                continue
+            if info.isdir():
+                tree[path] = Entry("dir", mode=info.mode, uid=info.uid, gid=info.gid)
+            elif info.issym():
+                tree[path] = Entry("symlink", mode=0o777, uid=info.uid, gid=info.gid,
+                                   target=info.linkname)
+            elif info.isfile():
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                tree[path] = Entry("file", data, info.mode, info.uid, info.gid)
+            else:
+                raise EngineError(f"the fake engine keeps no {info.type!r} entries ({path})")
+
+
+def _diff(old: Tree, new: Tree) -> dict[str, Entry | None]:
+    changes: dict[str, Entry | None] = {p: e for p, e in new.items() if old.get(p) != e}
+    changes.update({p: None for p in old if p not in new})
+    return changes
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class FakeEngine:
+    """The `Engine` protocol in memory; `run` stands in for every command (default: exit 0).
+
+    `calls` records each method called (for tests that count container starts), `kept` the
+    containers a `keep_failed` run left, by ID with their labels.
+    """
+
+    def __init__(self, run: Command | None = None, *, name: str = "docker",
+                 version: str = "fake-1", platform: str = "linux/amd64") -> None:
+        self.name = name
+        self.local = True
+        self.run = run or (lambda ctx: 0)
+        self._version = version
+        self._platform = platform
+        self.images: dict[str, _Image] = {}
+        self.tags: dict[str, str] = {}
+        self.kept: dict[str, dict[str, str]] = {}
+        self.calls: list[str] = []
+        self._containers = 0
+
+    # -- test set-up -------------------------------------------------------------------------
+
+    def add_image(self, tag: str, files: Mapping[str, bytes | Entry]) -> str:
+        """Make a one-layer image of `files` tagged `tag`; return its ID."""
+        tree: Tree = {}
+        for path, value in files.items():
+            entry = value if isinstance(value, Entry) else Entry("file", value, 0o755)
+            _make_parents(tree, _norm(path))
+            tree[_norm(path)] = entry
+        image_id = self._store([_layer_tar(dict(tree))], tree, {})
+        self.tags[tag] = image_id
+        return image_id
+
+    def tree(self, ref: str) -> Tree:
+        """A copy of the files of image `ref`."""
+        return dict(self._image(ref).tree)
+
+    def _store(self, layers: list[bytes], tree: Tree, container_config: Mapping[str, object]
+               ) -> str:
+        os_name, _, arch = self._platform.partition("/")
+        config = json.dumps({
+            "architecture": arch.split("/")[0], "os": os_name,
+            "config": dict(container_config),
+            "rootfs": {"type": "layers", "diff_ids": [_sha(layer) for layer in layers]},
+        }, sort_keys=True).encode()
+        image_id = _sha(config)
+        size = sum(len(e.data) for e in tree.values())
+        self.images[image_id] = _Image(config, list(layers), dict(tree), size)
+        return image_id
+
+    def _resolve(self, ref: str) -> str | None:
+        if ref in self.images:
+            return ref
+        if f"sha256:{ref}" in self.images:
+            return f"sha256:{ref}"
+        found = self.tags.get(ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest")
+        return found
+
+    def _image(self, ref: str) -> _Image:
+        found = self._resolve(ref)
+        if found is None:
+            raise EngineError(f"the fake engine has no image {ref}")
+        return self.images[found]
+
+    # -- the Engine protocol -----------------------------------------------------------------
+
+    def ping(self) -> None:
+        """The fake always answers."""
+        self.calls.append("ping")
+
+    def version(self) -> str:
+        """The version given at construction."""
+        return self._version
+
+    def image_id(self, ref: str) -> str | None:
+        """The ID of `ref`, or None."""
+        return self._resolve(ref)
+
+    def image_size(self, ref: str) -> int | None:
+        """The bytes of the files of `ref`."""
+        found = self._resolve(ref)
+        return None if found is None else self.images[found].size or None
+
+    def image_platform(self, ref: str) -> str:
+        """The platform given at construction."""
+        return self._platform if self._resolve(ref) is not None else ""
+
+    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
+        """The local image `name:tag`; there is no registry to pull from."""
+        self.calls.append("resolve_base")
+        if pull:
+            raise EnvironmentProblem(f"--pull: cannot look up base image {name}:{tag} in its "
+                                     "registry: the fake engine has none",
+                                     hint="build without --pull to use the image the engine "
+                                          "has")
+        found = self._resolve(f"{name}:{tag}")
+        if found is None:
+            raise EnvironmentProblem(f"base image {name}:{tag} is not present locally and "
+                                     "could not be pulled: the fake engine has no registry")
+        return found
+
+    def check_base(self, name: str, tag: str) -> None:
+        """Refuse a base image the fake does not have."""
+        self.resolve_base(name, tag)
+
+    def check_runtime(self, runtime: str) -> None:
+        """Every runtime is accepted."""
+
+    def import_archive(self, path: str, *, image: bool) -> str:
+        """Load a `docker save` tarball, or import a root filesystem tarball as one layer."""
+        with open(path, "rb") as f:
+            if image:
+                return self.load_image(f)[0]
+            layer = f.read()
+        if layer[:2] == b"\x1f\x8b":
+            import gzip
+
+            layer = gzip.decompress(layer)
+        tree: Tree = {}
+        _apply_layer(tree, layer)
+        return self._store([layer], tree, {})
+
+    def has_tag(self, tag: str) -> bool:
+        """Whether `tag` names an image."""
+        return tag in self.tags
+
+    def run_and_commit(self, spec: RunSpec, *, step: str, tag: str,
+                       on_output: Callable[[bytes], None], keep_failed: bool = False) -> str:
+        """Run the stand-in on a copy of `spec.image`'s files and commit what it changed."""
+        self.calls.append("run")
+        parent = self._image(spec.image)
+        self._containers += 1
+        container = f"{self._containers:064x}"
+        ctx = FakeRun(spec, dict(parent.tree))
+        try:
+            code = self.run(ctx)
+        except OSError as exc:  # what a stand-in cannot do, the real command could not either
+            raise StartFailed(step, str(exc)) from exc
+        finally:
+            for chunk in ctx.output:
+                on_output(chunk)
+        if code != 0:
+            kept = None
+            if keep_failed:
+                self.kept[container] = {MANAGED_LABEL: "1", **spec.labels}
+                kept = container
+            tail = b"".join(ctx.output).decode("utf-8", "replace")[-2000:]
+            raise StepFailed(step, f"exited with code {code}", tail, kept)
+        layer = _layer_tar(_diff(parent.tree, ctx.files))
+        config = json.loads(parent.config).get("config", {})
+        image_id = self._store([*parent.layers, layer], ctx.files, config)
+        self.tag(image_id, tag)
+        return image_id
+
+    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
+                    labels: Mapping[str, str] = EMPTY) -> str | None:
+        """Every container starts."""
+        self.calls.append("probe")
+        return None
+
+    def export(self, image: str, dest: BinarySink, *, labels: Mapping[str, str] = EMPTY,
+               on_progress: Callable[[int], None] | None = None) -> None:
+        """Stream the files of `image` as one tarball, with tar's end-of-archive marker."""
+        self.calls.append("export")
+        data = _layer_tar(dict(self._image(image).tree))
+        dest.write(data)
+        if on_progress is not None:
+            on_progress(len(data))
+
+    def save_image(self, ref: str, dest: BinarySink) -> None:
+        """A `docker save` tarball of `ref`: manifest, config, one tarball per layer."""
+        found = self._image(ref)
+        image_id = self._resolve(ref)
+        assert image_id is not None
+        members = {f"{image_id[7:]}.json": found.config}
+        names = []
+        for layer in found.layers:
+            name = f"{_sha(layer)[7:]}/layer.tar"
+            members[name] = layer
+            names.append(name)
+        tags = [t for t, i in self.tags.items() if i == image_id]
+        members["manifest.json"] = json.dumps([{"Config": f"{image_id[7:]}.json",
+                                                "RepoTags": tags, "Layers": names}]).encode()
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        dest.write(buf.getvalue())
+
+    def load_image(self, source: BinaryIO) -> list[str]:
+        """Load a `docker save` tarball; its layers must match the config's diff_ids."""
+        with tarfile.open(fileobj=source, mode="r:") as tar:
+            members = {}
+            for info in tar:
+                f = tar.extractfile(info) if info.isfile() else None
+                if f is not None:
+                    members[info.name] = f.read()
+        try:
+            (manifest,) = json.loads(members["manifest.json"])
+            config = members[manifest["Config"]]
+            layers = [members[name] for name in manifest["Layers"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise EngineError(f"the fake engine could not load an image tarball: {exc}") from exc
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        if [_sha(layer) for layer in layers] != diff_ids:
+            raise EngineError("the fake engine could not load an image tarball: a layer does "
+                              "not match its diff_id")
+        tree: Tree = {}
+        for layer in layers:
+            _apply_layer(tree, layer)
+        image_id = _sha(config)
+        self.images[image_id] = _Image(config, layers, tree, sum(len(e.data)
+                                                                 for e in tree.values()))
+        loaded = []
+        for tag in manifest.get("RepoTags") or ():
+            self.tags[str(tag)] = image_id
+            loaded.append(str(tag))
+        return loaded or [image_id]
+
+    def tag(self, image_id: str, tag: str) -> None:
+        """Point `tag` at `image_id`."""
+        found = self._resolve(image_id)
+        if found is None:
+            raise EngineError(f"the fake engine has no image {image_id}")
+        self.tags[tag] = found
+
+    def remove_image(self, ref: str) -> None:
+        """Untag `ref` (an image with no tag left is dropped); a missing one is fine."""
+        if ref in self.tags:
+            image_id = self.tags.pop(ref)
+            if image_id not in self.tags.values():
+                self.images.pop(image_id, None)
+        else:
+            found = self._resolve(ref)
+            if found is not None:
+                self.images.pop(found, None)
+                for tag in [t for t, i in self.tags.items() if i == found]:
+                    del self.tags[tag]
+
+    def container_labels(self, label: str) -> dict[str, dict[str, str]]:
+        """The kept containers carrying `label`."""
+        return {cid: labels for cid, labels in self.kept.items() if _matches(labels, label)}
+
+    def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
+        """Remove the kept containers carrying `label`, but those in `keep`."""
+        gone = [cid for cid, labels in self.kept.items()
+                if _matches(labels, label) and cid not in keep]
+        for cid in gone:
+            del self.kept[cid]
+        return len(gone)
+
+
+def _matches(labels: Mapping[str, str], label: str) -> bool:
+    key, sep, value = label.partition("=")
+    return key in labels and (not sep or labels[key] == value)
+
+
+if TYPE_CHECKING:
+    from rfs.engine.base import Engine
+
+    def _is_an_engine(fake: FakeEngine) -> Engine:
+        """mypy checks here that FakeEngine satisfies the protocol the real adapter does."""
+        return fake
