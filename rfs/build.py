@@ -234,7 +234,10 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     ex = planned.executor
     by_id = {s.id: s for s in planned.steps}
     if planned.remote is not None:  # download what the plan takes from a remote cache
-        planned.decisions = planned.remote.materialize(planned)
+        try:
+            planned.decisions = _materialize(planned, planned.remote)
+        finally:
+            planned.remote.report_ignored()
     reporter.planned(planned.decisions)
     ran: set[str] = set()
     lock: FileLock | None = None
@@ -311,6 +314,26 @@ def execute(planned: Planned, reporter: Reporter) -> None:
     manifests["_output"] = str(ex.output)
     store.save_manifests(planned.script_id, manifests)
     store.evict(keep={s.key for s in planned.steps})
+
+
+def _materialize(planned: Planned, remote: RemoteCache) -> list[Decision]:
+    """Download what the plan takes from remote caches; return the final plan.
+
+    A failed download is a miss from then on, and the build is planned again, so a bad image
+    object falls back to the export, a bad export to the layer, and so on. Bounded: each round
+    either succeeds or loses at least one remote copy.
+    """
+    decisions = planned.decisions
+    ex = planned.executor
+    for _ in range(len(planned.steps) + 1):
+        todo = [d.step for d in decisions if d.action is Action.CACHED
+                and d.step.key in remote.found and ex.missing(d.step) is not None]
+        fetched = [remote.fetch(step) for step in todo]
+        if all(fetched):
+            return decisions
+        decisions = plan_steps(planned.steps, remote.availability(ex.missing),
+                               planned.previous, planned.forced)
+    return decisions
 
 
 def _refs_to_run(planned: Planned) -> list[str]:
@@ -414,8 +437,9 @@ def _upload(remote: RemoteCache, planned: Planned, ran: set[str]) -> None:
     failing = sys.exc_info()[1]
     if isinstance(failing, KeyboardInterrupt | Interrupted):
         return
+    cached = {d.step.key for d in planned.decisions if d.action is Action.CACHED}
     try:
-        remote.upload(planned, ran)
+        remote.upload(planned.steps, ran, cached)
     except RfsError:
         if failing is None:  # --cache-strict; a failing step's error matters more
             raise

@@ -46,8 +46,8 @@ def base_archive_problems(script: BuildScript, file: str = "") -> list[Problem]:
     c = script.container
     if c.archive is None or script.package_root is None:
         return []
+    from rfs.basearchive import inspect_base_archive
     from rfs.package import resolve_reference
-    from rfs.packing import inspect_base_archive
 
     try:
         path = resolve_reference(script.package_root, c.archive)

@@ -16,8 +16,10 @@ nothing above the adapters ever sees them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 EXIT_OK = 0
 EXIT_STEP_FAILED = 1
@@ -117,3 +119,16 @@ class Interrupted(RfsError):
     """The build was interrupted by a signal."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def report(exc: RfsError, stream: TextIO | None = None) -> None:
+    """Word `exc` for a person, on `stream` (stderr): the one place errors are worded."""
+    out = stream if stream is not None else sys.stderr
+    print(f"rfs: error: {exc.message}", file=out)
+    if isinstance(exc, ScriptError):
+        for p in exc.problems:
+            label = "warning" if p.severity == "warning" else "error"
+            if str(p) not in exc.message:
+                print(f"rfs: {label}: {p}", file=out)
+    if exc.hint:
+        print(f"rfs: hint: {exc.hint}", file=out)

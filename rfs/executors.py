@@ -120,7 +120,7 @@ def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str]
     if c.archive is None:
         assert c.image is not None  # the schema requires one of them
         return engine.resolve_base(c.image.name, c.image.tag, pull=pull)
-    from rfs.packing import inspect_base_archive
+    from rfs.basearchive import inspect_base_archive
 
     tag = f"{BASE_REPO}:{digests[c.archive]}"
     found = engine.image_id(tag)

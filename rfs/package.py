@@ -21,11 +21,11 @@ import dataclasses
 import os
 import stat
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rfs.document import parse_bytes
 from rfs.errors import Problem, ScriptError, UsageError
 from rfs.model import BuildScript
 from rfs.orphans import remove_orphans, remove_tree
@@ -50,44 +50,6 @@ def _parse_document(path: Path, label: str) -> Any:
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
     return parse_bytes(raw, path.suffix, label)
-
-
-def parse_bytes(raw: bytes, suffix: str, label: str) -> Any:
-    """Parse a build script's bytes as YAML (suffix .yaml/.yml) or TOML; `label` names it."""
-    path = label
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ScriptError([Problem("", f"is not UTF-8 text (byte {exc.start})", str(path))]
-                          ) from exc
-    if suffix in (".yaml", ".yml"):
-        import yaml  # only YAML users pay for the import
-
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise ScriptError([Problem("", f"invalid YAML: {where}{problem}", str(path))]
-                              ) from exc
-        except (RecursionError, ValueError) as exc:
-            raise ScriptError([Problem("", f"invalid YAML: {_unparsable(exc)}", str(path))]
-                              ) from exc
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScriptError([Problem("", f"invalid TOML: {exc}", str(path))]) from exc
-    except (RecursionError, ValueError) as exc:
-        raise ScriptError([Problem("", f"invalid TOML: {_unparsable(exc)}", str(path))]
-                          ) from exc
-
-
-def _unparsable(exc: BaseException) -> str:
-    """What the parsers' own limits mean, for a document no build script looks like."""
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return str(exc)  # e.g. Python's limit on the digits of an integer
 
 
 def find_script(package: Path) -> tuple[Path, Path]:
@@ -243,7 +205,7 @@ def unpacked(archive: Path) -> Path:
     _remove_orphans()
     tmp = Path(tempfile.mkdtemp(prefix=f"{_UNPACK_PREFIX}{os.getpid()}-"))
     try:
-        from rfs.packing import extract  # tarfile and gzip: only for archives
+        from rfs.archive import extract  # tarfile and gzip: only for archives
 
         root = extract(archive, tmp).resolve()
     except BaseException:
@@ -268,6 +230,6 @@ def _remove_orphans() -> None:
 
 
 def _is_archive(package: Path) -> bool:
-    from rfs.packing import detect
+    from rfs.archive import detect
 
     return detect(package).is_archive

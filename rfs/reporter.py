@@ -9,12 +9,11 @@ every step for the closing summary. Displays:
 - `rfs.events.JsonReporter`: JSON-lines events for machines (docs/events.md);
 - `Tee`: several at once (`--json` with a human display on stderr).
 
-`make_reporter` picks one for a stream. rich is imported only when a terminal needs it.
+`rfs.display.make_reporter` picks one for a stream (rich only when a terminal needs it).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -360,23 +359,3 @@ class ConsoleReporter(Reporter):
                          for i in range(4)]
                 self._line(("  " + "  ".join(cells) + "  " + row[4]).rstrip())
         self._line(summary_line(self.summary_totals()))
-
-
-def wants_live(stream: TextIO) -> bool:
-    """Whether `stream` is a terminal that can show the live display (not TERM=dumb)."""
-    try:
-        tty = stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-    return tty and os.environ.get("TERM", "") not in ("", "dumb")
-
-
-def make_reporter(stream: TextIO | None = None, *, quiet: bool = False,
-                  live: bool | None = None) -> Reporter:
-    """The human display for `stream` (stderr by default): live on a terminal, else plain."""
-    stream = stream if stream is not None else sys.stderr
-    if live if live is not None else wants_live(stream):
-        from rfs.progress import LiveReporter  # rich is imported only here
-
-        return LiveReporter(stream, quiet=quiet)
-    return ConsoleReporter(stream, quiet)

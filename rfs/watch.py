@@ -83,7 +83,7 @@ def wait_for_change(root: Path, before: Snapshot, ignore: Iterable[Path] = (),
 def _watched(package: Path) -> Path:
     """What to poll: a package directory or archive itself; for a build script named directly,
     its directory, which is the package it references files from."""
-    from rfs.packing import PackageType, detect
+    from rfs.archive import PackageType, detect
 
     if package.is_file() and detect(package) is PackageType.BUILD_SCRIPT:
         return package.resolve().parent
@@ -103,9 +103,9 @@ def watch(package: Path, build: Callable[[], int], *, ignore: Iterable[Path] = (
             except Interrupted:
                 raise
             except RfsError as exc:  # shown, and the next change gets another try
-                from rfs.cli import _report  # the one place errors are worded
+                from rfs.errors import report
 
-                _report(exc)
+                report(exc)
             # What the build itself changed (an image inside the package) is not a change.
             state = snapshot(root, ignore)
             print(f"rfs: watching {root} for changes (Ctrl-C ends)", file=out, flush=True)

@@ -1,21 +1,87 @@
 """One module per `rfs` verb. Each has `register(subparsers)`, which adds its parser(s) and sets
-`func` (taking the parsed arguments, returning an exit code). `cli.py` wires them together and
-is the only place that turns errors into exit codes."""
+`func` (taking the parsed arguments, returning an exit code). `make_parser` builds the command
+line's parser from them; `cli.py` runs the verb and is the only place that turns errors into
+exit codes. Nothing here imports `rfs.cli`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from rfs import __version__
 from rfs.store import DEFAULT_SIZE_LIMIT, default_cache_dir
 
 MODULES = ("build", "plan", "check", "cache", "pack", "graph", "completion", "boot")
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Parse "20G", "512M", "1024" (bytes) into bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 20G or 512M)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+# Verbs whose module name differs from the verb.
+_ALIASES = {"run": "build", "dry-run": "check"}
+
+
+def _verb_module(argv: Sequence[str]) -> str | None:
+    """The command module `argv` names, if it clearly names one (options before it skipped)."""
+    items = iter(argv)
+    for arg in items:
+        if arg in ("-l", "--log-level"):
+            next(items, None)
+        elif not arg.startswith("-"):
+            name = _ALIASES.get(arg, arg)
+            return name if name in MODULES else None
+    return None
+
+
+def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of `rfs`: with `argv` naming a verb, only that verb's (building
+    all of them costs ~0.03 s, a tenth of an up-to-date build); else every verb's."""
+    only = _verb_module(argv) if argv is not None else None
+
+    parser = argparse.ArgumentParser(
+        prog="rfs", description="Build microVM root filesystem images from a build script, "
+                                "rerunning only the steps whose inputs changed.")
+    parser.add_argument("--version", action="version", version=f"rfs {__version__}")
+    _global_options(parser, None)
+    # The same options are accepted after the verb too (`rfs build -q …`); there they must not
+    # overwrite a value given before it with their default.
+    after_verb = argparse.ArgumentParser(add_help=False)
+    _global_options(after_verb, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    original = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return original(name, parents=[after_verb], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+    for name in MODULES if only is None else (only,):
+        importlib.import_module(f"rfs.commands.{name}").register(sub)
+    return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-l", "--log-level", default=default or "warning",
+                        choices=["trace", "debug", "info", "warn", "warning", "error"],
+                        help="how much rfs itself logs (default: warning)")
+    parser.add_argument("-e", "--no-exec-logs", "-q", "--quiet", dest="quiet",
+                        action="store_true", default=default or False,
+                        help="do not show the commands' output")
+
+
 def add_cache_options(p: argparse.ArgumentParser) -> None:
     """Options every verb that reads or writes the local cache takes."""
-    from rfs.cli import parse_size
-
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default: $RFS_CACHE_DIR, $XDG_CACHE_HOME/rfs or "
                         "~/.cache/rfs)")

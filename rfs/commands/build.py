@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
 def build_once(args: argparse.Namespace) -> int:
     """Build the image once, reporting to the terminal, the log or JSON as asked."""
     from rfs.build import Options, execute, prepare
+    from rfs.display import make_reporter
     from rfs.errors import StepFailed
-    from rfs.reporter import Reporter, Tee, make_reporter
+    from rfs.reporter import Reporter, Tee
 
     opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
                    cache_size=cache_size(args), keep_failed=args.keep_failed,

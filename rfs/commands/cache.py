@@ -32,7 +32,7 @@ def parse_age(text: str) -> float:
 
 def register(sub: Any) -> None:
     """Add the `cache` parser and its sub-verbs."""
-    from rfs.cli import parse_size
+    from rfs.commands import parse_size
 
     p = sub.add_parser("cache", help="inspect, prune or clear the local cache; make a "
                                      "signing key for a shared cache")

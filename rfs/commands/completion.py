@@ -273,7 +273,7 @@ GENERATORS = {"bash": bash, "zsh": zsh, "fish": fish}
 
 def script_for(shell: str) -> str:
     """The completion script for `shell`, from the parser of this rfs."""
-    from rfs.cli import make_parser
+    from rfs.commands import make_parser
 
     return GENERATORS[shell](make_parser())
 

@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
 
 def run_pack(args: argparse.Namespace) -> int:
     """Pack SRC into DST."""
-    from rfs.packing import PackageType, pack
+    from rfs.archive import PackageType
+    from rfs.packing import pack
 
     count = pack(args.source, args.destination, PackageType(args.package_type))
     print(f"{args.destination}: {args.package_type} package with {count} file(s)")

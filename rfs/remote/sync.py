@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs.errors import RemoteCacheError
-from rfs.planner import Action, Availability, Decision, plan_steps
+from rfs.planner import Availability
 from rfs.remote import open_backend
 from rfs.remote.base import Backend, record_names, scoped_name
 from rfs.remote.codec import BadObject
@@ -38,7 +38,6 @@ from rfs.remote.record import Record, Untrusted, Wanted, decode_record
 from rfs.steps import Step, StepKind
 
 if TYPE_CHECKING:
-    from rfs.build import Planned
     from rfs.executors import Executor
     from rfs.reporter import Reporter
     from rfs.store import Store
@@ -169,46 +168,28 @@ class RemoteCache:
 
     # -- downloading -----------------------------------------------------------------------
 
-    def materialize(self, planned: Planned) -> list[Decision]:
-        """Download what the plan takes from remote caches; return the final plan.
-
-        A failed download removes that remote copy and plans again, so a bad image object
-        falls back to the export, a bad export to the layer, and so on. Bounded: each round
-        either succeeds or removes at least one remote copy.
-        """
+    def fetch(self, step: Step) -> bool:
+        """Download the remote copy of `step` that planning found into the local cache (the
+        layer into the engine); False if that copy turned out bad or its server failed, which
+        is then a miss for the rest of the build (the caller plans again)."""
+        found = self.found.get(step.key)
+        if found is None or step.key in self.bad:
+            return False
+        backend, record = found
+        if backend.url in self.down:
+            self.bad.add(step.key)
+            return False
         try:
-            return self._materialize(planned)
-        finally:
-            self.report_ignored()
-
-    def _materialize(self, planned: Planned) -> list[Decision]:
-        decisions = planned.decisions
-        for _ in range(len(planned.steps) + 1):
-            todo = [d.step for d in decisions
-                    if d.action is Action.CACHED and d.step.key in self.found
-                    and self.ex.missing(d.step) is not None]
-            failed = False
-            for step in todo:
-                backend, record = self.found[step.key]
-                if backend.url in self.down:
-                    failed = True
-                    self.bad.add(step.key)
-                    continue
-                try:
-                    self._fetch_locked(step, backend, record)
-                except BadObject as exc:
-                    self._ignore(backend, exc, step, fetching=True)
-                    self.bad.add(step.key)
-                    failed = True
-                except RemoteCacheError as exc:
-                    self._server_failed(backend, exc)
-                    self.bad.add(step.key)
-                    failed = True
-            if not failed:
-                return decisions
-            decisions = plan_steps(planned.steps, self.availability(self.ex.missing),
-                                   planned.previous, planned.forced)
-        return decisions
+            self._fetch_locked(step, backend, record)
+        except BadObject as exc:
+            self._ignore(backend, exc, step, fetching=True)
+            self.bad.add(step.key)
+            return False
+        except RemoteCacheError as exc:
+            self._server_failed(backend, exc)
+            self.bad.add(step.key)
+            return False
+        return True
 
     def _fetch_locked(self, step: Step, backend: Backend, record: Record) -> None:
         def waiting() -> None:
@@ -238,22 +219,22 @@ class RemoteCache:
 
     # -- uploading -------------------------------------------------------------------------
 
-    def upload(self, planned: Planned, ran: set[str]) -> None:
-        """Send the steps this build ran, and the cached ones the target lacks."""
+    def upload(self, steps: Sequence[Step], ran: set[str], cached: set[str]) -> None:
+        """Send the steps this build ran (keys in `ran`), and those it found cached (`cached`)
+        that the target lacks."""
         writer = self.writer
         if writer is None or writer.url in self.down:
             return
         pusher = Pusher(writer, self.store, self.ex, self.settings.sign_key)
-        actions = {d.step.key: d.action for d in planned.decisions}
         t0 = time.monotonic()
         pushed = sent = 0
-        for step in planned.steps:
+        for step in steps:
             record = self.store.record(step.key)
             if step.kind is StepKind.BASE or record is None:
                 continue  # failed steps have no record: they are never uploaded
             if writer.url in record.get("pushed", []):
                 continue
-            if step.key not in ran and actions.get(step.key) is not Action.CACHED:
+            if step.key not in ran and step.key not in cached:
                 continue
             try:
                 scope = self.settings.scope or ""

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from rfs import package, packing
+from rfs import archive as archives
+from rfs import package
+from rfs.archive import PackageType, detect
 from rfs.errors import ScriptError, UsageError
 from rfs.hashing import digest_tree
-from rfs.packing import PackageType, detect, pack, unpack
+from rfs.packing import pack, unpack
 
 BUILD = """
 [filesystem]
@@ -252,9 +254,9 @@ def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     if request.param == "data-filter":
         if not hasattr(tarfile, "data_filter"):
             pytest.skip("this Python has no tarfile extraction filters (< 3.11.4)")
-        monkeypatch.setattr(packing, "_HAS_DATA_FILTER", True)
+        monkeypatch.setattr(archives, "_HAS_DATA_FILTER", True)
     else:
-        monkeypatch.setattr(packing, "_HAS_DATA_FILTER", False)
+        monkeypatch.setattr(archives, "_HAS_DATA_FILTER", False)
     return str(request.param)
 
 
@@ -293,7 +295,7 @@ def test_both_routes_refuse_a_chain_of_inner_links_leading_out(tmp_path: Path,
 
 def test_own_writer_never_writes_through_a_replaced_link(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packing, "_HAS_DATA_FILTER", False)
+    monkeypatch.setattr(archives, "_HAS_DATA_FILTER", False)
     archive = make_tar(tmp_path / "dup.tar", [SCRIPT,
                                               (member("x", tarfile.SYMTYPE, "build.toml"), b""),
                                               (member("x"), b"replacement"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from rfs import signals
 from rfs.build import Options, execute, prepare
 from rfs.engine.fake import FakeEngine, FakeRun
 from rfs.errors import Interrupted, StepFailed
@@ -71,11 +72,13 @@ class World:
         """Build; return what happened to each step."""
         opts = Options(package=self.pkg, output=self.out, cache_dir=self.cache,
                        **options)  # type: ignore[arg-type]
-        planned = prepare(opts, Reporter(), engine_factory=lambda script: self.engine)
-        try:
-            execute(planned, Reporter())
-        finally:
-            planned.store.close()
+        # As the command line does: signals handled, and none left over from another test.
+        with signals.handled():
+            planned = prepare(opts, Reporter(), engine_factory=lambda script: self.engine)
+            try:
+                execute(planned, Reporter())
+            finally:
+                planned.store.close()
         return {d.step.id: d.action for d in planned.decisions}
 
     def cat(self, path: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from rfs.compiler import build_graph, compile_steps
+from rfs.display import make_reporter
 from rfs.errors import StepFailed
 from rfs.events import JsonReporter
 from rfs.explain import explain_plan, line_changes, line_hashes, remembered_text
@@ -26,7 +27,6 @@ from rfs.reporter import (
     Tee,
     format_seconds,
     format_size,
-    make_reporter,
 )
 from rfs.schema import parse_script
 from rfs.steps import Facts, Step
