@@ -5,34 +5,18 @@ into an `rfs.errors` exception with a sentence a person can act on. Exceptions r
 caller's callbacks (`on_output`, `on_progress`, `dest.write`) are not engine failures and pass
 through untouched, as do KeyboardInterrupt and SystemExit.
 
-Quirks of the Docker API (20.10, API 1.40/1.41) this code works around:
-- `commit` merges the container's config into the image config (User, WorkingDir, Env, Labels,
-  Cmd), so a step's settings would leak into every later step. We pass the parent image's
-  config and neutralise what would leak; see `_commit_config`.
-- `attach(stream=True)` keeps the client's read timeout on its socket and the SDK turns the
-  timeout into a silent end of stream, so a command quiet for longer than the timeout would
-  lose output; the SDK's `logs()` drops which stream each frame came from. We read the
-  `logs?follow=1` endpoint ourselves without a read timeout: served from the json-file log,
-  it never misses lines a fast command printed before we started reading.
-- stdout and stderr travel through separate pipes, so their relative order is not kept (see
-  `_Tail`); order within each stream is.
-- `pull()` in the SDK has no timeout; we make the same request with a read timeout.
-
-Podman 4.3's compat API differs: its commit ignores the config body (we also send `changes`,
-see `_podman_changes`) and answers with a bare hex image ID.
+Quirks of the Docker API (20.10, API 1.40/1.41) worked around: `commit` would leak a step's
+settings into every later step (`rfs.engine.commitconfig`, also for Podman 4.3, whose commit
+ignores the config body); reading a command's output (`rfs.engine.containers`); `pull()` in
+the SDK has no timeout (we make the same request with one). Podman answers with bare hex IDs.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import queue
-import struct
-import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import suppress
 from typing import Any, BinaryIO
 
 import docker
@@ -43,9 +27,20 @@ import docker.utils
 import requests
 import urllib3
 
+from rfs.engine.apicalls import (
+    _answer_message,
+    _explanation,
+    _full_id,
+    _is_timeout,
+    _PullFailed,
+    _split_tag,
+    _start_failure,
+)
 from rfs.engine.base import EMPTY, MANAGED_LABEL, PROBE_LABEL, BinarySink, RunSpec
+from rfs.engine.commitconfig import commit_config, podman_changes
+from rfs.engine.containers import ContainerOps
 from rfs.engine.lite import platform_of
-from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed, StepFailed
+from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
 
 log = logging.getLogger("rfs.engine")
 
@@ -54,155 +49,13 @@ log = logging.getLogger("rfs.engine")
 API_VERSION = "1.40"
 
 _EXPORT_CHUNK = 1 << 20
-_TAIL_LINES = 20
-_ERR_LINES = 5
-_TAIL_BYTES = 64 * 1024
-_HEADERS_S = 30.0  # an engine that has not started answering a request by then never will
-_POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
-_CHECK_S = 3.0  # how often a silent step's container is inspected, and the grace after it ends
-_DRAIN_S = 10.0
-_WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
-# Docker supplies this PATH at run time when the image sets none; see `_commit_config`.
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# The export container is never started, so its command only has to be syntactically there.
-_EXPORT_ARGV = ["/.rfs-export-container-never-runs"]
-# Image config fields a committed layer takes over from its parent.
-_KEPT_CONFIG = (
-    "User", "Env", "Cmd", "Entrypoint", "WorkingDir", "Labels", "ExposedPorts", "Volumes",
-    "StopSignal", "Healthcheck", "OnBuild", "Shell",
-)
-
-
-class _PullFailed(EngineError):
-    """The engine answered but could not pull the image."""
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and everything it wraps: urllib3 tucks the socket error into `args`/`reason`."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        cur = todo.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        yield cur
-        for nxt in (cur.__cause__, cur.__context__, getattr(cur, "reason", None), *cur.args):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    timeouts = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
-    return any(isinstance(e, timeouts) for e in _causes(exc))
-
-
-def _reason(exc: BaseException) -> str:
-    """The socket-level reason for a failed request, in a few plain words."""
-    words = {
-        errno.ENOENT: "no such socket",
-        errno.ECONNREFUSED: "connection refused",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.ECONNRESET: "connection reset",
-        errno.EHOSTUNREACH: "host unreachable",
-        errno.ENETUNREACH: "network unreachable",
-    }
-    for cause in _causes(exc):
-        if isinstance(cause, OSError) and cause.errno is not None:
-            return words.get(cause.errno) or (cause.strerror or str(cause)).lower()
-    for cause in _causes(exc):
-        if isinstance(cause, urllib3.exceptions.ProtocolError):
-            return "the connection was closed unexpectedly"
-    return str(exc) or type(exc).__name__
-
-
-def _explanation(exc: Any) -> str:
-    text = getattr(exc, "explanation", None) or str(exc)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return str(text).strip()
-
-
 # How long a probe container's `true` may take to end before it is removed anyway.
 _PROBE_WAIT_S = 10
+# The export container is never started, so its command only has to be syntactically there.
+_EXPORT_ARGV = ["/.rfs-export-container-never-runs"]
 
 
-def _start_failure(exc: Any) -> str:
-    """The useful end of a runtime's start error, e.g. 'exec: "x": executable file not found'."""
-    text = _explanation(exc)
-    marker = text.find("exec: ")
-    if marker >= 0:
-        text = text[marker:]
-    return text.removesuffix(": unknown")
-
-
-def _answer_message(resp: Any) -> str:
-    """The engine's message in an error answer (JSON `message`, else the body)."""
-    try:
-        message = resp.json().get("message") or resp.text
-    except ValueError:
-        message = resp.text
-    return str(message).strip()
-
-
-def _full_id(image_id: str) -> str:
-    # Podman's commit answers with the bare hex digest, its inspect with "sha256:<hex>".
-    return image_id if ":" in image_id else f"sha256:{image_id}"
-
-
-def _split_tag(tag: str) -> tuple[str, str]:
-    repo, name = docker.utils.parse_repository_tag(tag)
-    return str(repo), str(name or "latest")
-
-
-def _frames(raw: Any) -> Iterator[tuple[int, bytes]]:
-    """Demultiplex a non-TTY output stream: 8-byte headers (stream id, big-endian size)."""
-    while True:
-        header = raw.read(8)
-        if len(header) < 8:
-            return
-        stream_id, size = struct.unpack(">BxxxL", header)
-        data = raw.read(size)
-        if data:
-            yield stream_id, data
-        if len(data) < size:
-            return
-
-
-def _lines(buf: bytearray) -> list[str]:
-    return bytes(buf).decode("utf-8", "replace").rstrip().splitlines()
-
-
-class _Tail:
-    """The last lines of a command's output, for StepFailed.
-
-    stdout and stderr reach the engine through separate pipes, so their relative order is lost:
-    an error printed last on stderr is often delivered before the stdout lines printed ahead of
-    it, and would fall out of a plain tail. So the last stderr lines are kept apart too and
-    appended when the combined tail lacks them.
-    """
-
-    def __init__(self) -> None:
-        self._all = bytearray()
-        self._err = bytearray()
-
-    def add(self, stream_id: int, data: bytes) -> None:
-        for buf in (self._all, self._err) if stream_id == 2 else (self._all,):
-            buf += data
-            if len(buf) > 2 * _TAIL_BYTES:
-                del buf[:-_TAIL_BYTES]
-
-    def text(self) -> str:
-        lines = _lines(self._all)[-_TAIL_LINES:]
-        missing = [line for line in _lines(self._err)[-_ERR_LINES:] if line and line not in lines]
-        if missing:
-            keep = _TAIL_LINES - len(missing) - 1
-            lines = [*lines[-keep:], "[last lines on stderr:]", *missing]
-        return "\n".join(lines)
-
-
-class DockerEngine:
+class DockerEngine(ContainerOps):
     """An `Engine` speaking the Docker API at `base_url` (Docker or Podman's compat socket)."""
 
     def __init__(
@@ -233,42 +86,6 @@ class DockerEngine:
             raise EngineError(
                 f"cannot use {self._title} engine address {base_url!r}: {_explanation(exc)}"
             ) from exc
-
-    # -- error translation ---------------------------------------------------------------
-
-    def _unreachable(self, exc: BaseException, what: str) -> EngineError:
-        if _is_timeout(exc):
-            return EngineError(
-                f"the {self._title} engine at {self.base_url} did not answer within "
-                f"{self._timeout_s:g} s while trying to {what}",
-                hint="the engine may be overloaded or hung; check `docker info` / `podman info`",
-            )
-        reason = _reason(exc)
-        if self.name == "podman":
-            ask, hint = "is the Podman API service running?", "systemctl start podman.socket"
-        else:
-            ask, hint = "is dockerd running?", "systemctl start docker"
-        if reason == "permission denied":
-            ask, hint = "can this user use it?", "run as root or as a member of the engine's group"
-        return EngineError(
-            f"cannot reach the {self._title} engine at {self.base_url}: {reason} — {ask}", hint
-        )
-
-    @contextmanager
-    def _calling(self, what: str) -> Iterator[None]:
-        """Translate foreign exceptions raised inside the block into EngineError."""
-        try:
-            yield
-        except RfsError:
-            raise
-        except (OSError, urllib3.exceptions.HTTPError) as exc:  # incl. requests' errors
-            if isinstance(exc, docker.errors.APIError):  # an HTTP error: the engine answered
-                raise EngineError(
-                    f"the {self._title} engine could not {what}: {_explanation(exc)}"
-                ) from exc
-            raise self._unreachable(exc, what) from exc
-        except docker.errors.DockerException as exc:  # refused by the SDK before any request
-            raise EngineError(f"cannot {what}: {_explanation(exc)}") from exc
 
     # -- queries -------------------------------------------------------------------------
 
@@ -510,9 +327,9 @@ class DockerEngine:
             if status != 0:
                 raise StepFailed(step, self._exit_message(cid, status), tail, container)
             repo, tag_name = _split_tag(tag)
-            conf = _commit_config(parent.get("Config") or {}, spec)
+            conf = commit_config(parent.get("Config") or {}, spec)
             # Podman's compat API ignores the config body and takes only `changes`.
-            changes = _podman_changes(conf) if self.name == "podman" else None
+            changes = podman_changes(conf) if self.name == "podman" else None
             previous = self.image_id(tag)
             with self._calling(f"commit step {step} as {tag}"):
                 result = self._api.commit(
@@ -546,192 +363,6 @@ class DockerEngine:
             return None
         finally:
             self._discard(cid)
-
-    def _create(self, spec: RunSpec, step: str) -> str:
-        mounts = [
-            docker.types.Mount(
-                target=m.container_path, source=m.host_path, type="bind", read_only=m.read_only
-            )
-            for m in spec.mounts
-        ]
-        with self._calling(f"create a container for step {step}"):
-            host_config = self._api.create_host_config(
-                network_mode=None if spec.network else "none",
-                privileged=spec.privileged,
-                cap_add=list(spec.cap_add) or None,
-                cap_drop=list(spec.cap_drop) or None,
-                runtime=spec.runtime,
-                mounts=mounts or None,
-                # Explicit, because `logs()` is how we read output and a daemon configured for
-                # e.g. syslog could not give it back.
-                log_config=docker.types.LogConfig(type="json-file"),
-            )
-            created = self._api.create_container(
-                spec.image,
-                command=list(spec.argv),
-                entrypoint=[],
-                user=spec.user or "",
-                working_dir=spec.working_dir,
-                environment=[f"{k}={v}" for k, v in spec.env.items()],
-                hostname=spec.hostname,
-                labels={**spec.labels, MANAGED_LABEL: "1"},
-                host_config=host_config,
-                stop_timeout=spec.stop_timeout_s,
-                # The SDK would otherwise add proxy variables from ~/.docker/config.json: an
-                # input no cache key sees.
-                use_config_proxy=False,
-            )
-        return str(created["Id"])
-
-    def _follow(
-        self, cid: str, spec: RunSpec, on_output: Callable[[bytes], None]
-    ) -> tuple[int, bool, str]:
-        """Pass output to `on_output` until the command ends; return (exit code, timed out, tail).
-
-        A reader thread blocks on the stream while this thread keeps the deadline, calls
-        `on_output` (so its exceptions reach our caller) and stops the container on timeout.
-        The stream ends when the container stops or is removed, which ends the thread.
-        """
-        what = f"read the output of container {cid[:12]}"
-        # Our own request, not the SDK's logs(): that drops each frame's stream id, which the
-        # tail needs, and a read timeout would cut off a step that is silent for a while.
-        url = f"{self._api.base_url}/v{self._api.api_version}/containers/{cid}/logs"
-        resp: Any = None
-        with self._calling(what):
-            try:
-                # The answer's headers come at once; only the body may then be silent for long.
-                resp = self._api.get(url, params={"follow": 1, "stdout": 1, "stderr": 1},
-                                     stream=True, timeout=(self._timeout_s, _HEADERS_S))
-            except requests.exceptions.RequestException as exc:
-                if not _is_timeout(exc):
-                    raise
-                # Podman 4.3 was seen never to answer a follow request (a build hung for good):
-                # wait for the command to end instead, then fetch its output in one go.
-                log.warning("the %s engine did not answer a request to %s; waiting for the "
-                            "command to end to read its output", self._title, what)
-            if resp is not None:
-                if resp.status_code >= 400:
-                    raise EngineError(f"the {self._title} engine could not {what}: {resp.text}")
-                with suppress(AttributeError, OSError):
-                    raw = self._api._get_raw_response_socket(resp)  # SocketIO on unix sockets
-                    getattr(raw, "_sock", raw).settimeout(None)
-        items: queue.SimpleQueue[tuple[int, bytes] | BaseException | None] = queue.SimpleQueue()
-
-        def pump() -> None:
-            stream = resp
-            try:
-                if stream is None:
-                    while self._exited(cid) is None:
-                        time.sleep(_POLL_S)
-                    stream = self._api.get(url, params={"stdout": 1, "stderr": 1},
-                                           stream=True, timeout=self._timeout_s)
-                for frame in _frames(stream.raw):
-                    items.put(frame)
-                items.put(None)
-            except BaseException as exc:  # handed to the main thread, translated there
-                items.put(exc)
-            finally:
-                if stream is not None:
-                    stream.close()
-
-        threading.Thread(target=pump, name=f"rfs-output-{cid[:12]}", daemon=True).start()
-        tail = _Tail()
-        deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
-        stopped = False
-        next_check = time.monotonic() + _CHECK_S
-        exited_at: float | None = None
-        while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                if stopped:  # the stream outlived the stop by _DRAIN_S: give up on it
-                    break
-                self._stop(cid, spec.stop_timeout_s)
-                # Keep reading: what it printed while being stopped belongs to its output.
-                stopped, deadline, now = True, time.monotonic() + _DRAIN_S, time.monotonic()
-            try:
-                item = items.get(timeout=_POLL_S if deadline is None else deadline - now)
-            except queue.Empty:
-                # Podman 4.3 was seen to keep a follow stream open after the container had
-                # exited (the build hung for good): while the stream is silent, look at the
-                # container now and then, and stop reading a stream that outlives it.
-                if now >= next_check:
-                    next_check = now + _CHECK_S
-                    if exited_at is None and self._exited(cid) is not None:
-                        exited_at = now
-                    if exited_at is not None and now - exited_at >= _CHECK_S:
-                        log.warning("the %s engine kept the output of container %s open after "
-                                    "it ended; stopped reading it", self._title, cid[:12])
-                        break
-                continue
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                with self._calling(what):
-                    raise item
-            tail.add(*item)
-            on_output(item[1])
-        if not stopped:
-            # The stream ends when the command does, so wait() returns at once; should the
-            # stream have broken early, wait() still honours the deadline. Each wait is bounded
-            # and backed by inspect: Podman 4.3's wait was seen never to answer for a container
-            # that had exited minutes before (the build hung for good).
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                status = self._wait(cid, _WAIT_S if left is None else min(max(left, 0.1),
-                                                                           _WAIT_S))
-                if status is None:
-                    status = self._exited(cid)
-                if status is not None:
-                    return status, False, tail.text()
-            self._stop(cid, spec.stop_timeout_s)
-        return -1, True, tail.text()
-
-    def _exited(self, cid: str) -> int | None:
-        """The exit code of a container that is no longer running, else None."""
-        with self._calling(f"inspect container {cid[:12]}"):
-            state = self._api.inspect_container(cid).get("State") or {}
-        if state.get("Running", True):
-            return None
-        return int(state.get("ExitCode", -1))
-
-    def _wait(self, cid: str, timeout_s: float | None) -> int | None:
-        """The container's exit code, or None if it is still running after `timeout_s`."""
-        with self._calling(f"wait for container {cid[:12]}"):
-            try:
-                result = self._api.wait(cid, timeout=timeout_s)
-            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                # Depending on the transport the SDK raises ReadTimeout or a ConnectionError
-                # wrapping urllib3's ReadTimeoutError.
-                if timeout_s is not None and _is_timeout(exc):
-                    return None
-                raise
-        return int(result.get("StatusCode", -1))
-
-    def _stop(self, cid: str, stop_timeout_s: int) -> None:
-        with self._calling(f"stop container {cid[:12]}"), suppress(docker.errors.NotFound):
-            self._api.stop(cid, timeout=stop_timeout_s)
-
-    def _exit_message(self, cid: str, status: int) -> str:
-        message = f"exited with code {status}"
-        if status == 137:
-            try:
-                with self._calling(f"inspect container {cid[:12]}"):
-                    oom = self._api.inspect_container(cid)["State"].get("OOMKilled")
-            except EngineError:
-                oom = False
-            message += " (killed by the kernel's OOM killer)" if oom else " (killed by SIGKILL)"
-        return message
-
-    def _discard(self, cid: str) -> None:
-        """Force-remove a container; failure is logged, not raised (its label marks it)."""
-        try:
-            with self._calling(f"remove container {cid[:12]}"), suppress(docker.errors.NotFound):
-                self._api.remove_container(cid, force=True, v=True)
-        except EngineError as exc:
-            log.warning("container %s was left behind (label %s=1): %s", cid[:12], MANAGED_LABEL,
-                        exc)
 
     # -- export and image housekeeping ---------------------------------------------------
 
@@ -864,57 +495,3 @@ class DockerEngine:
         return removed
 
 
-def _commit_config(parent: Mapping[str, Any], spec: RunSpec) -> dict[str, Any]:
-    """The image config for a committed step: the parent's, with the step's settings undone.
-
-    Docker's commit fills every field we leave empty from the container's config, and merges in
-    container env vars and labels whose keys we do not mention. So the step's user, working
-    directory, env and labels would become defaults for every later step (and our run labels
-    would mark containers others create from the layer). We therefore restate the parent's
-    values and, where the parent had none, give the neutral equivalent:
-    - User "" → "0" and WorkingDir "" → "/" (what Docker uses for empty);
-    - an env key the parent lacked → "KEY" without "=", which Docker treats as unset when it
-      runs a container; PATH → Docker's default PATH, which is what an unset PATH yields;
-    - a label key the parent lacked → "" (labels cannot be deleted; an empty value matches no
-      "key=value" filter).
-    Only an empty parent Cmd cannot be restored: the step's argv stays as the layer's Cmd,
-    which is harmless since rfs always passes a command.
-    """
-    conf: dict[str, Any] = {k: parent[k] for k in _KEPT_CONFIG if parent.get(k) is not None}
-    if spec.user and not conf.get("User"):
-        conf["User"] = "0"
-    if spec.working_dir and not conf.get("WorkingDir"):
-        conf["WorkingDir"] = "/"
-    env = list(conf.get("Env") or [])
-    parent_keys = {entry.split("=", 1)[0] for entry in env}
-    for key in spec.env:
-        if key not in parent_keys:
-            env.append(f"PATH={_DEFAULT_PATH}" if key == "PATH" else key)
-    if env:
-        conf["Env"] = env
-    labels = dict(conf.get("Labels") or {})
-    for key in (*spec.labels, MANAGED_LABEL):
-        labels.setdefault(key, "")
-    conf["Labels"] = labels
-    return conf
-
-
-def _podman_changes(conf: Mapping[str, Any]) -> list[str]:
-    """`conf` as Dockerfile instructions, as far as Podman's commit can take them.
-
-    Podman 4.3 builds the image config from the container and then applies these. Its parser
-    takes one plain `LABEL key=value` per instruction, and ENV can set but not unset, so the
-    step's env vars stay in the layer's config on Podman.
-    """
-    changes = [
-        f"CMD {json.dumps(conf.get('Cmd') or [])}",
-        f"ENTRYPOINT {json.dumps(conf.get('Entrypoint') or [])}",
-    ]
-    if conf.get("User"):
-        changes.append(f"USER {conf['User']}")
-    if conf.get("WorkingDir"):
-        changes.append(f"WORKDIR {conf['WorkingDir']}")
-    for key, value in (conf.get("Labels") or {}).items():
-        if value == "" and key and not any(c.isspace() or c in "=\"'" for c in key):
-            changes.append(f"LABEL {key}=")
-    return changes
