@@ -15,11 +15,13 @@ from rfs.model import (
     BuildScript,
     Command,
     Container,
+    Copy,
     EngineKind,
     Export,
     Filesystem,
     FsType,
     ImageRef,
+    Output,
     Overlay,
     PathSet,
 )
@@ -33,11 +35,14 @@ _FS_TYPES = {t.value: t for t in FsType}
 _ENGINES = {e.value: e for e in EngineKind}
 
 _KEYS: dict[str, tuple[str, ...]] = {
-    "": ("filesystem", "container", "commands", "overlays", "export"),
+    "": ("filesystem", "container", "copy", "commands", "overlays", "outputs", "export"),
     "filesystem": ("type", "size_mib", "block_size_mib", "dd_block_size_mib", "dd_args",
-                   "mkfs_args"),
+                   "mkfs_args", "all_root"),
     "container": ("engine", "image", "archive", "rootful", "wait_timeout_s", "connection_uri",
-                  "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop"),
+                  "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop",
+                  "uid", "gid", "working_dir"),
+    "copy": ("source", "destination", "mode", "uid", "gid"),
+    "outputs": ("path", "to", "remove"),
     "image": ("name", "tag"),
     "commands": ("command", "script_inline", "script_path", "uid", "gid", "working_dir",
                  "privileged", "env", "max_age", "no_cache"),
@@ -61,6 +66,8 @@ MAX_SIZE_MIB = 16 * 1024 * 1024
 # 5.19 on) under 300 MB; mke2fs makes 1 MiB (measured with 1.47.2; no journal below 8 MiB).
 # squashfs and erofs images are sized by their content.
 MIN_SIZE_MIB: dict[FsType, int] = {FsType.BTRFS: 109, FsType.XFS: 300}
+# Read-only images, where owners can be made root without breaking a running system.
+ALL_ROOT_TYPES = frozenset({FsType.SQUASHFS, FsType.EROFS})
 
 
 class _Reader:
@@ -209,12 +216,18 @@ def _filesystem(r: _Reader, data: Mapping[str, Any]) -> Filesystem:
     if size is not None and size < minimum:
         r.error(f"{p}.size_mib", f"{size} MiB is below the smallest {fs_type.value} filesystem "
                                  f"mkfs can make ({minimum} MiB)")
+    all_root = r.get(data, "all_root", f"{p}.all_root", bool, False)
+    if all_root and fs_type not in ALL_ROOT_TYPES:
+        r.error(f"{p}.all_root", f"only Squashfs and Erofs images take it, not "
+                                 f"{fs_type.value.capitalize()} (a writable image keeps the "
+                                 "owners the commands gave)")
     return Filesystem(
         type=fs_type,
         size_mib=size,
         block_size_mib=block,
         dd_args=r.strings(data, "dd_args", f"{p}.dd_args"),
         mkfs_args=r.strings(data, "mkfs_args", f"{p}.mkfs_args"),
+        all_root=all_root,
     )
 
 
@@ -263,6 +276,9 @@ def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
         timeout=r.count(data, "timeout", f"{p}.timeout", minimum=1),
         cap_add=r.strings(data, "cap_add", f"{p}.cap_add"),
         cap_drop=r.strings(data, "cap_drop", f"{p}.cap_drop"),
+        uid=r.count(data, "uid", f"{p}.uid"),
+        gid=r.count(data, "gid", f"{p}.gid"),
+        working_dir=r.image_path(data, "working_dir", f"{p}.working_dir"),
     )
 
 
@@ -345,6 +361,40 @@ def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:
     )
 
 
+def _copy(r: _Reader, data: Mapping[str, Any], p: str) -> Copy:
+    r.check_keys(data, "copy", p)
+    for key in ("source", "destination"):
+        if data.get(key) is None:
+            r.error(f"{p}.{key}", "is required")
+    return Copy(
+        source=r.image_path(data, "source", f"{p}.source") or "",
+        destination=r.image_path(data, "destination", f"{p}.destination") or "",
+        mode=r.count(data, "mode", f"{p}.mode", maximum=0o7777),
+        uid=r.count(data, "uid", f"{p}.uid"),
+        gid=r.count(data, "gid", f"{p}.gid"),
+    )
+
+
+def _output(r: _Reader, data: Mapping[str, Any], p: str) -> Output:
+    r.check_keys(data, "outputs", p)
+    path = r.image_path(data, "path", f"{p}.path")
+    if data.get("path") is None:
+        r.error(f"{p}.path", "is required")
+    elif path == "/":
+        r.error(f"{p}.path", "must name a file, not /")
+    to = r.text(data, "to", f"{p}.to")
+    if to is None and path:
+        to = path.rsplit("/", 1)[-1]
+    elif to is not None:
+        parts = [part for part in to.split("/") if part not in ("", ".")]
+        if to.startswith("/") or ".." in parts or not parts or "\x00" in to:
+            r.error(f"{p}.to", f"{to!r} must be a file name relative to the image's directory, "
+                               "without '..'")
+        to = "/".join(parts)
+    return Output(path=path or "", to=to or "",
+                  remove=r.get(data, "remove", f"{p}.remove", bool, False))
+
+
 def _pathset(r: _Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
     if data is None:
         return PathSet()
@@ -424,22 +474,40 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
         commands=_list_of_tables(r, doc, "commands", _command),
         overlays=_list_of_tables(r, doc, "overlays", _overlay),
         export=export,
+        copies=_list_of_tables(r, doc, "copy", _copy),
+        outputs=_list_of_tables(r, doc, "outputs", _output),
         script_file=Path(file),
         package_root=package_root,
     )
     _check_destinations(r, script)
+    if script.copies and not script.commands:
+        r.error("copy", "places files before the first command, and there is none: use "
+                        "[[overlays]] to put files into an image without commands")
+    tos: dict[str, int] = {}
+    overlaid = {o.destination for o in script.overlays}
+    for i, out in enumerate(script.outputs):
+        if out.remove and out.path in overlaid:
+            r.error(f"outputs[{i}].remove", f"{out.path} is an overlay's destination: leave the "
+                                           "overlay out instead of removing what it adds")
+        if out.to and out.to in tos:
+            r.error(f"outputs[{i}].to", f"{out.to} is also where outputs[{tos[out.to]}] goes")
+        tos.setdefault(out.to, i)
     return script, r.problems
 
 
 def _check_destinations(r: _Reader, script: BuildScript) -> None:
-    seen: dict[str, int] = {}
+    # Overlays may share a destination (they merge in order, later ones winning); two bind
+    # mounts on one path cannot both be seen by a command, so mounted ones may not.
+    mounted: dict[str, int] = {}
     for i, overlay in enumerate(script.overlays):
         if not overlay.destination:
             continue  # missing or invalid: said already
         if overlay.destination == "/" and not overlay.is_directory:
             r.error(f"overlays[{i}].destination", "must name a file, not /")
-        if overlay.destination in seen:
-            r.error(f"overlays[{i}].destination",
-                    f"{overlay.destination} is also the destination of "
-                    f"overlays[{seen[overlay.destination]}]")
-        seen.setdefault(overlay.destination, i)
+        if not overlay.mounted:
+            continue
+        if overlay.destination in mounted:
+            r.error(f"overlays[{i}].mounted",
+                    f"{overlay.destination} is also where overlays[{mounted[overlay.destination]}] "
+                    "is mounted; only one overlay per destination can be mounted")
+        mounted.setdefault(overlay.destination, i)

@@ -24,11 +24,13 @@ see `_podman_changes`) and answers with a bare hex image ID.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
 import queue
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -43,7 +45,7 @@ import docker.utils
 import requests
 import urllib3
 
-from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
+from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, CopySource, RunSpec
 from rfs.engine.lite import platform_of
 from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed, StepFailed
 
@@ -63,6 +65,9 @@ _CHECK_S = 3.0  # how often a silent step's container is inspected, and the grac
 _DRAIN_S = 10.0
 _WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
 # Docker supplies this PATH at run time when the image sets none; see `_commit_config`.
+# Go's os.FileMode bits, as the engines' path stat reports them.
+_GO_SYMLINK = 1 << 27
+_GO_DIR = 1 << 31
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The export container is never started, so its command only has to be syntactically there.
 _EXPORT_ARGV = ["/.rfs-export-container-never-runs"]
@@ -495,6 +500,8 @@ class DockerEngine:
         cid = self._create(spec, step)
         kept = False
         try:
+            if spec.copy_in is not None:
+                self._copy_in(cid, spec.copy_in, step)
             with self._calling(f"start the container of step {step}"):
                 try:
                     self._api.start(cid)
@@ -524,6 +531,45 @@ class DockerEngine:
         finally:
             if not kept:
                 self._discard(cid)
+
+    def _copy_in(self, cid: str, source: CopySource, step: str) -> None:
+        """Extract `source`'s archive at `/` in the created container `cid`."""
+        with tempfile.TemporaryFile() as archive:
+            with self._calling(f"look up paths in the container of step {step}"):
+                source.write(archive, lambda path: self._directory_link(cid, path))
+            archive.seek(0)
+            with self._calling(f"copy files into the container of step {step}"):
+                self._api.put_archive(cid, "/", archive)
+
+    def _path_stat(self, cid: str, path: str) -> dict[str, Any] | None:
+        """The engine's stat of `path` in container `cid` (HEAD .../archive), None if absent."""
+        url = self._api._url("/containers/{0}/archive", cid)
+        resp = self._api.head(url, params={"path": path}, timeout=self._timeout_s)
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            raise EngineError(f"the {self._title} engine could not stat {path} in a container: "
+                              f"{_answer_message(resp)}")
+        header = resp.headers.get("X-Docker-Container-Path-Stat", "")
+        found: dict[str, Any] = json.loads(base64.b64decode(header)) if header else {}
+        return found
+
+    def _directory_link(self, cid: str, path: str) -> str | None:
+        """Where a symlink at `path` leads when it leads to a directory, else None.
+
+        Go's FileMode: bit 27 marks a symlink, bit 31 a directory. Both engines answer with the
+        link's target resolved inside the container (Podman gives every path a linkTarget,
+        itself for a non-link, so the symlink bit decides)."""
+        found = self._path_stat(cid, path)
+        if found is None or not int(found.get("mode", 0)) & _GO_SYMLINK:
+            return None
+        target = str(found.get("linkTarget") or "")
+        if not target.startswith("/"):
+            return None
+        resolved = self._path_stat(cid, target)
+        if resolved is None or not int(resolved.get("mode", 0)) & _GO_DIR:
+            return None
+        return target
 
     def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
                     labels: Mapping[str, str] = EMPTY) -> str | None:

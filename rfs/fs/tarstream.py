@@ -82,19 +82,21 @@ def write_image_stream(
     mtime: int,
     restore: Mapping[str, bytes] | None = None,
     clamp_mtime: int | None = None,
+    all_root: bool = False,
 ) -> StreamStats:
     """Write the filtered export, created paths and overlays to `out` as one tar stream.
 
     `export_tar` is read whole, whatever its position: mapped when it is a real file, else read
     (or, for a BytesIO, used in place). Created and overlay entries get `mtime`; with
     `clamp_mtime`, export entries newer than it get it too. Raises ScriptError for a bad
-    selection or overlay and TarError for a damaged export.
+    selection or overlay and TarError for a damaged export. `all_root`: every entry is owned
+    by root (uid and gid 0), as `mksquashfs -all-root` makes them.
     """
     with _mapped(export_tar) as (buf, src_fd):
         plan = make_plan(tf.index_archive(buf), selection, overlays, restore or {})
         writer = _Writer(buf, src_fd, out)
         try:
-            stats = _Emitter(plan, writer, mtime, clamp_mtime).run()
+            stats = _Emitter(plan, writer, mtime, clamp_mtime, all_root=all_root).run()
         finally:
             writer.close()
     out.flush()
@@ -191,8 +193,15 @@ class _Writer:
 class _Emitter:
     """Walks the plan and writes every entry, fixing what must be fixed."""
 
-    def __init__(self, plan: Plan, writer: _Writer, mtime: int, clamp: int | None = None) -> None:
+    def __init__(self, plan: Plan, writer: _Writer, mtime: int, clamp: int | None = None, *,
+                 all_root: bool = False) -> None:
         self.plan = plan
+        self.all_root = all_root
+        # PAX owner records would override the ustar owner fields: dropped with all_root.
+        self.no_owner: tuple[bytes, ...] = _OWNER_RECORDS if all_root else ()
+        if all_root:
+            for generated in plan.generated:
+                generated.uid = generated.gid = 0
         self.w = writer
         self.mtime = mtime
         self.clamp = clamp
@@ -259,6 +268,22 @@ class _Emitter:
         block[136:148] = b"%011o\x00" % self.clamp
         return True
 
+    def _needs_owner(self, entry: tf.RawEntry) -> bool:
+        """With all_root: whether the entry's headers name an owner other than root."""
+        if not self.all_root:
+            return False
+        if entry.pax is not None and any(k in entry.pax for k in _OWNER_RECORDS):
+            return True
+        view = self.w.view  # the tools read numeric owners only: names are left alone
+        return (tf.parse_number(bytes(view[entry.header + 108 : entry.header + 116])) != 0
+                or tf.parse_number(bytes(view[entry.header + 116 : entry.header + 124])) != 0)
+
+    def _rooted(self, block: bytearray) -> None:
+        """With all_root: make the header's owner root (numeric ids 0, no names)."""
+        if self.all_root:
+            block[108:124] = _ROOT_IDS
+            block[265:329] = bytes(64)
+
     def _needs_clamp(self, entry: tf.RawEntry) -> bool:
         if self.clamp is None:
             return False
@@ -295,8 +320,11 @@ class _Emitter:
             tf.set_field(block, "size", len(content))
             tf.set_field(block, "mode", 0o644)  # the export shows Docker's bind-mount 0755
             clamped = self._clamped(block)
-            if entry.pax is not None and (b"size" in entry.pax or clamped):
-                self.w.write(_rebuilt(entry, block, drop=(b"size", *self.no_mtime)))
+            owned = self._needs_owner(entry)
+            self._rooted(block)
+            if entry.pax is not None and (b"size" in entry.pax or clamped or owned):
+                self.w.write(_rebuilt(entry, block,
+                                      drop=(b"size", *self.no_mtime, *self.no_owner)))
             else:
                 tf.set_checksum(block)
                 self.w.copy(entry.start, entry.header)
@@ -308,11 +336,14 @@ class _Emitter:
             block = tf.header_block(self.w.view, entry)
             tf.set_field(block, "mode", 0o644)  # Docker's bind-mount target shows as 0755
             self._clamped(block)
-            self.w.write(_rebuilt(entry, block, drop=self.no_mtime))
-        elif (entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry):
+            self._rooted(block)
+            self.w.write(_rebuilt(entry, block, drop=(*self.no_mtime, *self.no_owner)))
+        elif ((entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry)
+              or self._needs_owner(entry)):
             block = tf.header_block(self.w.view, entry)
             self._clamped(block)
-            self.w.write(_rebuilt(entry, block, drop=self.no_mtime))
+            self._rooted(block)
+            self.w.write(_rebuilt(entry, block, drop=(*self.no_mtime, *self.no_owner)))
             self.w.copy(entry.data, entry.end)
         else:
             self.w.copy(entry.start, entry.end)
@@ -366,7 +397,9 @@ class _Emitter:
             )
         block = tf.header_block(self.w.view, source)
         self._clamped(block)
-        self.w.write(_rebuilt(source, block, name=entry.name, drop=self.no_mtime))
+        self._rooted(block)
+        self.w.write(_rebuilt(source, block, name=entry.name,
+                              drop=(*self.no_mtime, *self.no_owner)))
         self.w.copy(source.data, source.end)
         self.link_names[target] = entry.name
         self.stats.links_materialised += 1
@@ -428,6 +461,10 @@ class _Emitter:
         if typeflag != tf.DIRECTORY:
             self.link_names[path] = name
 
+
+_OWNER_RECORDS = (b"uid", b"gid", b"uname", b"gname")
+# A root-owned ustar header's uid and gid: 0, octal, NUL-terminated.
+_ROOT_IDS = b"0000000\x00" * 2
 
 # PAX records a merged directory entry sets itself (or must lose: times and owner names).
 _MERGED_DROPS = frozenset({b"path", b"linkpath", b"size", b"uid", b"gid", b"uname", b"gname",

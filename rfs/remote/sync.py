@@ -128,6 +128,8 @@ class RemoteCache:
             why = local(step)
             if why is None or step.kind is StepKind.BASE or step.key in self.bad:
                 return why
+            if step.kind is StepKind.ASSEMBLE and self.ex.script.outputs:
+                return why  # side outputs are made from the export here, with the image
             return None if self.lookup(step) is not None else why
 
         return available

@@ -34,6 +34,7 @@ NEUTRAL = {
     "__init__.py": "package markers",
     "fs/tools.py": "reads tool versions, which are keyed themselves",
     "planner.py": "decides which steps run, not what they make",
+    "checks.py": "tells a host's refusal of privilege from a command's failure; makes nothing",
 }
 # Where each kind's artifact is made (executors.py, the glue, is listed for every kind and
 # checked as a whole below).
