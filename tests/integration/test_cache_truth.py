@@ -66,9 +66,10 @@ source = "/tree"
 destination = "/opt/tree"
 is_directory = true
 
+# /bin/busybox: in the image whatever the [export] cases keep
 [[outputs]]
-path = "/out/env"
-to = "env.txt"
+path = "/bin/busybox"
+to = "busybox.out"
 """
 
 # Everything a command's container can show ends up in the image, so a field that changes the
@@ -209,10 +210,10 @@ CASES: dict[str, Case] = {
     "copy uid": Case(("copy[].uid",), append('destination = "/opt/copied.txt"', "uid = 1000")),
     "copy gid": Case(("copy[].gid",), append('destination = "/opt/copied.txt"', "gid = 1000")),
     # [[outputs]]: the side outputs are compared too
-    "output path": Case(("outputs", "outputs[].path"), edit('path = "/out/env"',
-                                                            'path = "/out/hostname"')),
-    "output to": Case(("outputs[].to",), edit('to = "env.txt"', 'to = "side/env.txt"')),
-    "output remove": Case(("outputs[].remove",), append('to = "env.txt"', "remove = true")),
+    "output path": Case(("outputs", "outputs[].path"), edit('path = "/bin/busybox"',
+                                                            'path = "/out/env"')),
+    "output to": Case(("outputs[].to",), edit('to = "busybox.out"', 'to = "side/busybox"')),
+    "output remove": Case(("outputs[].remove",), append('to = "busybox.out"', "remove = true")),
     "filesystem all root": Case(("filesystem.all_root",),
                                 append("[filesystem]", 'type = "Squashfs"\nall_root = true')),
     # [[commands]]
