@@ -15,16 +15,15 @@ from rfs.model import (
     BuildScript,
     Command,
     Container,
-    Copy,
     EngineKind,
     Export,
     Filesystem,
     FsType,
     ImageRef,
-    Output,
     Overlay,
     PathSet,
 )
+from rfs.schema_recipes import copy_entry, output_entry
 
 # The names a build script may have in a package directory, in order of preference.
 SCRIPT_NAMES = ("build.toml", "build.yaml", "build.yml")
@@ -361,40 +360,6 @@ def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:
     )
 
 
-def _copy(r: _Reader, data: Mapping[str, Any], p: str) -> Copy:
-    r.check_keys(data, "copy", p)
-    for key in ("source", "destination"):
-        if data.get(key) is None:
-            r.error(f"{p}.{key}", "is required")
-    return Copy(
-        source=r.image_path(data, "source", f"{p}.source") or "",
-        destination=r.image_path(data, "destination", f"{p}.destination") or "",
-        mode=r.count(data, "mode", f"{p}.mode", maximum=0o7777),
-        uid=r.count(data, "uid", f"{p}.uid"),
-        gid=r.count(data, "gid", f"{p}.gid"),
-    )
-
-
-def _output(r: _Reader, data: Mapping[str, Any], p: str) -> Output:
-    r.check_keys(data, "outputs", p)
-    path = r.image_path(data, "path", f"{p}.path")
-    if data.get("path") is None:
-        r.error(f"{p}.path", "is required")
-    elif path == "/":
-        r.error(f"{p}.path", "must name a file, not /")
-    to = r.text(data, "to", f"{p}.to")
-    if to is None and path:
-        to = path.rsplit("/", 1)[-1]
-    elif to is not None:
-        parts = [part for part in to.split("/") if part not in ("", ".")]
-        if to.startswith("/") or ".." in parts or not parts or "\x00" in to:
-            r.error(f"{p}.to", f"{to!r} must be a file name relative to the image's directory, "
-                               "without '..'")
-        to = "/".join(parts)
-    return Output(path=path or "", to=to or "",
-                  remove=r.get(data, "remove", f"{p}.remove", bool, False))
-
-
 def _pathset(r: _Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
     if data is None:
         return PathSet()
@@ -474,8 +439,8 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
         commands=_list_of_tables(r, doc, "commands", _command),
         overlays=_list_of_tables(r, doc, "overlays", _overlay),
         export=export,
-        copies=_list_of_tables(r, doc, "copy", _copy),
-        outputs=_list_of_tables(r, doc, "outputs", _output),
+        copies=_list_of_tables(r, doc, "copy", copy_entry),
+        outputs=_list_of_tables(r, doc, "outputs", output_entry),
         script_file=Path(file),
         package_root=package_root,
     )

@@ -29,6 +29,7 @@ NEUTRAL = {
     "orphans.py": "removal of leftovers",
     "signals.py": "Ctrl-C handling",
     "schema.py": "parsing; its result is keyed as inputs",
+    "schema_recipes.py": "parsing; its result is keyed as inputs",
     "packing.py": "package archives; what they contain is keyed by content",
     "codeversion.py": "this module",
     "__init__.py": "package markers",
