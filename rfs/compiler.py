@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rfs.hashing import digest_bytes, digest_json
-from rfs.model import BuildScript, Command, Overlay
+from rfs.model import BuildScript, Command, Copy, Overlay
 from rfs.steps import KEY_VERSION, Facts, Step, StepKind
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ def describe_command(cmd: Command) -> str:
     return f"inline script ({len(lines)} lines): {first.strip()[:50]}"
 
 
-def command_inputs(cmd: Command, script: BuildScript, facts: Facts) -> dict[str, Any]:
+def command_inputs(cmd: Command, script: BuildScript, facts: Facts, index: int = -1
+                   ) -> dict[str, Any]:
     """The manifest of a RUN step: everything that can change the layer it produces."""
     c = script.container
     if cmd.command is not None:
@@ -53,12 +54,14 @@ def command_inputs(cmd: Command, script: BuildScript, facts: Facts) -> dict[str,
                if o.mounted and o.source is not None}
     mounted.update({o.destination: digest_bytes((o.source_inline or "").encode())
                     for o in script.overlays if o.mounted and o.source_inline is not None})
-    return {
+    # The values the command runs with, however they are spelled (its own or [container]'s).
+    uid, gid, working_dir = cmd.effective(c)
+    inputs: dict[str, Any] = {
         **body,
         "env": env,
-        "uid": cmd.uid,
-        "gid": cmd.gid,
-        "working_dir": cmd.working_dir,
+        "uid": uid,
+        "gid": gid,
+        "working_dir": working_dir,
         "privileged": cmd.privileged or c.rootful,
         "hostname": c.hostname,
         "cap_add": sorted(c.cap_add),
@@ -70,6 +73,15 @@ def command_inputs(cmd: Command, script: BuildScript, facts: Facts) -> dict[str,
         "mounted_overlays": mounted,
         "code": facts.code.get("run", ""),
     }
+    if index == 0 and script.copies:  # placed into this command's container before it starts
+        inputs["copy"] = [copy_inputs(copy, facts) for copy in script.copies]
+    return inputs
+
+
+def copy_inputs(copy: Copy, facts: Facts) -> dict[str, Any]:
+    """The manifest entry of one `[[copy]]`: what lands where, with which owner and mode."""
+    return {"source": facts.file_digests[copy.source], "destination": copy.destination,
+            "mode": copy.mode, "uid": copy.uid, "gid": copy.gid}
 
 
 def overlay_inputs(overlay: Overlay, facts: Facts) -> dict[str, Any]:
@@ -93,6 +105,10 @@ def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
         "block_size_mib": fs.block_size_mib,
         "dd_args": list(fs.dd_args),
         "mkfs_args": list(fs.mkfs_args),
+        # Absent unless set, so the keys of scripts that do not use them stay as they were.
+        **({"all_root": True} if fs.all_root else {}),
+        **({"outputs": [{"path": o.path, "to": o.to, "remove": o.remove}
+                        for o in script.outputs]} if script.outputs else {}),
         "export": {
             "files": {"include": list(ex.files.include), "create": list(ex.files.create),
                       "exclude": list(ex.files.exclude)},
@@ -129,7 +145,7 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
                base_inputs, [], context={"image": c.base_label})
     for i, cmd in enumerate(script.commands):
         last = add(f"run[{i}]", StepKind.RUN, f"commands[{i}] {describe_command(cmd)}",
-                   command_inputs(cmd, script, facts), [last], index=i)
+                   command_inputs(cmd, script, facts, i), [last], index=i)
     export = add("export", StepKind.EXPORT, "export the container filesystem",
                  {"engine": facts.engine, "engine_version": facts.engine_version,
                   "code": facts.code.get("export", "")}, [last])

@@ -19,7 +19,7 @@ from rfs.steps import Step, StepKind
 from rfs.store import Blob, Store
 
 if TYPE_CHECKING:
-    from rfs.engine.base import BinarySink, Engine, Mount
+    from rfs.engine.base import BinarySink, CopySource, Engine, Mount
     from rfs.fs.overlay import OverlayEntry
     from rfs.fs.selection import Selection
     from rfs.reporter import Reporter
@@ -227,6 +227,7 @@ class Executor:
                 return f"{self.output} was not built from these inputs"
             if recorded != output_identity(self.output):
                 return f"{self.output} changed or disappeared since it was built"
+            return self._side_outputs_missing(record)
         return None
 
     # running ----------------------------------------------------------------------------------
@@ -319,9 +320,10 @@ class Executor:
         cmd = self.script.commands[step.index]
         c = self.script.container
         parent = parents[step.parents[0]]
+        uid, gid, working_dir = cmd.effective(c)
         user = None
-        if cmd.uid is not None or cmd.gid is not None:
-            user = f"{cmd.uid or 0}:{cmd.gid}" if cmd.gid is not None else str(cmd.uid)
+        if uid is not None or gid is not None:
+            user = f"{uid or 0}:{gid}" if gid is not None else str(uid)
         written = self._written(parent)
         seeded = etcfiles.seed(written, c.hostname) if self.engine.local else {}
         with self._scratch() as scratch:
@@ -331,7 +333,7 @@ class Executor:
                 image=self._image_of(parent, base_id),
                 argv=tuple(self._command_argv(cmd, scratch)),
                 user=user,
-                working_dir=cmd.working_dir,
+                working_dir=working_dir,
                 env={**dict(c.env), **dict(cmd.env)},
                 privileged=cmd.privileged or c.rootful,
                 mounts=tuple(self._mounts(scratch, seeded)),
@@ -343,6 +345,7 @@ class Executor:
                 stop_timeout_s=c.wait_timeout_s if c.wait_timeout_s is not None else 10,
                 network=self.network,
                 labels=self.labels,
+                copy_in=self._copy_in() if step.index == 0 else None,
             )
             try:
                 image_id = self.engine.run_and_commit(
@@ -355,6 +358,15 @@ class Executor:
                 raise
             written = etcfiles.collect(scratch, seeded, written)
         return {"image_id": image_id, "tag": self.layer_tag(step.key), "etc_written": written}
+
+    def _copy_in(self) -> CopySource | None:
+        """The `[[copy]]` entries, from the build's snapshot: what was keyed is what lands."""
+        if not self.script.copies:
+            return None
+        from rfs.copyin import CopyIn
+
+        return CopyIn(tuple((copy, self._package_file(copy.source))
+                            for copy in self.script.copies), self.source_date_epoch)
 
     def _refused_privilege(self, step: Step, image: str, failure: StartFailed) -> None:
         """Raise EnvironmentProblem (exit 3) when the privileged container of `step` could not
@@ -429,10 +441,24 @@ class Executor:
             mode = normalised_mode(os.stat(host))
         return [OverlayEntry(overlay.destination, host.read_bytes(), mode, uid, gid)]
 
-    def selection(self) -> Selection:
-        """The export selection of the build script, for the filesystem filter."""
+    def _side_outputs_missing(self, record: Mapping[str, Any]) -> str | None:
+        """Why the side outputs of the image are not as rfs wrote them, or None."""
+        from rfs.fs.outputs import identity
+
+        recorded = record.get("side_outputs", {})
+        for out in self.script.outputs:
+            path = self.output.resolve().parent / out.to
+            if str(path) not in recorded or recorded[str(path)] != identity(path):
+                return f"side output {path} changed or disappeared since it was built"
+        return None
+
+    def selection(self, *, removals: bool = True) -> Selection:
+        """The export selection of the build script, for the filesystem filter; `removals`:
+        with the side outputs that `remove` leaves out of the image."""
+        from rfs.fs.outputs import removal_globs
         from rfs.fs.selection import Selection
 
+        removed = removal_globs([o.path for o in self.script.outputs if o.remove and removals])
         ex = self.script.export
         return Selection(
             whole=ex.whole,
@@ -440,7 +466,7 @@ class Executor:
             include_dirs=ex.directories.include,
             create_files=ex.files.create,
             create_dirs=ex.directories.create,
-            exclude=ex.files.exclude + ex.directories.exclude,
+            exclude=ex.files.exclude + ex.directories.exclude + removed,
         )
 
     def _assemble(self, step: Step, parents: dict[str, Step]) -> dict[str, Any]:
@@ -465,17 +491,29 @@ class Executor:
                           source_date_epoch=self.source_date_epoch, size_mib=fs.size_mib,
                           block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
                           dd_args=fs.dd_args,
+                          all_root=fs.all_root,
                           base_images=_BaseImages(self, export.key, str(blob.digest)))
+        overlays = self._overlay_entries()
+        contents = None
+        if self.script.outputs:  # read first: a missing side output fails before any write
+            from rfs.fs import outputs as side
+
+            contents = side.extract(blob.path, self.selection(removals=False), overlays, restore,
+                                    [(f"outputs[{i}].path", o.path)
+                                     for i, o in enumerate(self.script.outputs)])
         # Progress: what the filesystem tool has read of the stream, against the export's size.
         with child_reads(None, lambda n: self.reporter.progress(step, n, blob.size)):
-            result = assemble(fs.type, blob.path, self.selection(), self._overlay_entries(),
+            result = assemble(fs.type, blob.path, self.selection(), overlays,
                               self.output, options, restore=restore,
                               warn=lambda text: self.reporter.message(f"rfs: warning: {text}"))
+        written = {} if contents is None else side.write(
+            self.output, [(f"outputs[{i}].to", o.to) for i, o in enumerate(self.script.outputs)],
+            contents, {o.to: o.path for o in self.script.outputs})
         old = self.store.record(step.key) or {}
         outputs = dict(old.get("outputs", {}))
         outputs[str(self.output.resolve())] = output_identity(self.output)
         return {"outputs": outputs, "size_mib": result.size_mib, "route": result.route,
-                "warnings": result.warnings}
+                "warnings": result.warnings, **({"side_outputs": written} if written else {})}
 
 
 class _BaseImages:

@@ -26,6 +26,7 @@ def package_refs(script: BuildScript) -> list[str]:
     """Every package file or directory the script references."""
     refs = [c.script_path for c in script.commands if c.script_path]
     refs += [o.source for o in script.overlays if o.source]
+    refs += [c.source for c in script.copies if c.source]
     refs += [host for host, _ in script.container.volumes]
     if script.container.archive:
         refs.append(script.container.archive)
@@ -33,11 +34,14 @@ def package_refs(script: BuildScript) -> list[str]:
 
 
 def command_refs(script: BuildScript, index: int) -> list[str]:
-    """The package files command `index` sees: its script, the volumes, mounted overlays."""
+    """The package files command `index` sees: its script, the volumes, mounted overlays, and
+    for the first command the copies."""
     cmd = script.commands[index]
     refs = [cmd.script_path] if cmd.script_path else []
     refs += [host for host, _ in script.container.volumes]
     refs += [o.source for o in script.overlays if o.mounted and o.source]
+    if index == 0:  # the copies are placed into the first command's container
+        refs += [c.source for c in script.copies if c.source]
     return sorted(set(refs))
 
 

@@ -38,6 +38,7 @@ class Filesystem:
     block_size_mib: int | None = None
     dd_args: tuple[str, ...] = ()
     mkfs_args: tuple[str, ...] = ()
+    all_root: bool = False  # squashfs/erofs: every file owned by root (mksquashfs -all-root)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ class Container:
     timeout: int | None = None
     cap_add: tuple[str, ...] = ()
     cap_drop: tuple[str, ...] = ()
+    # Defaults of every command, which each command may override.
+    uid: int | None = None
+    gid: int | None = None
+    working_dir: str | None = None
 
     @property
     def base_label(self) -> str:
@@ -99,6 +104,33 @@ class Command:
     # Not in the key (they cannot change what the command makes, only when it is made again):
     max_age_s: int | None = None  # a cached result older than this is made again
     no_cache: bool = False  # made again on every build
+
+    def effective(self, container: Container) -> tuple[int | None, int | None, str | None]:
+        """(uid, gid, working_dir) this command runs with: its own, else `[container]`'s."""
+        return (self.uid if self.uid is not None else container.uid,
+                self.gid if self.gid is not None else container.gid,
+                self.working_dir if self.working_dir is not None else container.working_dir)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One `[[copy]]` entry: a package file or tree placed into the container's filesystem
+    before the first command (like a Dockerfile COPY), writable by the commands."""
+
+    source: str  # package-relative
+    destination: str
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """One `[[outputs]]` entry: a file of the final tree written next to the image."""
+
+    path: str  # in the image
+    to: str  # relative to the image's directory
+    remove: bool = False  # also left out of the image
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,8 @@ class BuildScript:
     commands: tuple[Command, ...] = ()
     overlays: tuple[Overlay, ...] = ()
     export: Export = field(default_factory=Export)
+    copies: tuple[Copy, ...] = ()
+    outputs: tuple[Output, ...] = ()
     script_file: Path = Path("build.toml")  # for messages
     package_root: Path | None = None  # the package directory; None: parsed without one
     # The .tar/.tar.gz package `package_root` was unpacked from (a temporary directory): the

@@ -90,6 +90,9 @@ def references(script: BuildScript) -> list[tuple[str, str, str]]:
             refs.append((f"overlays[{i}].source", ov.source, "dir" if ov.is_directory else "file"))
     for vol, _ in script.container.volumes:
         refs.append((f"container.volumes.{vol}", vol, "any"))
+    for i, copy in enumerate(script.copies):
+        if copy.source:
+            refs.append((f"copy[{i}].source", copy.source, "any"))
     return refs
 
 

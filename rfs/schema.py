@@ -5,7 +5,6 @@ Nothing here touches the filesystem: package files are checked by `package.py`.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +22,8 @@ from rfs.model import (
     Overlay,
     PathSet,
 )
+from rfs.schema_reader import Reader, _kind
+from rfs.schema_recipes import copy_entry, output_entry
 
 # The names a build script may have in a package directory, in order of preference.
 SCRIPT_NAMES = ("build.toml", "build.yaml", "build.yml")
@@ -33,11 +34,14 @@ _FS_TYPES = {t.value: t for t in FsType}
 _ENGINES = {e.value: e for e in EngineKind}
 
 _KEYS: dict[str, tuple[str, ...]] = {
-    "": ("filesystem", "container", "commands", "overlays", "export"),
+    "": ("filesystem", "container", "copy", "commands", "overlays", "outputs", "export"),
     "filesystem": ("type", "size_mib", "block_size_mib", "dd_block_size_mib", "dd_args",
-                   "mkfs_args"),
+                   "mkfs_args", "all_root"),
     "container": ("engine", "image", "archive", "rootful", "wait_timeout_s", "connection_uri",
-                  "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop"),
+                  "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop",
+                  "uid", "gid", "working_dir"),
+    "copy": ("source", "destination", "mode", "uid", "gid"),
+    "outputs": ("path", "to", "remove"),
     "image": ("name", "tag"),
     "commands": ("command", "script_inline", "script_path", "uid", "gid", "working_dir",
                  "privileged", "env", "max_age", "no_cache"),
@@ -61,128 +65,11 @@ MAX_SIZE_MIB = 16 * 1024 * 1024
 # 5.19 on) under 300 MB; mke2fs makes 1 MiB (measured with 1.47.2; no journal below 8 MiB).
 # squashfs and erofs images are sized by their content.
 MIN_SIZE_MIB: dict[FsType, int] = {FsType.BTRFS: 109, FsType.XFS: 300}
+# Read-only images, where owners can be made root without breaking a running system.
+ALL_ROOT_TYPES = frozenset({FsType.SQUASHFS, FsType.EROFS})
 
 
-class _Reader:
-    """Reads typed fields out of nested mappings, recording problems instead of raising."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.problems: list[Problem] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.problems.append(Problem(path, message, self.file))
-
-    def warn(self, path: str, message: str) -> None:
-        self.problems.append(Problem(path, message, self.file, severity="warning"))
-
-    def table(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any] | None:
-        value = data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, Mapping):
-            self.error(path, f"must be a table, not {_kind(value)}")
-            return None
-        return value
-
-    def check_keys(self, data: Mapping[str, Any], known: str, path: str) -> None:
-        allowed = _KEYS[known]
-        for key in data:
-            if key in allowed:
-                continue
-            where = f"{path}.{key}" if path else str(key)
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self.warn(where, f"unknown key, ignored{hint}")
-
-    def get(self, data: Mapping[str, Any], key: str, path: str, kind: type[T],
-            default: T) -> T:
-        value = data.get(key)
-        if value is None:
-            return default
-        # bool is an int subclass in Python; a size of `true` is a mistake, not 1.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.error(path, f"must be {_name(kind)}, not {_kind(value)}")
-            return default
-        return value
-
-    def opt(self, data: Mapping[str, Any], key: str, path: str, kind: type[T]) -> T | None:
-        if data.get(key) is None:
-            return None
-        value: T | None = self.get(data, key, path, kind, None)
-        return value
-
-    def text(self, data: Mapping[str, Any], key: str, path: str) -> str | None:
-        return self.opt(data, key, path, str)
-
-    def count(self, data: Mapping[str, Any], key: str, path: str, *, minimum: int = 0,
-              maximum: int | None = None) -> int | None:
-        value = self.opt(data, key, path, int)
-        if value is None:
-            return None
-        if value < minimum:
-            self.error(path, f"must be at least {minimum}, not {value}")
-            return None
-        if maximum is not None and value > maximum:
-            self.error(path, f"must be at most {maximum}, not {value}")
-            return None
-        return value
-
-    def strings(self, data: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
-        value = data.get(key)
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.error(path, "must be a list of strings")
-            return ()
-        return tuple(value)
-
-    def mapping(self, data: Mapping[str, Any], key: str, path: str) -> tuple[tuple[str, str], ...]:
-        value = data.get(key)
-        if value is None:
-            return ()
-        if not isinstance(value, Mapping):
-            self.error(path, f"must be a table of strings, not {_kind(value)}")
-            return ()
-        pairs = []
-        for k, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, str | int | float):
-                self.error(f"{path}.{k}", f"must be a string, not {_kind(v)}")
-                continue
-            pairs.append((str(k), str(v)))
-        return tuple(sorted(pairs))
-
-    def image_path(self, data: Mapping[str, Any], key: str, path: str) -> str | None:
-        """An absolute path inside the image or the package; `..` is refused."""
-        value = self.text(data, key, path)
-        if value is None:
-            return None
-        return self.check_abs(value, path)
-
-    def check_abs(self, value: str, path: str) -> str | None:
-        if not value.startswith("/"):
-            value = "/" + value  # buildfs treats every reference as rooted; keep that
-        parts = [p for p in value.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            self.error(path, f"{value!r} must not contain '..'")
-            return None
-        if "\x00" in value:  # no file name holds one; the OS would cut the path there
-            self.error(path, f"{value!r} must not contain a NUL character")
-            return None
-        return "/" + "/".join(parts)
-
-
-def _kind(value: object) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _name(kind: type) -> str:
-    return {str: "a string", int: "an integer", bool: "a boolean (true/false)"}.get(
-        kind, kind.__name__)
-
-
-def _enum(r: _Reader, data: Mapping[str, Any], key: str, path: str,
+def _enum(r: Reader, data: Mapping[str, Any], key: str, path: str,
           values: Mapping[str, T], default: T) -> T:
     raw = r.text(data, key, path)
     if raw is None:
@@ -195,7 +82,7 @@ def _enum(r: _Reader, data: Mapping[str, Any], key: str, path: str,
     return found
 
 
-def _filesystem(r: _Reader, data: Mapping[str, Any]) -> Filesystem:
+def _filesystem(r: Reader, data: Mapping[str, Any]) -> Filesystem:
     p = "filesystem"
     r.check_keys(data, "filesystem", p)
     size = r.count(data, "size_mib", f"{p}.size_mib", minimum=1, maximum=MAX_SIZE_MIB)
@@ -209,16 +96,22 @@ def _filesystem(r: _Reader, data: Mapping[str, Any]) -> Filesystem:
     if size is not None and size < minimum:
         r.error(f"{p}.size_mib", f"{size} MiB is below the smallest {fs_type.value} filesystem "
                                  f"mkfs can make ({minimum} MiB)")
+    all_root = r.get(data, "all_root", f"{p}.all_root", bool, False)
+    if all_root and fs_type not in ALL_ROOT_TYPES:
+        r.error(f"{p}.all_root", f"only Squashfs and Erofs images take it, not "
+                                 f"{fs_type.value.capitalize()} (a writable image keeps the "
+                                 "owners the commands gave)")
     return Filesystem(
         type=fs_type,
         size_mib=size,
         block_size_mib=block,
         dd_args=r.strings(data, "dd_args", f"{p}.dd_args"),
         mkfs_args=r.strings(data, "mkfs_args", f"{p}.mkfs_args"),
+        all_root=all_root,
     )
 
 
-def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
+def _container(r: Reader, data: Mapping[str, Any]) -> Container:
     p = "container"
     r.check_keys(data, "container", p)
     image = r.table(data, "image", f"{p}.image")
@@ -263,10 +156,13 @@ def _container(r: _Reader, data: Mapping[str, Any]) -> Container:
         timeout=r.count(data, "timeout", f"{p}.timeout", minimum=1),
         cap_add=r.strings(data, "cap_add", f"{p}.cap_add"),
         cap_drop=r.strings(data, "cap_drop", f"{p}.cap_drop"),
+        uid=r.count(data, "uid", f"{p}.uid"),
+        gid=r.count(data, "gid", f"{p}.gid"),
+        working_dir=r.image_path(data, "working_dir", f"{p}.working_dir"),
     )
 
 
-def _command(r: _Reader, data: Mapping[str, Any], p: str) -> Command:
+def _command(r: Reader, data: Mapping[str, Any], p: str) -> Command:
     r.check_keys(data, "commands", p)
     forms = [k for k in ("command", "script_inline", "script_path") if data.get(k) is not None]
     if len(forms) != 1:
@@ -307,7 +203,7 @@ def parse_duration(text: str) -> int | None:
     return int(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
 
 
-def _duration(r: _Reader, data: Mapping[str, Any], key: str, path: str) -> int | None:
+def _duration(r: Reader, data: Mapping[str, Any], key: str, path: str) -> int | None:
     """A positive duration: a string such as "24h" or a number of seconds."""
     value = data.get(key)
     if value is None:
@@ -320,7 +216,7 @@ def _duration(r: _Reader, data: Mapping[str, Any], key: str, path: str) -> int |
     return seconds
 
 
-def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:
+def _overlay(r: Reader, data: Mapping[str, Any], p: str) -> Overlay:
     r.check_keys(data, "overlays", p)
     has_source = data.get("source") is not None
     has_inline = data.get("source_inline") is not None
@@ -345,7 +241,7 @@ def _overlay(r: _Reader, data: Mapping[str, Any], p: str) -> Overlay:
     )
 
 
-def _pathset(r: _Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
+def _pathset(r: Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
     if data is None:
         return PathSet()
     r.check_keys(data, "pathset", p)
@@ -362,8 +258,8 @@ def _pathset(r: _Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
                    exclude=r.strings(data, "exclude", f"{p}.exclude"))
 
 
-def _list_of_tables(r: _Reader, data: Mapping[str, Any], key: str,
-                    parse: Callable[[_Reader, Mapping[str, Any], str], T]) -> tuple[T, ...]:
+def _list_of_tables(r: Reader, data: Mapping[str, Any], key: str,
+                    parse: Callable[[Reader, Mapping[str, Any], str], T]) -> tuple[T, ...]:
     value = data.get(key)
     if value is None:
         return ()
@@ -398,7 +294,7 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
     Fields with errors get defaults, so later checks (package files) can still run and the
     user sees everything at once; callers must not use the model when errors were found.
     """
-    r = _Reader(file)
+    r = Reader(file, _KEYS)
     if doc is None:  # YAML reads an empty file as null
         raise ScriptError([Problem("", "is empty: a build script needs at least [container]",
                                    file)])
@@ -424,22 +320,40 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
         commands=_list_of_tables(r, doc, "commands", _command),
         overlays=_list_of_tables(r, doc, "overlays", _overlay),
         export=export,
+        copies=_list_of_tables(r, doc, "copy", copy_entry),
+        outputs=_list_of_tables(r, doc, "outputs", output_entry),
         script_file=Path(file),
         package_root=package_root,
     )
     _check_destinations(r, script)
+    if script.copies and not script.commands:
+        r.error("copy", "places files before the first command, and there is none: use "
+                        "[[overlays]] to put files into an image without commands")
+    tos: dict[str, int] = {}
+    overlaid = {o.destination for o in script.overlays}
+    for i, out in enumerate(script.outputs):
+        if out.remove and out.path in overlaid:
+            r.error(f"outputs[{i}].remove", f"{out.path} is an overlay's destination: leave the "
+                                           "overlay out instead of removing what it adds")
+        if out.to and out.to in tos:
+            r.error(f"outputs[{i}].to", f"{out.to} is also where outputs[{tos[out.to]}] goes")
+        tos.setdefault(out.to, i)
     return script, r.problems
 
 
-def _check_destinations(r: _Reader, script: BuildScript) -> None:
-    seen: dict[str, int] = {}
+def _check_destinations(r: Reader, script: BuildScript) -> None:
+    # Overlays may share a destination (they merge in order, later ones winning); two bind
+    # mounts on one path cannot both be seen by a command, so mounted ones may not.
+    mounted: dict[str, int] = {}
     for i, overlay in enumerate(script.overlays):
         if not overlay.destination:
             continue  # missing or invalid: said already
         if overlay.destination == "/" and not overlay.is_directory:
             r.error(f"overlays[{i}].destination", "must name a file, not /")
-        if overlay.destination in seen:
-            r.error(f"overlays[{i}].destination",
-                    f"{overlay.destination} is also the destination of "
-                    f"overlays[{seen[overlay.destination]}]")
-        seen.setdefault(overlay.destination, i)
+        if not overlay.mounted:
+            continue
+        if overlay.destination in mounted:
+            r.error(f"overlays[{i}].mounted",
+                    f"{overlay.destination} is also where overlays[{mounted[overlay.destination]}] "
+                    "is mounted; only one overlay per destination can be mounted")
+        mounted.setdefault(overlay.destination, i)

@@ -35,6 +35,15 @@ class BinarySink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
+class CopySource(Protocol):
+    """Files to place into a container before it starts (rfs.copyin.CopyIn)."""
+
+    def write(self, out: BinaryIO, resolve: Callable[[str], str | None]) -> int:
+        """Write them as a tar archive to extract at `/`; `resolve(path)` gives the directory
+        a symlink at container path `path` leads to (None: not a symlink to a directory)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Mount:
     """A host file or directory bind-mounted into the step's container (read-only by default)."""
@@ -67,6 +76,7 @@ class RunSpec:
     stop_timeout_s: int = 10
     network: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
+    copy_in: CopySource | None = None  # placed into the container before it starts
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples, keeping the spec immutable.

@@ -13,9 +13,12 @@ with bounds, stop it on time-out, remove it whatever happens.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import queue
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +31,8 @@ import docker.types
 import requests
 import urllib3
 
-from rfs.engine.apicalls import ApiCaller, _is_timeout
-from rfs.engine.base import MANAGED_LABEL, RunSpec
+from rfs.engine.apicalls import ApiCaller, _answer_message, _is_timeout
+from rfs.engine.base import MANAGED_LABEL, CopySource, RunSpec
 from rfs.errors import EngineError
 
 log = logging.getLogger("rfs.engine")
@@ -42,6 +45,9 @@ _POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
 _CHECK_S = 3.0  # how often a silent step's container is inspected, and the grace after it ends
 _DRAIN_S = 10.0
 _WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
+# Go's os.FileMode bits, as the engines' path stat reports them.
+_GO_SYMLINK = 1 << 27
+_GO_DIR = 1 << 31
 
 
 def _frames(raw: Any) -> Iterator[tuple[int, bytes]]:
@@ -128,6 +134,45 @@ class ContainerOps(ApiCaller):
                 use_config_proxy=False,
             )
         return str(created["Id"])
+
+    def _copy_in(self, cid: str, source: CopySource, step: str) -> None:
+        """Extract `source`'s archive at `/` in the created container `cid`."""
+        with tempfile.TemporaryFile() as archive:
+            with self._calling(f"look up paths in the container of step {step}"):
+                source.write(archive, lambda path: self._directory_link(cid, path))
+            archive.seek(0)
+            with self._calling(f"copy files into the container of step {step}"):
+                self._api.put_archive(cid, "/", archive)
+
+    def _path_stat(self, cid: str, path: str) -> dict[str, Any] | None:
+        """The engine's stat of `path` in container `cid` (HEAD .../archive), None if absent."""
+        url = self._api._url("/containers/{0}/archive", cid)
+        resp = self._api.head(url, params={"path": path}, timeout=self._timeout_s)
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            raise EngineError(f"the {self._title} engine could not stat {path} in a container: "
+                              f"{_answer_message(resp)}")
+        header = resp.headers.get("X-Docker-Container-Path-Stat", "")
+        found: dict[str, Any] = json.loads(base64.b64decode(header)) if header else {}
+        return found
+
+    def _directory_link(self, cid: str, path: str) -> str | None:
+        """Where a symlink at `path` leads when it leads to a directory, else None.
+
+        Go's FileMode: bit 27 marks a symlink, bit 31 a directory. Both engines answer with the
+        link's target resolved inside the container (Podman gives every path a linkTarget,
+        itself for a non-link, so the symlink bit decides)."""
+        found = self._path_stat(cid, path)
+        if found is None or not int(found.get("mode", 0)) & _GO_SYMLINK:
+            return None
+        target = str(found.get("linkTarget") or "")
+        if not target.startswith("/"):
+            return None
+        resolved = self._path_stat(cid, target)
+        if resolved is None or not int(resolved.get("mode", 0)) & _GO_DIR:
+            return None
+        return target
 
     def _follow(
         self, cid: str, spec: RunSpec, on_output: Callable[[bytes], None]

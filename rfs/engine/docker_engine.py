@@ -312,6 +312,8 @@ class DockerEngine(ContainerOps):
         cid = self._create(spec, step)
         kept = False
         try:
+            if spec.copy_in is not None:
+                self._copy_in(cid, spec.copy_in, step)
             with self._calling(f"start the container of step {step}"):
                 try:
                     self._api.start(cid)

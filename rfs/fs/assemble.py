@@ -79,7 +79,7 @@ def assemble(
     Warnings (content the type cannot hold, includes that matched nothing, dd_args that have no
     meaning without dd) go to `warn` as well as into the result.
     """
-    source = Source(Path(export_tar), selection, overlays, restore)
+    source = Source(Path(export_tar), selection, overlays, restore, all_root=options.all_root)
     if len(options.seed) != 32:
         raise RfsError(f"the image seed must be 32 bytes, not {len(options.seed)}")
     early: list[str] = []

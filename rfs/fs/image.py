@@ -40,6 +40,7 @@ class Source:
     selection: Selection
     overlays: Sequence[OverlayEntry]
     restore: Mapping[str, bytes] | None = None
+    all_root: bool = False  # every entry owned by root (squashfs and erofs only)
 
 
 class BaseImageCache(Protocol):
@@ -72,6 +73,7 @@ class Options:
     mkfs_args: tuple[str, ...] = ()
     dd_args: tuple[str, ...] = ()
     base_images: BaseImageCache | None = None  # set: ext4 patches overlays into a cached base
+    all_root: bool = False  # every owner root (the schema allows it for squashfs and erofs)
 
 
 @dataclass
@@ -92,7 +94,8 @@ def scan(source: Source, mtime: int) -> StreamStats:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
     with src, open(os.devnull, "wb") as sink:
         return write_image_stream(
-            src, source.selection, source.overlays, sink, mtime=mtime, restore=source.restore
+            src, source.selection, source.overlays, sink, mtime=mtime, restore=source.restore,
+            all_root=source.all_root,
         )
 
 
@@ -233,7 +236,7 @@ def feed(
         try:
             stats = write_image_stream(
                 src, source.selection, source.overlays, pipe, mtime=mtime,
-                restore=source.restore, clamp_mtime=clamp_mtime,
+                restore=source.restore, clamp_mtime=clamp_mtime, all_root=source.all_root,
             )
         except BrokenPipeError:
             pass  # the tool stopped reading: its exit status and message say why
@@ -279,6 +282,7 @@ def stream_pipe(source: Source, *, mtime: int, clamp_mtime: int | None) -> Itera
                     write_image_stream(
                         src, source.selection, source.overlays, out, mtime=mtime,
                         restore=source.restore, clamp_mtime=clamp_mtime,
+                        all_root=source.all_root,
                     )
                 )
         except BrokenPipeError:

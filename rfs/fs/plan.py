@@ -5,7 +5,8 @@ real filesystem would: an overlay replaces whatever was at its path (a file over
 drops the directory's subtree; a directory over a directory only updates its owner and mode),
 and a path on the way to an overlay that is not a directory gives way to one. Symlinks on the
 way are followed, as a copy inside the container would (on a merged-/usr image, an overlay at
-/lib/x lands in /usr/lib/x instead of replacing the /lib symlink). Relying on
+/lib/x lands in /usr/lib/x instead of replacing the /lib symlink), and so is a symlink to a
+directory where an overlay puts a directory (a tree's sbin/ merges into /usr/sbin). Relying on
 mke2fs for that is unsafe: its tar reader corrupts the image when a file entry follows a
 directory entry of the same path (the directory becomes unreachable).
 """
@@ -207,6 +208,13 @@ class _Layout:
             return  # the image root exists already; a host directory's mode must not leak in
         path = self._make_way(path)
         if overlay.is_dir:
+            # A directory laid onto a symlink to a directory is written through it, as `cp -r`
+            # would: a tree with sbin/ over a merged-/usr `/sbin -> usr/sbin` adds to /usr/sbin
+            # and the link stays (its entries below follow it on their own).
+            through, _ = resolve(path, self._symlink, follow_last=True)
+            found = self.nodes.get(through)
+            if through != path and found and found[-1].typeflag == tf.DIRECTORY:
+                path = through
             generated = Generated(path, tf.DIRECTORY, overlay.mode, overlay.uid, overlay.gid)
         elif overlay.symlink is not None:
             generated = Generated(

@@ -27,13 +27,7 @@ would take a second entry as a metadata update, but tar2sqfs refuses it ("etc: F
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
-import mmap
-import os
-import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -41,6 +35,8 @@ from rfs.fs import tarformat as tf
 from rfs.fs.overlay import OverlayEntry, overlay_entries_from_dir
 from rfs.fs.plan import CONSOLE, Generated, Plan, make_plan
 from rfs.fs.selection import Selection, ancestors, decode, encode, normalise
+from rfs.fs.tarwriter import Writer as _Writer
+from rfs.fs.tarwriter import mapped as _mapped
 
 __all__ = [
     "OverlayEntry",
@@ -51,7 +47,6 @@ __all__ = [
 ]
 
 ENGINE_ETC_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
-_CHUNK = 8 << 20  # bytes per write when copying without sendfile
 _FS_BLOCK = 4096  # ext4 block size rfs formats with, for the size estimate
 
 
@@ -82,117 +77,39 @@ def write_image_stream(
     mtime: int,
     restore: Mapping[str, bytes] | None = None,
     clamp_mtime: int | None = None,
+    all_root: bool = False,
 ) -> StreamStats:
     """Write the filtered export, created paths and overlays to `out` as one tar stream.
 
     `export_tar` is read whole, whatever its position: mapped when it is a real file, else read
     (or, for a BytesIO, used in place). Created and overlay entries get `mtime`; with
     `clamp_mtime`, export entries newer than it get it too. Raises ScriptError for a bad
-    selection or overlay and TarError for a damaged export.
+    selection or overlay and TarError for a damaged export. `all_root`: every entry is owned
+    by root (uid and gid 0), as `mksquashfs -all-root` makes them.
     """
     with _mapped(export_tar) as (buf, src_fd):
         plan = make_plan(tf.index_archive(buf), selection, overlays, restore or {})
         writer = _Writer(buf, src_fd, out)
         try:
-            stats = _Emitter(plan, writer, mtime, clamp_mtime).run()
+            stats = _Emitter(plan, writer, mtime, clamp_mtime, all_root=all_root).run()
         finally:
             writer.close()
     out.flush()
     return stats
 
 
-@contextlib.contextmanager
-def _mapped(source: BinaryIO) -> Iterator[tuple[tf.Buffer, int | None]]:
-    try:
-        fd: int | None = source.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = None
-    if fd is not None:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            try:
-                mapping.madvise(mmap.MADV_SEQUENTIAL)
-                yield mapping, fd
-            finally:
-                with contextlib.suppress(BufferError):  # a traceback may still pin a view
-                    mapping.close()
-            return
-    if isinstance(source, io.BytesIO):
-        yield source.getvalue(), None  # no copy when it wraps bytes (getbuffer would copy)
-        return
-    source.seek(0)
-    yield source.read(), None
-
-
-class _Writer:
-    """Writes the stream, merging adjacent untouched spans of the export into one copy."""
-
-    def __init__(self, buf: tf.Buffer, src_fd: int | None, out: BinaryIO) -> None:
-        self._base = memoryview(buf)
-        self.view = self._base.cast("B")
-        self._madvise = buf.madvise if isinstance(buf, mmap.mmap) else None
-        self.src_fd = src_fd
-        self.out = out
-        self.out_fd: int | None = None
-        if src_fd is not None:
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                self.out_fd = out.fileno()
-        self.start = self.end = 0
-        self.written = 0
-
-    def copy(self, start: int, end: int) -> None:
-        """Queue export bytes [start, end) for output."""
-        if start == self.end and self.end > self.start:
-            self.end = end
-        else:
-            self.flush()
-            self.start, self.end = start, end
-
-    def write(self, data: bytes) -> None:
-        """Write new bytes (after anything queued)."""
-        self.flush()
-        self.out.write(data)
-        self.written += len(data)
-
-    def flush(self) -> None:
-        """Write out the queued span of the export."""
-        start, end = self.start, self.end
-        self.start = self.end = 0
-        if end <= start:
-            return
-        self.written += end - start
-        if self.out_fd is not None and self.src_fd is not None:
-            self.out.flush()
-            try:
-                while start < end:
-                    sent = os.sendfile(self.out_fd, self.src_fd, start, end - start)
-                    if sent == 0:
-                        raise tf.TarError("the export tarball shrank while it was being read")
-                    start += sent
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                self.out_fd = None  # this pair of files cannot sendfile: copy from the map
-        for pos in range(start, end, _CHUNK):
-            stop = min(end, pos + _CHUNK)
-            self.out.write(self.view[pos:stop])
-            if self._madvise is not None:  # unmap what was copied: RSS stays flat
-                first = pos & ~(mmap.PAGESIZE - 1)
-                self._madvise(mmap.MADV_DONTNEED, first, (stop & ~(mmap.PAGESIZE - 1)) - first)
-
-    def close(self) -> None:
-        """Release the export's buffer (a mmap cannot close while views of it exist)."""
-        self.view.release()
-        self._base.release()
-
-
 class _Emitter:
     """Walks the plan and writes every entry, fixing what must be fixed."""
 
-    def __init__(self, plan: Plan, writer: _Writer, mtime: int, clamp: int | None = None) -> None:
+    def __init__(self, plan: Plan, writer: _Writer, mtime: int, clamp: int | None = None, *,
+                 all_root: bool = False) -> None:
         self.plan = plan
+        self.all_root = all_root
+        # PAX owner records would override the ustar owner fields: dropped with all_root.
+        self.no_owner: tuple[bytes, ...] = _OWNER_RECORDS if all_root else ()
+        if all_root:
+            for generated in plan.generated:
+                generated.uid = generated.gid = 0
         self.w = writer
         self.mtime = mtime
         self.clamp = clamp
@@ -259,6 +176,22 @@ class _Emitter:
         block[136:148] = b"%011o\x00" % self.clamp
         return True
 
+    def _needs_owner(self, entry: tf.RawEntry) -> bool:
+        """With all_root: whether the entry's headers name an owner other than root."""
+        if not self.all_root:
+            return False
+        if entry.pax is not None and any(k in entry.pax for k in _OWNER_RECORDS):
+            return True
+        view = self.w.view  # the tools read numeric owners only: names are left alone
+        return (tf.parse_number(bytes(view[entry.header + 108 : entry.header + 116])) != 0
+                or tf.parse_number(bytes(view[entry.header + 116 : entry.header + 124])) != 0)
+
+    def _rooted(self, block: bytearray) -> None:
+        """With all_root: make the header's owner root (numeric ids 0, no names)."""
+        if self.all_root:
+            block[108:124] = _ROOT_IDS
+            block[265:329] = bytes(64)
+
     def _needs_clamp(self, entry: tf.RawEntry) -> bool:
         if self.clamp is None:
             return False
@@ -295,8 +228,11 @@ class _Emitter:
             tf.set_field(block, "size", len(content))
             tf.set_field(block, "mode", 0o644)  # the export shows Docker's bind-mount 0755
             clamped = self._clamped(block)
-            if entry.pax is not None and (b"size" in entry.pax or clamped):
-                self.w.write(_rebuilt(entry, block, drop=(b"size", *self.no_mtime)))
+            owned = self._needs_owner(entry)
+            self._rooted(block)
+            if entry.pax is not None and (b"size" in entry.pax or clamped or owned):
+                self.w.write(_rebuilt(entry, block,
+                                      drop=(b"size", *self.no_mtime, *self.no_owner)))
             else:
                 tf.set_checksum(block)
                 self.w.copy(entry.start, entry.header)
@@ -308,11 +244,14 @@ class _Emitter:
             block = tf.header_block(self.w.view, entry)
             tf.set_field(block, "mode", 0o644)  # Docker's bind-mount target shows as 0755
             self._clamped(block)
-            self.w.write(_rebuilt(entry, block, drop=self.no_mtime))
-        elif (entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry):
+            self._rooted(block)
+            self.w.write(_rebuilt(entry, block, drop=(*self.no_mtime, *self.no_owner)))
+        elif ((entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry)
+              or self._needs_owner(entry)):
             block = tf.header_block(self.w.view, entry)
             self._clamped(block)
-            self.w.write(_rebuilt(entry, block, drop=self.no_mtime))
+            self._rooted(block)
+            self.w.write(_rebuilt(entry, block, drop=(*self.no_mtime, *self.no_owner)))
             self.w.copy(entry.data, entry.end)
         else:
             self.w.copy(entry.start, entry.end)
@@ -366,7 +305,9 @@ class _Emitter:
             )
         block = tf.header_block(self.w.view, source)
         self._clamped(block)
-        self.w.write(_rebuilt(source, block, name=entry.name, drop=self.no_mtime))
+        self._rooted(block)
+        self.w.write(_rebuilt(source, block, name=entry.name,
+                              drop=(*self.no_mtime, *self.no_owner)))
         self.w.copy(source.data, source.end)
         self.link_names[target] = entry.name
         self.stats.links_materialised += 1
@@ -428,6 +369,10 @@ class _Emitter:
         if typeflag != tf.DIRECTORY:
             self.link_names[path] = name
 
+
+_OWNER_RECORDS = (b"uid", b"gid", b"uname", b"gname")
+# A root-owned ustar header's uid and gid: 0, octal, NUL-terminated.
+_ROOT_IDS = b"0000000\x00" * 2
 
 # PAX records a merged directory entry sets itself (or must lose: times and owner names).
 _MERGED_DROPS = frozenset({b"path", b"linkpath", b"size", b"uid", b"gid", b"uname", b"gname",

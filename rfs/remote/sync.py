@@ -130,6 +130,8 @@ class RemoteCache:
             why = local(step)
             if why is None or step.kind is StepKind.BASE or step.key in self.bad:
                 return why
+            if step.kind is StepKind.ASSEMBLE and self.ex.script.outputs:
+                return why  # side outputs are made from the export here, with the image
             found = self.lookup(step)
             if found is None:
                 return why

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ env = { GREETING = "hello" }
 hostname = "rfsbox"
 volumes = { "/vol" = "/mnt/vol" }
 
+[[copy]]
+source = "/files/copied.txt"
+destination = "/opt/copied.txt"
+
 [[commands]]
 script_path = "/scripts/setup.sh"
 env = { STAGE = "one" }
@@ -60,6 +65,11 @@ destination = "/etc/motd"
 source = "/tree"
 destination = "/opt/tree"
 is_directory = true
+
+# /bin/busybox: in the image whatever the [export] cases keep
+[[outputs]]
+path = "/bin/busybox"
+to = "busybox.out"
 """
 
 # Everything a command's container can show ends up in the image, so a field that changes the
@@ -78,6 +88,8 @@ cat /mnt/vol*/* > /out/vol-content
 grep Cap /proc/self/status > /out/caps
 ls /sys/class/net > /out/net
 cat /etc/motd > /out/motd-seen 2>/dev/null || true
+for f in /opt/copied*; do stat -c '%n %u %g %a' "$f"; cat "$f"; done > /out/copied
+for f in /opt/copied*; do echo changed by a command >> "$f"; done
 """
 
 
@@ -85,6 +97,7 @@ def write_base(root: Path) -> Path:
     """The package every case starts from."""
     files = {"build.toml": BUILD, "scripts/setup.sh": SETUP, "scripts/other.sh": SETUP + "\n# x\n",
              "files/motd": "hello from the package\n", "files/motd2": "another motd\n",
+             "files/copied.txt": "copied in\n",
              "tree/a.txt": "a\n", "tree/sub/b.txt": "b\n", "vol/input": "volume\n"}
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +151,13 @@ def _link_to_file(pkg: Path) -> None:
     (pkg / "tree" / "link").write_text("a file where the link was\n")
 
 
+def _container_user(pkg: Path) -> None:
+    """Commands run as 1000:1000 by default; the first (which needs root) says uid 0."""
+    append("[container]", "uid = 1000\ngid = 1000")(pkg)
+    edit('env = { STAGE = "one" }', 'env = { STAGE = "one" }\nuid = 0\ngid = 0')(pkg)
+    edit('command = "mkdir -p /from-command"', 'command = "mkdir -p /tmp/from-command"')(pkg)
+
+
 def _move_script(pkg: Path) -> None:
     (pkg / "scripts" / "setup.sh").rename(pkg / "scripts" / "moved.sh")
     edit('"/scripts/setup.sh"', '"/scripts/moved.sh"')(pkg)
@@ -159,7 +179,7 @@ CASES: dict[str, Case] = {
                    needs="podman"),
     "image tag": Case(("container.image", "container.image.tag"),
                       edit('image = { name = "rfs-test/busybox", tag = "1" }',
-                           'image = { name = "rfs-test-tmp/busybox", tag = "truth-v2" }'),
+                           'image = { name = "rfs-test-tmp/busybox", tag = "V2TAG" }'),
                       needs="v2"),
     "image name, same image": Case(("container.image.name",),
                                    edit('name = "rfs-test/busybox"', 'name = "ALIAS"'),
@@ -179,6 +199,23 @@ CASES: dict[str, Case] = {
     "timeout": Case(("container.timeout",), append("[container]", "timeout = 600"), keyed=False),
     "cap add": Case(("container.cap_add",), append("[container]", 'cap_add = ["NET_ADMIN"]')),
     "cap drop": Case(("container.cap_drop",), append("[container]", 'cap_drop = ["CHOWN"]')),
+    "container uid": Case(("container.uid", "container.gid"), _container_user),
+    "container working dir": Case(("container.working_dir",),
+                                  append("[container]", 'working_dir = "/tmp"')),
+    # [[copy]]
+    "copy source": Case(("copy", "copy[].source"), edit('"/files/copied.txt"', '"/files/motd2"')),
+    "copy destination": Case(("copy[].destination",),
+                             edit('"/opt/copied.txt"', '"/opt/copied-elsewhere.txt"')),
+    "copy mode": Case(("copy[].mode",), append('destination = "/opt/copied.txt"', "mode = 0o600")),
+    "copy uid": Case(("copy[].uid",), append('destination = "/opt/copied.txt"', "uid = 1000")),
+    "copy gid": Case(("copy[].gid",), append('destination = "/opt/copied.txt"', "gid = 1000")),
+    # [[outputs]]: the side outputs are compared too
+    "output path": Case(("outputs", "outputs[].path"), edit('path = "/bin/busybox"',
+                                                            'path = "/out/env"')),
+    "output to": Case(("outputs[].to",), edit('to = "busybox.out"', 'to = "side/busybox"')),
+    "output remove": Case(("outputs[].remove",), append('to = "busybox.out"', "remove = true")),
+    "filesystem all root": Case(("filesystem.all_root",),
+                                append("[filesystem]", 'type = "Squashfs"\nall_root = true')),
     # [[commands]]
     "command": Case(("commands", "commands[].command"),
                     edit('"mkdir -p /from-command"', '"mkdir -p /from-command-2"')),
@@ -243,6 +280,8 @@ CASES: dict[str, Case] = {
     "tree symlink target": Case((), _relink("tree/link", "sub/b.txt")),
     "tree symlink becomes a file": Case((), _link_to_file),
     "volume file content": Case((), _write("vol/input", "other volume\n")),
+    "copied file content": Case((), _write("files/copied.txt", "copied, edited\n")),
+    "copied file made executable": Case((), _chmod("files/copied.txt", 0o755)),
     "volume file made executable": Case((), _chmod("vol/input", 0o755)),
     "script content": Case((), _write("scripts/setup.sh", SETUP + "echo more > /out/more\n")),
 }
@@ -264,7 +303,8 @@ def schema_fields() -> set[str]:
     """Every field path of the schema, from its own table of keys."""
     sections = {"filesystem": "filesystem", "container": "container",
                 "container.image": "image", "commands[]": "commands",
-                "overlays[]": "overlays", "export": "export"}
+                "overlays[]": "overlays", "export": "export", "copy[]": "copy",
+                "outputs[]": "outputs"}
     fields = set(_KEYS[""])
     for prefix, table in sections.items():
         fields |= {f"{prefix}.{k}" for k in _KEYS[table]}
@@ -304,6 +344,7 @@ def prepared(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> It
     assert built.code == 0, built.err
     image = docker_client.images.get(BASE)
     alias = f"rfs-test-tmp/truth-alias-{uuid.uuid4().hex[:8]}"
+    v2tag = f"truth-v2-{uuid.uuid4().hex[:8]}"  # unique: other test runs share the engine
     image.tag(alias, "1")
     container = docker_client.containers.create(BASE, command=["/bin/true"],
                                                 labels={"org.rfs.test": "1"})
@@ -317,15 +358,16 @@ def prepared(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> It
             info.size = 3
             tar.addfile(info, io.BytesIO(b"v2\n"))
         container.put_archive("/", buf.getvalue())
-        container.commit("rfs-test-tmp/busybox", "truth-v2")
+        container.commit("rfs-test-tmp/busybox", v2tag)
     finally:
         container.remove(force=True)
     archive = root / "base.tar"
     with archive.open("wb") as f:
         for chunk in image.save(named=False):
             f.write(chunk)
-    yield {"root": root, "base": base, "warm": warm, "alias": alias, "archive": archive}
-    for tag in (f"{alias}:1", "rfs-test-tmp/busybox:truth-v2"):
+    yield {"root": root, "base": base, "warm": warm, "alias": alias, "archive": archive,
+           "v2tag": v2tag}
+    for tag in (f"{alias}:1", f"rfs-test-tmp/busybox:{v2tag}"):
         with contextlib.suppress(docker.errors.APIError):
             docker_client.images.remove(tag)
 
@@ -355,9 +397,9 @@ def test_a_warm_build_gives_what_a_clean_build_gives(name: str, prepared: dict[s
         (pkg / "images").mkdir()
         shutil.copy(prepared["archive"], pkg / "images" / "base.tar")
     case.change(pkg)
-    if case.needs == "alias":
+    if case.needs in ("alias", "v2"):
         text = (pkg / "build.toml").read_text().replace("ALIAS", prepared["alias"])
-        (pkg / "build.toml").write_text(text)
+        (pkg / "build.toml").write_text(text.replace("V2TAG", prepared["v2tag"]))
 
     # The warm build writes over the base package's image, freshly rebuilt: a change missing
     # from the keys would find that image cached and keep it.
@@ -379,3 +421,7 @@ def test_a_warm_build_gives_what_a_clean_build_gives(name: str, prepared: dict[s
             detail = "\n".join(f"{p}: {a.get(p)} != {b.get(p)}" for p in sorted(set(a) | set(b))
                                if a.get(p) != b.get(p))[:3000]
         pytest.fail(f"{name}: the warm build's image differs from a clean build's\n{detail}")
+    for out in tomllib.loads((pkg / "build.toml").read_text()).get("outputs", []):
+        to = out.get("to") or out["path"].rsplit("/", 1)[-1]
+        assert (warm_out.parent / to).read_bytes() == (clean_out.parent / to).read_bytes(), (
+            f"{name}: the side output {to} of the warm build differs from a clean build's")

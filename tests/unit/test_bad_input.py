@@ -196,16 +196,34 @@ CASES: dict[str, Case] = {
                                       'destination = "/etc/a\\u0000b"\n'),
                                  "overlays[0].destination", "NUL character"),
     # -- duplicated destinations -----------------------------------------------------------
-    "same destination twice": Case(toml('[[overlays]]\nsource_inline = "a"\n'
-                                        'destination = "/etc/x"\n'
-                                        '[[overlays]]\nsource_inline = "b"\n'
-                                        'destination = "/etc/x"\n'),
-                                   "overlays[1].destination",
-                                   "/etc/x is also the destination of overlays[0]"),
-    "same destination spelled differently": Case(
+    # Overlays may share a destination (they merge in order); two bind mounts on one path may not.
+    "same destination mounted twice": Case(toml('[[overlays]]\nsource_inline = "a"\n'
+                                                'destination = "/etc/x"\nmounted = true\n'
+                                                '[[overlays]]\nsource_inline = "b"\n'
+                                                'destination = "/etc/x"\nmounted = true\n'),
+                                           "overlays[1].mounted",
+                                           "/etc/x is also where overlays[0] is mounted"),
+    "same mounted destination spelled differently": Case(
+        toml('[[overlays]]\nsource_inline = "a"\ndestination = "/etc/x"\nmounted = true\n'
+             '[[overlays]]\nsource_inline = "b"\ndestination = "etc//./x/"\nmounted = true\n'),
+        "overlays[1].mounted", "/etc/x is also where overlays[0] is mounted"),
+    # -- the new recipe fields -------------------------------------------------------------
+    "all_root on ext4": Case(toml('[filesystem]\nall_root = true\n'), "filesystem.all_root",
+                             "only Squashfs and Erofs images take it"),
+    "copy without commands": Case(toml('[[copy]]\nsource = "/f"\ndestination = "/f"\n'),
+                                  "copy", "places files before the first command"),
+    "copy without destination": Case(toml('[[copy]]\nsource = "/f"\n'),
+                                     "copy[0].destination", "is required"),
+    "output escaping the image directory": Case(
+        toml('[[outputs]]\npath = "/etc/motd"\nto = "../motd"\n'), "outputs[0].to",
+        "must be a file name relative to the image's directory"),
+    "two outputs to one file": Case(
+        toml('[[outputs]]\npath = "/etc/a/motd"\n[[outputs]]\npath = "/etc/b/motd"\n'),
+        "outputs[1].to", "motd is also where outputs[0] goes"),
+    "removing an overlay's file": Case(
         toml('[[overlays]]\nsource_inline = "a"\ndestination = "/etc/x"\n'
-             '[[overlays]]\nsource_inline = "b"\ndestination = "etc//./x/"\n'),
-        "overlays[1].destination", "/etc/x is also the destination of overlays[0]"),
+             '[[outputs]]\npath = "/etc/x"\nremove = true\n'),
+        "outputs[0].remove", "is an overlay's destination"),
     # -- the engine socket must never reach a build container ------------------------------
     "volume onto the docker socket": Case(
         {"build.toml": HEAD + 'volumes = { "/data" = "/var/run/docker.sock" }\n', "data": "x"},

@@ -29,6 +29,8 @@ NEUTRAL = {
     "orphans.py": "removal of leftovers",
     "signals.py": "Ctrl-C handling",
     "schema.py": "parsing; its result is keyed as inputs",
+    "schema_recipes.py": "parsing; its result is keyed as inputs",
+    "schema_reader.py": "parsing; its result is keyed as inputs",
     "packing.py": "rfs pack/unpack; never run by a build",
     "archive.py": "unpacks package archives; what they hold is keyed by content",
     "document.py": "parses build scripts; their values are keyed as inputs",
@@ -36,7 +38,7 @@ NEUTRAL = {
     "__init__.py": "package markers",
     "fs/tools.py": "reads tool versions, which are keyed themselves",
     "planner.py": "decides which steps run, not what they make",
-    "checks.py": "rfs check and the privilege probe: they only explain a failure",
+    "checks.py": "tells a host's refusal of privilege from a command's failure; makes nothing",
 }
 # Where each kind's artifact is made (executors.py, the glue, is listed for every kind and
 # checked as a whole below).

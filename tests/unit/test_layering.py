@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("rfs.remote", "rfs.executors", "rfs.checks", "rfs.explain", "rfs.reporter"),
     ("rfs.engine", "rfs.fs", "rfs.planner", "rfs.compiler", "rfs.inputs", "rfs.snapshot",
      "rfs.store", "rfs.package", "rfs.packing", "rfs.archive", "rfs.basearchive",
-     "rfs.document", "rfs.schema", "rfs.codeversion", "rfs.etcfiles"),
+     "rfs.document", "rfs.schema", "rfs.schema_recipes", "rfs.schema_reader",
+     "rfs.codeversion", "rfs.etcfiles", "rfs.copyin"),
     ("rfs.errors", "rfs.hashing", "rfs.sparse", "rfs.proc", "rfs.childio", "rfs.signals",
      "rfs.locks", "rfs.orphans", "rfs.steps", "rfs.model", "rfs"),
 ]

@@ -38,7 +38,7 @@ def documented() -> dict[str, dict[str, str]]:
 def schema_fields() -> set[str]:
     """Every field path the schema reads, from its table of known keys."""
     handled = {"", "filesystem", "container", "image", "commands", "overlays", "export",
-               "pathset"}
+               "pathset", "copy", "outputs"}
     assert set(_KEYS) == handled, (
         f"the schema has new sections {set(_KEYS) - handled}: document them in "
         "docs/reference.md and teach this test their paths")
@@ -48,6 +48,8 @@ def schema_fields() -> set[str]:
     fields |= {f"container.image.{k}" for k in _KEYS["image"]}
     fields |= {f"commands[].{k}" for k in _KEYS["commands"]}
     fields |= {f"overlays[].{k}" for k in _KEYS["overlays"]}
+    fields |= {f"copy[].{k}" for k in _KEYS["copy"]}
+    fields |= {f"outputs[].{k}" for k in _KEYS["outputs"]}
     fields |= {f"export.{k}" for k in _KEYS["export"]}
     fields |= {f"export.{part}.{k}" for part in _KEYS["export"] for k in _KEYS["pathset"]}
     return fields
@@ -68,6 +70,7 @@ def test_every_row_is_complete() -> None:
 # The dataclass and attribute behind each documented field, where there is one.
 _MODEL = {"filesystem": model.Filesystem, "container": model.Container,
           "commands[]": model.Command, "overlays[]": model.Overlay,
+          "copy[]": model.Copy, "outputs[]": model.Output,
           "export.files": model.PathSet, "export.directories": model.PathSet}
 _RENAMED = {"filesystem.dd_block_size_mib": "block_size_mib",
             "commands[].max_age": "max_age_s"}
@@ -114,7 +117,9 @@ def _expected_default(f: dataclasses.Field[object]) -> set[str]:
 
 
 # Fields the model leaves None but the schema requires in a form the model cannot express.
-_REQUIRED_BY_SCHEMA = {"container.image": "required (or `archive`)"}
+_REQUIRED_BY_SCHEMA = {"container.image": "required (or `archive`)",
+                       # the model holds what the schema derives when it is left out
+                       "outputs[].to": "the file name of `path`"}
 
 
 def test_types_and_defaults_agree_with_the_model() -> None:
@@ -143,11 +148,17 @@ def test_reference_test_fails_on_a_missing_field(monkeypatch: pytest.MonkeyPatch
 
 # A script with only what the reference calls required, and where each such field lives in it.
 _MINIMAL = {"container": {"image": {"name": "a", "tag": "b"}},
-            "overlays": [{"source_inline": "x", "destination": "/x"}]}
+            "overlays": [{"source_inline": "x", "destination": "/x"}],
+            "commands": [{"command": "true"}],
+            "copy": [{"source": "/a", "destination": "/a"}],
+            "outputs": [{"path": "/etc/x"}]}
 _WHERE = {"container": ("container",), "container.image": ("container", "image"),
           "container.image.name": ("container", "image", "name"),
           "container.image.tag": ("container", "image", "tag"),
-          "overlays[].destination": ("overlays", 0, "destination")}
+          "overlays[].destination": ("overlays", 0, "destination"),
+          "copy[].source": ("copy", 0, "source"),
+          "copy[].destination": ("copy", 0, "destination"),
+          "outputs[].path": ("outputs", 0, "path")}
 
 
 def test_required_means_required_and_nothing_else_is() -> None:

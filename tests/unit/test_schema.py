@@ -148,16 +148,21 @@ def test_sizes_are_checked() -> None:
     assert errors_of(MINIMAL.replace("64", "true"))[0].startswith("filesystem.size_mib: must be an")
 
 
-def test_duplicate_destinations_are_refused() -> None:
-    found = errors_of(MINIMAL + """
+def test_overlays_may_share_a_destination_but_not_a_mount() -> None:
+    """Overlays on one destination merge in order; two bind mounts there cannot both be seen."""
+    shared = MINIMAL + """
 [[overlays]]
 source_inline = "a"
 destination = "/etc/x"
 [[overlays]]
 source_inline = "b"
 destination = "/etc/x"
-""")
-    assert found == ["overlays[1].destination: /etc/x is also the destination of overlays[0]"]
+"""
+    script, _ = parse_script(tomllib.loads(shared))
+    assert [o.source_inline for o in script.overlays] == ["a", "b"]
+    found = errors_of(shared.replace('"/etc/x"\n', '"/etc/x"\nmounted = true\n'))
+    assert found == ["overlays[1].mounted: /etc/x is also where overlays[0] is mounted; only one "
+                     "overlay per destination can be mounted"]
 
 
 def test_missing_container_is_an_error() -> None:
