@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs import signals
+from rfs.basefacts import engine_facts, quick_engine_facts
 from rfs.compiler import build_graph, compile_steps
 from rfs.errors import Interrupted, RfsError, StepFailed
-from rfs.executors import (
-    ENGINE_STEPS,
-    SCRATCH_PREFIX,
-    Executor,
-    engine_facts,
-    quick_engine_facts,
-)
+from rfs.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
 from rfs.explain import remembered_text
 from rfs.hashing import digest_bytes
 from rfs.inputs import (

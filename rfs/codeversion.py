@@ -22,11 +22,12 @@ PACKAGE = Path(__file__).resolve().parent
 SHAPED_BY: dict[str, tuple[str, ...]] = {
     # The container a command runs in (mounts, env, user, /etc files) and how it is committed.
     "run": ("executors.py", "etcfiles.py", "snapshot.py", "hashing.py", "package.py",
-            "basearchive.py", "sparse.py", "copyin.py", "engine"),
+            "basearchive.py", "basefacts.py", "sparse.py", "copyin.py", "engine"),
     # How the container filesystem is streamed out of the engine into the tarball.
     "export": ("executors.py", "sparse.py", "engine"),
     # Everything between the tarball and the image: the tar filter, overlays, every driver.
-    "assemble": ("executors.py", "etcfiles.py", "snapshot.py", "hashing.py", "package.py",
+    "assemble": ("executors.py", "baseimages.py", "etcfiles.py", "snapshot.py", "hashing.py",
+                 "package.py",
                  "sparse.py", "proc.py", "childio.py", "fs"),
 }
 

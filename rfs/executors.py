@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs import etcfiles
+from rfs.baseimages import BaseImages, file_identity
 from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed
 from rfs.model import BuildScript, Command, Overlay
 from rfs.package import resolve_reference
@@ -51,92 +52,8 @@ def interpreter_argv(script: bytes, path: str) -> list[str]:
     return ["/bin/sh", path]
 
 
-BASE_REPO = "rfs/base"
-
-
 # Steps that need the container engine to run (assembly and overlays do not).
 ENGINE_STEPS = frozenset({StepKind.BASE, StepKind.RUN, StepKind.EXPORT})
-
-
-@dataclass(frozen=True)
-class EngineFacts:
-    """What the engine contributes to the keys: the base image and how it exports."""
-
-    base_id: str  # the image ID the first command runs on
-    platform: str  # "os/architecture[/variant]" of that image
-    engine_version: str  # the engine's server version
-
-
-def _base_ref(script: BuildScript, digests: Mapping[str, str]) -> str | None:
-    c = script.container
-    if c.archive is not None:
-        return f"{BASE_REPO}:{digests[c.archive]}"
-    return c.image.ref if c.image is not None else None
-
-
-def quick_engine_facts(script: BuildScript, digests: Mapping[str, str]) -> EngineFacts | None:
-    """The engine facts when the engine has the base image locally, asked without the docker
-    SDK (two GETs on its unix socket).
-
-    None when the shortcut cannot tell (the image is missing and may need pulling, the engine
-    is not on a local socket): then `engine_facts` does it properly.
-    """
-    from rfs.engine import default_uri
-    from rfs.engine.lite import Unavailable, engine_version, image_facts
-
-    c = script.container
-    ref = _base_ref(script, digests)
-    if ref is None:
-        return None
-    uri = c.connection_uri or default_uri(c.engine.value)
-    try:
-        found = image_facts(uri, ref)
-        if found is None:
-            return None
-        return EngineFacts(found[0], found[1], engine_version(uri))
-    except (Unavailable, RfsError):
-        return None
-
-
-def engine_facts(engine: Engine, script: BuildScript, digests: Mapping[str, str],
-                 snapshot: PackageSnapshot | None = None, *, pull: bool = False
-                 ) -> EngineFacts:
-    """The engine facts through the engine client: the base resolved (pulled if need be, or
-    looked up again with `pull`), its platform and the engine's version."""
-    base_id = resolve_base(engine, script, digests, snapshot, pull=pull)
-    return EngineFacts(base_id, engine.image_platform(base_id), engine.version())
-
-
-def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str],
-                 snapshot: PackageSnapshot | None = None, *, pull: bool = False) -> str:
-    """The image ID the first command runs on: `container.image` resolved (pulled if need be,
-    looked up in its registry again with `pull`), or `container.archive` brought into the
-    engine once and kept as `rfs/base:<digest>`.
-
-    The archive's content digest (`digests`, from the package) names it, so an unchanged
-    archive is neither reread nor reloaded, and an edited one is loaded again.
-    """
-    c = script.container
-    if c.archive is None:
-        assert c.image is not None  # the schema requires one of them
-        return engine.resolve_base(c.image.name, c.image.tag, pull=pull)
-    from rfs.basearchive import inspect_base_archive
-
-    tag = f"{BASE_REPO}:{digests[c.archive]}"
-    found = engine.image_id(tag)
-    if found is not None:
-        return found
-    if snapshot is not None:  # the copy whose digest names the tag, not the live file
-        path = snapshot.path(c.archive)
-    else:
-        assert script.package_root is not None
-        path = resolve_reference(script.package_root, c.archive)
-    archive = inspect_base_archive(path)
-    image_id = engine.import_archive(str(path), image=archive.is_image)
-    if archive.image_id is not None and engine.image_id(archive.image_id) is not None:
-        image_id = archive.image_id  # the manifest's config digest: what was loaded
-    engine.tag(image_id, tag)
-    return image_id
 
 
 def output_identity(path: Path) -> dict[str, int] | None:
@@ -146,11 +63,6 @@ def output_identity(path: Path) -> dict[str, int] | None:
     except FileNotFoundError:
         return None
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
-
-
-def _identity(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _TarEnd:
@@ -247,7 +159,7 @@ class Executor:
     def _verify(self, key: str, blob: Blob) -> bool:
         """Whether `blob` still has its recorded content hash (rehashed once per build)."""
         try:
-            ident = _identity(blob.path)
+            ident = file_identity(blob.path)
         except OSError:
             return False
         if self._verified.get(key) == ident:
@@ -409,7 +321,7 @@ class Executor:
                 raise EngineError(f"the export of {image} ended early ({writer.size} bytes, "
                                   "no end-of-archive marker): did the engine stop?")
         with contextlib.suppress(OSError):  # the content hash was taken on the way in
-            self._verified[step.key] = _identity(self.store.root / "blobs" / step.key)
+            self._verified[step.key] = file_identity(self.store.root / "blobs" / step.key)
         written = self._written(parents[step.parents[0]])
         return {"blob_size": writer.size, "blob_digest": writer.digest, "etc_written": written}
 
@@ -492,7 +404,9 @@ class Executor:
                           block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
                           dd_args=fs.dd_args,
                           all_root=fs.all_root,
-                          base_images=_BaseImages(self, export.key, str(blob.digest)))
+                          base_images=BaseImages(self.store, export.key, str(blob.digest),
+                                                 verify=self._verify, no_cache=self.no_cache,
+                                                 verified=self._verified))
         overlays = self._overlay_entries()
         contents = None
         if self.script.outputs:  # read first: a missing side output fails before any write
@@ -514,70 +428,3 @@ class Executor:
         outputs[str(self.output.resolve())] = output_identity(self.output)
         return {"outputs": outputs, "size_mib": result.size_mib, "route": result.route,
                 "warnings": result.warnings, **({"side_outputs": written} if written else {})}
-
-
-class _BaseImages:
-    """The store as the ext4 driver's cache of base images (rfs.fs.image.BaseImageCache).
-
-    A base image is keyed by the export's key and the settings the driver names; it is a
-    local-only entry of kind "ext4-base" (never uploaded: the final image is), verified like
-    an export, evicted like any entry.
-    """
-
-    def __init__(self, executor: Executor, export_key: str, export_digest: str) -> None:
-        self.executor = executor
-        self.store = executor.store
-        self.export_key = export_key
-        # By the export's content, not its key: a step forced to run again (--rebuild, a
-        # stale command) makes new bytes under the same key.
-        self.export_digest = export_digest
-        self._made: set[str] = set()  # base images this build made (--no-cache uses these)
-
-    def key(self, identity: Mapping[str, object]) -> str:
-        """The key of the base image of this export with `identity`."""
-        from rfs.codeversion import code_version
-        from rfs.hashing import digest_json
-
-        key = digest_json({"export": self.export_digest, "code": code_version("assemble"),
-                           **identity})
-        self.store.hold({key})
-        return key
-
-    def seed(self, identity: Mapping[str, object]) -> bytes:
-        """The UUID and hash seed of the base image of this export with `identity`: by the
-        export's key (its bytes differ between equal builds only in what the image clamps)."""
-        from rfs.codeversion import code_version
-        from rfs.hashing import digest_json
-
-        return bytes.fromhex(digest_json({"export": self.export_key,
-                                          "code": code_version("assemble"), **identity}))[:32]
-
-    def get(self, key: str) -> Path | None:
-        """The verified base image of `key`, or None (a damaged one is dropped; with
-        `--no-cache` none is used, and the new one replaces it)."""
-        if self.executor.no_cache and key not in self._made:
-            return None
-        blob = self.store.blob(key)
-        if blob is None:
-            return None
-        if not self.executor._verify(key, blob):
-            self.store.drop(key)
-            return None
-        self.store.touch(key)
-        return blob.path
-
-    @contextlib.contextmanager
-    def put(self, key: str) -> Iterator[Path]:
-        """Where the driver writes a new base image; recorded once complete."""
-        from rfs.hashing import digest_sparse_file
-
-        with self.store.blob_file(key) as tmp:
-            yield tmp
-            digest = digest_sparse_file(tmp)
-            size = tmp.stat().st_size
-        self._made.add(key)
-        self.store.put_record(key, {"kind": "ext4-base", "export": self.export_key,
-                                    "blob_size": size, "blob_digest": digest,
-                                    "blob_sparse": True})
-        with contextlib.suppress(OSError):  # hashed just now: no need to again this build
-            self.executor._verified[key] = _identity(self.store.root / "blobs" / key)

@@ -43,7 +43,7 @@ NEUTRAL = {
 # Where each kind's artifact is made (executors.py, the glue, is listed for every kind and
 # checked as a whole below).
 ENTRIES = {
-    "run": ["engine/docker_engine.py", "etcfiles.py", "snapshot.py"],
+    "run": ["engine/docker_engine.py", "etcfiles.py", "snapshot.py", "basefacts.py"],
     "export": ["engine/docker_engine.py"],
     "assemble": ["fs/assemble.py", "etcfiles.py", "snapshot.py"],
 }
