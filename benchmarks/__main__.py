@@ -90,8 +90,9 @@ class Bench:
         run_id = uuid.uuid4().hex
         env = {**os.environ, "RFS_CACHE_DIR": str(self.cache), "RFS_RUN_ID": run_id}
         since = time.time()
-        sample, err = timed([sys.executable, "-m", "rfs", "build", str(self.pkg), "-o",
-                             str(self.out), "-q"], env)
+        sample, err = timed(
+            [sys.executable, "-m", "rfs", "build", str(self.pkg), "-o", str(self.out), "-q"], env
+        )
         for line in err.splitlines():
             m = _DONE.match(line)
             if m:
@@ -118,8 +119,9 @@ class Bench:
 
     def baseline(self) -> Sample:
         out = self.work / "baseline.img"
-        sample, _ = timed([sys.executable, "-m", "benchmarks.baseline", str(PACKAGES[self.name]),
-                           str(out)])
+        sample, _ = timed(
+            [sys.executable, "-m", "benchmarks.baseline", str(PACKAGES[self.name]), str(out)]
+        )
         sample.allocated = allocated(out)
         out.unlink()
         return sample
@@ -127,15 +129,34 @@ class Bench:
     def bare_assembly(self) -> tuple[Sample, int]:
         """mke2fs from the already-extracted tree of the current export, and its content bytes."""
         # The newest export tarball (the cache also holds ext4 base images).
-        exports = sorted((p for p in (self.cache / "blobs").iterdir() if _is_tar(p)),
-                         key=lambda p: p.stat().st_mtime)
+        exports = sorted(
+            (p for p in (self.cache / "blobs").iterdir() if _is_tar(p)),
+            key=lambda p: p.stat().st_mtime,
+        )
         tree = self.work / "tree"
         shutil.rmtree(tree, ignore_errors=True)
         tree.mkdir()
-        subprocess.run(["tar", "-C", str(tree), "-xpf", str(exports[-1]), "--numeric-owner",
-                        "--xattrs", "--xattrs-include=*"], check=True)
-        content = int(subprocess.run(["du", "-sb", "--apparent-size", str(tree)], check=True,
-                                     capture_output=True, text=True).stdout.split()[0])
+        subprocess.run(
+            [
+                "tar",
+                "-C",
+                str(tree),
+                "-xpf",
+                str(exports[-1]),
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+            ],
+            check=True,
+        )
+        content = int(
+            subprocess.run(
+                ["du", "-sb", "--apparent-size", str(tree)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()[0]
+        )
         img = self.work / "bare.img"
         img.unlink(missing_ok=True)
         size = _size_mib(self.pkg)
@@ -164,10 +185,26 @@ def _size_mib(pkg: Path) -> int:
 def count_containers(run_id: str, since: float) -> int:
     """Containers the engine created for one rfs run (by its run label)."""
     out = subprocess.run(
-        [edits.DOCKER, "events", "--since", f"{since - 1:.3f}", "--until", f"{time.time():.3f}",
-         "--filter", "type=container", "--filter", "event=create",
-         "--filter", f"label=org.rfs.run={run_id}", "--format", "{{.ID}}"],
-        capture_output=True, text=True, check=True)
+        [
+            edits.DOCKER,
+            "events",
+            "--since",
+            f"{since - 1:.3f}",
+            "--until",
+            f"{time.time():.3f}",
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=create",
+            "--filter",
+            f"label=org.rfs.run={run_id}",
+            "--format",
+            "{{.ID}}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return len(out.stdout.split())
 
 
@@ -183,11 +220,12 @@ class PackageResult:
         return statistics.median(s.wall for s in self.samples[scenario])
 
     def as_json(self) -> dict[str, object]:
-        return {"samples": {k: [asdict(s) for s in v] for k, v in self.samples.items()},
-                "bare_assembly": [asdict(s) for s in self.bare_assembly],
-                "content_bytes": self.content_bytes,
-                "targets": [{"target": t, "met": m, "measured": f}
-                            for t, m, f in targets(self)]}
+        return {
+            "samples": {k: [asdict(s) for s in v] for k, v in self.samples.items()},
+            "bare_assembly": [asdict(s) for s in self.bare_assembly],
+            "content_bytes": self.content_bytes,
+            "targets": [{"target": t, "met": m, "measured": f} for t, m, f in targets(self)],
+        }
 
 
 def run_package(name: str, runs: int) -> PackageResult:
@@ -213,8 +251,7 @@ def run_package(name: str, runs: int) -> PackageResult:
 
 def _late_ratio(s: Sample) -> float:
     """Wall time over the time of the steps that had to run (the command, export, assembly)."""
-    work = sum(v for k, v in s.steps.items() if k.startswith("run[") or k in ("export",
-                                                                             "assemble"))
+    work = sum(v for k, v in s.steps.items() if k.startswith("run[") or k in ("export", "assemble"))
     return s.wall / work if work else float("inf")
 
 
@@ -230,30 +267,41 @@ def targets(r: PackageResult) -> list[tuple[str, bool, str]]:
         ("no-op ≥ 50x faster than baseline", base / noop >= 50, f"{base / noop:.1f}x"),
         ("no-op < 0.3 s", noop < 0.3, f"{noop:.3f} s"),
         ("overlay edit starts no container", started == 0, f"{started} container(s)"),
-        ("overlay edit ≤ 1.5x bare assembly", overlay / bare <= 1.5,
-         f"{overlay / bare:.2f}x ({overlay:.2f} s vs {bare:.2f} s)"),
+        (
+            "overlay edit ≤ 1.5x bare assembly",
+            overlay / bare <= 1.5,
+            f"{overlay / bare:.2f}x ({overlay:.2f} s vs {bare:.2f} s)",
+        ),
         ("late edit ≤ 1.2x (command + export + assembly)", late <= 1.2, f"{late:.2f}x"),
         ("cold ≤ 1.15x baseline", cold / base <= 1.15, f"{cold / base:.2f}x"),
-        ("image allocates ≤ 1.1x its content", alloc_ratio <= 1.1,
-         f"{alloc_ratio:.2f}x ({alloc / 2**20:.0f} MiB for {r.content_bytes / 2**20:.0f} MiB)"),
+        (
+            "image allocates ≤ 1.1x its content",
+            alloc_ratio <= 1.1,
+            f"{alloc_ratio:.2f}x ({alloc / 2**20:.0f} MiB for {r.content_bytes / 2**20:.0f} MiB)",
+        ),
     ]
 
 
 def table(name: str, r: PackageResult) -> str:
     """The results of one package as a Markdown table, then the targets."""
     base = r.median("baseline")
-    lines = [f"## {name}", "",
-             "| scenario | min s | median s | baseline ÷ median | peak RSS MiB "
-             "| image MiB allocated | containers |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {name}",
+        "",
+        "| scenario | min s | median s | baseline ÷ median | peak RSS MiB "
+        "| image MiB allocated | containers |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for scenario in ("baseline", *SCENARIOS):
         runs = r.samples[scenario]
         med = r.median(scenario)
         rss = max(s.max_rss_kib for s in runs) / 1024
         alloc = statistics.median(s.allocated or 0 for s in runs) / 2**20
         made = "" if runs[0].containers is None else str(max(s.containers or 0 for s in runs))
-        lines.append(f"| {scenario} | {min(s.wall for s in runs):.2f} | {med:.2f} | "
-                     f"{base / med:.1f}x | {rss:.0f} | {alloc:.1f} | {made} |")
+        lines.append(
+            f"| {scenario} | {min(s.wall for s in runs):.2f} | {med:.2f} | "
+            f"{base / med:.1f}x | {rss:.0f} | {alloc:.1f} | {made} |"
+        )
     lines += ["", "| target | result | measured |", "|---|---|---|"]
     for text, met, figure in targets(r):
         lines.append(f"| {text} | {'met' if met else 'MISSED'} | {figure} |")
@@ -261,8 +309,11 @@ def table(name: str, r: PackageResult) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--package", choices=[*PACKAGES, "all"], default="all")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
@@ -279,14 +330,21 @@ def main() -> int:
     report: dict[str, object] = {
         "rfs_version": __version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "mke2fs": subprocess.run(["mke2fs", "-V"], capture_output=True,
-                                             text=True).stderr.splitlines()[0],
-                    "docker": subprocess.run([edits.DOCKER, "version", "-f",
-                                              "{{.Server.Version}}"], capture_output=True,
-                                             text=True).stdout.strip()},
-        "runs": args.runs, "packages": packages,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "mke2fs": subprocess.run(
+                ["mke2fs", "-V"], capture_output=True, text=True
+            ).stderr.splitlines()[0],
+            "docker": subprocess.run(
+                [edits.DOCKER, "version", "-f", "{{.Server.Version}}"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip(),
+        },
+        "runs": args.runs,
+        "packages": packages,
     }
     for name in names:
         result = run_package(name, args.runs)

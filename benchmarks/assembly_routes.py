@@ -39,8 +39,9 @@ DOCKER = "/usr/bin/docker"  # Debian's client; another one may shadow it on PATH
 
 
 def rfs_route(export: Path, image: Path, size_mib: int) -> None:
-    assemble_ext4(export, Selection(), [], image, size_mib=size_mib, seed=bytes(32),
-                  source_date_epoch=0)
+    assemble_ext4(
+        export, Selection(), [], image, size_mib=size_mib, seed=bytes(32), source_date_epoch=0
+    )
     fd = os.open(image, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -49,14 +50,29 @@ def rfs_route(export: Path, image: Path, size_mib: int) -> None:
 
 
 def dd_route(export: Path, image: Path, size_mib: int) -> None:
-    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", f"count={size_mib}",
-                    "status=none"], check=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={image}", "bs=1M", f"count={size_mib}", "status=none"],
+        check=True,
+    )
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
     with tempfile.TemporaryDirectory(prefix="bench-mnt-") as mnt:
         subprocess.run(["mount", "-o", "loop", str(image), mnt], check=True)
         try:
-            subprocess.run(["tar", "-x", "-f", str(export), "-C", mnt, "--numeric-owner", "-p",
-                            "--xattrs", "--xattrs-include=*"], check=True)
+            subprocess.run(
+                [
+                    "tar",
+                    "-x",
+                    "-f",
+                    str(export),
+                    "-C",
+                    mnt,
+                    "--numeric-owner",
+                    "-p",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                ],
+                check=True,
+            )
         finally:
             subprocess.run(["umount", mnt], check=True)
 
@@ -69,8 +85,9 @@ ROUTES: dict[str, tuple[str, Callable[[Path, Path, int], None]]] = {
 
 def export_image(image: str, dest: Path) -> None:
     """`docker export` of a container created (never started) from `image`."""
-    cid = subprocess.run([DOCKER, "create", image, "/bin/true"], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    cid = subprocess.run(
+        [DOCKER, "create", image, "/bin/true"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         with dest.open("wb") as out:
             subprocess.run([DOCKER, "export", cid], stdout=out, check=True)
@@ -94,23 +111,28 @@ def measure(export: Path, size_mib: int, runs: int, workdir: Path) -> dict[str, 
             written[name].append(_written() - w0)
             allocated[name].append(image.stat().st_blocks * 512)
             image.unlink()
-    return {**{f"{n}:time": t for n, t in times.items()},
-            **{f"{n}:alloc": a for n, a in allocated.items()},
-            **{f"{n}:written": w for n, w in written.items()}}
+    return {
+        **{f"{n}:time": t for n, t in times.items()},
+        **{f"{n}:alloc": a for n, a in allocated.items()},
+        **{f"{n}:written": w for n, w in written.items()},
+    }
 
 
 def _written() -> int:
     """Bytes written to block devices so far by this process and its waited-for children."""
-    blocks = sum(resource.getrusage(who).ru_oublock
-                 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    blocks = sum(
+        resource.getrusage(who).ru_oublock
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     return blocks * 512
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", type=Path, help="an export tarball to use")
-    parser.add_argument("--image", default="debian:bookworm-slim",
-                        help="image to export when --export is not given")
+    parser.add_argument(
+        "--image", default="debian:bookworm-slim", help="image to export when --export is not given"
+    )
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
@@ -125,16 +147,20 @@ def main() -> int:
             export_image(args.image, export)
         results = measure(export, args.size_mib, args.runs, workdir)
     mib = export.stat().st_size / (1 << 20) if export.exists() else float("nan")
-    print(f"export: {args.export or args.image} ({mib:.0f} MiB), image {args.size_mib} MiB, "
-          f"median of {args.runs} runs\n")
+    print(
+        f"export: {args.export or args.image} ({mib:.0f} MiB), image {args.size_mib} MiB, "
+        f"median of {args.runs} runs\n"
+    )
     print("| route | time (median) | min-max | written | allocated |")
     print("|---|---|---|---|---|")
     for name, (label, _) in ROUTES.items():
         t = results[f"{name}:time"]
         alloc = statistics.median(results[f"{name}:alloc"]) / (1 << 20)
         wrote = statistics.median(results[f"{name}:written"]) / (1 << 20)
-        print(f"| {label} | {statistics.median(t):.2f} s | {min(t):.2f}-{max(t):.2f} s | "
-              f"{wrote:.0f} MiB | {alloc:.0f} MiB |")
+        print(
+            f"| {label} | {statistics.median(t):.2f} s | {min(t):.2f}-{max(t):.2f} s | "
+            f"{wrote:.0f} MiB | {alloc:.0f} MiB |"
+        )
     return 0
 
 

@@ -30,8 +30,11 @@ def _command_argv(script: BuildScript, index: int, scratch: Path) -> list[str]:
     cmd = script.commands[index]
     if cmd.command is not None:
         return cmd.command.split()
-    body = (cmd.script_inline or "").encode() if cmd.script_inline is not None else \
-        resolve_reference(script.package_root or Path("/"), cmd.script_path or "").read_bytes()
+    body = (
+        (cmd.script_inline or "").encode()
+        if cmd.script_inline is not None
+        else resolve_reference(script.package_root or Path("/"), cmd.script_path or "").read_bytes()
+    )
     (scratch / f"script-{index}").write_bytes(body)
     first = body.split(b"\n", 1)[0]
     interp = first[2:].decode().split() if first.startswith(b"#!") else ["/bin/sh"]
@@ -47,8 +50,25 @@ def build(package: Path, output: Path) -> None:
     if script.container.image is None:
         raise SystemExit("the baseline needs a base image by name (not an archive)")
     image = script.container.image.ref
-    cid = _run([DOCKER, "run", "-d", "--entrypoint", "", "-v", f"{scratch}:/.bench:ro",
-                image, "sleep", "infinity"], capture_output=True).stdout.decode().strip()
+    cid = (
+        _run(
+            [
+                DOCKER,
+                "run",
+                "-d",
+                "--entrypoint",
+                "",
+                "-v",
+                f"{scratch}:/.bench:ro",
+                image,
+                "sleep",
+                "infinity",
+            ],
+            capture_output=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
     try:
         for i, cmd in enumerate(script.commands):
             argv = _command_argv(script, i, scratch)
@@ -63,8 +83,18 @@ def build(package: Path, output: Path) -> None:
         _run([DOCKER, "rm", "-f", cid], stdout=subprocess.DEVNULL)
     tree = work / "tree"
     tree.mkdir()
-    _run(["tar", "-C", str(tree), "-xpf", str(tarball), "--numeric-owner", "--xattrs",
-          "--xattrs-include=*"])
+    _run(
+        [
+            "tar",
+            "-C",
+            str(tree),
+            "-xpf",
+            str(tarball),
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+        ]
+    )
     size = script.filesystem.size_mib or 1024
     _run(["dd", "if=/dev/zero", f"of={output}", "bs=1M", f"count={size}", "status=none"])
     _run(["mkfs.ext4", "-q", "-F", str(output)])

@@ -26,8 +26,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
-                                for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
@@ -42,8 +43,11 @@ def dump_toml(doc: dict[str, Any]) -> str:
                     out.write(f"{k} = {_toml_value(v)}\n")
                 out.write("\n")
         elif isinstance(section, dict):
-            plain = {k: v for k, v in section.items() if not isinstance(v, dict) or k == "image"
-                     or k == "env" or k == "volumes"}
+            plain = {
+                k: v
+                for k, v in section.items()
+                if not isinstance(v, dict) or k == "image" or k == "env" or k == "volumes"
+            }
             out.write(f"[{name}]\n")
             for k, v in plain.items():
                 out.write(f"{k} = {_toml_value(v)}\n")
@@ -81,6 +85,7 @@ def edit_overlay(pkg: Path, token: str) -> None:
 
 def edit_command(pkg: Path, index: int, token: str) -> None:
     """Change command `index` by an environment variable: the same work, a new key."""
+
     def change(d: dict[str, Any]) -> None:
         cmd = d["commands"][index]
         cmd["env"] = {**cmd.get("env", {}), "RFS_BENCH_TOKEN": token}
@@ -100,11 +105,13 @@ def new_base(pkg: Path, token: str) -> str:
         data = token.encode()
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    cid = subprocess.run([DOCKER, "create", source, "/bin/true"], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    cid = subprocess.run(
+        [DOCKER, "create", source, "/bin/true"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
-        subprocess.run([DOCKER, "cp", "-", f"{cid}:/"], input=buf.getvalue(), check=True,
-                       capture_output=True)
+        subprocess.run(
+            [DOCKER, "cp", "-", f"{cid}:/"], input=buf.getvalue(), check=True, capture_output=True
+        )
         subprocess.run([DOCKER, "commit", cid, tag], check=True, capture_output=True)
     finally:
         subprocess.run([DOCKER, "rm", "-f", cid], check=True, capture_output=True)

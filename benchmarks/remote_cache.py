@@ -67,9 +67,14 @@ def build(pkg: Path, out: Path, cache: Path, *extra: str) -> dict[str, Any]:
     env.pop("RFS_CACHE_FROM", None)
     env.pop("RFS_CACHE_TO", None)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out),
-                           "-q", *extra], capture_output=True, text=True, env=env, check=False,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), "-q", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        cwd=REPO,
+    )
     seconds = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"rfs build failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -103,16 +108,15 @@ def scenario(kind: str, source: Path, work: Path) -> dict[str, Any]:
         drop_layers(*caches)
         results["cold+push"] = build(pkg, work / "a.ext4", cache("a"), "--cache-to", server.url)
         drop_layers(*caches)
-        results["warm-remote"] = build(pkg, work / "b.ext4", cache("b"),
-                                       "--cache-from", server.url)
+        results["warm-remote"] = build(pkg, work / "b.ext4", cache("b"), "--cache-from", server.url)
         same = (work / "a.ext4").read_bytes() == (work / "b.ext4").read_bytes()
         results["warm-remote"]["identical_output"] = same
         drop_layers(*caches)
         edit_last_command(pkg)
-        results["late-change"] = build(pkg, work / "c.ext4", cache("c"),
-                                       "--cache-from", server.url)
-        results["server_bytes"] = sum(p.stat().st_size for p in server.data.rglob("*")
-                                      if p.is_file())
+        results["late-change"] = build(pkg, work / "c.ext4", cache("c"), "--cache-from", server.url)
+        results["server_bytes"] = sum(
+            p.stat().st_size for p in server.data.rglob("*") if p.is_file()
+        )
         return results
     finally:
         drop_layers(*caches)
@@ -128,8 +132,9 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rfs-bench-remote-"))
     try:
-        runs = [scenario(kind, args.package.resolve(), work)
-                for kind in args.backend or ["http", "oci"]]
+        runs = [
+            scenario(kind, args.package.resolve(), work) for kind in args.backend or ["http", "oci"]
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'backend':<8} {'runner':<12} {'seconds':>8}  steps run / fetched")
@@ -137,12 +142,16 @@ def main() -> int:
         for name in ("cold", "cold+push", "warm-remote", "late-change"):
             row = r[name]
             fetched = ", ".join(f.split()[1] for f in row["fetched"]) or "-"
-            print(f"{r['backend']:<8} {name:<12} {row['seconds']:>8.2f}  "
-                  f"ran {len(row['ran'])} ({' '.join(row['ran']) or '-'}); fetched {fetched}")
+            print(
+                f"{r['backend']:<8} {name:<12} {row['seconds']:>8.2f}  "
+                f"ran {len(row['ran'])} ({' '.join(row['ran']) or '-'}); fetched {fetched}"
+            )
         speedup = r["cold"]["seconds"] / max(r["warm-remote"]["seconds"], 1e-3)
-        print(f"{r['backend']:<8} warm remote vs cold: {speedup:.1f}x faster; identical output: "
-              f"{r['warm-remote']['identical_output']}; server holds "
-              f"{r['server_bytes'] / 2**20:.1f} MiB")
+        print(
+            f"{r['backend']:<8} warm remote vs cold: {speedup:.1f}x faster; identical output: "
+            f"{r['warm-remote']['identical_output']}; server holds "
+            f"{r['server_bytes'] / 2**20:.1f} MiB"
+        )
         for line in r["cold+push"]["pushed"] + r["warm-remote"]["fetched"]:
             print(f"{'':8} {line}")
     if args.json:

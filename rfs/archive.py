@@ -131,8 +131,9 @@ def _content_dirs(tar: tarfile.TarFile, script: _ScriptMember, label: str) -> li
     return [posixpath.join(script.prefix, member_path(ref)) for ref in refs if member_path(ref)]
 
 
-def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str] = ()
-                  ) -> tuple[list[tuple[str, str]], set[str]]:
+def check_members(
+    members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str] = ()
+) -> tuple[list[tuple[str, str]], set[str]]:
     """Every member that would escape the package, as (member name, why).
 
     Also returns the symbolic links allowed to point out (inside `content_dirs`).
@@ -152,11 +153,13 @@ def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str
         if ".." in parts:
             problems.append((m.name, "leads outside the package ('..')"))
             continue
-        through = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts)))
-                        if p in links), None)
+        through = next(
+            (p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in links), None
+        )
         if through is not None:
-            problems.append((m.name, f"lies beneath the symbolic link {through}, which could "
-                                     "send it anywhere"))
+            problems.append(
+                (m.name, f"lies beneath the symbolic link {through}, which could send it anywhere")
+            )
             continue
         if m.issym():
             target = m.linkname
@@ -165,18 +168,28 @@ def check_members(members: Sequence[tarfile.TarInfo], content_dirs: Sequence[str
                 if any(d != name and _inside(d, name) for d in content_dirs):
                     allowed.add(name)
                 else:
-                    problems.append((m.name, f"is a symbolic link pointing out of the package "
-                                             f"(to {target})"))
+                    problems.append(
+                        (m.name, f"is a symbolic link pointing out of the package (to {target})")
+                    )
         elif m.islnk():
             target = member_path(m.linkname)
             if m.linkname.startswith("/") or ".." in target.split("/"):
                 problems.append((m.name, f"is a hard link to {m.linkname}, outside the package"))
             elif not target_known:
-                problems.append((m.name, f"is a hard link to {m.linkname}, which is not in the "
-                                         "archive before it"))
+                problems.append(
+                    (
+                        m.name,
+                        f"is a hard link to {m.linkname}, which is not in the archive before it",
+                    )
+                )
         elif not (m.isreg() or m.isdir()):
-            problems.append((m.name, "is a device node, FIFO or other special file; a package "
-                                     "holds only files, directories and links"))
+            problems.append(
+                (
+                    m.name,
+                    "is a device node, FIFO or other special file; a package "
+                    "holds only files, directories and links",
+                )
+            )
     return problems, allowed
 
 
@@ -194,8 +207,13 @@ def _data_mode(mode: int) -> int:
     return mode | 0o600
 
 
-def _extract_checked(tar: tarfile.TarFile, members: Sequence[tarfile.TarInfo], dest: Path,
-                     allowed: set[str], label: str) -> None:
+def _extract_checked(
+    tar: tarfile.TarFile,
+    members: Sequence[tarfile.TarInfo],
+    dest: Path,
+    allowed: set[str],
+    label: str,
+) -> None:
     """Write `members` (all passed by `check_members`) under `dest` without tarfile's extractor.
 
     The names written are the normalised ones checked above, never the raw tar metadata. Nothing
@@ -231,31 +249,50 @@ def _extract_checked(tar: tarfile.TarFile, members: Sequence[tarfile.TarInfo], d
             src = tar.extractfile(m)
             if src is None:  # cannot happen for a regular member; refuse rather than guess
                 raise ScriptError([Problem(m.name, "has no data in the archive", label)])
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         _data_mode(m.mode))
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _data_mode(m.mode)
+            )
             with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
                 os.fchmod(out.fileno(), _data_mode(m.mode))  # the umask applied at creation
             os.utime(path, (m.mtime, m.mtime), follow_symlinks=False)
         elif m.issym():
-            if name not in allowed and (m.linkname.startswith("/") or outside(
-                    os.path.join(os.path.dirname(path), m.linkname))):
-                raise ScriptError([Problem(m.name, f"is a symbolic link pointing out of the "
-                                                   f"package (to {m.linkname})", label)])
+            if name not in allowed and (
+                m.linkname.startswith("/")
+                or outside(os.path.join(os.path.dirname(path), m.linkname))
+            ):
+                raise ScriptError(
+                    [
+                        Problem(
+                            m.name,
+                            f"is a symbolic link pointing out of the package (to {m.linkname})",
+                            label,
+                        )
+                    ]
+                )
             clear(path)
             os.symlink(m.linkname, path)
         elif m.islnk():
             target = os.path.join(root, member_path(m.linkname))
             if outside(target):
-                raise ScriptError([Problem(m.name, f"is a hard link to {m.linkname}, outside "
-                                                   "the package", label)])
+                raise ScriptError(
+                    [Problem(m.name, f"is a hard link to {m.linkname}, outside the package", label)]
+                )
             clear(path)
             os.link(target, path, follow_symlinks=False)
         else:  # refused by check_members already
-            raise ScriptError([Problem(m.name, "is a device node, FIFO or other special file; "
-                                               "a package holds only files, directories and "
-                                               "links", label)])
+            raise ScriptError(
+                [
+                    Problem(
+                        m.name,
+                        "is a device node, FIFO or other special file; "
+                        "a package holds only files, directories and "
+                        "links",
+                        label,
+                    )
+                ]
+            )
     for path, mtime in reversed(dirs):  # deepest last-written first, as tarfile does
         os.utime(path, (mtime, mtime), follow_symlinks=False)
 
@@ -276,14 +313,25 @@ def extract(archive: Path, dest: Path) -> Path:
             if problems:
                 raise ScriptError([Problem(name, why, label) for name, why in problems])
             if script is None:
-                raise ScriptError([Problem("", "holds no build script (" + ", ".join(
-                    SCRIPT_NAMES) + ") at its top or in a single top-level directory", label)])
+                raise ScriptError(
+                    [
+                        Problem(
+                            "",
+                            "holds no build script ("
+                            + ", ".join(SCRIPT_NAMES)
+                            + ") at its top or in a single top-level directory",
+                            label,
+                        )
+                    ]
+                )
 
             if _HAS_DATA_FILTER:
+
                 def only_safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
                     if member_path(member.name) in allowed:  # checked above: inside a content dir
                         return tarfile.tar_filter(member, path).replace(
-                            uid=os.getuid(), gid=os.getgid(), uname="", gname="", deep=False)
+                            uid=os.getuid(), gid=os.getgid(), uname="", gname="", deep=False
+                        )
                     return tarfile.data_filter(member, path)
 
                 tar.extractall(dest, filter=only_safe)
@@ -294,8 +342,5 @@ def extract(archive: Path, dest: Path) -> Path:
         filter_error = getattr(tarfile, "FilterError", None)  # Python >= 3.11.4 only
         if filter_error is not None and isinstance(exc, filter_error):
             raise ScriptError([Problem(exc.tarinfo.name, str(exc), label)]) from exc
-        raise ScriptError([Problem("", f"is not a readable tar archive: {exc}", label)]
-                          ) from exc
+        raise ScriptError([Problem("", f"is not a readable tar archive: {exc}", label)]) from exc
     return dest / script.prefix if script.prefix else dest
-
-

@@ -43,8 +43,7 @@ def inspect_base_archive(path: Path, where: str = "container.archive") -> BaseAr
             if not tar.getmembers():
                 raise ScriptError([Problem(where, f"{path} is an empty tar archive")])
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ScriptError([Problem(where, f"{path} is not a readable tar archive: {exc}")]
-                          ) from exc
+        raise ScriptError([Problem(where, f"{path} is not a readable tar archive: {exc}")]) from exc
     return BaseArchive(False)
 
 
@@ -52,8 +51,15 @@ def _manifest_image_id(manifest: object, path: Path, where: str) -> str | None:
     if not isinstance(manifest, list) or not manifest:
         return None
     if len(manifest) > 1:
-        raise ScriptError([Problem(where, f"{path} holds {len(manifest)} images; save exactly "
-                                          "one (docker save NAME:TAG -o FILE)")])
+        raise ScriptError(
+            [
+                Problem(
+                    where,
+                    f"{path} holds {len(manifest)} images; save exactly "
+                    "one (docker save NAME:TAG -o FILE)",
+                )
+            ]
+        )
     entry = manifest[0]
     config = entry.get("Config") if isinstance(entry, dict) else None
     if not isinstance(config, str):

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 BASE_REPO = "rfs/base"
 
 
-
 @dataclass(frozen=True)
 class EngineFacts:
     """What the engine contributes to the keys: the base image and how it exports."""
@@ -60,17 +59,28 @@ def quick_engine_facts(script: BuildScript, digests: Mapping[str, str]) -> Engin
         return None
 
 
-def engine_facts(engine: Engine, script: BuildScript, digests: Mapping[str, str],
-                 snapshot: PackageSnapshot | None = None, *, pull: bool = False
-                 ) -> EngineFacts:
+def engine_facts(
+    engine: Engine,
+    script: BuildScript,
+    digests: Mapping[str, str],
+    snapshot: PackageSnapshot | None = None,
+    *,
+    pull: bool = False,
+) -> EngineFacts:
     """The engine facts through the engine client: the base resolved (pulled if need be, or
     looked up again with `pull`), its platform and the engine's version."""
     base_id = resolve_base(engine, script, digests, snapshot, pull=pull)
     return EngineFacts(base_id, engine.image_platform(base_id), engine.version())
 
 
-def resolve_base(engine: Engine, script: BuildScript, digests: Mapping[str, str],
-                 snapshot: PackageSnapshot | None = None, *, pull: bool = False) -> str:
+def resolve_base(
+    engine: Engine,
+    script: BuildScript,
+    digests: Mapping[str, str],
+    snapshot: PackageSnapshot | None = None,
+    *,
+    pull: bool = False,
+) -> str:
     """The image ID the first command runs on: `container.image` resolved (pulled if need be,
     looked up in its registry again with `pull`), or `container.archive` brought into the
     engine once and kept as `rfs/base:<digest>`.

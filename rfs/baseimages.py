@@ -15,7 +15,6 @@ def file_identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-
 class BaseImages:
     """The store as the ext4 driver's cache of base images (rfs.fs.image.BaseImageCache).
 
@@ -24,9 +23,16 @@ class BaseImages:
     an export, evicted like any entry.
     """
 
-    def __init__(self, store: Store, export_key: str, export_digest: str, *,
-                 verify: Callable[[str, Blob], bool], no_cache: bool = False,
-                 verified: dict[str, tuple[int, int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        export_key: str,
+        export_digest: str,
+        *,
+        verify: Callable[[str, Blob], bool],
+        no_cache: bool = False,
+        verified: dict[str, tuple[int, int, int]] | None = None,
+    ) -> None:
         self.store = store
         self.export_key = export_key
         self._verify = verify  # the executor's check: each blob rehashed once per build
@@ -42,8 +48,9 @@ class BaseImages:
         from rfs.codeversion import code_version
         from rfs.hashing import digest_json
 
-        key = digest_json({"export": self.export_digest, "code": code_version("assemble"),
-                           **identity})
+        key = digest_json(
+            {"export": self.export_digest, "code": code_version("assemble"), **identity}
+        )
         self.store.hold({key})
         return key
 
@@ -53,8 +60,9 @@ class BaseImages:
         from rfs.codeversion import code_version
         from rfs.hashing import digest_json
 
-        return bytes.fromhex(digest_json({"export": self.export_key,
-                                          "code": code_version("assemble"), **identity}))[:32]
+        return bytes.fromhex(
+            digest_json({"export": self.export_key, "code": code_version("assemble"), **identity})
+        )[:32]
 
     def get(self, key: str) -> Path | None:
         """The verified base image of `key`, or None (a damaged one is dropped; with
@@ -80,8 +88,15 @@ class BaseImages:
             digest = digest_sparse_file(tmp)
             size = tmp.stat().st_size
         self._made.add(key)
-        self.store.put_record(key, {"kind": "ext4-base", "export": self.export_key,
-                                    "blob_size": size, "blob_digest": digest,
-                                    "blob_sparse": True})
+        self.store.put_record(
+            key,
+            {
+                "kind": "ext4-base",
+                "export": self.export_key,
+                "blob_size": size,
+                "blob_digest": digest,
+                "blob_sparse": True,
+            },
+        )
         with contextlib.suppress(OSError):  # hashed just now: no need to again this build
             self._verified[key] = file_identity(self.store.root / "blobs" / key)

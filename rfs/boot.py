@@ -68,10 +68,10 @@ def find_kernel(boot_dir: Path = Path("/boot")) -> tuple[Path, Path | None]:
         raise EnvironmentProblem(
             f"no kernel given and none found in {boot_dir}",
             hint="pass --kernel VMLINUZ (and --initrd), or install one: apt-get install "
-                 "linux-image-cloud-amd64",
+            "linux-image-cloud-amd64",
         )
     kernel = kernels[-1]
-    version = kernel.name[len("vmlinuz-"):]
+    version = kernel.name[len("vmlinuz-") :]
     for name in (f"initrd.img-{version}", f"initramfs-{version}.img"):
         if (boot_dir / name).is_file():
             return kernel, boot_dir / name
@@ -90,18 +90,24 @@ def image_type(image: Path) -> tuple[str, bool]:
     except OSError as exc:
         raise UsageError(f"cannot read the image {image}: {exc}") from exc
     for offset, magic, name, writable in _MAGICS:
-        if head[offset:offset + len(magic)] == magic:
+        if head[offset : offset + len(magic)] == magic:
             return name, writable
-    raise UsageError(f"{image} holds no filesystem rfs knows (ext4, squashfs, erofs, btrfs, "
-                     "xfs, vfat)")
+    raise UsageError(
+        f"{image} holds no filesystem rfs knows (ext4, squashfs, erofs, btrfs, xfs, vfat)"
+    )
 
 
 def kvm_usable(kernel: Path, initrd: Path | None, timeout_s: float = KVM_PROBE_S) -> bool:
     """True when a KVM guest gets through early boot here (see the module doc)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    argv = [*_qemu_base("kvm", 256, 1), "-kernel", str(kernel),
-            "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"]
+    argv = [
+        *_qemu_base("kvm", 256, 1),
+        "-kernel",
+        str(kernel),
+        "-append",
+        "console=ttyS0 panic=-1 root=/dev/nonexistent",
+    ]
     if initrd is not None:
         argv += ["-initrd", str(initrd)]
     found, _ = _watch(argv, _PROBE_DONE, timeout_s, echo=None)
@@ -110,9 +116,25 @@ def kvm_usable(kernel: Path, initrd: Path | None, timeout_s: float = KVM_PROBE_S
 
 def _qemu_base(accel: str, memory_mib: int, cpus: int) -> list[str]:
     cpu = "host" if accel == "kvm" else "max"
-    return [proc.tool_path("qemu-system-x86_64"), "-accel", accel, "-cpu", cpu,
-            "-m", str(memory_mib), "-smp", str(cpus), "-display", "none", "-no-reboot",
-            "-serial", "stdio", "-monitor", "none", "-nodefaults"]
+    return [
+        proc.tool_path("qemu-system-x86_64"),
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        str(memory_mib),
+        "-smp",
+        str(cpus),
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-nodefaults",
+    ]
 
 
 def qemu_argv(spec: BootSpec, accel: str, kernel: Path, initrd: Path | None) -> list[str]:
@@ -134,9 +156,10 @@ def qemu_argv(spec: BootSpec, accel: str, kernel: Path, initrd: Path | None) -> 
     return argv + spec.extra_qemu
 
 
-def choose_accel(spec: BootSpec, kernel: Path, initrd: Path | None,
-                 log: Callable[[str], None]) -> str:
-    """"kvm" or "tcg", as asked, or (auto) by probing KVM."""
+def choose_accel(
+    spec: BootSpec, kernel: Path, initrd: Path | None, log: Callable[[str], None]
+) -> str:
+    """ "kvm" or "tcg", as asked, or (auto) by probing KVM."""
     if spec.accel in ("kvm", "tcg"):
         return spec.accel
     if kvm_usable(kernel, initrd):
@@ -145,9 +168,14 @@ def choose_accel(spec: BootSpec, kernel: Path, initrd: Path | None,
     return "tcg"
 
 
-def boot(spec: BootSpec, *, expect: str | None = None, timeout_s: float = 120.0,
-         echo: Callable[[bytes], None] | None = None,
-         log: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> float:
+def boot(
+    spec: BootSpec,
+    *,
+    expect: str | None = None,
+    timeout_s: float = 120.0,
+    echo: Callable[[bytes], None] | None = None,
+    log: Callable[[str], None] = lambda text: print(text, file=sys.stderr),
+) -> float:
     """Boot `spec`. With `expect`, watch the console (passed to `echo`) until it shows that
     text, then stop the VM and return the seconds it took; raise BootFailed after `timeout_s`.
     Without it, attach QEMU to this terminal until the guest powers off."""
@@ -159,8 +187,9 @@ def boot(spec: BootSpec, *, expect: str | None = None, timeout_s: float = 120.0,
         initrd = initrd or found_initrd
     for path in (kernel, initrd):
         if path is not None and not os.access(path, os.R_OK):
-            raise EnvironmentProblem(f"cannot read {path}",
-                                     hint="Debian's /boot/vmlinuz-* are readable by root only")
+            raise EnvironmentProblem(
+                f"cannot read {path}", hint="Debian's /boot/vmlinuz-* are readable by root only"
+            )
     accel = choose_accel(spec, kernel, initrd, log)
     argv = qemu_argv(spec, accel, kernel, initrd)
     log(f"rfs: booting {spec.image} with {kernel.name} ({accel})")
@@ -172,8 +201,10 @@ def boot(spec: BootSpec, *, expect: str | None = None, timeout_s: float = 120.0,
     t0 = time.monotonic()
     found, tail = _watch(argv, re.compile(re.escape(expect.encode())), timeout_s, echo)
     if not found:
-        raise BootFailed(f"{expect!r} did not appear on the console within {timeout_s:g} s; "
-                         f"its last lines:\n{tail}")
+        raise BootFailed(
+            f"{expect!r} did not appear on the console within {timeout_s:g} s; "
+            f"its last lines:\n{tail}"
+        )
     return time.monotonic() - t0
 
 
@@ -188,11 +219,16 @@ def _killed(process: subprocess.Popen[bytes]) -> Iterator[None]:
         process.wait()
 
 
-def _watch(argv: list[str], pattern: re.Pattern[bytes], timeout_s: float,
-           echo: Callable[[bytes], None] | None) -> tuple[bool, str]:
+def _watch(
+    argv: list[str],
+    pattern: re.Pattern[bytes],
+    timeout_s: float,
+    echo: Callable[[bytes], None] | None,
+) -> tuple[bool, str]:
     """Run QEMU until its console matches `pattern` or `timeout_s` passes; always kill it."""
-    process = proc.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+    process = proc.popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert process.stdout is not None
     seen = b""
     deadline = time.monotonic() + timeout_s

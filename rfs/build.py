@@ -125,8 +125,11 @@ def connect_engine(script: BuildScript) -> Engine:
     return connect(c.engine.value, c.connection_uri)
 
 
-def prepare(opts: Options, reporter: Reporter,
-            engine_factory: Callable[[BuildScript], Engine] = connect_engine) -> Planned:
+def prepare(
+    opts: Options,
+    reporter: Reporter,
+    engine_factory: Callable[[BuildScript], Engine] = connect_engine,
+) -> Planned:
     """Load the package, gather facts, compile the graph and plan each step."""
     loaded = load(opts.package)
     script = loaded.script
@@ -139,8 +142,9 @@ def prepare(opts: Options, reporter: Reporter,
     remembered = dict(memo)  # entries are replaced, never changed in place
     # An archive package is unpacked to a new directory each run: its paths are not worth
     # remembering.
-    digests = digest_refs(script.package_root, package_refs(script),
-                          memo if script.origin is None else None)
+    digests = digest_refs(
+        script.package_root, package_refs(script), memo if script.origin is None else None
+    )
     if memo != remembered:
         store.set_meta(DIGEST_MEMO, memo)
     snapshot = PackageSnapshot(script.package_root, digests, mtime=source_date_epoch())
@@ -158,22 +162,37 @@ def prepare(opts: Options, reporter: Reporter,
     mkfs_version = remembered_tool_version(script.filesystem.type, tools)
     if tools != known_tools:
         store.set_meta("tool-versions", tools)
-    facts = Facts(base_id=found.base_id, file_digests=digests, mkfs_version=mkfs_version,
-                  engine=script.container.engine.value, source_date_epoch=source_date_epoch(),
-                  platform=found.platform, engine_version=found.engine_version,
-                  network=opts.network,
-                  code={kind: code_version(kind) for kind in ("run", "export", "assemble")})
+    facts = Facts(
+        base_id=found.base_id,
+        file_digests=digests,
+        mkfs_version=mkfs_version,
+        engine=script.container.engine.value,
+        source_date_epoch=source_date_epoch(),
+        platform=found.platform,
+        engine_version=found.engine_version,
+        network=opts.network,
+        code={kind: code_version(kind) for kind in ("run", "export", "assemble")},
+    )
     steps = compile_steps(script, facts)
     script_file = script.origin or (
-        (script.package_root or opts.package.resolve().parent) / script.script_file.name)
+        (script.package_root or opts.package.resolve().parent) / script.script_file.name
+    )
     script_id = digest_bytes(str(script_file.resolve()).encode())
     previous = store.last_manifests(script_id)
     output = opts.output or Path(str(previous.get("_output", "image.ext4")))
-    executor = Executor(script, store, engine, reporter, output,
-                        source_date_epoch=facts.source_date_epoch,
-                        labels=_labels(run_id, opts.keep_failed), network=opts.network,
-                        keep_failed=opts.keep_failed, snapshot=snapshot,
-                        no_cache=opts.no_cache)
+    executor = Executor(
+        script,
+        store,
+        engine,
+        reporter,
+        output,
+        source_date_epoch=facts.source_date_epoch,
+        labels=_labels(run_id, opts.keep_failed),
+        network=opts.network,
+        keep_failed=opts.keep_failed,
+        snapshot=snapshot,
+        no_cache=opts.no_cache,
+    )
     store.hold({s.key for s in steps})  # no eviction removes these while this build runs
     available: Availability = executor.missing
     remote: RemoteCache | None = None
@@ -185,8 +204,9 @@ def prepare(opts: Options, reporter: Reporter,
         if ages:
             remote.stale = staleness(steps, ages, time.time())
         available = remote.availability(executor.missing)
-    planned = Planned(loaded, steps, [], facts, executor, store, script_id, previous=previous,
-                      remote=remote)
+    planned = Planned(
+        loaded, steps, [], facts, executor, store, script_id, previous=previous, remote=remote
+    )
     planned.forced = forced_steps(steps, script, store, opts)
     planned.decisions = plan_steps(steps, available, previous, planned.forced)
     return planned
@@ -194,12 +214,16 @@ def prepare(opts: Options, reporter: Reporter,
 
 def max_ages(script: BuildScript) -> dict[str, int]:
     """Step id -> the `max_age` (seconds) of each command that has one."""
-    return {f"run[{i}]": cmd.max_age_s for i, cmd in enumerate(script.commands)
-            if cmd.max_age_s is not None}
+    return {
+        f"run[{i}]": cmd.max_age_s
+        for i, cmd in enumerate(script.commands)
+        if cmd.max_age_s is not None
+    }
 
 
-def forced_steps(steps: list[Step], script: BuildScript, store: Store,
-                 opts: Options) -> dict[str, str]:
+def forced_steps(
+    steps: list[Step], script: BuildScript, store: Store, opts: Options
+) -> dict[str, str]:
     """The steps that must run whatever is cached, and why: `--no-cache`, `--rebuild`,
     commands with `no_cache`, and results older than a command's `max_age` (the planner adds
     every step after them)."""
@@ -208,8 +232,9 @@ def forced_steps(steps: list[Step], script: BuildScript, store: Store,
     if unknown:
         from rfs.errors import UsageError
 
-        raise UsageError(f"--rebuild {unknown[0]}: no such step; the steps of this build are "
-                         f"{', '.join(ids)}")
+        raise UsageError(
+            f"--rebuild {unknown[0]}: no such step; the steps of this build are {', '.join(ids)}"
+        )
     if opts.no_cache:
         return {s.id: "--no-cache" for s in steps if s.kind is not StepKind.BASE}
     forced = {step_id: "--rebuild" for step_id in opts.rebuild}
@@ -260,8 +285,12 @@ def execute(planned: Planned, reporter: Reporter) -> None:
                 reporter.reused(d.step, d.action, recorded)
                 continue
             # One process builds a step; another that needs it waits, then reuses it.
-            lock = store.build_lock(d.step.key, on_wait=functools.partial(
-                reporter.message, f"  waiting  {d.step.id:<10} another rfs build is making it"))
+            lock = store.build_lock(
+                d.step.key,
+                on_wait=functools.partial(
+                    reporter.message, f"  waiting  {d.step.id:<10} another rfs build is making it"
+                ),
+            )
             if not d.forced and ex.missing(d.step) is None:
                 lock.release()
                 reporter.reused(d.step, Action.CACHED, None)
@@ -283,15 +312,26 @@ def execute(planned: Planned, reporter: Reporter) -> None:
                 raise
             seconds = time.monotonic() - t0
             sources = made_at(d.step, store.record, by_id)
-            store.put_record(d.step.key, {"kind": d.step.kind.value, "step": d.step.id,
-                                          "inputs": dict(d.step.inputs),
-                                          "seconds": round(seconds, 3), **record,
-                                          **({"made_at": sources} if sources else {})})
+            store.put_record(
+                d.step.key,
+                {
+                    "kind": d.step.kind.value,
+                    "step": d.step.id,
+                    "inputs": dict(d.step.inputs),
+                    "seconds": round(seconds, 3),
+                    **record,
+                    **({"made_at": sources} if sources else {}),
+                },
+            )
             running = None
             lock.release()
             ran.add(d.step.key)
-            reporter.finished(d.step, seconds, artifact_size(d.step, record, ex.output),
-                              detail=str(record.get("route", "")))
+            reporter.finished(
+                d.step,
+                seconds,
+                artifact_size(d.step, record, ex.output),
+                detail=str(record.get("route", "")),
+            )
     except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into it by rfs.signals
         if running is not None:
             reporter.failed(running, time.monotonic() - t0, "interrupted")
@@ -304,8 +344,9 @@ def execute(planned: Planned, reporter: Reporter) -> None:
         _remove_containers(ex, kept)
         if planned.remote is not None:
             _upload(planned.remote, planned, ran)
-    manifests: dict[str, object] = {s.id: {**manifest(s), **remembered_text(planned.script, s)}
-                                    for s in planned.steps}
+    manifests: dict[str, object] = {
+        s.id: {**manifest(s), **remembered_text(planned.script, s)} for s in planned.steps
+    }
     manifests["_output"] = str(ex.output)
     store.save_manifests(planned.script_id, manifests)
     store.evict(keep={s.key for s in planned.steps})
@@ -321,13 +362,19 @@ def _materialize(planned: Planned, remote: RemoteCache) -> list[Decision]:
     decisions = planned.decisions
     ex = planned.executor
     for _ in range(len(planned.steps) + 1):
-        todo = [d.step for d in decisions if d.action is Action.CACHED
-                and d.step.key in remote.found and ex.missing(d.step) is not None]
+        todo = [
+            d.step
+            for d in decisions
+            if d.action is Action.CACHED
+            and d.step.key in remote.found
+            and ex.missing(d.step) is not None
+        ]
         fetched = [remote.fetch(step) for step in todo]
         if all(fetched):
             return decisions
-        decisions = plan_steps(planned.steps, remote.availability(ex.missing),
-                               planned.previous, planned.forced)
+        decisions = plan_steps(
+            planned.steps, remote.availability(ex.missing), planned.previous, planned.forced
+        )
     return decisions
 
 
@@ -350,8 +397,7 @@ def _interrupted(step: Step | None, finished: int) -> Interrupted:
     signum = signals.received()
     how = f"interrupted by {signals.name(signum)}" if signum is not None else "interrupted"
     where = f" during {step.id}" if step is not None else ""
-    done = (f"{finished} step(s) finished and are cached" if finished
-            else "no step finished")
+    done = f"{finished} step(s) finished and are cached" if finished else "no step finished"
     return Interrupted(f"{how}{where}: {done}; nothing half-done was kept")
 
 
@@ -364,7 +410,7 @@ def _labels(run_id: str, keep_failed: bool) -> dict[str, str]:
 
 
 def _owner(pid: int) -> str | None:
-    """"<host>:<pid>:<start time>" of process `pid` if it is alive, else None.
+    """ "<host>:<pid>:<start time>" of process `pid` if it is alive, else None.
 
     The start time (field 22 of /proc/<pid>/stat) tells a reused pid from the original.
     """
@@ -396,8 +442,7 @@ def remove_abandoned(engine: Engine) -> int:
             if not labels.get(KEEP_LABEL) and _owner(int(parts[1])) != owner:
                 dead.add(owner)
         # By owner, not by run id: builds may share a run id (RFS_RUN_ID in a CI job).
-        removed = sum(engine.remove_containers(f"{OWNER_LABEL}={owner}")
-                      for owner in sorted(dead))
+        removed = sum(engine.remove_containers(f"{OWNER_LABEL}={owner}") for owner in sorted(dead))
     except RfsError as exc:
         log.warning("could not look for containers of dead rfs builds: %s", exc)
         return 0
@@ -421,8 +466,12 @@ def _remove_containers(ex: Executor, kept: list[str]) -> None:
     except RfsError as exc:
         if failing is None:
             raise
-        log.warning("could not remove the containers of this build (label %s=%s; the next "
-                    "build will): %s", RUN_LABEL, ex.labels[RUN_LABEL], exc)
+        log.warning(
+            "could not remove the containers of this build (label %s=%s; the next build will): %s",
+            RUN_LABEL,
+            ex.labels[RUN_LABEL],
+            exc,
+        )
 
 
 def _upload(remote: RemoteCache, planned: Planned, ran: set[str]) -> None:

@@ -96,8 +96,9 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
             try:
                 refusal = privilege_refusal(engine, image)
             except RfsError as exc:
-                problems.append(Problem(field, f"could not try a privileged container: "
-                                               f"{exc.message}", file))
+                problems.append(
+                    Problem(field, f"could not try a privileged container: {exc.message}", file)
+                )
         if refusal is not None:
             problems.append(Problem(field, privilege_message(engine.name, refusal), file))
     return problems
@@ -113,12 +114,15 @@ def privilege_field(script: BuildScript) -> str | None:
     `commands[i].privileged`), or None when nothing does."""
     if script.container.rootful:
         return "container.rootful"
-    return next((f"commands[{i}].privileged" for i, cmd in enumerate(script.commands)
-                 if cmd.privileged), None)
+    return next(
+        (f"commands[{i}].privileged" for i, cmd in enumerate(script.commands) if cmd.privileged),
+        None,
+    )
 
 
-def privilege_refusal(engine: Engine, image: str, labels: Mapping[str, str] | None = None
-                      ) -> str | None:
+def privilege_refusal(
+    engine: Engine, image: str, labels: Mapping[str, str] | None = None
+) -> str | None:
     """How the engine refuses to start a privileged container of `image`, or None.
 
     Two short-lived containers: a privileged one, then, if it fails to start, the same one
@@ -136,5 +140,7 @@ def privilege_refusal(engine: Engine, image: str, labels: Mapping[str, str] | No
 
 def privilege_message(engine_name: str, refusal: str) -> str:
     """The words for a refused privilege, after the field path."""
-    return (f"asks for privileged containers, and the {engine_name.capitalize()} engine "
-            f"refuses to start one here: {refusal}")
+    return (
+        f"asks for privileged containers, and the {engine_name.capitalize()} engine "
+        f"refuses to start one here: {refusal}"
+    )

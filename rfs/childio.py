@@ -49,8 +49,9 @@ def _named(pid: int, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def child_reads(name: str | None, on_progress: Callable[[int], None],
-                interval: float = _POLL_S) -> Iterator[None]:
+def child_reads(
+    name: str | None, on_progress: Callable[[int], None], interval: float = _POLL_S
+) -> Iterator[None]:
     """While the block runs, call `on_progress(bytes read)` by our child processes named `name`
     (None: every child, whichever tool the filesystem type runs).
 

@@ -21,14 +21,33 @@ PACKAGE = Path(__file__).resolve().parent
 # Package-relative files and directories (every *.py below) whose code shapes each kind.
 SHAPED_BY: dict[str, tuple[str, ...]] = {
     # The container a command runs in (mounts, env, user, /etc files) and how it is committed.
-    "run": ("executors.py", "etcfiles.py", "snapshot.py", "hashing.py", "package.py",
-            "basearchive.py", "basefacts.py", "sparse.py", "copyin.py", "engine"),
+    "run": (
+        "executors.py",
+        "etcfiles.py",
+        "snapshot.py",
+        "hashing.py",
+        "package.py",
+        "basearchive.py",
+        "basefacts.py",
+        "sparse.py",
+        "copyin.py",
+        "engine",
+    ),
     # How the container filesystem is streamed out of the engine into the tarball.
     "export": ("executors.py", "sparse.py", "engine"),
     # Everything between the tarball and the image: the tar filter, overlays, every driver.
-    "assemble": ("executors.py", "baseimages.py", "etcfiles.py", "snapshot.py", "hashing.py",
-                 "package.py",
-                 "sparse.py", "proc.py", "childio.py", "fs"),
+    "assemble": (
+        "executors.py",
+        "baseimages.py",
+        "etcfiles.py",
+        "snapshot.py",
+        "hashing.py",
+        "package.py",
+        "sparse.py",
+        "proc.py",
+        "childio.py",
+        "fs",
+    ),
 }
 
 
@@ -51,6 +70,9 @@ def code_version(kind: str) -> str:
     Computed once per process, from the files this process loaded its code from: a
     long-running `rfs build --watch` keeps the version of the code it runs.
     """
-    return digest_json([[path.relative_to(PACKAGE).as_posix(),
-                         digest_bytes(path.read_bytes())]
-                        for path in _files(SHAPED_BY[kind])])
+    return digest_json(
+        [
+            [path.relative_to(PACKAGE).as_posix(), digest_bytes(path.read_bytes())]
+            for path in _files(SHAPED_BY[kind])
+        ]
+    )

@@ -20,9 +20,11 @@ from rfs.steps import KEY_VERSION, Facts, Step, StepKind
 if TYPE_CHECKING:
     import networkx as nx
 
+
 def _key(kind: StepKind, inputs: Mapping[str, Any], parent_keys: list[str]) -> str:
-    return digest_json({"v": KEY_VERSION, "kind": kind.value, "inputs": inputs,
-                        "parents": parent_keys})
+    return digest_json(
+        {"v": KEY_VERSION, "kind": kind.value, "inputs": inputs, "parents": parent_keys}
+    )
 
 
 def describe_command(cmd: Command) -> str:
@@ -37,8 +39,9 @@ def describe_command(cmd: Command) -> str:
     return f"inline script ({len(lines)} lines): {first.strip()[:50]}"
 
 
-def command_inputs(cmd: Command, script: BuildScript, facts: Facts, index: int = -1
-                   ) -> dict[str, Any]:
+def command_inputs(
+    cmd: Command, script: BuildScript, facts: Facts, index: int = -1
+) -> dict[str, Any]:
     """The manifest of a RUN step: everything that can change the layer it produces."""
     c = script.container
     if cmd.command is not None:
@@ -50,10 +53,18 @@ def command_inputs(cmd: Command, script: BuildScript, facts: Facts, index: int =
         body = {"script": facts.file_digests[cmd.script_path]}
     env = dict(c.env)
     env.update(dict(cmd.env))
-    mounted = {o.destination: facts.file_digests[o.source] for o in script.overlays
-               if o.mounted and o.source is not None}
-    mounted.update({o.destination: digest_bytes((o.source_inline or "").encode())
-                    for o in script.overlays if o.mounted and o.source_inline is not None})
+    mounted = {
+        o.destination: facts.file_digests[o.source]
+        for o in script.overlays
+        if o.mounted and o.source is not None
+    }
+    mounted.update(
+        {
+            o.destination: digest_bytes((o.source_inline or "").encode())
+            for o in script.overlays
+            if o.mounted and o.source_inline is not None
+        }
+    )
     # The values the command runs with, however they are spelled (its own or [container]'s).
     uid, gid, working_dir = cmd.effective(c)
     inputs: dict[str, Any] = {
@@ -80,8 +91,13 @@ def command_inputs(cmd: Command, script: BuildScript, facts: Facts, index: int =
 
 def copy_inputs(copy: Copy, facts: Facts) -> dict[str, Any]:
     """The manifest entry of one `[[copy]]`: what lands where, with which owner and mode."""
-    return {"source": facts.file_digests[copy.source], "destination": copy.destination,
-            "mode": copy.mode, "uid": copy.uid, "gid": copy.gid}
+    return {
+        "source": facts.file_digests[copy.source],
+        "destination": copy.destination,
+        "mode": copy.mode,
+        "uid": copy.uid,
+        "gid": copy.gid,
+    }
 
 
 def overlay_inputs(overlay: Overlay, facts: Facts) -> dict[str, Any]:
@@ -90,9 +106,14 @@ def overlay_inputs(overlay: Overlay, facts: Facts) -> dict[str, Any]:
         content = facts.file_digests[overlay.source]
     else:
         content = digest_bytes((overlay.source_inline or "").encode())
-    return {"destination": overlay.destination, "content": content,
-            "is_directory": overlay.is_directory, "mode": overlay.mode,
-            "uid": overlay.uid, "gid": overlay.gid}
+    return {
+        "destination": overlay.destination,
+        "content": content,
+        "is_directory": overlay.is_directory,
+        "mode": overlay.mode,
+        "uid": overlay.uid,
+        "gid": overlay.gid,
+    }
 
 
 def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
@@ -107,14 +128,22 @@ def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
         "mkfs_args": list(fs.mkfs_args),
         # Absent unless set, so the keys of scripts that do not use them stay as they were.
         **({"all_root": True} if fs.all_root else {}),
-        **({"outputs": [{"path": o.path, "to": o.to, "remove": o.remove}
-                        for o in script.outputs]} if script.outputs else {}),
+        **(
+            {"outputs": [{"path": o.path, "to": o.to, "remove": o.remove} for o in script.outputs]}
+            if script.outputs
+            else {}
+        ),
         "export": {
-            "files": {"include": list(ex.files.include), "create": list(ex.files.create),
-                      "exclude": list(ex.files.exclude)},
-            "directories": {"include": list(ex.directories.include),
-                            "create": list(ex.directories.create),
-                            "exclude": list(ex.directories.exclude)},
+            "files": {
+                "include": list(ex.files.include),
+                "create": list(ex.files.create),
+                "exclude": list(ex.files.exclude),
+            },
+            "directories": {
+                "include": list(ex.directories.include),
+                "create": list(ex.directories.create),
+                "exclude": list(ex.directories.exclude),
+            },
         },
         "mkfs": facts.mkfs_version,
         "code": facts.code.get("assemble", ""),
@@ -126,34 +155,80 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
     """The steps of `script` in dependency order, with their keys."""
     steps: list[Step] = []
 
-    def add(step_id: str, kind: StepKind, label: str, inputs: dict[str, Any],
-            parents: list[Step], index: int | None = None,
-            context: dict[str, Any] | None = None) -> Step:
-        step = Step(step_id, kind, label, inputs, tuple(p.id for p in parents),
-                    _key(kind, inputs, [p.key for p in parents]), index, context or {})
+    def add(
+        step_id: str,
+        kind: StepKind,
+        label: str,
+        inputs: dict[str, Any],
+        parents: list[Step],
+        index: int | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> Step:
+        step = Step(
+            step_id,
+            kind,
+            label,
+            inputs,
+            tuple(p.id for p in parents),
+            _key(kind, inputs, [p.key for p in parents]),
+            index,
+            context or {},
+        )
         steps.append(step)
         return step
 
     c = script.container
     # An archive is keyed by its content: importing a root filesystem tarball gives a new image
     # ID each time, and a `docker save` tarball's content fixes its image ID anyway.
-    base_inputs: dict[str, Any] = ({"archive": facts.file_digests[c.archive]}
-                                   if c.archive is not None else {"image_id": facts.base_id})
+    base_inputs: dict[str, Any] = (
+        {"archive": facts.file_digests[c.archive]}
+        if c.archive is not None
+        else {"image_id": facts.base_id}
+    )
     # An image ID may name a multi-platform index: the platform it resolved to is keyed too.
     base_inputs["platform"] = facts.platform
-    last = add("base", StepKind.BASE, f"base image {c.base_label}",
-               base_inputs, [], context={"image": c.base_label})
+    last = add(
+        "base",
+        StepKind.BASE,
+        f"base image {c.base_label}",
+        base_inputs,
+        [],
+        context={"image": c.base_label},
+    )
     for i, cmd in enumerate(script.commands):
-        last = add(f"run[{i}]", StepKind.RUN, f"commands[{i}] {describe_command(cmd)}",
-                   command_inputs(cmd, script, facts, i), [last], index=i)
-    export = add("export", StepKind.EXPORT, "export the container filesystem",
-                 {"engine": facts.engine, "engine_version": facts.engine_version,
-                  "code": facts.code.get("export", "")}, [last])
-    overlays = add("overlays", StepKind.OVERLAYS, f"{len(script.overlays)} overlay(s)",
-                   {"overlays": [overlay_inputs(o, facts) for o in script.overlays]}, [])
-    add("assemble", StepKind.ASSEMBLE,
-        f"assemble {script.filesystem.type.value} image", assemble_inputs(script, facts),
-        [export, overlays])
+        last = add(
+            f"run[{i}]",
+            StepKind.RUN,
+            f"commands[{i}] {describe_command(cmd)}",
+            command_inputs(cmd, script, facts, i),
+            [last],
+            index=i,
+        )
+    export = add(
+        "export",
+        StepKind.EXPORT,
+        "export the container filesystem",
+        {
+            "engine": facts.engine,
+            "engine_version": facts.engine_version,
+            "code": facts.code.get("export", ""),
+        },
+        [last],
+    )
+    overlays = add(
+        "overlays",
+        StepKind.OVERLAYS,
+        f"{len(script.overlays)} overlay(s)",
+        {"overlays": [overlay_inputs(o, facts) for o in script.overlays]},
+        [],
+    )
+    add(
+        "assemble",
+        StepKind.ASSEMBLE,
+        f"assemble {script.filesystem.type.value} image",
+        assemble_inputs(script, facts),
+        [export, overlays],
+    )
     return steps
 
 

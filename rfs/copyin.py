@@ -63,8 +63,12 @@ class CopyIn:
                 if path == "/":
                     continue  # the container's root keeps its own owner and mode
                 info = tarfile.TarInfo(path.lstrip("/"))
-                info.mode, info.uid, info.gid, info.mtime = item.mode, item.uid, item.gid, \
-                    self.mtime
+                info.mode, info.uid, info.gid, info.mtime = (
+                    item.mode,
+                    item.uid,
+                    item.gid,
+                    self.mtime,
+                )
                 info.uname = info.gname = ""  # numeric owners only: the image's names rule
                 if item.kind == "dir":
                     info.type = tarfile.DIRTYPE
@@ -136,8 +140,7 @@ def _items(copy: Copy, host: Path) -> list[_Item]:
             st = child.lstat()
             dest = f"{where}/{name}"
             if stat.S_ISLNK(st.st_mode):
-                items.append(_Item(dest, "symlink", 0o777, uid, gid,
-                                   target=os.readlink(child)))
+                items.append(_Item(dest, "symlink", 0o777, uid, gid, target=os.readlink(child)))
             elif stat.S_ISDIR(st.st_mode):
                 items.append(_Item(dest, "dir", mode_of(st), uid, gid))
             else:

@@ -22,8 +22,9 @@ def wants_live(stream: TextIO) -> bool:
     return tty and os.environ.get("TERM", "") not in ("", "dumb")
 
 
-def make_reporter(stream: TextIO | None = None, *, quiet: bool = False,
-                  live: bool | None = None) -> Reporter:
+def make_reporter(
+    stream: TextIO | None = None, *, quiet: bool = False, live: bool | None = None
+) -> Reporter:
     """The human display for `stream` (stderr by default): live on a terminal, else plain."""
     stream = stream if stream is not None else sys.stderr
     if live if live is not None else wants_live(stream):

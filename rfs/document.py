@@ -17,8 +17,9 @@ def parse_bytes(raw: bytes, suffix: str, label: str) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ScriptError([Problem("", f"is not UTF-8 text (byte {exc.start})", str(path))]
-                          ) from exc
+        raise ScriptError(
+            [Problem("", f"is not UTF-8 text (byte {exc.start})", str(path))]
+        ) from exc
     if suffix in (".yaml", ".yml"):
         import yaml  # only YAML users pay for the import
 
@@ -28,18 +29,17 @@ def parse_bytes(raw: bytes, suffix: str, label: str) -> Any:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
             problem = getattr(exc, "problem", None) or str(exc)
-            raise ScriptError([Problem("", f"invalid YAML: {where}{problem}", str(path))]
-                              ) from exc
+            raise ScriptError([Problem("", f"invalid YAML: {where}{problem}", str(path))]) from exc
         except (RecursionError, ValueError) as exc:
-            raise ScriptError([Problem("", f"invalid YAML: {_unparsable(exc)}", str(path))]
-                              ) from exc
+            raise ScriptError(
+                [Problem("", f"invalid YAML: {_unparsable(exc)}", str(path))]
+            ) from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScriptError([Problem("", f"invalid TOML: {exc}", str(path))]) from exc
     except (RecursionError, ValueError) as exc:
-        raise ScriptError([Problem("", f"invalid TOML: {_unparsable(exc)}", str(path))]
-                          ) from exc
+        raise ScriptError([Problem("", f"invalid TOML: {_unparsable(exc)}", str(path))]) from exc
 
 
 def _unparsable(exc: BaseException) -> str:

@@ -98,8 +98,9 @@ class StepFailed(RfsError):
 
     exit_code = EXIT_STEP_FAILED
 
-    def __init__(self, step: str, message: str, output_tail: str = "",
-                 container: str | None = None) -> None:
+    def __init__(
+        self, step: str, message: str, output_tail: str = "", container: str | None = None
+    ) -> None:
         self.step = step
         self.output_tail = output_tail
         self.container = container  # kept for inspection (rfs build --keep-failed)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 MANAGED = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
 
-DEFAULT_HOSTS = (b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                 b"ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n")
+DEFAULT_HOSTS = (
+    b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    b"ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+)
 
 
 def _is_loopback(address: str) -> bool:
@@ -26,8 +28,12 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def host_resolv_conf(candidates: tuple[Path, ...] = (
-        Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))) -> bytes | None:
+def host_resolv_conf(
+    candidates: tuple[Path, ...] = (
+        Path("/etc/resolv.conf"),
+        Path("/run/systemd/resolve/resolv.conf"),
+    ),
+) -> bytes | None:
     """The host's DNS configuration as a container can use it, or None.
 
     Loopback name servers (systemd-resolved's 127.0.0.53, say) are unreachable from a bridged
@@ -38,9 +44,15 @@ def host_resolv_conf(candidates: tuple[Path, ...] = (
             lines = path.read_text().splitlines()
         except OSError:
             continue
-        kept = [ln for ln in lines
-                if not (ln.split()[:1] == ["nameserver"] and len(ln.split()) > 1
-                        and _is_loopback(ln.split()[1]))]
+        kept = [
+            ln
+            for ln in lines
+            if not (
+                ln.split()[:1] == ["nameserver"]
+                and len(ln.split()) > 1
+                and _is_loopback(ln.split()[1])
+            )
+        ]
         if any(ln.split()[:1] == ["nameserver"] for ln in kept):
             return ("\n".join(kept) + "\n").encode()
     return None
@@ -66,8 +78,9 @@ def scratch_name(path: str) -> str:
     return "etc-" + path.rsplit("/", 1)[-1]
 
 
-def collect(scratch: Path, seeded: Mapping[str, bytes], written: Mapping[str, bytes]
-            ) -> dict[str, bytes]:
+def collect(
+    scratch: Path, seeded: Mapping[str, bytes], written: Mapping[str, bytes]
+) -> dict[str, bytes]:
     """Earlier writes plus whatever this command changed in the files it was given."""
     result = dict(written)
     for path, before in seeded.items():

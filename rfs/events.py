@@ -30,13 +30,19 @@ def step_fields(step: Step) -> dict[str, Any]:
     return {"step": step.id, "kind": step.kind.value, "key": step.key}
 
 
-def plan_steps(decisions: Sequence[Decision],
-               changes: Mapping[str, list[str]] | None = None) -> list[dict[str, Any]]:
+def plan_steps(
+    decisions: Sequence[Decision], changes: Mapping[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
     """The `steps` array of a `plan` event; `changes` adds each step's explained differences."""
     steps = []
     for d in decisions:
-        item = {**step_fields(d.step), "label": d.step.label, "parents": list(d.step.parents),
-                "action": d.action.value, "reason": d.reason}
+        item = {
+            **step_fields(d.step),
+            "label": d.step.label,
+            "parents": list(d.step.parents),
+            "action": d.action.value,
+            "reason": d.reason,
+        }
         if changes is not None and d.step.id in changes:
             item["changes"] = list(changes[d.step.id])
         steps.append(item)
@@ -46,8 +52,9 @@ def plan_steps(decisions: Sequence[Decision],
 class JsonReporter(Reporter):
     """Writes the events of a build to `stream` (stdout), one JSON object per line."""
 
-    def __init__(self, stream: TextIO | None = None, *, quiet: bool = False,
-                 output: str | None = None) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, quiet: bool = False, output: str | None = None
+    ) -> None:
         super().__init__()
         self.stream = stream if stream is not None else sys.stdout
         self.quiet = quiet
@@ -59,8 +66,11 @@ class JsonReporter(Reporter):
 
     def emit(self, event: str, **fields: Any) -> None:
         """Write one event."""
-        line = json.dumps({"v": SCHEMA_VERSION, "event": event, "time": round(time.time(), 3),
-                           **fields}, ensure_ascii=False, sort_keys=False)
+        line = json.dumps(
+            {"v": SCHEMA_VERSION, "event": event, "time": round(time.time(), 3), **fields},
+            ensure_ascii=False,
+            sort_keys=False,
+        )
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -72,8 +82,11 @@ class JsonReporter(Reporter):
     def reused(self, step: Step, action: Action, recorded: float | None) -> None:
         super().reused(step, action, recorded)
         event = "step_cached" if action is Action.CACHED else "step_skipped"
-        self.emit(event, **step_fields(step),
-                  recorded_seconds=None if recorded is None else round(recorded, 3))
+        self.emit(
+            event,
+            **step_fields(step),
+            recorded_seconds=None if recorded is None else round(recorded, 3),
+        )
 
     def started(self, step: Step, reason: str) -> None:
         self._last_progress.pop(step.id, None)
@@ -97,8 +110,9 @@ class JsonReporter(Reporter):
         self._last_progress[step.id] = now
         self.emit("step_progress", step=step.id, bytes=done, total_bytes=total)
 
-    def finished(self, step: Step, seconds: float, size: int | None = None,
-                 detail: str = "") -> None:
+    def finished(
+        self, step: Step, seconds: float, size: int | None = None, detail: str = ""
+    ) -> None:
         super().finished(step, seconds, size, detail)
         self._flush(step)
         self.emit("step_finished", **step_fields(step), seconds=round(seconds, 3), bytes=size)
@@ -124,8 +138,16 @@ class JsonReporter(Reporter):
             from rfs.errors import EXIT_INTERRUPTED
 
             code, text = EXIT_INTERRUPTED, "interrupted"
-        self.emit("build_finished", ok=error is None, exit_code=code, error=text,
-                  output=self.output_path if error is None else None,
-                  seconds=round(totals.seconds, 3), ran=totals.ran, cached=totals.cached,
-                  skipped=totals.skipped, failed=totals.failed,
-                  saved_seconds=round(totals.saved, 3))
+        self.emit(
+            "build_finished",
+            ok=error is None,
+            exit_code=code,
+            error=text,
+            output=self.output_path if error is None else None,
+            seconds=round(totals.seconds, 3),
+            ran=totals.ran,
+            cached=totals.cached,
+            skipped=totals.skipped,
+            failed=totals.failed,
+            saved_seconds=round(totals.saved, 3),
+        )

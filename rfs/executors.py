@@ -261,9 +261,12 @@ class Executor:
             )
             try:
                 image_id = self.engine.run_and_commit(
-                    spec, step=f"{step.id} ({step.label})", tag=self.layer_tag(step.key),
+                    spec,
+                    step=f"{step.id} ({step.label})",
+                    tag=self.layer_tag(step.key),
                     on_output=lambda data: self.reporter.output(step, data),
-                    keep_failed=self.keep_failed)
+                    keep_failed=self.keep_failed,
+                )
             except StartFailed as exc:
                 if spec.privileged:
                     self._refused_privilege(step, spec.image, exc)
@@ -277,8 +280,10 @@ class Executor:
             return None
         from rfs.copyin import CopyIn
 
-        return CopyIn(tuple((copy, self._package_file(copy.source))
-                            for copy in self.script.copies), self.source_date_epoch)
+        return CopyIn(
+            tuple((copy, self._package_file(copy.source)) for copy in self.script.copies),
+            self.source_date_epoch,
+        )
 
     def _refused_privilege(self, step: Step, image: str, failure: StartFailed) -> None:
         """Raise EnvironmentProblem (exit 3) when the privileged container of `step` could not
@@ -289,12 +294,16 @@ class Executor:
         if refusal is None:
             return
         assert step.index is not None
-        field = ("container.rootful" if self.script.container.rootful
-                 else f"commands[{step.index}].privileged")
+        field = (
+            "container.rootful"
+            if self.script.container.rootful
+            else f"commands[{step.index}].privileged"
+        )
         raise EnvironmentProblem(
             f"{field}: {privilege_message(self.engine.name, refusal)}",
             hint=f"remove {field} if the commands do not need it, or build with an engine "
-                 "and host that allow privileged containers") from failure
+            "and host that allow privileged containers",
+        ) from failure
 
     def _written(self, parent: Step) -> dict[str, bytes]:
         """What the commands up to `parent` wrote into the engine-managed /etc files."""
@@ -313,13 +322,19 @@ class Executor:
             total = None
         with self.store.write_blob(step.key) as writer:
             sink = _TarEnd(writer)
-            self.engine.export(image, sink, labels=self.labels,
-                               on_progress=lambda n: self.reporter.progress(step, n, total))
+            self.engine.export(
+                image,
+                sink,
+                labels=self.labels,
+                on_progress=lambda n: self.reporter.progress(step, n, total),
+            )
             if not sink.complete():
                 # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
                 # boundary; an export without the end-of-archive marker must never be cached.
-                raise EngineError(f"the export of {image} ended early ({writer.size} bytes, "
-                                  "no end-of-archive marker): did the engine stop?")
+                raise EngineError(
+                    f"the export of {image} ended early ({writer.size} bytes, "
+                    "no end-of-archive marker): did the engine stop?"
+                )
         with contextlib.suppress(OSError):  # the content hash was taken on the way in
             self._verified[step.key] = file_identity(self.store.root / "blobs" / step.key)
         written = self._written(parents[step.parents[0]])
@@ -343,8 +358,9 @@ class Executor:
         assert overlay.source is not None
         host = self._package_file(overlay.source)
         if overlay.is_directory:
-            return overlay_entries_from_dir(host, overlay.destination, uid=uid, gid=gid,
-                                            mode=overlay.mode)
+            return overlay_entries_from_dir(
+                host, overlay.destination, uid=uid, gid=gid, mode=overlay.mode
+            )
         if overlay.mode is not None:
             mode = overlay.mode
         else:  # only the owner's "executable or not" is taken from the checkout
@@ -394,37 +410,71 @@ class Executor:
             # Checked when planning, so it went bad during this build: too late to export
             # again here, but the next build will.
             self.store.drop(export.key)
-            raise RfsError("the cached export tarball was damaged during the build; it was "
-                           "removed, and the next build exports it again")
+            raise RfsError(
+                "the cached export tarball was damaged during the build; it was "
+                "removed, and the next build exports it again"
+            )
         restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
         from rfs.childio import child_reads
 
-        options = Options(seed=bytes.fromhex(step.key)[:32],
-                          source_date_epoch=self.source_date_epoch, size_mib=fs.size_mib,
-                          block_size_mib=fs.block_size_mib, mkfs_args=fs.mkfs_args,
-                          dd_args=fs.dd_args,
-                          all_root=fs.all_root,
-                          base_images=BaseImages(self.store, export.key, str(blob.digest),
-                                                 verify=self._verify, no_cache=self.no_cache,
-                                                 verified=self._verified))
+        options = Options(
+            seed=bytes.fromhex(step.key)[:32],
+            source_date_epoch=self.source_date_epoch,
+            size_mib=fs.size_mib,
+            block_size_mib=fs.block_size_mib,
+            mkfs_args=fs.mkfs_args,
+            dd_args=fs.dd_args,
+            all_root=fs.all_root,
+            base_images=BaseImages(
+                self.store,
+                export.key,
+                str(blob.digest),
+                verify=self._verify,
+                no_cache=self.no_cache,
+                verified=self._verified,
+            ),
+        )
         overlays = self._overlay_entries()
         contents = None
         if self.script.outputs:  # read first: a missing side output fails before any write
             from rfs.fs import outputs as side
 
-            contents = side.extract(blob.path, self.selection(removals=False), overlays, restore,
-                                    [(f"outputs[{i}].path", o.path)
-                                     for i, o in enumerate(self.script.outputs)])
+            contents = side.extract(
+                blob.path,
+                self.selection(removals=False),
+                overlays,
+                restore,
+                [(f"outputs[{i}].path", o.path) for i, o in enumerate(self.script.outputs)],
+            )
         # Progress: what the filesystem tool has read of the stream, against the export's size.
         with child_reads(None, lambda n: self.reporter.progress(step, n, blob.size)):
-            result = assemble(fs.type, blob.path, self.selection(), overlays,
-                              self.output, options, restore=restore,
-                              warn=lambda text: self.reporter.message(f"rfs: warning: {text}"))
-        written = {} if contents is None else side.write(
-            self.output, [(f"outputs[{i}].to", o.to) for i, o in enumerate(self.script.outputs)],
-            contents, {o.to: o.path for o in self.script.outputs})
+            result = assemble(
+                fs.type,
+                blob.path,
+                self.selection(),
+                overlays,
+                self.output,
+                options,
+                restore=restore,
+                warn=lambda text: self.reporter.message(f"rfs: warning: {text}"),
+            )
+        written = (
+            {}
+            if contents is None
+            else side.write(
+                self.output,
+                [(f"outputs[{i}].to", o.to) for i, o in enumerate(self.script.outputs)],
+                contents,
+                {o.to: o.path for o in self.script.outputs},
+            )
+        )
         old = self.store.record(step.key) or {}
         outputs = dict(old.get("outputs", {}))
         outputs[str(self.output.resolve())] = output_identity(self.output)
-        return {"outputs": outputs, "size_mib": result.size_mib, "route": result.route,
-                "warnings": result.warnings, **({"side_outputs": written} if written else {})}
+        return {
+            "outputs": outputs,
+            "size_mib": result.size_mib,
+            "route": result.route,
+            "warnings": result.warnings,
+            **({"side_outputs": written} if written else {}),
+        }

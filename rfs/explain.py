@@ -130,8 +130,9 @@ def _keyed_changes(old: Any, new: Any, what: str, key: str = "destination") -> l
                 if name == "content":
                     out.append(f"{where} content changed")
                 elif name == "mode":
-                    out.append(f"{where} mode changed ({_mode(x.get(name))} → "
-                               f"{_mode(y.get(name))})")
+                    out.append(
+                        f"{where} mode changed ({_mode(x.get(name))} → {_mode(y.get(name))})"
+                    )
                 else:
                     out.append(f"{where} {name} changed ({x.get(name)} → {y.get(name)})")
     return out
@@ -141,19 +142,25 @@ def _mode(value: Any) -> str:
     return oct(value) if isinstance(value, int) else "default"
 
 
-def _run_changes(old: Mapping[str, Any], new: Mapping[str, Any],
-                 old_lines: Any, new_text: bytes | None) -> list[str]:
+def _run_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], old_lines: Any, new_text: bytes | None
+) -> list[str]:
     out = []
     rest_old, rest_new = dict(old), dict(new)
     for name in ("script", "script_path", "argv", "mounted_overlays", "volumes"):
         rest_old.pop(name, None)
         rest_new.pop(name, None)
     if ("argv" in old) != ("argv" in new):
-        out.append("changed from a command to a script" if "argv" in old
-                   else "changed from a script to a command")
+        out.append(
+            "changed from a command to a script"
+            if "argv" in old
+            else "changed from a script to a command"
+        )
     elif "argv" in new and old.get("argv") != new.get("argv"):
-        out.append(f"command changed (`{' '.join(map(str, old.get('argv') or []))}` → "
-                   f"`{' '.join(map(str, new.get('argv') or []))}`)")
+        out.append(
+            f"command changed (`{' '.join(map(str, old.get('argv') or []))}` → "
+            f"`{' '.join(map(str, new.get('argv') or []))}`)"
+        )
     if "script_path" in old and "script_path" in new and old["script_path"] != new["script_path"]:
         out.append(f"script_path changed ({old['script_path']} → {new['script_path']})")
     if "script" in old and "script" in new and old["script"] != new["script"]:
@@ -161,8 +168,9 @@ def _run_changes(old: Mapping[str, Any], new: Mapping[str, Any],
         if isinstance(old_lines, list) and new_text is not None:
             where = line_changes(old_lines, line_hashes(new_text), new_text)
         out.append(f"script changed ({where})" if where else "script changed")
-    out += _keyed_changes(old.get("mounted_overlays"), new.get("mounted_overlays"),
-                          "mounted overlay")
+    out += _keyed_changes(
+        old.get("mounted_overlays"), new.get("mounted_overlays"), "mounted overlay"
+    )
     out += _keyed_changes(old.get("volumes"), new.get("volumes"), "volume")
     out += diff_inputs(rest_old, rest_new)
     return out
@@ -209,13 +217,20 @@ def _parent_phrase(step: Step, parent: Step) -> str:
             return "runs on a different base image"
         return f"runs on top of {name}, which changed"
     if step.kind is StepKind.EXPORT:
-        return ("exports a different base image" if parent.kind is StepKind.BASE
-                else f"exports the last layer, {name}, which changed")
+        return (
+            "exports a different base image"
+            if parent.kind is StepKind.BASE
+            else f"exports the last layer, {name}, which changed"
+        )
     return f"{name} changed"
 
 
-def explain_step(decision: Decision, previous: Mapping[str, Any], steps: Mapping[str, Step],
-                 script: BuildScript | None = None) -> list[str]:
+def explain_step(
+    decision: Decision,
+    previous: Mapping[str, Any],
+    steps: Mapping[str, Step],
+    script: BuildScript | None = None,
+) -> list[str]:
     """The reasons `decision`'s step runs, one "field: what changed" string each."""
     step = decision.step
     name = field_name(step)
@@ -243,16 +258,19 @@ def explain_step(decision: Decision, previous: Mapping[str, Any], steps: Mapping
     return reasons or [f"{name}: {decision.reason}"]
 
 
-def explain_plan(decisions: Sequence[Decision], previous: Mapping[str, Any],
-                 script: BuildScript | None = None) -> dict[str, list[str]]:
+def explain_plan(
+    decisions: Sequence[Decision], previous: Mapping[str, Any], script: BuildScript | None = None
+) -> dict[str, list[str]]:
     """`explain_step` for every step that will run, by step id; and for the base image when
     it differs from the last build (it never "runs": it is resolved, and pulled if need be)."""
     steps = {d.step.id: d.step for d in decisions}
-    out = {d.step.id: explain_step(d, previous, steps, script)
-           for d in decisions if d.action is Action.RUN}
+    out = {
+        d.step.id: explain_step(d, previous, steps, script)
+        for d in decisions
+        if d.action is Action.RUN
+    }
     for d in decisions:
         old = previous.get(d.step.id)
-        if (d.step.kind is StepKind.BASE and isinstance(old, dict)
-                and old.get("key") != d.step.key):
+        if d.step.kind is StepKind.BASE and isinstance(old, dict) and old.get("key") != d.step.key:
             out[d.step.id] = [f"base: {change}" for change in own_changes(d.step, old, script)]
     return out

@@ -57,8 +57,9 @@ def _stat_id(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def digest_refs(root: Path | None, refs: Iterable[str],
-                memo: dict[str, Any] | None = None) -> dict[str, str]:
+def digest_refs(
+    root: Path | None, refs: Iterable[str], memo: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Digest each referenced package path; `memo` (path -> [stat id, digest]) is updated."""
     digests: dict[str, str] = {}
     if root is None:

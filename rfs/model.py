@@ -107,9 +107,11 @@ class Command:
 
     def effective(self, container: Container) -> tuple[int | None, int | None, str | None]:
         """(uid, gid, working_dir) this command runs with: its own, else `[container]`'s."""
-        return (self.uid if self.uid is not None else container.uid,
-                self.gid if self.gid is not None else container.gid,
-                self.working_dir if self.working_dir is not None else container.working_dir)
+        return (
+            self.uid if self.uid is not None else container.uid,
+            self.gid if self.gid is not None else container.gid,
+            self.working_dir if self.working_dir is not None else container.working_dir,
+        )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def remove_orphans(directory: Path, prefix: str) -> list[Path]:
         return []
     removed = []
     for path in found:
-        pid = path.name[len(prefix):].split("-", 1)[0]
+        pid = path.name[len(prefix) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue  # not named by rfs with a pid (older versions), or ours
         try:

@@ -102,8 +102,13 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
     root = script.package_root
     for field_path, ref, kind in refs:
         if root is None:  # a script parsed from bytes alone: there are no package files
-            problems.append(Problem(field_path, f"{ref}: this build script has no package "
-                                    "directory to take package files from", file))
+            problems.append(
+                Problem(
+                    field_path,
+                    f"{ref}: this build script has no package directory to take package files from",
+                    file,
+                )
+            )
             continue
         try:
             host = resolve_reference(root, ref)
@@ -115,16 +120,22 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
         elif kind == "file" and not host.is_file():
             problems.append(Problem(field_path, f"{ref} is not a regular file", file))
         elif kind == "dir" and not host.is_dir():
-            problems.append(Problem(field_path, f"{ref} is not a directory (is_directory = true)",
-                                    file))
+            problems.append(
+                Problem(field_path, f"{ref} is not a directory (is_directory = true)", file)
+            )
         elif field_path.endswith(".script_path") and (why := _script_problem(host)):
             problems.append(Problem(field_path, f"{ref} {why}", file))
         elif kind != "file" and (socket := _socket_in(host)) is not None:
             # A host socket in a build container is a way out of it (the engine's socket gives
             # root on the host), and a package never needs one.
             where = ref if socket == host else f"{ref}/{socket.relative_to(host)}"
-            problems.append(Problem(field_path, f"{where} is a socket; rfs never passes a "
-                                    "socket into a build container", file))
+            problems.append(
+                Problem(
+                    field_path,
+                    f"{where} is a socket; rfs never passes a socket into a build container",
+                    file,
+                )
+            )
     return problems
 
 

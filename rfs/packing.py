@@ -91,9 +91,17 @@ def _tree_entries(host: Path, rel: str, where: str, file: str) -> Iterator[_Entr
             elif stat.S_ISREG(st.st_mode):
                 yield _Entry(sub, "file", path.read_bytes(), _file_mode(st))
             else:
-                raise ScriptError([Problem(where, f"{path} is a device, FIFO or socket; a "
-                                                  "package holds only files, directories and "
-                                                  "links", file)])
+                raise ScriptError(
+                    [
+                        Problem(
+                            where,
+                            f"{path} is a device, FIFO or socket; a "
+                            "package holds only files, directories and "
+                            "links",
+                            file,
+                        )
+                    ]
+                )
 
 
 def _entries(src: Path) -> tuple[list[_Entry], list[tuple[str, str]]]:
@@ -106,8 +114,9 @@ def _entries(src: Path) -> tuple[list[_Entry], list[tuple[str, str]]]:
     file = str(script.origin or script.script_file)
     entries: dict[str, _Entry] = {}
     script_path = script.script_file if root is None else root / script.script_file.name
-    entries[_script_name(script_path)] = _Entry(_script_name(script_path), "file",
-                                                script_path.read_bytes())
+    entries[_script_name(script_path)] = _Entry(
+        _script_name(script_path), "file", script_path.read_bytes()
+    )
     refs = references(script)
     for where, ref, _kind in refs:
         assert root is not None  # load() refuses references without a package root
@@ -176,9 +185,17 @@ def pack(src: Path, dst: Path, kind: PackageType) -> int:
     _refuse_inside(src, dst)
     entries, refs = _entries(src)
     if kind is PackageType.BUILD_SCRIPT and refs:
-        raise ScriptError([Problem(where, f"{ref}: a single build script cannot carry package "
-                                          "files; pack as directory, tar or tar-gz", str(src))
-                           for where, ref in refs])
+        raise ScriptError(
+            [
+                Problem(
+                    where,
+                    f"{ref}: a single build script cannot carry package "
+                    "files; pack as directory, tar or tar-gz",
+                    str(src),
+                )
+                for where, ref in refs
+            ]
+        )
     if kind is PackageType.DIRECTORY:
         _empty_target(dst)
     elif dst.is_dir():
@@ -201,8 +218,11 @@ def pack(src: Path, dst: Path, kind: PackageType) -> int:
         try:
             with os.fdopen(fd, "wb") as raw:
                 if kind is PackageType.BUILD_SCRIPT:
-                    raw.write(entries[0].data if len(entries) == 1 else
-                              next(e.data for e in entries if e.path in SCRIPT_NAMES))
+                    raw.write(
+                        entries[0].data
+                        if len(entries) == 1
+                        else next(e.data for e in entries if e.path in SCRIPT_NAMES)
+                    )
                 elif kind is PackageType.TAR:
                     _write_tar(entries, raw)
                 else:
@@ -215,5 +235,3 @@ def pack(src: Path, dst: Path, kind: PackageType) -> int:
         finally:
             tmp.unlink(missing_ok=True)
     return sum(1 for e in entries if e.kind == "file")
-
-

@@ -42,8 +42,12 @@ Availability = Callable[[Step], str | None]  # None: available; else why not
 
 def manifest(step: Step) -> dict[str, Any]:
     """What is remembered of a step to explain the next build's decisions."""
-    return {"key": step.key, "inputs": dict(step.inputs), "label": step.label,
-            "context": dict(step.context)}
+    return {
+        "key": step.key,
+        "inputs": dict(step.inputs),
+        "label": step.label,
+        "context": dict(step.context),
+    }
 
 
 def _short(value: Any) -> str:
@@ -64,9 +68,14 @@ def diff_inputs(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
             a, b = old[name], new[name]
             if isinstance(a, dict) and isinstance(b, dict):
                 changes.extend(diff_inputs(a, b, where + "."))
-            elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-                    isinstance(x, dict) and isinstance(y, dict) for x, y in zip(a, b,
-                                                                              strict=True)):
+            elif (
+                isinstance(a, list)
+                and isinstance(b, list)
+                and len(a) == len(b)
+                and all(
+                    isinstance(x, dict) and isinstance(y, dict) for x, y in zip(a, b, strict=True)
+                )
+            ):
                 for i, (x, y) in enumerate(zip(a, b, strict=True)):
                     changes.extend(diff_inputs(x, y, f"{where}[{i}]."))
             elif isinstance(a, str | int | None) and isinstance(b, str | int | None):
@@ -89,8 +98,12 @@ def _own_changes(step: Step, old: Mapping[str, Any]) -> list[str]:
     return diff_inputs(old.get("inputs", {}), dict(step.inputs))
 
 
-def explain(step: Step, previous: Mapping[str, Any], keys: Mapping[str, str],
-            steps: Mapping[str, Step] | None = None) -> str:
+def explain(
+    step: Step,
+    previous: Mapping[str, Any],
+    keys: Mapping[str, str],
+    steps: Mapping[str, Step] | None = None,
+) -> str:
     """Why `step` differs from the last build of the same script, if it does."""
     old = previous.get(step.id)
     if not isinstance(old, dict):
@@ -100,8 +113,11 @@ def explain(step: Step, previous: Mapping[str, Any], keys: Mapping[str, str],
     changes = _own_changes(step, old)
     if changes:
         return "; ".join(changes)
-    changed = [p for p in step.parents
-               if isinstance(previous.get(p), dict) and previous[p].get("key") != keys[p]]
+    changed = [
+        p
+        for p in step.parents
+        if isinstance(previous.get(p), dict) and previous[p].get("key") != keys[p]
+    ]
     if changed:
         parts = []
         for parent in changed:
@@ -126,9 +142,12 @@ def forced_closure(steps: Sequence[Step], forced: Mapping[str, str]) -> dict[str
     return closure
 
 
-def plan_steps(steps: Sequence[Step], available: Availability,
-               previous: Mapping[str, Any] | None = None,
-               forced: Mapping[str, str] | None = None) -> list[Decision]:
+def plan_steps(
+    steps: Sequence[Step],
+    available: Availability,
+    previous: Mapping[str, Any] | None = None,
+    forced: Mapping[str, str] | None = None,
+) -> list[Decision]:
     """Decide every step; `steps` must be in dependency order (as `compile_steps` gives them),
     and the decisions come in that order.
 
@@ -159,15 +178,19 @@ def plan_steps(steps: Sequence[Step], available: Availability,
             continue
         why = explain(step, previous, keys, by_id)
         # A cache copy too old for a command's max_age says more than "never built".
-        decided[step.id] = Decision(step, Action.RUN,
-                                    missing if missing.startswith("stale:") else why or missing)
+        decided[step.id] = Decision(
+            step, Action.RUN, missing if missing.startswith("stale:") else why or missing
+        )
         needed.update(step.parents)
     return [decided[s.id] for s in steps]
 
 
-def plan(graph: nx.DiGraph, available: Availability,
-         previous: Mapping[str, Any] | None = None,
-         forced: Mapping[str, str] | None = None) -> list[Decision]:
+def plan(
+    graph: nx.DiGraph,
+    available: Availability,
+    previous: Mapping[str, Any] | None = None,
+    forced: Mapping[str, str] | None = None,
+) -> list[Decision]:
     """Decide every step of `graph` (see `plan_steps`); the result is in dependency order."""
     import networkx as nx
 
@@ -184,8 +207,9 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def staleness(steps: Sequence[Step], max_age: Mapping[str, int],
-              now: float) -> Callable[[Step, Mapping[str, Any]], str | None]:
+def staleness(
+    steps: Sequence[Step], max_age: Mapping[str, int], now: float
+) -> Callable[[Step, Mapping[str, Any]], str | None]:
     """A check of one step's record against the `max_age` (step id -> seconds) of its own
     command and of every command it was made from: None if fresh, else why it is stale.
 
@@ -214,15 +238,21 @@ def staleness(steps: Sequence[Step], max_age: Mapping[str, int],
             if not isinstance(when, int | float):
                 return f"stale: made from a result of {ancestor} of unknown age"
             if now - when > max_age[ancestor]:
-                return (f"stale: made from a result of {ancestor} made "
-                        f"{_age(now - when)} ago, max_age is {_age(max_age[ancestor])}")
+                return (
+                    f"stale: made from a result of {ancestor} made "
+                    f"{_age(now - when)} ago, max_age is {_age(max_age[ancestor])}"
+                )
         return None
 
     return check
 
 
-def stale_steps(steps: Sequence[Step], record: Callable[[str], Mapping[str, Any] | None],
-                max_age: Mapping[str, int], now: float) -> dict[str, str]:
+def stale_steps(
+    steps: Sequence[Step],
+    record: Callable[[str], Mapping[str, Any] | None],
+    max_age: Mapping[str, int],
+    now: float,
+) -> dict[str, str]:
     """The cached steps whose result is, or was made from, a result older than the `max_age`
     of its command (see `staleness`): step id -> why it must be made again."""
     check = staleness(steps, max_age, now)
@@ -234,8 +264,9 @@ def stale_steps(steps: Sequence[Step], record: Callable[[str], Mapping[str, Any]
     return stale
 
 
-def made_at(step: Step, record: Callable[[str], Mapping[str, Any] | None],
-            by_id: Mapping[str, Step]) -> dict[str, float]:
+def made_at(
+    step: Step, record: Callable[[str], Mapping[str, Any] | None], by_id: Mapping[str, Step]
+) -> dict[str, float]:
     """When each command result that `step` is made from was made (key -> time), from its
     parents' records: kept in `step`'s record, so `stale_steps` can tell its age even for a
     `max_age` added after it was made."""
@@ -245,8 +276,9 @@ def made_at(step: Step, record: Callable[[str], Mapping[str, Any] | None],
         parent_record = record(parent.key) or {}
         inherited = parent_record.get("made_at")
         if isinstance(inherited, Mapping):
-            found.update({str(k): float(v) for k, v in inherited.items()
-                          if isinstance(v, int | float)})
+            found.update(
+                {str(k): float(v) for k, v in inherited.items() if isinstance(v, int | float)}
+            )
         if parent.kind is StepKind.RUN and isinstance(parent_record.get("created"), int | float):
             found[parent.key] = float(parent_record["created"])
     return found

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -34,15 +34,21 @@ from rfs.reporter import (
 if TYPE_CHECKING:
     from rfs.steps import Step
 
-_STATUS_STYLE = {"ran": "green", "cached": "cyan", "skipped": "dim", "failed": "bold red",
-                 "not run": "dim"}
+_STATUS_STYLE = {
+    "ran": "green",
+    "cached": "cyan",
+    "skipped": "dim",
+    "failed": "bold red",
+    "not run": "dim",
+}
 
 
 class LiveReporter(Reporter):
     """Live progress on a terminal; see the module docstring."""
 
-    def __init__(self, stream: TextIO, *, quiet: bool = False,
-                 console: Console | None = None) -> None:
+    def __init__(
+        self, stream: TextIO, *, quiet: bool = False, console: Console | None = None
+    ) -> None:
         super().__init__()
         self.quiet = quiet
         # `console` lets tests pose as a terminal of a fixed size.
@@ -59,9 +65,14 @@ class LiveReporter(Reporter):
         self._started = 0
         self._closed = False
         # Last: Live renders the footer once on creation, which reads the state above.
-        self._live = Live(console=self.console, get_renderable=self._footer,
-                          refresh_per_second=10, transient=True, redirect_stdout=False,
-                          redirect_stderr=False)
+        self._live = Live(
+            console=self.console,
+            get_renderable=self._footer,
+            refresh_per_second=10,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
 
     # the footer -------------------------------------------------------------------------
 
@@ -76,8 +87,13 @@ class LiveReporter(Reporter):
             line.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
             line.add_column(no_wrap=True, justify="right")
             elapsed = time.monotonic() - self._since
-            line.add_row(self._spinner, Text("running ", style="yellow"), step.id,
-                         Text(step.label, style="dim"), format_seconds(elapsed))
+            line.add_row(
+                self._spinner,
+                Text("running ", style="yellow"),
+                step.id,
+                Text(step.label, style="dim"),
+                format_seconds(elapsed),
+            )
             parts.append(line)
             progress = self._bytes
             if progress is not None:
@@ -87,21 +103,31 @@ class LiveReporter(Reporter):
                 bar.add_column(width=30)
                 bar.add_column(no_wrap=True)
                 of = f" of ~{format_size(total)}" if total else ""
-                bar.add_row("", ProgressBar(total=float(total) if total else None,
-                                            completed=float(min(done, total or done))),
-                            f"{format_size(done)}{of}")
+                bar.add_row(
+                    "",
+                    ProgressBar(
+                        total=float(total) if total else None,
+                        completed=float(min(done, total or done)),
+                    ),
+                    f"{format_size(done)}{of}",
+                )
                 parts.append(bar)
         cached = sum(r.status == "cached" for r in self.results.values())
-        parts.append(Text(f"   step {max(self._started, 1)} of {self._to_run} to run"
-                          f" · {cached} cached · {format_seconds(time.monotonic() - self.t0)}",
-                          style="dim"))
+        parts.append(
+            Text(
+                f"   step {max(self._started, 1)} of {self._to_run} to run"
+                f" · {cached} cached · {format_seconds(time.monotonic() - self.t0)}",
+                style="dim",
+            )
+        )
         return Group(*parts)
 
     def _print(self, renderable: RenderableType) -> None:
         self.console.print(renderable, overflow="ellipsis", no_wrap=True, crop=True)
 
-    def _step_line(self, mark: str, style: str, word: str, step: Step, tail: str = "",
-                   note: str = "") -> Text:
+    def _step_line(
+        self, mark: str, style: str, word: str, step: Step, tail: str = "", note: str = ""
+    ) -> Text:
         text = Text("  ")
         text.append(f"{mark} {word:<8}", style=style)
         text.append(f"{step.id:<10} ", style="bold")
@@ -158,8 +184,9 @@ class LiveReporter(Reporter):
     def progress(self, step: Step, done: int, total: int | None = None) -> None:
         self._bytes = (done, total)  # one assignment: safe from the polling thread
 
-    def finished(self, step: Step, seconds: float, size: int | None = None,
-                 detail: str = "") -> None:
+    def finished(
+        self, step: Step, seconds: float, size: int | None = None, detail: str = ""
+    ) -> None:
         super().finished(step, seconds, size, detail)
         self._flush(step)
         tail = format_seconds(seconds) + (f"  {format_size(size)}" if size is not None else "")
@@ -173,8 +200,9 @@ class LiveReporter(Reporter):
         self._flush(step)
         with self._lock:
             self._running = None
-        self._print(self._step_line("✗", "bold red", "FAILED", step,
-                                    f"after {format_seconds(seconds)}"))
+        self._print(
+            self._step_line("✗", "bold red", "FAILED", step, f"after {format_seconds(seconds)}")
+        )
         self.console.print(Text(f"    {message}", style="red"), soft_wrap=True)
 
     def message(self, text: str) -> None:
@@ -191,15 +219,24 @@ class LiveReporter(Reporter):
         if rows:
             table = Table(box=None, padding=(0, 2), show_edge=False, header_style="bold dim")
             # Every column but the label keeps its full width; the label gives way.
-            for i, (name, justify) in enumerate((("step", "left"), ("result", "left"),
-                                                 ("time", "right"), ("size", "right"))):
+            columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+                ("step", "left"),
+                ("result", "left"),
+                ("time", "right"),
+                ("size", "right"),
+            )
+            for i, (name, justify) in enumerate(columns):
                 width = max(len(name), *(len(row[i]) for row in rows))
-                table.add_column(name, justify=justify, no_wrap=True,  # type: ignore[arg-type]
-                                 min_width=width)
+                table.add_column(name, justify=justify, no_wrap=True, min_width=width)
             table.add_column("", overflow="ellipsis", no_wrap=True, style="dim", ratio=1)
             for step_id, status, when, size, label in rows:
-                table.add_row(Text(step_id), Text(status, style=_STATUS_STYLE[status]),
-                              when, size, Text(label))
+                table.add_row(
+                    Text(step_id),
+                    Text(status, style=_STATUS_STYLE[status]),
+                    when,
+                    size,
+                    Text(label),
+                )
             self.console.print()
             self.console.print(table)
         style = "bold red" if error is not None else "bold"

@@ -47,7 +47,7 @@ class StepResult:
 
     @property
     def status(self) -> str:
-        """"ran", "failed", "not run" (an earlier step failed), "cached", or "skipped" (not
+        """ "ran", "failed", "not run" (an earlier step failed), "cached", or "skipped" (not
         needed: later steps are cached)."""
         if self.failed:
             return "failed"
@@ -84,8 +84,9 @@ class Reporter:
     def planned(self, decisions: list[Decision]) -> None:
         """The plan is known; cached and skipped steps are final now."""
         for d in decisions:  # every step, so the summary keeps the plan's order
-            self.results[d.step.id] = StepResult(d.step, d.action, detail=d.reason,
-                                                 pending=d.action is Action.RUN)
+            self.results[d.step.id] = StepResult(
+                d.step, d.action, detail=d.reason, pending=d.action is Action.RUN
+            )
 
     def reused(self, step: Step, action: Action, recorded: float | None) -> None:
         """`step` is cached or skipped; it took `recorded` seconds when it last ran."""
@@ -105,15 +106,15 @@ class Reporter:
         """`step` has moved `done` bytes (of about `total`, when known). May come from any
         thread."""
 
-    def finished(self, step: Step, seconds: float, size: int | None = None,
-                 detail: str = "") -> None:
+    def finished(
+        self, step: Step, seconds: float, size: int | None = None, detail: str = ""
+    ) -> None:
         """`step` completed successfully."""
         self.results[step.id] = StepResult(step, Action.RUN, seconds, size, detail)
 
     def failed(self, step: Step, seconds: float, message: str) -> None:
         """`step` failed."""
-        self.results[step.id] = StepResult(step, Action.RUN, seconds, detail=message,
-                                           failed=True)
+        self.results[step.id] = StepResult(step, Action.RUN, seconds, detail=message, failed=True)
 
     def message(self, text: str) -> None:
         """A line of information outside any step (warnings, the output path)."""
@@ -164,8 +165,9 @@ class Tee(Reporter):
         for r in self.reporters:
             r.progress(step, done, total)
 
-    def finished(self, step: Step, seconds: float, size: int | None = None,
-                 detail: str = "") -> None:
+    def finished(
+        self, step: Step, seconds: float, size: int | None = None, detail: str = ""
+    ) -> None:
         super().finished(step, seconds, size, detail)
         for r in self.reporters:
             r.finished(step, seconds, size, detail)
@@ -328,8 +330,9 @@ class ConsoleReporter(Reporter):
         of = f" of about {format_size(total)}" if total else ""
         self._line(f"  progress {step.id:<10} {format_size(done)}{of}")
 
-    def finished(self, step: Step, seconds: float, size: int | None = None,
-                 detail: str = "") -> None:
+    def finished(
+        self, step: Step, seconds: float, size: int | None = None, detail: str = ""
+    ) -> None:
         super().finished(step, seconds, size, detail)
         self._flush_output(step)
         extra = f", {format_size(size)}" if size is not None else ""
@@ -355,7 +358,9 @@ class ConsoleReporter(Reporter):
             header = ("step", "result", "time", "size", "")
             widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
             for row in [header, *rows]:
-                cells = [row[i].ljust(widths[i]) if i in (0, 1) else row[i].rjust(widths[i])
-                         for i in range(4)]
+                cells = [
+                    row[i].ljust(widths[i]) if i in (0, 1) else row[i].rjust(widths[i])
+                    for i in range(4)
+                ]
                 self._line(("  " + "  ".join(cells) + "  " + row[4]).rstrip())
         self._line(summary_line(self.summary_totals()))

@@ -35,28 +35,74 @@ _ENGINES = {e.value: e for e in EngineKind}
 
 _KEYS: dict[str, tuple[str, ...]] = {
     "": ("filesystem", "container", "copy", "commands", "overlays", "outputs", "export"),
-    "filesystem": ("type", "size_mib", "block_size_mib", "dd_block_size_mib", "dd_args",
-                   "mkfs_args", "all_root"),
-    "container": ("engine", "image", "archive", "rootful", "wait_timeout_s", "connection_uri",
-                  "volumes", "env", "hostname", "oci_runtime", "timeout", "cap_add", "cap_drop",
-                  "uid", "gid", "working_dir"),
+    "filesystem": (
+        "type",
+        "size_mib",
+        "block_size_mib",
+        "dd_block_size_mib",
+        "dd_args",
+        "mkfs_args",
+        "all_root",
+    ),
+    "container": (
+        "engine",
+        "image",
+        "archive",
+        "rootful",
+        "wait_timeout_s",
+        "connection_uri",
+        "volumes",
+        "env",
+        "hostname",
+        "oci_runtime",
+        "timeout",
+        "cap_add",
+        "cap_drop",
+        "uid",
+        "gid",
+        "working_dir",
+    ),
     "copy": ("source", "destination", "mode", "uid", "gid"),
     "outputs": ("path", "to", "remove"),
     "image": ("name", "tag"),
-    "commands": ("command", "script_inline", "script_path", "uid", "gid", "working_dir",
-                 "privileged", "env", "max_age", "no_cache"),
-    "overlays": ("source", "source_inline", "destination", "is_directory", "mounted", "mode",
-                 "uid", "gid"),
+    "commands": (
+        "command",
+        "script_inline",
+        "script_path",
+        "uid",
+        "gid",
+        "working_dir",
+        "privileged",
+        "env",
+        "max_age",
+        "no_cache",
+    ),
+    "overlays": (
+        "source",
+        "source_inline",
+        "destination",
+        "is_directory",
+        "mounted",
+        "mode",
+        "uid",
+        "gid",
+    ),
     "export": ("files", "directories"),
     "pathset": ("include", "create", "exclude"),
 }
 
 # Where Docker, Podman and containerd put their API sockets: no volume may land there.
-ENGINE_SOCKETS = frozenset({
-    "/var/run/docker.sock", "/run/docker.sock", "/run/podman/podman.sock",
-    "/var/run/podman/podman.sock", "/run/containerd/containerd.sock",
-    "/var/run/containerd/containerd.sock", "/run/user/0/podman/podman.sock",
-})
+ENGINE_SOCKETS = frozenset(
+    {
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "/run/podman/podman.sock",
+        "/var/run/podman/podman.sock",
+        "/run/containerd/containerd.sock",
+        "/var/run/containerd/containerd.sock",
+        "/run/user/0/podman/podman.sock",
+    }
+)
 
 # Far beyond any microVM image; catches typos such as a size given in bytes.
 MAX_SIZE_MIB = 16 * 1024 * 1024
@@ -69,15 +115,18 @@ MIN_SIZE_MIB: dict[FsType, int] = {FsType.BTRFS: 109, FsType.XFS: 300}
 ALL_ROOT_TYPES = frozenset({FsType.SQUASHFS, FsType.EROFS})
 
 
-def _enum(r: Reader, data: Mapping[str, Any], key: str, path: str,
-          values: Mapping[str, T], default: T) -> T:
+def _enum(
+    r: Reader, data: Mapping[str, Any], key: str, path: str, values: Mapping[str, T], default: T
+) -> T:
     raw = r.text(data, key, path)
     if raw is None:
         return default
     found = values.get(raw.lower())
     if found is None:
-        r.error(path, f"unknown value {raw!r}; expected one of "
-                      + ", ".join(v.capitalize() for v in values))
+        r.error(
+            path,
+            f"unknown value {raw!r}; expected one of " + ", ".join(v.capitalize() for v in values),
+        )
         return default
     return found
 
@@ -94,13 +143,19 @@ def _filesystem(r: Reader, data: Mapping[str, Any]) -> Filesystem:
     fs_type = _enum(r, data, "type", f"{p}.type", _FS_TYPES, FsType.EXT4)
     minimum = MIN_SIZE_MIB.get(fs_type, 1)
     if size is not None and size < minimum:
-        r.error(f"{p}.size_mib", f"{size} MiB is below the smallest {fs_type.value} filesystem "
-                                 f"mkfs can make ({minimum} MiB)")
+        r.error(
+            f"{p}.size_mib",
+            f"{size} MiB is below the smallest {fs_type.value} filesystem "
+            f"mkfs can make ({minimum} MiB)",
+        )
     all_root = r.get(data, "all_root", f"{p}.all_root", bool, False)
     if all_root and fs_type not in ALL_ROOT_TYPES:
-        r.error(f"{p}.all_root", f"only Squashfs and Erofs images take it, not "
-                                 f"{fs_type.value.capitalize()} (a writable image keeps the "
-                                 "owners the commands gave)")
+        r.error(
+            f"{p}.all_root",
+            f"only Squashfs and Erofs images take it, not "
+            f"{fs_type.value.capitalize()} (a writable image keeps the "
+            "owners the commands gave)",
+        )
     return Filesystem(
         type=fs_type,
         size_mib=size,
@@ -118,11 +173,17 @@ def _container(r: Reader, data: Mapping[str, Any]) -> Container:
     archive = r.image_path(data, "archive", f"{p}.archive")
     name = tag = None
     if image is not None and data.get("archive") is not None:
-        r.error(f"{p}.archive", "conflicts with container.image: give one base image, either "
-                                "image = { name, tag } or archive = \"/path/in/package.tar\"")
+        r.error(
+            f"{p}.archive",
+            "conflicts with container.image: give one base image, either "
+            'image = { name, tag } or archive = "/path/in/package.tar"',
+        )
     elif image is None and data.get("archive") is None:
-        r.error(f"{p}.image", "is required: image = { name = \"...\", tag = \"...\" } "
-                              "(or archive = \"/path/in/package.tar\")")
+        r.error(
+            f"{p}.image",
+            'is required: image = { name = "...", tag = "..." } '
+            '(or archive = "/path/in/package.tar")',
+        )
     if image is not None:
         r.check_keys(image, "image", f"{p}.image")
         name = r.text(image, "name", f"{p}.image.name")
@@ -138,8 +199,10 @@ def _container(r: Reader, data: Mapping[str, Any]) -> Container:
         if tp in ENGINE_SOCKETS:
             # Whatever the package puts there, a script must never find an engine socket
             # where tools look for one.
-            r.error(f"{p}.volumes.{host}", f"{tp} is where a container engine's socket lives; "
-                                           "rfs never mounts anything there")
+            r.error(
+                f"{p}.volumes.{host}",
+                f"{tp} is where a container engine's socket lives; rfs never mounts anything there",
+            )
         elif hp and tp:
             volumes.append((hp, tp))
     return Container(
@@ -167,8 +230,7 @@ def _command(r: Reader, data: Mapping[str, Any], p: str) -> Command:
     forms = [k for k in ("command", "script_inline", "script_path") if data.get(k) is not None]
     if len(forms) != 1:
         found = ", ".join(forms) if forms else "none"
-        r.error(p, "needs exactly one of command, script_inline, script_path "
-                   f"(found: {found})")
+        r.error(p, f"needs exactly one of command, script_inline, script_path (found: {found})")
     command = r.text(data, "command", f"{p}.command")
     inline = r.text(data, "script_inline", f"{p}.script_inline")
     if command is not None and not command.split():
@@ -208,10 +270,15 @@ def _duration(r: Reader, data: Mapping[str, Any], key: str, path: str) -> int | 
     value = data.get(key)
     if value is None:
         return None
-    seconds = (value if isinstance(value, int) and not isinstance(value, bool)
-               else parse_duration(value) if isinstance(value, str) else None)
+    seconds = (
+        value
+        if isinstance(value, int) and not isinstance(value, bool)
+        else parse_duration(value)
+        if isinstance(value, str)
+        else None
+    )
     if seconds is None or seconds <= 0:
-        r.error(path, f"must be a duration such as \"24h\", \"30m\" or \"7d\", not {value!r}")
+        r.error(path, f'must be a duration such as "24h", "30m" or "7d", not {value!r}')
         return None
     return seconds
 
@@ -254,12 +321,19 @@ def _pathset(r: Reader, data: Mapping[str, Any] | None, p: str) -> PathSet:
                 out.append(checked)
         return tuple(out)
 
-    return PathSet(include=paths("include"), create=paths("create"),
-                   exclude=r.strings(data, "exclude", f"{p}.exclude"))
+    return PathSet(
+        include=paths("include"),
+        create=paths("create"),
+        exclude=r.strings(data, "exclude", f"{p}.exclude"),
+    )
 
 
-def _list_of_tables(r: Reader, data: Mapping[str, Any], key: str,
-                    parse: Callable[[Reader, Mapping[str, Any], str], T]) -> tuple[T, ...]:
+def _list_of_tables(
+    r: Reader,
+    data: Mapping[str, Any],
+    key: str,
+    parse: Callable[[Reader, Mapping[str, Any], str], T],
+) -> tuple[T, ...]:
     value = data.get(key)
     if value is None:
         return ()
@@ -275,8 +349,9 @@ def _list_of_tables(r: Reader, data: Mapping[str, Any], key: str,
     return tuple(out)
 
 
-def parse_script(doc: Any, *, file: str = "build.toml", package_root: Path | None = None
-                 ) -> tuple[BuildScript, list[Problem]]:
+def parse_script(
+    doc: Any, *, file: str = "build.toml", package_root: Path | None = None
+) -> tuple[BuildScript, list[Problem]]:
     """Validate `doc` and build the model; raise ScriptError listing every error.
 
     Returns the model and the warnings (unknown keys and the like) for the caller to show.
@@ -287,8 +362,9 @@ def parse_script(doc: Any, *, file: str = "build.toml", package_root: Path | Non
     return script, problems
 
 
-def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | None = None
-                   ) -> tuple[BuildScript, list[Problem]]:
+def collect_script(
+    doc: Any, *, file: str = "build.toml", package_root: Path | None = None
+) -> tuple[BuildScript, list[Problem]]:
     """Build the model as far as possible and return it with every problem found.
 
     Fields with errors get defaults, so later checks (package files) can still run and the
@@ -296,11 +372,13 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
     """
     r = Reader(file, _KEYS)
     if doc is None:  # YAML reads an empty file as null
-        raise ScriptError([Problem("", "is empty: a build script needs at least [container]",
-                                   file)])
+        raise ScriptError(
+            [Problem("", "is empty: a build script needs at least [container]", file)]
+        )
     if not isinstance(doc, Mapping):
-        raise ScriptError([Problem("", f"must be a table at the top level, not {_kind(doc)}",
-                                   file)])
+        raise ScriptError(
+            [Problem("", f"must be a table at the top level, not {_kind(doc)}", file)]
+        )
     r.check_keys(doc, "", "")
     fs_data = r.table(doc, "filesystem", "filesystem")
     container_data = r.table(doc, "container", "container")
@@ -311,8 +389,9 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
         r.check_keys(export_data, "export", "export")
     export = Export(
         files=_pathset(r, r.table(export_data, "files", "export.files"), "export.files"),
-        directories=_pathset(r, r.table(export_data, "directories", "export.directories"),
-                             "export.directories"),
+        directories=_pathset(
+            r, r.table(export_data, "directories", "export.directories"), "export.directories"
+        ),
     )
     script = BuildScript(
         filesystem=_filesystem(r, fs_data or {}),
@@ -327,14 +406,20 @@ def collect_script(doc: Any, *, file: str = "build.toml", package_root: Path | N
     )
     _check_destinations(r, script)
     if script.copies and not script.commands:
-        r.error("copy", "places files before the first command, and there is none: use "
-                        "[[overlays]] to put files into an image without commands")
+        r.error(
+            "copy",
+            "places files before the first command, and there is none: use "
+            "[[overlays]] to put files into an image without commands",
+        )
     tos: dict[str, int] = {}
     overlaid = {o.destination for o in script.overlays}
     for i, out in enumerate(script.outputs):
         if out.remove and out.path in overlaid:
-            r.error(f"outputs[{i}].remove", f"{out.path} is an overlay's destination: leave the "
-                                           "overlay out instead of removing what it adds")
+            r.error(
+                f"outputs[{i}].remove",
+                f"{out.path} is an overlay's destination: leave the "
+                "overlay out instead of removing what it adds",
+            )
         if out.to and out.to in tos:
             r.error(f"outputs[{i}].to", f"{out.to} is also where outputs[{tos[out.to]}] goes")
         tos.setdefault(out.to, i)
@@ -353,7 +438,9 @@ def _check_destinations(r: Reader, script: BuildScript) -> None:
         if not overlay.mounted:
             continue
         if overlay.destination in mounted:
-            r.error(f"overlays[{i}].mounted",
-                    f"{overlay.destination} is also where overlays[{mounted[overlay.destination]}] "
-                    "is mounted; only one overlay per destination can be mounted")
+            r.error(
+                f"overlays[{i}].mounted",
+                f"{overlay.destination} is also where overlays[{mounted[overlay.destination]}] "
+                "is mounted; only one overlay per destination can be mounted",
+            )
         mounted.setdefault(overlay.destination, i)

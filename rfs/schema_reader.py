@@ -45,8 +45,7 @@ class Reader:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             self.warn(where, f"unknown key, ignored{hint}")
 
-    def get(self, data: Mapping[str, Any], key: str, path: str, kind: type[T],
-            default: T) -> T:
+    def get(self, data: Mapping[str, Any], key: str, path: str, kind: type[T], default: T) -> T:
         value = data.get(key)
         if value is None:
             return default
@@ -65,8 +64,15 @@ class Reader:
     def text(self, data: Mapping[str, Any], key: str, path: str) -> str | None:
         return self.opt(data, key, path, str)
 
-    def count(self, data: Mapping[str, Any], key: str, path: str, *, minimum: int = 0,
-              maximum: int | None = None) -> int | None:
+    def count(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        *,
+        minimum: int = 0,
+        maximum: int | None = None,
+    ) -> int | None:
         value = self.opt(data, key, path, int)
         if value is None:
             return None
@@ -123,10 +129,17 @@ class Reader:
 
 
 def _kind(value: object) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _name(kind: type) -> str:
     return {str: "a string", int: "an integer", bool: "a boolean (true/false)"}.get(
-        kind, kind.__name__)
+        kind, kind.__name__
+    )

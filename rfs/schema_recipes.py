@@ -40,8 +40,11 @@ def output_entry(r: Reader, data: Mapping[str, Any], p: str) -> Output:
     elif to is not None:
         parts = [part for part in to.split("/") if part not in ("", ".")]
         if to.startswith("/") or ".." in parts or not parts or "\x00" in to:
-            r.error(f"{p}.to", f"{to!r} must be a file name relative to the image's directory, "
-                               "without '..'")
+            r.error(
+                f"{p}.to",
+                f"{to!r} must be a file name relative to the image's directory, without '..'",
+            )
         to = "/".join(parts)
-    return Output(path=path or "", to=to or "",
-                  remove=r.get(data, "remove", f"{p}.remove", bool, False))
+    return Output(
+        path=path or "", to=to or "", remove=r.get(data, "remove", f"{p}.remove", bool, False)
+    )

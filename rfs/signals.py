@@ -33,7 +33,7 @@ def received() -> int | None:
 
 
 def name(signum: int) -> str:
-    """"SIGINT", "SIGTERM", …"""
+    """ "SIGINT", "SIGTERM", …"""
     try:
         return signal.Signals(signum).name
     except ValueError:

@@ -58,12 +58,15 @@ class PackageSnapshot:
         except NotCopyable as exc:
             raise RfsError(f"cannot use package path {ref}: {exc}") from exc
         except OSError as exc:
-            raise PackageChanged(f"package path {ref} could not be read ({exc}); it changed "
-                                 "while rfs was building: run the build again") from exc
+            raise PackageChanged(
+                f"package path {ref} could not be read ({exc}); it changed "
+                "while rfs was building: run the build again"
+            ) from exc
         if digest != self.digests.get(ref):
             raise PackageChanged(
                 f"package path {ref} changed after rfs planned this build; nothing was "
-                "recorded under its old content: run the build again to use the new one")
+                "recorded under its old content: run the build again to use the new one"
+            )
         _set_times(copy, self.mtime)
         self._copies[ref] = copy
         return copy

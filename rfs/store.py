@@ -122,11 +122,15 @@ class Store:
                 self._index = self._replace_damaged_index(exc)
             self.locks = Locks(root / "locks")
         except sqlite3.OperationalError as exc:  # e.g. a full disk or a read-only directory
-            raise EnvironmentProblem(f"cannot use the cache index in {root}: {exc}",
-                                     hint="pass --cache-dir or set RFS_CACHE_DIR") from exc
+            raise EnvironmentProblem(
+                f"cannot use the cache index in {root}: {exc}",
+                hint="pass --cache-dir or set RFS_CACHE_DIR",
+            ) from exc
         except OSError as exc:
-            raise EnvironmentProblem(f"cannot use cache directory {root}: {exc.strerror}",
-                                     hint="pass --cache-dir or set RFS_CACHE_DIR") from exc
+            raise EnvironmentProblem(
+                f"cannot use cache directory {root}: {exc.strerror}",
+                hint="pass --cache-dir or set RFS_CACHE_DIR",
+            ) from exc
 
     @functools.cached_property
     def cache_id(self) -> str:
@@ -144,8 +148,9 @@ class Store:
     def _open_index(self) -> Any:
         import diskcache  # imported here so commands that never touch the cache stay fast
 
-        index = diskcache.Cache(str(self.root / "index"), eviction_policy="none",
-                                size_limit=2**62, statistics=False)
+        index = diskcache.Cache(
+            str(self.root / "index"), eviction_policy="none", size_limit=2**62, statistics=False
+        )
         index.get("meta/probe")  # a damaged database may open, and fail on the first read
         return index
 
@@ -169,8 +174,11 @@ class Store:
         """Protect `keys` from eviction by any process until `close` (call before planning)."""
         self.locks.hold(keys)
 
-    def building(self, key: str, on_wait: Callable[[], None] | None = None,
-                 ) -> contextlib.AbstractContextManager[None]:
+    def building(
+        self,
+        key: str,
+        on_wait: Callable[[], None] | None = None,
+    ) -> contextlib.AbstractContextManager[None]:
         """Hold the build lock of `key`: one process builds a step, the others wait for it."""
         return self.locks.building(key, on_wait)
 
@@ -187,8 +195,9 @@ class Store:
         except sqlite3.OperationalError:
             raise  # the database is busy or unwritable: not the record's fault
         except Exception as exc:  # unpickling a damaged row can raise almost anything
-            log.warning("the cache record of %s is damaged (%s); treating it as missing",
-                        key[:12], exc)
+            log.warning(
+                "the cache record of %s is damaged (%s); treating it as missing", key[:12], exc
+            )
             return None
         return value if isinstance(value, dict) else None
 
@@ -217,9 +226,9 @@ class Store:
         """Every step record, as (key, record)."""
         for name in list(self._index.iterkeys()):
             if isinstance(name, str) and name.startswith(_STEP):
-                record = self.record(name[len(_STEP):])
+                record = self.record(name[len(_STEP) :])
                 if record is not None:
-                    yield name[len(_STEP):], record
+                    yield name[len(_STEP) :], record
 
     def meta(self, name: str) -> dict[str, Any]:
         """A named bookkeeping table (e.g. remembered file digests)."""
@@ -303,8 +312,9 @@ class Store:
         try:
             writer = BlobWriter(tmp)
         except OSError as exc:
-            raise EnvironmentProblem(f"cannot write to the cache in {self.root}: "
-                                     f"{exc.strerror or exc}") from exc
+            raise EnvironmentProblem(
+                f"cannot write to the cache in {self.root}: {exc.strerror or exc}"
+            ) from exc
         try:
             yield writer
             writer.close()
@@ -315,8 +325,9 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             if isinstance(exc, OSError):  # a full disk shows here (fsync), not only in write
-                raise EnvironmentProblem(f"cannot write to the cache in {self.root}: "
-                                         f"{exc.strerror or exc}") from exc
+                raise EnvironmentProblem(
+                    f"cannot write to the cache in {self.root}: {exc.strerror or exc}"
+                ) from exc
             raise
 
     def blob_bytes(self) -> int:
@@ -337,10 +348,15 @@ class Store:
         dropped = self.prune(max_size=self.size_limit, blobs_only=True, keep=keep)
         return [key for key, _ in dropped]
 
-    def prune(self, *, max_size: int | None = None, older_than: float | None = None,
-              blobs_only: bool = False, keep: set[str] | frozenset[str] = frozenset(),
-              on_drop: Callable[[str, dict[str, Any]], bool] | None = None,
-              ) -> list[tuple[str, dict[str, Any]]]:
+    def prune(
+        self,
+        *,
+        max_size: int | None = None,
+        older_than: float | None = None,
+        blobs_only: bool = False,
+        keep: set[str] | frozenset[str] = frozenset(),
+        on_drop: Callable[[str, dict[str, Any]], bool] | None = None,
+    ) -> list[tuple[str, dict[str, Any]]]:
         """Drop entries, least recently used first, and return them as (key, record).
 
         An entry goes if it was last used more than `older_than` seconds ago, or while the blob
@@ -351,8 +367,11 @@ class Store:
         now = time.time()
         total = self.blob_bytes()
         candidates = sorted(
-            ((float(r.get("last_used", 0.0)), k, r) for k, r in self.records()
-             if k not in keep and (not blobs_only or "blob_size" in r)),
+            (
+                (float(r.get("last_used", 0.0)), k, r)
+                for k, r in self.records()
+                if k not in keep and (not blobs_only or "blob_size" in r)
+            ),
             key=lambda item: (item[0], item[1]),
         )
         everything = max_size is None and older_than is None
@@ -380,8 +399,7 @@ class Store:
         kinds: dict[str, dict[str, int]] = {}
         for key, record in self.records():
             kind = str(record.get("kind", "unknown"))
-            row = kinds.setdefault(kind, {"entries": 0, "bytes": 0, "hits": 0,
-                                          "remote_hits": 0})
+            row = kinds.setdefault(kind, {"entries": 0, "bytes": 0, "hits": 0, "remote_hits": 0})
             row["entries"] += 1
             row["hits"] += int(record.get("hits", 0))
             row["remote_hits"] += 1 if record.get("fetched_from") else 0

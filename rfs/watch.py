@@ -62,9 +62,13 @@ def changed(old: Snapshot, new: Snapshot) -> list[str]:
     return sorted(p for p in set(old) | set(new) if old.get(p) != new.get(p))
 
 
-def wait_for_change(root: Path, before: Snapshot, ignore: Iterable[Path] = (),
-                    poll_s: float = POLL_S, debounce_s: float = DEBOUNCE_S
-                    ) -> tuple[Snapshot, list[str]]:
+def wait_for_change(
+    root: Path,
+    before: Snapshot,
+    ignore: Iterable[Path] = (),
+    poll_s: float = POLL_S,
+    debounce_s: float = DEBOUNCE_S,
+) -> tuple[Snapshot, list[str]]:
     """Block until the tree under `root` differs from `before` and then holds still."""
     ignore = list(ignore)
     while True:
@@ -90,8 +94,14 @@ def _watched(package: Path) -> Path:
     return package
 
 
-def watch(package: Path, build: Callable[[], int], *, ignore: Iterable[Path] = (),
-          out: TextIO, poll_s: float = POLL_S) -> int:
+def watch(
+    package: Path,
+    build: Callable[[], int],
+    *,
+    ignore: Iterable[Path] = (),
+    out: TextIO,
+    poll_s: float = POLL_S,
+) -> int:
     """Run `build` now and after every change of the package until Ctrl-C."""
     root = _watched(package)
     ignore = [Path(p) for p in ignore if p is not None]
@@ -110,8 +120,7 @@ def watch(package: Path, build: Callable[[], int], *, ignore: Iterable[Path] = (
             state = snapshot(root, ignore)
             print(f"rfs: watching {root} for changes (Ctrl-C ends)", file=out, flush=True)
             state, paths = wait_for_change(root, state, ignore, poll_s)
-            shown = ", ".join(os.path.relpath(p, root) if root.is_dir() else p
-                              for p in paths[:3])
+            shown = ", ".join(os.path.relpath(p, root) if root.is_dir() else p for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
             print(f"rfs: changed: {shown}{more}: building again", file=out, flush=True)
     except KeyboardInterrupt:

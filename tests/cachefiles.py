@@ -12,8 +12,11 @@ def blobs(cache: Path, kind: str | None = None) -> list[Path]:
     recently used first."""
     store = Store(cache)
     try:
-        found = sorted((float(r.get("last_used", 0)), key) for key, r in store.records()
-                       if kind in (None, r.get("kind")) and (cache / "blobs" / key).is_file())
+        found = sorted(
+            (float(r.get("last_used", 0)), key)
+            for key, r in store.records()
+            if kind in (None, r.get("kind")) and (cache / "blobs" / key).is_file()
+        )
     finally:
         store.close()
     return [cache / "blobs" / key for _, key in found]

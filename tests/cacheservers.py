@@ -112,9 +112,12 @@ def start_nginx() -> Server:
             os.chown(root / sub, user.pw_uid, user.pw_gid)
     log = root / "stderr.log"
     with log.open("wb") as err:
-        proc = subprocess.Popen([binary, "-p", str(root), "-e", "stderr", "-c", str(conf),
-                                 "-g", "daemon off;"], stdin=subprocess.DEVNULL,
-                                stdout=err, stderr=err)
+        proc = subprocess.Popen(
+            [binary, "-p", str(root), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+        )
     server = Server("nginx", f"http://127.0.0.1:{port}/", port, root, root / "data", proc, log)
     _wait_http(server, f"http://127.0.0.1:{port}/")
     return server
@@ -125,14 +128,23 @@ def start_registry() -> Server:
     binary = tool("docker-registry")
     port = free_port()
     root = _tempdir("rfs-registry-")
-    env = {**os.environ, "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}",
-           "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(root / "storage"),
-           "REGISTRY_LOG_LEVEL": "error"}
+    env = {
+        **os.environ,
+        "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}",
+        "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(root / "storage"),
+        "REGISTRY_LOG_LEVEL": "error",
+    }
     log = root / "stderr.log"
     with log.open("wb") as err:
-        proc = subprocess.Popen([binary, "serve", str(REGISTRY_CONF)], env=env,
-                                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-    server = Server("registry", f"oci://127.0.0.1:{port}/rfs/cache", port, root,
-                    root / "storage", proc, log)
+        proc = subprocess.Popen(
+            [binary, "serve", str(REGISTRY_CONF)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+        )
+    server = Server(
+        "registry", f"oci://127.0.0.1:{port}/rfs/cache", port, root, root / "storage", proc, log
+    )
     _wait_http(server, f"http://127.0.0.1:{port}/v2/")
     return server

@@ -49,13 +49,20 @@ def require_or_skip(reason: str) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow (or set RFS_RUN_SLOW=1)")
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (or set RFS_RUN_SLOW=1)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    run_slow = (config.getoption("--run-slow") or os.environ.get("RFS_RUN_SLOW") == "1"
-                or bool(os.environ.get("CI")))
+    run_slow = (
+        config.getoption("--run-slow")
+        or os.environ.get("RFS_RUN_SLOW") == "1"
+        or bool(os.environ.get("CI"))
+    )
     skip_slow = pytest.mark.skip(reason="slow: use --run-slow or RFS_RUN_SLOW=1")
     for item in items:
         if _INTEGRATION_DIR in Path(str(item.path)).parents:
@@ -82,8 +89,11 @@ def engine_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def docker_engine(engine_kind: str) -> Engine:
     """The engine under test, connected and answering; skips the test when there is none."""
-    uri = (os.environ.get("RFS_TEST_ENGINE_URI") or None) if os.environ.get(
-        "RFS_TEST_ENGINE") else None
+    uri = (
+        (os.environ.get("RFS_TEST_ENGINE_URI") or None)
+        if os.environ.get("RFS_TEST_ENGINE")
+        else None
+    )
     try:
         engine = connect(engine_kind, uri)
         engine.ping()
@@ -103,7 +113,7 @@ def busybox_image(docker_engine: Engine) -> str:
 
 @pytest.fixture(scope="session")
 def run_label() -> str:
-    """"org.rfs.test-run=<id>": the label filter selecting this test run's containers."""
+    """ "org.rfs.test-run=<id>": the label filter selecting this test run's containers."""
     return f"{RUN_LABEL_KEY}={RUN_ID}"
 
 

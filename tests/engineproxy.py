@@ -86,8 +86,11 @@ class EngineProxy:
 
     def created(self) -> list[dict[str, Any]]:
         """The bodies of the container-create requests, in order."""
-        return [json.loads(body) for method, path, body in self.requests()
-                if method == "POST" and path.split("?")[0].endswith("/containers/create")]
+        return [
+            json.loads(body)
+            for method, path, body in self.requests()
+            if method == "POST" and path.split("?")[0].endswith("/containers/create")
+        ]
 
 
 def _parse(stream: bytes) -> Iterator[tuple[str, str, bytes]]:
@@ -98,8 +101,9 @@ def _parse(stream: bytes) -> Iterator[tuple[str, str, bytes]]:
             return
         head = stream[pos:end].decode("latin-1").split("\r\n")
         method, path = head[0].split(" ")[:2]
-        headers = {k.strip().lower(): v.strip()
-                   for k, _, v in (line.partition(":") for line in head[1:])}
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])
+        }
         pos = end + 4
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = bytearray()
@@ -108,7 +112,7 @@ def _parse(stream: bytes) -> Iterator[tuple[str, str, bytes]]:
                 if eol < 0:
                     return
                 size = int(stream[pos:eol].split(b";")[0], 16)
-                body += stream[eol + 2:eol + 2 + size]
+                body += stream[eol + 2 : eol + 2 + size]
                 pos = eol + 2 + size + 2
                 if size == 0:
                     break
@@ -117,5 +121,5 @@ def _parse(stream: bytes) -> Iterator[tuple[str, str, bytes]]:
             length = int(headers.get("content-length", "0"))
             if pos + length > len(stream):
                 return
-            yield method, path, stream[pos:pos + length]
+            yield method, path, stream[pos : pos + length]
             pos += length

@@ -47,8 +47,18 @@ class Node:
 
     def without(self, *names: str) -> Node:
         """A copy with the named fields reset to their defaults (for lossy types)."""
-        defaults = {"xattrs": {}, "links": frozenset(), "rdev": None, "target": None,
-                    "sha256": None, "uid": 0, "gid": 0, "mode": 0, "size": 0, "mtime": 0}
+        defaults = {
+            "xattrs": {},
+            "links": frozenset(),
+            "rdev": None,
+            "target": None,
+            "sha256": None,
+            "uid": 0,
+            "gid": 0,
+            "mode": 0,
+            "size": 0,
+            "mtime": 0,
+        }
         return replace(self, **{n: defaults[n] for n in names})
 
 
@@ -63,22 +73,40 @@ def list_export(export: Path) -> dict[str, Node]:
     with tarfile.open(export, errors="surrogateescape") as tar:
         for m in tar:
             path = "/" + m.name.strip("/") if m.name.strip("/.") else "/"
-            xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
-                      for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+            xattrs = {
+                k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
+                for k, v in m.pax_headers.items()
+                if k.startswith("SCHILY.xattr.")
+            }
             if m.islnk():
                 target = "/" + m.linkname.strip("/")
                 groups.setdefault(target, {target}).add(path)
                 nodes[path] = replace(nodes[target])
                 continue
-            kind = ("dir" if m.isdir() else "file" if m.isreg() else "symlink" if m.issym()
-                    else "char" if m.ischr() else "block" if m.isblk() else "fifo")
+            kind = (
+                "dir"
+                if m.isdir()
+                else "file"
+                if m.isreg()
+                else "symlink"
+                if m.issym()
+                else "char"
+                if m.ischr()
+                else "block"
+                if m.isblk()
+                else "fifo"
+            )
             data = tar.extractfile(m).read() if m.isreg() else None  # type: ignore[union-attr]
             nodes[path] = Node(
-                type=kind, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
+                type=kind,
+                mode=m.mode & 0o7777,
+                uid=m.uid,
+                gid=m.gid,
                 size=m.size if m.isreg() else 0,
                 target=m.linkname if m.issym() else None,
                 rdev=(m.devmajor, m.devminor) if m.ischr() or m.isblk() else None,
-                xattrs=xattrs, sha256=_digest(data) if data is not None else None,
+                xattrs=xattrs,
+                sha256=_digest(data) if data is not None else None,
                 mtime=int(m.mtime),
             )
     for names in groups.values():
@@ -109,12 +137,18 @@ def walk(root: Path) -> dict[str, Node]:
             if st.st_nlink > 1:
                 inodes.setdefault(st.st_ino, set()).add(path)
         nodes[path] = Node(
-            type=kind, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+            type=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
             size=st.st_size if kind == "file" else 0,
             target=os.fsdecode(os.readlink(full)) if kind == "symlink" else None,
-            rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("char", "block")
+            rdev=(os.major(st.st_rdev), os.minor(st.st_rdev))
+            if kind in ("char", "block")
             else None,
-            xattrs=xattrs, sha256=sha, mtime=int(st.st_mtime),
+            xattrs=xattrs,
+            sha256=sha,
+            mtime=int(st.st_mtime),
         )
         if kind == "dir":
             stack.extend(rel + b"/" + name for name in os.listdir(full))
@@ -129,8 +163,9 @@ def mounted(image: Path, fstype: str, options: str = "") -> Iterator[Path]:
     """Mount `image` read-only through a loop device (root only); always unmounted after."""
     with tempfile.TemporaryDirectory(prefix="rfs-test-mnt-") as mnt:
         opts = ",".join(["loop", "ro", *([options] if options else [])])
-        subprocess.run(["mount", "-t", fstype, "-o", opts, str(image), mnt], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["mount", "-t", fstype, "-o", opts, str(image), mnt], check=True, capture_output=True
+        )
         try:
             yield Path(mnt)
         finally:
@@ -143,8 +178,12 @@ def list_image(image: Path, fstype: str) -> dict[str, Node]:
     if fstype == "vfat":
         with tempfile.TemporaryDirectory(prefix="rfs-test-vfat-") as out:
             env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C.UTF-8"}
-            subprocess.run(["mcopy", "-s", "-n", "-m", "-i", str(image), "::/", out],
-                           check=True, capture_output=True, env=env)
+            subprocess.run(
+                ["mcopy", "-s", "-n", "-m", "-i", str(image), "::/", out],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
             return walk(Path(out))
     with mounted(image, fstype) as mnt:
         return walk(mnt)

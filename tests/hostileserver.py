@@ -29,8 +29,9 @@ class Handler(BaseHTTPRequestHandler):
         kind, _, name = self.path.lstrip("/").partition("/")
         return kind, name
 
-    def send(self, status: int, body: bytes = b"", length: int | None = None,
-             head: bool = False) -> None:
+    def send(
+        self, status: int, body: bytes = b"", length: int | None = None, head: bool = False
+    ) -> None:
         """Answer with `body`, declaring `length` bytes (default: the body's)."""
         self.send_response(status)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -105,7 +106,7 @@ def truncated(handler: Handler, body: bytes) -> None:
     handler.send_header("Content-Length", str(len(body)))
     handler.send_header("Connection", "close")
     handler.end_headers()
-    handler.wfile.write(body[:len(body) // 2])
+    handler.wfile.write(body[: len(body) // 2])
     handler.wfile.flush()
     handler.close_connection = True
 
@@ -117,7 +118,7 @@ def trickled(handler: Handler, body: bytes, every_s: float = 0.3) -> None:
     handler.end_headers()
     try:
         for i in range(len(body)):
-            handler.wfile.write(body[i:i + 1])
+            handler.wfile.write(body[i : i + 1])
             handler.wfile.flush()
             time.sleep(every_s)
     except OSError:  # the client gave up: what the test wants

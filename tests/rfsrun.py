@@ -19,14 +19,24 @@ class Run:
     err: str
 
 
-def rfs(*args: str | Path, cache: Path, env: dict[str, str] | None = None,
-        timeout_s: float = 300) -> Run:
+def rfs(
+    *args: str | Path, cache: Path, env: dict[str, str] | None = None, timeout_s: float = 300
+) -> Run:
     """Run `rfs ARGS…` with `cache` as its cache directory and a run id of its own."""
     proc = subprocess.run(
-        [sys.executable, "-m", "rfs", *map(str, args)], capture_output=True, text=True,
-        check=False, timeout=timeout_s, stdin=subprocess.DEVNULL,
-        env={**os.environ, "RFS_CACHE_DIR": str(cache), "RFS_RUN_ID": uuid.uuid4().hex,
-             **(env or {})})
+        [sys.executable, "-m", "rfs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+        env={
+            **os.environ,
+            "RFS_CACHE_DIR": str(cache),
+            "RFS_RUN_ID": uuid.uuid4().hex,
+            **(env or {}),
+        },
+    )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -10,10 +10,13 @@ import importlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rfs import __version__
 from rfs.store import DEFAULT_SIZE_LIMIT, default_cache_dir
+
+if TYPE_CHECKING:
+    from rfs.build import Options
 
 MODULES = ("build", "plan", "check", "cache", "pack", "graph", "completion", "boot")
 
@@ -51,8 +54,10 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     only = _verb_module(argv) if argv is not None else None
 
     parser = argparse.ArgumentParser(
-        prog="rfs", description="Build microVM root filesystem images from a build script, "
-                                "rerunning only the steps whose inputs changed.")
+        prog="rfs",
+        description="Build microVM root filesystem images from a build script, "
+        "rerunning only the steps whose inputs changed.",
+    )
     parser.add_argument("--version", action="version", version=f"rfs {__version__}")
     _global_options(parser, None)
     # The same options are accepted after the verb too (`rfs build -q …`); there they must not
@@ -72,47 +77,90 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("-l", "--log-level", default=default or "warning",
-                        choices=["trace", "debug", "info", "warn", "warning", "error"],
-                        help="how much rfs itself logs (default: warning)")
-    parser.add_argument("-e", "--no-exec-logs", "-q", "--quiet", dest="quiet",
-                        action="store_true", default=default or False,
-                        help="do not show the commands' output")
+    parser.add_argument(
+        "-l",
+        "--log-level",
+        default=default or "warning",
+        choices=["trace", "debug", "info", "warn", "warning", "error"],
+        help="how much rfs itself logs (default: warning)",
+    )
+    parser.add_argument(
+        "-e",
+        "--no-exec-logs",
+        "-q",
+        "--quiet",
+        dest="quiet",
+        action="store_true",
+        default=default or False,
+        help="do not show the commands' output",
+    )
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
     """Options every verb that reads or writes the local cache takes."""
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="cache directory (default: $RFS_CACHE_DIR, $XDG_CACHE_HOME/rfs or "
-                        "~/.cache/rfs)")
-    p.add_argument("--cache-size", type=parse_size, default=None,
-                   help="evict least recently used artifacts above this size (default 20G)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache directory (default: $RFS_CACHE_DIR, $XDG_CACHE_HOME/rfs or ~/.cache/rfs)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=None,
+        help="evict least recently used artifacts above this size (default 20G)",
+    )
 
 
 def add_force_options(p: argparse.ArgumentParser) -> None:
     """Options that make steps run although they are cached (build and plan take them)."""
-    p.add_argument("--no-cache", action="store_true",
-                   help="run every step; its result replaces the cached one")
-    p.add_argument("--rebuild", action="append", default=[], metavar="STEP",
-                   help="run STEP (e.g. run[0], export, assemble) and every step after it "
-                        "although cached; repeatable")
-    p.add_argument("--pull", action="store_true",
-                   help="look the base image's tag up in its registry again (a moved tag "
-                        "makes every step run)")
-    p.add_argument("--no-network", action="store_true",
-                   help="run the commands without network access (part of their keys)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="run every step; its result replaces the cached one"
+    )
+    p.add_argument(
+        "--rebuild",
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="run STEP (e.g. run[0], export, assemble) and every step after it "
+        "although cached; repeatable",
+    )
+    p.add_argument(
+        "--pull",
+        action="store_true",
+        help="look the base image's tag up in its registry again (a moved tag "
+        "makes every step run)",
+    )
+    p.add_argument(
+        "--no-network",
+        action="store_true",
+        help="run the commands without network access (part of their keys)",
+    )
 
 
-def force_options(args: argparse.Namespace) -> dict[str, object]:
-    """The `Options` fields `add_force_options` sets."""
-    return {"no_cache": args.no_cache, "rebuild": tuple(args.rebuild), "pull": args.pull,
-            "network": not args.no_network}
+def build_options(args: argparse.Namespace, output: Path | None, **more: Any) -> Options:
+    """The build `Options` the arguments ask for: package, output, cache and the options of
+    `add_force_options`; `more` sets the rest (`keep_failed`)."""
+    from rfs.build import Options
+
+    return Options(
+        package=args.package,
+        output=output,
+        cache_dir=cache_dir(args),
+        cache_size=cache_size(args),
+        no_cache=args.no_cache,
+        rebuild=tuple(args.rebuild),
+        pull=args.pull,
+        network=not args.no_network,
+        **more,
+    )
 
 
 def add_package(p: argparse.ArgumentParser) -> None:
     """The PACKAGE positional argument."""
-    p.add_argument("package", type=Path,
-                   help="a build script (.toml/.yaml) or a directory with build.toml")
+    p.add_argument(
+        "package", type=Path, help="a build script (.toml/.yaml) or a directory with build.toml"
+    )
 
 
 def cache_dir(args: argparse.Namespace) -> Path:

@@ -16,20 +16,37 @@ def register(sub: Any) -> None:
     p = sub.add_parser("boot", help="boot an image under QEMU (serial console)")
     p.add_argument("image", type=Path, help="the image file (ext4, squashfs, erofs, btrfs, xfs)")
     p.add_argument("--kernel", type=Path, help="kernel to boot (default: newest /boot/vmlinuz-*)")
-    p.add_argument("--initrd", type=Path,
-                   help="initrd (default: the one next to the default kernel)")
-    p.add_argument("--expect", metavar="TEXT",
-                   help="exit 0 once TEXT appears on the console, non-zero on timeout")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for --expect (default 120)")
-    p.add_argument("--memory", type=int, default=512, metavar="MIB",
-                   help="guest memory in MiB (default 512)")
+    p.add_argument(
+        "--initrd", type=Path, help="initrd (default: the one next to the default kernel)"
+    )
+    p.add_argument(
+        "--expect",
+        metavar="TEXT",
+        help="exit 0 once TEXT appears on the console, non-zero on timeout",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for --expect (default 120)",
+    )
+    p.add_argument(
+        "--memory", type=int, default=512, metavar="MIB", help="guest memory in MiB (default 512)"
+    )
     p.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
-    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
-                   help="auto (default): KVM if a quick probe boots, else TCG emulation")
-    p.add_argument("--write", action="store_true",
-                   help="let the guest write to the image (default: a throwaway snapshot)")
+    p.add_argument(
+        "--accel",
+        choices=["auto", "kvm", "tcg"],
+        default="auto",
+        help="auto (default): KVM if a quick probe boots, else TCG emulation",
+    )
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="let the guest write to the image (default: a throwaway snapshot)",
+    )
     p.set_defaults(func=run)
 
 
@@ -37,9 +54,16 @@ def run(args: argparse.Namespace) -> int:
     """Boot the image; with --expect, wait for the text and stop the VM."""
     from rfs.boot import BootSpec, boot
 
-    spec = BootSpec(image=args.image, kernel=args.kernel, initrd=args.initrd,
-                    memory_mib=args.memory, cpus=args.cpus, append=args.append,
-                    accel=args.accel, write=args.write)
+    spec = BootSpec(
+        image=args.image,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        memory_mib=args.memory,
+        cpus=args.cpus,
+        append=args.append,
+        accel=args.accel,
+        write=args.write,
+    )
 
     def echo(data: bytes) -> None:
         if not args.quiet:

@@ -7,14 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rfs.commands import (
-    add_cache_options,
-    add_force_options,
-    add_package,
-    cache_dir,
-    cache_size,
-    force_options,
-)
+from rfs.commands import add_cache_options, add_force_options, add_package, build_options
 from rfs.errors import EXIT_OK
 
 
@@ -25,17 +18,27 @@ def register(sub: Any) -> None:
     add_cache_options(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="image file to write")
     add_force_options(p)
-    p.add_argument("--json", action="store_true",
-                   help="JSON-lines events on stdout (docs/events.md); the human display goes "
-                        "to stderr")
-    p.add_argument("--watch", action="store_true",
-                   help="build, then build again whenever a file of the package changes "
-                        "(Ctrl-C ends)")
-    p.add_argument("--keep-failed", action="store_true",
-                   help="keep the container of a failed command and print how to enter it")
-    p.add_argument("--verify", action="store_true",
-                   help="check the image with its type's checker (e2fsck -fn, btrfs check, "
-                        "xfs_repair -n, fsck.vfat -n, unsquashfs, fsck.erofs) after the build")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON-lines events on stdout (docs/events.md); the human display goes to stderr",
+    )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="build, then build again whenever a file of the package changes (Ctrl-C ends)",
+    )
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="keep the container of a failed command and print how to enter it",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the image with its type's checker (e2fsck -fn, btrfs check, "
+        "xfs_repair -n, fsck.vfat -n, unsquashfs, fsck.erofs) after the build",
+    )
     from rfs.remote.config import add_remote_options
 
     add_remote_options(p)
@@ -47,21 +50,18 @@ def run(args: argparse.Namespace) -> int:
     if args.watch:
         from rfs.watch import watch
 
-        return watch(args.package, lambda: build_once(args), ignore=[args.output],
-                     out=sys.stderr)
+        return watch(args.package, lambda: build_once(args), ignore=[args.output], out=sys.stderr)
     return build_once(args)
 
 
 def build_once(args: argparse.Namespace) -> int:
     """Build the image once, reporting to the terminal, the log or JSON as asked."""
-    from rfs.build import Options, execute, prepare
+    from rfs.build import execute, prepare
     from rfs.display import make_reporter
     from rfs.errors import StepFailed
     from rfs.reporter import Reporter, Tee
 
-    opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args), keep_failed=args.keep_failed,
-                   **force_options(args))  # type: ignore[arg-type]
+    opts = build_options(args, args.output, keep_failed=args.keep_failed)
     from rfs.remote.config import remote_settings
 
     opts.remote = remote_settings(args)
@@ -70,8 +70,9 @@ def build_once(args: argparse.Namespace) -> int:
         from rfs.events import JsonReporter
 
         # Machines get every event on stdout; the person watching keeps the display on stderr.
-        reporter = Tee(JsonReporter(sys.stdout, quiet=args.quiet, output=str(opts.output)),
-                       reporter)
+        reporter = Tee(
+            JsonReporter(sys.stdout, quiet=args.quiet, output=str(opts.output)), reporter
+        )
     error: BaseException | None = None
     try:
         planned = prepare(opts, reporter)
@@ -116,10 +117,12 @@ def enter_hint(container: str, step: str, engine: str) -> str:
     cli = "podman" if engine == "podman" else "docker"
     short = container[:12]
     image = f"rfs/failed:{short}"
-    return "\n".join([
-        f"rfs: kept the container of {step}: {short}",
-        f"rfs:   see what it changed:  {cli} diff {short}",
-        f"rfs:   get a shell in it:    {cli} commit {short} {image} && "
-        f"{cli} run --rm -it --entrypoint /bin/sh {image}",
-        f"rfs:   remove it afterwards: {cli} rm {short}; {cli} rmi {image}",
-    ])
+    return "\n".join(
+        [
+            f"rfs: kept the container of {step}: {short}",
+            f"rfs:   see what it changed:  {cli} diff {short}",
+            f"rfs:   get a shell in it:    {cli} commit {short} {image} && "
+            f"{cli} run --rm -it --entrypoint /bin/sh {image}",
+            f"rfs:   remove it afterwards: {cli} rm {short}; {cli} rmi {image}",
+        ]
+    )

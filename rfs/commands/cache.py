@@ -34,33 +34,52 @@ def register(sub: Any) -> None:
     """Add the `cache` parser and its sub-verbs."""
     from rfs.commands import parse_size
 
-    p = sub.add_parser("cache", help="inspect, prune or clear the local cache; make a "
-                                     "signing key for a shared cache")
-    verbs = p.add_subparsers(dest="cache_verb", metavar="info|prune|clear|keygen",
-                             required=True)
+    p = sub.add_parser(
+        "cache",
+        help="inspect, prune or clear the local cache; make a signing key for a shared cache",
+    )
+    verbs = p.add_subparsers(dest="cache_verb", metavar="info|prune|clear|keygen", required=True)
     info = verbs.add_parser("info", help="entries, bytes and hits by kind")
     add_cache_options(info)
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=run_info)
     prune = verbs.add_parser("prune", help="drop least recently used entries")
     add_cache_options(prune)
-    prune.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
-                       help="drop least recently used entries until the cache's files fit "
-                            "in SIZE (e.g. 10G)")
-    prune.add_argument("--older-than", type=parse_age, default=None, metavar="AGE",
-                       help="drop entries not used for AGE (e.g. 7d, 12h)")
+    prune.add_argument(
+        "--max-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="drop least recently used entries until the cache's files fit in SIZE (e.g. 10G)",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=parse_age,
+        default=None,
+        metavar="AGE",
+        help="drop entries not used for AGE (e.g. 7d, 12h)",
+    )
     prune.set_defaults(func=run_prune)
     clear = verbs.add_parser("clear", help="drop every entry no running build uses")
     add_cache_options(clear)
     clear.set_defaults(func=run_clear)
     keygen = verbs.add_parser(
-        "keygen", help="write a new secret key for signing remote cache records (mode 0600) "
-                       "and print its public key")
-    keygen.add_argument("keyfile", type=Path, metavar="KEYFILE",
-                        help="where to write the secret key (never over an existing file)")
-    keygen.add_argument("--name", default=None,
-                        help="the key's name, shown in signatures and warnings (default: "
-                             "KEYFILE's name without its extension, e.g. ci-2025)")
+        "keygen",
+        help="write a new secret key for signing remote cache records (mode 0600) "
+        "and print its public key",
+    )
+    keygen.add_argument(
+        "keyfile",
+        type=Path,
+        metavar="KEYFILE",
+        help="where to write the secret key (never over an existing file)",
+    )
+    keygen.add_argument(
+        "--name",
+        default=None,
+        help="the key's name, shown in signatures and warnings (default: "
+        "KEYFILE's name without its extension, e.g. ci-2025)",
+    )
     keygen.set_defaults(func=run_keygen)
 
 
@@ -90,18 +109,24 @@ def run_info(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return EXIT_OK
     print(f"cache directory: {stats['directory']}")
-    print(f"entries: {stats['entries']}, files: {_size(stats['blob_bytes'])} "
-          f"(limit {_size(stats['size_limit'])}), hits: {stats['hits']}")
+    print(
+        f"entries: {stats['entries']}, files: {_size(stats['blob_bytes'])} "
+        f"(limit {_size(stats['size_limit'])}), hits: {stats['hits']}"
+    )
     print(f"  {'kind':<10} {'entries':>7} {'bytes':>10} {'hits':>6} {'fetched':>8}")
     for kind in ("run", "export", "overlays", "assemble", "ext4-base"):
         row = stats["kinds"].get(kind)
         if row is None:
             continue
-        print(f"  {kind:<10} {row['entries']:>7} {_size(row['bytes']):>10} {row['hits']:>6} "
-              f"{row['remote_hits']:>8}")
-    print("  (run: layer images live in the engine, tagged rfs/layer/<cache name>:<key>; "
-          "ext4-base: images without overlays, patched on an overlay edit; fetched: downloaded "
-          "from a remote cache)")
+        print(
+            f"  {kind:<10} {row['entries']:>7} {_size(row['bytes']):>10} {row['hits']:>6} "
+            f"{row['remote_hits']:>8}"
+        )
+    print(
+        "  (run: layer images live in the engine, tagged rfs/layer/<cache name>:<key>; "
+        "ext4-base: images without overlays, patched on an overlay edit; fetched: downloaded "
+        "from a remote cache)"
+    )
     return EXIT_OK
 
 
@@ -130,8 +155,7 @@ class _LayerRemover:
             engine.remove_image(str(record["tag"]))
         except EngineError as exc:
             self.failed.add(name)
-            print(f"rfs: warning: keeping layer entries of {name}: {exc.message}",
-                  file=sys.stderr)
+            print(f"rfs: warning: keeping layer entries of {name}: {exc.message}", file=sys.stderr)
             return False
         self.removed += 1
         return True
@@ -146,8 +170,10 @@ def _prune(args: argparse.Namespace, **limits: Any) -> int:
         after = store.blob_bytes()
     finally:
         store.close()
-    print(f"dropped {len(dropped)} entries ({remover.removed} layer images), "
-          f"freed {_size(max(before - after, 0))} of files")
+    print(
+        f"dropped {len(dropped)} entries ({remover.removed} layer images), "
+        f"freed {_size(max(before - after, 0))} of files"
+    )
     return EXIT_OK
 
 
@@ -156,8 +182,10 @@ def run_prune(args: argparse.Namespace) -> int:
     from rfs.errors import UsageError
 
     if args.max_size is None and args.older_than is None:
-        raise UsageError("rfs cache prune needs --max-size and/or --older-than "
-                         "(rfs cache clear drops everything)")
+        raise UsageError(
+            "rfs cache prune needs --max-size and/or --older-than "
+            "(rfs cache clear drops everything)"
+        )
     return _prune(args, max_size=args.max_size, older_than=args.older_than)
 
 
@@ -173,7 +201,10 @@ def run_keygen(args: argparse.Namespace) -> int:
     name = args.name or args.keyfile.name.split(".")[0]
     public = generate(args.keyfile, name)
     print(public.text())
-    print(f"rfs: wrote the secret key {args.keyfile} (mode 0600): keep it in the CI secret "
-          "store, sign with --cache-sign-key; readers trust the line above with "
-          "--cache-trust", file=sys.stderr)
+    print(
+        f"rfs: wrote the secret key {args.keyfile} (mode 0600): keep it in the CI secret "
+        "store, sign with --cache-sign-key; readers trust the line above with "
+        "--cache-trust",
+        file=sys.stderr,
+    )
     return EXIT_OK

@@ -18,14 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfs.commands import (
-    add_cache_options,
-    add_force_options,
-    add_package,
-    cache_dir,
-    cache_size,
-    force_options,
-)
+from rfs.commands import add_cache_options, add_force_options, add_package, build_options
 from rfs.errors import EXIT_OK, EnvironmentProblem, UsageError
 
 if TYPE_CHECKING:
@@ -43,13 +36,26 @@ def register(sub: Any) -> None:
     add_package(p)
     add_cache_options(p)
     add_force_options(p)
-    p.add_argument("--format", choices=FORMATS, default="dot",
-                   help="dot (Graphviz source, the default), svg or png (drawn by `dot`)")
-    p.add_argument("-o", "--output", type=Path, default=None,
-                   help="file to write (default: stdout; png needs a file or a pipe)")
-    p.add_argument("--image", type=Path, default=None,
-                   help="the image file the build would write (default: the last one), which "
-                        "decides whether assembly is cached")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="dot",
+        help="dot (Graphviz source, the default), svg or png (drawn by `dot`)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="file to write (default: stdout; png needs a file or a pipe)",
+    )
+    p.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="the image file the build would write (default: the last one), which "
+        "decides whether assembly is cached",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,7 +65,7 @@ def _quote(text: str) -> str:
 
 
 def _clip(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def last_seconds(decision: Decision, store: Store, previous: Mapping[str, Any]) -> float | None:
@@ -75,18 +81,25 @@ def last_seconds(decision: Decision, store: Store, previous: Mapping[str, Any]) 
     return float(record["seconds"])
 
 
-def to_dot(decisions: list[Decision], edges: Iterable[tuple[str, str]],
-           timings: Mapping[str, float | None], title: str = "",
-           why: Mapping[str, str] | None = None) -> str:
+def to_dot(
+    decisions: list[Decision],
+    edges: Iterable[tuple[str, str]],
+    timings: Mapping[str, float | None],
+    title: str = "",
+    why: Mapping[str, str] | None = None,
+) -> str:
     """The Graphviz source of the plan: one node per step, one edge per dependency (`edges`,
     from the step graph: dependency first)."""
     from rfs.reporter import format_seconds
 
-    lines = ["digraph rfs {",
-             "  graph [rankdir=TB, fontname=\"Helvetica\", fontsize=11, labelloc=t"
-             + (f", label={_quote(title)}" if title else "") + "];",
-             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
-             '  edge [color="#777777"];']
+    lines = [
+        "digraph rfs {",
+        '  graph [rankdir=TB, fontname="Helvetica", fontsize=11, labelloc=t'
+        + (f", label={_quote(title)}" if title else "")
+        + "];",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
+        '  edge [color="#777777"];',
+    ]
     for d in decisions:
         action = d.action.value
         parts = [d.step.id, _clip(d.step.label), _STATE[action]]
@@ -95,8 +108,10 @@ def to_dot(decisions: list[Decision], edges: Iterable[tuple[str, str]],
             parts[-1] += f" · last {format_seconds(seconds)}"
         if action == "run":
             parts.append(_clip(f"why: {(why or {}).get(d.step.id) or d.reason}"))
-        lines.append(f"  {_quote(d.step.id)} [label={_quote(chr(10).join(parts))}, "
-                     f"fillcolor={_quote(_FILL[action])}];")
+        lines.append(
+            f"  {_quote(d.step.id)} [label={_quote(chr(10).join(parts))}, "
+            f"fillcolor={_quote(_FILL[action])}];"
+        )
     for parent, child in edges:
         lines.append(f"  {_quote(parent)} -> {_quote(child)};")
     lines.append("}")
@@ -112,33 +127,33 @@ def render(dot: str, fmt: str) -> bytes:
     except EnvironmentProblem as exc:
         raise EnvironmentProblem(
             f"drawing {fmt} needs Graphviz's `dot`, which is not installed",
-            hint="apt-get install graphviz, or use --format dot and draw it elsewhere") from exc
+            hint="apt-get install graphviz, or use --format dot and draw it elsewhere",
+        ) from exc
     return proc.run([tool, f"-T{fmt}"], input_bytes=dot.encode(), what="dot").stdout
 
 
 def run(args: argparse.Namespace) -> int:
     """Print or write the graph."""
-    from rfs.build import Options, prepare
+    from rfs.build import prepare
     from rfs.explain import explain_plan
     from rfs.reporter import Reporter
 
     if args.format == "png" and args.output is None and sys.stdout.isatty():
         raise UsageError("a PNG would garble the terminal: pass -o FILE or pipe it")
-    opts = Options(package=args.package, output=args.image, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args), **force_options(args))  # type: ignore[arg-type]
+    opts = build_options(args, args.image)
     planned = prepare(opts, Reporter())
     try:
         previous = planned.store.last_manifests(planned.script_id)
-        timings = {d.step.id: last_seconds(d, planned.store, previous)
-                   for d in planned.decisions}
+        timings = {d.step.id: last_seconds(d, planned.store, previous) for d in planned.decisions}
         # The first precise difference (as `plan --explain` words it), without the step name.
-        why = {step: changes[0].split(": ", 1)[-1]
-               for step, changes in explain_plan(planned.decisions, previous,
-                                                 planned.script).items() if changes}
+        why = {
+            step: changes[0].split(": ", 1)[-1]
+            for step, changes in explain_plan(planned.decisions, previous, planned.script).items()
+            if changes
+        }
     finally:
         planned.store.close()
-    dot = to_dot(planned.decisions, planned.graph.edges, timings, title=str(args.package),
-                 why=why)
+    dot = to_dot(planned.decisions, planned.graph.edges, timings, title=str(args.package), why=why)
     data = dot.encode() if args.format == "dot" else render(dot, args.format)
     if args.output is None:
         sys.stdout.buffer.write(data)

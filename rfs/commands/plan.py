@@ -7,14 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rfs.commands import (
-    add_cache_options,
-    add_force_options,
-    add_package,
-    cache_dir,
-    cache_size,
-    force_options,
-)
+from rfs.commands import add_cache_options, add_force_options, add_package, build_options
 from rfs.errors import EXIT_OK
 
 
@@ -24,14 +17,24 @@ def register(sub: Any) -> None:
     add_package(p)
     add_cache_options(p)
     add_force_options(p)
-    p.add_argument("-o", "--output", type=Path, default=None,
-                   help="the image file the build would write (default: the last one)")
-    p.add_argument("--explain", action="store_true",
-                   help="for each step that will run, list every input that differs from the "
-                        "last build of this script")
-    p.add_argument("--json", action="store_true",
-                   help="print the plan as one JSON event (docs/events.md), with the "
-                        "explanations")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="the image file the build would write (default: the last one)",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="for each step that will run, list every input that differs from the "
+        "last build of this script",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as one JSON event (docs/events.md), with the explanations",
+    )
     from rfs.remote.config import add_remote_options
 
     add_remote_options(p)
@@ -40,14 +43,13 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan."""
-    from rfs.build import Options, prepare
+    from rfs.build import prepare
     from rfs.explain import explain_plan
     from rfs.planner import Action
     from rfs.remote.config import remote_settings
     from rfs.reporter import Reporter
 
-    opts = Options(package=args.package, output=args.output, cache_dir=cache_dir(args),
-                   cache_size=cache_size(args), **force_options(args))  # type: ignore[arg-type]
+    opts = build_options(args, args.output)
     opts.remote = remote_settings(args)  # a build would look there too: so does its plan
     planned = prepare(opts, Reporter())
     try:

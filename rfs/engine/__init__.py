@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, Engine, Mount, RunSpec
 
 __all__ = [
-    "EMPTY", "MANAGED_LABEL", "BinarySink", "Engine", "Mount", "RunSpec", "connect", "default_uri",
+    "EMPTY",
+    "MANAGED_LABEL",
+    "BinarySink",
+    "Engine",
+    "Mount",
+    "RunSpec",
+    "connect",
+    "default_uri",
 ]
 
 _FROM_BASE = frozenset(__all__) - {"connect", "default_uri"}

@@ -122,7 +122,7 @@ class Engine(Protocol):
         ...
 
     def image_platform(self, ref: str) -> str:
-        """"os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
+        """ "os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
         ...
 
     def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
@@ -158,7 +158,12 @@ class Engine(Protocol):
         ...
 
     def run_and_commit(
-        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None],
+        self,
+        spec: RunSpec,
+        *,
+        step: str,
+        tag: str,
+        on_output: Callable[[bytes], None],
         keep_failed: bool = False,
     ) -> str:
         """Run `spec.argv` in a container, stream its output, commit it as `tag`.
@@ -171,8 +176,14 @@ class Engine(Protocol):
         """
         ...
 
-    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
-                    labels: Mapping[str, str] = EMPTY) -> str | None:
+    def probe_start(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        privileged: bool,
+        labels: Mapping[str, str] = EMPTY,
+    ) -> str | None:
         """Start a short-lived container of the local `image` running `argv` (no network,
         nothing mounted) and remove it. Returns the runtime's start error, or None when the
         container started (whatever `argv` then did)."""

@@ -14,8 +14,18 @@ from rfs.engine.base import MANAGED_LABEL, RunSpec
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Image config fields a committed layer takes over from its parent.
 _KEPT_CONFIG = (
-    "User", "Env", "Cmd", "Entrypoint", "WorkingDir", "Labels", "ExposedPorts", "Volumes",
-    "StopSignal", "Healthcheck", "OnBuild", "Shell",
+    "User",
+    "Env",
+    "Cmd",
+    "Entrypoint",
+    "WorkingDir",
+    "Labels",
+    "ExposedPorts",
+    "Volumes",
+    "StopSignal",
+    "Healthcheck",
+    "OnBuild",
+    "Shell",
 )
 
 

@@ -151,8 +151,10 @@ class ContainerOps(ApiCaller):
         if resp.status_code == 404:
             return None
         if resp.status_code >= 400:
-            raise EngineError(f"the {self._title} engine could not stat {path} in a container: "
-                              f"{_answer_message(resp)}")
+            raise EngineError(
+                f"the {self._title} engine could not stat {path} in a container: "
+                f"{_answer_message(resp)}"
+            )
         header = resp.headers.get("X-Docker-Container-Path-Stat", "")
         found: dict[str, Any] = json.loads(base64.b64decode(header)) if header else {}
         return found
@@ -191,15 +193,23 @@ class ContainerOps(ApiCaller):
         with self._calling(what):
             try:
                 # The answer's headers come at once; only the body may then be silent for long.
-                resp = self._api.get(url, params={"follow": 1, "stdout": 1, "stderr": 1},
-                                     stream=True, timeout=(self._timeout_s, _HEADERS_S))
+                resp = self._api.get(
+                    url,
+                    params={"follow": 1, "stdout": 1, "stderr": 1},
+                    stream=True,
+                    timeout=(self._timeout_s, _HEADERS_S),
+                )
             except requests.exceptions.RequestException as exc:
                 if not _is_timeout(exc):
                     raise
                 # Podman 4.3 was seen never to answer a follow request (a build hung for good):
                 # wait for the command to end instead, then fetch its output in one go.
-                log.warning("the %s engine did not answer a request to %s; waiting for the "
-                            "command to end to read its output", self._title, what)
+                log.warning(
+                    "the %s engine did not answer a request to %s; waiting for the "
+                    "command to end to read its output",
+                    self._title,
+                    what,
+                )
             if resp is not None:
                 if resp.status_code >= 400:
                     raise EngineError(f"the {self._title} engine could not {what}: {resp.text}")
@@ -214,8 +224,9 @@ class ContainerOps(ApiCaller):
                 if stream is None:
                     while self._exited(cid) is None:
                         time.sleep(_POLL_S)
-                    stream = self._api.get(url, params={"stdout": 1, "stderr": 1},
-                                           stream=True, timeout=self._timeout_s)
+                    stream = self._api.get(
+                        url, params={"stdout": 1, "stderr": 1}, stream=True, timeout=self._timeout_s
+                    )
                 for frame in _frames(stream.raw):
                     items.put(frame)
                 items.put(None)
@@ -250,8 +261,12 @@ class ContainerOps(ApiCaller):
                     if exited_at is None and self._exited(cid) is not None:
                         exited_at = now
                     if exited_at is not None and now - exited_at >= _CHECK_S:
-                        log.warning("the %s engine kept the output of container %s open after "
-                                    "it ended; stopped reading it", self._title, cid[:12])
+                        log.warning(
+                            "the %s engine kept the output of container %s open after "
+                            "it ended; stopped reading it",
+                            self._title,
+                            cid[:12],
+                        )
                         break
                 continue
             if item is None:
@@ -270,8 +285,7 @@ class ContainerOps(ApiCaller):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                status = self._wait(cid, _WAIT_S if left is None else min(max(left, 0.1),
-                                                                           _WAIT_S))
+                status = self._wait(cid, _WAIT_S if left is None else min(max(left, 0.1), _WAIT_S))
                 if status is None:
                     status = self._exited(cid)
                 if status is not None:
@@ -321,5 +335,6 @@ class ContainerOps(ApiCaller):
             with self._calling(f"remove container {cid[:12]}"), suppress(docker.errors.NotFound):
                 self._api.remove_container(cid, force=True, v=True)
         except EngineError as exc:
-            log.warning("container %s was left behind (label %s=1): %s", cid[:12], MANAGED_LABEL,
-                        exc)
+            log.warning(
+                "container %s was left behind (label %s=1): %s", cid[:12], MANAGED_LABEL, exc
+            )

@@ -121,7 +121,7 @@ class DockerEngine(ContainerOps):
         return size if isinstance(size, int) and size > 0 else None
 
     def image_platform(self, ref: str) -> str:
-        """"os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
+        """ "os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
         info = self._inspect_image(ref)
         return platform_of(info) if info is not None else ""
 
@@ -217,8 +217,11 @@ class DockerEngine(ContainerOps):
                 registry, _ = docker.auth.resolve_repository_name(name)
                 header = docker.auth.get_config_header(self._api, registry)
                 url = f"{self._api.base_url}/v{self._api.api_version}/distribution/{ref}/json"
-                resp = self._api.get(url, headers={"X-Registry-Auth": header} if header else {},
-                                     timeout=(self._timeout_s, self._pull_timeout_s))
+                resp = self._api.get(
+                    url,
+                    headers={"X-Registry-Auth": header} if header else {},
+                    timeout=(self._timeout_s, self._pull_timeout_s),
+                )
                 if resp.status_code >= 400:
                     raise _PullFailed(_answer_message(resp))
         except EngineError as exc:
@@ -246,13 +249,15 @@ class DockerEngine(ContainerOps):
                 f"Podman's API cannot choose an OCI runtime per container (it would run "
                 f"{default!r}, not {runtime!r})",
                 hint=f'set runtime = "{runtime}" in the [engine] table of containers.conf and '
-                     "restart the Podman service, or remove container.oci_runtime")
+                "restart the Podman service, or remove container.oci_runtime",
+            )
         if runtime not in names:
             raise EnvironmentProblem(
                 f"the {self._title} engine has no OCI runtime {runtime!r} (it has: "
                 f"{', '.join(names) or 'none listed'})",
                 hint='add it to "runtimes" in /etc/docker/daemon.json, or remove '
-                     "container.oci_runtime")
+                "container.oci_runtime",
+            )
         self._runtimes_ok.add(runtime)
 
     def import_archive(self, path: str, *, image: bool) -> str:
@@ -274,8 +279,10 @@ class DockerEngine(ContainerOps):
                 messages = [json.loads(line) for line in text.splitlines() if line.strip()]
         for message in messages:
             if message.get("error") or message.get("errorDetail"):
-                raise EngineError(f"the {self._title} engine could not {what}: "
-                                  f"{message.get('error') or message.get('errorDetail')}")
+                raise EngineError(
+                    f"the {self._title} engine could not {what}: "
+                    f"{message.get('error') or message.get('errorDetail')}"
+                )
         for message in reversed(messages):
             if image:  # "Loaded image: name:tag" or "Loaded image ID: sha256:..."
                 for line in str(message.get("stream", "")).splitlines():
@@ -287,13 +294,20 @@ class DockerEngine(ContainerOps):
                 status = str(message.get("status") or message.get("id") or "")
                 if status.startswith("sha256:"):
                     return status
-        raise EngineError(f"the {self._title} engine did not say which image it made when "
-                          f"asked to {what}: {messages[-3:]}")
+        raise EngineError(
+            f"the {self._title} engine did not say which image it made when "
+            f"asked to {what}: {messages[-3:]}"
+        )
 
     # -- running steps -------------------------------------------------------------------
 
     def run_and_commit(
-        self, spec: RunSpec, *, step: str, tag: str, on_output: Callable[[bytes], None],
+        self,
+        spec: RunSpec,
+        *,
+        step: str,
+        tag: str,
+        on_output: Callable[[bytes], None],
         keep_failed: bool = False,
     ) -> str:
         """Run `spec.argv` in a fresh container, stream its output, commit it as `tag`.
@@ -344,12 +358,23 @@ class DockerEngine(ContainerOps):
             if not kept:
                 self._discard(cid)
 
-    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
-                    labels: Mapping[str, str] = EMPTY) -> str | None:
+    def probe_start(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        privileged: bool,
+        labels: Mapping[str, str] = EMPTY,
+    ) -> str | None:
         """Start a short-lived container of local `image` running `argv` (no network, nothing
         mounted) and remove it: the runtime's start error, or None when it started."""
-        spec = RunSpec(image=image, argv=tuple(argv), privileged=privileged, network=False,
-                       labels={**labels, PROBE_LABEL: "privileged" if privileged else "plain"})
+        spec = RunSpec(
+            image=image,
+            argv=tuple(argv),
+            privileged=privileged,
+            network=False,
+            labels={**labels, PROBE_LABEL: "privileged" if privileged else "plain"},
+        )
         what = "privileged probe" if privileged else "probe"
         cid = self._create(spec, what)
         try:
@@ -392,18 +417,33 @@ class DockerEngine(ContainerOps):
             )
         cid = str(created["Id"])
         try:
-            self._drain(lambda: self._api.export(cid, chunk_size=_EXPORT_CHUNK), dest,
-                        f"export {image}", f"the export of {image}", on_progress)
+            self._drain(
+                lambda: self._api.export(cid, chunk_size=_EXPORT_CHUNK),
+                dest,
+                f"export {image}",
+                f"the export of {image}",
+                on_progress,
+            )
         finally:
             self._discard(cid)
 
     def save_image(self, ref: str, dest: BinarySink) -> None:
         """Stream `ref` with its parent layers as an image tarball (`docker save`) into `dest`."""
-        self._drain(lambda: self._api.get_image(ref, chunk_size=_EXPORT_CHUNK), dest,
-                    f"save image {ref}", f"the saved image {ref}")
+        self._drain(
+            lambda: self._api.get_image(ref, chunk_size=_EXPORT_CHUNK),
+            dest,
+            f"save image {ref}",
+            f"the saved image {ref}",
+        )
 
-    def _drain(self, request: Callable[[], Iterable[bytes]], dest: BinarySink, doing: str,
-               written: str, on_progress: Callable[[int], None] | None = None) -> None:
+    def _drain(
+        self,
+        request: Callable[[], Iterable[bytes]],
+        dest: BinarySink,
+        doing: str,
+        written: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Copy a streamed response into `dest`: engine errors name `doing`, a failed write
         (a full disk) names `written`."""
         with self._calling(doing):
@@ -417,8 +457,7 @@ class DockerEngine(ContainerOps):
             try:
                 dest.write(chunk)
             except OSError as exc:
-                raise EnvironmentProblem(
-                    f"cannot write {written}: {exc.strerror or exc}") from exc
+                raise EnvironmentProblem(f"cannot write {written}: {exc.strerror or exc}") from exc
             total += len(chunk)
             if on_progress is not None:
                 on_progress(total)
@@ -432,8 +471,10 @@ class DockerEngine(ContainerOps):
         with self._calling("load an image tarball"):
             for message in self._api.load_image(source):
                 if message.get("error"):
-                    raise EngineError(f"the {self._title} engine could not load an image "
-                                      f"tarball: {message['error']}")
+                    raise EngineError(
+                        f"the {self._title} engine could not load an image "
+                        f"tarball: {message['error']}"
+                    )
                 text = str(message.get("stream", ""))
                 for line in text.splitlines():
                     if line.startswith("Loaded image"):
@@ -495,5 +536,3 @@ class DockerEngine(ContainerOps):
                     raise
             removed += 1
         return removed
-
-

@@ -74,8 +74,7 @@ class FakeRun:
         """Write `text` (and a newline) to the command's output."""
         self.output.append(text.encode() + b"\n")
 
-    def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
-              gid: int = 0) -> None:
+    def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
         """Create or replace the file `path` (parents are made)."""
         path = _norm(path)
         _make_parents(self.files, path)
@@ -93,7 +92,7 @@ class FakeRun:
         for mount in self.spec.mounts:
             inside = _norm(mount.container_path)
             if path == inside or path.startswith(inside + "/"):
-                host = mount.host_path + path[len(inside):]
+                host = mount.host_path + path[len(inside) :]
                 with open(host, "rb") as f:
                     return f.read()
         return self.files[path].data
@@ -158,8 +157,9 @@ def _apply_layer(tree: Tree, layer: bytes) -> None:
             if info.isdir():
                 tree[path] = Entry("dir", mode=info.mode, uid=info.uid, gid=info.gid)
             elif info.issym():
-                tree[path] = Entry("symlink", mode=0o777, uid=info.uid, gid=info.gid,
-                                   target=info.linkname)
+                tree[path] = Entry(
+                    "symlink", mode=0o777, uid=info.uid, gid=info.gid, target=info.linkname
+                )
             elif info.isfile():
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
@@ -185,8 +185,14 @@ class FakeEngine:
     containers a `keep_failed` run left, by ID with their labels.
     """
 
-    def __init__(self, run: Command | None = None, *, name: str = "docker",
-                 version: str = "fake-1", platform: str = "linux/amd64") -> None:
+    def __init__(
+        self,
+        run: Command | None = None,
+        *,
+        name: str = "docker",
+        version: str = "fake-1",
+        platform: str = "linux/amd64",
+    ) -> None:
         self.name = name
         self.local = True
         self.run = run or (lambda ctx: 0)
@@ -215,14 +221,19 @@ class FakeEngine:
         """A copy of the files of image `ref`."""
         return dict(self._image(ref).tree)
 
-    def _store(self, layers: list[bytes], tree: Tree, container_config: Mapping[str, object]
-               ) -> str:
+    def _store(
+        self, layers: list[bytes], tree: Tree, container_config: Mapping[str, object]
+    ) -> str:
         os_name, _, arch = self._platform.partition("/")
-        config = json.dumps({
-            "architecture": arch.split("/")[0], "os": os_name,
-            "config": dict(container_config),
-            "rootfs": {"type": "layers", "diff_ids": [_sha(layer) for layer in layers]},
-        }, sort_keys=True).encode()
+        config = json.dumps(
+            {
+                "architecture": arch.split("/")[0],
+                "os": os_name,
+                "config": dict(container_config),
+                "rootfs": {"type": "layers", "diff_ids": [_sha(layer) for layer in layers]},
+            },
+            sort_keys=True,
+        ).encode()
         image_id = _sha(config)
         size = sum(len(e.data) for e in tree.values())
         self.images[image_id] = _Image(config, list(layers), dict(tree), size)
@@ -269,14 +280,17 @@ class FakeEngine:
         """The local image `name:tag`; there is no registry to pull from."""
         self.calls.append("resolve_base")
         if pull:
-            raise EnvironmentProblem(f"--pull: cannot look up base image {name}:{tag} in its "
-                                     "registry: the fake engine has none",
-                                     hint="build without --pull to use the image the engine "
-                                          "has")
+            raise EnvironmentProblem(
+                f"--pull: cannot look up base image {name}:{tag} in its "
+                "registry: the fake engine has none",
+                hint="build without --pull to use the image the engine has",
+            )
         found = self._resolve(f"{name}:{tag}")
         if found is None:
-            raise EnvironmentProblem(f"base image {name}:{tag} is not present locally and "
-                                     "could not be pulled: the fake engine has no registry")
+            raise EnvironmentProblem(
+                f"base image {name}:{tag} is not present locally and "
+                "could not be pulled: the fake engine has no registry"
+            )
         return found
 
     def check_base(self, name: str, tag: str) -> None:
@@ -304,8 +318,15 @@ class FakeEngine:
         """Whether `tag` names an image."""
         return tag in self.tags
 
-    def run_and_commit(self, spec: RunSpec, *, step: str, tag: str,
-                       on_output: Callable[[bytes], None], keep_failed: bool = False) -> str:
+    def run_and_commit(
+        self,
+        spec: RunSpec,
+        *,
+        step: str,
+        tag: str,
+        on_output: Callable[[bytes], None],
+        keep_failed: bool = False,
+    ) -> str:
         """Run the stand-in on a copy of `spec.image`'s files and commit what it changed."""
         self.calls.append("run")
         parent = self._image(spec.image)
@@ -332,14 +353,26 @@ class FakeEngine:
         self.tag(image_id, tag)
         return image_id
 
-    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
-                    labels: Mapping[str, str] = EMPTY) -> str | None:
+    def probe_start(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        privileged: bool,
+        labels: Mapping[str, str] = EMPTY,
+    ) -> str | None:
         """Every container starts."""
         self.calls.append("probe")
         return None
 
-    def export(self, image: str, dest: BinarySink, *, labels: Mapping[str, str] = EMPTY,
-               on_progress: Callable[[int], None] | None = None) -> None:
+    def export(
+        self,
+        image: str,
+        dest: BinarySink,
+        *,
+        labels: Mapping[str, str] = EMPTY,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Stream the files of `image` as one tarball, with tar's end-of-archive marker."""
         self.calls.append("export")
         data = _layer_tar(dict(self._image(image).tree))
@@ -359,8 +392,9 @@ class FakeEngine:
             members[name] = layer
             names.append(name)
         tags = [t for t, i in self.tags.items() if i == image_id]
-        members["manifest.json"] = json.dumps([{"Config": f"{image_id[7:]}.json",
-                                                "RepoTags": tags, "Layers": names}]).encode()
+        members["manifest.json"] = json.dumps(
+            [{"Config": f"{image_id[7:]}.json", "RepoTags": tags, "Layers": names}]
+        ).encode()
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for name, data in members.items():
@@ -385,14 +419,17 @@ class FakeEngine:
             raise EngineError(f"the fake engine could not load an image tarball: {exc}") from exc
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
         if [_sha(layer) for layer in layers] != diff_ids:
-            raise EngineError("the fake engine could not load an image tarball: a layer does "
-                              "not match its diff_id")
+            raise EngineError(
+                "the fake engine could not load an image tarball: a layer does "
+                "not match its diff_id"
+            )
         tree: Tree = {}
         for layer in layers:
             _apply_layer(tree, layer)
         image_id = _sha(config)
-        self.images[image_id] = _Image(config, layers, tree, sum(len(e.data)
-                                                                 for e in tree.values()))
+        self.images[image_id] = _Image(
+            config, layers, tree, sum(len(e.data) for e in tree.values())
+        )
         loaded = []
         for tag in manifest.get("RepoTags") or ():
             self.tags[str(tag)] = image_id
@@ -425,8 +462,9 @@ class FakeEngine:
 
     def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         """Remove the kept containers carrying `label`, but those in `keep`."""
-        gone = [cid for cid, labels in self.kept.items()
-                if _matches(labels, label) and cid not in keep]
+        gone = [
+            cid for cid, labels in self.kept.items() if _matches(labels, label) and cid not in keep
+        ]
         for cid in gone:
             del self.kept[cid]
         return len(gone)

@@ -49,7 +49,7 @@ def _get_json(base_url: str, target: str, timeout_s: float) -> dict[str, Any] | 
     if not base_url.startswith("unix://"):
         raise Unavailable(base_url)
     try:
-        status, body = _get(base_url[len("unix://"):], target, timeout_s)
+        status, body = _get(base_url[len("unix://") :], target, timeout_s)
     except OSError as exc:
         raise Unavailable(str(exc)) from exc
     if status == 404:
@@ -66,7 +66,7 @@ def _get_json(base_url: str, target: str, timeout_s: float) -> dict[str, Any] | 
 
 
 def platform_of(inspect: Mapping[str, Any]) -> str:
-    """"os/architecture[/variant]" from an image's inspect document ("" if it says nothing)."""
+    """ "os/architecture[/variant]" from an image's inspect document ("" if it says nothing)."""
     parts = [inspect.get("Os"), inspect.get("Architecture"), inspect.get("Variant")]
     if not all(isinstance(p, str) for p in parts[:2]) or not parts[0] or not parts[1]:
         return ""
@@ -76,8 +76,7 @@ def platform_of(inspect: Mapping[str, Any]) -> str:
 
 def image_facts(base_url: str, ref: str, timeout_s: float = 5.0) -> tuple[str, str] | None:
     """(ID, platform) of local image `ref` (a tag or an ID), None if the engine has none."""
-    found = _get_json(base_url, f"/v{API_VERSION}/images/{quote(ref, safe='/:@')}/json",
-                      timeout_s)
+    found = _get_json(base_url, f"/v{API_VERSION}/images/{quote(ref, safe='/:@')}/json", timeout_s)
     if found is None:
         return None
     ident = found.get("Id")

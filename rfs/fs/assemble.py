@@ -125,9 +125,15 @@ def _ext4(source: Source, output: Path, options: Options) -> Result:
             stats, operations = patched
             return Result(stats, size, f"cached base image + debugfs ({operations} change(s))")
     stats = assemble_ext4(
-        source.export_tar, source.selection, source.overlays, output, size_mib=size,
-        seed=options.seed, source_date_epoch=options.source_date_epoch,
-        mkfs_args=options.mkfs_args, restore=source.restore,
+        source.export_tar,
+        source.selection,
+        source.overlays,
+        output,
+        size_mib=size,
+        seed=options.seed,
+        source_date_epoch=options.source_date_epoch,
+        mkfs_args=options.mkfs_args,
+        restore=source.restore,
     )
     return Result(stats, size, "tar stream → mke2fs -d -")
 

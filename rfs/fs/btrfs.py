@@ -59,8 +59,15 @@ def need_mib(stats: StreamStats) -> int:
 def assemble(source: Source, output: Path, options: Options) -> Result:
     """Build a btrfs image at `output` from `source` (see the module doc)."""
     epoch = options.source_date_epoch
-    stats, size = settle_size("btrfs", source, options, need_mib, mtime=epoch,
-                              minimum_mib=MIN_MIB, overhead_mib=_OVERHEAD_MIB)
+    stats, size = settle_size(
+        "btrfs",
+        source,
+        options,
+        need_mib,
+        mtime=epoch,
+        minimum_mib=MIN_MIB,
+        overhead_mib=_OVERHEAD_MIB,
+    )
     need = need_mib(stats)
     fs_uuid = uuid.UUID(bytes=options.seed[:16], version=4)
     mkfs = proc.tool_path("mkfs.btrfs")
@@ -71,15 +78,28 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
         if staged.inventory.devices:
             warnings.append(_devices_warning(staged.inventory.devices))
         with temp_image(output, size) as tmp, staging.fakeroot_for(staged) as fake:
-            argv = [mkfs, "--quiet", "--force", "--uuid", str(fs_uuid), "--rootdir", str(root),
-                    *options.mkfs_args, str(tmp)]
+            argv = [
+                mkfs,
+                "--quiet",
+                "--force",
+                "--uuid",
+                str(fs_uuid),
+                "--rootdir",
+                str(root),
+                *options.mkfs_args,
+                str(tmp),
+            ]
             try:
                 proc.run(fake.wrap(argv), what="mkfs.btrfs")
             except RfsError as exc:
                 if _TOO_SMALL.search(str(exc)) and options.size_mib is not None:
                     raise ScriptError(
-                        [Problem("filesystem.size_mib",
-                                 f"{size} MiB is too small for this btrfs image: {exc}")],
+                        [
+                            Problem(
+                                "filesystem.size_mib",
+                                f"{size} MiB is too small for this btrfs image: {exc}",
+                            )
+                        ],
                         hint=f"set size_mib to {need + need // 4} or more",
                     ) from exc
                 raise
@@ -89,17 +109,21 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
                 if options.size_mib is not None:
                     check_size("btrfs", size, grown, piped.stats)
                 size = grown
-    return Result(piped.stats, size, "tar stream → staging dir → fakeroot mkfs.btrfs --rootdir",
-                  warnings)
+    return Result(
+        piped.stats, size, "tar stream → staging dir → fakeroot mkfs.btrfs --rootdir", warnings
+    )
 
 
 def _devices_warning(devices: list[str]) -> str:
     shown = ", ".join(devices[:3]) + (f" and {len(devices) - 3} more" if len(devices) > 3 else "")
-    return (f"btrfs: mkfs.btrfs --rootdir writes device nodes as 0,0: {len(devices)} device(s) "
-            f"lose their numbers ({shown}); a devtmpfs on /dev hides this at boot")
+    return (
+        f"btrfs: mkfs.btrfs --rootdir writes device nodes as 0,0: {len(devices)} device(s) "
+        f"lose their numbers ({shown}); a devtmpfs on /dev hides this at boot"
+    )
 
 
 def verify(image: Path) -> None:
     """`btrfs check` (read-only) of the whole image."""
-    proc.run([proc.tool_path("btrfs"), "check", "--readonly", str(image)],
-             what="btrfs check (verify)")
+    proc.run(
+        [proc.tool_path("btrfs"), "check", "--readonly", str(image)], what="btrfs check (verify)"
+    )

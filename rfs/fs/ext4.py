@@ -138,8 +138,10 @@ def assemble_ext4(
     argv = [proc.tool_path("mke2fs"), "-q", "-t", "ext4", "-U", str(fs_uuid)]
     argv += _user_args(mkfs_args, extended)
     argv += ["-E", ",".join(extended), "-d", "-"]
-    with temp_image(output, size_mib) as tmp, \
-            tempfile.TemporaryDirectory(prefix="rfs-mke2fs-") as confdir:
+    with (
+        temp_image(output, size_mib) as tmp,
+        tempfile.TemporaryDirectory(prefix="rfs-mke2fs-") as confdir,
+    ):
         conf = Path(confdir, "mke2fs.conf")
         conf.write_text(MKE2FS_CONF)
         env = {
@@ -177,10 +179,13 @@ def assemble_ext4_patched(
     cache = options.base_images
     assert cache is not None
     try:
-        with source.export_tar.open("rb") as src, \
-                mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            patch = derive_patch(tf.index_archive(view), source.selection, source.overlays,
-                                 source.restore or {})
+        with (
+            source.export_tar.open("rb") as src,
+            mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view,
+        ):
+            patch = derive_patch(
+                tf.index_archive(view), source.selection, source.overlays, source.restore or {}
+            )
     except (OSError, ValueError) as exc:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
     if isinstance(patch, str):
@@ -188,18 +193,29 @@ def assemble_ext4_patched(
         return None
     restore = {path: digest_bytes(data) for path, data in (source.restore or {}).items()}
     identity = {
-        "route": _BASE_ROUTE, "tool": mkfs_version(), "size_mib": size_mib,
-        "selection": dataclasses.asdict(source.selection), "restore": restore,
-        "mkfs_args": list(options.mkfs_args), "source_date_epoch": options.source_date_epoch,
+        "route": _BASE_ROUTE,
+        "tool": mkfs_version(),
+        "size_mib": size_mib,
+        "selection": dataclasses.asdict(source.selection),
+        "restore": restore,
+        "mkfs_args": list(options.mkfs_args),
+        "source_date_epoch": options.source_date_epoch,
     }
     key = cache.key(identity)
     base = cache.get(key)
     if base is None:
         with cache.put(key) as tmp:
-            assemble_ext4(source.export_tar, source.selection, (), tmp, size_mib=size_mib,
-                          seed=cache.seed(identity),
-                          source_date_epoch=options.source_date_epoch,
-                          mkfs_args=options.mkfs_args, restore=source.restore)
+            assemble_ext4(
+                source.export_tar,
+                source.selection,
+                (),
+                tmp,
+                size_mib=size_mib,
+                seed=cache.seed(identity),
+                source_date_epoch=options.source_date_epoch,
+                mkfs_args=options.mkfs_args,
+                restore=source.restore,
+            )
         base = cache.get(key)
         if base is None:
             raise RfsError("the base image vanished from the cache during the build")

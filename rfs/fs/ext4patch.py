@@ -175,8 +175,10 @@ def _commands(patch: Patch, files: Path, mtime: int) -> list[str]:
             lines.append(f'sif "{path}" mode 0{mode:o}')
         lines.extend([f'sif "{path}" uid {uid}', f'sif "{path}" gid {gid}'])
         # What mke2fs gives a tar entry: the archive's mtime; no atime or ctime in the archive.
-        lines.extend(f'sif "{path}" {name} @{value}' for name, value in
-                     (("mtime", mtime), ("crtime", mtime), ("atime", 0), ("ctime", 0)))
+        lines.extend(
+            f'sif "{path}" {name} @{value}'
+            for name, value in (("mtime", mtime), ("crtime", mtime), ("atime", 0), ("ctime", 0))
+        )
 
     for number, op in enumerate(patch.add):
         if isinstance(op, Write):
@@ -189,8 +191,13 @@ def _commands(patch: Patch, files: Path, mtime: int) -> list[str]:
             fields(op.path, None, op.uid, op.gid)
         elif op.exists:  # mke2fs gives an existing directory the later entry's mode,
             lines.append(f'sif "{op.path}" mode 0{_S_IFDIR | op.mode:o}')  # owner and mtime
-            lines.extend([f'sif "{op.path}" uid {op.uid}', f'sif "{op.path}" gid {op.gid}',
-                          f'sif "{op.path}" mtime @{mtime}'])
+            lines.extend(
+                [
+                    f'sif "{op.path}" uid {op.uid}',
+                    f'sif "{op.path}" gid {op.gid}',
+                    f'sif "{op.path}" mtime @{mtime}',
+                ]
+            )
         else:
             lines.append(f'mkdir "{op.path}"')
             fields(op.path, _S_IFDIR | op.mode, op.uid, op.gid)
@@ -207,10 +214,16 @@ def apply_patch(image: Path, patch: Patch, *, mtime: int, fs_uuid: uuid.UUID | N
         script = Path(tmp, "script")
         script.write_text("\n".join(lines) + "\n")
         env = {"E2FSPROGS_FAKE_TIME": str(mtime), "SOURCE_DATE_EPOCH": str(mtime)}
-        result = proc.run([proc.tool_path("debugfs"), "-w", "-f", str(script), str(image)],
-                          env=env, what="debugfs (writing the overlays)")
+        result = proc.run(
+            [proc.tool_path("debugfs"), "-w", "-f", str(script), str(image)],
+            env=env,
+            what="debugfs (writing the overlays)",
+        )
     # debugfs carries on after a failed command and exits 0: its stderr is the only sign.
-    problems = [line for line in result.stderr.decode("utf-8", "replace").splitlines()
-                if line.strip() and not _BANNER.match(line)]
+    problems = [
+        line
+        for line in result.stderr.decode("utf-8", "replace").splitlines()
+        if line.strip() and not _BANNER.match(line)
+    ]
     if problems:
         raise PatchFailed("debugfs could not write the overlays: " + "; ".join(problems[:5]))

@@ -94,7 +94,12 @@ def scan(source: Source, mtime: int) -> StreamStats:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
     with src, open(os.devnull, "wb") as sink:
         return write_image_stream(
-            src, source.selection, source.overlays, sink, mtime=mtime, restore=source.restore,
+            src,
+            source.selection,
+            source.overlays,
+            sink,
+            mtime=mtime,
+            restore=source.restore,
             all_root=source.all_root,
         )
 
@@ -189,12 +194,22 @@ def temp_image(output: Path, size_mib: int | None) -> Iterator[Path]:
 def copy_sparse(source: Path, target: Path) -> None:
     """Copy an image file without writing its holes (a reflink where the filesystem can)."""
     try:
-        proc.run([proc.tool_path("cp"), "--sparse=always", "--reflink=auto", "--", str(source),
-                  str(target)], what="cp (copying the base image)")
+        proc.run(
+            [
+                proc.tool_path("cp"),
+                "--sparse=always",
+                "--reflink=auto",
+                "--",
+                str(source),
+                str(target),
+            ],
+            what="cp (copying the base image)",
+        )
     except RfsError as exc:
         if "No space left on device" in exc.message:
             raise EnvironmentProblem(
-                f"no space left on the disk that holds the image: {exc.message}") from exc
+                f"no space left on the disk that holds the image: {exc.message}"
+            ) from exc
         raise
 
 
@@ -235,8 +250,14 @@ def feed(
         stats: StreamStats | None = None
         try:
             stats = write_image_stream(
-                src, source.selection, source.overlays, pipe, mtime=mtime,
-                restore=source.restore, clamp_mtime=clamp_mtime, all_root=source.all_root,
+                src,
+                source.selection,
+                source.overlays,
+                pipe,
+                mtime=mtime,
+                restore=source.restore,
+                clamp_mtime=clamp_mtime,
+                all_root=source.all_root,
             )
         except BrokenPipeError:
             pass  # the tool stopped reading: its exit status and message say why
@@ -280,8 +301,13 @@ def stream_pipe(source: Source, *, mtime: int, clamp_mtime: int | None) -> Itera
             with open(write_fd, "wb", buffering=MIB) as out, source.export_tar.open("rb") as src:
                 done.append(
                     write_image_stream(
-                        src, source.selection, source.overlays, out, mtime=mtime,
-                        restore=source.restore, clamp_mtime=clamp_mtime,
+                        src,
+                        source.selection,
+                        source.overlays,
+                        out,
+                        mtime=mtime,
+                        restore=source.restore,
+                        clamp_mtime=clamp_mtime,
                         all_root=source.all_root,
                     )
                 )

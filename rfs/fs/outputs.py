@@ -31,9 +31,13 @@ def removal_globs(paths: Sequence[str]) -> tuple[str, ...]:
     return tuple(re.sub(r"([*?[])", r"[\1]", path) for path in paths)
 
 
-def extract(export_tar: Path, selection: Selection, overlays: Sequence[OverlayEntry],
-            restore: Mapping[str, bytes], paths: Sequence[tuple[str, str]]
-            ) -> dict[str, tuple[bytes, int]]:
+def extract(
+    export_tar: Path,
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    restore: Mapping[str, bytes],
+    paths: Sequence[tuple[str, str]],
+) -> dict[str, tuple[bytes, int]]:
     """The content and mode of each (field, image path) of `paths` in the final tree.
 
     Raises RfsError naming the field when a path is missing or not a regular file.
@@ -48,9 +52,13 @@ def extract(export_tar: Path, selection: Selection, overlays: Sequence[OverlayEn
                 buf.close()
 
 
-def _extract(buf: tf.Buffer, selection: Selection, overlays: Sequence[OverlayEntry],
-             restore: Mapping[str, bytes], paths: Sequence[tuple[str, str]]
-             ) -> dict[str, tuple[bytes, int]]:
+def _extract(
+    buf: tf.Buffer,
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    restore: Mapping[str, bytes],
+    paths: Sequence[tuple[str, str]],
+) -> dict[str, tuple[bytes, int]]:
     plan = make_plan(tf.index_archive(buf), selection, overlays, restore)
     # The final tree: the kept export entries, then what rfs adds (later ones win).
     final: dict[str, tuple[int, bytes | tf.RawEntry, str]] = {}
@@ -106,9 +114,12 @@ def identity(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
-def write(image: Path, outputs: Sequence[tuple[str, str]],
-          contents: Mapping[str, tuple[bytes, int]], by_path: Mapping[str, str]
-          ) -> dict[str, list[int] | None]:
+def write(
+    image: Path,
+    outputs: Sequence[tuple[str, str]],
+    contents: Mapping[str, tuple[bytes, int]],
+    by_path: Mapping[str, str],
+) -> dict[str, list[int] | None]:
     """Write each (field, `to`) of `outputs` next to `image`, atomically (a temporary file in
     the same directory, renamed), with its image mode less setuid, setgid and sticky.
 
@@ -120,8 +131,7 @@ def write(image: Path, outputs: Sequence[tuple[str, str]],
     for field, to in outputs:
         target = directory / to
         if target.resolve() == image.resolve():
-            raise RfsError(f"{field}: {to} is the image itself; give the side output another "
-                           "name")
+            raise RfsError(f"{field}: {to} is the image itself; give the side output another name")
         content, mode = contents[by_path[to]]
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.rfs-tmp-", dir=target.parent)

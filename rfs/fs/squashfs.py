@@ -34,8 +34,16 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
     """Build a squashfs image at `output` from `source` (see the module doc)."""
     epoch = options.source_date_epoch
     jobs = str(max(1, min(4, os.cpu_count() or 1)))  # output order does not depend on it
-    argv = [proc.tool_path("tar2sqfs"), "--quiet", "--force", "--no-skip",
-            "--defaults", f"uid=0,gid=0,mode=0755,mtime={epoch}", "--num-jobs", jobs]
+    argv = [
+        proc.tool_path("tar2sqfs"),
+        "--quiet",
+        "--force",
+        "--no-skip",
+        "--defaults",
+        f"uid=0,gid=0,mode=0755,mtime={epoch}",
+        "--num-jobs",
+        jobs,
+    ]
     argv += _with_defaults(options.mkfs_args)
     with temp_image(output, None) as tmp:
         stats = feed([*argv, str(tmp)], source, mtime=epoch, what="tar2sqfs", clamp_mtime=epoch)
@@ -51,5 +59,7 @@ def _with_defaults(mkfs_args: tuple[str, ...]) -> list[str]:
 
 def verify(image: Path) -> None:
     """List the whole image with unsquashfs: it reads every inode and directory."""
-    proc.run([proc.tool_path("unsquashfs"), "-no-progress", "-lls", str(image)],
-             what="unsquashfs -lls (verify)")
+    proc.run(
+        [proc.tool_path("unsquashfs"), "-no-progress", "-lls", str(image)],
+        what="unsquashfs -lls (verify)",
+    )

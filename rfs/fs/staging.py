@@ -123,7 +123,7 @@ def extract(stream: BinaryIO, root: Path, *, clamp_mtime: int, plain: bool = Fal
             target = base + b"/" + _fs(rel) if rel else base
             perm = member.mode & 0o7777
             xattrs = {
-                k[len(_XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
+                k[len(_XATTR_PREFIX) :]: v.encode("utf-8", "surrogateescape")
                 for k, v in member.pax_headers.items()
                 if k.startswith(_XATTR_PREFIX)
             }
@@ -192,8 +192,9 @@ def _write(archive: tarfile.TarFile, member: tarfile.TarInfo, target: bytes) -> 
             shutil.copyfileobj(data, out, _CHUNK)
 
 
-def _note(inv: Inventory, path: str, member: tarfile.TarInfo, perm: int,
-          xattrs: dict[str, bytes]) -> None:
+def _note(
+    inv: Inventory, path: str, member: tarfile.TarInfo, perm: int, xattrs: dict[str, bytes]
+) -> None:
     inv.names.append(path)
     if member.islnk():
         inv.hardlinks.append(path)
@@ -247,8 +248,19 @@ class Fakeroot:
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """`argv`, run by fakeroot with the staged owners, modes, devices and xattrs."""
-        return [proc.tool_path("fakeroot"), "-i", str(self.state), "--",
-                sys.executable, "-I", "-S", "-c", _SETTER, str(self.xattrs), *argv]
+        return [
+            proc.tool_path("fakeroot"),
+            "-i",
+            str(self.state),
+            "--",
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _SETTER,
+            str(self.xattrs),
+            *argv,
+        ]
 
 
 @contextlib.contextmanager
@@ -264,8 +276,14 @@ def fakeroot_for(staged: Staged) -> Iterator[Fakeroot]:
             for rel, m in sorted(staged.meta.items()):
                 path = base + b"/" + _fs(rel) if rel else base
                 for name, value in sorted(m.xattrs.items()):
-                    f.write(path.hex().encode() + b"\0" + name.encode() + b"\0"
-                            + value.hex().encode() + b"\n")
+                    f.write(
+                        path.hex().encode()
+                        + b"\0"
+                        + name.encode()
+                        + b"\0"
+                        + value.hex().encode()
+                        + b"\n"
+                    )
         yield Fakeroot(state, xattrs)
 
 

@@ -101,8 +101,15 @@ def write_image_stream(
 class _Emitter:
     """Walks the plan and writes every entry, fixing what must be fixed."""
 
-    def __init__(self, plan: Plan, writer: _Writer, mtime: int, clamp: int | None = None, *,
-                 all_root: bool = False) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        writer: _Writer,
+        mtime: int,
+        clamp: int | None = None,
+        *,
+        all_root: bool = False,
+    ) -> None:
         self.plan = plan
         self.all_root = all_root
         # PAX owner records would override the ustar owner fields: dropped with all_root.
@@ -183,8 +190,10 @@ class _Emitter:
         if entry.pax is not None and any(k in entry.pax for k in _OWNER_RECORDS):
             return True
         view = self.w.view  # the tools read numeric owners only: names are left alone
-        return (tf.parse_number(bytes(view[entry.header + 108 : entry.header + 116])) != 0
-                or tf.parse_number(bytes(view[entry.header + 116 : entry.header + 124])) != 0)
+        return (
+            tf.parse_number(bytes(view[entry.header + 108 : entry.header + 116])) != 0
+            or tf.parse_number(bytes(view[entry.header + 116 : entry.header + 124])) != 0
+        )
 
     def _rooted(self, block: bytearray) -> None:
         """With all_root: make the header's owner root (numeric ids 0, no names)."""
@@ -231,8 +240,7 @@ class _Emitter:
             owned = self._needs_owner(entry)
             self._rooted(block)
             if entry.pax is not None and (b"size" in entry.pax or clamped or owned):
-                self.w.write(_rebuilt(entry, block,
-                                      drop=(b"size", *self.no_mtime, *self.no_owner)))
+                self.w.write(_rebuilt(entry, block, drop=(b"size", *self.no_mtime, *self.no_owner)))
             else:
                 tf.set_checksum(block)
                 self.w.copy(entry.start, entry.header)
@@ -246,8 +254,11 @@ class _Emitter:
             self._clamped(block)
             self._rooted(block)
             self.w.write(_rebuilt(entry, block, drop=(*self.no_mtime, *self.no_owner)))
-        elif ((entry.pax is not None and _needs_charset(entry.pax)) or self._needs_clamp(entry)
-              or self._needs_owner(entry)):
+        elif (
+            (entry.pax is not None and _needs_charset(entry.pax))
+            or self._needs_clamp(entry)
+            or self._needs_owner(entry)
+        ):
             block = tf.header_block(self.w.view, entry)
             self._clamped(block)
             self._rooted(block)
@@ -306,8 +317,9 @@ class _Emitter:
         block = tf.header_block(self.w.view, source)
         self._clamped(block)
         self._rooted(block)
-        self.w.write(_rebuilt(source, block, name=entry.name,
-                              drop=(*self.no_mtime, *self.no_owner)))
+        self.w.write(
+            _rebuilt(source, block, name=entry.name, drop=(*self.no_mtime, *self.no_owner))
+        )
         self.w.copy(source.data, source.end)
         self.link_names[target] = entry.name
         self.stats.links_materialised += 1
@@ -375,16 +387,36 @@ _OWNER_RECORDS = (b"uid", b"gid", b"uname", b"gname")
 _ROOT_IDS = b"0000000\x00" * 2
 
 # PAX records a merged directory entry sets itself (or must lose: times and owner names).
-_MERGED_DROPS = frozenset({b"path", b"linkpath", b"size", b"uid", b"gid", b"uname", b"gname",
-                           b"mtime", b"atime", b"ctime", b"hdrcharset"})
+_MERGED_DROPS = frozenset(
+    {
+        b"path",
+        b"linkpath",
+        b"size",
+        b"uid",
+        b"gid",
+        b"uname",
+        b"gname",
+        b"mtime",
+        b"atime",
+        b"ctime",
+        b"hdrcharset",
+    }
+)
 
 
 def _merged_directory(entry: tf.RawEntry, meta: Generated, mtime: int) -> bytes:
     """An export directory's entry with the owner, mode and time of the directory laid over
     it, as a second entry would give them; its other PAX records (xattrs) stay."""
     extra = {k: v for k, v in (entry.pax or {}).items() if k not in _MERGED_DROPS}
-    return tf.entry_headers(name=entry.name, typeflag=tf.DIRECTORY, mode=meta.mode,
-                            uid=meta.uid, gid=meta.gid, mtime=mtime, extra=extra)
+    return tf.entry_headers(
+        name=entry.name,
+        typeflag=tf.DIRECTORY,
+        mode=meta.mode,
+        uid=meta.uid,
+        gid=meta.gid,
+        mtime=mtime,
+        extra=extra,
+    )
 
 
 def _needs_charset(records: dict[bytes, bytes]) -> bool:

@@ -62,12 +62,36 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
         _rename_unstorable(root)
         warnings = lost(staged.inventory)
         with temp_image(output, size) as tmp:
-            proc.run([proc.tool_path("mkfs.vfat"), "--invariant", "-i", volume_id,
-                      *options.mkfs_args, str(tmp)], env=env, what="mkfs.vfat")
+            proc.run(
+                [
+                    proc.tool_path("mkfs.vfat"),
+                    "--invariant",
+                    "-i",
+                    volume_id,
+                    *options.mkfs_args,
+                    str(tmp),
+                ],
+                env=env,
+                what="mkfs.vfat",
+            )
             top = sorted(os.listdir(root))
             if top:
-                proc.run([proc.tool_path("mcopy"), "-i", str(tmp), "-s", "-m", "-Q", "-D", "o",
-                          *[str(root / name) for name in top], "::/"], env=env, what="mcopy")
+                proc.run(
+                    [
+                        proc.tool_path("mcopy"),
+                        "-i",
+                        str(tmp),
+                        "-s",
+                        "-m",
+                        "-Q",
+                        "-D",
+                        "o",
+                        *[str(root / name) for name in top],
+                        "::/",
+                    ],
+                    env=env,
+                    what="mcopy",
+                )
     return Result(piped.stats, size, "tar stream → staging dir → mkfs.vfat + mcopy", warnings)
 
 
@@ -119,9 +143,11 @@ def lost(inv: staging.Inventory) -> list[str]:
         seen[folded] = name
         if _BAD_CHARS & set(name.rsplit("/", 1)[-1]):
             bad.append(name)
-    kinds += [(clashes, "name(s) that differ only in case from another (one is lost)"),
-              (bad, 'name(s) with characters FAT cannot store (stored with "_" instead)'),
-              (foreign, "name(s) that are not ASCII (mtools may change their case or bytes)")]
+    kinds += [
+        (clashes, "name(s) that differ only in case from another (one is lost)"),
+        (bad, 'name(s) with characters FAT cannot store (stored with "_" instead)'),
+        (foreign, "name(s) that are not ASCII (mtools may change their case or bytes)"),
+    ]
     for paths, what in kinds:
         if paths:
             shown = ", ".join(paths[:3]) + (" …" if len(paths) > 3 else "")

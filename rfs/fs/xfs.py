@@ -61,20 +61,48 @@ def assemble(source: Source, output: Path, options: Options) -> Result:
             "xfs images need root: xfsprogs can fill an xfs filesystem losslessly only through "
             "a loop mount",
             hint="run rfs build as root, or choose ext4, btrfs, erofs or squashfs, which need "
-                 "no root",
+            "no root",
         )
     epoch = options.source_date_epoch
-    _, size = settle_size("xfs", source, options, need_mib, mtime=epoch, minimum_mib=MIN_MIB,
-                          overhead_mib=_OVERHEAD_MIB)
+    _, size = settle_size(
+        "xfs",
+        source,
+        options,
+        need_mib,
+        mtime=epoch,
+        minimum_mib=MIN_MIB,
+        overhead_mib=_OVERHEAD_MIB,
+    )
     fs_uuid = uuid.UUID(bytes=options.seed[:16], version=4)
     with temp_image(output, size) as tmp:
-        proc.run([proc.tool_path("mkfs.xfs"), "-q", "-f", "-m", f"uuid={fs_uuid}",
-                  *options.mkfs_args, str(tmp)], what="mkfs.xfs")
+        proc.run(
+            [
+                proc.tool_path("mkfs.xfs"),
+                "-q",
+                "-f",
+                "-m",
+                f"uuid={fs_uuid}",
+                *options.mkfs_args,
+                str(tmp),
+            ],
+            what="mkfs.xfs",
+        )
         with _mounted(tmp) as mnt:
-            tar = [proc.tool_path("tar"), "-x", "-C", str(mnt), "--numeric-owner", "-p",
-                   "--xattrs", "--xattrs-include=*", "--same-owner", "--no-overwrite-dir"]
-            stats = feed(tar, source, mtime=epoch, what="tar -x (into the xfs image)",
-                         clamp_mtime=epoch)
+            tar = [
+                proc.tool_path("tar"),
+                "-x",
+                "-C",
+                str(mnt),
+                "--numeric-owner",
+                "-p",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--same-owner",
+                "--no-overwrite-dir",
+            ]
+            stats = feed(
+                tar, source, mtime=epoch, what="tar -x (into the xfs image)", clamp_mtime=epoch
+            )
             # The root directory is the mount point: give it the export's times too.
             os.utime(mnt, (epoch, epoch))
     return Result(stats, size, "mkfs.xfs + loop mount + tar -x (root)")
@@ -85,8 +113,10 @@ def _mounted(image: Path) -> Iterator[Path]:
     """Loop-mount `image` on a temporary directory; unmounted (and the loop device, which
     `mount -o loop` marks autoclear, detached) whatever happens in the block."""
     with tempfile.TemporaryDirectory(prefix="rfs-xfs-mnt-") as mnt:
-        proc.run([proc.tool_path("mount"), "-t", "xfs", "-o", "loop", str(image), mnt],
-                 what="mount -o loop (xfs image)")
+        proc.run(
+            [proc.tool_path("mount"), "-t", "xfs", "-o", "loop", str(image), mnt],
+            what="mount -o loop (xfs image)",
+        )
         try:
             yield Path(mnt)
         finally:
@@ -102,4 +132,3 @@ def _mounted(image: Path) -> Iterator[Path]:
 def verify(image: Path) -> None:
     """`xfs_repair -n` (no modify) of the whole image."""
     proc.run([proc.tool_path("xfs_repair"), "-n", str(image)], what="xfs_repair -n (verify)")
-

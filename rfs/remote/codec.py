@@ -65,9 +65,15 @@ class ObjectRef:
         if not isinstance(data, dict) or set(data) != {"sha256", "blake3", "size"}:
             raise BadObject("malformed object reference in a remote record")
         sha, b3, size = data["sha256"], data["blake3"], data["size"]
-        if not (isinstance(sha, str) and HEX64.fullmatch(sha) and isinstance(b3, str)
-                and HEX64.fullmatch(b3) and isinstance(size, int)
-                and not isinstance(size, bool) and 0 <= size <= MAX_OBJECT_BYTES):
+        if not (
+            isinstance(sha, str)
+            and HEX64.fullmatch(sha)
+            and isinstance(b3, str)
+            and HEX64.fullmatch(b3)
+            and isinstance(size, int)
+            and not isinstance(size, bool)
+            and 0 <= size <= MAX_OBJECT_BYTES
+        ):
             raise BadObject("malformed object reference in a remote record")
         return cls(sha, b3, size)
 
@@ -149,16 +155,20 @@ def verify_object(path: Path, ref: ObjectRef) -> None:
     """Check a downloaded object against its size and both hashes; raise BadObject if not."""
     size = path.stat().st_size
     if size != ref.size:
-        raise BadObject(f"object {ref.sha256[:12]}… is {size} bytes, expected {ref.size} "
-                        "(truncated or replaced on the server)")
+        raise BadObject(
+            f"object {ref.sha256[:12]}… is {size} bytes, expected {ref.size} "
+            "(truncated or replaced on the server)"
+        )
     sha, b3 = hashlib.sha256(), blake3.blake3()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             sha.update(chunk)
             b3.update(chunk)
     if b3.hexdigest() != ref.blake3 or sha.hexdigest() != ref.sha256:
-        raise BadObject(f"object {ref.sha256[:12]}… does not match its blake3 hash "
-                        "(corrupted on the server or in transit)")
+        raise BadObject(
+            f"object {ref.sha256[:12]}… does not match its blake3 hash "
+            "(corrupted on the server or in transit)"
+        )
 
 
 def unpack(path: Path, dest: Any, limit: int) -> None:
@@ -197,7 +207,7 @@ class _Unpacked(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:

@@ -39,7 +39,6 @@ _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 _TRUE = {"1", "true", "yes", "on"}
 
 
-
 @dataclass(frozen=True)
 class RemoteSettings:
     """Which remote caches a build reads and writes, and how patiently."""
@@ -76,24 +75,48 @@ class RemoteSettings:
 def add_remote_options(p: argparse.ArgumentParser) -> None:
     """The remote cache flags of `rfs build` (and `rfs plan`)."""
     g = p.add_argument_group("remote cache")
-    g.add_argument("--cache-from", action="append", metavar="URL", default=None,
-                   help="read steps from this cache (http(s)://… or oci://host/repo); "
-                        "repeatable; default $RFS_CACHE_FROM or the config file")
-    g.add_argument("--cache-to", metavar="URL", default=None,
-                   help="write the steps this build made to this cache (also read from)")
-    g.add_argument("--cache-scope", metavar="NAME", default=None,
-                   help="write into this scope (e.g. the branch); reads try it, then the "
-                        "default scope")
-    g.add_argument("--cache-strict", action="store_true", default=None,
-                   help="fail (exit 3) when a remote cache fails, instead of warning and "
-                        "building locally")
-    g.add_argument("--cache-sign-key", metavar="FILE", default=None,
-                   help="sign the records written with this secret key (from `rfs cache "
-                        "keygen`); default $RFS_CACHE_SIGN_KEY")
-    g.add_argument("--cache-trust", action="append", metavar="PUBKEY", default=None,
-                   help="use only remote records signed by this public key (rfs-key-1:NAME:"
-                        "BASE64); repeatable; default $RFS_CACHE_TRUST or trusted_keys in "
-                        "the config file")
+    g.add_argument(
+        "--cache-from",
+        action="append",
+        metavar="URL",
+        default=None,
+        help="read steps from this cache (http(s)://… or oci://host/repo); "
+        "repeatable; default $RFS_CACHE_FROM or the config file",
+    )
+    g.add_argument(
+        "--cache-to",
+        metavar="URL",
+        default=None,
+        help="write the steps this build made to this cache (also read from)",
+    )
+    g.add_argument(
+        "--cache-scope",
+        metavar="NAME",
+        default=None,
+        help="write into this scope (e.g. the branch); reads try it, then the default scope",
+    )
+    g.add_argument(
+        "--cache-strict",
+        action="store_true",
+        default=None,
+        help="fail (exit 3) when a remote cache fails, instead of warning and building locally",
+    )
+    g.add_argument(
+        "--cache-sign-key",
+        metavar="FILE",
+        default=None,
+        help="sign the records written with this secret key (from `rfs cache "
+        "keygen`); default $RFS_CACHE_SIGN_KEY",
+    )
+    g.add_argument(
+        "--cache-trust",
+        action="append",
+        metavar="PUBKEY",
+        default=None,
+        help="use only remote records signed by this public key (rfs-key-1:NAME:"
+        "BASE64); repeatable; default $RFS_CACHE_TRUST or trusted_keys in "
+        "the config file",
+    )
 
 
 def config_path(environ: Mapping[str, str]) -> Path:
@@ -137,8 +160,10 @@ def _urls(value: Any, where: str) -> list[str]:
 def check_url(url: str, where: str = "cache URL") -> str:
     """`url` if it names a supported remote cache, else UsageError."""
     if not url.startswith(SCHEMES):
-        raise UsageError(f"{where}: {url!r} is not a remote cache URL "
-                         "(use http://, https:// or oci://host/repository)")
+        raise UsageError(
+            f"{where}: {url!r} is not a remote cache URL "
+            "(use http://, https:// or oci://host/repository)"
+        )
     return url
 
 
@@ -146,8 +171,9 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in _TRUE
 
 
-def remote_settings(args: argparse.Namespace,
-                    environ: Mapping[str, str] | None = None) -> RemoteSettings:
+def remote_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> RemoteSettings:
     """The settings the flags, environment and config file ask for."""
     env = os.environ if environ is None else environ
     conf = _file_settings(env)
@@ -162,12 +188,14 @@ def remote_settings(args: argparse.Namespace,
         target = check_url(str(target), "cache target")
     scope = getattr(args, "cache_scope", None) or env.get("RFS_CACHE_SCOPE") or conf.get("scope")
     if scope is not None and not _SCOPE.fullmatch(str(scope)):
-        raise UsageError(f"cache scope {scope!r}: use letters, digits and . _ / - "
-                         "(at most 128)")
+        raise UsageError(f"cache scope {scope!r}: use letters, digits and . _ / - (at most 128)")
     strict = getattr(args, "cache_strict", None)
     if strict is None:
-        strict = _flag(env["RFS_CACHE_STRICT"]) if "RFS_CACHE_STRICT" in env else _flag(
-            conf.get("strict", False))
+        strict = (
+            _flag(env["RFS_CACHE_STRICT"])
+            if "RFS_CACHE_STRICT" in env
+            else _flag(conf.get("strict", False))
+        )
     insecure = _flag(env.get("RFS_CACHE_INSECURE", conf.get("insecure", False)))
     try:
         timeout = float(conf.get("timeout", 30))
@@ -177,20 +205,32 @@ def remote_settings(args: argparse.Namespace,
     if not 0 < timeout <= 3600 or not 0 <= retries <= 10:
         raise UsageError("config [cache]: timeout must be in (0, 3600] s, retries in [0, 10]")
     sign_key, trusted = _signing(args, env, conf)
-    settings = RemoteSettings(sources=tuple(sources), target=target,
-                              scope=str(scope) if scope else None, strict=bool(strict),
-                              timeout_s=timeout, connect_timeout_s=min(3.0, timeout),
-                              retries=retries, insecure=insecure, sign_key=sign_key,
-                              trusted=trusted)
+    settings = RemoteSettings(
+        sources=tuple(sources),
+        target=target,
+        scope=str(scope) if scope else None,
+        strict=bool(strict),
+        timeout_s=timeout,
+        connect_timeout_s=min(3.0, timeout),
+        retries=retries,
+        insecure=insecure,
+        sign_key=sign_key,
+        trusted=trusted,
+    )
     return settings
 
 
-def _signing(args: argparse.Namespace, env: Mapping[str, str],
-             conf: Mapping[str, Any]) -> tuple[SecretKey | None, tuple[PublicKey, ...]]:
+def _signing(
+    args: argparse.Namespace, env: Mapping[str, str], conf: Mapping[str, Any]
+) -> tuple[SecretKey | None, tuple[PublicKey, ...]]:
     """The signing key and the trusted keys (the signing key's own public key among them)."""
-    if not (getattr(args, "cache_trust", None) or env.get("RFS_CACHE_TRUST", "").strip()
-            or conf.get("trusted_keys") or getattr(args, "cache_sign_key", None)
-            or env.get("RFS_CACHE_SIGN_KEY")):
+    if not (
+        getattr(args, "cache_trust", None)
+        or env.get("RFS_CACHE_TRUST", "").strip()
+        or conf.get("trusted_keys")
+        or getattr(args, "cache_sign_key", None)
+        or env.get("RFS_CACHE_SIGN_KEY")
+    ):
         return None, ()  # nothing to sign or check: not even the import (4 ms) is paid
     from rfs.remote.signing import load_secret_key, parse_public_keys, split_keys
 
@@ -204,8 +244,9 @@ def _signing(args: argparse.Namespace, env: Mapping[str, str],
         if isinstance(listed, str):
             listed = split_keys(listed)
         if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
-            raise UsageError(f"{config_path(env)}: [cache] trusted_keys must be a list of "
-                             "public keys")
+            raise UsageError(
+                f"{config_path(env)}: [cache] trusted_keys must be a list of public keys"
+            )
         trusted = parse_public_keys(listed, f"{config_path(env)}: trusted_keys")
     path = getattr(args, "cache_sign_key", None)
     where = "--cache-sign-key"

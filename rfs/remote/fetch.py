@@ -50,8 +50,15 @@ def download(backend: Backend, ref: ObjectRef, tmp: Path) -> Path:
     return path
 
 
-def install(store: Store, ex: Executor, step: Step, backend: Backend, record: Record,
-            base: dict[str, Any], tmp: Path) -> int:
+def install(
+    store: Store,
+    ex: Executor,
+    step: Step,
+    backend: Backend,
+    record: Record,
+    base: dict[str, Any],
+    tmp: Path,
+) -> int:
     """Install the step `record` describes; return the bytes downloaded. `base` holds the
     local record fields every fetched step gets."""
     if step.kind is StepKind.RUN:
@@ -64,8 +71,15 @@ def install(store: Store, ex: Executor, step: Step, backend: Backend, record: Re
     return 0
 
 
-def _layer(store: Store, ex: Executor, step: Step, backend: Backend, record: Record,
-           base: dict[str, Any], tmp: Path) -> int:
+def _layer(
+    store: Store,
+    ex: Executor,
+    step: Step,
+    backend: Backend,
+    record: Record,
+    base: dict[str, Any],
+    tmp: Path,
+) -> int:
     paths: dict[ObjectRef, Path] = {}
     for ref in record.objects:
         if ref not in paths:
@@ -100,22 +114,31 @@ def _hex_id(image_id: str | None) -> str:
     return (image_id or "").removeprefix("sha256:")
 
 
-def _export(store: Store, step: Step, backend: Backend, record: Record, base: dict[str, Any],
-            tmp: Path) -> int:
+def _export(
+    store: Store, step: Step, backend: Backend, record: Record, base: dict[str, Any], tmp: Path
+) -> int:
     assert record.ref is not None
     path = download(backend, record.ref, tmp)
     size, digest = int(record.fields["blob_size"]), str(record.fields["blob_digest"])
     with store.write_blob(step.key) as writer:
         unpack(path, writer, limit=size)
         if writer.size != size or writer.digest != digest:
-            raise BadObject(f"the export of {step.id} does not match its blake3 hash "
-                            "after decompression")
+            raise BadObject(
+                f"the export of {step.id} does not match its blake3 hash after decompression"
+            )
     store.put_record(step.key, {**base, **record.fields})
     return record.ref.size
 
 
-def _image(store: Store, ex: Executor, step: Step, backend: Backend, record: Record,
-           base: dict[str, Any], tmp: Path) -> int:
+def _image(
+    store: Store,
+    ex: Executor,
+    step: Step,
+    backend: Backend,
+    record: Record,
+    base: dict[str, Any],
+    tmp: Path,
+) -> int:
     assert record.ref is not None
     path = download(backend, record.ref, tmp)
     out = ex.output

@@ -40,21 +40,28 @@ class HttpBackend:
     def get_record(self, name: str) -> bytes | None:
         """GET ac/<name>; None on 404."""
         what = f"read record {name[:12]}…"
-        with translating(self.url, what), self._session.get(
-                self._url("ac", name), timeout=self._timeout, stream=True) as resp:
+        with (
+            translating(self.url, what),
+            self._session.get(self._url("ac", name), timeout=self._timeout, stream=True) as resp,
+        ):
             if resp.status_code == 404:
                 return None
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
-            return read_bounded(resp, MAX_RECORD_BYTES, self._deadline, self.url,
-                                f"record {name[:12]}…")
+            return read_bounded(
+                resp, MAX_RECORD_BYTES, self._deadline, self.url, f"record {name[:12]}…"
+            )
 
     def put_record(self, name: str, data: bytes, objects: list[ObjectRef]) -> None:
         """PUT ac/<name> (the objects are in cas/ already)."""
         what = f"write record {name[:12]}…"
         with translating(self.url, what):
-            resp = self._session.put(self._url("ac", name), data=data, timeout=self._timeout,
-                                     headers={"Content-Type": "application/json"})
+            resp = self._session.put(
+                self._url("ac", name),
+                data=data,
+                timeout=self._timeout,
+                headers={"Content-Type": "application/json"},
+            )
             if resp.status_code not in (200, 201, 204):
                 raise status_error(self.url, what, resp)
 
@@ -73,11 +80,16 @@ class HttpBackend:
     def get_object(self, ref: ObjectRef, dest: Path) -> None:
         """GET cas/<sha256> into `dest`."""
         what = f"download object {ref.sha256[:12]}…"
-        with translating(self.url, what), self._session.get(
-                self._url("cas", ref.sha256), timeout=self._timeout, stream=True) as resp:
+        with (
+            translating(self.url, what),
+            self._session.get(
+                self._url("cas", ref.sha256), timeout=self._timeout, stream=True
+            ) as resp,
+        ):
             if resp.status_code == 404:
-                raise BadObject(f"remote cache {self.url}: object {ref.sha256[:12]}… "
-                                "is missing on the server")
+                raise BadObject(
+                    f"remote cache {self.url}: object {ref.sha256[:12]}… is missing on the server"
+                )
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
             download(resp, dest, ref.size, self.url)
@@ -86,9 +98,15 @@ class HttpBackend:
         """PUT cas/<sha256>, streaming the file."""
         what = f"upload object {ref.sha256[:12]}…"
         with translating(self.url, what), path.open("rb") as f:
-            resp = self._session.put(self._url("cas", ref.sha256), data=f, timeout=self._timeout,
-                                     headers={"Content-Type": "application/octet-stream",
-                                              "Content-Length": str(ref.size)})
+            resp = self._session.put(
+                self._url("cas", ref.sha256),
+                data=f,
+                timeout=self._timeout,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(ref.size),
+                },
+            )
             if resp.status_code not in (200, 201, 204):
                 raise status_error(self.url, what, resp)
 

@@ -37,8 +37,9 @@ def _resolve(tar: tarfile.TarFile, name: str) -> tarfile.TarInfo:
         if member.isfile():
             return member
         if member.issym():
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(member.name),
-                                                       member.linkname))
+            target = posixpath.normpath(
+                posixpath.join(posixpath.dirname(member.name), member.linkname)
+            )
         elif member.islnk():
             target = member.linkname
         else:
@@ -55,15 +56,15 @@ def _read(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
     return data.read()
 
 
-def describe_layer(tarball: Path, image_id: str,
-                   put: Callable[[IO[bytes], int], ObjectRef]) -> dict[str, Any]:
+def describe_layer(
+    tarball: Path, image_id: str, put: Callable[[IO[bytes], int], ObjectRef]
+) -> dict[str, Any]:
     """The record part of the image saved in `tarball` (large layers go through `put`)."""
     try:
         with tarfile.open(tarball, mode="r:") as tar:
             manifest = json.loads(_read(tar, _resolve(tar, "manifest.json"), _MAX_MANIFEST))
             if not isinstance(manifest, list) or len(manifest) != 1:
-                raise RemoteCacheError("the saved image's manifest.json lists more than one "
-                                       "image")
+                raise RemoteCacheError("the saved image's manifest.json lists more than one image")
             entry = manifest[0]
             config = _read(tar, _resolve(tar, str(entry["Config"])), INLINE_MAX * 64)
             if "sha256:" + hashlib.sha256(config).hexdigest() != image_id:
@@ -72,16 +73,17 @@ def describe_layer(tarball: Path, image_id: str,
             for name in entry["Layers"]:
                 member = _resolve(tar, str(name))
                 if member.size <= INLINE_MAX:
-                    layers.append({"size": member.size, "data": b64(_read(tar, member,
-                                                                          INLINE_MAX))})
+                    layers.append(
+                        {"size": member.size, "data": b64(_read(tar, member, INLINE_MAX))}
+                    )
                 else:
                     data = tar.extractfile(member)
                     assert data is not None
-                    layers.append({"size": member.size,
-                                   "object": put(data, member.size).to_json()})
+                    layers.append({"size": member.size, "object": put(data, member.size).to_json()})
     except (KeyError, TypeError, ValueError, tarfile.TarError) as exc:
-        raise RemoteCacheError(f"the engine saved an image tarball rfs cannot read: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        raise RemoteCacheError(
+            f"the engine saved an image tarball rfs cannot read: {type(exc).__name__}: {exc}"
+        ) from exc
     return {"config": b64(config), "layers": layers}
 
 
@@ -102,8 +104,7 @@ class _Checked:
         return data
 
 
-def write_load_tarball(record: Record, objects: Mapping[ObjectRef, Path],
-                       dest: IO[bytes]) -> None:
+def write_load_tarball(record: Record, objects: Mapping[ObjectRef, Path], dest: IO[bytes]) -> None:
     """Write the `docker load` tarball of a run record's image to `dest`; raise BadObject if
     a layer is not what the record's image config says (its diff_id)."""
     image_hex = str(record.fields["image_id"])[7:]
@@ -127,8 +128,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _add_layer(tar: tarfile.TarFile, name: str, part: LayerPart,
-               objects: Mapping[ObjectRef, Path]) -> None:
+def _add_layer(
+    tar: tarfile.TarFile, name: str, part: LayerPart, objects: Mapping[ObjectRef, Path]
+) -> None:
     if part.data is not None:  # checked against its digest when the record was decoded
         _add(tar, name, part.data)
         return

@@ -76,9 +76,13 @@ def _record_blob(manifest: bytes, what: str) -> tuple[str, int]:
         media = config.get("mediaType")
     except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise BadObject(f"{what} is not an rfs record") from exc
-    if (media != RECORD_TYPE or not isinstance(digest, str)
-            or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or type(size) is not int
-            or not 0 <= size <= MAX_RECORD_BYTES):
+    if (
+        media != RECORD_TYPE
+        or not isinstance(digest, str)
+        or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+        or type(size) is not int
+        or not 0 <= size <= MAX_RECORD_BYTES
+    ):
         raise BadObject(f"{what} is not an rfs record")
     return digest, size
 
@@ -127,22 +131,27 @@ class OciBackend:
             return False
         fields = dict(
             (k.strip(), v.strip().strip('"'))
-            for k, _, v in (p.partition("=") for p in _split_params(params)))
+            for k, _, v in (p.partition("=") for p in _split_params(params))
+        )
         realm = fields.pop("realm", None)
         if not realm:
             return False
         fields.setdefault("scope", f"repository:{self.repo}:pull,push")
         # The registry names where our credentials go: only over TLS, unless the registry
         # itself is spoken to in plain http (loopback or `insecure`), as Docker does.
-        if not (realm.startswith("https://") or
-                (realm.startswith("http://") and self._base.startswith("http://"))):
+        if not (
+            realm.startswith("https://")
+            or (realm.startswith("http://") and self._base.startswith("http://"))
+        ):
             return False
-        with self._session.get(realm, params=fields, auth=self._basic, timeout=self._timeout,
-                               stream=True) as token_resp:
+        with self._session.get(
+            realm, params=fields, auth=self._basic, timeout=self._timeout, stream=True
+        ) as token_resp:
             if token_resp.status_code != 200:
                 return False
-            raw = read_bounded(token_resp, MAX_TOKEN_ANSWER, self._deadline, self.url,
-                               "the token answer")
+            raw = read_bounded(
+                token_resp, MAX_TOKEN_ANSWER, self._deadline, self.url, "the token answer"
+            )
         try:
             body = json.loads(raw)
         except ValueError:
@@ -151,8 +160,7 @@ class OciBackend:
             return False
         token = body.get("token") or body.get("access_token")
         # A token travels in a header: anything but a short printable word could inject one.
-        if (not isinstance(token, str) or not _TOKEN.fullmatch(token)
-                or token == self._token):
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token) or token == self._token:
             return False
         self._token = str(token)
         self._session.headers["Authorization"] = f"Bearer {self._token}"
@@ -190,11 +198,14 @@ class OciBackend:
 
     def _get_blob(self, digest: str, dest: Path, size: int) -> None:
         what = f"download blob {digest[7:19]}…"
-        with translating(self.url, what), self._request(
-                "GET", self._blob_url(digest), stream=True) as resp:
+        with (
+            translating(self.url, what),
+            self._request("GET", self._blob_url(digest), stream=True) as resp,
+        ):
             if resp.status_code == 404:
-                raise BadObject(f"remote cache {self.url}: blob {digest[7:19]}… is missing "
-                                "in the registry")
+                raise BadObject(
+                    f"remote cache {self.url}: blob {digest[7:19]}… is missing in the registry"
+                )
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
             download(resp, dest, size, self.url)
@@ -215,9 +226,11 @@ class OciBackend:
             location = urllib.parse.urljoin(start.url, start.headers["Location"])
             sep = "&" if "?" in location else "?"
             resp = self._request(
-                "PUT", f"{location}{sep}digest={urllib.parse.quote(digest)}", data=body,
-                headers={"Content-Type": "application/octet-stream",
-                         "Content-Length": str(size)})
+                "PUT",
+                f"{location}{sep}digest={urllib.parse.quote(digest)}",
+                data=body,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
             if resp.status_code not in (201, 204):
                 raise status_error(self.url, what, resp)
 
@@ -227,23 +240,32 @@ class OciBackend:
         """GET the manifest tagged `name`, then its config blob (the record)."""
         what = f"read record {name[:12]}…"
         with translating(self.url, what):
-            with self._request("GET", f"{self._base}/manifests/{name}", stream=True,
-                               headers={"Accept": MANIFEST_TYPE}) as resp:
+            with self._request(
+                "GET",
+                f"{self._base}/manifests/{name}",
+                stream=True,
+                headers={"Accept": MANIFEST_TYPE},
+            ) as resp:
                 if resp.status_code == 404:
                     return None
                 if resp.status_code != 200:
                     raise status_error(self.url, what, resp)
-                body = read_bounded(resp, MAX_MANIFEST_BYTES, self._deadline, self.url,
-                                    f"the manifest of record {name[:12]}…")
+                body = read_bounded(
+                    resp,
+                    MAX_MANIFEST_BYTES,
+                    self._deadline,
+                    self.url,
+                    f"the manifest of record {name[:12]}…",
+                )
             digest, size = _record_blob(body, f"tag {name[:12]}…")
             with self._request("GET", self._blob_url(digest), stream=True) as resp:
                 if resp.status_code != 200:
                     raise status_error(self.url, what, resp)
-                data = read_bounded(resp, size, self._deadline, self.url,
-                                    f"record {name[:12]}…")
+                data = read_bounded(resp, size, self._deadline, self.url, f"record {name[:12]}…")
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise BadObject(f"remote cache {self.url}: record {name[:12]}… does not match "
-                            "its digest")
+            raise BadObject(
+                f"remote cache {self.url}: record {name[:12]}… does not match its digest"
+            )
         return data
 
     def put_record(self, name: str, data: bytes, objects: list[ObjectRef]) -> None:
@@ -256,15 +278,20 @@ class OciBackend:
             "mediaType": MANIFEST_TYPE,
             "artifactType": ARTIFACT_TYPE,
             "config": {"mediaType": RECORD_TYPE, "digest": digest, "size": len(data)},
-            "layers": [{"mediaType": OBJECT_TYPE, "digest": f"sha256:{r.sha256}",
-                        "size": r.size} for r in layers.values()],
+            "layers": [
+                {"mediaType": OBJECT_TYPE, "digest": f"sha256:{r.sha256}", "size": r.size}
+                for r in layers.values()
+            ],
             "annotations": {"org.opencontainers.image.title": f"rfs step {name[:12]}"},
         }
         what = f"write record {name[:12]}…"
         with translating(self.url, what):
-            resp = self._request("PUT", f"{self._base}/manifests/{name}",
-                                 data=json.dumps(manifest).encode(),
-                                 headers={"Content-Type": MANIFEST_TYPE})
+            resp = self._request(
+                "PUT",
+                f"{self._base}/manifests/{name}",
+                data=json.dumps(manifest).encode(),
+                headers={"Content-Type": MANIFEST_TYPE},
+            )
             if resp.status_code not in (200, 201):
                 raise status_error(self.url, what, resp)
 

@@ -33,8 +33,9 @@ _MEMO = "remote-objects"  # raw blake3 of a layer tarball -> its object, to skip
 class Pusher:
     """Writes steps to one remote cache."""
 
-    def __init__(self, writer: Backend, store: Store, ex: Executor,
-                 sign_key: SecretKey | None) -> None:
+    def __init__(
+        self, writer: Backend, store: Store, ex: Executor, sign_key: SecretKey | None
+    ) -> None:
         self.writer = writer
         self.store = store
         self.ex = ex
@@ -50,7 +51,8 @@ class Pusher:
                 self.ex.engine.save_image(self.ex.layer_tag(step.key), f)
             image_id = str(record["image_id"])
             body["layer"] = describe_layer(
-                tarball, image_id, lambda data, size: self._put_member(data, tmp))
+                tarball, image_id, lambda data, size: self._put_member(data, tmp)
+            )
             fields: dict[str, Any] = {"image_id": image_id}
         elif step.kind is StepKind.EXPORT:
             blob = self.store.blob(step.key)
@@ -71,22 +73,27 @@ class Pusher:
                 encode_sparse(out, sink)
                 path, ref = finish()
                 self._put(path, ref)
-            body["image"] = {"object": ref.to_json(), "size": out.stat().st_size,
-                             "blake3": digest_file(out)}
+            body["image"] = {
+                "object": ref.to_json(),
+                "size": out.stat().st_size,
+                "blake3": digest_file(out),
+            }
             fields = {}
         else:
             fields = {"overlays": int(record.get("overlays", 0))}
         if step.kind in (StepKind.RUN, StepKind.EXPORT):
-            fields["etc_written"] = {path: b64(bytes(data)) for path, data
-                                     in dict(record.get("etc_written", {})).items()}
+            fields["etc_written"] = {
+                path: b64(bytes(data)) for path, data in dict(record.get("etc_written", {})).items()
+            }
         # When it was made, so a reader applies the commands' max_age as the writer would.
         if isinstance(record.get("created"), int | float):
             fields["created"] = float(record["created"])
         if isinstance(record.get("made_at"), dict):
             fields["made_at"] = {str(k): float(v) for k, v in record["made_at"].items()}
         body["fields"] = fields
-        self.writer.put_record(wanted.name, encode_record(body, wanted, self.sign_key),
-                               _objects(body))
+        self.writer.put_record(
+            wanted.name, encode_record(body, wanted, self.sign_key), _objects(body)
+        )
 
     def _put(self, path: Path, ref: ObjectRef) -> None:
         if not self.writer.has_object(ref):

@@ -40,9 +40,12 @@ MAX_SIGNATURES = 8
 _STEP_ID = re.compile(r"[a-z]+(\[[0-9]{1,6}\])?")
 _IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _PART = {"run": "layer", "export": "export", "assemble": "image", "overlays": None}
-_FIELDS = {"run": {"image_id", "etc_written"}, "export": {"blob_size", "blob_digest",
-                                                          "etc_written"},
-           "assemble": set(), "overlays": {"overlays"}}
+_FIELDS = {
+    "run": {"image_id", "etc_written"},
+    "export": {"blob_size", "blob_digest", "etc_written"},
+    "assemble": set(),
+    "overlays": {"overlays"},
+}
 
 
 class BadRecord(BadObject):
@@ -91,13 +94,20 @@ class Record:
 
 def encode_record(body: dict[str, Any], wanted: Wanted, sign_key: SecretKey | None) -> bytes:
     """The bytes of a record (the body gets the identity fields of `wanted`)."""
-    body = {**body, "name": wanted.name, "scope": wanted.scope, "key": wanted.key,
-            "kind": wanted.kind, "step": wanted.step}
+    body = {
+        **body,
+        "name": wanted.name,
+        "scope": wanted.scope,
+        "key": wanted.key,
+        "kind": wanted.kind,
+        "step": wanted.step,
+    }
     text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     header = [FORMAT]
     if sign_key is not None:
-        header.append(sign_key.sign_line(signed_message(wanted.name, wanted.scope, wanted.key,
-                                                        text)))
+        header.append(
+            sign_key.sign_line(signed_message(wanted.name, wanted.scope, wanted.key, text))
+        )
     return b"\n".join(header) + b"\n\n" + text
 
 
@@ -139,7 +149,8 @@ def _decode(data: bytes, wanted: Wanted, trusted: Sequence[PublicKey], where: st
     if trusted:
         # Before the body is even parsed: with trusted keys, only signed bytes are read.
         signer, why = check_signatures(
-            signatures, trusted, signed_message(wanted.name, wanted.scope, wanted.key, body))
+            signatures, trusted, signed_message(wanted.name, wanted.scope, wanted.key, body)
+        )
         if signer is None:
             raise Untrusted(f"{where}: {why}")
     try:
@@ -149,8 +160,13 @@ def _decode(data: bytes, wanted: Wanted, trusted: Sequence[PublicKey], where: st
     if not isinstance(doc, dict):
         raise BadRecord(f"{where} is not a JSON object")
     claimed = {k: doc.get(k) for k in ("name", "scope", "key", "kind", "step")}
-    if claimed != {"name": wanted.name, "scope": wanted.scope, "key": wanted.key,
-                   "kind": wanted.kind, "step": wanted.step}:
+    if claimed != {
+        "name": wanted.name,
+        "scope": wanted.scope,
+        "key": wanted.key,
+        "kind": wanted.kind,
+        "step": wanted.step,
+    }:
         raise BadRecord(f"{where} is for another step (it names {_label(claimed)})")
     kind = wanted.kind
     if kind not in _PART or not _STEP_ID.fullmatch(wanted.step):
@@ -158,8 +174,10 @@ def _decode(data: bytes, wanted: Wanted, trusted: Sequence[PublicKey], where: st
     part = _PART[kind]
     expected = {"name", "scope", "key", "kind", "step", "fields"} | ({part} if part else set())
     if set(doc) != expected:
-        raise BadRecord(f"{where} has unexpected or missing fields "
-                        f"({', '.join(sorted(set(doc) ^ expected))[:120]})")
+        raise BadRecord(
+            f"{where} has unexpected or missing fields "
+            f"({', '.join(sorted(set(doc) ^ expected))[:120]})"
+        )
     fields = _fields(doc["fields"], kind, where)
     if kind == "run":
         return _run(doc["layer"], fields, signer, where)
@@ -169,9 +187,15 @@ def _decode(data: bytes, wanted: Wanted, trusted: Sequence[PublicKey], where: st
     if kind == "assemble":
         image = _dict(doc["image"], {"object", "size", "blake3"}, where)
         ref = _ref(image["object"], where)
-        return Record(kind, fields, ref=ref, image_size=_size(image["size"], where),
-                      image_blake3=_hex(image["blake3"], where), signer=signer,
-                      objects=(ref,))
+        return Record(
+            kind,
+            fields,
+            ref=ref,
+            image_size=_size(image["size"], where),
+            image_blake3=_hex(image["blake3"], where),
+            signer=signer,
+            objects=(ref,),
+        )
     return Record(kind, fields, signer=signer)
 
 
@@ -190,16 +214,18 @@ def _dict(value: Any, keys: set[str], where: str) -> dict[str, Any]:
 
 
 def _size(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not (
-            0 <= value <= MAX_OBJECT_BYTES):
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not (0 <= value <= MAX_OBJECT_BYTES)
+    ):
         raise BadRecord(f"{where} is malformed (a size is not a byte count)")
     return value
 
 
 def _time(value: Any, where: str) -> float:
     """A time in seconds since the epoch (a finite, non-negative number)."""
-    if not isinstance(value, int | float) or isinstance(value, bool) or not (
-            0 <= value < 1e11):
+    if not isinstance(value, int | float) or isinstance(value, bool) or not (0 <= value < 1e11):
         raise BadRecord(f"{where} is malformed (a time is not a number of seconds)")
     return float(value)
 
@@ -244,16 +270,16 @@ def _fields(value: Any, kind: str, where: str) -> dict[str, Any]:
     if "etc_written" in fields:
         etc = fields["etc_written"]
         if not isinstance(etc, dict) or not set(etc) <= set(MANAGED):
-            raise BadRecord(f"{where} is malformed (etc_written names a file rfs does not "
-                            "manage)")
+            raise BadRecord(f"{where} is malformed (etc_written names a file rfs does not manage)")
         fields["etc_written"] = {path: _bytes(text, where) for path, text in etc.items()}
     if kind == "export":
         fields["blob_size"] = _size(fields["blob_size"], where)
         fields["blob_digest"] = _hex(fields["blob_digest"], where)
     if kind == "overlays":
         fields["overlays"] = _size(fields["overlays"], where)
-    if kind == "run" and not (isinstance(fields["image_id"], str)
-                              and _IMAGE_ID.fullmatch(fields["image_id"])):
+    if kind == "run" and not (
+        isinstance(fields["image_id"], str) and _IMAGE_ID.fullmatch(fields["image_id"])
+    ):
         raise BadRecord(f"{where} is malformed (image_id)")
     return fields
 
@@ -270,8 +296,12 @@ def _run(value: Any, fields: dict[str, Any], signer: str | None, where: str) -> 
     except (ValueError, RecursionError, KeyError, TypeError) as exc:
         raise BadRecord(f"{where}: its image config has no layer list") from exc
     items = layer["layers"]
-    if (not isinstance(diff_ids, list) or not isinstance(items, list)
-            or len(diff_ids) != len(items) or not items):
+    if (
+        not isinstance(diff_ids, list)
+        or not isinstance(items, list)
+        or len(diff_ids) != len(items)
+        or not items
+    ):
         raise BadRecord(f"{where}: its layers do not match its image config")
     parts: list[LayerPart] = []
     objects: list[ObjectRef] = []
@@ -291,5 +321,6 @@ def _run(value: Any, fields: dict[str, Any], signer: str | None, where: str) -> 
             ref = _ref(_dict(item, {"size", "object"}, where)["object"], where)
             parts.append(LayerPart(diff_id[7:], size, ref=ref))
             objects.append(ref)
-    return Record("run", fields, config=config, layers=tuple(parts), signer=signer,
-                  objects=tuple(objects))
+    return Record(
+        "run", fields, config=config, layers=tuple(parts), signer=signer, objects=tuple(objects)
+    )

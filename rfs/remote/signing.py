@@ -90,8 +90,9 @@ def _decode(text: str, prefix: str, what: str) -> tuple[str, bytes]:
         raise UsageError(f"{what}: expected {prefix}:NAME:BASE64, got {_shorten(text)!r}")
     name, data = parts[1], parts[2]
     if not _NAME.fullmatch(name):
-        raise UsageError(f"{what}: the key name {name!r} is not letters, digits and . _ - "
-                         "(at most 64)")
+        raise UsageError(
+            f"{what}: the key name {name!r} is not letters, digits and . _ - (at most 64)"
+        )
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -108,8 +109,10 @@ def _shorten(text: str) -> str:
 def parse_public_key(text: str, where: str = "trusted key") -> PublicKey:
     """A public key from its one-line text; UsageError (exit 2) if malformed."""
     if text.strip().startswith(SECRET_PREFIX + ":"):
-        raise UsageError(f"{where}: this is a secret key; trust its public key instead (the "
-                         "line `rfs cache keygen` printed), and keep the secret one secret")
+        raise UsageError(
+            f"{where}: this is a secret key; trust its public key instead (the "
+            "line `rfs cache keygen` printed), and keep the secret one secret"
+        )
     name, raw = _decode(text, PUBLIC_PREFIX, where)
     key = PublicKey(name, raw)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -143,8 +146,9 @@ def load_secret_key(path: Path, where: str = "--cache-sign-key") -> SecretKey:
         with path.open("rb") as f:
             data = f.read(_MAX_KEY_FILE + 1)
     except OSError as exc:
-        raise UsageError(f"{where}: cannot read the key file {path}: "
-                         f"{exc.strerror or exc}") from exc
+        raise UsageError(
+            f"{where}: cannot read the key file {path}: {exc.strerror or exc}"
+        ) from exc
     if len(data) > _MAX_KEY_FILE:
         raise UsageError(f"{where}: {path} is not an rfs secret key file (too large)")
     try:
@@ -152,8 +156,10 @@ def load_secret_key(path: Path, where: str = "--cache-sign-key") -> SecretKey:
     except UnicodeDecodeError:
         raise UsageError(f"{where}: {path} is not an rfs secret key file") from None
     if text.startswith(PUBLIC_PREFIX + ":"):
-        raise UsageError(f"{where}: {path} holds a public key; signing needs the secret key "
-                         "file `rfs cache keygen` wrote")
+        raise UsageError(
+            f"{where}: {path} holds a public key; signing needs the secret key "
+            "file `rfs cache keygen` wrote"
+        )
     name, seed = _decode(text, SECRET_PREFIX, f"{where} {path}")
     return SecretKey(name, seed)
 
@@ -170,8 +176,9 @@ def generate(path: Path, name: str) -> PublicKey:
         PrivateFormat,
     )
 
-    seed = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw,
-                                                      NoEncryption())
+    seed = Ed25519PrivateKey.generate().private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+    )
     secret = SecretKey(name, seed)
     text = f"{SECRET_PREFIX}:{name}:{base64.b64encode(seed).decode()}\n".encode()
     try:
@@ -179,8 +186,9 @@ def generate(path: Path, name: str) -> PublicKey:
         # 0600 from the start, so the secret is never readable by others, even briefly.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise UsageError(f"{path} exists: rfs does not overwrite a key; remove it first or "
-                         "choose another file") from None
+        raise UsageError(
+            f"{path} exists: rfs does not overwrite a key; remove it first or choose another file"
+        ) from None
     except OSError as exc:
         raise EnvironmentProblem(f"cannot create {path}: {exc.strerror or exc}") from exc
     try:
@@ -194,8 +202,9 @@ def generate(path: Path, name: str) -> PublicKey:
     return secret.public()
 
 
-def check_signatures(lines: Sequence[tuple[str, bytes]], trusted: Sequence[PublicKey],
-                     message: bytes) -> tuple[str | None, str]:
+def check_signatures(
+    lines: Sequence[tuple[str, bytes]], trusted: Sequence[PublicKey], message: bytes
+) -> tuple[str | None, str]:
     """(name of the trusted key whose signature of `message` is among the (name, signature)
     pairs, "") or (None, why there is none, in a few words)."""
     if not lines:

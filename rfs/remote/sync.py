@@ -57,8 +57,9 @@ def _size(n: int) -> str:
 class RemoteCache:
     """The remote caches one build reads and writes."""
 
-    def __init__(self, settings: RemoteSettings, store: Store, executor: Executor,
-                 reporter: Reporter) -> None:
+    def __init__(
+        self, settings: RemoteSettings, store: Store, executor: Executor, reporter: Reporter
+    ) -> None:
         self.settings = settings
         self.store = store
         self.ex = executor
@@ -95,8 +96,10 @@ class RemoteCache:
         """A server fault: an error with --cache-strict, else a warning and no more requests."""
         if self.settings.strict:
             raise RemoteCacheError(
-                exc.message, hint="the remote cache is required (--cache-strict); check the "
-                                  "server, or drop --cache-strict to build without it") from exc
+                exc.message,
+                hint="the remote cache is required (--cache-strict); check the "
+                "server, or drop --cache-strict to build without it",
+            ) from exc
         if backend.url not in self.down:
             self.down.add(backend.url)
             self._warn(f"{exc.message}; continuing without this cache")
@@ -117,8 +120,10 @@ class RemoteCache:
             count = f"{len(reasons)} record(s) or object(s)"
             if untrusted:
                 count += f", {untrusted} of them not signed by a trusted key"
-            self._warn(f"remote cache {url}: ignored {count}, built locally instead: "
-                       f"{'; '.join(shown[:_SHOWN])}{more}")
+            self._warn(
+                f"remote cache {url}: ignored {count}, built locally instead: "
+                f"{'; '.join(shown[:_SHOWN])}{more}"
+            )
         self.ignored.clear()
 
     # -- planning --------------------------------------------------------------------------
@@ -195,23 +200,30 @@ class RemoteCache:
 
     def _fetch_locked(self, step: Step, backend: Backend, record: Record) -> None:
         def waiting() -> None:
-            self.reporter.message(f"  waiting  {step.id:<10} another rfs process is "
-                                  "fetching or building it")
+            self.reporter.message(
+                f"  waiting  {step.id:<10} another rfs process is fetching or building it"
+            )
 
         with self.store.building(step.key, on_wait=waiting):
             if self.ex.missing(step) is None:
                 return  # another process fetched or built it meanwhile
             t0 = time.monotonic()
-            base: dict[str, Any] = {"kind": step.kind.value, "step": step.id,
-                                    "inputs": dict(step.inputs), "fetched_from": backend.url}
+            base: dict[str, Any] = {
+                "kind": step.kind.value,
+                "step": step.id,
+                "inputs": dict(step.inputs),
+                "fetched_from": backend.url,
+            }
             if self.writer is not None and backend.url == self.writer.url:
                 base["pushed"] = [backend.url]  # it is there already: no need to send it back
             with self._scratch() as tmp:
                 nbytes = install(self.store, self.ex, step, backend, record, base, tmp)
             self.fetched.append(step.id)
             signed = f", signed by {record.signer}" if record.signer else ""
-            self.reporter.message(f"  fetched  {step.id:<10} from {backend.url} "
-                                  f"({_size(nbytes)} in {time.monotonic() - t0:.2f} s{signed})")
+            self.reporter.message(
+                f"  fetched  {step.id:<10} from {backend.url} "
+                f"({_size(nbytes)} in {time.monotonic() - t0:.2f} s{signed})"
+            )
 
     @contextlib.contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -240,8 +252,9 @@ class RemoteCache:
                 continue
             try:
                 scope = self.settings.scope or ""
-                wanted = Wanted(scoped_name(step.key, scope), scope, step.key,
-                                step.kind.value, step.id)
+                wanted = Wanted(
+                    scoped_name(step.key, scope), scope, step.key, step.kind.value, step.id
+                )
                 if step.key in ran or not self._target_has(writer, wanted):
                     with self._scratch() as tmp:
                         pusher.push(step, record, wanted, tmp)
@@ -259,7 +272,8 @@ class RemoteCache:
         if pushed:
             self.reporter.message(
                 f"  pushed   {pushed} step(s) to {writer.url} "
-                f"({_size(sent)} sent in {time.monotonic() - t0:.2f} s)")
+                f"({_size(sent)} sent in {time.monotonic() - t0:.2f} s)"
+            )
 
     def _target_has(self, writer: Backend, wanted: Wanted) -> bool:
         """Whether the target holds a record of the step that readers will use: one that
@@ -279,4 +293,3 @@ class RemoteCache:
         if record is not None:
             record["pushed"] = sorted({*record.get("pushed", []), url})
             self.store.put_record(key, record)
-

@@ -28,10 +28,15 @@ from rfs.remote.config import RemoteSettings
 def make_session(settings: RemoteSettings) -> requests.Session:
     """A session with rfs's retry policy mounted for http and https."""
     retry = urllib3.util.retry.Retry(
-        total=settings.retries, connect=settings.retries, read=settings.retries,
-        status=settings.retries, other=0, backoff_factor=0.2,
+        total=settings.retries,
+        connect=settings.retries,
+        read=settings.retries,
+        status=settings.retries,
+        other=0,
+        backoff_factor=0.2,
         status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        raise_on_status=False,
         respect_retry_after_header=False,  # a server asking for minutes would stall the build
     )
     session = requests.Session()
@@ -55,7 +60,8 @@ def _reason(exc: BaseException) -> str:
         if isinstance(cur, http.client.IncompleteRead):
             return "the answer ended early (the server closed the connection)"
         if isinstance(cur, ConnectionRefusedError) or (
-                isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED):
+            isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED
+        ):
             return "connection refused"
         if isinstance(cur, OSError) and cur.strerror:
             return cur.strerror.lower()
@@ -73,8 +79,7 @@ def translating(base_url: str, what: str) -> Iterator[None]:
         yield
     except RemoteCacheError:
         raise
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
-            OSError) as exc:
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise RemoteCacheError(f"remote cache {base_url}: cannot {what}: {_reason(exc)}") from exc
 
 
@@ -88,7 +93,8 @@ def status_error(base_url: str, what: str, resp: requests.Response) -> RemoteCac
     body = head.decode("utf-8", "replace")[:200].strip()
     detail = f": {body}" if body and "<html" not in body.lower() else ""
     return RemoteCacheError(
-        f"remote cache {base_url}: cannot {what}: HTTP {resp.status_code} {resp.reason}{detail}")
+        f"remote cache {base_url}: cannot {what}: HTTP {resp.status_code} {resp.reason}{detail}"
+    )
 
 
 def download(resp: requests.Response, dest: Path, limit: int, base_url: str) -> int:
@@ -101,14 +107,17 @@ def download(resp: requests.Response, dest: Path, limit: int, base_url: str) -> 
         for chunk in resp.iter_content(CHUNK):
             total += len(chunk)
             if total > limit:
-                raise BadObject(f"remote cache {base_url}: an object is larger than its "
-                                f"record says ({limit} bytes)")
+                raise BadObject(
+                    f"remote cache {base_url}: an object is larger than its "
+                    f"record says ({limit} bytes)"
+                )
             f.write(chunk)
     return total
 
 
-def read_bounded(resp: requests.Response, limit: int, deadline_s: float, base_url: str,
-                 what: str) -> bytes:
+def read_bounded(
+    resp: requests.Response, limit: int, deadline_s: float, base_url: str, what: str
+) -> bytes:
     """The body of a streamed response, at most `limit` bytes and within `deadline_s` seconds
     in all (the read time-out bounds only the wait between bytes: a server trickling one byte
     at a time must not hold a build). BadObject if larger; RemoteCacheError if too slow."""
@@ -116,16 +125,19 @@ def read_bounded(resp: requests.Response, limit: int, deadline_s: float, base_ur
 
     declared = resp.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise BadObject(f"remote cache {base_url}: {what} is too large "
-                        f"({declared} bytes; at most {limit})")
+        raise BadObject(
+            f"remote cache {base_url}: {what} is too large ({declared} bytes; at most {limit})"
+        )
     buf = bytearray()
     end = time.monotonic() + deadline_s
     for chunk in resp.iter_content(64 * 1024):
         buf += chunk
         if len(buf) > limit:
-            raise BadObject(f"remote cache {base_url}: {what} is too large "
-                            f"(more than {limit} bytes)")
+            raise BadObject(
+                f"remote cache {base_url}: {what} is too large (more than {limit} bytes)"
+            )
         if time.monotonic() > end:
-            raise RemoteCacheError(f"remote cache {base_url}: {what} took more than "
-                                   f"{deadline_s:.0f} s")
+            raise RemoteCacheError(
+                f"remote cache {base_url}: {what} took more than {deadline_s:.0f} s"
+            )
     return bytes(buf)

@@ -73,8 +73,7 @@ def _derive(client: Any, tag: str, files: dict[str, tuple[bytes, dict[str, str]]
             info.mode = 0o755
             info.pax_headers = pax
             tar.addfile(info, io.BytesIO(data))
-    container = client.containers.create(BASE, command=["/bin/true"],
-                                         labels={"org.rfs.test": "1"})
+    container = client.containers.create(BASE, command=["/bin/true"], labels={"org.rfs.test": "1"})
     try:
         container.put_archive("/", buf.getvalue())
         container.commit(*tag.split(":"))
@@ -110,7 +109,8 @@ def capped_base(client: Any, tag: str) -> Iterator[str]:
 def caps_image(engine_client: Any) -> Iterator[str]:
     """A base image holding /usr/bin/ping-like file with security.capability set."""
     pax = {"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("latin-1")}
-    tag = _derive(engine_client, "rfs-test-tmp/busybox:caps",
-                  {"/usr/bin/capped": (b"#!/bin/sh\n", pax)})
+    tag = _derive(
+        engine_client, "rfs-test-tmp/busybox:caps", {"/usr/bin/capped": (b"#!/bin/sh\n", pax)}
+    )
     yield tag
     _remove_image(engine_client, tag)

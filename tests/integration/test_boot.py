@@ -33,14 +33,35 @@ def test_debian_example_boots_to_the_login_prompt(tmp_path: Path) -> None:
     env = {**os.environ, "RFS_CACHE_DIR": str(tmp_path / "cache")}
     image = tmp_path / "debian.ext4"
     t0 = time.monotonic()
-    built = subprocess.run([sys.executable, "-m", "rfs", "build", str(EXAMPLE), "-o", str(image),
-                            "-q", "--verify"], capture_output=True, text=True, env=env,
-                           check=False)
+    built = subprocess.run(
+        [sys.executable, "-m", "rfs", "build", str(EXAMPLE), "-o", str(image), "-q", "--verify"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert built.returncode == 0, built.stderr
     t1 = time.monotonic()
-    booted = subprocess.run([sys.executable, "-m", "rfs", "boot", str(image), "--kernel",
-                             str(kernel), "--initrd", str(initrd), "--expect", "login:",
-                             "--timeout", "240"], capture_output=True, env=env, check=False)
+    booted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rfs",
+            "boot",
+            str(image),
+            "--kernel",
+            str(kernel),
+            "--initrd",
+            str(initrd),
+            "--expect",
+            "login:",
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
     console = booted.stdout.decode("utf-8", "replace")
     assert booted.returncode == 0, console[-3000:] + booted.stderr.decode("utf-8", "replace")
     assert "Welcome to" in console and "Debian GNU/Linux 12" in console
@@ -58,12 +79,27 @@ def test_expect_times_out_and_kills_the_vm(tmp_path: Path) -> None:
     image = tmp_path / "empty.ext4"
     subprocess.run(["mke2fs", "-q", "-t", "ext4", str(image), "16M"], check=True)
     t0 = time.monotonic()
-    booted = subprocess.run([sys.executable, "-m", "rfs", "boot", str(image), "--expect",
-                             "never printed", "--timeout", "5", "-q"], capture_output=True,
-                            text=True, check=False)
+    booted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rfs",
+            "boot",
+            str(image),
+            "--expect",
+            "never printed",
+            "--timeout",
+            "5",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert booted.returncode == 1, booted.stderr
     assert "did not appear on the console within 5 s" in booted.stderr
     assert time.monotonic() - t0 < 60
-    left = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64.*{image}"], capture_output=True,
-                          check=False)
+    left = subprocess.run(
+        ["pgrep", "-f", f"qemu-system-x86_64.*{image}"], capture_output=True, check=False
+    )
     assert left.returncode == 1, left.stdout

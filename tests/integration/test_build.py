@@ -69,8 +69,9 @@ class Result:
 
     def ran(self) -> list[str]:
         """Step ids rfs reports as run, in order."""
-        return [line.split()[1] for line in self.err.splitlines()
-                if line.strip().startswith("done ")]
+        return [
+            line.split()[1] for line in self.err.splitlines() if line.strip().startswith("done ")
+        ]
 
 
 @pytest.fixture
@@ -80,8 +81,10 @@ def package(tmp_path: Path, engine_toml: str) -> Path:
     (pkg / "files").mkdir()
     name, tag = BASE.split(":")
     (pkg / "build.toml").write_text(
-        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag)
-        .replace("[container]\n", f"[container]\n{engine_toml}"))
+        BUILD_TOML.replace("IMAGE_NAME", name)
+        .replace("IMAGE_TAG", tag)
+        .replace("[container]\n", f"[container]\n{engine_toml}")
+    )
     (pkg / "scripts" / "two.sh").write_text("#!/bin/sh\necho two > /srv/data/two\n")
     (pkg / "files" / "motd").write_text("welcome\n")
     return pkg
@@ -99,21 +102,28 @@ def rfs(cache_dir: Path, engine_client: object) -> Iterator[object]:
         run_id = uuid.uuid4().hex  # labels exactly this run's containers
         proc = subprocess.run(
             [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True, text=True, env={**os.environ, "RFS_CACHE_DIR": str(cache_dir),
-                                               "RFS_RUN_ID": run_id},
-            check=False, timeout=600)
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RFS_CACHE_DIR": str(cache_dir), "RFS_RUN_ID": run_id},
+            check=False,
+            timeout=600,
+        )
         until = int(time.time()) + 1
         events = engine_client.events(  # type: ignore[attr-defined]
-            since=start_ns // 10**9 - 1, until=until, decode=True,
-            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
+            since=start_ns // 10**9 - 1,
+            until=until,
+            decode=True,
+            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
+        )
         created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
         return Result(proc.returncode, proc.stdout, proc.stderr, created)
 
     yield run
 
 
-def test_build_then_noop_then_edits(rfs: object, package: Path, tmp_path: Path,
-                                    busybox_v2: str) -> None:
+def test_build_then_noop_then_edits(
+    rfs: object, package: Path, tmp_path: Path, busybox_v2: str
+) -> None:
     run = rfs  # the fixture is a function
     out = tmp_path / "out.ext4"
 
@@ -166,21 +176,27 @@ def test_build_then_noop_then_edits(rfs: object, package: Path, tmp_path: Path,
     # another base image reruns everything
     tag = busybox_v2.split(":")[1]
     toml = package / "build.toml"
-    toml.write_text(toml.read_text().replace(
-        'name = "rfs-test/busybox", tag = "1"', f'name = "rfs-test-tmp/busybox", tag = "{tag}"'))
+    toml.write_text(
+        toml.read_text().replace(
+            'name = "rfs-test/busybox", tag = "1"', f'name = "rfs-test-tmp/busybox", tag = "{tag}"'
+        )
+    )
     plan = run("plan", package, "-o", out)  # type: ignore[operator]
-    assert ("base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2"
-            in plan.out)
+    assert (
+        "base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2" in plan.out
+    )
     rebased = run("build", package, "-o", out)  # type: ignore[operator]
     assert rebased.ran() == ["run[0]", "run[1]", "run[2]", "export", "assemble"]
     assert content(out, "/etc/busybox-v2") == b"v2\n"
 
 
-def test_failing_command_names_step_and_leaves_nothing(rfs: object, package: Path,
-                                                       tmp_path: Path, cache_dir: Path) -> None:
+def test_failing_command_names_step_and_leaves_nothing(
+    rfs: object, package: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     toml = package / "build.toml"
-    toml.write_text(toml.read_text().replace('command = "touch /srv/data/three"',
-                                             'command = "ls /no/such/dir"'))
+    toml.write_text(
+        toml.read_text().replace('command = "touch /srv/data/three"', 'command = "ls /no/such/dir"')
+    )
     out = tmp_path / "out.ext4"
     result = rfs("build", package, "-o", out)  # type: ignore[operator]
     assert result.code == 1
@@ -204,8 +220,9 @@ def test_bad_script_exits_2_with_path(rfs: object, package: Path, tmp_path: Path
     assert "Traceback" not in result.err
 
 
-def test_script_named_directly_is_the_package_of_its_directory(rfs: object, package: Path,
-                                                               tmp_path: Path) -> None:
+def test_script_named_directly_is_the_package_of_its_directory(
+    rfs: object, package: Path, tmp_path: Path
+) -> None:
     """`rfs <verb> pkg/build.toml` (or a YAML script of any name) resolves script_path, overlay
     sources and volumes from the script's directory, as buildfs's pack does."""
     import tomllib
@@ -214,9 +231,12 @@ def test_script_named_directly_is_the_package_of_its_directory(rfs: object, pack
 
     run = rfs  # the fixture is a function
     script = package / "build.toml"
-    script.write_text(script.read_text().replace(
-        "[container]\n", '[container]\nvolumes = { "/files" = "/mnt/files" }\n')
-        + '\n[[commands]]\ncommand = "cp /mnt/files/motd /srv/from-volume"\n')
+    script.write_text(
+        script.read_text().replace(
+            "[container]\n", '[container]\nvolumes = { "/files" = "/mnt/files" }\n'
+        )
+        + '\n[[commands]]\ncommand = "cp /mnt/files/motd /srv/from-volume"\n'
+    )
     for verb in (["check"], ["plan"], ["graph"]):
         done = run(*verb, script)  # type: ignore[operator]
         assert done.code == 0, f"{verb}: {done.err}"
@@ -247,8 +267,9 @@ def privileged_refusal_seen_by_the_sdk(engine_client: Any) -> str | None:
 
     api = engine_client.api
     host = api.create_host_config(privileged=True, network_mode="none")
-    cid = api.create_container(BASE, command=["true"], entrypoint=[], host_config=host,
-                               labels={"org.rfs.managed": "1"})["Id"]
+    cid = api.create_container(
+        BASE, command=["true"], entrypoint=[], host_config=host, labels={"org.rfs.managed": "1"}
+    )["Id"]
     try:
         api.start(cid)
         api.wait(cid, timeout=30)  # removing it while it exits races in Podman 4.3
@@ -261,15 +282,16 @@ def privileged_refusal_seen_by_the_sdk(engine_client: Any) -> str | None:
 
 @pytest.mark.parametrize("field", ["container.rootful", "commands[0].privileged"])
 def test_privilege_the_host_refuses_is_exit_3_naming_the_field(
-        rfs: object, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str,
-        field: str) -> None:
+    rfs: object, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str, field: str
+) -> None:
     run = rfs  # the fixture is a function
     name, tag = BASE.split(":")
     rootful = "rootful = true\n" if field == "container.rootful" else ""
     privileged = "privileged = true\n" if field != "container.rootful" else ""
     (package / "build.toml").write_text(
         f'[container]\n{engine_toml}image = {{ name = "{name}", tag = "{tag}" }}\n{rootful}'
-        f"[[commands]]\nscript_inline = 'grep CapEff /proc/self/status > /caps'\n{privileged}")
+        f"[[commands]]\nscript_inline = 'grep CapEff /proc/self/status > /caps'\n{privileged}"
+    )
     refusal = privileged_refusal_seen_by_the_sdk(engine_client)
     checked = run("check", package)  # type: ignore[operator]
     out = tmp_path / "priv.ext4"

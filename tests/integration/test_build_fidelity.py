@@ -36,8 +36,9 @@ echo "127.0.0.1 localhost fidelity" > /etc/hosts
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory, caps_image: str, engine_toml: str
-         ) -> tuple[Path, dict[str, Entry]]:
+def tree(
+    tmp_path_factory: pytest.TempPathFactory, caps_image: str, engine_toml: str
+) -> tuple[Path, dict[str, Entry]]:
     # Built once per engine: the tests below only read the image.
     tmp_path = tmp_path_factory.mktemp("fidelity")
     name, tag = caps_image.split(":")
@@ -47,14 +48,18 @@ def tree(tmp_path_factory: pytest.TempPathFactory, caps_image: str, engine_toml:
     (pkg / "build.toml").write_text(
         f'[filesystem]\nsize_mib = 32\n[container]\nimage = {{ name = "{name}", tag = "{tag}" }}\n'
         f'{engine_toml}cap_add = ["MKNOD"]\n'
-        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n")
+        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n"
+    )
     out = tmp_path / "fid.ext4"
-    proc = subprocess.run([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out)],
-                          capture_output=True, text=True, check=False,
-                          env={**os.environ, "RFS_CACHE_DIR": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "RFS_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 0, proc.stderr
-    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True,
-                          check=False)
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     return out, list_ext4(out)
 

@@ -95,10 +95,17 @@ for f in /opt/copied*; do echo changed by a command >> "$f"; done
 
 def write_base(root: Path) -> Path:
     """The package every case starts from."""
-    files = {"build.toml": BUILD, "scripts/setup.sh": SETUP, "scripts/other.sh": SETUP + "\n# x\n",
-             "files/motd": "hello from the package\n", "files/motd2": "another motd\n",
-             "files/copied.txt": "copied in\n",
-             "tree/a.txt": "a\n", "tree/sub/b.txt": "b\n", "vol/input": "volume\n"}
+    files = {
+        "build.toml": BUILD,
+        "scripts/setup.sh": SETUP,
+        "scripts/other.sh": SETUP + "\n# x\n",
+        "files/motd": "hello from the package\n",
+        "files/motd2": "another motd\n",
+        "files/copied.txt": "copied in\n",
+        "tree/a.txt": "a\n",
+        "tree/sub/b.txt": "b\n",
+        "vol/input": "volume\n",
+    }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
@@ -109,10 +116,12 @@ def write_base(root: Path) -> Path:
 
 def edit(old: str, new: str) -> Callable[[Path], None]:
     """A case that replaces `old` by `new` in build.toml (which must contain it)."""
+
     def apply(pkg: Path) -> None:
         text = (pkg / "build.toml").read_text()
         assert old in text, old
         (pkg / "build.toml").write_text(text.replace(old, new, 1))
+
     return apply
 
 
@@ -143,6 +152,7 @@ def _relink(rel: str, target: str) -> Callable[[Path], None]:
     def apply(pkg: Path) -> None:
         (pkg / rel).unlink()
         os.symlink(target, pkg / rel)
+
     return apply
 
 
@@ -167,31 +177,47 @@ CASES: dict[str, Case] = {
     # [filesystem]
     "type": Case(("filesystem", "filesystem.type"), append("[filesystem]", 'type = "Squashfs"')),
     "size": Case(("filesystem.size_mib",), edit("size_mib = 24", "size_mib = 28")),
-    "block size": Case(("filesystem.block_size_mib",),
-                       append("[filesystem]", "block_size_mib = 4")),
-    "dd block size": Case(("filesystem.dd_block_size_mib",),
-                          append("[filesystem]", "dd_block_size_mib = 4")),
+    "block size": Case(
+        ("filesystem.block_size_mib",), append("[filesystem]", "block_size_mib = 4")
+    ),
+    "dd block size": Case(
+        ("filesystem.dd_block_size_mib",), append("[filesystem]", "dd_block_size_mib = 4")
+    ),
     "dd args": Case(("filesystem.dd_args",), append("[filesystem]", 'dd_args = ["conv=sparse"]')),
-    "mkfs args": Case(("filesystem.mkfs_args",),
-                      append("[filesystem]", 'mkfs_args = ["-L", "rootfs"]')),
+    "mkfs args": Case(
+        ("filesystem.mkfs_args",), append("[filesystem]", 'mkfs_args = ["-L", "rootfs"]')
+    ),
     # [container]
-    "engine": Case(("container.engine",), edit('engine = "Docker"', 'engine = "Podman"'),
-                   needs="podman"),
-    "image tag": Case(("container.image", "container.image.tag"),
-                      edit('image = { name = "rfs-test/busybox", tag = "1" }',
-                           'image = { name = "rfs-test-tmp/busybox", tag = "V2TAG" }'),
-                      needs="v2"),
-    "image name, same image": Case(("container.image.name",),
-                                   edit('name = "rfs-test/busybox"', 'name = "ALIAS"'),
-                                   keyed=False, needs="alias"),
-    "archive": Case(("container.archive",),
-                    edit('image = { name = "rfs-test/busybox", tag = "1" }',
-                         'archive = "/images/base.tar"'), needs="archive"),
-    "wait timeout": Case(("container.wait_timeout_s",),
-                         append("[container]", "wait_timeout_s = 5"), keyed=False),
-    "connection uri": Case(("container.connection_uri",),
-                           append("[container]", 'connection_uri = "unix:///run/docker.sock"'),
-                           keyed=False),
+    "engine": Case(
+        ("container.engine",), edit('engine = "Docker"', 'engine = "Podman"'), needs="podman"
+    ),
+    "image tag": Case(
+        ("container.image", "container.image.tag"),
+        edit(
+            'image = { name = "rfs-test/busybox", tag = "1" }',
+            'image = { name = "rfs-test-tmp/busybox", tag = "V2TAG" }',
+        ),
+        needs="v2",
+    ),
+    "image name, same image": Case(
+        ("container.image.name",),
+        edit('name = "rfs-test/busybox"', 'name = "ALIAS"'),
+        keyed=False,
+        needs="alias",
+    ),
+    "archive": Case(
+        ("container.archive",),
+        edit('image = { name = "rfs-test/busybox", tag = "1" }', 'archive = "/images/base.tar"'),
+        needs="archive",
+    ),
+    "wait timeout": Case(
+        ("container.wait_timeout_s",), append("[container]", "wait_timeout_s = 5"), keyed=False
+    ),
+    "connection uri": Case(
+        ("container.connection_uri",),
+        append("[container]", 'connection_uri = "unix:///run/docker.sock"'),
+        keyed=False,
+    ),
     "volume target": Case(("container.volumes",), edit('"/mnt/vol"', '"/mnt/vol2"')),
     "env": Case(("container", "container.env"), edit('GREETING = "hello"', 'GREETING = "bye"')),
     "hostname": Case(("container.hostname",), edit('hostname = "rfsbox"', 'hostname = "other"')),
@@ -200,76 +226,114 @@ CASES: dict[str, Case] = {
     "cap add": Case(("container.cap_add",), append("[container]", 'cap_add = ["NET_ADMIN"]')),
     "cap drop": Case(("container.cap_drop",), append("[container]", 'cap_drop = ["CHOWN"]')),
     "container uid": Case(("container.uid", "container.gid"), _container_user),
-    "container working dir": Case(("container.working_dir",),
-                                  append("[container]", 'working_dir = "/tmp"')),
+    "container working dir": Case(
+        ("container.working_dir",), append("[container]", 'working_dir = "/tmp"')
+    ),
     # [[copy]]
     "copy source": Case(("copy", "copy[].source"), edit('"/files/copied.txt"', '"/files/motd2"')),
-    "copy destination": Case(("copy[].destination",),
-                             edit('"/opt/copied.txt"', '"/opt/copied-elsewhere.txt"')),
+    "copy destination": Case(
+        ("copy[].destination",), edit('"/opt/copied.txt"', '"/opt/copied-elsewhere.txt"')
+    ),
     "copy mode": Case(("copy[].mode",), append('destination = "/opt/copied.txt"', "mode = 0o600")),
     "copy uid": Case(("copy[].uid",), append('destination = "/opt/copied.txt"', "uid = 1000")),
     "copy gid": Case(("copy[].gid",), append('destination = "/opt/copied.txt"', "gid = 1000")),
     # [[outputs]]: the side outputs are compared too
-    "output path": Case(("outputs", "outputs[].path"), edit('path = "/bin/busybox"',
-                                                            'path = "/out/env"')),
+    "output path": Case(
+        ("outputs", "outputs[].path"), edit('path = "/bin/busybox"', 'path = "/out/env"')
+    ),
     "output to": Case(("outputs[].to",), edit('to = "busybox.out"', 'to = "side/busybox"')),
     "output remove": Case(("outputs[].remove",), append('to = "busybox.out"', "remove = true")),
-    "filesystem all root": Case(("filesystem.all_root",),
-                                append("[filesystem]", 'type = "Squashfs"\nall_root = true')),
+    "filesystem all root": Case(
+        ("filesystem.all_root",), append("[filesystem]", 'type = "Squashfs"\nall_root = true')
+    ),
     # [[commands]]
-    "command": Case(("commands", "commands[].command"),
-                    edit('"mkdir -p /from-command"', '"mkdir -p /from-command-2"')),
+    "command": Case(
+        ("commands", "commands[].command"),
+        edit('"mkdir -p /from-command"', '"mkdir -p /from-command-2"'),
+    ),
     "script inline": Case(("commands[].script_inline",), edit("pwd > /out/inline-pwd", "pwd")),
-    "script path": Case(("commands[].script_path",),
-                        edit('"/scripts/setup.sh"', '"/scripts/other.sh"')),
+    "script path": Case(
+        ("commands[].script_path",), edit('"/scripts/setup.sh"', '"/scripts/other.sh"')
+    ),
     "script moved": Case(("commands[].script_path",), _move_script, keyed=False),
-    "uid": Case(("commands[].uid",), edit("[[commands]]\nscript_inline",
-                                           "[[commands]]\nuid = 1000\nscript_inline")),
-    "gid": Case(("commands[].gid",), edit("[[commands]]\nscript_inline",
-                                           "[[commands]]\ngid = 1000\nscript_inline")),
-    "working dir": Case(("commands[].working_dir",),
-                        edit("[[commands]]\nscript_inline",
-                             '[[commands]]\nworking_dir = "/tmp"\nscript_inline')),
+    "uid": Case(
+        ("commands[].uid",),
+        edit("[[commands]]\nscript_inline", "[[commands]]\nuid = 1000\nscript_inline"),
+    ),
+    "gid": Case(
+        ("commands[].gid",),
+        edit("[[commands]]\nscript_inline", "[[commands]]\ngid = 1000\nscript_inline"),
+    ),
+    "working dir": Case(
+        ("commands[].working_dir",),
+        edit("[[commands]]\nscript_inline", '[[commands]]\nworking_dir = "/tmp"\nscript_inline'),
+    ),
     "command env": Case(("commands[].env",), edit('STAGE = "one"', 'STAGE = "two"')),
-    "max age": Case(("commands[].max_age",), edit('"mkdir -p /from-command"',
-                                                  '"mkdir -p /from-command"\nmax_age = "7d"'),
-                    keyed=False),
-    "no cache": Case(("commands[].no_cache",), edit('"mkdir -p /from-command"',
-                                                    '"mkdir -p /from-command"\nno_cache = true')),
+    "max age": Case(
+        ("commands[].max_age",),
+        edit('"mkdir -p /from-command"', '"mkdir -p /from-command"\nmax_age = "7d"'),
+        keyed=False,
+    ),
+    "no cache": Case(
+        ("commands[].no_cache",),
+        edit('"mkdir -p /from-command"', '"mkdir -p /from-command"\nno_cache = true'),
+    ),
     # [[overlays]]
-    "overlay source": Case(("overlays", "overlays[].source"),
-                           edit('"/files/motd"', '"/files/motd2"')),
-    "overlay inline": Case(("overlays[].source_inline",),
-                           edit('source = "/files/motd"', 'source_inline = "inline motd\\n"')),
+    "overlay source": Case(
+        ("overlays", "overlays[].source"), edit('"/files/motd"', '"/files/motd2"')
+    ),
+    "overlay inline": Case(
+        ("overlays[].source_inline",),
+        edit('source = "/files/motd"', 'source_inline = "inline motd\\n"'),
+    ),
     "overlay destination": Case(("overlays[].destination",), edit('"/etc/motd"', '"/etc/motd2"')),
-    "overlay is_directory": Case(("overlays[].is_directory",),
-                                 edit('source = "/tree"\ndestination = "/opt/tree"\n'
-                                      "is_directory = true",
-                                      'source = "/tree/a.txt"\ndestination = "/opt/tree"')),
-    "overlay mounted": Case(("overlays[].mounted",),
-                            edit('destination = "/etc/motd"',
-                                 'destination = "/etc/motd"\nmounted = true')),
-    "overlay mode": Case(("overlays[].mode",),
-                         edit('destination = "/etc/motd"',
-                              'destination = "/etc/motd"\nmode = 0o600')),
-    "overlay uid": Case(("overlays[].uid",),
-                        edit('destination = "/opt/tree"', 'destination = "/opt/tree"\nuid = 1000')),
-    "overlay gid": Case(("overlays[].gid",),
-                        edit('destination = "/opt/tree"', 'destination = "/opt/tree"\ngid = 1000')),
+    "overlay is_directory": Case(
+        ("overlays[].is_directory",),
+        edit(
+            'source = "/tree"\ndestination = "/opt/tree"\nis_directory = true',
+            'source = "/tree/a.txt"\ndestination = "/opt/tree"',
+        ),
+    ),
+    "overlay mounted": Case(
+        ("overlays[].mounted",),
+        edit('destination = "/etc/motd"', 'destination = "/etc/motd"\nmounted = true'),
+    ),
+    "overlay mode": Case(
+        ("overlays[].mode",),
+        edit('destination = "/etc/motd"', 'destination = "/etc/motd"\nmode = 0o600'),
+    ),
+    "overlay uid": Case(
+        ("overlays[].uid",),
+        edit('destination = "/opt/tree"', 'destination = "/opt/tree"\nuid = 1000'),
+    ),
+    "overlay gid": Case(
+        ("overlays[].gid",),
+        edit('destination = "/opt/tree"', 'destination = "/opt/tree"\ngid = 1000'),
+    ),
     # [export]
-    "exclude a file": Case(("export", "export.files", "export.files.exclude"),
-                           lambda p: _add(p, '[export.files]\nexclude = ["/out/id"]\n')),
-    "include files": Case(("export.files.include",),
-                          lambda p: _add(p, '[export.files]\ninclude = ["/bin/busybox"]\n')),
-    "create a file": Case(("export.files.create",),
-                          lambda p: _add(p, '[export.files]\ncreate = ["/etc/machine-id"]\n')),
-    "include directories": Case(("export.directories", "export.directories.include"),
-                                lambda p: _add(p, '[export.directories]\n'
-                                                  'include = ["/bin", "/etc", "/out", "/opt"]\n')),
-    "create a directory": Case(("export.directories.create",),
-                               lambda p: _add(p, '[export.directories]\ncreate = ["/srv/new"]\n')),
-    "exclude a directory": Case(("export.directories.exclude",),
-                                lambda p: _add(p, '[export.directories]\nexclude = ["/out"]\n')),
+    "exclude a file": Case(
+        ("export", "export.files", "export.files.exclude"),
+        lambda p: _add(p, '[export.files]\nexclude = ["/out/id"]\n'),
+    ),
+    "include files": Case(
+        ("export.files.include",), lambda p: _add(p, '[export.files]\ninclude = ["/bin/busybox"]\n')
+    ),
+    "create a file": Case(
+        ("export.files.create",),
+        lambda p: _add(p, '[export.files]\ncreate = ["/etc/machine-id"]\n'),
+    ),
+    "include directories": Case(
+        ("export.directories", "export.directories.include"),
+        lambda p: _add(p, '[export.directories]\ninclude = ["/bin", "/etc", "/out", "/opt"]\n'),
+    ),
+    "create a directory": Case(
+        ("export.directories.create",),
+        lambda p: _add(p, '[export.directories]\ncreate = ["/srv/new"]\n'),
+    ),
+    "exclude a directory": Case(
+        ("export.directories.exclude",),
+        lambda p: _add(p, '[export.directories]\nexclude = ["/out"]\n'),
+    ),
     # package files: content, the mode bits that reach the image, kind, symlink target
     "overlay file content": Case((), _write("files/motd", "edited\n")),
     "overlay file made executable": Case((), _chmod("files/motd", 0o744)),
@@ -289,8 +353,7 @@ CASES: dict[str, Case] = {
 # tests/unit (test_graph.py).
 CANNOT_RUN_HERE = {
     "container.rootful": "this host refuses privileged containers (runc: unable to apply caps)",
-    "commands[].privileged": "this host refuses privileged containers (runc: unable to apply "
-                             "caps)",
+    "commands[].privileged": "this host refuses privileged containers (runc: unable to apply caps)",
 }
 
 
@@ -301,10 +364,16 @@ def _add(pkg: Path, text: str) -> None:
 
 def schema_fields() -> set[str]:
     """Every field path of the schema, from its own table of keys."""
-    sections = {"filesystem": "filesystem", "container": "container",
-                "container.image": "image", "commands[]": "commands",
-                "overlays[]": "overlays", "export": "export", "copy[]": "copy",
-                "outputs[]": "outputs"}
+    sections = {
+        "filesystem": "filesystem",
+        "container": "container",
+        "container.image": "image",
+        "commands[]": "commands",
+        "overlays[]": "overlays",
+        "export": "export",
+        "copy[]": "copy",
+        "outputs[]": "outputs",
+    }
     fields = set(_KEYS[""])
     for prefix, table in sections.items():
         fields |= {f"{prefix}.{k}" for k in _KEYS[table]}
@@ -332,8 +401,9 @@ def test_the_case_list_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        dict[str, Any]]:
+def prepared(
+    docker_client: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """A warm cache holding the base package's build, and what the cases need."""
     import docker
 
@@ -346,8 +416,9 @@ def prepared(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> It
     alias = f"rfs-test-tmp/truth-alias-{uuid.uuid4().hex[:8]}"
     v2tag = f"truth-v2-{uuid.uuid4().hex[:8]}"  # unique: other test runs share the engine
     image.tag(alias, "1")
-    container = docker_client.containers.create(BASE, command=["/bin/true"],
-                                                labels={"org.rfs.test": "1"})
+    container = docker_client.containers.create(
+        BASE, command=["/bin/true"], labels={"org.rfs.test": "1"}
+    )
     try:
         import io
         import tarfile
@@ -365,8 +436,14 @@ def prepared(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> It
     with archive.open("wb") as f:
         for chunk in image.save(named=False):
             f.write(chunk)
-    yield {"root": root, "base": base, "warm": warm, "alias": alias, "archive": archive,
-           "v2tag": v2tag}
+    yield {
+        "root": root,
+        "base": base,
+        "warm": warm,
+        "alias": alias,
+        "archive": archive,
+        "v2tag": v2tag,
+    }
     for tag in (f"{alias}:1", f"rfs-test-tmp/busybox:{v2tag}"):
         with contextlib.suppress(docker.errors.APIError):
             docker_client.images.remove(tag)
@@ -386,8 +463,9 @@ def _podman_ready() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_warm_build_gives_what_a_clean_build_gives(name: str, prepared: dict[str, Any],
-                                                      tmp_path: Path) -> None:
+def test_a_warm_build_gives_what_a_clean_build_gives(
+    name: str, prepared: dict[str, Any], tmp_path: Path
+) -> None:
     case = CASES[name]
     pkg = tmp_path / "pkg"
     shutil.copytree(prepared["base"], pkg, symlinks=True)
@@ -418,10 +496,14 @@ def test_a_warm_build_gives_what_a_clean_build_gives(name: str, prepared: dict[s
         detail = ""
         if (pkg / "build.toml").read_text().count("Squashfs") == 0:
             a, b = list_ext4(warm_out), list_ext4(clean_out)
-            detail = "\n".join(f"{p}: {a.get(p)} != {b.get(p)}" for p in sorted(set(a) | set(b))
-                               if a.get(p) != b.get(p))[:3000]
+            detail = "\n".join(
+                f"{p}: {a.get(p)} != {b.get(p)}"
+                for p in sorted(set(a) | set(b))
+                if a.get(p) != b.get(p)
+            )[:3000]
         pytest.fail(f"{name}: the warm build's image differs from a clean build's\n{detail}")
     for out in tomllib.loads((pkg / "build.toml").read_text()).get("outputs", []):
         to = out.get("to") or out["path"].rsplit("/", 1)[-1]
         assert (warm_out.parent / to).read_bytes() == (clean_out.parent / to).read_bytes(), (
-            f"{name}: the side output {to} of the warm build differs from a clean build's")
+            f"{name}: the side output {to} of the warm build differs from a clean build's"
+        )

@@ -53,8 +53,9 @@ def _no_leftover_containers(request: pytest.FixtureRequest, run_label: str) -> I
 class Run:
     """Runs steps in the engine under test with the run label, collecting their output."""
 
-    def __init__(self, engine: Engine, image: str, labels: dict[str, str],
-                 tmp_tag: Callable[[str], str]) -> None:
+    def __init__(
+        self, engine: Engine, image: str, labels: dict[str, str], tmp_tag: Callable[[str], str]
+    ) -> None:
         self.engine, self.image, self.labels, self.tmp_tag = engine, image, labels, tmp_tag
         self.chunks: list[bytes] = []
 
@@ -62,17 +63,23 @@ class Run:
     def output(self) -> bytes:
         return b"".join(self.chunks)
 
-    def __call__(self, *argv: str, image: str | None = None, step: str = "run[0]",
-                 **settings: Any) -> str:
+    def __call__(
+        self, *argv: str, image: str | None = None, step: str = "run[0]", **settings: Any
+    ) -> str:
         self.chunks = []
         spec = RunSpec(image=image or self.image, argv=argv, labels=self.labels, **settings)
-        return self.engine.run_and_commit(spec, step=step, tag=self.tmp_tag("layer"),
-                                          on_output=self.chunks.append)
+        return self.engine.run_and_commit(
+            spec, step=step, tag=self.tmp_tag("layer"), on_output=self.chunks.append
+        )
 
 
 @pytest.fixture
-def run(docker_engine: Engine, busybox_image: str, run_labels: dict[str, str],
-        tmp_tag: Callable[[str], str]) -> Run:
+def run(
+    docker_engine: Engine,
+    busybox_image: str,
+    run_labels: dict[str, str],
+    tmp_tag: Callable[[str], str],
+) -> Run:
     return Run(docker_engine, busybox_image, run_labels, tmp_tag)
 
 
@@ -122,8 +129,7 @@ def test_ping_and_version(docker_engine: Engine) -> None:
 # -- images -----------------------------------------------------------------------------
 
 
-def test_resolve_base_of_a_local_image_is_its_id(docker_engine: Engine,
-                                                 busybox_image: str) -> None:
+def test_resolve_base_of_a_local_image_is_its_id(docker_engine: Engine, busybox_image: str) -> None:
     name, tag = busybox_image.rsplit(":", 1)
     resolved = docker_engine.resolve_base(name, tag)
     assert resolved.startswith("sha256:")
@@ -185,8 +191,9 @@ def test_resolve_base_gives_up_when_the_pull_stalls(tmp_path: Path) -> None:
         server.server_close()
 
 
-def test_tag_and_remove_image(docker_engine: Engine, busybox_image: str,
-                              tmp_tag: Callable[[str], str]) -> None:
+def test_tag_and_remove_image(
+    docker_engine: Engine, busybox_image: str, tmp_tag: Callable[[str], str]
+) -> None:
     image_id = docker_engine.image_id(busybox_image)
     assert image_id is not None
     alias = tmp_tag("alias")
@@ -220,8 +227,12 @@ def test_fast_commands_lose_no_output(run: Run) -> None:
         assert run.output == expected
 
 
-def test_commit_tags_the_layer(docker_engine: Engine, busybox_image: str,
-                               run_labels: dict[str, str], tmp_tag: Callable[[str], str]) -> None:
+def test_commit_tags_the_layer(
+    docker_engine: Engine,
+    busybox_image: str,
+    run_labels: dict[str, str],
+    tmp_tag: Callable[[str], str],
+) -> None:
     tag = tmp_tag("tagged")
     spec = RunSpec(image=busybox_image, argv=("true",), labels=run_labels)
     layer = docker_engine.run_and_commit(spec, step="run[0]", tag=tag, on_output=lambda _: None)
@@ -229,17 +240,19 @@ def test_commit_tags_the_layer(docker_engine: Engine, busybox_image: str,
     assert docker_engine.image_id(tag) == layer
 
 
-def test_a_moved_tag_leaves_no_untagged_image(docker_engine: Engine, busybox_image: str,
-                                              run_labels: dict[str, str],
-                                              tmp_tag: Callable[[str], str]) -> None:
+def test_a_moved_tag_leaves_no_untagged_image(
+    docker_engine: Engine,
+    busybox_image: str,
+    run_labels: dict[str, str],
+    tmp_tag: Callable[[str], str],
+) -> None:
     """A build from an empty cache makes a layer again under the same tag: the image the tag
     left must go, unless something still needs it (here: a child layer)."""
     tag, child_tag = tmp_tag("again"), tmp_tag("child")
 
     def commit(argv: tuple[str, ...], image: str, to: str) -> str:
         spec = RunSpec(image=image, argv=argv, labels=run_labels)
-        return docker_engine.run_and_commit(spec, step="run[0]", tag=to,
-                                            on_output=lambda _: None)
+        return docker_engine.run_and_commit(spec, step="run[0]", tag=to, on_output=lambda _: None)
 
     first = commit(("touch", "/one"), busybox_image, tag)
     second = commit(("touch", "/two"), busybox_image, tag)
@@ -285,13 +298,16 @@ def test_tail_is_the_last_twenty_lines(run: Run) -> None:
 
 
 def test_a_silent_step_outlasting_the_client_timeout_loses_nothing(
-    busybox_image: str, run_labels: dict[str, str], tmp_tag: Callable[[str], str],
+    busybox_image: str,
+    run_labels: dict[str, str],
+    tmp_tag: Callable[[str], str],
     docker_engine: Engine,
 ) -> None:
     engine = connect(docker_engine.name, getattr(docker_engine, "base_url", None), timeout_s=1)
     chunks: list[bytes] = []
-    spec = RunSpec(image=busybox_image, argv=("sh", "-c", "echo a; sleep 3; echo b"),
-                   labels=run_labels)
+    spec = RunSpec(
+        image=busybox_image, argv=("sh", "-c", "echo a; sleep 3; echo b"), labels=run_labels
+    )
     engine.run_and_commit(spec, step="run[0]", tag=tmp_tag("quiet"), on_output=chunks.append)
     assert b"".join(chunks) == b"a\nb\n"
 
@@ -310,14 +326,26 @@ def test_timeout_stops_the_command(run: Run) -> None:
 
 
 def test_user_working_dir_and_env_are_honoured(run: Run) -> None:
-    run("sh", "-c", 'id -u; id -g; pwd; echo "$GREETING"',
-        user="1234:2345", working_dir="/tmp", env={"GREETING": "hello there"})
+    run(
+        "sh",
+        "-c",
+        'id -u; id -g; pwd; echo "$GREETING"',
+        user="1234:2345",
+        working_dir="/tmp",
+        env={"GREETING": "hello there"},
+    )
     assert run.output.decode().splitlines() == ["1234", "2345", "/tmp", "hello there"]
 
 
 def test_a_steps_settings_do_not_leak_into_the_next(run: Run, docker_engine: Engine) -> None:
-    layer = run("sh", "-c", "true", user="1234:2345", working_dir="/tmp",
-                env={"STEP_ONE": "1", "PATH": "/bin"})
+    layer = run(
+        "sh",
+        "-c",
+        "true",
+        user="1234:2345",
+        working_dir="/tmp",
+        env={"STEP_ONE": "1", "PATH": "/bin"},
+    )
     run("sh", "-c", 'id -u; pwd; echo "${STEP_ONE-unset}"; echo "$PATH"', image=layer)
     user, cwd, step_one, path = run.output.decode().splitlines()
     assert (user, cwd) == ("0", "/")
@@ -326,14 +354,14 @@ def test_a_steps_settings_do_not_leak_into_the_next(run: Run, docker_engine: Eng
         assert path == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def test_run_labels_do_not_stick_to_the_layer(run: Run, docker_engine: Engine,
-                                              run_label: str) -> None:
+def test_run_labels_do_not_stick_to_the_layer(
+    run: Run, docker_engine: Engine, run_label: str
+) -> None:
     layer = run("true")
     # A container made from the layer without our labels must not match our filters.
     import docker
 
-    api: Any = docker.APIClient(base_url=getattr(docker_engine, "base_url", None),
-                                version="1.40")
+    api: Any = docker.APIClient(base_url=getattr(docker_engine, "base_url", None), version="1.40")
     cid = api.create_container(layer, command=["true"])["Id"]
     try:
         labels = api.inspect_container(cid)["Config"]["Labels"] or {}
@@ -346,23 +374,33 @@ def test_run_labels_do_not_stick_to_the_layer(run: Run, docker_engine: Engine,
 
 def test_mounts_network_and_hostname(run: Run, tmp_path: Path) -> None:
     (tmp_path / "input.txt").write_text("from the host\n")
-    run("sh", "-c", "cat /in/input.txt; touch /in/x 2>/dev/null || echo read-only; "
+    run(
+        "sh",
+        "-c",
+        "cat /in/input.txt; touch /in/x 2>/dev/null || echo read-only; "
         "hostname; busybox grep -c : /proc/net/dev",
-        mounts=(Mount(str(tmp_path), "/in"),), hostname="rfs-step", network=False)
+        mounts=(Mount(str(tmp_path), "/in"),),
+        hostname="rfs-step",
+        network=False,
+    )
     # /proc/net/dev lists one interface per line after two header lines (which contain ':'
     # only in the interface lines): with network=False only "lo" is there.
     assert run.output.decode().splitlines() == ["from the host", "read-only", "rfs-step", "1"]
 
 
 def test_keyboard_interrupt_in_on_output_removes_the_container(
-    docker_engine: Engine, busybox_image: str, run_labels: dict[str, str], run_label: str,
+    docker_engine: Engine,
+    busybox_image: str,
+    run_labels: dict[str, str],
+    run_label: str,
     tmp_tag: Callable[[str], str],
 ) -> None:
     def interrupt(_: bytes) -> None:
         raise KeyboardInterrupt
 
-    spec = RunSpec(image=busybox_image, argv=("sh", "-c", "echo first; sleep 60"),
-                   labels=run_labels)
+    spec = RunSpec(
+        image=busybox_image, argv=("sh", "-c", "echo first; sleep 60"), labels=run_labels
+    )
     tag = tmp_tag("interrupted")
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -372,12 +410,12 @@ def test_keyboard_interrupt_in_on_output_removes_the_container(
     assert not docker_engine.has_tag(tag)
 
 
-def test_remove_containers_by_label(docker_engine: Engine, busybox_image: str,
-                                    run_label: str) -> None:
+def test_remove_containers_by_label(
+    docker_engine: Engine, busybox_image: str, run_label: str
+) -> None:
     import docker
 
-    api: Any = docker.APIClient(base_url=getattr(docker_engine, "base_url", None),
-                                version="1.40")
+    api: Any = docker.APIClient(base_url=getattr(docker_engine, "base_url", None), version="1.40")
     key, value = run_label.split("=")
     extra = {key: value, MANAGED_LABEL: "1", "org.rfs.test-case": "remove"}
     for _ in range(2):
@@ -390,11 +428,16 @@ def test_remove_containers_by_label(docker_engine: Engine, busybox_image: str,
 # -- export -----------------------------------------------------------------------------
 
 
-def test_export_streams_owners_and_mode_bits(run: Run, docker_engine: Engine,
-                                            run_labels: dict[str, str], tmp_path: Path) -> None:
-    layer = run("sh", "-c", "mkdir /data && echo hi > /data/suid && chown 4242:4343 /data/suid"
-                " && chmod 4755 /data/suid && echo big > /data/bigid"
-                " && chown 3000000:3000001 /data/bigid")
+def test_export_streams_owners_and_mode_bits(
+    run: Run, docker_engine: Engine, run_labels: dict[str, str], tmp_path: Path
+) -> None:
+    layer = run(
+        "sh",
+        "-c",
+        "mkdir /data && echo hi > /data/suid && chown 4242:4343 /data/suid"
+        " && chmod 4755 /data/suid && echo big > /data/bigid"
+        " && chown 3000000:3000001 /data/bigid",
+    )
     progress: list[int] = []
     dest = tmp_path / "rootfs.tar"
     with dest.open("wb") as out:
@@ -411,7 +454,10 @@ def test_export_streams_owners_and_mode_bits(run: Run, docker_engine: Engine,
 
 
 def test_keyboard_interrupt_during_export_removes_the_container(
-    docker_engine: Engine, busybox_image: str, run_labels: dict[str, str], run_label: str,
+    docker_engine: Engine,
+    busybox_image: str,
+    run_labels: dict[str, str],
+    run_label: str,
 ) -> None:
     def interrupt(_: int) -> None:
         raise KeyboardInterrupt
@@ -421,14 +467,16 @@ def test_keyboard_interrupt_during_export_removes_the_container(
     assert _labelled_containers(docker_engine, run_label) == []
 
 
-def test_export_write_failure_is_reported(docker_engine: Engine, busybox_image: str,
-                                          run_labels: dict[str, str]) -> None:
+def test_export_write_failure_is_reported(
+    docker_engine: Engine, busybox_image: str, run_labels: dict[str, str]
+) -> None:
     with open("/dev/full", "wb", buffering=0) as full, pytest.raises(EnvironmentProblem) as caught:
         docker_engine.export(busybox_image, full, labels=run_labels)
     assert os.strerror(errno.ENOSPC) in str(caught.value)
 
 
-def test_export_of_a_missing_image_is_an_engine_error(docker_engine: Engine,
-                                                      run_labels: dict[str, str]) -> None:
+def test_export_of_a_missing_image_is_an_engine_error(
+    docker_engine: Engine, run_labels: dict[str, str]
+) -> None:
     with open(os.devnull, "wb") as sink, pytest.raises(EngineError, match=r"(?i)no such image"):
         docker_engine.export("rfs-test-tmp/never-made:1", sink, labels=run_labels)

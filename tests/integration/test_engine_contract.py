@@ -69,8 +69,7 @@ def _files(engine: Any, image: str) -> dict[str, bytes]:
 
 def _run(engine: Any, script: str, tag: str, **kw: Any) -> str:
     spec = RunSpec(image=BUSYBOX, argv=("sh", "-c", script), labels=LABELS, network=False)
-    return str(engine.run_and_commit(spec, step="run[0]", tag=tag, on_output=lambda b: None,
-                                     **kw))
+    return str(engine.run_and_commit(spec, step="run[0]", tag=tag, on_output=lambda b: None, **kw))
 
 
 def test_missing_images_and_the_base(engine: Any) -> None:

@@ -55,16 +55,21 @@ def test_firecracker_ci(tmp_path: Path) -> None:
     assert any(line.startswith("openssh-server ") for line in manifest)
     key = tmp_path / "id_ed25519"
     assert key.stat().st_mode & 0o777 == 0o600
-    public = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True,
-                            check=True, text=True).stdout.split()[:2]
+    public = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(key)], capture_output=True, check=True, text=True
+    ).stdout.split()[:2]
     assert tree["/root/.ssh/authorized_keys"].sha256 == tree["/root/.ssh/id_ed25519.pub"].sha256
     authorized = _authorized_key(image)
     assert authorized.split()[:2] == public
 
 
 def _authorized_key(image: Path) -> str:
-    found = subprocess.run(["unsquashfs", "-cat", str(image), "/root/.ssh/authorized_keys"],
-                           capture_output=True, check=True, text=True)
+    found = subprocess.run(
+        ["unsquashfs", "-cat", str(image), "/root/.ssh/authorized_keys"],
+        capture_output=True,
+        check=True,
+        text=True,
+    )
     return found.stdout
 
 

@@ -60,9 +60,18 @@ class DictCache:
         self.made += 1
 
 
-def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"",
-         mode: int = 0o644, uid: int = 0, gid: int = 0, link: str = "",
-         pax: dict[str, str] | None = None, device: tuple[int, int] = (0, 0)) -> None:
+def _add(
+    tar: tarfile.TarFile,
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    link: str = "",
+    pax: dict[str, str] | None = None,
+    device: tuple[int, int] = (0, 0),
+) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.uid, info.gid = kind, mode, uid, gid
     info.mtime, info.linkname, info.size = 1_600_000_000, link, len(data)
@@ -79,9 +88,16 @@ def export_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
         require_or_skip(f"{exc} ({exc.hint})")
     path = tmp_path_factory.mktemp("export") / "export.tar"
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for d, mode, uid in (("etc", 0o755, 0), ("usr", 0o755, 0), ("usr/lib", 0o755, 0),
-                             ("usr/bin", 0o755, 0), ("srv", 0o2775, 1234), ("dev", 0o755, 0),
-                             ("data", 0o700, 70000), ("data/sub", 0o755, 0)):
+        for d, mode, uid in (
+            ("etc", 0o755, 0),
+            ("usr", 0o755, 0),
+            ("usr/lib", 0o755, 0),
+            ("usr/bin", 0o755, 0),
+            ("srv", 0o2775, 1234),
+            ("dev", 0o755, 0),
+            ("data", 0o700, 70000),
+            ("data/sub", 0o755, 0),
+        ):
             _add(tar, d, tarfile.DIRTYPE, mode=mode, uid=uid, gid=uid)
         _add(tar, "lib", tarfile.SYMTYPE, link="usr/lib", mode=0o777)
         _add(tar, "etc/hostname", data=b"", mode=0o755)
@@ -90,8 +106,13 @@ def export_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _add(tar, "usr/bin/tool", data=b"#!/bin/sh\n" * 300, mode=0o4755)
         _add(tar, "usr/bin/tool2", tarfile.LNKTYPE, link="usr/bin/tool", mode=0o4755)
         _add(tar, "usr/bin/tool3", tarfile.LNKTYPE, link="usr/bin/tool", mode=0o4755)
-        _add(tar, "usr/bin/ping", data=b"ping\n", mode=0o755,
-             pax={"SCHILY.xattr.security.capability": CAP.decode("latin-1")})
+        _add(
+            tar,
+            "usr/bin/ping",
+            data=b"ping\n",
+            mode=0o755,
+            pax={"SCHILY.xattr.security.capability": CAP.decode("latin-1")},
+        )
         _add(tar, "usr/lib/libx.so", data=b"\x7fELF" + bytes(5000))
         _add(tar, "dev/null", tarfile.CHRTYPE, mode=0o666, device=(1, 3))
         _add(tar, "dev/console", data=b"", mode=0o600)
@@ -102,8 +123,9 @@ def export_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _overlay(path: str, content: bytes = b"overlay\n", mode: int = 0o644, uid: int = 0,
-             gid: int = 0) -> OverlayEntry:
+def _overlay(
+    path: str, content: bytes = b"overlay\n", mode: int = 0o644, uid: int = 0, gid: int = 0
+) -> OverlayEntry:
     return OverlayEntry(path, content, mode, uid, gid)
 
 
@@ -121,21 +143,29 @@ PATCHED = {
     "replaces the first of three hard links": [_overlay("/usr/bin/tool", b"new tool\n")],
     "replaces a later hard link": [_overlay("/usr/bin/tool3", b"third\n", 0o755)],
     "replaces a file with a capability": [_overlay("/usr/bin/ping", b"plain\n", 0o755)],
-    "file over a symlink, symlink over a file": [_overlay("/etc/link-to-motd"),
-                                                 _link("/etc/motd", "/dev/null")],
+    "file over a symlink, symlink over a file": [
+        _overlay("/etc/link-to-motd"),
+        _link("/etc/motd", "/dev/null"),
+    ],
     "missing parents are made": [_overlay("/opt/app/deep/conf", b"k=v\n", 0o640, 10, 20)],
     "directory over a directory": [_dir("/data", 0o750, 3, 4), _overlay("/data/new")],
     "through the merged-/usr symlink": [_overlay("/lib/liby.so", b"y\n")],
     "large ids": [_overlay("/srv/big", uid=4_000_000_000, gid=2_147_483_648)],
     "names with spaces and UTF-8": [_overlay("/srv/a b/ça va", b"oui\n")],
     "a long symlink": [_link("/etc/long", "/" + "x" * 200)],
-    "the console and a created directory": [_overlay("/dev/console", b"", 0o600),
-                                            _dir("/tmp", 0o1777, 0, 0)],
-    "an overlay replaced by a later one": [_overlay("/etc/twice", b"1\n"),
-                                           _overlay("/etc/twice", b"2\n", 0o600)],
+    "the console and a created directory": [
+        _overlay("/dev/console", b"", 0o600),
+        _dir("/tmp", 0o1777, 0, 0),
+    ],
+    "an overlay replaced by a later one": [
+        _overlay("/etc/twice", b"1\n"),
+        _overlay("/etc/twice", b"2\n", 0o600),
+    ],
     "a restored file is replaced": [_overlay("/etc/hostname", b"vm\n")],
-    "an empty file and a big one": [_overlay("/etc/empty", b""),
-                                    _overlay("/srv/big.bin", bytes(range(256)) * 4096)],
+    "an empty file and a big one": [
+        _overlay("/etc/empty", b""),
+        _overlay("/srv/big.bin", bytes(range(256)) * 4096),
+    ],
 }
 FULL = {
     "a file over a directory": ([_overlay("/data/sub")], "replaces the directory /data/sub"),
@@ -146,20 +176,32 @@ RESTORE = {"/etc/hostname": b"from-the-commands\n"}
 
 
 def _full(export: Path, overlays: list[OverlayEntry], out: Path, size: int = 32) -> None:
-    assemble_ext4(export, SELECTION, overlays, out, size_mib=size, seed=SEED,
-                  source_date_epoch=EPOCH, restore=RESTORE)
+    assemble_ext4(
+        export,
+        SELECTION,
+        overlays,
+        out,
+        size_mib=size,
+        seed=SEED,
+        source_date_epoch=EPOCH,
+        restore=RESTORE,
+    )
 
 
-def _patched(export: Path, overlays: list[OverlayEntry], out: Path, cache: DictCache,
-             size: int | None = 32) -> str:
+def _patched(
+    export: Path, overlays: list[OverlayEntry], out: Path, cache: DictCache, size: int | None = 32
+) -> str:
     options = Options(seed=SEED, source_date_epoch=EPOCH, size_mib=size, base_images=cache)
     result = assemble(FsType.EXT4, export, SELECTION, overlays, out, options, restore=RESTORE)
     return result.route
 
 
 def _contents(image: Path) -> dict[str, bytes]:
-    return {path: read_ext4_file(image, entry.inode)
-            for path, entry in list_ext4(image).items() if entry.type in ("file", "symlink")}
+    return {
+        path: read_ext4_file(image, entry.inode)
+        for path, entry in list_ext4(image).items()
+        if entry.type in ("file", "symlink")
+    }
 
 
 def assert_same_tree(full: Path, patched: Path) -> None:
@@ -217,15 +259,16 @@ def test_the_image_uuid_is_its_own_not_the_base_images(export_tar: Path, tmp_pat
     _patched(export_tar, [], tmp_path / "a.ext4", cache)
     other = bytes(reversed(SEED))
     options = Options(seed=other, source_date_epoch=EPOCH, size_mib=32, base_images=cache)
-    assemble(FsType.EXT4, export_tar, SELECTION, [], tmp_path / "b.ext4", options,
-             restore=RESTORE)
+    assemble(FsType.EXT4, export_tar, SELECTION, [], tmp_path / "b.ext4", options, restore=RESTORE)
     assert cache.made == 1
 
     def fs_uuid(image: Path) -> str:
-        out = subprocess.run(["dumpe2fs", "-h", str(image)], check=True, capture_output=True,
-                             text=True).stdout
-        return next(line.split()[-1] for line in out.splitlines()
-                    if line.startswith("Filesystem UUID"))
+        out = subprocess.run(
+            ["dumpe2fs", "-h", str(image)], check=True, capture_output=True, text=True
+        ).stdout
+        return next(
+            line.split()[-1] for line in out.splitlines() if line.startswith("Filesystem UUID")
+        )
 
     assert fs_uuid(tmp_path / "a.ext4") != fs_uuid(tmp_path / "b.ext4")
     for image in ("a.ext4", "b.ext4"):
@@ -236,8 +279,13 @@ def test_an_overlay_that_does_not_fit_names_the_size(export_tar: Path, tmp_path:
     cache = DictCache(tmp_path)
     _patched(export_tar, [], tmp_path / "a.ext4", cache, size=2)
     with pytest.raises(ScriptError) as caught:
-        _patched(export_tar, [_overlay("/srv/huge", b"\xa5" * (3 << 20))], tmp_path / "a.ext4",
-                 cache, size=2)
+        _patched(
+            export_tar,
+            [_overlay("/srv/huge", b"\xa5" * (3 << 20))],
+            tmp_path / "a.ext4",
+            cache,
+            size=2,
+        )
     assert "size_mib" in str(caught.value.problems[0])
     assert (tmp_path / "a.ext4").exists()  # the previous image is left alone
     assert sorted(p.name for p in tmp_path.glob(".*")) == []

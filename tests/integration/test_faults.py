@@ -55,8 +55,9 @@ class Result:
 
     def ran(self) -> list[str]:
         """Step ids rfs reports as run (done), in order."""
-        return [line.split()[1] for line in self.err.splitlines()
-                if line.strip().startswith("done ")]
+        return [
+            line.split()[1] for line in self.err.splitlines() if line.strip().startswith("done ")
+        ]
 
     @property
     def last_line(self) -> str:
@@ -81,8 +82,10 @@ class Running:
         self.run_id = run_id
         self.out: list[str] = []
         self.err: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(stream, into), daemon=True)
-                         for stream, into in ((proc.stdout, self.out), (proc.stderr, self.err))]
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream, into), daemon=True)
+            for stream, into in ((proc.stdout, self.out), (proc.stderr, self.err))
+        ]
         for reader in self._readers:
             reader.start()
 
@@ -124,8 +127,13 @@ class Rfs:
         _layer_caches.append(self.cache)
 
     def env(self, run_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {**os.environ, "TMPDIR": str(self.tmpdir), "RFS_CACHE_DIR": str(self.cache),
-               "RFS_RUN_ID": run_id, "DOCKER_HOST": self.engine_uri}
+        env = {
+            **os.environ,
+            "TMPDIR": str(self.tmpdir),
+            "RFS_CACHE_DIR": str(self.cache),
+            "RFS_RUN_ID": run_id,
+            "DOCKER_HOST": self.engine_uri,
+        }
         env.pop("CI", None)  # no behaviour of rfs depends on it; keep the display plain
         env.update(extra or {})
         return env
@@ -135,16 +143,27 @@ class Rfs:
         Ctrl-C in a terminal does); its output is collected as it comes."""
         run_id = f"fault-{uuid.uuid4().hex[:12]}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rfs", *map(str, args)], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=self.env(run_id, extra_env),
-            start_new_session=True)
+            [sys.executable, "-m", "rfs", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(run_id, extra_env),
+            start_new_session=True,
+        )
         return Running(proc, run_id)
 
     def run(self, *args: str | Path, extra_env: dict[str, str] | None = None) -> Result:
         return self.start(*args, extra_env=extra_env).finish()
 
-    def interrupt(self, args: list[str | Path], when: Callable[[str], bool], sig: int, *,
-                  group: bool, timeout: float = 120) -> Result:
+    def interrupt(
+        self,
+        args: list[str | Path],
+        when: Callable[[str], bool],
+        sig: int,
+        *,
+        group: bool,
+        timeout: float = 120,
+    ) -> Result:
         """Run rfs and send `sig` once `when(stderr so far)` is true: to the process group
         (Ctrl-C in a terminal) or to rfs alone (`kill`); signal 0 sends nothing."""
         running = self.start(*args)
@@ -157,11 +176,13 @@ class Rfs:
 
     def containers(self, run_id: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self.api.containers(
-            all=True, filters={"label": f"org.rfs.run={run_id}"})
+            all=True, filters={"label": f"org.rfs.run={run_id}"}
+        )
         return found
 
-    def assert_clean(self, result: Result, output: Path,
-                     previous: tuple[int, int, int] | None) -> None:
+    def assert_clean(
+        self, result: Result, output: Path, previous: tuple[int, int, int] | None
+    ) -> None:
         """Nothing of the run is left, and the output is the previous image (or none)."""
         assert "Traceback" not in result.err, result.err
         assert self.containers(result.run_id) == [], "containers left behind"
@@ -174,15 +195,23 @@ class Rfs:
         assert str(self.base) not in mounts.replace(str(self.base / "mnt"), ""), mounts
 
 
-def build_toml(marker: str, commands: list[str], *, size_mib: int = 64, overlay: str = "one",
-               container: str = "") -> str:
+def build_toml(
+    marker: str,
+    commands: list[str],
+    *,
+    size_mib: int = 64,
+    overlay: str = "one",
+    container: str = "",
+) -> str:
     """A busybox build script; `marker` makes its keys (and layer tags) this test's own."""
     cmds = "".join(f"\n[[commands]]\n{c}\n" for c in commands)
     name, tag = BASE.split(":")
-    return (f'[filesystem]\nsize_mib = {size_mib}\n\n[container]\n'
-            f'image = {{ name = "{name}", tag = "{tag}" }}\nenv = {{ MARKER = "{marker}" }}\n'
-            f"{container}\n{cmds}\n"
-            f'[[overlays]]\nsource_inline = "{overlay}"\ndestination = "/etc/overlay"\n')
+    return (
+        f"[filesystem]\nsize_mib = {size_mib}\n\n[container]\n"
+        f'image = {{ name = "{name}", tag = "{tag}" }}\nenv = {{ MARKER = "{marker}" }}\n'
+        f"{container}\n{cmds}\n"
+        f'[[overlays]]\nsource_inline = "{overlay}"\ndestination = "/etc/overlay"\n'
+    )
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +255,10 @@ def test_failing_command(rfs: Rfs, tmp_path: Path) -> None:
 
     failed = rfs.run("build", pkg, "-o", out)
     assert failed.code == 1, failed.err
-    assert "rfs: error: step run[2] (commands[2] command: ls /nope) failed: exited with code 1" \
+    assert (
+        "rfs: error: step run[2] (commands[2] command: ls /nope) failed: exited with code 1"
         in failed.err
+    )
     assert "/nope" in failed.err  # the command's own message, from the output's tail
     rfs.assert_clean(failed, out, None)
 
@@ -240,8 +271,11 @@ def test_failing_command(rfs: Rfs, tmp_path: Path) -> None:
 def test_command_exceeding_timeout(rfs: Rfs, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     first = 'command = "touch /first"'
-    slow = build_toml(marker, [first, 'script_inline = "echo started; sleep 60"'],
-                      container="timeout = 2\nwait_timeout_s = 1")
+    slow = build_toml(
+        marker,
+        [first, 'script_inline = "echo started; sleep 60"'],
+        container="timeout = 2\nwait_timeout_s = 1",
+    )
     pkg = write_package(tmp_path / "pkg", slow)
     out = tmp_path / "image.ext4"
 
@@ -253,8 +287,11 @@ def test_command_exceeding_timeout(rfs: Rfs, tmp_path: Path) -> None:
     assert "started" in failed.err  # what it printed before it was stopped
     rfs.assert_clean(failed, out, None)
 
-    quick = build_toml(marker, [first, 'script_inline = "echo started; sleep 0.1"'],
-                       container="timeout = 2\nwait_timeout_s = 1")
+    quick = build_toml(
+        marker,
+        [first, 'script_inline = "echo started; sleep 0.1"'],
+        container="timeout = 2\nwait_timeout_s = 1",
+    )
     again = rfs.run("build", write_package(pkg, quick), "-o", out)
     assert again.code == 0, again.err
     assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
@@ -284,8 +321,12 @@ def test_engine_not_running(rfs: Rfs, tmp_path: Path) -> None:
     rfs.assert_clean(via_env, out, image)
 
     nowhere = tmp_path / "nowhere.sock"
-    uri_pkg = write_package(tmp_path / "pkg2", build_toml(
-        marker, ['command = "touch /x"'], container=f'connection_uri = "unix://{nowhere}"'))
+    uri_pkg = write_package(
+        tmp_path / "pkg2",
+        build_toml(
+            marker, ['command = "touch /x"'], container=f'connection_uri = "unix://{nowhere}"'
+        ),
+    )
     via_uri = rfs.run("build", uri_pkg, "-o", out)
     assert via_uri.code == 3, via_uri.err
     assert f"unix://{nowhere}: no such socket" in via_uri.err
@@ -300,21 +341,28 @@ def test_engine_not_running(rfs: Rfs, tmp_path: Path) -> None:
 # -- signals during a command ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["SIGINT-to-group", "SIGTERM-to-rfs"])
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["SIGINT-to-group", "SIGTERM-to-rfs"],
+)
 def test_interrupt_during_command(rfs: Rfs, tmp_path: Path, sig: int, group: bool) -> None:
     marker = uuid.uuid4().hex
     first = 'command = "touch /first"'
-    pkg = write_package(tmp_path / "pkg", build_toml(
-        marker, [first, 'script_inline = "echo started; sleep 60"']))
+    pkg = write_package(
+        tmp_path / "pkg", build_toml(marker, [first, 'script_inline = "echo started; sleep 60"'])
+    )
     out = tmp_path / "image.ext4"
 
-    stopped = rfs.interrupt(["build", pkg, "-o", out], lambda err: "run[1] | started" in err,
-                            sig, group=group)
+    stopped = rfs.interrupt(
+        ["build", pkg, "-o", out], lambda err: "run[1] | started" in err, sig, group=group
+    )
     assert stopped.code == 130, stopped.err
     name = signal.Signals(sig).name
-    assert stopped.last_line == (f"rfs: interrupted by {name} during run[1]: 1 step(s) "
-                                 "finished and are cached; nothing half-done was kept")
+    assert stopped.last_line == (
+        f"rfs: interrupted by {name} during run[1]: 1 step(s) "
+        "finished and are cached; nothing half-done was kept"
+    )
     rfs.assert_clean(stopped, out, None)
 
     quick = build_toml(marker, [first, 'script_inline = "echo started"'])
@@ -328,16 +376,19 @@ def test_sigterm_to_a_build_of_a_package_tarball(rfs: Rfs, tmp_path: Path) -> No
     import tarfile
 
     marker = uuid.uuid4().hex
-    pkg = write_package(tmp_path / "pkg", build_toml(
-        marker, ['script_path = "/slow.sh"']))
+    pkg = write_package(tmp_path / "pkg", build_toml(marker, ['script_path = "/slow.sh"']))
     (pkg / "slow.sh").write_text("#!/bin/sh\necho started\nsleep 60\n")
     archive = tmp_path / "pkg.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for name in ("build.toml", "slow.sh"):
             tar.add(pkg / name, arcname=name)
     out = tmp_path / "image.ext4"
-    stopped = rfs.interrupt(["build", archive, "-o", out],
-                            lambda err: "run[0] | started" in err, signal.SIGTERM, group=False)
+    stopped = rfs.interrupt(
+        ["build", archive, "-o", out],
+        lambda err: "run[0] | started" in err,
+        signal.SIGTERM,
+        group=False,
+    )
     assert stopped.code == 130, stopped.err
     assert stopped.last_line.startswith("rfs: interrupted by SIGTERM during run[0]")
     rfs.assert_clean(stopped, out, None)  # $TMPDIR empty: no rfs-package-* left
@@ -346,18 +397,25 @@ def test_sigterm_to_a_build_of_a_package_tarball(rfs: Rfs, tmp_path: Path) -> No
 def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path: Path) -> None:
     """SIGKILL skips every clean-up: the container stays until the next build removes it."""
     marker = uuid.uuid4().hex
-    pkg = write_package(tmp_path / "pkg", build_toml(
-        marker, ['script_inline = "echo started; sleep 60"']))
+    pkg = write_package(
+        tmp_path / "pkg", build_toml(marker, ['script_inline = "echo started; sleep 60"'])
+    )
     out = tmp_path / "image.ext4"
-    killed = rfs.interrupt(["build", pkg, "-o", out], lambda err: "run[0] | started" in err,
-                           signal.SIGKILL, group=False)
+    killed = rfs.interrupt(
+        ["build", pkg, "-o", out],
+        lambda err: "run[0] | started" in err,
+        signal.SIGKILL,
+        group=False,
+    )
     assert killed.code == -signal.SIGKILL
     assert len(rfs.containers(killed.run_id)) == 1  # what a killed build leaves
     (scratch,) = rfs.tmpdir.glob("rfs-step-*")  # and its scratch directory
 
     # Another build (any package) removes it; a running build's containers stay.
-    other = write_package(tmp_path / "other", build_toml(
-        uuid.uuid4().hex, ['script_inline = "echo started; sleep 60"']))
+    other = write_package(
+        tmp_path / "other",
+        build_toml(uuid.uuid4().hex, ['script_inline = "echo started; sleep 60"']),
+    )
     alive = rfs.start("build", other, "-o", tmp_path / "other.ext4")
     try:
         alive.wait_for(lambda err: "run[0] | started" in err)
@@ -389,8 +447,7 @@ class Big:
     def rewrite(self, overlay: str, *, size_mib: int = BIG_MIB * 2) -> None:
         """A new overlay value: the image must be assembled again (the layer stays cached)."""
         cmd = f'command = "dd if=/dev/urandom of=/big bs=1M count={BIG_MIB}"'
-        write_package(self.pkg, build_toml(self.marker, [cmd], size_mib=size_mib,
-                                           overlay=overlay))
+        write_package(self.pkg, build_toml(self.marker, [cmd], size_mib=size_mib, overlay=overlay))
 
     def drop_export(self) -> None:
         """Delete the export tarball (not its record): the next build must export again."""
@@ -411,6 +468,7 @@ def big(tmp_path_factory: pytest.TempPathFactory, api: Any) -> Big:
 def _part_growing(cache: Path) -> Callable[[str], bool]:
     def when(_: str) -> bool:
         return any(p.stat().st_size > 0 for p in (cache / "tmp").glob("part-*"))
+
     return when
 
 
@@ -418,18 +476,23 @@ def _image_tmp(out: Path) -> Callable[[str], bool]:
     return lambda _: any(out.parent.glob(f".{out.name}.rfs-tmp-*"))
 
 
-@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["SIGINT-to-group", "SIGTERM-to-rfs"])
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["SIGINT-to-group", "SIGTERM-to-rfs"],
+)
 def test_interrupt_during_export(big: Big, sig: int, group: bool) -> None:
     big.rewrite(uuid.uuid4().hex)
     big.drop_export()
     before = identity(big.out)
-    stopped = big.rfs.interrupt(["build", big.pkg, "-o", big.out, "-q"],
-                                _part_growing(big.rfs.cache), sig, group=group)
+    stopped = big.rfs.interrupt(
+        ["build", big.pkg, "-o", big.out, "-q"], _part_growing(big.rfs.cache), sig, group=group
+    )
     assert stopped.code == 130, stopped.err
     name = signal.Signals(sig).name
-    assert stopped.last_line == (f"rfs: interrupted by {name} during export: no step finished; "
-                                 "nothing half-done was kept")
+    assert stopped.last_line == (
+        f"rfs: interrupted by {name} during export: no step finished; nothing half-done was kept"
+    )
     big.rfs.assert_clean(stopped, big.out, before)
 
     again = big.rfs.run("build", big.pkg, "-o", big.out, "-q")
@@ -437,17 +500,23 @@ def test_interrupt_during_export(big: Big, sig: int, group: bool) -> None:
     assert again.ran() == ["export", "overlays", "assemble"]  # the layer was reused
 
 
-@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["SIGINT-to-group", "SIGTERM-to-rfs"])
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["SIGINT-to-group", "SIGTERM-to-rfs"],
+)
 def test_interrupt_during_assembly(big: Big, sig: int, group: bool) -> None:
     big.rewrite(uuid.uuid4().hex)
     before = identity(big.out)
-    stopped = big.rfs.interrupt(["build", big.pkg, "-o", big.out, "-q"], _image_tmp(big.out),
-                                sig, group=group)
+    stopped = big.rfs.interrupt(
+        ["build", big.pkg, "-o", big.out, "-q"], _image_tmp(big.out), sig, group=group
+    )
     assert stopped.code == 130, stopped.err
     name = signal.Signals(sig).name
-    assert stopped.last_line == (f"rfs: interrupted by {name} during assemble: 1 step(s) "
-                                 "finished and are cached; nothing half-done was kept")
+    assert stopped.last_line == (
+        f"rfs: interrupted by {name} during assemble: 1 step(s) "
+        "finished and are cached; nothing half-done was kept"
+    )
     big.rfs.assert_clean(stopped, big.out, before)  # the previous image, untouched
 
     again = big.rfs.run("build", big.pkg, "-o", big.out, "-q")
@@ -462,8 +531,7 @@ def small_disk(path: Path, mib: int) -> Iterator[Path]:
     if os.geteuid() != 0:
         require_or_skip("a full disk is simulated with a tmpfs mount, which needs root")
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)], check=True)
     try:
         yield path
     finally:
@@ -566,8 +634,12 @@ def test_damaged_base_image_is_made_again(rfs: Rfs, tmp_path: Path) -> None:
     (again,) = blobs(rfs.cache, "ext4-base")
     assert again.read_bytes() == original  # made again, byte for byte
     subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
-    assert b"edited" in subprocess.run(["debugfs", "-R", "cat /etc/overlay", str(out)],
-                                       check=True, capture_output=True).stdout
+    assert (
+        b"edited"
+        in subprocess.run(
+            ["debugfs", "-R", "cat /etc/overlay", str(out)], check=True, capture_output=True
+        ).stdout
+    )
 
 
 def test_damaged_cache_index_is_started_afresh(rfs: Rfs, tmp_path: Path) -> None:
@@ -604,11 +676,23 @@ class PrivateDockerd:
 
         # In a network namespace of its own: a dockerd started with --bridge=none deletes any
         # interface named docker0 it can see, which would be the shared daemon's bridge.
-        argv = ["unshare", "--net", shutil.which("dockerd") or "dockerd",
-                "--data-root", str(self.root / "data"),
-                "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "pid"),
-                "-H", self.uri, "--bridge=none", "--iptables=false", "--ip-masq=false",
-                "--log-level=warn"]
+        argv = [
+            "unshare",
+            "--net",
+            shutil.which("dockerd") or "dockerd",
+            "--data-root",
+            str(self.root / "data"),
+            "--exec-root",
+            str(self.root / "exec"),
+            "--pidfile",
+            str(self.root / "pid"),
+            "-H",
+            self.uri,
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--log-level=warn",
+        ]
         log = (self.root / "dockerd.log").open("ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         api = docker.APIClient(base_url=self.uri, version="1.40", timeout=5)
@@ -679,23 +763,28 @@ def private_dockerd(api: Any) -> Iterator[PrivateDockerd]:
     finally:
         daemon.stop()
         daemon.kill_leftovers()
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
-                  .splitlines() if line.split()[4].startswith(str(root))]
+        mounts = [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(root))
+        ]
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_engine_killed_in_the_middle_of_a_command(private_dockerd: PrivateDockerd,
-                                                  tmp_path: Path) -> None:
+def test_engine_killed_in_the_middle_of_a_command(
+    private_dockerd: PrivateDockerd, tmp_path: Path
+) -> None:
     import docker
 
     private = docker.APIClient(base_url=private_dockerd.uri, version="1.40")
     rfs = Rfs(tmp_path, private, engine_uri=private_dockerd.uri)
     marker = uuid.uuid4().hex
     first = 'command = "touch /first"'
-    pkg = write_package(tmp_path / "pkg", build_toml(
-        marker, [first, 'script_inline = "echo started; sleep 60"']))
+    pkg = write_package(
+        tmp_path / "pkg", build_toml(marker, [first, 'script_inline = "echo started; sleep 60"'])
+    )
     out = tmp_path / "image.ext4"
 
     def at_second_command(err: str) -> bool:
@@ -704,8 +793,9 @@ def test_engine_killed_in_the_middle_of_a_command(private_dockerd: PrivateDocker
         private_dockerd.kill()
         return True
 
-    dead = rfs.interrupt(["build", pkg, "-o", out, "--no-network"], at_second_command,
-                         0, group=False)  # signal 0: the daemon's death is the fault
+    dead = rfs.interrupt(
+        ["build", pkg, "-o", out, "--no-network"], at_second_command, 0, group=False
+    )  # signal 0: the daemon's death is the fault
     assert dead.code == 3, dead.err
     assert f"the Docker engine at {private_dockerd.uri}" in dead.err, dead.err
     assert dead.last_line == "rfs: hint: systemctl start docker"

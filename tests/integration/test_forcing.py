@@ -36,13 +36,15 @@ destination = "/etc/motd"
 EVERY_STEP = {"run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"}
 
 
-def package(root: Path, image: str = "rfs-test/busybox:1", extra: str = "",
-            command1: str = "") -> Path:
+def package(
+    root: Path, image: str = "rfs-test/busybox:1", extra: str = "", command1: str = ""
+) -> Path:
     name, tag = image.rsplit(":", 1)
     text = BUILD.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag).replace("EXTRA", "")
     if command1:
-        text = text.replace('command = "mkdir -p /made"\n',
-                            f'command = "mkdir -p /made"\n{command1}\n')
+        text = text.replace(
+            'command = "mkdir -p /made"\n', f'command = "mkdir -p /made"\n{command1}\n'
+        )
     (root / "files").mkdir(parents=True, exist_ok=True)
     (root / "files" / "motd").write_text("hello\n")
     (root / "build.toml").write_text(text + extra)
@@ -56,8 +58,9 @@ def stamp(image: Path) -> str:
 def read(image: Path, path: str) -> str:
     listing = list_ext4(image)
     assert path in listing, f"{path} not in {image}"
-    out = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
-                         check=True)
+    out = subprocess.run(
+        ["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True
+    )
     return out.stdout.decode()
 
 
@@ -117,7 +120,9 @@ def test_rebuild_runs_that_step_and_every_step_after_it(tmp_path: Path) -> None:
     assert rebuilt.code == 0, rebuilt.err
     assert stamp(out) != first
     assert plan_runs(pkg, out, cache, "--no-network", "--rebuild", "overlays") == {
-        "overlays", "assemble"}
+        "overlays",
+        "assemble",
+    }
     wrong = rfs("build", pkg, "-o", out, "--rebuild", "run[9]", cache=cache)
     assert wrong.code == 2 and "--rebuild run[9]: no such step" in wrong.err, wrong.err
     assert "Traceback" not in wrong.err
@@ -142,8 +147,10 @@ def test_a_stale_command_runs_again_with_what_follows(tmp_path: Path) -> None:
 def test_an_always_run_command_runs_on_every_build(tmp_path: Path) -> None:
     pkg = package(tmp_path / "pkg")
     text = (pkg / "build.toml").read_text()
-    text = text.replace("cat /proc/sys/kernel/random/uuid > /stamp\\n\"",
-                        "cat /proc/sys/kernel/random/uuid > /stamp\\n\"\nno_cache = true")
+    text = text.replace(
+        'cat /proc/sys/kernel/random/uuid > /stamp\\n"',
+        'cat /proc/sys/kernel/random/uuid > /stamp\\n"\nno_cache = true',
+    )
     (pkg / "build.toml").write_text(text)
     cache, out = tmp_path / "cache", tmp_path / "a.ext4"
     assert rfs("build", pkg, "-o", out, "--no-network", cache=cache).code == 0
@@ -231,14 +238,23 @@ def test_an_edit_while_a_command_runs_is_never_recorded_as_used(tmp_path: Path) 
     """The overlay is edited while the first command runs: the image holds the content the
     keys were computed from, and the next build picks the edit up, as a clean build would."""
     pkg = package(tmp_path / "pkg")
-    text = (pkg / "build.toml").read_text().replace(
-        "ls /sys/class/net > /net\\n", "ls /sys/class/net > /net\\necho started\\nsleep 3\\n")
+    text = (
+        (pkg / "build.toml")
+        .read_text()
+        .replace(
+            "ls /sys/class/net > /net\\n", "ls /sys/class/net > /net\\necho started\\nsleep 3\\n"
+        )
+    )
     (pkg / "build.toml").write_text(text)
     cache, out = tmp_path / "cache", tmp_path / "a.ext4"
     env = {**os.environ, "RFS_CACHE_DIR": str(cache), "CI": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out),
-                             "--no-network"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), "--no-network"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
@@ -271,7 +287,6 @@ def _age_record(cache: Path, kind: str, label_part: str, days: float) -> None:
         store.close()
 
 
-
 def test_a_stale_remote_copy_is_a_miss(tmp_path: Path) -> None:
     """Records carry when their results were made: a runner does not download a result that
     its command's max_age says is stale, and takes the fresh ones it was not made from."""
@@ -285,11 +300,27 @@ def test_a_stale_remote_copy_is_a_miss(tmp_path: Path) -> None:
         require_or_skip(str(exc))
     try:
         pkg = package(tmp_path / "pkg", command1='max_age = "1d"')
-        writer = rfs("build", pkg, "-o", tmp_path / "a.ext4", "--no-network",
-                     "--cache-to", server.url, cache=tmp_path / "cache-a")
+        writer = rfs(
+            "build",
+            pkg,
+            "-o",
+            tmp_path / "a.ext4",
+            "--no-network",
+            "--cache-to",
+            server.url,
+            cache=tmp_path / "cache-a",
+        )
         assert writer.code == 0, writer.err
-        fresh = rfs("plan", pkg, "-o", tmp_path / "b.ext4", "--no-network", "--cache-from",
-                    server.url, cache=tmp_path / "cache-b")
+        fresh = rfs(
+            "plan",
+            pkg,
+            "-o",
+            tmp_path / "b.ext4",
+            "--no-network",
+            "--cache-from",
+            server.url,
+            cache=tmp_path / "cache-b",
+        )
         assert steps_run(fresh.out) == set(), fresh.out
         for path in (server.data / "ac").iterdir():  # the server's records, two days older
             head, _, body = path.read_bytes().partition(b"\n\n")
@@ -298,8 +329,16 @@ def test_a_stale_remote_copy_is_a_miss(tmp_path: Path) -> None:
             fields["created"] -= 2 * 86400
             fields["made_at"] = {k: v - 2 * 86400 for k, v in fields.get("made_at", {}).items()}
             path.write_bytes(head + b"\n\n" + json.dumps(doc).encode())
-        plan = rfs("plan", pkg, "-o", tmp_path / "b.ext4", "--no-network", "--cache-from",
-                   server.url, cache=tmp_path / "cache-b")
+        plan = rfs(
+            "plan",
+            pkg,
+            "-o",
+            tmp_path / "b.ext4",
+            "--no-network",
+            "--cache-from",
+            server.url,
+            cache=tmp_path / "cache-b",
+        )
         assert steps_run(plan.out) == {"run[2]", "export", "assemble"}, plan.out
         assert "why: stale: made 2.0d ago, max_age is 1.0d (the remote copy)" in plan.out
         assert "from: " in plan.out  # run[1], made before run[2], still comes from the server

@@ -28,8 +28,14 @@ from tests.integration.test_build_fidelity import SCRIPT
 pytestmark = pytest.mark.integration
 
 TYPES = ["ext4", "squashfs", "erofs", "btrfs", "xfs", "vfat"]
-SCHEMA_NAME = {"ext4": "Ext4", "squashfs": "Squashfs", "erofs": "Erofs", "btrfs": "Btrfs",
-               "xfs": "Xfs", "vfat": "Vfat"}
+SCHEMA_NAME = {
+    "ext4": "Ext4",
+    "squashfs": "Squashfs",
+    "erofs": "Erofs",
+    "btrfs": "Btrfs",
+    "xfs": "Xfs",
+    "vfat": "Vfat",
+}
 RESTORED = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
 
 
@@ -41,16 +47,23 @@ def write_package(root: Path, image: str, fs_type: str, extra: str = "") -> Path
     (pkg / "build.toml").write_text(
         f'[filesystem]\ntype = "{SCHEMA_NAME[fs_type]}"\n{extra}\n'
         f'[container]\nimage = {{ name = "{name}", tag = "{tag}" }}\n'
-        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n")
+        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n"
+    )
     return pkg
 
 
-def rfs_build(pkg: Path, out: Path, cache: Path, *args: str,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def rfs_build(
+    pkg: Path, out: Path, cache: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "RFS_CACHE_DIR": str(cache), **(env or {})}
     environ.pop("SOURCE_DATE_EPOCH", None)
-    return subprocess.run([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out),
-                           *args], capture_output=True, text=True, check=False, env=environ)
+    return subprocess.run(
+        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=environ,
+    )
 
 
 def sha256(path: Path) -> str:
@@ -143,8 +156,9 @@ def test_image_lists_like_the_container(
     extra = sorted(set(listing) - set(want))
     assert not missing and not extra, f"missing {missing[:10]}, extra {extra[:10]}"
     differ = {p: (want[p], listing[p]) for p in want if want[p] != listing[p]}
-    assert not differ, "\n".join(f"{p}:\n  want {w}\n  got  {g}"
-                                 for p, (w, g) in list(differ.items())[:8])
+    assert not differ, "\n".join(
+        f"{p}:\n  want {w}\n  got  {g}" for p, (w, g) in list(differ.items())[:8]
+    )
 
 
 @pytest.mark.parametrize("fs_type", [t for t in TYPES if t != "vfat"])
@@ -164,17 +178,28 @@ def test_fidelity_tree_details(fs_type: str, built: dict[str, tuple[Path, str]])
     assert t["/etc/hosts"].mode == 0o644 and t["/etc/hostname"].mode == 0o644
     assert t["/etc/hosts"].sha256 == hashlib.sha256(b"127.0.0.1 localhost fidelity\n").hexdigest()
     # Timestamps clamped to SOURCE_DATE_EPOCH (0 by default); mkfs.btrfs stamps its root.
-    late = sorted(p for p, n in t.items() if n.mtime != 0 and not p.startswith("/lost+found")
-                  and not (fs_type == "btrfs" and p == "/"))
+    late = sorted(
+        p
+        for p, n in t.items()
+        if n.mtime != 0
+        and not p.startswith("/lost+found")
+        and not (fs_type == "btrfs" and p == "/")
+    )
     assert not late, late[:10]
 
 
 def test_types_warn_about_what_they_drop(built: dict[str, tuple[Path, str]]) -> None:
     assert "device(s) lose their numbers" in built["btrfs"][1]
     vfat = built["vfat"][1]
-    for what in ("symlink(s) left out", "device node(s) left out", "FIFO(s) left out",
-                 "hard link(s) stored as separate copies", "lose their owner",
-                 "setuid/setgid/sticky", "lose their xattrs"):
+    for what in (
+        "symlink(s) left out",
+        "device node(s) left out",
+        "FIFO(s) left out",
+        "hard link(s) stored as separate copies",
+        "lose their owner",
+        "setuid/setgid/sticky",
+        "lose their xattrs",
+    ):
         assert what in vfat, what
     for lossless in ("ext4", "squashfs", "erofs", "xfs"):
         assert "warning" not in built[lossless][1], built[lossless][1]
@@ -279,8 +304,15 @@ def test_unmatched_include_and_dd_args_are_warned(
     blob = export_blob(workdir / "cache")
     said: list[str] = []
     selection = Selection(whole=False, include_dirs=("/fid", "/no/such/dir"))
-    result = assemble(FsType.SQUASHFS, blob, selection, [], workdir / "partial.squashfs",
-                      Options(seed=bytes(32), dd_args=("conv=fsync",)), warn=said.append)
+    result = assemble(
+        FsType.SQUASHFS,
+        blob,
+        selection,
+        [],
+        workdir / "partial.squashfs",
+        Options(seed=bytes(32), dd_args=("conv=fsync",)),
+        warn=said.append,
+    )
     assert said == result.warnings
     assert any("export include /no/such/dir matched nothing" in w for w in said)
     assert any("dd_args ['conv=fsync'] ignored" in w for w in said)

@@ -71,16 +71,22 @@ destination = "/etc/motd"
 """
 
 
-def rfs(*args: str | Path, cache: Path, cwd: Path,
-        config: str = "") -> subprocess.CompletedProcess[str]:
+def rfs(
+    *args: str | Path, cache: Path, cwd: Path, config: str = ""
+) -> subprocess.CompletedProcess[str]:
     """Run `rfs` with its own cache directory and config file, from `cwd`."""
     conf = cwd / f"config-{uuid.uuid4().hex[:8]}.toml"
     conf.write_text(config)
     try:
         return subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)], capture_output=True, text=True,
-            cwd=cwd, env={**os.environ, "RFS_CACHE_DIR": str(cache), "RFS_CONFIG": str(conf)},
-            check=False, timeout=300)
+            [sys.executable, "-m", "rfs", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, "RFS_CACHE_DIR": str(cache), "RFS_CONFIG": str(conf)},
+            check=False,
+            timeout=300,
+        )
     finally:
         conf.unlink()
 
@@ -97,13 +103,21 @@ def remove_layers(client: Any, cache: Path) -> None:
 def watched_tags(client: Any) -> dict[str, str]:
     """Tag -> image ID for the repos no remote record may touch (one listing: other tests
     remove their images meanwhile, which per-image look-ups would trip over)."""
-    return {tag: str(image["Id"]) for image in client.api.images()
-            for tag in image.get("RepoTags") or () if tag.rsplit(":", 1)[0] in WATCHED}
+    return {
+        tag: str(image["Id"])
+        for image in client.api.images()
+        for tag in image.get("RepoTags") or ()
+        if tag.rsplit(":", 1)[0] in WATCHED
+    }
 
 
 def keygen(path: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "rfs", "cache", "keygen", str(path)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rfs", "cache", "keygen", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return proc.stdout.strip()
 
 
@@ -131,8 +145,9 @@ def _bodies(records: dict[str, bytes]) -> dict[str, dict[str, Any]]:
 def make_package(root: Path, marker: str, last: str) -> Path:
     pkg = root / f"pkg-{last.split('/')[-1]}"
     (pkg / "files").mkdir(parents=True)
-    (pkg / "build.toml").write_text(BUILD_TOML.replace("MARKER", marker).replace(
-        "touch /srv/data/two", last))
+    (pkg / "build.toml").write_text(
+        BUILD_TOML.replace("MARKER", marker).replace("touch /srv/data/two", last)
+    )
     (pkg / "files" / "motd").write_text("hello from the cache\n")
     return pkg
 
@@ -147,12 +162,32 @@ def warm(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     fake = FakeCache()
     cache_a = root / "cache-a"
     try:
-        a = rfs("build", pkg, "-o", root / "a.ext4", "--cache-to", fake.url,
-                "--cache-sign-key", root / "ci.key", cache=cache_a, cwd=root)
+        a = rfs(
+            "build",
+            pkg,
+            "-o",
+            root / "a.ext4",
+            "--cache-to",
+            fake.url,
+            "--cache-sign-key",
+            root / "ci.key",
+            cache=cache_a,
+            cwd=root,
+        )
         assert a.returncode == 0, a.stderr
         first = dict(fake.records)
-        v = rfs("build", variant, "-o", root / "v.ext4", "--cache-to", fake.url,
-                "--cache-sign-key", root / "ci.key", cache=cache_a, cwd=root)
+        v = rfs(
+            "build",
+            variant,
+            "-o",
+            root / "v.ext4",
+            "--cache-to",
+            fake.url,
+            "--cache-sign-key",
+            root / "ci.key",
+            cache=cache_a,
+            cwd=root,
+        )
         assert v.returncode == 0, v.stderr
     finally:
         fake.stop()
@@ -161,9 +196,19 @@ def warm(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     names = {bodies[n]["step"]: n for n in first}
     changed = {bodies[n]["step"]: n for n in set(fake.records) - set(first)}
     assert set(changed) == {"run[1]", "export", "assemble"}, changed
-    yield Warm(root, pkg, (root / "a.ext4").read_bytes(), dict(fake.records),
-               dict(fake.objects), names, changed, root / "ci.key", ci_pub, other_pub,
-               bodies)
+    yield Warm(
+        root,
+        pkg,
+        (root / "a.ext4").read_bytes(),
+        dict(fake.records),
+        dict(fake.objects),
+        names,
+        changed,
+        root / "ci.key",
+        ci_pub,
+        other_pub,
+        bodies,
+    )
 
 
 def files_outside(case: Path) -> set[Path]:
@@ -185,8 +230,18 @@ def build_b(client: Any, warm: Warm, url: str, *extra: str, config: str = "") ->
     cache = case / "cache"
     before_files, before_tags = files_outside(case), watched_tags(client)
     try:
-        proc = rfs("build", warm.pkg, "-o", case / "out" / "b.ext4", "--cache-from", url, *extra,
-                   cache=cache, cwd=case, config=config)
+        proc = rfs(
+            "build",
+            warm.pkg,
+            "-o",
+            case / "out" / "b.ext4",
+            "--cache-from",
+            url,
+            *extra,
+            cache=cache,
+            cwd=case,
+            config=config,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
         assert (case / "out" / "b.ext4").read_bytes() == warm.clean  # the clean image
@@ -203,8 +258,11 @@ def build_b(client: Any, warm: Warm, url: str, *extra: str, config: str = "") ->
 
 
 def fetched(outcome: Outcome) -> list[str]:
-    return [ln.split()[1] for ln in outcome.proc.stderr.splitlines()
-            if ln.strip().startswith("fetched ")]
+    return [
+        ln.split()[1]
+        for ln in outcome.proc.stderr.splitlines()
+        if ln.strip().startswith("fetched ")
+    ]
 
 
 # -- the attacks on the HTTP backend ----------------------------------------------------------
@@ -222,6 +280,7 @@ def _rewrite(fake: FakeCache, warm: Warm, edit: Callable[[dict[str, Any]], None]
 
 def escaping_names(fake: FakeCache, warm: Warm) -> None:
     """Every object a record names climbs out of the cache directory (64 characters long)."""
+
     def edit(body: dict[str, Any]) -> None:
         for ref in object_refs(body):
             ref["sha256"] = ("../../../" + ESCAPE).ljust(64, "x")
@@ -248,8 +307,11 @@ def lying_objects(fake: FakeCache, warm: Warm) -> None:
     def put(ref: dict[str, Any], data: bytes) -> None:
         import blake3
 
-        ref.update(sha256=hashlib.sha256(data).hexdigest(), blake3=blake3.blake3(data).hexdigest(),
-                   size=len(data))
+        ref.update(
+            sha256=hashlib.sha256(data).hexdigest(),
+            blake3=blake3.blake3(data).hexdigest(),
+            size=len(data),
+        )
         fake.objects[ref["sha256"]] = data
 
     fake.objects = dict(warm.objects)
@@ -258,14 +320,14 @@ def lying_objects(fake: FakeCache, warm: Warm) -> None:
         if "image" in body:
             put(body["image"]["object"], zlib.compress(b"not zstd at all" * 1000))
         elif "export" in body:
-            bomb = zstandard.ZstdCompressor().compress(b"\0" * (body["fields"]["blob_size"]
-                                                                + (8 << 20)))
+            bomb = zstandard.ZstdCompressor().compress(
+                b"\0" * (body["fields"]["blob_size"] + (8 << 20))
+            )
             put(body["export"]["object"], bomb)
         elif "layer" in body:
             for layer in body["layer"]["layers"]:
                 if "object" in layer:
-                    put(layer["object"], zstandard.ZstdCompressor().compress(
-                        b"\1" * layer["size"]))
+                    put(layer["object"], zstandard.ZstdCompressor().compress(b"\1" * layer["size"]))
         fake.records[name] = join_record(header, body)
 
 
@@ -342,23 +404,53 @@ def retagging(fake: FakeCache, warm: Warm) -> None:
             continue
         config = base64.b64decode(body["layer"]["config"])
         image_hex = hashlib.sha256(config).hexdigest()
-        manifest = [{"Config": f"{image_hex}.json", "RepoTags": [BASE, CANARY],
-                     "Layers": [f"l{i}/layer.tar" for i in range(len(body["layer"]["layers"]))]}]
+        manifest = [
+            {
+                "Config": f"{image_hex}.json",
+                "RepoTags": [BASE, CANARY],
+                "Layers": [f"l{i}/layer.tar" for i in range(len(body["layer"]["layers"]))],
+            }
+        ]
         if step == "run[1]":  # the new format, with a manifest added
             body["layer"]["manifest"] = manifest
             fake.records[name] = join_record(header, body)
             continue
-        members = [{"name": "manifest.json", "type": "file", "mode": 0o644, "mtime": 0,
-                    "data": base64.b64encode(json.dumps(manifest).encode()).decode()},
-                   {"name": f"{image_hex}.json", "type": "file", "mode": 0o644, "mtime": 0,
-                    "data": body["layer"]["config"]}]
+        members = [
+            {
+                "name": "manifest.json",
+                "type": "file",
+                "mode": 0o644,
+                "mtime": 0,
+                "data": base64.b64encode(json.dumps(manifest).encode()).decode(),
+            },
+            {
+                "name": f"{image_hex}.json",
+                "type": "file",
+                "mode": 0o644,
+                "mtime": 0,
+                "data": body["layer"]["config"],
+            },
+        ]
         for i, layer in enumerate(body["layer"]["layers"]):
             member = {"name": f"l{i}/layer.tar", "type": "file", "mode": 0o644, "mtime": 0}
-            members.append({**member, **({"data": layer["data"]} if "data" in layer else
-                                         {"object": layer["object"], "size": layer["size"]})})
-        old = {"format": "rfs-remote-1", "key": body["key"], "kind": "run", "step": step,
-               "layer": {"members": members},
-               "record": {"image_id": body["fields"]["image_id"], "etc_written": {}}}
+            members.append(
+                {
+                    **member,
+                    **(
+                        {"data": layer["data"]}
+                        if "data" in layer
+                        else {"object": layer["object"], "size": layer["size"]}
+                    ),
+                }
+            )
+        old = {
+            "format": "rfs-remote-1",
+            "key": body["key"],
+            "kind": "run",
+            "step": step,
+            "layer": {"members": members},
+            "record": {"image_id": body["fields"]["image_id"], "etc_written": {}},
+        }
         fake.records[name] = json.dumps(old).encode()
 
 
@@ -392,18 +484,28 @@ CASES: list[tuple[Attack, str | None, str, list[str]]] = [
 ]
 
 
-@pytest.mark.parametrize(("attack", "trust", "says", "still_fetched"), CASES,
-                         ids=[case[0].__name__ for case in CASES])
-def test_http_attack_costs_a_miss(docker_client: Any, warm: Warm, attack: Attack,
-                                  trust: str | None, says: str,
-                                  still_fetched: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("attack", "trust", "says", "still_fetched"), CASES, ids=[case[0].__name__ for case in CASES]
+)
+def test_http_attack_costs_a_miss(
+    docker_client: Any,
+    warm: Warm,
+    attack: Attack,
+    trust: str | None,
+    says: str,
+    still_fetched: list[str],
+) -> None:
     fake = FakeCache()
     try:
         attack(fake, warm)
-        extra = [] if trust is None else [
-            "--cache-trust", warm.ci_pub if trust == TRUST_CI else warm.other_pub]
-        outcome = build_b(docker_client, warm, fake.url, *extra,
-                          config="[cache]\ntimeout = 1\nretries = 0\n")
+        extra = (
+            []
+            if trust is None
+            else ["--cache-trust", warm.ci_pub if trust == TRUST_CI else warm.other_pub]
+        )
+        outcome = build_b(
+            docker_client, warm, fake.url, *extra, config="[cache]\ntimeout = 1\nretries = 0\n"
+        )
     finally:
         fake.stop()
     assert says in outcome.warnings[0], outcome.warnings
@@ -420,8 +522,18 @@ def test_signed_records_are_used_by_a_trusting_reader(docker_client: Any, warm: 
     case.mkdir()
     try:
         fake.records, fake.objects = dict(warm.records), dict(warm.objects)
-        proc = rfs("build", warm.pkg, "-o", case / "b.ext4", "--cache-from", fake.url,
-                   "--cache-trust", warm.ci_pub, cache=case / "cache", cwd=case)
+        proc = rfs(
+            "build",
+            warm.pkg,
+            "-o",
+            case / "b.ext4",
+            "--cache-from",
+            fake.url,
+            "--cache-trust",
+            warm.ci_pub,
+            cache=case / "cache",
+            cwd=case,
+        )
     finally:
         fake.stop()
         remove_layers(docker_client, case / "cache")
@@ -453,12 +565,23 @@ def registry(docker_client: Any, warm: Warm) -> Iterator[Registry]:
         require_or_skip(str(exc))
     cache = warm.root / "cache-oci-a"
     try:
-        a = rfs("build", warm.pkg, "-o", warm.root / "oci-a.ext4", "--cache-to", server.url,
-                "--cache-sign-key", warm.ci_key, cache=cache, cwd=warm.root)
+        a = rfs(
+            "build",
+            warm.pkg,
+            "-o",
+            warm.root / "oci-a.ext4",
+            "--cache-to",
+            server.url,
+            "--cache-sign-key",
+            warm.ci_key,
+            cache=cache,
+            cwd=warm.root,
+        )
         remove_layers(docker_client, cache)
         assert a.returncode == 0, a.stderr
-        tags = requests.get(f"http://127.0.0.1:{server.port}/v2/rfs/cache/tags/list",
-                            timeout=10).json()["tags"]
+        tags = requests.get(
+            f"http://127.0.0.1:{server.port}/v2/rfs/cache/tags/list", timeout=10
+        ).json()["tags"]
         backend = open_backend(server.url, RemoteSettings())
         good = {name: backend.get_record(name) for name in tags}
         yield Registry(server.url, backend, good)
@@ -484,23 +607,30 @@ def _altered(data: bytes) -> bytes:
     return b"\n".join(header) + b"\n\n" + json.dumps(body, sort_keys=True, indent=1).encode()
 
 
-OCI_CASES = [("unsigned", TRUST_CI, "not signed"),
-             ("wrong-key", TRUST_OTHER, "not a trusted key"),
-             ("altered", TRUST_CI, "does not verify")]
+OCI_CASES = [
+    ("unsigned", TRUST_CI, "not signed"),
+    ("wrong-key", TRUST_OTHER, "not a trusted key"),
+    ("altered", TRUST_CI, "does not verify"),
+]
 
 
-@pytest.mark.parametrize(("attack", "trust", "says"), OCI_CASES,
-                         ids=[c[0] for c in OCI_CASES])
-def test_oci_attack_costs_a_miss(docker_client: Any, warm: Warm, registry: Registry,
-                                 attack: str, trust: str, says: str) -> None:
+@pytest.mark.parametrize(("attack", "trust", "says"), OCI_CASES, ids=[c[0] for c in OCI_CASES])
+def test_oci_attack_costs_a_miss(
+    docker_client: Any, warm: Warm, registry: Registry, attack: str, trust: str, says: str
+) -> None:
     try:
         for name, data in registry.good.items():
             if attack == "unsigned":
                 _oci_put(registry, name, unsigned(data))
             elif attack == "altered":
                 _oci_put(registry, name, _altered(data))
-        outcome = build_b(docker_client, warm, registry.url, "--cache-trust",
-                          warm.ci_pub if trust == TRUST_CI else warm.other_pub)
+        outcome = build_b(
+            docker_client,
+            warm,
+            registry.url,
+            "--cache-trust",
+            warm.ci_pub if trust == TRUST_CI else warm.other_pub,
+        )
     finally:
         for name, data in registry.good.items():
             _oci_put(registry, name, data)

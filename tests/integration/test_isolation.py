@@ -50,17 +50,21 @@ def rfs(tmp_path: Path, api: Any) -> Rfs:  # noqa: F811
     return Rfs(tmp_path, api)
 
 
-def test_build_container_sees_only_its_package_and_no_engine_socket(rfs: Rfs,
-                                                                    tmp_path: Path) -> None:
+def test_build_container_sees_only_its_package_and_no_engine_socket(
+    rfs: Rfs, tmp_path: Path
+) -> None:
     marker = uuid.uuid4().hex
     host_mark = Path("/tmp") / f"rfs-isolation-{marker}"
     pkg = tmp_path / "pkg"
     (pkg / "data").mkdir(parents=True)
     (pkg / "data" / "readme").write_text("package data\n")
     (pkg / "probe.sh").write_text(PROBE.replace("HOSTMARK", host_mark.name))
-    write_package(pkg, build_toml(
-        marker, ['script_path = "/probe.sh"'],
-        container='volumes = { "/data" = "/mnt/data" }'))
+    write_package(
+        pkg,
+        build_toml(
+            marker, ['script_path = "/probe.sh"'], container='volumes = { "/data" = "/mnt/data" }'
+        ),
+    )
     before = tree_digest(pkg)
     out = tmp_path / "image.ext4"
 
@@ -86,8 +90,7 @@ def test_build_container_sees_only_its_package_and_no_engine_socket(rfs: Rfs,
 
     assert not host_mark.exists()  # the write stayed in the container (and its image)
     assert tree_digest(pkg) == before  # the package is as it was
-    rfs.assert_clean(result, out, (out.stat().st_ino, out.stat().st_size,
-                                   out.stat().st_mtime_ns))
+    rfs.assert_clean(result, out, (out.stat().st_ino, out.stat().st_size, out.stat().st_mtime_ns))
 
 
 def test_no_network_means_no_network(rfs: Rfs, tmp_path: Path) -> None:

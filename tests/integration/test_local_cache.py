@@ -45,15 +45,23 @@ def env_for(cache: Path, run_id: str) -> dict[str, str]:
 
 def count_created(docker_client: Any, run_id: str, start_ns: int) -> int:
     events = docker_client.events(
-        since=start_ns // 10**9 - 1, until=int(time.time()) + 1, decode=True,
-        filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
+        since=start_ns // 10**9 - 1,
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
+    )
     return sum(1 for e in events if int(e["timeNano"]) >= start_ns)
 
 
 def rfs(cache: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rfs", *map(str, args)], capture_output=True,
-                          text=True, env=env_for(cache, uuid.uuid4().hex), check=False,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rfs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env_for(cache, uuid.uuid4().hex),
+        check=False,
+        timeout=300,
+    )
 
 
 def info(cache: Path) -> dict[str, Any]:
@@ -62,15 +70,22 @@ def info(cache: Path) -> dict[str, Any]:
     return dict(json.loads(r.stdout))
 
 
-def test_concurrent_builds_build_each_step_once(cache: Path, tmp_path: Path,
-                                                docker_client: Any) -> None:
+def test_concurrent_builds_build_each_step_once(
+    cache: Path, tmp_path: Path, docker_client: Any
+) -> None:
     pkg = make_package(tmp_path, "pkg")
     start_ns = time.time_ns()
     ids = [uuid.uuid4().hex, uuid.uuid4().hex]
-    procs = [subprocess.Popen([sys.executable, "-m", "rfs", "build", str(pkg), "-o",
-                               str(tmp_path / f"out{i}.ext4")], env=env_for(cache, run_id),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, run_id in enumerate(ids)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(tmp_path / f"out{i}.ext4")],
+            env=env_for(cache, run_id),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, run_id in enumerate(ids)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
@@ -95,8 +110,9 @@ def test_concurrent_builds_build_each_step_once(cache: Path, tmp_path: Path,
     assert info(cache)["kinds"]["assemble"]["hits"] == 2
 
 
-def test_prune_by_age_and_clear_remove_layers_too(cache: Path, tmp_path: Path,
-                                                  docker_client: Any) -> None:
+def test_prune_by_age_and_clear_remove_layers_too(
+    cache: Path, tmp_path: Path, docker_client: Any
+) -> None:
     import docker
 
     old, new = make_package(tmp_path, "old"), make_package(tmp_path, "new")

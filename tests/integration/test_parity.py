@@ -60,10 +60,18 @@ class Rfs:
         self.run_ids.append(run_id)
         t0 = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)], capture_output=True, text=True,
-            check=False, timeout=300,
-            env={**os.environ, "RFS_CACHE_DIR": str(self.cache), "RFS_RUN_ID": run_id,
-                 **(env or {})})
+            [sys.executable, "-m", "rfs", *map(str, args)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            env={
+                **os.environ,
+                "RFS_CACHE_DIR": str(self.cache),
+                "RFS_RUN_ID": run_id,
+                **(env or {}),
+            },
+        )
         return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
 
 
@@ -177,12 +185,18 @@ mounted = true
 IDS = "id -u > /out/uid\nid -g > /out/gid\npwd > /out/pwd\ntouch mine\n"
 
 
-def test_command_and_container_fields(rfs: Rfs, proxy: EngineProxy, tmp_path: Path,
-                                      engine_toml: str) -> None:
-    pkg = write_package(tmp_path / "pkg", FIELDS.replace("ENGINE_IMAGE", engine_toml + IMAGE)
-                        .replace("PROXY", proxy.uri),
-                        {"scripts/ids.sh": IDS, "vol/input": "volume content\n",
-                         "files/mounted.conf": "mounted content\n"})
+def test_command_and_container_fields(
+    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str
+) -> None:
+    pkg = write_package(
+        tmp_path / "pkg",
+        FIELDS.replace("ENGINE_IMAGE", engine_toml + IMAGE).replace("PROXY", proxy.uri),
+        {
+            "scripts/ids.sh": IDS,
+            "vol/input": "volume content\n",
+            "files/mounted.conf": "mounted content\n",
+        },
+    )
     out = tmp_path / "fields.ext4"
     built = rfs("-l", "debug", "build", pkg, "-o", out, "--no-network")
     assert built.code == 0, built.err
@@ -213,7 +227,10 @@ def test_command_and_container_fields(rfs: Rfs, proxy: EngineProxy, tmp_path: Pa
     for c in created:
         host = c["HostConfig"]
         assert (host["CapAdd"], host["CapDrop"], host["Runtime"]) == (
-            ["NET_ADMIN"], ["CHOWN"], "runc")
+            ["NET_ADMIN"],
+            ["CHOWN"],
+            "runc",
+        )
         assert not host.get("Privileged")
         assert (c["Hostname"], c["StopTimeout"]) == ("parity-host", 3)
         mounts = {m["Target"]: m for m in host["Mounts"]}
@@ -243,22 +260,28 @@ def test_command_and_container_fields(rfs: Rfs, proxy: EngineProxy, tmp_path: Pa
     assert all(f"run     run[{i}]" in plan.out for i in range(4)) and "run     overlays" in plan.out
 
 
-def test_connection_uri_over_tcp(rfs: Rfs, docker_engine: Any, tmp_path: Path,
-                                 engine_toml: str) -> None:
+def test_connection_uri_over_tcp(
+    rfs: Rfs, docker_engine: Any, tmp_path: Path, engine_toml: str
+) -> None:
     tcp = EngineProxy(str(docker_engine.base_url).removeprefix("unix://"))
     try:
-        pkg = write_package(tmp_path / "pkg", f"[filesystem]\nsize_mib = 16\n[container]\n"
-                            f'{engine_toml}{IMAGE}connection_uri = "{tcp.uri}"\n')
+        pkg = write_package(
+            tmp_path / "pkg",
+            f"[filesystem]\nsize_mib = 16\n[container]\n"
+            f'{engine_toml}{IMAGE}connection_uri = "{tcp.uri}"\n',
+        )
         plan = rfs("plan", pkg, "-o", tmp_path / "x.ext4")
         assert plan.code == 0, plan.err
-        assert any(path.endswith(f"/images/{BASE_NAME}:{BASE_TAG}/json")
-                   for _, path, _ in tcp.requests())
+        assert any(
+            path.endswith(f"/images/{BASE_NAME}:{BASE_TAG}/json") for _, path, _ in tcp.requests()
+        )
     finally:
         tcp.close()
 
 
-def test_docker_host_is_the_default_address(rfs: Rfs, proxy: EngineProxy, engine_kind: str,
-                                            tmp_path: Path) -> None:
+def test_docker_host_is_the_default_address(
+    rfs: Rfs, proxy: EngineProxy, engine_kind: str, tmp_path: Path
+) -> None:
     if engine_kind != "docker":
         pytest.skip("DOCKER_HOST names Docker's socket; Podman's default is its own socket")
     pkg = write_package(tmp_path / "pkg", f"[filesystem]\nsize_mib = 16\n[container]\n{IMAGE}")
@@ -293,18 +316,22 @@ class PrivilegedBuilds:
 
 
 @pytest.fixture
-def privileged_builds(rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str
-                      ) -> PrivilegedBuilds:
+def privileged_builds(
+    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str
+) -> PrivilegedBuilds:
     build = PRIVILEGED.replace("ENGINE_IMAGE", engine_toml + IMAGE).replace("PROXY", proxy.uri)
     out = tmp_path / "priv.ext4"
     first = rfs("build", write_package(tmp_path / "a", build), "-o", out, "--no-network")
     first_created = run_containers(proxy)
     rootful = build.replace("[container]\n", "[container]\nrootful = true\n").split(
-        "[[commands]]\nprivileged")[0]
-    second = rfs("build", write_package(tmp_path / "b", rootful), "-o", tmp_path / "r.ext4",
-                 "--no-network")
-    return PrivilegedBuilds(first, second, first_created,
-                            run_containers(proxy)[len(first_created):], out)
+        "[[commands]]\nprivileged"
+    )[0]
+    second = rfs(
+        "build", write_package(tmp_path / "b", rootful), "-o", tmp_path / "r.ext4", "--no-network"
+    )
+    return PrivilegedBuilds(
+        first, second, first_created, run_containers(proxy)[len(first_created) :], out
+    )
 
 
 REFUSED = re.compile(r"unable to apply caps|operation not permitted", re.I)
@@ -312,16 +339,21 @@ REFUSED = re.compile(r"unable to apply caps|operation not permitted", re.I)
 
 def privileged_flags(created: list[dict[str, Any]], probes: bool) -> list[bool]:
     """Privileged per create request: of the steps' containers, or of rfs's probes."""
-    return [c["HostConfig"].get("Privileged", False) for c in created
-            if (PROBE_LABEL in (c.get("Labels") or {})) == probes]
+    return [
+        c["HostConfig"].get("Privileged", False)
+        for c in created
+        if (PROBE_LABEL in (c.get("Labels") or {})) == probes
+    ]
 
 
 def test_privileged_and_rootful_reach_the_engine(privileged_builds: PrivilegedBuilds) -> None:
     b = privileged_builds
     assert privileged_flags(b.privileged_created, probes=False) == [False, True]
     assert privileged_flags(b.rootful_created, probes=False) == [True]
-    for run, created, field in ((b.privileged, b.privileged_created, "commands[1].privileged"),
-                                (b.rootful, b.rootful_created, "container.rootful")):
+    for run, created, field in (
+        (b.privileged, b.privileged_created, "commands[1].privileged"),
+        (b.rootful, b.rootful_created, "container.rootful"),
+    ):
         # Either the host runs privileged containers, or the build fails with exit 3 naming
         # the field, after trying the same image privileged and not.
         if run.code == 0:
@@ -336,9 +368,11 @@ def test_privileged_command_has_every_capability(privileged_builds: PrivilegedBu
     b = privileged_builds
     if b.privileged.code != 0:
         found = REFUSED.search(b.privileged.err)
-        pytest.skip("this host refuses privileged containers "
-                    f"({found.group(0) if found else b.privileged.err.strip()[-200:]}); the "
-                    "engine did receive Privileged=true (test above)")
+        pytest.skip(
+            "this host refuses privileged containers "
+            f"({found.group(0) if found else b.privileged.err.strip()[-200:]}); the "
+            "engine did receive Privileged=true (test above)"
+        )
     t = list_ext4(b.image)
     caps = int(text(b.image, t, "/caps").split()[1], 16)
     assert caps & (1 << CAP_SYS_ADMIN)  # no default capability set holds it
@@ -347,12 +381,17 @@ def test_privileged_command_has_every_capability(privileged_builds: PrivilegedBu
 # -- timeout and wait_timeout_s ------------------------------------------------------------------
 
 
-def test_timeout_stops_a_command_that_ignores_sigterm(rfs: Rfs, proxy: EngineProxy,
-                                                      tmp_path: Path, engine_toml: str) -> None:
-    pkg = write_package(tmp_path / "pkg", (
-        f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}{IMAGE}"
-        f'connection_uri = "{proxy.uri}"\ntimeout = 2\nwait_timeout_s = 1\n'
-        "[[commands]]\nscript_inline = '''\ntrap '' TERM\necho started\nsleep 60\n'''\n"))
+def test_timeout_stops_a_command_that_ignores_sigterm(
+    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str
+) -> None:
+    pkg = write_package(
+        tmp_path / "pkg",
+        (
+            f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}{IMAGE}"
+            f'connection_uri = "{proxy.uri}"\ntimeout = 2\nwait_timeout_s = 1\n'
+            "[[commands]]\nscript_inline = '''\ntrap '' TERM\necho started\nsleep 60\n'''\n"
+        ),
+    )
     out = tmp_path / "t.ext4"
     failed = rfs("build", pkg, "-o", out, "--no-network")
     assert failed.code == 1
@@ -363,12 +402,16 @@ def test_timeout_stops_a_command_that_ignores_sigterm(rfs: Rfs, proxy: EnginePro
     assert not out.exists()
 
 
-def test_a_runtime_the_engine_cannot_use_fails_the_build(rfs: Rfs, tmp_path: Path,
-                                                          engine_toml: str) -> None:
+def test_a_runtime_the_engine_cannot_use_fails_the_build(
+    rfs: Rfs, tmp_path: Path, engine_toml: str
+) -> None:
     # Docker refuses an unknown runtime; Podman's API would silently use its default instead.
-    pkg = write_package(tmp_path / "pkg", f"[filesystem]\nsize_mib = 16\n[container]\n"
-                        f'{engine_toml}{IMAGE}oci_runtime = "crun-x"\n'
-                        '[[commands]]\ncommand = "true"\n')
+    pkg = write_package(
+        tmp_path / "pkg",
+        f"[filesystem]\nsize_mib = 16\n[container]\n"
+        f'{engine_toml}{IMAGE}oci_runtime = "crun-x"\n'
+        '[[commands]]\ncommand = "true"\n',
+    )
     failed = rfs("build", pkg, "-o", tmp_path / "x.ext4", "--no-network")
     assert failed.code == 3 and "OCI runtime" in failed.err and "'crun-x'" in failed.err
     assert "Traceback" not in failed.err
@@ -423,10 +466,17 @@ exclude = ["*.log"]
 
 
 def test_overlays_and_export_selection(rfs: Rfs, tmp_path: Path, engine_toml: str) -> None:
-    pkg = write_package(tmp_path / "pkg", SELECTION.replace("ENGINE_IMAGE", engine_toml + IMAGE),
-                        {"files/motd": "motd\n", "files/seen.conf": "seen\n",
-                         "files/tree/a": "tree a\n", "files/tree/sub/b": "tree b\n",
-                         "files/tree/run.sh": "#!/bin/sh\n"})
+    pkg = write_package(
+        tmp_path / "pkg",
+        SELECTION.replace("ENGINE_IMAGE", engine_toml + IMAGE),
+        {
+            "files/motd": "motd\n",
+            "files/seen.conf": "seen\n",
+            "files/tree/a": "tree a\n",
+            "files/tree/sub/b": "tree b\n",
+            "files/tree/run.sh": "#!/bin/sh\n",
+        },
+    )
     (pkg / "files" / "tree" / "run.sh").chmod(0o755)
     out = tmp_path / "sel.ext4"
     built = rfs("-e", "build", pkg, "-o", out, "--no-network")
@@ -459,16 +509,19 @@ def test_overlays_and_export_selection(rfs: Rfs, tmp_path: Path, engine_toml: st
 
 def _rootfs_tar_gz(engine_client: Any, extra: bytes | None = None) -> bytes:
     """The busybox image's filesystem as a gzip-compressed tarball (optionally plus a file)."""
-    container = engine_client.containers.create(f"{BASE_NAME}:{BASE_TAG}", command=["true"],
-                                                labels={"org.rfs.test": "1"})
+    container = engine_client.containers.create(
+        f"{BASE_NAME}:{BASE_TAG}", command=["true"], labels={"org.rfs.test": "1"}
+    )
     try:
         raw = b"".join(container.export())
     finally:
         container.remove(force=True)
     if extra is not None:
         buf = io.BytesIO()
-        with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=buf, mode="w"
-                                                                         ) as dst:
+        with (
+            tarfile.open(fileobj=io.BytesIO(raw)) as src,
+            tarfile.open(fileobj=buf, mode="w") as dst,
+        ):
             for m in src.getmembers():
                 dst.addfile(m, src.extractfile(m) if m.isreg() else None)
             info = tarfile.TarInfo("etc/from-rootfs")
@@ -480,8 +533,9 @@ def _rootfs_tar_gz(engine_client: Any, extra: bytes | None = None) -> bytes:
 
 def _base_tags(engine_client: Any) -> set[str]:
     # The low-level list: images.list() inspects each image and fails if one vanishes meanwhile
-    return {t for i in engine_client.api.images() for t in (i.get("RepoTags") or [])
-            if "rfs/base:" in t}
+    return {
+        t for i in engine_client.api.images() for t in (i.get("RepoTags") or []) if "rfs/base:" in t
+    }
 
 
 @pytest.fixture
@@ -494,15 +548,20 @@ def base_tags(engine_client: Any) -> Iterator[None]:
             engine_client.images.remove(tag)
 
 
-def test_archive_base_image_forms(rfs: Rfs, engine_client: Any, tmp_path: Path,
-                                  engine_toml: str, base_tags: None) -> None:
+def test_archive_base_image_forms(
+    rfs: Rfs, engine_client: Any, tmp_path: Path, engine_toml: str, base_tags: None
+) -> None:
     saved = b"".join(engine_client.images.get(f"{BASE_NAME}:{BASE_TAG}").save())
     rootfs = _rootfs_tar_gz(engine_client)
-    build = ("[filesystem]\nsize_mib = 16\n[container]\n" + engine_toml
-             + 'archive = "/images/ARCHIVE"\n[[commands]]\ncommand = "touch /made"\n')
+    build = (
+        "[filesystem]\nsize_mib = 16\n[container]\n"
+        + engine_toml
+        + 'archive = "/images/ARCHIVE"\n[[commands]]\ncommand = "touch /made"\n'
+    )
     for name, data in (("saved.tar", saved), ("rootfs.tgz", rootfs)):
-        pkg = write_package(tmp_path / name, build.replace("ARCHIVE", name),
-                            {f"images/{name}": data})
+        pkg = write_package(
+            tmp_path / name, build.replace("ARCHIVE", name), {f"images/{name}": data}
+        )
         out = tmp_path / f"{name}.ext4"
         built = rfs("build", pkg, "-o", out, "--no-network")
         assert built.code == 0, built.err
@@ -527,13 +586,18 @@ def test_archive_base_image_forms(rfs: Rfs, engine_client: Any, tmp_path: Path,
     assert text(out, list_ext4(out), "/etc/from-rootfs") == "new\n"
 
 
-def test_archive_package_builds_and_leaves_no_unpacked_copy(rfs: Rfs, tmp_path: Path,
-                                                            engine_toml: str) -> None:
-    pkg = write_package(tmp_path / "pkg", (
-        f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}{IMAGE}"
-        '[[commands]]\nscript_path = "/scripts/s.sh"\n'
-        '[[overlays]]\nsource = "/files/f"\ndestination = "/etc/f"\n'),
-        {"scripts/s.sh": "echo packed > /packed\n", "files/f": "overlay\n"})
+def test_archive_package_builds_and_leaves_no_unpacked_copy(
+    rfs: Rfs, tmp_path: Path, engine_toml: str
+) -> None:
+    pkg = write_package(
+        tmp_path / "pkg",
+        (
+            f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}{IMAGE}"
+            '[[commands]]\nscript_path = "/scripts/s.sh"\n'
+            '[[overlays]]\nsource = "/files/f"\ndestination = "/etc/f"\n'
+        ),
+        {"scripts/s.sh": "echo packed > /packed\n", "files/f": "overlay\n"},
+    )
     packed = tmp_path / "package.bin"  # no telling name: the content says what it is
     assert rfs("pack", pkg, packed, "--type", "tar-gz").code == 0
     scratch = tmp_path / "tmp"
@@ -566,14 +630,15 @@ def findings(run: Run) -> dict[str, str]:
     return found
 
 
-def test_check_reports_every_problem_at_once(rfs: Rfs, tmp_path: Path,
-                                             engine_toml: str) -> None:
+def test_check_reports_every_problem_at_once(rfs: Rfs, tmp_path: Path, engine_toml: str) -> None:
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "mke2fs").write_text("#!/bin/sh\necho 'mke2fs 1.47.0 (5-Feb-2023)' >&2\n")
     (shim / "mke2fs").chmod(0o755)
     (tmp_path / "outside").write_text("x")
-    pkg = write_package(tmp_path / "pkg", f"""
+    pkg = write_package(
+        tmp_path / "pkg",
+        f"""
 [filesystem]
 size_mib = 100
 block_size_mib = 3
@@ -593,7 +658,8 @@ source = "/link"
 destination = "/y"
 [[overlays]]
 source_inline = "z"
-""")
+""",
+    )
     (pkg / "link").symlink_to(tmp_path / "outside")
     checked = rfs("check", pkg, env={"PATH": f"{shim}:{os.environ['PATH']}"})
     assert checked.code == 2, checked.err
@@ -610,34 +676,46 @@ source_inline = "z"
     assert "Traceback" not in checked.err
 
 
-def test_check_finds_a_missing_base_image_and_runtime(rfs: Rfs, tmp_path: Path,
-                                                      engine_toml: str) -> None:
+def test_check_finds_a_missing_base_image_and_runtime(
+    rfs: Rfs, tmp_path: Path, engine_toml: str
+) -> None:
     missing = 'image = { name = "rfs-test/no-such-image", tag = "1" }\n'
-    pkg = write_package(tmp_path / "pkg", f"[filesystem]\nsize_mib = 16\n[container]\n"
-                                          f'{engine_toml}{missing}oci_runtime = "crun-x"\n')
+    pkg = write_package(
+        tmp_path / "pkg",
+        f'[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}{missing}oci_runtime = "crun-x"\n',
+    )
     checked = rfs("check", pkg)
     assert checked.code == 3, checked.err  # the script is fine; the machine is not
     found = findings(checked)
     assert "rfs-test/no-such-image:1" in found["container.image"]
     assert "'crun-x'" in found["container.oci_runtime"]
-    ok = write_package(tmp_path / "ok", f"[filesystem]\nsize_mib = 16\n[container]\n"
-                                        f"{engine_toml}{IMAGE}")
+    ok = write_package(
+        tmp_path / "ok", f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}{IMAGE}"
+    )
     fine = rfs("dry-run", ok)
     assert fine.code == 0 and "ok (0 command(s)" in fine.out, fine.err
 
 
 def test_check_without_an_engine_and_with_a_bad_archive(plain_rfs: Rfs, tmp_path: Path) -> None:
     rfs = plain_rfs
-    pkg = write_package(tmp_path / "pkg", "[filesystem]\nsize_mib = 16\n[container]\n"
-                                          'archive = "/base.tar"\n', {"base.tar": "not a tar"})
+    pkg = write_package(
+        tmp_path / "pkg",
+        '[filesystem]\nsize_mib = 16\n[container]\narchive = "/base.tar"\n',
+        {"base.tar": "not a tar"},
+    )
     checked = rfs("check", pkg, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     assert checked.code == 3
     found = findings(checked)
     assert "not a readable tar archive" in found["container.archive"]
-    assert "cannot reach the Docker engine at unix:///nonexistent/docker.sock" in found[
-        "container.engine"]
-    ssh = write_package(tmp_path / "ssh", "[filesystem]\nsize_mib = 16\n[container]\n"
-                        f'{IMAGE}connection_uri = "ssh://nobody@127.0.0.1:1"\n')
+    assert (
+        "cannot reach the Docker engine at unix:///nonexistent/docker.sock"
+        in found["container.engine"]
+    )
+    ssh = write_package(
+        tmp_path / "ssh",
+        "[filesystem]\nsize_mib = 16\n[container]\n"
+        f'{IMAGE}connection_uri = "ssh://nobody@127.0.0.1:1"\n',
+    )
     checked = rfs("check", ssh)
     assert checked.code == 3 and "container.connection_uri" in findings(checked)
     assert "Traceback" not in checked.err
@@ -647,14 +725,16 @@ def test_check_without_an_engine_and_with_a_bad_archive(plain_rfs: Rfs, tmp_path
 
 
 @pytest.mark.slow
-def test_debian_example_keeps_its_resolv_conf_overlay(rfs: Rfs, docker_engine: Any,
-                                                      engine_kind: str, tmp_path: Path) -> None:
+def test_debian_example_keeps_its_resolv_conf_overlay(
+    rfs: Rfs, docker_engine: Any, engine_kind: str, tmp_path: Path
+) -> None:
     example = Path(__file__).parents[2] / "examples" / "debian"
     pkg = tmp_path / "debian"
     shutil.copytree(example, pkg)
     toml = pkg / "build.toml"
-    toml.write_text(toml.read_text().replace('engine = "Docker"',
-                                             f'engine = "{engine_kind.capitalize()}"'))
+    toml.write_text(
+        toml.read_text().replace('engine = "Docker"', f'engine = "{engine_kind.capitalize()}"')
+    )
     if docker_engine.image_id("docker.io/library/debian:bookworm-slim") is None:
         pytest.skip("debian:bookworm-slim is not in the engine: run scripts/make-base-images.sh")
     out = tmp_path / "debian.ext4"
@@ -662,7 +742,8 @@ def test_debian_example_keeps_its_resolv_conf_overlay(rfs: Rfs, docker_engine: A
     assert built.code == 0, built.err[-3000:]
     t = list_ext4(out)
     assert text(out, t, "/etc/resolv.conf") == (
-        "nameserver 8.8.8.8\nnameserver 8.8.4.4\nnameserver 1.1.1.1\n")
+        "nameserver 8.8.8.8\nnameserver 8.8.4.4\nnameserver 1.1.1.1\n"
+    )
     assert text(out, t, "/etc/hostname") == "rfs-debian\n"
     assert t["/tmp"].mode & 0o7777 == 0o1777
     assert "/usr/bin/systemctl" in t and "/usr/bin/ping" in t

@@ -69,17 +69,22 @@ ls /sbin/rfs-tool /usr/sbin/rfs-tool > /seen-tool
 
 
 def _copy_package(root: Path, engine_toml: str) -> Path:
-    return write(root, {
-        "build.toml": COPY_BUILD.format(engine=engine_toml, image=DEBIAN),
-        "root-tree/sbin/rfs-tool": "#!/bin/sh\necho tool\n",
-        "root-tree/etc/rfs-tree.conf": "from the tree\n",
-        "files/secret.conf": "secret=1\n",
-        "files/units/a.service": "[Unit]\n",
-    }, executable=("root-tree/sbin/rfs-tool",))
+    return write(
+        root,
+        {
+            "build.toml": COPY_BUILD.format(engine=engine_toml, image=DEBIAN),
+            "root-tree/sbin/rfs-tool": "#!/bin/sh\necho tool\n",
+            "root-tree/etc/rfs-tree.conf": "from the tree\n",
+            "files/secret.conf": "secret=1\n",
+            "files/units/a.service": "[Unit]\n",
+        },
+        executable=("root-tree/sbin/rfs-tool",),
+    )
 
 
 def test_copies_land_before_the_first_command_with_their_owners(
-        tmp_path: Path, engine_toml: str) -> None:
+    tmp_path: Path, engine_toml: str
+) -> None:
     pkg = _copy_package(tmp_path / "pkg", engine_toml)
     image, cache = tmp_path / "img.ext4", tmp_path / "cache"
     built = rfs("build", pkg, "-o", image, cache=cache)
@@ -99,7 +104,9 @@ def test_copies_land_before_the_first_command_with_their_owners(
     units = tree["/etc/app/units"]
     assert (units.mode, units.uid) == (0o750, 1234)
     assert (tree["/etc/app/units/a.service"].mode, tree["/etc/app/units/a.service"].uid) == (
-        0o640, 1234)
+        0o640,
+        1234,
+    )
 
     # Editing a copied file runs the commands again, and only what follows the base.
     (pkg / "files" / "secret.conf").write_text("secret=2\n")
@@ -156,16 +163,21 @@ destination = "/etc/rfs/which"
 
 @pytest.mark.parametrize("fs", ["Ext4", "Squashfs"])
 def test_overlays_on_one_destination_merge_in_order_through_symlinks(
-        tmp_path: Path, fs: str) -> None:
-    pkg = write(tmp_path / "pkg", {
-        "build.toml": OVERLAY_BUILD.format(fs=fs, image=BUSYBOX),
-        "common/etc/rfs/which": "common\n",
-        "common/etc/rfs/common-only": "common\n",
-        "common/sbin/rfs-init-helper": "#!/bin/sh\n",
-        "variant/etc/rfs/variant-only": "variant\n",
-        "variant/etc/rfs/shared": "variant\n",
-        "common/etc/rfs/shared": "common\n",
-    }, executable=("common/sbin/rfs-init-helper",))
+    tmp_path: Path, fs: str
+) -> None:
+    pkg = write(
+        tmp_path / "pkg",
+        {
+            "build.toml": OVERLAY_BUILD.format(fs=fs, image=BUSYBOX),
+            "common/etc/rfs/which": "common\n",
+            "common/etc/rfs/common-only": "common\n",
+            "common/sbin/rfs-init-helper": "#!/bin/sh\n",
+            "variant/etc/rfs/variant-only": "variant\n",
+            "variant/etc/rfs/shared": "variant\n",
+            "common/etc/rfs/shared": "common\n",
+        },
+        executable=("common/sbin/rfs-init-helper",),
+    )
     image = tmp_path / f"img.{fs.lower()}"
     built = rfs("build", pkg, "-o", image, cache=tmp_path / "cache")
     assert built.code == 0, built.err
@@ -248,8 +260,9 @@ def test_side_outputs_next_to_the_image_warm_or_clean(tmp_path: Path) -> None:
 
 
 def test_a_missing_side_output_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
-    text = OUTPUTS_BUILD.format(image=BUSYBOX).replace('"/etc/keys/host.pub"',
-                                                       '"/etc/keys/nothing.pub"')
+    text = OUTPUTS_BUILD.format(image=BUSYBOX).replace(
+        '"/etc/keys/host.pub"', '"/etc/keys/nothing.pub"'
+    )
     pkg = write(tmp_path / "pkg", {"build.toml": text})
     out = tmp_path / "out"
     out.mkdir()
@@ -297,8 +310,9 @@ def test_all_root_makes_every_owner_root(tmp_path: Path, fs: str) -> None:
     assert {(n.uid, n.gid) for n in tree.values()} == {(0, 0)}
     assert tree["/home/user/overlaid"].mode == 0o600  # modes stay
     # Without it, the owners are the commands' and overlays'.
-    (pkg / "build.toml").write_text(ALL_ROOT_BUILD.format(fs=fs, image=BUSYBOX)
-                                    .replace("all_root = true\n", ""))
+    (pkg / "build.toml").write_text(
+        ALL_ROOT_BUILD.format(fs=fs, image=BUSYBOX).replace("all_root = true\n", "")
+    )
     plan = rfs("plan", pkg, "-o", image, cache=tmp_path / "cache")
     assert steps_run(plan.out) == {"assemble"}, plan.out
     built = rfs("build", pkg, "-o", image, cache=tmp_path / "cache")
@@ -332,10 +346,12 @@ script_inline = "pwd > /out/own-pwd; id -u > /out/own-id"
 """
 
 
-def test_container_defaults_apply_unless_a_command_overrides(tmp_path: Path,
-                                                            engine_toml: str) -> None:
-    pkg = write(tmp_path / "pkg", {"build.toml": DEFAULTS_BUILD.format(engine=engine_toml,
-                                                                       image=BUSYBOX)})
+def test_container_defaults_apply_unless_a_command_overrides(
+    tmp_path: Path, engine_toml: str
+) -> None:
+    pkg = write(
+        tmp_path / "pkg", {"build.toml": DEFAULTS_BUILD.format(engine=engine_toml, image=BUSYBOX)}
+    )
     image = tmp_path / "img.ext4"
     built = rfs("build", pkg, "-o", image, cache=tmp_path / "cache")
     assert built.code == 0, built.err

@@ -71,8 +71,7 @@ class Result:
 
     def fetched(self) -> list[str]:
         """Step ids rfs reports as downloaded from a remote cache."""
-        return [ln.split()[1] for ln in self.err.splitlines()
-                if ln.strip().startswith("fetched ")]
+        return [ln.split()[1] for ln in self.err.splitlines() if ln.strip().startswith("fetched ")]
 
     def warnings(self) -> list[str]:
         return [ln for ln in self.err.splitlines() if "warning:" in ln]
@@ -93,15 +92,27 @@ def rfs(docker_client: Any, tmp_path: Path) -> Iterator[Rfs]:
         run_id = uuid.uuid4().hex
         start_ns, t0 = time.time_ns(), time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)], capture_output=True, text=True,
-            env={**os.environ, "RFS_CACHE_DIR": str(cache), "RFS_RUN_ID": run_id,
-                 "RFS_CONFIG": str(tmp_path / "no-config.toml"), **(env or {})},
-            check=False, timeout=300)
+            [sys.executable, "-m", "rfs", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={
+                **os.environ,
+                "RFS_CACHE_DIR": str(cache),
+                "RFS_RUN_ID": run_id,
+                "RFS_CONFIG": str(tmp_path / "no-config.toml"),
+                **(env or {}),
+            },
+            check=False,
+            timeout=300,
+        )
         seconds = time.monotonic() - t0
         (tmp_path / "no-config.toml").touch()
         events = docker_client.events(
-            since=start_ns // 10**9 - 1, until=int(time.time()) + 1, decode=True,
-            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"})
+            since=start_ns // 10**9 - 1,
+            until=int(time.time()) + 1,
+            decode=True,
+            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
+        )
         created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
         return Result(proc.returncode, proc.stderr, created, seconds, proc.stdout)
 
@@ -161,8 +172,7 @@ def file_in(image: Path, path: str) -> bytes:
 
 def edit_last_command(package: Path) -> None:
     toml = package / "build.toml"
-    toml.write_text(toml.read_text().replace('"touch /srv/data/three"',
-                                             '"touch /srv/data/THREE"'))
+    toml.write_text(toml.read_text().replace('"touch /srv/data/three"', '"touch /srv/data/THREE"'))
 
 
 @pytest.fixture(params=["unsigned", "signed"])
@@ -171,15 +181,23 @@ def signing(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], 
     if request.param == "unsigned":
         return [], {}
     key = tmp_path / "ci.key"
-    public = subprocess.run([sys.executable, "-m", "rfs", "cache", "keygen", str(key)],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    public = subprocess.run(
+        [sys.executable, "-m", "rfs", "cache", "keygen", str(key)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return ["--cache-sign-key", str(key)], {"RFS_CACHE_TRUST": public}
 
 
-def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_path: Path,
-                                                 server: Server, docker_client: Any,
-                                                 signing: tuple[list[str], dict[str, str]],
-                                                 ) -> None:
+def test_fresh_runner_reuses_a_warm_remote_cache(
+    rfs: Rfs,
+    package: Path,
+    tmp_path: Path,
+    server: Server,
+    docker_client: Any,
+    signing: tuple[list[str], dict[str, str]],
+) -> None:
     sign, trust = signing
     out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
     a = rfs("build", package, "-o", out_a, "--cache-to", server.url, *sign, runner="a")
@@ -192,8 +210,9 @@ def test_fresh_runner_reuses_a_warm_remote_cache(rfs: Rfs, package: Path, tmp_pa
     remove_layers(docker_client, tmp_path / "cache-a")
     plan = rfs("plan", package, "-o", out_b, "--cache-from", server.url, runner="b", env=trust)
     assert plan.code == 0, plan.err
-    assert re.search(r"^cached  assemble .*\n +from: " + re.escape(server.url) + "$", plan.out,
-                     re.M), plan.out
+    assert re.search(
+        r"^cached  assemble .*\n +from: " + re.escape(server.url) + "$", plan.out, re.M
+    ), plan.out
     assert plan.out.endswith("0 step(s) to run, 1 to download from a remote cache\n"), plan.out
     assert not out_b.exists()
     b = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b", env=trust)
@@ -225,8 +244,9 @@ def _records(server: Server) -> dict[str, dict[str, Any]]:
     return found
 
 
-def test_corrupt_and_partial_objects_are_misses(rfs: Rfs, package: Path, tmp_path: Path,
-                                                nginx: Server, docker_client: Any) -> None:
+def test_corrupt_and_partial_objects_are_misses(
+    rfs: Rfs, package: Path, tmp_path: Path, nginx: Server, docker_client: Any
+) -> None:
     out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
     a = rfs("build", package, "-o", out_a, "--cache-to", nginx.url, runner="a")
     assert a.code == 0, a.err
@@ -252,8 +272,9 @@ def test_corrupt_and_partial_objects_are_misses(rfs: Rfs, package: Path, tmp_pat
     assert "Traceback" not in b.err
 
 
-def test_unreachable_server_warns_and_builds_locally(rfs: Rfs, package: Path, tmp_path: Path,
-                                                     nginx: Server) -> None:
+def test_unreachable_server_warns_and_builds_locally(
+    rfs: Rfs, package: Path, tmp_path: Path, nginx: Server
+) -> None:
     nginx.stop(remove=False)
     out = tmp_path / "out.ext4"
     r = rfs("build", package, "-o", out, "--cache-from", nginx.url, "--cache-to", nginx.url)
@@ -270,8 +291,9 @@ def test_unreachable_server_warns_and_builds_locally(rfs: Rfs, package: Path, tm
     assert strict.created == 0
 
 
-def test_branch_scope_writes_apart_and_reads_main(rfs: Rfs, package: Path, tmp_path: Path,
-                                                  registry: Server, docker_client: Any) -> None:
+def test_branch_scope_writes_apart_and_reads_main(
+    rfs: Rfs, package: Path, tmp_path: Path, registry: Server, docker_client: Any
+) -> None:
     url = registry.url
     main = rfs("build", package, "-o", tmp_path / "main.ext4", "--cache-to", url, runner="main")
     assert main.code == 0, main.err
@@ -292,8 +314,17 @@ def test_branch_scope_writes_apart_and_reads_main(rfs: Rfs, package: Path, tmp_p
     assert other.ran() == ["run[2]", "export", "assemble"]
     remove_layers(docker_client, tmp_path / "cache-o")
     # ... and a reader of the branch's scope gets the image without running anything.
-    again = rfs("build", package, "-o", tmp_path / "again.ext4", "--cache-from", url,
-                "--cache-scope", "feature/x", runner="again")
+    again = rfs(
+        "build",
+        package,
+        "-o",
+        tmp_path / "again.ext4",
+        "--cache-from",
+        url,
+        "--cache-scope",
+        "feature/x",
+        runner="again",
+    )
     assert again.code == 0, again.err
     assert (again.ran(), again.created, again.fetched()) == ([], 0, ["assemble"])
     assert (tmp_path / "again.ext4").read_bytes() == (tmp_path / "b.ext4").read_bytes()

@@ -36,8 +36,12 @@ ROOTLESS_TYPES = ["ext4", "squashfs", "erofs", "btrfs"]
 
 def _as_user(user: str, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     pairs = [f"{k}={v}" for k, v in env.items()]
-    return subprocess.run(["runuser", "-u", user, "--", "env", "-i", *pairs, *argv],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["runuser", "-u", user, "--", "env", "-i", *pairs, *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def _blocked_dirs(user: str, paths: list[Path]) -> list[Path]:
@@ -46,8 +50,11 @@ def _blocked_dirs(user: str, paths: list[Path]) -> list[Path]:
     blocked: list[Path] = []
     for path in paths:
         for directory in [*reversed(path.parents)]:
-            probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(directory)],
-                                   capture_output=True, check=False)
+            probe = subprocess.run(
+                ["runuser", "-u", user, "--", "test", "-x", str(directory)],
+                capture_output=True,
+                check=False,
+            )
             if probe.returncode != 0 and directory not in blocked:
                 blocked.append(directory)
     return blocked
@@ -64,8 +71,21 @@ def user() -> Iterator[tuple[str, Path]]:
     except KeyError:
         require_or_skip("no docker group: the engine socket is not shared with a group")
     work = Path(tempfile.mkdtemp(prefix="rfs-rootless-"))
-    subprocess.run(["useradd", "--no-create-home", "--home-dir", str(work), "--groups",
-                    "docker", "--shell", "/bin/sh", USER], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--no-create-home",
+            "--home-dir",
+            str(work),
+            "--groups",
+            "docker",
+            "--shell",
+            "/bin/sh",
+            USER,
+        ],
+        check=True,
+        capture_output=True,
+    )
     changed: list[tuple[Path, int]] = []
     try:
         uid = pwd.getpwnam(USER).pw_uid
@@ -95,8 +115,12 @@ def caps_base(docker_client: Any) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def built(user: tuple[str, Path], caps_base: str) -> dict[str, tuple[Path, str]]:
     name, work = user
-    env = {"HOME": str(work), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "RFS_CACHE_DIR": str(work / "cache"), "LC_ALL": "C.UTF-8"}
+    env = {
+        "HOME": str(work),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "RFS_CACHE_DIR": str(work / "cache"),
+        "LC_ALL": "C.UTF-8",
+    }
     results: dict[str, tuple[Path, str]] = {}
     for fs_type in [*ROOTLESS_TYPES, "xfs"]:
         pkg = write_package(work, caps_base, fs_type)
@@ -104,8 +128,9 @@ def built(user: tuple[str, Path], caps_base: str) -> dict[str, tuple[Path, str]]
         for path in [pkg, *pkg.iterdir()]:
             os.chown(path, uid, -1)
         out = work / f"rootless.{fs_type}"
-        done = _as_user(name, [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out),
-                               "--verify"], env)
+        done = _as_user(
+            name, [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), "--verify"], env
+        )
         results[fs_type] = (out, f"exit {done.returncode}\n{done.stderr}")
     return results
 
@@ -121,8 +146,9 @@ def test_non_root_build_keeps_owners_and_modes(
     want = comparable(container_listing(user[1] / "cache"), fs_type)
     assert set(listing) == set(want)
     differ = {p: (want[p], listing[p]) for p in want if want[p] != listing[p]}
-    assert not differ, "\n".join(f"{p}:\n  want {w}\n  got  {g}"
-                                 for p, (w, g) in list(differ.items())[:8])
+    assert not differ, "\n".join(
+        f"{p}:\n  want {w}\n  got  {g}" for p, (w, g) in list(differ.items())[:8]
+    )
     t = list_image(image, fs_type)
     assert (t["/fid/owned-big"].uid, t["/fid/owned-big"].gid) == (4000000000, 4000000001)
     assert t["/fid/suid"].mode == 0o4755 and t["/fid/zero"].mode == 0

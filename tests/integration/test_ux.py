@@ -76,9 +76,14 @@ class Run:
 
 def rfs(*args: str | Path, cache: Path, check: bool = True) -> Run:
     """Run the rfs command with its output piped (not a terminal: CI mode)."""
-    proc = subprocess.run([sys.executable, "-m", "rfs", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "RFS_CACHE_DIR": str(cache)},
-                          check=False, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rfs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RFS_CACHE_DIR": str(cache)},
+        check=False,
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return Run(proc.returncode, proc.stdout, proc.stderr)
@@ -89,8 +94,8 @@ def make_package(root: Path, image: str = BASE, token: str = "t") -> Path:
     (root / "scripts").mkdir(parents=True)
     (root / "files").mkdir()
     (root / "build.toml").write_text(
-        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag)
-        .replace("TOKEN", token))
+        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag).replace("TOKEN", token)
+    )
     (root / "scripts" / "two.sh").write_text(TWO_SH)
     (root / "files" / "motd").write_text("welcome\n")
     return root
@@ -101,8 +106,7 @@ def warm_cache(tmp_path_factory: pytest.TempPathFactory, docker_client: Any) -> 
     """A cache in which the package's layers and export are built (once per module)."""
     root = tmp_path_factory.mktemp("warm")
     cache = root / "cache"
-    rfs("build", make_package(root / "pkg"), "-o", root / "out.ext4", "--no-network",
-        cache=cache)
+    rfs("build", make_package(root / "pkg"), "-o", root / "out.ext4", "--no-network", cache=cache)
     return cache
 
 
@@ -120,6 +124,7 @@ def content(image: Path, path: str) -> bytes:
 
 # --- CI output and JSON --------------------------------------------------------------------
 
+
 def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any) -> None:
     pkg = make_package(tmp_path / "pkg", token=uuid.uuid4().hex)  # new keys: a cold build
     out, cache = tmp_path / "out.ext4", tmp_path / "cache"
@@ -127,7 +132,13 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
     events = [json.loads(line) for line in first.out.splitlines()]  # stdout: only JSON lines
     validate_events(events)
     assert [e["step"] for e in events if e["event"] == "step_finished"] == [
-        "run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "overlays",
+        "assemble",
+    ]
     outputs = [e["text"] for e in events if e["event"] == "step_output"]
     assert "hello from the first command" in outputs
     export = next(e for e in events if e["event"] == "step_finished" and e["step"] == "export")
@@ -140,18 +151,35 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
         assert 0.8 * export["bytes"] < event["total_bytes"] < 1.2 * export["bytes"], event
     last = events[-1]
     assert (last["event"], last["ok"], last["output"], last["ran"]) == (
-        "build_finished", True, str(out), 6)
+        "build_finished",
+        True,
+        str(out),
+        6,
+    )
     # the person's display went to stderr, in the plain CI format
     err = first.err.splitlines()
     assert "  run[0] | hello from the first command" in err
     assert [ln.split()[1] for ln in err if ln.startswith("  done ")] == [
-        "run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
-    header = next(i for i, ln in enumerate(err) if ln.split()[:4] == ["step", "result", "time",
-                                                                     "size"])
-    rows = [ln.split() for ln in err[header + 1:-1]]
-    assert [r[:2] for r in rows] == [["base", "cached"], ["run[0]", "ran"], ["run[1]", "ran"],
-                                     ["run[2]", "ran"], ["export", "ran"], ["overlays", "ran"],
-                                     ["assemble", "ran"]]
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "overlays",
+        "assemble",
+    ]
+    header = next(
+        i for i, ln in enumerate(err) if ln.split()[:4] == ["step", "result", "time", "size"]
+    )
+    rows = [ln.split() for ln in err[header + 1 : -1]]
+    assert [r[:2] for r in rows] == [
+        ["base", "cached"],
+        ["run[0]", "ran"],
+        ["run[1]", "ran"],
+        ["run[2]", "ran"],
+        ["export", "ran"],
+        ["overlays", "ran"],
+        ["assemble", "ran"],
+    ]
     assert err[-1].startswith("6 step(s) ran, 1 cached")
 
     # an overlay edit: two steps run, the others are reused and their recorded time is saved
@@ -160,8 +188,7 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
     assert second.out == f"{out}\n"
     lines = second.err.splitlines()
     assert " | " not in second.err  # -q
-    assert [ln.split()[1] for ln in lines if ln.startswith("  done ")] == [
-        "overlays", "assemble"]
+    assert [ln.split()[1] for ln in lines if ln.startswith("  done ")] == ["overlays", "assemble"]
     saved = re.search(r"the cache saved (\d+\.\d+) s$", lines[-1])
     assert saved is not None and float(saved.group(1)) > 0.3, lines[-1]
     reused = [ln.split() for ln in lines if ln.split()[:1] == ["run[0]"]]
@@ -171,6 +198,7 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
 
 # --- plan --explain -----------------------------------------------------------------------
 
+
 def _derived_image(client: Any, tag: str) -> str:
     """A copy of BASE with one more file, committed as `tag`."""
     buf = io.BytesIO()
@@ -178,8 +206,7 @@ def _derived_image(client: Any, tag: str) -> str:
         info = tarfile.TarInfo("etc/derived")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"v2"))
-    container = client.containers.create(BASE, command=["/bin/true"],
-                                         labels={"org.rfs.test": "1"})
+    container = client.containers.create(BASE, command=["/bin/true"], labels={"org.rfs.test": "1"})
     try:
         container.put_archive("/", buf.getvalue())
         container.commit(*tag.rsplit(":", 1))
@@ -189,7 +216,8 @@ def _derived_image(client: Any, tag: str) -> str:
 
 
 def test_plan_explain_names_lines_destinations_and_moved_tags(
-        tmp_path: Path, cache: Path, docker_client: Any) -> None:
+    tmp_path: Path, cache: Path, docker_client: Any
+) -> None:
     moving = f"rfs-test-tmp/ux-{uuid.uuid4().hex[:8]}:moving"
     other = f"rfs-test-tmp/ux-{uuid.uuid4().hex[:8]}:other"
     docker_client.images.get(BASE).tag(*moving.rsplit(":", 1))
@@ -203,9 +231,10 @@ def test_plan_explain_names_lines_destinations_and_moved_tags(
         assert "nothing to do" in again.out
 
         (pkg / "scripts" / "two.sh").write_text(TWO_SH.replace("> /srv/two", "> /srv/TWO"))
-        (pkg / "build.toml").write_text((pkg / "build.toml").read_text()
-                                        .replace("192.0.2.1", "192.0.2.53")
-                                        + '[[commands]]\ncommand = "true"\n')
+        (pkg / "build.toml").write_text(
+            (pkg / "build.toml").read_text().replace("192.0.2.1", "192.0.2.53")
+            + '[[commands]]\ncommand = "true"\n'
+        )
         plan = rfs("plan", pkg, "-o", out, "--no-network", "--explain", cache=cache).out
         assert "- commands[1]: script changed (line 3: `echo two > /srv/TWO`)" in plan
         assert "- commands[2]: runs on top of commands[1], which changed" in plan
@@ -213,8 +242,7 @@ def test_plan_explain_names_lines_destinations_and_moved_tags(
         assert "- commands[3]: never built (new since the last build)" in plan
         assert "cached  run[0]" in plan
 
-        as_json = json.loads(rfs("plan", pkg, "-o", out, "--no-network", "--json",
-                                 cache=cache).out)
+        as_json = json.loads(rfs("plan", pkg, "-o", out, "--no-network", "--json", cache=cache).out)
         validate_events([as_json])
         by_step = {s["step"]: s for s in as_json["steps"]}
         assert by_step["overlays"]["changes"] == ["overlays: /etc/resolv.conf content changed"]
@@ -234,14 +262,15 @@ def test_plan_explain_names_lines_destinations_and_moved_tags(
 
 # --- rfs graph ------------------------------------------------------------------------------
 
+
 def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     """The chunks of a PNG, checking the signature and every CRC."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
     chunks, pos = [], 8
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
         assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
         chunks.append((kind, body))
         pos += 12 + length
@@ -258,8 +287,7 @@ def test_graph_png_and_dot(tmp_path: Path, cache: Path) -> None:
 
     dot = rfs("graph", pkg, "--image", out, "--no-network", cache=cache).out
     nodes = dict(re.findall(r'^  "([^"]+)" \[label="([^"]*)"', dot, re.M))
-    assert list(nodes) == ["base", "run[0]", "run[1]", "run[2]", "export", "overlays",
-                           "assemble"]
+    assert list(nodes) == ["base", "run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
     assert len(re.findall(r"^  \"[^\"]+\" -> \"[^\"]+\";$", dot, re.M)) == 6
     assert "\\nnot needed · last " in nodes["run[1]"]  # cached downstream, timed last build
     assert "\\ncached · last " in nodes["export"]
@@ -280,13 +308,17 @@ def test_graph_png_and_dot(tmp_path: Path, cache: Path) -> None:
 
 # --- --watch --------------------------------------------------------------------------------
 
+
 def test_watch_rebuilds_on_change_and_ends_on_ctrl_c(tmp_path: Path, cache: Path) -> None:
     pkg = make_package(tmp_path / "pkg")
     out = tmp_path / "out.ext4"
-    proc = subprocess.Popen([sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out),
-                             "--no-network", "--watch"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RFS_CACHE_DIR": str(cache)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), "--no-network", "--watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RFS_CACHE_DIR": str(cache)},
+    )
     lines: list[str] = []
     assert proc.stderr is not None
 
@@ -324,6 +356,7 @@ def test_watch_rebuilds_on_change_and_ends_on_ctrl_c(tmp_path: Path, cache: Path
 
 # --- a real terminal: the live display and --keep-failed -----------------------------------
 
+
 class Tmux:
     """A bash in a tmux session of a fixed size, typed into and read like a person would."""
 
@@ -334,9 +367,23 @@ class Tmux:
         self.tmux = str(tmux)
         self.name = f"rfs-ux-{uuid.uuid4().hex[:8]}"
         exports = " ".join(f"{k}={v}" for k, v in env.items())
-        subprocess.run([self.tmux, "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50",
-                        "-c", str(cwd), f"env TERM=xterm-256color {exports} bash --norc"],
-                       check=True)
+        subprocess.run(
+            [
+                self.tmux,
+                "new-session",
+                "-d",
+                "-s",
+                self.name,
+                "-x",
+                "160",
+                "-y",
+                "50",
+                "-c",
+                str(cwd),
+                f"env TERM=xterm-256color {exports} bash --norc",
+            ],
+            check=True,
+        )
         self.type("PS1='$ '; clear")
 
     def type(self, line: str) -> None:
@@ -345,8 +392,9 @@ class Tmux:
 
     def screen(self, joined: bool = False) -> str:
         args = [self.tmux, "capture-pane", "-p", "-t", self.name, "-S", "-200"]
-        return subprocess.run(args + (["-J"] if joined else []), capture_output=True,
-                              text=True, check=True).stdout
+        return subprocess.run(
+            args + (["-J"] if joined else []), capture_output=True, text=True, check=True
+        ).stdout
 
     def wait_for(self, pattern: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -373,7 +421,9 @@ def test_live_display_in_a_terminal(tmp_path: Path, terminal: Tmux) -> None:
     pkg = make_package(tmp_path / "pkg")
     toml = pkg / "build.toml"
     # a command of its own (new key) that prints, then stays busy long enough to be watched
-    toml.write_text(toml.read_text() + f"""
+    toml.write_text(
+        toml.read_text()
+        + f"""
 [[commands]]
 script_inline = '''
 #!/bin/sh
@@ -381,7 +431,8 @@ echo live-{uuid.uuid4().hex[:8]}
 sleep 2.5
 echo finished-sleeping
 '''
-""")
+"""
+    )
     terminal.type(f"{sys.executable} -m rfs build pkg -o out.ext4 --no-network; echo EXIT=$?")
     terminal.wait_for(r"│ live-")  # the command's output arrives while it sleeps
     during = terminal.wait_for(r"running\s+run\[3\].*\d\.\d\d s")
@@ -406,22 +457,30 @@ echo finished-sleeping
     assert re.search(r"^3 step\(s\) ran, 2 cached, .* the cache saved", final, re.M), final
 
 
-def test_keep_failed_prints_a_shell_command_that_works(tmp_path: Path, terminal: Tmux,
-                                                       docker_client: Any) -> None:
+def test_keep_failed_prints_a_shell_command_that_works(
+    tmp_path: Path, terminal: Tmux, docker_client: Any
+) -> None:
     pkg = make_package(tmp_path / "pkg")
     toml = pkg / "build.toml"
-    toml.write_text(toml.read_text().replace('command = "touch /srv/three"', f"""script_inline = '''
+    toml.write_text(
+        toml.read_text().replace(
+            'command = "touch /srv/three"',
+            f"""script_inline = '''
 #!/bin/sh
 echo kept-{uuid.uuid4().hex[:8]} > /srv/marker
 exit 3
-'''"""))
-    terminal.type(f"{sys.executable} -m rfs build pkg -o out.ext4 --no-network --keep-failed; "
-                  "echo EXIT=$?")
+'''""",
+        )
+    )
+    terminal.type(
+        f"{sys.executable} -m rfs build pkg -o out.ext4 --no-network --keep-failed; echo EXIT=$?"
+    )
     shown = terminal.wait_for(r"^EXIT=\d+$")
     joined = terminal.screen(joined=True)
     assert "EXIT=1" in shown
-    match = re.search(r"get a shell in it: +(docker commit (\w+) (\S+) && docker run .*)$",
-                      joined, re.M)
+    match = re.search(
+        r"get a shell in it: +(docker commit (\w+) (\S+) && docker run .*)$", joined, re.M
+    )
     assert match, joined
     command, container, image = match.groups()
     try:
@@ -433,7 +492,9 @@ exit 3
         after = terminal.wait_for(r"^kept-\w+$")
         assert "kept-" in after
     finally:
-        for remove in (lambda: docker_client.containers.get(container).remove(force=True),
-                       lambda: docker_client.images.remove(image, force=True)):
+        for remove in (
+            lambda: docker_client.containers.get(container).remove(force=True),
+            lambda: docker_client.images.remove(image, force=True),
+        ):
             with contextlib.suppress(Exception):  # already gone
                 remove()

@@ -73,14 +73,16 @@ def test_only_containers_of_dead_local_builds_are_removed() -> None:
     alive = _owner(os.getpid())
     dead = _dead_owner()
     assert alive is not None
-    engine = Engine({
-        "a": {RUN_LABEL: "ci-job", OWNER_LABEL: dead},
-        "b": {RUN_LABEL: "ci-job", OWNER_LABEL: dead},
-        "c": {RUN_LABEL: "ci-job", OWNER_LABEL: alive},  # same run id, a live process
-        "d": {RUN_LABEL: "kept", OWNER_LABEL: _dead_owner(), KEEP_LABEL: "1"},  # --keep-failed
-        "e": {RUN_LABEL: "remote", OWNER_LABEL: "elsewhere:1:1"},  # another machine's
-        "f": {RUN_LABEL: "", OWNER_LABEL: ""},  # made by someone from a layer image
-    })
+    engine = Engine(
+        {
+            "a": {RUN_LABEL: "ci-job", OWNER_LABEL: dead},
+            "b": {RUN_LABEL: "ci-job", OWNER_LABEL: dead},
+            "c": {RUN_LABEL: "ci-job", OWNER_LABEL: alive},  # same run id, a live process
+            "d": {RUN_LABEL: "kept", OWNER_LABEL: _dead_owner(), KEEP_LABEL: "1"},  # --keep-failed
+            "e": {RUN_LABEL: "remote", OWNER_LABEL: "elsewhere:1:1"},  # another machine's
+            "f": {RUN_LABEL: "", OWNER_LABEL: ""},  # made by someone from a layer image
+        }
+    )
     assert remove_abandoned(engine) == 2  # type: ignore[arg-type]
     assert engine.removed == [f"{OWNER_LABEL}={dead}"]
     assert sorted(engine.containers) == ["c", "d", "e", "f"]
@@ -116,8 +118,10 @@ def test_damaged_record_is_a_miss(tmp_path: Path) -> None:
     store.close()
     db = sqlite3.connect(tmp_path / "index" / "cache.db")
     with db:  # a pickled value whose bytes went bad
-        db.execute("UPDATE Cache SET value = ?, mode = 4 WHERE key = ?",
-                   (b"\x80\x04not a pickle", "step/k"))
+        db.execute(
+            "UPDATE Cache SET value = ?, mode = 4 WHERE key = ?",
+            (b"\x80\x04not a pickle", "step/k"),
+        )
     db.close()
     store = Store(tmp_path)
     assert store.record("k") is None
@@ -147,7 +151,13 @@ def test_files_of_killed_processes_are_removed(tmp_path: Path) -> None:
 
     assert remove_orphans(tmp_path, "rfs-step-") == [tmp_path / f"rfs-step-{gone}-abc"]
     assert remove_orphans(tmp_path, ".image.ext4.rfs-tmp-") == [
-        tmp_path / f".image.ext4.rfs-tmp-{gone}-q1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-        f"rfs-step-{mine}-def", f"rfs-step-{os.getppid()}-ghi", "rfs-step-xyz",
-        f".other.ext4.rfs-tmp-{gone}-q2"])
+        tmp_path / f".image.ext4.rfs-tmp-{gone}-q1"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            f"rfs-step-{mine}-def",
+            f"rfs-step-{os.getppid()}-ghi",
+            "rfs-step-xyz",
+            f".other.ext4.rfs-tmp-{gone}-q2",
+        ]
+    )

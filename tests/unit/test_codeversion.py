@@ -98,7 +98,8 @@ def test_every_module_an_artifact_depends_on_is_in_its_code_digest(kind: str) ->
     unclassified = sorted(str(p.relative_to(PACKAGE)) for p in reached - listed - neutral)
     assert not unclassified, (
         f"{kind} artifacts depend on {unclassified}: add them to rfs.codeversion.SHAPED_BY "
-        "or, if they cannot change a result, to NEUTRAL in this test")
+        "or, if they cannot change a result, to NEUTRAL in this test"
+    )
 
 
 def test_everything_the_executor_reaches_is_classified() -> None:

@@ -26,10 +26,17 @@ def need(tool: str) -> str:
 def bash_complete(script: Path, *words: str) -> list[str]:
     """What `rfs <words>` + Tab offers in bash (the last word is the one being completed)."""
     line = " ".join(f"'{w}'" for w in ("rfs", *words))
-    code = (f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words)}; _rfs; "
-            'printf "%s\\n" "${COMPREPLY[@]}"')
-    out = subprocess.run([need("bash"), "--norc", "-c", code], capture_output=True, text=True,
-                         check=True, cwd=script.parent).stdout
+    code = (
+        f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words)}; _rfs; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    out = subprocess.run(
+        [need("bash"), "--norc", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=script.parent,
+    ).stdout
     return [w for w in out.splitlines() if w]
 
 
@@ -43,8 +50,14 @@ def bash_script(tmp_path: Path) -> Path:
 
 def test_bash_completes_verbs_options_choices_and_files(bash_script: Path) -> None:
     assert bash_complete(bash_script, "bu") == ["build"]
-    assert set(bash_complete(bash_script, "")) >= {"build", "run", "plan", "check", "graph",
-                                                   "completion"}
+    assert set(bash_complete(bash_script, "")) >= {
+        "build",
+        "run",
+        "plan",
+        "check",
+        "graph",
+        "completion",
+    }
     assert bash_complete(bash_script, "build", "--ke") == ["--keep-failed"]
     assert "--watch" in bash_complete(bash_script, "run", "--")  # an alias has the options
     assert "--explain" in bash_complete(bash_script, "plan", "--e")
@@ -61,8 +74,12 @@ def test_fish_completes_verbs_options_and_choices(tmp_path: Path) -> None:
     script.write_text(script_for("fish"))
 
     def complete(line: str) -> list[str]:
-        out = subprocess.run([fish, "--no-config", "-c", f"source {script}; complete -C '{line}'"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [fish, "--no-config", "-c", f"source {script}; complete -C '{line}'"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return [row.split("\t")[0] for row in out.splitlines()]
 
     assert complete("rfs bu") == ["build"]
@@ -78,15 +95,17 @@ def test_zsh_completes_in_a_terminal(tmp_path: Path) -> None:
     script.write_text(script_for("zsh"))
     subprocess.run([zsh, "-n", str(script)], check=True)
     session = f"rfs-zsh-{uuid.uuid4().hex[:8]}"
-    subprocess.run([tmux, "new-session", "-d", "-s", session, "-x", "150", "-y", "20",
-                    f"{zsh} -f"], check=True)
+    subprocess.run(
+        [tmux, "new-session", "-d", "-s", session, "-x", "150", "-y", "20", f"{zsh} -f"], check=True
+    )
 
     def keys(*k: str) -> None:
         subprocess.run([tmux, "send-keys", "-t", session, *k], check=True)
 
     def screen() -> str:
-        return subprocess.run([tmux, "capture-pane", "-p", "-t", session], capture_output=True,
-                              text=True, check=True).stdout
+        return subprocess.run(
+            [tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True, check=True
+        ).stdout
 
     def wait_for(text: str) -> str:
         deadline = time.monotonic() + 10
@@ -98,8 +117,10 @@ def test_zsh_completes_in_a_terminal(tmp_path: Path) -> None:
         raise AssertionError(f"{text!r} never appeared:\n{screen()}")
 
     try:
-        keys(f"autoload -U compinit && compinit -u && source {script} && PS1='%% ' && "
-             "echo READY", "Enter")
+        keys(
+            f"autoload -U compinit && compinit -u && source {script} && PS1='%% ' && echo READY",
+            "Enter",
+        )
         wait_for("READY\n%")  # the prompt (capture-pane drops trailing blanks)
         keys("rfs bu", "Tab")
         wait_for("% rfs build")

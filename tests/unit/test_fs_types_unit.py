@@ -30,8 +30,15 @@ def _tar(entries: list[tarfile.TarInfo], data: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _info(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, uid: int = 0,
-          gid: int = 0, mtime: int = 1_700_000_000, **extra: object) -> tarfile.TarInfo:
+def _info(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    mtime: int = 1_700_000_000,
+    **extra: object,
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, mtime
     for key, value in extra.items():
@@ -47,8 +54,9 @@ TREE = [
     _info("d/sym", tarfile.SYMTYPE, 0o777, linkname="../etc/x"),
     _info("d/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3),
     _info("d/fifo", tarfile.FIFOTYPE),
-    _info("d/cap", mode=0o755, pax_headers={"SCHILY.xattr.security.capability":
-                                            CAP.decode("latin-1")}),
+    _info(
+        "d/cap", mode=0o755, pax_headers={"SCHILY.xattr.security.capability": CAP.decode("latin-1")}
+    ),
 ]
 DATA = {"d/secret": b"s3cret\n", "d/suid": b"#!/bin/sh\n", "d/cap": b"cap\n"}
 
@@ -114,9 +122,14 @@ def _filtered(export: bytes, **kwargs: object) -> list[tarfile.TarInfo]:
 
 
 def test_clamp_lowers_later_mtimes_only() -> None:
-    export = _tar([_info("old", mtime=100), _info("new", mtime=2_000_000_000),
-                   _info("h", tarfile.LNKTYPE, linkname="new", mtime=2_000_000_000)],
-                  {"old": b"o", "new": b"n"})
+    export = _tar(
+        [
+            _info("old", mtime=100),
+            _info("new", mtime=2_000_000_000),
+            _info("h", tarfile.LNKTYPE, linkname="new", mtime=2_000_000_000),
+        ],
+        {"old": b"o", "new": b"n"},
+    )
     clamped = {m.name: m.mtime for m in _filtered(export, clamp_mtime=1000)}
     assert clamped == {"old": 100, "new": 1000, "h": 1000}
     unclamped = {m.name: m.mtime for m in _filtered(export)}
@@ -124,10 +137,15 @@ def test_clamp_lowers_later_mtimes_only() -> None:
 
 
 def test_engine_etc_files_get_0644_restored_or_not() -> None:
-    export = _tar([_info("etc", tarfile.DIRTYPE, 0o755),
-                   _info("etc/hosts", mode=0o755), _info("etc/hostname", mode=0o755),
-                   _info("etc/motd", mode=0o755)], {"etc/hosts": b"", "etc/hostname": b"",
-                                                    "etc/motd": b""})
+    export = _tar(
+        [
+            _info("etc", tarfile.DIRTYPE, 0o755),
+            _info("etc/hosts", mode=0o755),
+            _info("etc/hostname", mode=0o755),
+            _info("etc/motd", mode=0o755),
+        ],
+        {"etc/hosts": b"", "etc/hostname": b"", "etc/motd": b""},
+    )
     out = {m.name: m for m in _filtered(export, restore={"/etc/hosts": b"127.0.0.1 x\n"})}
     assert out["etc/hosts"].mode == 0o644 and out["etc/hosts"].size == 12
     assert out["etc/hostname"].mode == 0o644 and out["etc/hostname"].size == 0
@@ -140,8 +158,9 @@ def test_headroom_and_too_small() -> None:
     assert with_headroom(90, minimum_mib=109, overhead_mib=80) == 109
     stats = StreamStats(inodes=3, content_bytes=5 << 20)
     check_size("ext4", 10, 10, stats)
-    with pytest.raises(ScriptError, match="9 MiB is too small for this ext4 image: the content "
-                                          "needs about 10 MiB") as caught:
+    with pytest.raises(
+        ScriptError, match="9 MiB is too small for this ext4 image: the content needs about 10 MiB"
+    ) as caught:
         check_size("ext4", 9, 10, stats)
     assert caught.value.hint == "set size_mib to 10 or more"
 
@@ -163,8 +182,10 @@ def test_boot_recognises_images_and_finds_kernels(tmp_path: Path) -> None:
     boot.mkdir()
     for name in ("vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-10-amd64", "initrd.img-6.1.0-10-amd64"):
         (boot / name).write_bytes(b"")
-    assert find_kernel(boot) == (boot / "vmlinuz-6.1.0-10-amd64",
-                                 boot / "initrd.img-6.1.0-10-amd64")
+    assert find_kernel(boot) == (
+        boot / "vmlinuz-6.1.0-10-amd64",
+        boot / "initrd.img-6.1.0-10-amd64",
+    )
     argv = qemu_argv(BootSpec(sq), "tcg", boot / "k", None)
     assert "tcg" in argv and "max" in argv
     cmdline = argv[argv.index("-append") + 1]

@@ -32,20 +32,52 @@ from rfs.package import load
 from rfs.schema import _KEYS, parse_script
 
 EXAMPLES = int(os.environ.get("RFS_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 # -- documents ------------------------------------------------------------------------------
 
-_PATHS = ["/a", "/../x", "/", "", " ", "a/b", "/a/./b//", "..", "/etc/x\x00y", "/s.sh",
-          "/d", "/etc/motd", "ext4", "Podman", "docker", "Squashfs", "/var/run/docker.sock"]
+_PATHS = [
+    "/a",
+    "/../x",
+    "/",
+    "",
+    " ",
+    "a/b",
+    "/a/./b//",
+    "..",
+    "/etc/x\x00y",
+    "/s.sh",
+    "/d",
+    "/etc/motd",
+    "ext4",
+    "Podman",
+    "docker",
+    "Squashfs",
+    "/var/run/docker.sock",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-    st.floats(allow_nan=True), st.text(max_size=12), st.sampled_from(_PATHS))
-anything = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=8)
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(_PATHS),
+)
+anything = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 def _table(section: str, **special: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -54,27 +86,41 @@ def _table(section: str, **special: st.SearchStrategy[Any]) -> st.SearchStrategy
     fields = {key: special.get(key, anything) for key in _KEYS[section]}
     return st.one_of(
         st.fixed_dictionaries({}, optional=fields),
-        st.builds(lambda d, extra: {**d, **extra}, st.fixed_dictionaries({}, optional=fields),
-                  st.dictionaries(st.text(max_size=5), anything, max_size=2)),
-        anything)
+        st.builds(
+            lambda d, extra: {**d, **extra},
+            st.fixed_dictionaries({}, optional=fields),
+            st.dictionaries(st.text(max_size=5), anything, max_size=2),
+        ),
+        anything,
+    )
 
 
-_strings = st.dictionaries(st.text(max_size=6), st.one_of(scalars, st.sampled_from(_PATHS)),
-                           max_size=3)
-_pathset = st.fixed_dictionaries({}, optional={
-    k: st.one_of(st.lists(st.one_of(st.sampled_from(_PATHS), scalars), max_size=3), anything)
-    for k in ("include", "create", "exclude")})
+_strings = st.dictionaries(
+    st.text(max_size=6), st.one_of(scalars, st.sampled_from(_PATHS)), max_size=3
+)
+_pathset = st.fixed_dictionaries(
+    {},
+    optional={
+        k: st.one_of(st.lists(st.one_of(st.sampled_from(_PATHS), scalars), max_size=3), anything)
+        for k in ("include", "create", "exclude")
+    },
+)
 documents = st.one_of(
-    st.fixed_dictionaries({}, optional={
-        "filesystem": _table("filesystem"),
-        "container": _table("container", image=_table("image"), volumes=_strings, env=_strings),
-        "commands": st.one_of(st.lists(_table("commands", env=_strings), max_size=3), anything),
-        "overlays": st.one_of(st.lists(_table("overlays"), max_size=3), anything),
-        "export": st.one_of(st.fixed_dictionaries({}, optional={"files": _pathset,
-                                                              "directories": _pathset}),
-                            anything),
-    }),
-    anything)
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "filesystem": _table("filesystem"),
+            "container": _table("container", image=_table("image"), volumes=_strings, env=_strings),
+            "commands": st.one_of(st.lists(_table("commands", env=_strings), max_size=3), anything),
+            "overlays": st.one_of(st.lists(_table("overlays"), max_size=3), anything),
+            "export": st.one_of(
+                st.fixed_dictionaries({}, optional={"files": _pathset, "directories": _pathset}),
+                anything,
+            ),
+        },
+    ),
+    anything,
+)
 
 
 @FUZZ
@@ -91,6 +137,7 @@ def test_parse_script_gives_a_model_or_a_script_error(doc: Any) -> None:
 
 def toml_text(value: Any) -> str:
     """`value` (a table) as TOML with inline tables; None values are left out."""
+
     def emit(v: Any) -> str:
         if isinstance(v, dict):
             items = [f"{json.dumps(str(k))} = {emit(x)}" for k, x in v.items() if x is not None]
@@ -105,8 +152,7 @@ def toml_text(value: Any) -> str:
 
     if not isinstance(value, dict):
         return f"value = {emit(value)}\n" if value is not None else ""
-    return "".join(f"{json.dumps(str(k))} = {emit(v)}\n" for k, v in value.items()
-                   if v is not None)
+    return "".join(f"{json.dumps(str(k))} = {emit(v)}\n" for k, v in value.items() if v is not None)
 
 
 def _load_outcome(package: Path) -> None:
@@ -134,20 +180,24 @@ def test_load_gives_a_model_or_an_error(doc: Any, yaml_form: bool) -> None:
         _load_outcome(pkg)
 
 
-VALID = (b'[filesystem]\nsize_mib = 64\n[container]\nimage = { name = "busybox", tag = "1" }\n'
-         b'[[commands]]\nscript_path = "/s.sh"\n[[overlays]]\nsource = "/d"\n'
-         b'destination = "/etc/d"\nis_directory = true\n')
+VALID = (
+    b'[filesystem]\nsize_mib = 64\n[container]\nimage = { name = "busybox", tag = "1" }\n'
+    b'[[commands]]\nscript_path = "/s.sh"\n[[overlays]]\nsource = "/d"\n'
+    b'destination = "/etc/d"\nis_directory = true\n'
+)
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.binary(max_size=3)),
-                      max_size=4),
-       suffix=st.sampled_from(["build.toml", "build.yaml"]))
-def test_load_of_damaged_bytes_gives_a_model_or_an_error(edits: list[tuple[int, bytes]],
-                                                         suffix: str) -> None:
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.binary(max_size=3)), max_size=4),
+    suffix=st.sampled_from(["build.toml", "build.yaml"]),
+)
+def test_load_of_damaged_bytes_gives_a_model_or_an_error(
+    edits: list[tuple[int, bytes]], suffix: str
+) -> None:
     raw = bytearray(VALID)
     for pos, new in edits:
-        raw[pos:pos + len(new)] = new
+        raw[pos : pos + len(new)] = new
     with tempfile.TemporaryDirectory(prefix="rfs-fuzz-") as d:
         pkg = Path(d)
         (pkg / "s.sh").write_text("#!/bin/sh\ntrue\n")
@@ -158,16 +208,35 @@ def test_load_of_damaged_bytes_gives_a_model_or_an_error(edits: list[tuple[int, 
 
 # -- tarballs -------------------------------------------------------------------------------
 
-_segment = st.one_of(st.sampled_from(["etc", "a", "b", "..", ".", "", "dev", "console", ".rfs",
-                                      ".dockerenv", "tmp", "d"]),
-                     st.text(alphabet="ab\u00e9-", min_size=1, max_size=3))
-tar_path = st.one_of(st.lists(_segment, min_size=1, max_size=4).map("/".join),
-                     st.lists(_segment, min_size=1, max_size=3).map(lambda p: "/" + "/".join(p)),
-                     st.just("x" * 120 + "/y" * 20))  # needs a long-name extension
-_KINDS = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,
-          tarfile.FIFOTYPE, tarfile.CONTTYPE, b"Z"]
-member = st.tuples(tar_path, st.sampled_from(_KINDS), tar_path, st.binary(max_size=40),
-                   st.integers(0, 0o7777), st.booleans())
+_segment = st.one_of(
+    st.sampled_from(
+        ["etc", "a", "b", "..", ".", "", "dev", "console", ".rfs", ".dockerenv", "tmp", "d"]
+    ),
+    st.text(alphabet="ab\u00e9-", min_size=1, max_size=3),
+)
+tar_path = st.one_of(
+    st.lists(_segment, min_size=1, max_size=4).map("/".join),
+    st.lists(_segment, min_size=1, max_size=3).map(lambda p: "/" + "/".join(p)),
+    st.just("x" * 120 + "/y" * 20),
+)  # needs a long-name extension
+_KINDS = [
+    tarfile.REGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.FIFOTYPE,
+    tarfile.CONTTYPE,
+    b"Z",
+]
+member = st.tuples(
+    tar_path,
+    st.sampled_from(_KINDS),
+    tar_path,
+    st.binary(max_size=40),
+    st.integers(0, 0o7777),
+    st.booleans(),
+)
 
 
 @st.composite
@@ -194,32 +263,45 @@ def tarballs(draw: st.DrawFn, *, script: bytes | None = None) -> bytes:
             except ValueError:  # a name the format cannot hold: leave it out
                 continue
     raw = bytearray(buf.getvalue())
-    for pos, value in draw(st.lists(st.tuples(st.integers(0, len(raw) - 1),
-                                              st.integers(0, 255)), max_size=2)):
+    for pos, value in draw(
+        st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=2)
+    ):
         raw[pos] = value
     cut = draw(st.one_of(st.none(), st.integers(0, len(raw))))
     return bytes(raw if cut is None else raw[:cut])
 
 
 selections = st.builds(
-    Selection, whole=st.booleans(),
+    Selection,
+    whole=st.booleans(),
     include_files=st.lists(tar_path, max_size=2).map(tuple),
     include_dirs=st.lists(tar_path, max_size=2).map(tuple),
     create_files=st.lists(tar_path, max_size=2).map(tuple),
     create_dirs=st.lists(tar_path, max_size=2).map(tuple),
-    exclude=st.lists(tar_path, max_size=2).map(tuple))
+    exclude=st.lists(tar_path, max_size=2).map(tuple),
+)
 overlays = st.builds(
-    OverlayEntry, destination=tar_path, content=st.one_of(st.none(), st.binary(max_size=8)),
-    mode=st.integers(-1, 0o10000), uid=st.integers(-1, 2**32), gid=st.just(0),
-    is_dir=st.booleans(), symlink=st.one_of(st.none(), tar_path))
+    OverlayEntry,
+    destination=tar_path,
+    content=st.one_of(st.none(), st.binary(max_size=8)),
+    mode=st.integers(-1, 0o10000),
+    uid=st.integers(-1, 2**32),
+    gid=st.just(0),
+    is_dir=st.booleans(),
+    symlink=st.one_of(st.none(), tar_path),
+)
 
 
 @FUZZ
-@given(tarballs(), selections, st.lists(overlays, max_size=3),
-       st.dictionaries(tar_path, st.binary(max_size=4), max_size=2))
+@given(
+    tarballs(),
+    selections,
+    st.lists(overlays, max_size=3),
+    st.dictionaries(tar_path, st.binary(max_size=4), max_size=2),
+)
 def test_tar_filter_gives_a_stream_inside_the_image_or_an_error(
-        export: bytes, selection: Selection, extra: list[OverlayEntry],
-        restore: dict[str, bytes]) -> None:
+    export: bytes, selection: Selection, extra: list[OverlayEntry], restore: dict[str, bytes]
+) -> None:
     out = io.BytesIO()
     try:
         write_image_stream(io.BytesIO(export), selection, extra, out, mtime=0, restore=restore)

@@ -52,9 +52,16 @@ def test_same_inputs_same_keys() -> None:
 
 def test_graph_shape() -> None:
     graph = build_graph(compile_steps(script(), FACTS))
-    assert sorted(graph.edges) == sorted([
-        ("base", "run[0]"), ("run[0]", "run[1]"), ("run[1]", "run[2]"),
-        ("run[2]", "export"), ("export", "assemble"), ("overlays", "assemble")])
+    assert sorted(graph.edges) == sorted(
+        [
+            ("base", "run[0]"),
+            ("run[0]", "run[1]"),
+            ("run[1]", "run[2]"),
+            ("run[2]", "export"),
+            ("export", "assemble"),
+            ("overlays", "assemble"),
+        ]
+    )
 
 
 def test_second_command_change_invalidates_it_and_downstream_only() -> None:
@@ -70,7 +77,13 @@ def test_overlay_change_invalidates_overlays_and_assemble_only() -> None:
 def test_base_id_change_invalidates_everything_but_overlays() -> None:
     other = dataclasses.replace(FACTS, base_id="sha256:bbb")
     assert changed(keys(script()), keys(script(), other)) == {
-        "base", "run[0]", "run[1]", "run[2]", "export", "assemble"}
+        "base",
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "assemble",
+    }
 
 
 def test_tag_alone_is_not_part_of_the_key() -> None:
@@ -87,14 +100,16 @@ def test_size_change_only_reassembles() -> None:
 def test_any_script_text_change_changes_the_key(text: str) -> None:
     base = script()
     edited = dataclasses.replace(
-        base, commands=(dataclasses.replace(base.commands[0], script_inline=text),
-                        *base.commands[1:]))
+        base,
+        commands=(dataclasses.replace(base.commands[0], script_inline=text), *base.commands[1:]),
+    )
     same = text == base.commands[0].script_inline
     assert (keys(base)["run[0]"] == keys(edited)["run[0]"]) == same
 
 
-def _plan(s: BuildScript, available: set[str], previous: dict[str, object] | None = None
-          ) -> dict[str, tuple[Action, str]]:
+def _plan(
+    s: BuildScript, available: set[str], previous: dict[str, object] | None = None
+) -> dict[str, tuple[Action, str]]:
     steps = compile_steps(s, FACTS)
     graph = build_graph(steps)
 
@@ -108,15 +123,27 @@ def test_cached_image_needs_nothing_upstream() -> None:
     decisions = _plan(script(), {"assemble"})
     assert decisions["assemble"][0] is Action.CACHED
     assert {k for k, (a, _) in decisions.items() if a is Action.SKIP} == {
-        "base", "run[0]", "run[1]", "run[2]", "export", "overlays"}
+        "base",
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "overlays",
+    }
 
 
 def test_resumes_from_deepest_cached_layer() -> None:
     decisions = _plan(script(), {"base", "run[0]", "overlays"})
     actions = {k: a for k, (a, _) in decisions.items()}
-    assert actions == {"base": Action.SKIP, "run[0]": Action.CACHED, "run[1]": Action.RUN,
-                       "run[2]": Action.RUN, "export": Action.RUN, "overlays": Action.CACHED,
-                       "assemble": Action.RUN}
+    assert actions == {
+        "base": Action.SKIP,
+        "run[0]": Action.CACHED,
+        "run[1]": Action.RUN,
+        "run[2]": Action.RUN,
+        "export": Action.RUN,
+        "overlays": Action.CACHED,
+        "assemble": Action.RUN,
+    }
 
 
 def test_reasons_name_what_changed() -> None:
@@ -143,8 +170,10 @@ def test_interpreter_from_shebang() -> None:
     assert interpreter_argv(b"echo hi\n", "/s") == ["/bin/sh", "/s"]
 
 
-@pytest.mark.parametrize("cached", [set(), {"assemble"}, {"export"}, {"run[0]", "overlays"},
-                                    {"run[1]", "export", "overlays"}])
+@pytest.mark.parametrize(
+    "cached",
+    [set(), {"assemble"}, {"export"}, {"run[0]", "overlays"}, {"run[1]", "export", "overlays"}],
+)
 def test_plan_over_the_step_list_matches_plan_over_the_graph(cached: set[str]) -> None:
     steps = compile_steps(script(), FACTS)
     graph = build_graph(steps)

@@ -40,7 +40,11 @@ def test_requires_python_is_the_oldest_interpreter_ci_tests() -> None:
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="checks the CI run's interpreter")
 def test_ci_tests_run_on_debians_own_python() -> None:
-    debian = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version)"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    debian = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print(sys.version)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert sys.version == debian
     assert sys.prefix == "/opt/rfs/venv" and sys.prefix != sys.base_prefix

@@ -36,9 +36,14 @@ command = "echo three"
 source = "/files/motd"
 destination = "/etc/motd"
 """
-FACTS = Facts(base_id="sha256:aaa", mkfs_version="mke2fs 1.47.2", platform="linux/amd64",
-              engine_version="20.10.24", code={"run": "r", "export": "e", "assemble": "a"},
-              file_digests={"/scripts/a.sh": "s" * 64, "/files/motd": "m" * 64})
+FACTS = Facts(
+    base_id="sha256:aaa",
+    mkfs_version="mke2fs 1.47.2",
+    platform="linux/amd64",
+    engine_version="20.10.24",
+    code={"run": "r", "export": "e", "assemble": "a"},
+    file_digests={"/scripts/a.sh": "s" * 64, "/files/motd": "m" * 64},
+)
 
 
 def script(text: str = SCRIPT) -> BuildScript:
@@ -59,38 +64,56 @@ def changed(other: dict[str, str]) -> set[str]:
 
 def test_network_is_in_every_command_key() -> None:
     assert changed(keys(dataclasses.replace(FACTS, network=False))) == {
-        "run[0]", "run[1]", "run[2]", "export", "assemble"}
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "assemble",
+    }
 
 
 def test_platform_is_in_the_base_key() -> None:
     assert changed(keys(dataclasses.replace(FACTS, platform="linux/arm64"))) == {
-        "base", "run[0]", "run[1]", "run[2]", "export", "assemble"}
+        "base",
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "assemble",
+    }
 
 
 def test_engine_version_is_in_the_export_key() -> None:
     assert changed(keys(dataclasses.replace(FACTS, engine_version="28.0"))) == {
-        "export", "assemble"}
+        "export",
+        "assemble",
+    }
 
 
-@pytest.mark.parametrize(("kind", "steps"), [
-    ("run", {"run[0]", "run[1]", "run[2]", "export", "assemble"}),
-    ("export", {"export", "assemble"}),
-    ("assemble", {"assemble"}),
-])
+@pytest.mark.parametrize(
+    ("kind", "steps"),
+    [
+        ("run", {"run[0]", "run[1]", "run[2]", "export", "assemble"}),
+        ("export", {"export", "assemble"}),
+        ("assemble", {"assemble"}),
+    ],
+)
 def test_the_code_of_each_kind_is_in_its_key(kind: str, steps: set[str]) -> None:
     code = {**FACTS.code, kind: "changed"}
     assert changed(keys(dataclasses.replace(FACTS, code=code))) == steps
 
 
 def test_tool_versions_are_in_the_assemble_key() -> None:
-    assert changed(keys(dataclasses.replace(
-        FACTS, mkfs_version="mke2fs 1.47.2; debugfs 1.47.3"))) == {"assemble"}
+    assert changed(
+        keys(dataclasses.replace(FACTS, mkfs_version="mke2fs 1.47.2; debugfs 1.47.3"))
+    ) == {"assemble"}
 
 
 def test_script_path_is_not_in_the_key_only_its_content() -> None:
     moved = SCRIPT.replace("/scripts/a.sh", "/elsewhere/a.sh")
-    facts = dataclasses.replace(FACTS, file_digests={"/elsewhere/a.sh": "s" * 64,
-                                                     "/files/motd": "m" * 64})
+    facts = dataclasses.replace(
+        FACTS, file_digests={"/elsewhere/a.sh": "s" * 64, "/files/motd": "m" * 64}
+    )
     assert keys(facts, moved) == keys()
 
 
@@ -104,7 +127,8 @@ def test_max_age_and_no_cache_are_not_in_any_key() -> None:
 
 
 def test_a_files_owner_execute_bit_is_in_its_digest_and_nothing_else_of_its_mode(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     f = tmp_path / "f"
     f.write_text("x")
     f.chmod(0o644)
@@ -183,8 +207,7 @@ def test_the_snapshot_is_what_was_hashed_with_normalised_modes(tmp_path: Path) -
     assert not tree.exists()
 
 
-def test_an_edit_after_planning_is_refused_not_recorded_under_the_old_key(
-        tmp_path: Path) -> None:
+def test_an_edit_after_planning_is_refused_not_recorded_under_the_old_key(tmp_path: Path) -> None:
     root = _package(tmp_path)
     digests = digest_refs(root, ["/tree", "/motd"])
     (root / "motd").write_text("edited while the build ran")
@@ -218,9 +241,15 @@ def test_a_forced_step_runs_with_everything_after_it() -> None:
     steps = _steps()
     decisions = plan_steps(steps, lambda s: None, {}, {"run[1]": "--rebuild"})
     actions = {d.step.id: d.action for d in decisions}
-    assert actions == {"base": Action.SKIP, "run[0]": Action.CACHED, "run[1]": Action.RUN,
-                       "run[2]": Action.RUN, "export": Action.RUN,
-                       "overlays": Action.CACHED, "assemble": Action.RUN}
+    assert actions == {
+        "base": Action.SKIP,
+        "run[0]": Action.CACHED,
+        "run[1]": Action.RUN,
+        "run[2]": Action.RUN,
+        "export": Action.RUN,
+        "overlays": Action.CACHED,
+        "assemble": Action.RUN,
+    }
     reasons = {d.step.id: d.reason for d in decisions}
     assert reasons["run[1]"] == "--rebuild"
     assert reasons["export"].startswith("run[2] runs again")
@@ -262,11 +291,15 @@ def test_stale_results_and_what_was_made_from_them() -> None:
 def test_made_at_collects_the_times_of_stale_able_sources() -> None:
     steps = _steps()
     by_id = {s.id: s for s in steps}
-    records = {by_id["run[1]"].key: {"created": 5.0},
-               by_id["run[2]"].key: {"created": 6.0, "made_at": {by_id["run[1]"].key: 5.0}}}
+    records = {
+        by_id["run[1]"].key: {"created": 5.0},
+        by_id["run[2]"].key: {"created": 6.0, "made_at": {by_id["run[1]"].key: 5.0}},
+    }
     assert made_at(by_id["run[2]"], records.get, by_id) == {by_id["run[1]"].key: 5.0}
-    assert made_at(by_id["export"], records.get, by_id) == {by_id["run[1]"].key: 5.0,
-                                                           by_id["run[2]"].key: 6.0}
+    assert made_at(by_id["export"], records.get, by_id) == {
+        by_id["run[1]"].key: 5.0,
+        by_id["run[2]"].key: 6.0,
+    }
     assert made_at(by_id["run[0]"], records.get, by_id) == {}
 
 
@@ -306,7 +339,8 @@ def test_the_snapshot_shows_no_timestamps_of_the_checkout(tmp_path: Path) -> Non
 
 
 def test_a_tool_upgrade_is_noticed_by_a_long_running_process(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`rfs build --watch` outlives a tool upgrade: the tools' files change, and the version
     is asked again although the driver remembers it for the process."""
     from rfs.fs import ext4, tools

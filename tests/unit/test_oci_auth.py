@@ -61,8 +61,10 @@ def registry() -> Iterator[Any]:
 
 def _backend(registry: Any) -> OciBackend:
     port = registry.server_address[1]
-    return OciBackend(f"oci://127.0.0.1:{port}/rfs/cache",
-                      RemoteSettings(timeout_s=5, connect_timeout_s=2, retries=0))
+    return OciBackend(
+        f"oci://127.0.0.1:{port}/rfs/cache",
+        RemoteSettings(timeout_s=5, connect_timeout_s=2, retries=0),
+    )
 
 
 def test_a_good_token_is_used(registry: Any) -> None:
@@ -86,8 +88,10 @@ def test_a_token_that_is_not_a_plain_word_is_refused(registry: Any, token: str) 
 
 
 def test_credentials_never_go_to_a_plain_http_realm_of_a_tls_registry() -> None:
-    backend = OciBackend("oci://user:secret@registry.example/rfs/cache",
-                         RemoteSettings(timeout_s=1, connect_timeout_s=1, retries=0))
+    backend = OciBackend(
+        "oci://user:secret@registry.example/rfs/cache",
+        RemoteSettings(timeout_s=1, connect_timeout_s=1, retries=0),
+    )
 
     class Challenge:
         def __init__(self) -> None:

@@ -97,8 +97,9 @@ def test_forms_are_detected_by_content(pkg: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", [PackageType.TAR_GZ, PackageType.TAR])
-def test_archive_round_trip_holds_only_what_the_script_uses(pkg: Path, tmp_path: Path,
-                                                            kind: PackageType) -> None:
+def test_archive_round_trip_holds_only_what_the_script_uses(
+    pkg: Path, tmp_path: Path, kind: PackageType
+) -> None:
     archive = tmp_path / "out.pkg"
     assert pack(pkg, archive, kind) == 7  # build.toml, 2 scripts, motd, 2 in etc/, blob
     assert detect(archive) is kind
@@ -120,8 +121,13 @@ def test_directory_and_build_script_forms(pkg: Path, tmp_path: Path) -> None:
     with pytest.raises(ScriptError) as info:
         pack(pkg, tmp_path / "single.toml", PackageType.BUILD_SCRIPT)
     paths = {p.path for p in info.value.problems}
-    assert paths == {"commands[0].script_path", "commands[1].script_path", "overlays[0].source",
-                     "overlays[1].source", "container.volumes./data"}
+    assert paths == {
+        "commands[0].script_path",
+        "commands[1].script_path",
+        "overlays[0].source",
+        "overlays[1].source",
+        "container.volumes./data",
+    }
     assert not (tmp_path / "single.toml").exists()
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -141,11 +147,15 @@ def test_pack_refuses_a_destination_inside_the_package(pkg: Path) -> None:
 
 def test_buildfs_style_and_single_top_directory_archives(tmp_path: Path) -> None:
     # buildfs packs with "./" prefixes; `tar czf pkg.tgz pkg/` puts everything in pkg/
-    dotted = make_tar(tmp_path / "a.tar", [(member("./build.toml"), SCRIPT[1]),
-                                           (member("./files/x"), b"x")])
+    dotted = make_tar(
+        tmp_path / "a.tar", [(member("./build.toml"), SCRIPT[1]), (member("./files/x"), b"x")]
+    )
     assert (unpack(dotted, tmp_path / "a") / "files" / "x").read_bytes() == b"x"
-    nested = make_tar(tmp_path / "b.tgz", [(member("pkg/build.toml"), SCRIPT[1]),
-                                           (member("pkg/files/y"), b"y")], gz=True)
+    nested = make_tar(
+        tmp_path / "b.tgz",
+        [(member("pkg/build.toml"), SCRIPT[1]), (member("pkg/files/y"), b"y")],
+        gz=True,
+    )
     out = unpack(nested, tmp_path / "b")
     assert (out / "build.toml").exists() and (out / "files" / "y").read_bytes() == b"y"
     empty = make_tar(tmp_path / "c.tar", [(member("readme"), b"")])
@@ -154,22 +164,25 @@ def test_buildfs_style_and_single_top_directory_archives(tmp_path: Path) -> None
 
 
 def test_every_escaping_member_is_refused_by_name(tmp_path: Path) -> None:
-    evil = make_tar(tmp_path / "evil.tgz", [
-        SCRIPT,
-        (member("../outside"), b"x"),
-        (member("/etc/cron.d/x"), b"x"),
-        (member("link", tarfile.SYMTYPE, "/etc"), b""),
-        (member("link/passwd"), b"x"),
-        (member("up", tarfile.SYMTYPE, "../../etc/shadow"), b""),
-        (member("hard", tarfile.LNKTYPE, "/etc/passwd"), b""),
-        (member("dev", tarfile.CHRTYPE), b""),
-        (member("inside", tarfile.SYMTYPE, "build.toml"), b""),
-    ], gz=True)
+    evil = make_tar(
+        tmp_path / "evil.tgz",
+        [
+            SCRIPT,
+            (member("../outside"), b"x"),
+            (member("/etc/cron.d/x"), b"x"),
+            (member("link", tarfile.SYMTYPE, "/etc"), b""),
+            (member("link/passwd"), b"x"),
+            (member("up", tarfile.SYMTYPE, "../../etc/shadow"), b""),
+            (member("hard", tarfile.LNKTYPE, "/etc/passwd"), b""),
+            (member("dev", tarfile.CHRTYPE), b""),
+            (member("inside", tarfile.SYMTYPE, "build.toml"), b""),
+        ],
+        gz=True,
+    )
     with pytest.raises(ScriptError) as info:
         unpack(evil, tmp_path / "dest")
     found = {p.path: p.message for p in info.value.problems}
-    assert set(found) == {"../outside", "/etc/cron.d/x", "link", "link/passwd", "up", "hard",
-                          "dev"}
+    assert set(found) == {"../outside", "/etc/cron.d/x", "link", "link/passwd", "up", "hard", "dev"}
     assert "'..'" in found["../outside"] and "absolute" in found["/etc/cron.d/x"]
     assert "beneath the symbolic link link" in found["link/passwd"]
     assert "pointing out of the package (to ../../etc/shadow)" in found["up"]
@@ -179,19 +192,27 @@ def test_every_escaping_member_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_links_out_are_kept_inside_overlay_directories_only(tmp_path: Path) -> None:
-    script = (member("build.toml"), SCRIPT[1] + b'[[overlays]]\nsource = "/etc"\n'
-              b'destination = "/etc"\nis_directory = true\n')
-    ok = make_tar(tmp_path / "ok.tar", [script, (member("etc", tarfile.DIRTYPE), b""),
-                                        (member("etc/localtime", tarfile.SYMTYPE, "/usr/x"), b"")])
+    script = (
+        member("build.toml"),
+        SCRIPT[1] + b'[[overlays]]\nsource = "/etc"\ndestination = "/etc"\nis_directory = true\n',
+    )
+    ok = make_tar(
+        tmp_path / "ok.tar",
+        [
+            script,
+            (member("etc", tarfile.DIRTYPE), b""),
+            (member("etc/localtime", tarfile.SYMTYPE, "/usr/x"), b""),
+        ],
+    )
     assert os.readlink(unpack(ok, tmp_path / "ok") / "etc" / "localtime") == "/usr/x"
     bad = make_tar(tmp_path / "bad.tar", [script, (member("etc", tarfile.SYMTYPE, "/etc"), b"")])
     with pytest.raises(ScriptError, match="pointing out of the package"):
         unpack(bad, tmp_path / "bad")
 
 
-def test_load_unpacks_to_a_private_directory_removed_at_exit(pkg: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch
-                                                             ) -> None:
+def test_load_unpacks_to_a_private_directory_removed_at_exit(
+    pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     (pkg / "build.toml").write_text(BUILD.replace("size_mib = 64", "size_mib = 64\nsise_mib = 1"))
@@ -199,8 +220,10 @@ def test_load_unpacks_to_a_private_directory_removed_at_exit(pkg: Path, tmp_path
     pack(pkg, archive, PackageType.TAR_GZ)
     loaded = package.load(archive)
     assert loaded.script.origin == archive
-    assert [str(w) for w in loaded.warnings] == [f"{archive}:build.toml: filesystem.sise_mib: "
-                                                 "unknown key, ignored (did you mean 'size_mib'?)"]
+    assert [str(w) for w in loaded.warnings] == [
+        f"{archive}:build.toml: filesystem.sise_mib: "
+        "unknown key, ignored (did you mean 'size_mib'?)"
+    ]
     root = loaded.script.package_root
     assert root is not None and (root / "scripts" / "setup.sh").is_file()
     assert package.load(archive).script.package_root == root  # unpacked once per process
@@ -208,11 +231,16 @@ def test_load_unpacks_to_a_private_directory_removed_at_exit(pkg: Path, tmp_path
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_leftovers_of_killed_processes_are_removed(pkg: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leftovers_of_killed_processes_are_removed(
+    pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     orphan = tmp_path / f"rfs-package-{dead}-abc"
     (orphan / "ro").mkdir(parents=True)
     (orphan / "ro" / "f").write_text("x")
@@ -228,8 +256,12 @@ def test_leftovers_of_killed_processes_are_removed(pkg: Path, tmp_path: Path,
 
 def test_cli_pack_unpack_and_refusal(pkg: Path, tmp_path: Path) -> None:
     def rfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "rfs", *map(str, args)],
-                              capture_output=True, text=True, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "rfs", *map(str, args)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
     done = rfs("pack", pkg, tmp_path / "p.tar.gz", "--type", "tar-gz")
     assert done.returncode == 0, done.stderr
@@ -272,42 +304,60 @@ def test_both_routes_limit_modes_and_drop_owners(tmp_path: Path, route: str) -> 
         info.mode, info.uid, info.gid = mode, 4321, 4321
         return info, b"data"
 
-    archive = make_tar(tmp_path / "m.tar", [SCRIPT, file("suid", 0o4755), file("shared", 0o666),
-                                            file("ro", 0o400), file("grp", 0o640),
-                                            file("odd", 0o011)])
+    archive = make_tar(
+        tmp_path / "m.tar",
+        [
+            SCRIPT,
+            file("suid", 0o4755),
+            file("shared", 0o666),
+            file("ro", 0o400),
+            file("grp", 0o640),
+            file("odd", 0o011),
+        ],
+    )
     out = unpack(archive, tmp_path / "out")
     modes = {p.name: p.stat().st_mode & 0o7777 for p in out.iterdir() if p.name != "build.toml"}
     assert modes == {"suid": 0o755, "shared": 0o644, "ro": 0o600, "grp": 0o640, "odd": 0o600}
     assert {p.stat().st_uid for p in out.iterdir()} == {os.getuid()}
 
 
-def test_both_routes_refuse_a_chain_of_inner_links_leading_out(tmp_path: Path,
-                                                               route: str) -> None:
+def test_both_routes_refuse_a_chain_of_inner_links_leading_out(tmp_path: Path, route: str) -> None:
     # each link alone stays inside the package by its name; followed on the host, e leads out
-    chain = make_tar(tmp_path / "chain.tar", [SCRIPT, (member("d", tarfile.DIRTYPE), b""),
-                                              (member("d/up", tarfile.SYMTYPE, ".."), b""),
-                                              (member("e", tarfile.SYMTYPE, "d/up/.."), b"")])
+    chain = make_tar(
+        tmp_path / "chain.tar",
+        [
+            SCRIPT,
+            (member("d", tarfile.DIRTYPE), b""),
+            (member("d/up", tarfile.SYMTYPE, ".."), b""),
+            (member("e", tarfile.SYMTYPE, "d/up/.."), b""),
+        ],
+    )
     with pytest.raises(ScriptError) as info:
         unpack(chain, tmp_path / "dest")
     assert [p.path for p in info.value.problems] == ["e"]
     assert not (tmp_path / "dest").exists()
 
 
-def test_own_writer_never_writes_through_a_replaced_link(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_own_writer_never_writes_through_a_replaced_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(archives, "_HAS_DATA_FILTER", False)
-    archive = make_tar(tmp_path / "dup.tar", [SCRIPT,
-                                              (member("x", tarfile.SYMTYPE, "build.toml"), b""),
-                                              (member("x"), b"replacement"),
-                                              (member("h", tarfile.LNKTYPE, "x"), b"")])
+    archive = make_tar(
+        tmp_path / "dup.tar",
+        [
+            SCRIPT,
+            (member("x", tarfile.SYMTYPE, "build.toml"), b""),
+            (member("x"), b"replacement"),
+            (member("h", tarfile.LNKTYPE, "x"), b""),
+        ],
+    )
     out = unpack(archive, tmp_path / "out")
     assert (out / "build.toml").read_bytes() == SCRIPT[1]
     assert not (out / "x").is_symlink() and (out / "x").read_bytes() == b"replacement"
     assert (out / "h").stat().st_ino == (out / "x").stat().st_ino
 
 
-def test_script_named_directly_is_the_package_of_its_directory(pkg: Path, tmp_path: Path
-                                                               ) -> None:
+def test_script_named_directly_is_the_package_of_its_directory(pkg: Path, tmp_path: Path) -> None:
     from rfs.watch import _watched
 
     as_file = tmp_path / "by-file.tgz"

@@ -70,8 +70,7 @@ class World:
 
     def build(self, **options: object) -> dict[str, Action]:
         """Build; return what happened to each step."""
-        opts = Options(package=self.pkg, output=self.out, cache_dir=self.cache,
-                       **options)  # type: ignore[arg-type]
+        opts = Options(package=self.pkg, output=self.out, cache_dir=self.cache, **options)  # type: ignore[arg-type]
         # As the command line does: signals handled, and none left over from another test.
         with signals.handled():
             planned = prepare(opts, Reporter(), engine_factory=lambda script: self.engine)
@@ -82,8 +81,9 @@ class World:
         return {d.step.id: d.action for d in planned.decisions}
 
     def cat(self, path: str) -> str:
-        done = subprocess.run(["debugfs", "-R", f"cat {path}", str(self.out)],
-                              capture_output=True, check=True)
+        done = subprocess.run(
+            ["debugfs", "-R", f"cat {path}", str(self.out)], capture_output=True, check=True
+        )
         return done.stdout.decode()
 
 
@@ -128,8 +128,14 @@ def test_warm_and_clean_builds_give_the_same_bytes(tmp_path: Path) -> None:
 def test_no_cache_and_rebuild(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.build()
-    assert ran(w.build(no_cache=True)) == {"run[0]", "run[1]", "run[2]", "export",
-                                           "overlays", "assemble"}
+    assert ran(w.build(no_cache=True)) == {
+        "run[0]",
+        "run[1]",
+        "run[2]",
+        "export",
+        "overlays",
+        "assemble",
+    }
     assert ran(w.build(rebuild=("run[2]",))) == {"run[2]", "export", "assemble"}
     assert ran(w.build()) == set()
 
@@ -177,8 +183,9 @@ def test_a_package_file_edited_after_planning_is_refused(tmp_path: Path) -> None
         planned.store.close()
     store = Store(w.cache)
     try:
-        assert not any(r.get("kind") == "run" for _, r in store.records() if
-                       r.get("step") == "run[2]")
+        assert not any(
+            r.get("kind") == "run" for _, r in store.records() if r.get("step") == "run[2]"
+        )
     finally:
         store.close()
     assert ran(w.build())  # the next build plans with the new content

@@ -21,20 +21,24 @@ class Probes:
         self.answers = {True: privileged, False: unprivileged}
         self.calls: list[tuple[str, tuple[str, ...], bool, dict[str, str]]] = []
 
-    def probe_start(self, image: str, argv: Sequence[str], *, privileged: bool,
-                    labels: Mapping[str, str]) -> str | None:
+    def probe_start(
+        self, image: str, argv: Sequence[str], *, privileged: bool, labels: Mapping[str, str]
+    ) -> str | None:
         self.calls.append((image, tuple(argv), privileged, dict(labels)))
         return self.answers[privileged]
 
 
-@pytest.mark.parametrize(("privileged", "unprivileged", "found", "probes"), [
-    (None, None, None, 1),  # privileged containers start: one probe, nothing to say
-    (CAPS, None, CAPS, 2),  # only privilege fails: the host refuses it
-    (NOT_FOUND, NOT_FOUND, None, 2),  # both fail alike: not privilege's doing
-])
+@pytest.mark.parametrize(
+    ("privileged", "unprivileged", "found", "probes"),
+    [
+        (None, None, None, 1),  # privileged containers start: one probe, nothing to say
+        (CAPS, None, CAPS, 2),  # only privilege fails: the host refuses it
+        (NOT_FOUND, NOT_FOUND, None, 2),  # both fail alike: not privilege's doing
+    ],
+)
 def test_refusal_is_claimed_only_when_privilege_alone_fails(
-        privileged: str | None, unprivileged: str | None, found: str | None,
-        probes: int) -> None:
+    privileged: str | None, unprivileged: str | None, found: str | None, probes: int
+) -> None:
     engine = Probes(privileged, unprivileged)
     assert privilege_refusal(cast(Any, engine), "sha256:abc", {"org.rfs.run": "r"}) == found
     assert [c[2] for c in engine.calls] == [True, False][:probes]
@@ -46,6 +50,7 @@ def test_the_field_asking_for_privilege() -> None:
     commands = [{"command": "true"}, {"command": "true", "privileged": True}]
     assert privilege_field(parse_script(head)[0]) is None
     assert privilege_field(parse_script({**head, "commands": commands})[0]) == (
-        "commands[1].privileged")
+        "commands[1].privileged"
+    )
     rootful = {"container": {**head["container"], "rootful": True}, "commands": commands}
     assert privilege_field(parse_script(rootful)[0]) == "container.rootful"

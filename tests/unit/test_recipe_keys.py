@@ -29,19 +29,25 @@ TWO = HEAD + '[[commands]]\ncommand = "one"\n[[commands]]\ncommand = "two"\n'
 
 
 def test_a_default_is_keyed_as_the_value_each_command_runs_with() -> None:
-    per_command = keys(HEAD + '[[commands]]\ncommand = "one"\nuid = 7\nworking_dir = "/w"\n'
-                              '[[commands]]\ncommand = "two"\nuid = 7\nworking_dir = "/w"\n')
-    as_default = keys(HEAD + 'uid = 7\nworking_dir = "/w"\n'
-                             '[[commands]]\ncommand = "one"\n[[commands]]\ncommand = "two"\n')
+    per_command = keys(
+        HEAD + '[[commands]]\ncommand = "one"\nuid = 7\nworking_dir = "/w"\n'
+        '[[commands]]\ncommand = "two"\nuid = 7\nworking_dir = "/w"\n'
+    )
+    as_default = keys(
+        HEAD + 'uid = 7\nworking_dir = "/w"\n'
+        '[[commands]]\ncommand = "one"\n[[commands]]\ncommand = "two"\n'
+    )
     assert per_command == as_default
     plain = keys(TWO)
     assert changed(plain, as_default) == {"run[0]", "run[1]", "export", "assemble"}
-    overridden = keys(HEAD + 'gid = 5\n[[commands]]\ncommand = "one"\ngid = 0\n'
-                             '[[commands]]\ncommand = "two"\n')
+    overridden = keys(
+        HEAD + 'gid = 5\n[[commands]]\ncommand = "one"\ngid = 0\n[[commands]]\ncommand = "two"\n'
+    )
     # Only the second command runs with gid 5: the first says 0.
-    assert changed(keys(HEAD + '[[commands]]\ncommand = "one"\ngid = 0\n'
-                               '[[commands]]\ncommand = "two"\n'), overridden) == {
-        "run[1]", "export", "assemble"}
+    assert changed(
+        keys(HEAD + '[[commands]]\ncommand = "one"\ngid = 0\n[[commands]]\ncommand = "two"\n'),
+        overridden,
+    ) == {"run[1]", "export", "assemble"}
 
 
 def test_copies_are_in_the_first_commands_key_only() -> None:
@@ -53,7 +59,11 @@ def test_copies_are_in_the_first_commands_key_only() -> None:
     assert changed(with_copy, edited) == {"run[0]", "run[1]", "export", "assemble"}
     for extra in ("mode = 0o600", "uid = 1", "gid = 1"):
         assert changed(with_copy, keys(copied + extra + "\n")) == {
-            "run[0]", "run[1]", "export", "assemble"}, extra
+            "run[0]",
+            "run[1]",
+            "export",
+            "assemble",
+        }, extra
 
 
 def test_all_root_and_outputs_are_in_the_assemble_key_only() -> None:

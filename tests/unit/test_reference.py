@@ -30,18 +30,28 @@ def documented() -> dict[str, dict[str, str]]:
         cells = [c.strip() for c in m.group(2).split(" | ")]
         assert len(cells) == 4, f"a reference row needs 5 cells: {line}"
         assert m.group(1) not in rows, f"{m.group(1)} is documented twice"
-        rows[m.group(1)] = dict(zip(("type", "default", "buildfs", "meaning"), cells,
-                                    strict=True))
+        rows[m.group(1)] = dict(zip(("type", "default", "buildfs", "meaning"), cells, strict=True))
     return rows
 
 
 def schema_fields() -> set[str]:
     """Every field path the schema reads, from its table of known keys."""
-    handled = {"", "filesystem", "container", "image", "commands", "overlays", "export",
-               "pathset", "copy", "outputs"}
+    handled = {
+        "",
+        "filesystem",
+        "container",
+        "image",
+        "commands",
+        "overlays",
+        "export",
+        "pathset",
+        "copy",
+        "outputs",
+    }
     assert set(_KEYS) == handled, (
         f"the schema has new sections {set(_KEYS) - handled}: document them in "
-        "docs/reference.md and teach this test their paths")
+        "docs/reference.md and teach this test their paths"
+    )
     fields = set(_KEYS[""])
     fields |= {f"filesystem.{k}" for k in _KEYS["filesystem"]}
     fields |= {f"container.{k}" for k in _KEYS["container"]}
@@ -68,12 +78,17 @@ def test_every_row_is_complete() -> None:
 
 
 # The dataclass and attribute behind each documented field, where there is one.
-_MODEL = {"filesystem": model.Filesystem, "container": model.Container,
-          "commands[]": model.Command, "overlays[]": model.Overlay,
-          "copy[]": model.Copy, "outputs[]": model.Output,
-          "export.files": model.PathSet, "export.directories": model.PathSet}
-_RENAMED = {"filesystem.dd_block_size_mib": "block_size_mib",
-            "commands[].max_age": "max_age_s"}
+_MODEL = {
+    "filesystem": model.Filesystem,
+    "container": model.Container,
+    "commands[]": model.Command,
+    "overlays[]": model.Overlay,
+    "copy[]": model.Copy,
+    "outputs[]": model.Output,
+    "export.files": model.PathSet,
+    "export.directories": model.PathSet,
+}
+_RENAMED = {"filesystem.dd_block_size_mib": "block_size_mib", "commands[].max_age": "max_age_s"}
 
 
 def _model_field(path: str) -> dataclasses.Field[object] | None:
@@ -117,9 +132,11 @@ def _expected_default(f: dataclasses.Field[object]) -> set[str]:
 
 
 # Fields the model leaves None but the schema requires in a form the model cannot express.
-_REQUIRED_BY_SCHEMA = {"container.image": "required (or `archive`)",
-                       # the model holds what the schema derives when it is left out
-                       "outputs[].to": "the file name of `path`"}
+_REQUIRED_BY_SCHEMA = {
+    "container.image": "required (or `archive`)",
+    # the model holds what the schema derives when it is left out
+    "outputs[].to": "the file name of `path`",
+}
 
 
 def test_types_and_defaults_agree_with_the_model() -> None:
@@ -130,11 +147,14 @@ def test_types_and_defaults_agree_with_the_model() -> None:
             continue
         checked += 1
         assert row["type"].startswith(_expected_type(str(f.type))), (
-            f"{path}: documented as {row['type']!r}, the model says {f.type}")
-        expected = _expected_default(f) | ({_REQUIRED_BY_SCHEMA[path]}
-                                           if path in _REQUIRED_BY_SCHEMA else set())
+            f"{path}: documented as {row['type']!r}, the model says {f.type}"
+        )
+        expected = _expected_default(f) | (
+            {_REQUIRED_BY_SCHEMA[path]} if path in _REQUIRED_BY_SCHEMA else set()
+        )
         assert row["default"] in expected, (
-            f"{path}: default {row['default']!r}, the model says {f.default!r}")
+            f"{path}: default {row['default']!r}, the model says {f.default!r}"
+        )
     assert checked >= 40  # the mapping above must not silently stop matching rows
 
 
@@ -147,18 +167,23 @@ def test_reference_test_fails_on_a_missing_field(monkeypatch: pytest.MonkeyPatch
 
 
 # A script with only what the reference calls required, and where each such field lives in it.
-_MINIMAL = {"container": {"image": {"name": "a", "tag": "b"}},
-            "overlays": [{"source_inline": "x", "destination": "/x"}],
-            "commands": [{"command": "true"}],
-            "copy": [{"source": "/a", "destination": "/a"}],
-            "outputs": [{"path": "/etc/x"}]}
-_WHERE = {"container": ("container",), "container.image": ("container", "image"),
-          "container.image.name": ("container", "image", "name"),
-          "container.image.tag": ("container", "image", "tag"),
-          "overlays[].destination": ("overlays", 0, "destination"),
-          "copy[].source": ("copy", 0, "source"),
-          "copy[].destination": ("copy", 0, "destination"),
-          "outputs[].path": ("outputs", 0, "path")}
+_MINIMAL = {
+    "container": {"image": {"name": "a", "tag": "b"}},
+    "overlays": [{"source_inline": "x", "destination": "/x"}],
+    "commands": [{"command": "true"}],
+    "copy": [{"source": "/a", "destination": "/a"}],
+    "outputs": [{"path": "/etc/x"}],
+}
+_WHERE = {
+    "container": ("container",),
+    "container.image": ("container", "image"),
+    "container.image.name": ("container", "image", "name"),
+    "container.image.tag": ("container", "image", "tag"),
+    "overlays[].destination": ("overlays", 0, "destination"),
+    "copy[].source": ("copy", 0, "source"),
+    "copy[].destination": ("copy", 0, "destination"),
+    "outputs[].path": ("outputs", 0, "path"),
+}
 
 
 def test_required_means_required_and_nothing_else_is() -> None:

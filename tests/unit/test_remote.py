@@ -93,8 +93,12 @@ def _saved_image(path: Path, layers: list[bytes], tags: list[str]) -> str:
     names = [f"l{i}/layer.tar" for i in range(len(layers))]
     manifest = [{"Config": f"{image_id[7:]}.json", "RepoTags": tags, "Layers": names}]
     with tarfile.open(path, "w") as tar:
-        files = {f"{image_id[7:]}.json": config, "manifest.json": json.dumps(manifest).encode(),
-                 "repositories": b"{}", **dict(zip(names, layers, strict=True))}
+        files = {
+            f"{image_id[7:]}.json": config,
+            "manifest.json": json.dumps(manifest).encode(),
+            "repositories": b"{}",
+            **dict(zip(names, layers, strict=True)),
+        }
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -116,8 +120,9 @@ def test_layers_travel_as_config_and_checked_layers_never_as_tags(tmp_path: Path
     part = describe_layer(src, image_id, put)
     assert "object" in part["layers"][0] and "data" in part["layers"][1]
     wanted = Wanted(KEY, "", KEY, "run", "run[0]")
-    data = encode_record({"layer": part, "fields": {"image_id": image_id, "etc_written": {}}},
-                         wanted, None)
+    data = encode_record(
+        {"layer": part, "fields": {"image_id": image_id, "etc_written": {}}}, wanted, None
+    )
     record = decode_record(data, wanted)
     out = io.BytesIO()
     write_load_tarball(record, stored, out)
@@ -126,8 +131,12 @@ def test_layers_travel_as_config_and_checked_layers_never_as_tags(tmp_path: Path
         manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
         assert manifest[0]["RepoTags"] == []  # loading it tags nothing
         assert sorted(tar.getnames()) == sorted(
-            [f"{image_id[7:]}.json", "manifest.json",
-             *{f"{hashlib.sha256(d).hexdigest()}.tar" for d in (big, b"small layer")}])
+            [
+                f"{image_id[7:]}.json",
+                "manifest.json",
+                *{f"{hashlib.sha256(d).hexdigest()}.tar" for d in (big, b"small layer")},
+            ]
+        )
     # A layer object that decompresses to other bytes (same size) is refused.
     bad, _ = pack_bytes(tmp_path, big[::-1], "bad")
     with pytest.raises(BadObject, match="does not match its digest"):
@@ -148,8 +157,9 @@ def _args(**kw: object) -> argparse.Namespace:
 
 def test_settings_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
-    conf.write_text('[cache]\nfrom = ["http://file/"]\nto = "oci://reg/x"\nstrict = true\n'
-                    'timeout = 5\n')
+    conf.write_text(
+        '[cache]\nfrom = ["http://file/"]\nto = "oci://reg/x"\nstrict = true\ntimeout = 5\n'
+    )
     env = {"RFS_CONFIG": str(conf)}
     s = remote_settings(_args(), env)
     assert s.sources == ("http://file/",) and s.target == "oci://reg/x" and s.strict

@@ -62,10 +62,14 @@ def compiled(text: str = SCRIPT, facts: Facts = FACTS) -> tuple[Any, list[Step]]
     return script, compile_steps(script, facts)
 
 
-def decisions(steps: list[Step], available: set[str],
-              previous: dict[str, Any] | None = None) -> list[Decision]:
-    return plan(build_graph(steps), lambda s: None if s.id in available else "no cache entry",
-                previous or {})
+def decisions(
+    steps: list[Step], available: set[str], previous: dict[str, Any] | None = None
+) -> list[Decision]:
+    return plan(
+        build_graph(steps),
+        lambda s: None if s.id in available else "no cache entry",
+        previous or {},
+    )
 
 
 class Recording(Reporter):
@@ -118,6 +122,7 @@ def drive(reporter: Reporter, *, fail: bool = False) -> list[Step]:
 
 # --- plain lines (CI logs) -----------------------------------------------------------------
 
+
 def test_console_reporter_line_format() -> None:
     sink = io.StringIO()
     drive(ConsoleReporter(sink))
@@ -125,8 +130,10 @@ def test_console_reporter_line_format() -> None:
     assert "  cached   run[0]     commands[0] inline script (4 lines): echo one" in lines
     assert lines.count("  cached   overlays   2 overlay(s)") == 1
     assert not any(line.startswith("  cached   base") for line in lines)  # skipped, not cached
-    assert any(line.startswith("  run      run[1]     commands[1]") and "(never built)" in line
-               for line in lines)
+    assert any(
+        line.startswith("  run      run[1]     commands[1]") and "(never built)" in line
+        for line in lines
+    )
     # output lines are whole, prefixed with the step, and a \r redraw keeps its last state
     assert "  run[1] | hello world" in lines
     assert "  run[1] | progress 100%" in lines
@@ -135,9 +142,15 @@ def test_console_reporter_line_format() -> None:
     assert lines.index("  run[1] | last line") < lines.index("  done     run[1]     0.50 s")
     assert "  done     export     0.20 s, 3.0 MiB" in lines
     # the summary table: every step in plan order, then the totals and the time saved
-    table = lines[lines.index(next(ln for ln in lines if ln.split()[:2] == ["step", "result"])):]
+    table = lines[lines.index(next(ln for ln in lines if ln.split()[:2] == ["step", "result"])) :]
     assert [row.split()[0] for row in table[1:-1]] == [
-        "base", "run[0]", "run[1]", "export", "overlays", "assemble"]
+        "base",
+        "run[0]",
+        "run[1]",
+        "export",
+        "overlays",
+        "assemble",
+    ]
     assert table[2].split()[:3] == ["run[0]", "cached", "(1.50"]
     assert table[3].split()[:3] == ["run[1]", "ran", "0.50"]
     assert "64.0 MiB" in table[6]
@@ -159,8 +172,11 @@ def test_console_reporter_failure_marks_the_rest_not_run() -> None:
     lines = sink.getvalue().splitlines()
     assert "  FAILED   run[1]     after 0.25 s: step run[1] failed: exited with code 3" in lines
     assert "  run[1] | last line" in lines
-    rows = {line.split()[0]: line.split()[1] for line in lines
-            if line.startswith("  ") and len(line.split()) > 1}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in lines
+        if line.startswith("  ") and len(line.split()) > 1
+    }
     assert rows["run[1]"] == "failed" and rows["export"] == "not"  # "not run"
     assert lines[-1].startswith("1 step(s) failed, 0 step(s) ran, 2 cached")
 
@@ -218,6 +234,7 @@ def test_formats() -> None:
 
 # --- the live display, on a pretend terminal ---------------------------------------------
 
+
 def test_live_reporter_renders_steps_output_and_table() -> None:
     from rich.console import Console
 
@@ -243,8 +260,9 @@ def test_live_reporter_does_not_interpret_markup_in_output() -> None:
     from rfs.progress import LiveReporter
 
     sink = io.StringIO()
-    reporter = LiveReporter(sink, console=Console(file=sink, force_terminal=True, width=100,
-                                                  color_system=None))
+    reporter = LiveReporter(
+        sink, console=Console(file=sink, force_terminal=True, width=100, color_system=None)
+    )
     _, steps = compiled()
     reporter.planned(decisions(steps, set()))
     reporter.started(steps[1], "never built")
@@ -258,6 +276,7 @@ def test_live_reporter_does_not_interpret_markup_in_output() -> None:
 
 # --- JSON events ---------------------------------------------------------------------------
 
+
 def _events(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
@@ -268,11 +287,18 @@ def validate_events(events: list[dict[str, Any]]) -> None:
 
     validator = jsonschema.Draft202012Validator(SCHEMA)
     defs = SCHEMA["$defs"]
-    documented = {"plan": "plan", "step_cached": "reused", "step_skipped": "reused",
-                  "step_started": "started", "step_output": "output",
-                  "step_progress": "progress", "step_finished": "finished",
-                  "step_failed": "failed", "message": "message",
-                  "build_finished": "build_finished"}
+    documented = {
+        "plan": "plan",
+        "step_cached": "reused",
+        "step_skipped": "reused",
+        "step_started": "started",
+        "step_output": "output",
+        "step_progress": "progress",
+        "step_finished": "finished",
+        "step_failed": "failed",
+        "message": "message",
+        "build_finished": "build_finished",
+    }
     for event in events:
         validator.validate(event)
         part = defs[documented[event["event"]]]
@@ -293,7 +319,10 @@ def test_json_events_follow_the_schema() -> None:
     assert kinds[0] == "plan" and kinds[-1] == "build_finished"
     assert kinds.count("step_cached") == 2 and kinds.count("step_skipped") == 1
     assert [e["text"] for e in events if e["event"] == "step_output"] == [
-        "hello world", "progress 100%", "last line"]
+        "hello world",
+        "progress 100%",
+        "last line",
+    ]
     finished = {e["step"]: e for e in events if e["event"] == "step_finished"}
     assert finished["export"]["bytes"] == 3 << 20 and finished["run[1]"]["seconds"] == 0.5
     last = events[-1]
@@ -315,13 +344,22 @@ def test_json_failure_event_and_exit_code() -> None:
 def test_schema_rejects_a_malformed_event() -> None:
     import jsonschema
 
-    bad = {"v": 1, "event": "step_finished", "time": 1.0, "step": "run[0]", "kind": "run",
-           "key": "a" * 64, "seconds": -1, "bytes": None}
+    bad = {
+        "v": 1,
+        "event": "step_finished",
+        "time": 1.0,
+        "step": "run[0]",
+        "kind": "run",
+        "key": "a" * 64,
+        "seconds": -1,
+        "bytes": None,
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, SCHEMA)
 
 
 # --- explanations --------------------------------------------------------------------------
+
 
 def _previous(text: str, facts: Facts = FACTS) -> dict[str, Any]:
     script, steps = compiled(text, facts)
@@ -330,29 +368,36 @@ def _previous(text: str, facts: Facts = FACTS) -> dict[str, Any]:
 
 def test_explain_names_the_changed_line_and_overlay_destination() -> None:
     previous = _previous(SCRIPT)
-    edited = SCRIPT.replace("echo two", "echo TWO").replace("nameserver 10.0.0.1",
-                                                              "nameserver 10.0.0.2")
+    edited = SCRIPT.replace("echo two", "echo TWO").replace(
+        "nameserver 10.0.0.1", "nameserver 10.0.0.2"
+    )
     script, steps = compiled(edited)
     d = decisions(steps, {"base"}, previous)
     changes = explain_plan(d, previous, script)
     assert changes["run[0]"] == ["commands[0]: script changed (line 3: `echo TWO`)"]
     assert changes["run[1]"] == [
         "commands[1]: runs on top of commands[0], which changed "
-        "(script changed (line 3: `echo TWO`))"]
+        "(script changed (line 3: `echo TWO`))"
+    ]
     assert changes["overlays"] == ["overlays: /etc/resolv.conf content changed"]
     assert changes["export"] == ["export: exports the last layer, commands[1], which changed"]
     assert changes["assemble"] == [
         "assemble: export changed",
-        "assemble: overlays changed (/etc/resolv.conf content changed)"]
+        "assemble: overlays changed (/etc/resolv.conf content changed)",
+    ]
 
 
 def test_explain_inserted_overlay_names_only_that_one() -> None:
     previous = _previous(SCRIPT)
-    edited = SCRIPT.replace("[[overlays]]", '[[overlays]]\nsource_inline = "x"\n'
-                            'destination = "/etc/issue"\nmode = 0o600\n[[overlays]]', 1)
+    edited = SCRIPT.replace(
+        "[[overlays]]",
+        '[[overlays]]\nsource_inline = "x"\ndestination = "/etc/issue"\nmode = 0o600\n[[overlays]]',
+        1,
+    )
     script, steps = compiled(edited)
-    changes = explain_plan(decisions(steps, {"base", "run[0]", "run[1]", "export"}, previous),
-                           previous, script)
+    changes = explain_plan(
+        decisions(steps, {"base", "run[0]", "run[1]", "export"}, previous), previous, script
+    )
     assert changes["overlays"] == ["overlays: /etc/issue added"]
 
 
@@ -373,8 +418,9 @@ def test_explain_first_build_and_unchanged_but_missing() -> None:
     first = explain_plan(decisions(steps, set()), {}, script)
     assert first["run[0]"] == ["commands[0]: never built (no earlier build of this script)"]
     previous = _previous(SCRIPT)
-    again = explain_plan(decisions(steps, {"base", "run[0]", "overlays"}, previous), previous,
-                         script)
+    again = explain_plan(
+        decisions(steps, {"base", "run[0]", "overlays"}, previous), previous, script
+    )
     assert again["run[1]"] == ["commands[1]: inputs unchanged, but no cache entry"]
 
 
@@ -385,8 +431,10 @@ def test_explain_command_env_and_mode() -> None:
     edited = edited.replace("mode = 0o640", "mode = 0o600")
     script, steps = compiled(edited)
     changes = explain_plan(decisions(steps, {"base", "run[0]"}, previous), previous, script)
-    assert changes["run[1]"] == ["commands[1]: command changed (`touch /x` → `touch /y`)",
-                                 "commands[1]: env.A added"]
+    assert changes["run[1]"] == [
+        "commands[1]: command changed (`touch /x` → `touch /y`)",
+        "commands[1]: env.A added",
+    ]
     assert changes["overlays"] == ["overlays: /etc/shadow mode changed (0o640 → 0o600)"]
 
 
@@ -394,11 +442,13 @@ def test_line_changes_spans() -> None:
     old = line_hashes(b"a\nb\nc\nd\n")
     assert line_changes(old, line_hashes(b"a\nB\nC\nd\n")) == "lines 2-3"
     assert line_changes(old, line_hashes(b"a\nb\nc\nx\nd\n"), b"a\nb\nc\nx\nd\n") == (
-        "line 4 added: `x`")
+        "line 4 added: `x`"
+    )
     assert line_changes(old, line_hashes(b"a\nc\nd\n")) == "line 2 removed"
 
 
 # --- /proc progress and the watch loop ----------------------------------------------------
+
 
 def test_child_reads_counts_what_a_child_reads() -> None:
     from rfs.childio import child_reads
@@ -409,7 +459,7 @@ def test_child_reads_counts_what_a_child_reads() -> None:
         proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         assert proc.stdin is not None
         for i in range(0, len(payload), 1 << 20):
-            proc.stdin.write(payload[i:i + (1 << 20)])
+            proc.stdin.write(payload[i : i + (1 << 20)])
             proc.stdin.flush()
             time.sleep(0.1)
         time.sleep(0.1)
@@ -470,9 +520,11 @@ def test_watch_keeps_going_after_a_failed_build(tmp_path: Path) -> None:
 
 
 def test_rfs_help_does_not_import_rich_or_networkx() -> None:
-    code = ("import sys; from rfs.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in ('rich', 'networkx', 'jsonschema') if m in sys.modules]\n"
-            "sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; from rfs.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in ('rich', 'networkx', 'jsonschema') if m in sys.modules]\n"
+        "sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
     assert result.returncode == 0, result.stderr

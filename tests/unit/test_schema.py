@@ -113,7 +113,8 @@ def test_type_is_case_insensitive_and_erofs_exists() -> None:
 def test_unknown_key_warns_with_closest_known() -> None:
     _, warnings = parse_script(tomllib.loads(MINIMAL.replace("size_mib", "sise_mib = 1\nsize_mib")))
     assert [str(w) for w in warnings] == [
-        "build.toml: filesystem.sise_mib: unknown key, ignored (did you mean 'size_mib'?)"]
+        "build.toml: filesystem.sise_mib: unknown key, ignored (did you mean 'size_mib'?)"
+    ]
 
 
 def test_every_problem_is_reported_with_its_path() -> None:
@@ -144,13 +145,16 @@ source_inline = "a"
 
 def test_sizes_are_checked() -> None:
     assert errors_of(MINIMAL.replace("64", "0")) == [
-        "filesystem.size_mib: must be at least 1, not 0"]
+        "filesystem.size_mib: must be at least 1, not 0"
+    ]
     assert errors_of(MINIMAL.replace("64", "true"))[0].startswith("filesystem.size_mib: must be an")
 
 
 def test_overlays_may_share_a_destination_but_not_a_mount() -> None:
     """Overlays on one destination merge in order; two bind mounts there cannot both be seen."""
-    shared = MINIMAL + """
+    shared = (
+        MINIMAL
+        + """
 [[overlays]]
 source_inline = "a"
 destination = "/etc/x"
@@ -158,11 +162,14 @@ destination = "/etc/x"
 source_inline = "b"
 destination = "/etc/x"
 """
+    )
     script, _ = parse_script(tomllib.loads(shared))
     assert [o.source_inline for o in script.overlays] == ["a", "b"]
     found = errors_of(shared.replace('"/etc/x"\n', '"/etc/x"\nmounted = true\n'))
-    assert found == ["overlays[1].mounted: /etc/x is also where overlays[0] is mounted; only one "
-                     "overlay per destination can be mounted"]
+    assert found == [
+        "overlays[1].mounted: /etc/x is also where overlays[0] is mounted; only one "
+        "overlay per destination can be mounted"
+    ]
 
 
 def test_missing_container_is_an_error() -> None:
@@ -170,13 +177,16 @@ def test_missing_container_is_an_error() -> None:
 
 
 def test_package_references_are_checked(tmp_path: Path) -> None:
-    (tmp_path / "build.toml").write_text(MINIMAL + """
+    (tmp_path / "build.toml").write_text(
+        MINIMAL
+        + """
 [[commands]]
 script_path = "/scripts/missing.sh"
 [[overlays]]
 source = "/../../etc/passwd"
 destination = "/x"
-""")
+"""
+    )
     with pytest.raises(ScriptError) as info:
         load(tmp_path)
     messages = [str(p) for p in info.value.problems]
@@ -187,7 +197,8 @@ destination = "/x"
 def test_symlink_out_of_package_is_refused(tmp_path: Path) -> None:
     (tmp_path / "evil").symlink_to("/etc/passwd")
     (tmp_path / "build.toml").write_text(
-        MINIMAL + '[[overlays]]\nsource = "/evil"\ndestination = "/x"\n')
+        MINIMAL + '[[overlays]]\nsource = "/evil"\ndestination = "/x"\n'
+    )
     with pytest.raises(ScriptError) as info:
         load(tmp_path)
     assert "overlays[0].source: /evil leads outside the package" in str(info.value)
@@ -196,7 +207,8 @@ def test_symlink_out_of_package_is_refused(tmp_path: Path) -> None:
 def test_yaml_loads_the_same_schema(tmp_path: Path) -> None:
     (tmp_path / "build.yaml").write_text(
         "filesystem: {size_mib: 64}\ncontainer: {image: {name: a, tag: b}}\n"
-        "commands:\n  - command: echo hi\n")
+        "commands:\n  - command: echo hi\n"
+    )
     script = load(tmp_path).script
     assert script.commands[0].command == "echo hi"
 
@@ -227,24 +239,31 @@ def test_archive_is_the_other_form_of_base_image(tmp_path: Path) -> None:
 def test_size_below_the_filesystems_minimum_is_an_error() -> None:
     xfs = MINIMAL.replace("size_mib = 64", 'type = "Xfs"\nsize_mib = 100')
     assert errors_of(xfs) == [
-        "filesystem.size_mib: 100 MiB is below the smallest xfs filesystem mkfs can make "
-        "(300 MiB)"]
+        "filesystem.size_mib: 100 MiB is below the smallest xfs filesystem mkfs can make (300 MiB)"
+    ]
     btrfs = MINIMAL.replace("size_mib = 64", 'type = "btrfs"\nsize_mib = 64')
     assert errors_of(btrfs)[0].startswith("filesystem.size_mib: 64 MiB is below the smallest")
     parse_script(tomllib.loads(MINIMAL.replace("64", "1")))  # mke2fs makes 1 MiB
 
 
 def test_script_inline_without_shebang_and_every_command_form_are_accepted() -> None:
-    script, _ = parse_script(tomllib.loads(MINIMAL + """
+    script, _ = parse_script(
+        tomllib.loads(
+            MINIMAL
+            + """
 [[commands]]
 script_inline = "echo no shebang"
 [[commands]]
 command = "echo   split   on   whitespace"
-"""))
+"""
+        )
+    )
     assert script.commands[0].script_inline == "echo no shebang"
     found = errors_of(MINIMAL + '[[commands]]\nuid = 1\n[[commands]]\ncommand = "  "\n')
-    assert found == ["commands[0]: needs exactly one of command, script_inline, script_path "
-                     "(found: none)", "commands[1].command: is empty"]
+    assert found == [
+        "commands[0]: needs exactly one of command, script_inline, script_path (found: none)",
+        "commands[1].command: is empty",
+    ]
 
 
 def test_minimum_sizes_match_the_drivers() -> None:

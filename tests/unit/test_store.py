@@ -43,8 +43,10 @@ def test_a_sparse_blob_counts_what_it_allocates(tmp_path: Path) -> None:
             f.seek(1 << 20)
             f.write(b"data" * 1024)
         digest = digest_sparse_file(tmp)
-    store.put_record("img", {"kind": "ext4-base", "blob_size": 1 << 30, "blob_digest": digest,
-                             "blob_sparse": True})
+    store.put_record(
+        "img",
+        {"kind": "ext4-base", "blob_size": 1 << 30, "blob_digest": digest, "blob_sparse": True},
+    )
     assert store.blob_bytes() < 1 << 20  # a 1 GiB image with 4 KiB of data
     blob = store.blob("img")
     assert blob is not None and store.verify_blob(blob)
@@ -139,6 +141,5 @@ def test_stats_count_entries_bytes_and_hits(tmp_path: Path) -> None:
     store.touch("r")
     stats = store.stats()
     assert stats["entries"] == 2 and stats["hits"] == 2 and stats["blob_bytes"] == 8192
-    assert stats["kinds"]["export"] == {"entries": 1, "bytes": 8192, "hits": 0,
-                                        "remote_hits": 0}
+    assert stats["kinds"]["export"] == {"entries": 1, "bytes": 8192, "hits": 0, "remote_hits": 0}
     assert stats["kinds"]["run"]["hits"] == 2

@@ -202,8 +202,10 @@ def test_dev_without_console_gets_one() -> None:
     assert console.ischr() and (console.devmajor, console.devminor) == (5, 1)
     assert (console.mode, console.uid, console.gid) == (0o600, 0, 0)
     assert "dev/console" not in run(make_tar([D("etc")])).names()
-    assert "dev/console" not in run(make_tar([D("dev"), D("etc")]),
-                                     Selection(exclude=("/dev",))).names()
+    assert (
+        "dev/console"
+        not in run(make_tar([D("dev"), D("etc")]), Selection(exclude=("/dev",))).names()
+    )
 
 
 def test_reserved_rfs_directory_is_dropped() -> None:
@@ -303,8 +305,9 @@ def test_overlay_file_over_directory_drops_its_subtree() -> None:
 
 
 def test_overlay_directory_over_directory_keeps_contents() -> None:
-    out = run(make_tar(BASE), overlays=[OverlayEntry("/usr", None, 0o700, uid=1, gid=2,
-                                                     is_dir=True)])
+    out = run(
+        make_tar(BASE), overlays=[OverlayEntry("/usr", None, 0o700, uid=1, gid=2, is_dir=True)]
+    )
     assert "usr/lib/libc.so" in out.names()
     # one entry (tar2sqfs refuses a second), in the export's place, with the overlay's metadata
     assert out.names().count("usr") == 1 and out.names().index("usr") < out.names().index("usr/lib")

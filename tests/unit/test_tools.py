@@ -21,8 +21,9 @@ def _tool(directory: Path, text: str) -> Path:
     return path
 
 
-def test_version_is_asked_once_per_tool_file(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_version_is_asked_once_per_tool_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     tool = _tool(tmp_path, "echo 'tar2sqfs (fake) 1.0'")
     memo: dict[str, Any] = {}
