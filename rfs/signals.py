@@ -67,3 +67,19 @@ def handled() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block; one that arrived meanwhile is handled when
+    the block ends.
+
+    For creating something that cleanup must know of: a signal between creating a temporary
+    file and recording its name would leave the file behind, so both happen in the block and
+    the interrupt comes right after, where cleanup covers it.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

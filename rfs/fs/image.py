@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from rfs import proc
+from rfs import proc, signals
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
 
@@ -165,14 +165,18 @@ def temp_image(output: Path, size_mib: int | None) -> Iterator[Path]:
     output = Path(output)
     if not output.parent.is_dir():
         raise EnvironmentProblem(f"the output directory {output.parent} does not exist")
+    tmp: Path | None = None
     try:
-        # The pid lets a later build remove it if this process is killed.
-        prefix = f".{output.name}.rfs-tmp-{os.getpid()}-"
-        fd, name = tempfile.mkstemp(dir=output.parent, prefix=prefix)
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot create a file in {output.parent}: {exc}") from exc
-    tmp = Path(name)
-    try:
+        # A Ctrl-C or SIGTERM while the file is made would leave it unknown to the cleanup
+        # below (seen under load): it is handled once `tmp` names the file.
+        with signals.deferred():
+            try:
+                # The pid lets a later build remove it if this process is killed.
+                prefix = f".{output.name}.rfs-tmp-{os.getpid()}-"
+                fd, name = tempfile.mkstemp(dir=output.parent, prefix=prefix)
+            except OSError as exc:
+                raise EnvironmentProblem(f"cannot create a file in {output.parent}: {exc}") from exc
+            tmp = Path(name)
         try:
             os.fchmod(fd, 0o644)
             if size_mib is not None:
@@ -187,7 +191,8 @@ def temp_image(output: Path, size_mib: int | None) -> Iterator[Path]:
         except OSError as exc:
             raise RfsError(f"cannot put the image at {output}: {exc}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -358,3 +358,31 @@ def test_a_tool_upgrade_is_noticed_by_a_long_running_process(
     monkeypatch.setattr(tools, "_identity", lambda names: [["/usr/sbin/mke2fs", 2, 2, 2]])
     assert tools.remembered_tool_version(FsType.EXT4, memo) == "mke2fs 1.47.2; debugfs 1.47.3"
     ext4.mkfs_version.cache_clear()
+
+
+def test_a_signal_while_the_temporary_image_is_made_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM right after the temporary file exists, before rfs knows its name: the file is
+    still removed (CI once found one left by an interrupted assembly)."""
+    import signal
+    import tempfile
+
+    from rfs import signals
+    from rfs.fs import image
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_signal(**kwargs: object) -> tuple[int, str]:
+        made = real(**kwargs)  # type: ignore[call-overload]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(image.tempfile, "mkstemp", mkstemp_then_signal)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        signals.handled(),
+        image.temp_image(tmp_path / "out.ext4", 1),
+    ):
+        raise AssertionError("the interrupt comes before the block")
+    assert os.listdir(tmp_path) == []
