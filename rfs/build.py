@@ -147,7 +147,9 @@ def prepare(
     )
     if memo != remembered:
         store.set_meta(DIGEST_MEMO, memo)
-    snapshot = PackageSnapshot(script.package_root, digests, mtime=source_date_epoch())
+    # Times 0, as copy-in's: SOURCE_DATE_EPOCH is in no command's key, so what commands see
+    # must not depend on it.
+    snapshot = PackageSnapshot(script.package_root, digests, mtime=0)
     # The socket shortcut is for the engine `connect_engine` would reach; an engine handed in
     # (a fake one, in tests) answers for itself.
     quick = not opts.pull and engine_factory is connect_engine
