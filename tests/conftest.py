@@ -30,11 +30,10 @@ import pytest
 
 from rfs.engine import Engine, connect
 from rfs.errors import EngineError
+from tests.constants import BUSYBOX, RUN_ID, RUN_LABEL_KEY, TMP_REPO_PREFIX
 
-BUSYBOX = "rfs-test/busybox:1"
-RUN_ID = uuid.uuid4().hex[:12]
-RUN_LABEL_KEY = "org.rfs.test-run"
-TMP_REPO_PREFIX = f"rfs-test-tmp/{RUN_ID}-"
+__all__ = ["BUSYBOX", "RUN_ID", "RUN_LABEL_KEY", "TMP_REPO_PREFIX", "require_or_skip"]
+
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 _connected: list[Engine] = []
