@@ -32,9 +32,6 @@ from rfs.engine import Engine, connect
 from rfs.errors import EngineError
 from tests.constants import BUSYBOX, RUN_ID, RUN_LABEL_KEY, TMP_REPO_PREFIX
 
-__all__ = ["BUSYBOX", "RUN_ID", "RUN_LABEL_KEY", "TMP_REPO_PREFIX", "require_or_skip"]
-
-
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 _connected: list[Engine] = []
 

@@ -11,8 +11,9 @@ import uuid
 
 BUSYBOX = "rfs-test/busybox:1"
 BUSYBOX_NAME, BUSYBOX_TAG = BUSYBOX.split(":")
-# `image = { … }` in a build script's [container] table, naming BUSYBOX
-BUSYBOX_IMAGE = f'image = {{ name = "{BUSYBOX_NAME}", tag = "{BUSYBOX_TAG}" }}'
+# BUSYBOX as a build script's `image` value, and as its whole `image = …` line
+BUSYBOX_TABLE = f'{{ name = "{BUSYBOX_NAME}", tag = "{BUSYBOX_TAG}" }}'
+BUSYBOX_IMAGE = f"image = {BUSYBOX_TABLE}"
 
 RUN_ID = uuid.uuid4().hex[:12]
 RUN_LABEL_KEY = "org.rfs.test-run"

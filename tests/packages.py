@@ -7,11 +7,15 @@ from pathlib import Path
 from tests.constants import BUSYBOX, BUSYBOX_IMAGE
 
 
-def write_package(root: Path, build_toml: str, files: dict[str, str | bytes] | None = None) -> Path:
-    """A package directory `root`: `build.toml` holding `build_toml`, and `files` (relative
-    path: text or bytes) beside it, parent directories made as needed. Returns `root`."""
+def write_package(
+    root: Path, build_toml: str | None, files: dict[str, str | bytes] | None = None
+) -> Path:
+    """A package directory `root`: `build.toml` holding `build_toml` (None: none, e.g. the
+    script is one of `files`), and `files` (relative path: text or bytes) beside it, parent
+    directories made as needed. Returns `root`."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "build.toml").write_text(build_toml)
+    if build_toml is not None:
+        (root / "build.toml").write_text(build_toml)
     for name, data in (files or {}).items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,11 @@
 `Rfs` is the one way the tests run rfs: each runner has its own cache directory
 (RFS_CACHE_DIR) and gives every process a run id of its own (RFS_RUN_ID, the value of each
 container's `org.rfs.run` label), remembered in `run_ids` so a test can check that no container
-of its runs is left. A runner can also have a private $TMPDIR, environment overrides, a working
-directory and a timeout; `start` gives a running process (for tests that signal rfs or watch it
-work) whose output is read as it comes. `IsolatedRfs` adds the checks of the fault tests: what a
-run leaves behind. `rfs(*args, cache=…)` is the short form for a single run.
+of its runs is left. A runner can also have a private $TMPDIR, environment overrides (and
+variables it removes), a working directory and a timeout. `start` gives a running process (for
+tests that signal rfs or watch it work) whose output is read as it comes. `IsolatedRfs` adds
+the checks of the fault tests: what a run leaves behind. `rfs(*args, cache=…)` is the short
+form for a single run.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class Run:
 class Running:
     """An rfs process; its stdout and stderr are read by threads as they come."""
 
-    def __init__(self, proc: subprocess.Popen[str], run_id: str) -> None:
+    def __init__(self, proc: subprocess.Popen[str], run_id: str, *, group: bool = True) -> None:
         self.proc = proc
         self.run_id = run_id
+        self.group = group  # rfs leads a process group of its own
         self.started = time.monotonic()
         self.out: list[str] = []
         self.err: list[str] = []
@@ -83,12 +85,25 @@ class Running:
             assert time.monotonic() < deadline, "".join(self.err)
             time.sleep(0.005)
 
+    def lines(self, text: str) -> int:
+        """How many lines of stderr so far contain `text`."""
+        return sum(text in line for line in self.err)
+
+    def kill(self) -> None:
+        """SIGKILL to rfs (and its process group, if it has one); then reap it."""
+        if self.proc.poll() is None:
+            if self.group:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
+        self.proc.wait()
+
     def finish(self, timeout: float = 300) -> Run:
         """Wait for rfs to end (killing its process group after `timeout`) and collect it."""
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.kill()
             raise
         for reader in self._readers:
             reader.join(timeout=10)
@@ -112,7 +127,7 @@ class Rfs:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         timeout_s: float = 300,
-        plain: bool = False,
+        unset: tuple[str, ...] = (),
         run_id_prefix: str = "",
     ) -> None:
         self.cache = cache
@@ -122,7 +137,7 @@ class Rfs:
         self.env = dict(env or {})
         self.cwd = cwd
         self.timeout_s = timeout_s
-        self.plain = plain  # CI unset: no behaviour of rfs depends on it; a plain display
+        self.unset = unset  # variables removed from the environment rfs runs in
         self.run_id_prefix = run_id_prefix
         self.run_ids: list[str] = []
 
@@ -137,8 +152,8 @@ class Rfs:
         if self.tmpdir is not None:
             env["TMPDIR"] = str(self.tmpdir)
         env.update({"RFS_CACHE_DIR": str(self.cache), "RFS_RUN_ID": run_id, **self.env})
-        if self.plain:
-            env.pop("CI", None)
+        for name in self.unset:
+            env.pop(name, None)
         env.update(extra or {})
         return env
 
@@ -184,7 +199,7 @@ class Rfs:
             env=self.environ(run_id, env),
             start_new_session=new_session,
         )
-        return Running(proc, run_id)
+        return Running(proc, run_id, group=new_session)
 
     def interrupt(
         self,
@@ -214,6 +229,19 @@ def containers_of(client: Any, run_id: str) -> list[Any]:
     return list(client.containers(all=True, filters=label))
 
 
+def count_created(client: Any, run_id: str, start_ns: int) -> int:
+    """The containers the engine created for one rfs run since `start_ns` (time.time_ns()),
+    from the engine's events (independently of what rfs reports); `client` is a docker SDK
+    client."""
+    events = client.events(
+        since=start_ns // 10**9 - 1,
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
+    )
+    return sum(1 for e in events if int(e["timeNano"]) >= start_ns)
+
+
 def identity(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is replaced or written: inode, size, mtime."""
     try:
@@ -232,7 +260,7 @@ class IsolatedRfs(Rfs):
             base / "cache",
             tmpdir=base / "tmp",
             env={"DOCKER_HOST": engine_uri},
-            plain=True,
+            unset=("CI",),  # no behaviour of rfs depends on it; keep the display plain
             run_id_prefix="fault-",
         )
         self.base = base
