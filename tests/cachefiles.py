@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 from rfs.store import Store
 
@@ -50,3 +52,12 @@ def export_blob(cache: Path) -> Path:
 def disk_bytes(path: Path) -> int:
     """What a file occupies on disk (the store counts sparse images this way)."""
     return path.stat().st_blocks * 512
+
+
+def remove_layers(docker_client: Any, cache: Path) -> None:
+    """Remove a cache's layer images from the engine (a runner with an empty engine)."""
+    import docker
+
+    for tag in layer_tags(cache):
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag, force=True)

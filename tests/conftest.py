@@ -30,11 +30,7 @@ import pytest
 
 from rfs.engine import Engine, connect
 from rfs.errors import EngineError
-
-BUSYBOX = "rfs-test/busybox:1"
-RUN_ID = uuid.uuid4().hex[:12]
-RUN_LABEL_KEY = "org.rfs.test-run"
-TMP_REPO_PREFIX = f"rfs-test-tmp/{RUN_ID}-"
+from tests.constants import BUSYBOX, RUN_ID, RUN_LABEL_KEY, TMP_REPO_PREFIX
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 _connected: list[Engine] = []

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tests.cachefiles import export_blob
+
 _KINDS = {
     stat.S_IFDIR: "dir",
     stat.S_IFREG: "file",
@@ -187,3 +189,38 @@ def list_image(image: Path, fstype: str) -> dict[str, Node]:
             return walk(Path(out))
     with mounted(image, fstype) as mnt:
         return walk(mnt)
+
+
+# -- a container's listing against an image's ------------------------------------------
+
+RESTORED = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")  # files rfs writes back
+
+
+def container_listing(cache: Path) -> dict[str, Node]:
+    """The container's listing, from the one export tarball in the cache, as rfs fixes it."""
+    nodes = list_export(export_blob(cache))
+    for path in [p for p in nodes if p == "/.dockerenv" or p.startswith("/.rfs")]:
+        del nodes[path]
+    nodes.setdefault("/", Node("dir", 0o755, 0, 0))  # exports have no entry for the root
+    nodes["/dev/console"] = Node("char", 0o600, 0, 0, rdev=(5, 1))
+    for path in RESTORED:  # written back by rfs, with a file's usual mode
+        nodes[path] = replace(nodes[path], mode=0o644, size=0, sha256=None)
+    return nodes
+
+
+def comparable(nodes: dict[str, Node], fs_type: str) -> dict[str, Node]:
+    """Reduce a listing to what `fs_type` holds (see each driver's module doc)."""
+    out = {}
+    for path, node in nodes.items():
+        if path == "/lost+found" or path.startswith("/lost+found/"):
+            continue
+        if path in RESTORED:
+            node = replace(node, size=0, sha256=None)
+        if fs_type == "btrfs" and node.rdev is not None:
+            node = replace(node, rdev=(0, 0))  # mkfs.btrfs --rootdir writes devices as 0,0
+        if fs_type == "vfat":
+            if node.type not in ("dir", "file") or "\udcff" in path:
+                continue  # no symlinks, devices, FIFOs; a name that is not UTF-8 is mangled
+            node = Node(node.type, 0, 0, 0, node.size, sha256=node.sha256)
+        out[path] = node
+    return out

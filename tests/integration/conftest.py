@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.cachefiles import layer_tags
 from tests.conftest import require_or_skip
-
-BASE = "rfs-test/busybox:1"
+from tests.constants import BUSYBOX as BASE
+from tests.rfsrun import DOCKER_URI, LAYER_CACHES
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +115,24 @@ def caps_image(engine_client: Any) -> Iterator[str]:
     )
     yield tag
     _remove_image(engine_client, tag)
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[Any]:
+    """A docker APIClient of the Docker engine (RFS_TEST_ENGINE_URI, or the default socket)
+    for the tests of IsolatedRfs; at the end, removes the layer images of their caches."""
+    docker = pytest.importorskip("docker")
+    client = docker.APIClient(base_url=DOCKER_URI, version="1.40")
+    try:
+        client.ping()
+        client.inspect_image(BASE)
+    except Exception as exc:  # no engine or no base image: nothing here can run
+        require_or_skip(f"these tests need the Docker engine and {BASE}: {exc}")
+    yield client
+
+    for cache in LAYER_CACHES:
+        for tag in layer_tags(cache):
+            with contextlib.suppress(docker.errors.APIError):
+                client.remove_image(tag, force=True)
+    LAYER_CACHES.clear()
+    client.close()

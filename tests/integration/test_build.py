@@ -7,11 +7,8 @@ by the containers the engine saw created.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +16,13 @@ from typing import Any
 
 import pytest
 
+from tests.constants import BUSYBOX
 from tests.fsinspect import list_ext4, read_ext4_file
+from tests.packages import write_package
+from tests.rfsrun import Rfs, count_created
 
 pytestmark = pytest.mark.integration
 
-BASE = "rfs-test/busybox:1"
 
 BUILD_TOML = """
 [filesystem]
@@ -76,18 +75,14 @@ class Result:
 
 @pytest.fixture
 def package(tmp_path: Path, engine_toml: str) -> Path:
-    pkg = tmp_path / "pkg"
-    (pkg / "scripts").mkdir(parents=True)
-    (pkg / "files").mkdir()
-    name, tag = BASE.split(":")
-    (pkg / "build.toml").write_text(
+    name, tag = BUSYBOX.split(":")
+    return write_package(
+        tmp_path / "pkg",
         BUILD_TOML.replace("IMAGE_NAME", name)
         .replace("IMAGE_TAG", tag)
-        .replace("[container]\n", f"[container]\n{engine_toml}")
+        .replace("[container]\n", f"[container]\n{engine_toml}"),
+        {"scripts/two.sh": "#!/bin/sh\necho two > /srv/data/two\n", "files/motd": "welcome\n"},
     )
-    (pkg / "scripts" / "two.sh").write_text("#!/bin/sh\necho two > /srv/data/two\n")
-    (pkg / "files" / "motd").write_text("welcome\n")
-    return pkg
 
 
 @pytest.fixture
@@ -97,26 +92,13 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def rfs(cache_dir: Path, engine_client: object) -> Iterator[object]:
+    runner = Rfs(cache_dir, timeout_s=600)
+
     def run(*args: str | Path) -> Result:
         start_ns = time.time_ns()
-        run_id = uuid.uuid4().hex  # labels exactly this run's containers
-        proc = subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "RFS_CACHE_DIR": str(cache_dir), "RFS_RUN_ID": run_id},
-            check=False,
-            timeout=600,
-        )
-        until = int(time.time()) + 1
-        events = engine_client.events(  # type: ignore[attr-defined]
-            since=start_ns // 10**9 - 1,
-            until=until,
-            decode=True,
-            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
-        )
-        created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
-        return Result(proc.returncode, proc.stdout, proc.stderr, created)
+        done = runner(*args)  # its run id labels exactly this run's containers
+        created = count_created(engine_client, done.run_id, start_ns)
+        return Result(done.code, done.out, done.err, created)
 
     yield run
 
@@ -268,7 +250,7 @@ def privileged_refusal_seen_by_the_sdk(engine_client: Any) -> str | None:
     api = engine_client.api
     host = api.create_host_config(privileged=True, network_mode="none")
     cid = api.create_container(
-        BASE, command=["true"], entrypoint=[], host_config=host, labels={"org.rfs.managed": "1"}
+        BUSYBOX, command=["true"], entrypoint=[], host_config=host, labels={"org.rfs.managed": "1"}
     )["Id"]
     try:
         api.start(cid)
@@ -285,7 +267,7 @@ def test_privilege_the_host_refuses_is_exit_3_naming_the_field(
     rfs: object, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str, field: str
 ) -> None:
     run = rfs  # the fixture is a function
-    name, tag = BASE.split(":")
+    name, tag = BUSYBOX.split(":")
     rootful = "rootful = true\n" if field == "container.rootful" else ""
     privileged = "privileged = true\n" if field != "container.rootful" else ""
     (package / "build.toml").write_text(

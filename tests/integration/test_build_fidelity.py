@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fsinspect import Entry, list_ext4, read_ext4_file
 from tests.integration.conftest import CAP_NET_RAW
+from tests.packages import FIDELITY_SCRIPT, write_package
+from tests.rfsrun import rfs
 
 pytestmark = pytest.mark.integration
-
-SCRIPT = r"""
-#!/bin/sh
-set -e
-mkdir -p /fid
-cd /fid
-echo data > owned && chown 1234:5678 owned
-echo x > suid && chmod 4755 suid
-mkdir sgid && chmod 2775 sgid
-mkdir sticky && chmod 1777 sticky
-echo secret > zero && chmod 0000 zero
-ln -s owned link
-echo hl > hard1 && ln hard1 hard2
-mknod chr c 1 3
-mknod blk b 7 0
-mkfifo fifo
-echo bytes > "$(printf 'caf\303\251')"
-touch owned-big && chown 4000000000:4000000001 owned-big
-echo "127.0.0.1 localhost fidelity" > /etc/hosts
-"""
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +22,16 @@ def tree(
     # Built once per engine: the tests below only read the image.
     tmp_path = tmp_path_factory.mktemp("fidelity")
     name, tag = caps_image.split(":")
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
     # Podman's default capabilities lack MKNOD, which the script needs; Docker's include it.
-    (pkg / "build.toml").write_text(
+    pkg = write_package(
+        tmp_path / "pkg",
         f'[filesystem]\nsize_mib = 32\n[container]\nimage = {{ name = "{name}", tag = "{tag}" }}\n'
         f'{engine_toml}cap_add = ["MKNOD"]\n'
-        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n"
+        f"[[commands]]\nscript_inline = '''{FIDELITY_SCRIPT}'''\n",
     )
     out = tmp_path / "fid.ext4"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "RFS_CACHE_DIR": str(tmp_path / "cache")},
-    )
-    assert proc.returncode == 0, proc.stderr
+    built = rfs("build", pkg, "-o", out, cache=tmp_path / "cache", timeout_s=600)
+    assert built.code == 0, built.err
     fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     return out, list_ext4(out)

@@ -27,10 +27,9 @@ import pytest
 
 from rfs.schema import _KEYS
 from tests.conftest import require_or_skip
+from tests.constants import BUSYBOX
 from tests.fsinspect import list_ext4
 from tests.rfsrun import rfs, steps_run
-
-BASE = "rfs-test/busybox:1"
 
 BUILD = """\
 [filesystem]
@@ -412,12 +411,12 @@ def prepared(
     warm = root / "warm-cache"
     built = rfs("build", base, "-o", root / "base.ext4", "--no-network", cache=warm)
     assert built.code == 0, built.err
-    image = docker_client.images.get(BASE)
+    image = docker_client.images.get(BUSYBOX)
     alias = f"rfs-test-tmp/truth-alias-{uuid.uuid4().hex[:8]}"
     v2tag = f"truth-v2-{uuid.uuid4().hex[:8]}"  # unique: other test runs share the engine
     image.tag(alias, "1")
     container = docker_client.containers.create(
-        BASE, command=["/bin/true"], labels={"org.rfs.test": "1"}
+        BUSYBOX, command=["/bin/true"], labels={"org.rfs.test": "1"}
     )
     try:
         import io
@@ -456,8 +455,8 @@ def _podman_ready() -> None:
     try:
         engine = connect("podman")
         engine.ping()
-        if engine.image_id(BASE) is None:
-            require_or_skip(f"{BASE} is not in Podman: run scripts/make-base-images.sh")
+        if engine.image_id(BUSYBOX) is None:
+            require_or_skip(f"{BUSYBOX} is not in Podman: run scripts/make-base-images.sh")
     except EngineError as exc:
         require_or_skip(f"the engine case needs Podman: {exc}")
 

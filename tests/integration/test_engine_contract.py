@@ -15,7 +15,8 @@ from rfs.engine import connect
 from rfs.engine.base import RunSpec
 from rfs.engine.fake import FakeEngine, FakeRun
 from rfs.errors import EngineError, StepFailed
-from tests.conftest import BUSYBOX, RUN_ID, RUN_LABEL_KEY, engine_kinds, require_or_skip
+from tests.conftest import engine_kinds, require_or_skip
+from tests.constants import BUSYBOX, RUN_ID, RUN_LABEL_KEY
 
 LABELS = {RUN_LABEL_KEY: RUN_ID}
 

@@ -19,11 +19,11 @@ from rfs.fs import image as fs_image
 from rfs.fs.ext4 import assemble_ext4, mkfs_version, required_size_mib
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats
 from tests.conftest import require_or_skip
+from tests.constants import BUSYBOX
 from tests.fsinspect import Entry, list_ext4, read_ext4_file
 
 pytestmark = pytest.mark.integration
 
-BASE = "rfs-test/busybox:1"
 SEED = bytes(range(32))
 EPOCH = 1_700_000_000
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
@@ -97,7 +97,7 @@ def export_tar(
         tar.addfile(info, io.BytesIO(b"cap\n"))
     labels = {**run_labels, "org.rfs.test": "ext4-fidelity"}
     container = docker_client.containers.create(
-        BASE, ["/bin/sh", "-c", SETUP], labels=labels, network_mode="none"
+        BUSYBOX, ["/bin/sh", "-c", SETUP], labels=labels, network_mode="none"
     )
     try:
         container.start()

@@ -17,9 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,224 +27,28 @@ from typing import Any
 
 import pytest
 
-from tests.cachefiles import blobs, export_blob, layer_tags
+from tests.cachefiles import blobs, export_blob
 from tests.conftest import require_or_skip
+from tests.constants import BUSYBOX
+from tests.packages import build_toml, write_package
+from tests.rfsrun import IsolatedRfs, identity
 
 pytestmark = pytest.mark.integration
 
-BASE = "rfs-test/busybox:1"
-DOCKER_URI = os.environ.get("RFS_TEST_ENGINE_URI") or "unix:///var/run/docker.sock"
 # The size of the file the "big" package's command writes: big enough that its export and its
 # assembly take a second or more (time to interrupt them), small enough to stay quick.
 BIG_MIB = 200
 
-_layer_caches: list[Path] = []  # caches whose layer images are removed from the engine at the end
-
-
-# -- running rfs and checking what it leaves -------------------------------------------------
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-    run_id: str
-
-    def ran(self) -> list[str]:
-        """Step ids rfs reports as run (done), in order."""
-        return [
-            line.split()[1] for line in self.err.splitlines() if line.strip().startswith("done ")
-        ]
-
-    @property
-    def last_line(self) -> str:
-        lines = self.err.strip().splitlines()
-        return lines[-1] if lines else ""
-
-
-def identity(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or written: inode, size, mtime."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class Running:
-    """An rfs process; its stdout and stderr are read by threads as they come."""
-
-    def __init__(self, proc: subprocess.Popen[str], run_id: str) -> None:
-        self.proc = proc
-        self.run_id = run_id
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read, args=(stream, into), daemon=True)
-            for stream, into in ((proc.stdout, self.out), (proc.stderr, self.err))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _read(stream: Any, into: list[str]) -> None:
-        for line in iter(stream.readline, ""):
-            into.append(line)
-
-    def wait_for(self, when: Callable[[str], bool], timeout: float = 120) -> None:
-        """Return once `when(stderr so far)` is true; fail if rfs ends first."""
-        deadline = time.monotonic() + timeout
-        while not when("".join(self.err)):
-            if self.proc.poll() is not None:
-                pytest.fail(f"rfs ended before it was expected to:\n{self.finish().err}")
-            assert time.monotonic() < deadline, "".join(self.err)
-            time.sleep(0.005)
-
-    def finish(self, timeout: float = 300) -> Result:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            raise
-        for reader in self._readers:
-            reader.join(timeout=10)
-        return Result(self.proc.returncode, "".join(self.out), "".join(self.err), self.run_id)
-
-
-class Rfs:
-    """The `rfs` command with a private $TMPDIR and cache; checks what each run leaves."""
-
-    def __init__(self, base: Path, api: Any, engine_uri: str = DOCKER_URI) -> None:
-        self.base = base
-        self.tmpdir = base / "tmp"
-        self.tmpdir.mkdir(parents=True, exist_ok=True)
-        self.cache = base / "cache"
-        self.api = api
-        self.engine_uri = engine_uri
-        _layer_caches.append(self.cache)
-
-    def env(self, run_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "TMPDIR": str(self.tmpdir),
-            "RFS_CACHE_DIR": str(self.cache),
-            "RFS_RUN_ID": run_id,
-            "DOCKER_HOST": self.engine_uri,
-        }
-        env.pop("CI", None)  # no behaviour of rfs depends on it; keep the display plain
-        env.update(extra or {})
-        return env
-
-    def start(self, *args: str | Path, extra_env: dict[str, str] | None = None) -> Running:
-        """Start rfs in its own session (so a signal can go to its whole process group, as
-        Ctrl-C in a terminal does); its output is collected as it comes."""
-        run_id = f"fault-{uuid.uuid4().hex[:12]}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rfs", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env(run_id, extra_env),
-            start_new_session=True,
-        )
-        return Running(proc, run_id)
-
-    def run(self, *args: str | Path, extra_env: dict[str, str] | None = None) -> Result:
-        return self.start(*args, extra_env=extra_env).finish()
-
-    def interrupt(
-        self,
-        args: list[str | Path],
-        when: Callable[[str], bool],
-        sig: int,
-        *,
-        group: bool,
-        timeout: float = 120,
-    ) -> Result:
-        """Run rfs and send `sig` once `when(stderr so far)` is true: to the process group
-        (Ctrl-C in a terminal) or to rfs alone (`kill`); signal 0 sends nothing."""
-        running = self.start(*args)
-        running.wait_for(when, timeout)
-        if sig and group:
-            os.killpg(running.proc.pid, sig)
-        elif sig:
-            os.kill(running.proc.pid, sig)
-        return running.finish()
-
-    def containers(self, run_id: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.api.containers(
-            all=True, filters={"label": f"org.rfs.run={run_id}"}
-        )
-        return found
-
-    def assert_clean(
-        self, result: Result, output: Path, previous: tuple[int, int, int] | None
-    ) -> None:
-        """Nothing of the run is left, and the output is the previous image (or none)."""
-        assert "Traceback" not in result.err, result.err
-        assert self.containers(result.run_id) == [], "containers left behind"
-        assert sorted(os.listdir(self.tmpdir)) == [], "temporary files left in $TMPDIR"
-        tmp = self.cache / "tmp"
-        assert not tmp.exists() or sorted(os.listdir(tmp)) == [], "partial cache writes left"
-        assert list(output.parent.glob(f".{output.name}.rfs-*")) == [], "temporary image left"
-        assert identity(output) == previous, "the output changed"
-        mounts = Path("/proc/self/mountinfo").read_text()
-        assert str(self.base) not in mounts.replace(str(self.base / "mnt"), ""), mounts
-
-
-def build_toml(
-    marker: str,
-    commands: list[str],
-    *,
-    size_mib: int = 64,
-    overlay: str = "one",
-    container: str = "",
-) -> str:
-    """A busybox build script; `marker` makes its keys (and layer tags) this test's own."""
-    cmds = "".join(f"\n[[commands]]\n{c}\n" for c in commands)
-    name, tag = BASE.split(":")
-    return (
-        f"[filesystem]\nsize_mib = {size_mib}\n\n[container]\n"
-        f'image = {{ name = "{name}", tag = "{tag}" }}\nenv = {{ MARKER = "{marker}" }}\n'
-        f"{container}\n{cmds}\n"
-        f'[[overlays]]\nsource_inline = "{overlay}"\ndestination = "/etc/overlay"\n'
-    )
-
-
-@pytest.fixture(scope="module")
-def api() -> Iterator[Any]:
-    docker = pytest.importorskip("docker")
-    client = docker.APIClient(base_url=DOCKER_URI, version="1.40")
-    try:
-        client.ping()
-        client.inspect_image(BASE)
-    except Exception as exc:  # no engine or no base image: nothing here can run
-        require_or_skip(f"these tests need the Docker engine and {BASE}: {exc}")
-    yield client
-
-    for cache in _layer_caches:
-        for tag in layer_tags(cache):
-            with contextlib.suppress(docker.errors.APIError):
-                client.remove_image(tag, force=True)
-    client.close()
-
 
 @pytest.fixture
-def rfs(tmp_path: Path, api: Any) -> Rfs:
-    return Rfs(tmp_path, api)
-
-
-def write_package(root: Path, text: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "build.toml").write_text(text)
-    return root
+def rfs(tmp_path: Path, api: Any) -> IsolatedRfs:
+    return IsolatedRfs(tmp_path, api)
 
 
 # -- a command that fails; a command that times out ------------------------------------------
 
 
-def test_failing_command(rfs: Rfs, tmp_path: Path) -> None:
+def test_failing_command(rfs: IsolatedRfs, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     good = ['command = "mkdir -p /srv/one"', 'command = "touch /srv/one/two"']
     pkg = write_package(tmp_path / "pkg", build_toml(marker, [*good, 'command = "ls /nope"']))
@@ -268,7 +70,7 @@ def test_failing_command(rfs: Rfs, tmp_path: Path) -> None:
     assert again.ran() == ["run[2]", "export", "overlays", "assemble"]  # run[0], run[1] reused
 
 
-def test_command_exceeding_timeout(rfs: Rfs, tmp_path: Path) -> None:
+def test_command_exceeding_timeout(rfs: IsolatedRfs, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     first = 'command = "touch /first"'
     slow = build_toml(
@@ -300,7 +102,7 @@ def test_command_exceeding_timeout(rfs: Rfs, tmp_path: Path) -> None:
 # -- the engine not running --------------------------------------------------------------------
 
 
-def test_engine_not_running(rfs: Rfs, tmp_path: Path) -> None:
+def test_engine_not_running(rfs: IsolatedRfs, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     pkg = write_package(tmp_path / "pkg", build_toml(marker, ['command = "touch /x"']))
     out = tmp_path / "image.ext4"
@@ -346,7 +148,7 @@ def test_engine_not_running(rfs: Rfs, tmp_path: Path) -> None:
     [(signal.SIGINT, True), (signal.SIGTERM, False)],
     ids=["SIGINT-to-group", "SIGTERM-to-rfs"],
 )
-def test_interrupt_during_command(rfs: Rfs, tmp_path: Path, sig: int, group: bool) -> None:
+def test_interrupt_during_command(rfs: IsolatedRfs, tmp_path: Path, sig: int, group: bool) -> None:
     marker = uuid.uuid4().hex
     first = 'command = "touch /first"'
     pkg = write_package(
@@ -371,7 +173,7 @@ def test_interrupt_during_command(rfs: Rfs, tmp_path: Path, sig: int, group: boo
     assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
 
 
-def test_sigterm_to_a_build_of_a_package_tarball(rfs: Rfs, tmp_path: Path) -> None:
+def test_sigterm_to_a_build_of_a_package_tarball(rfs: IsolatedRfs, tmp_path: Path) -> None:
     """A package tarball is unpacked under $TMPDIR for the build; SIGTERM removes it too."""
     import tarfile
 
@@ -394,7 +196,9 @@ def test_sigterm_to_a_build_of_a_package_tarball(rfs: Rfs, tmp_path: Path) -> No
     rfs.assert_clean(stopped, out, None)  # $TMPDIR empty: no rfs-package-* left
 
 
-def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path: Path) -> None:
+def test_containers_of_a_killed_build_are_removed_by_the_next(
+    rfs: IsolatedRfs, tmp_path: Path
+) -> None:
     """SIGKILL skips every clean-up: the container stays until the next build removes it."""
     marker = uuid.uuid4().hex
     pkg = write_package(
@@ -439,7 +243,7 @@ def test_containers_of_a_killed_build_are_removed_by_the_next(rfs: Rfs, tmp_path
 class Big:
     """A package whose only layer holds BIG_MIB MiB, built once; its cache and image."""
 
-    rfs: Rfs
+    rfs: IsolatedRfs
     pkg: Path
     out: Path
     marker: str
@@ -457,7 +261,7 @@ class Big:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory, api: Any) -> Big:
     base = tmp_path_factory.mktemp("big")
-    b = Big(Rfs(base, api), base / "pkg", base / "out" / "image.ext4", uuid.uuid4().hex)
+    b = Big(IsolatedRfs(base, api), base / "pkg", base / "out" / "image.ext4", uuid.uuid4().hex)
     b.out.parent.mkdir()
     b.rewrite("zero")
     built = b.rfs.run("build", b.pkg, "-o", b.out, "-q")
@@ -583,7 +387,9 @@ def test_disk_full_while_assembling(big: Big) -> None:
 # -- a damaged cache ---------------------------------------------------------------------------
 
 
-def test_corrupt_export_is_exported_again_in_the_same_build(rfs: Rfs, tmp_path: Path) -> None:
+def test_corrupt_export_is_exported_again_in_the_same_build(
+    rfs: IsolatedRfs, tmp_path: Path
+) -> None:
     marker = uuid.uuid4().hex
     cmd = 'command = "touch /x"'
     pkg = write_package(tmp_path / "pkg", build_toml(marker, [cmd], overlay="one"))
@@ -613,7 +419,7 @@ def test_corrupt_export_is_exported_again_in_the_same_build(rfs: Rfs, tmp_path: 
     assert again.ran() == ["export", "overlays", "assemble"]
 
 
-def test_damaged_base_image_is_made_again(rfs: Rfs, tmp_path: Path) -> None:
+def test_damaged_base_image_is_made_again(rfs: IsolatedRfs, tmp_path: Path) -> None:
     """The ext4 base image an overlay edit copies is checked first: a damaged one is dropped
     and made again from the export, and the image is right."""
     marker = uuid.uuid4().hex
@@ -642,7 +448,7 @@ def test_damaged_base_image_is_made_again(rfs: Rfs, tmp_path: Path) -> None:
     )
 
 
-def test_damaged_cache_index_is_started_afresh(rfs: Rfs, tmp_path: Path) -> None:
+def test_damaged_cache_index_is_started_afresh(rfs: IsolatedRfs, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     pkg = write_package(tmp_path / "pkg", build_toml(marker, ['command = "touch /x"']))
     out = tmp_path / "image.ext4"
@@ -757,7 +563,7 @@ def private_dockerd(api: Any) -> Iterator[PrivateDockerd]:
     try:
         daemon.start()
         private = docker.APIClient(base_url=daemon.uri, version="1.40")
-        private.load_image(api.get_image(BASE))
+        private.load_image(api.get_image(BUSYBOX))
         private.close()
         yield daemon
     finally:
@@ -779,7 +585,7 @@ def test_engine_killed_in_the_middle_of_a_command(
     import docker
 
     private = docker.APIClient(base_url=private_dockerd.uri, version="1.40")
-    rfs = Rfs(tmp_path, private, engine_uri=private_dockerd.uri)
+    rfs = IsolatedRfs(tmp_path, private, engine_uri=private_dockerd.uri)
     marker = uuid.uuid4().hex
     first = 'command = "touch /first"'
     pkg = write_package(

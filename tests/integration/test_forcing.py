@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rfs.store import Store
+from tests.constants import BUSYBOX
 from tests.fsinspect import list_ext4
-from tests.rfsrun import rfs, steps_run
+from tests.packages import write_package
+from tests.rfsrun import Rfs, rfs, steps_run
 
 BUILD = """\
 [filesystem]
@@ -36,19 +36,14 @@ destination = "/etc/motd"
 EVERY_STEP = {"run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"}
 
 
-def package(
-    root: Path, image: str = "rfs-test/busybox:1", extra: str = "", command1: str = ""
-) -> Path:
+def package(root: Path, image: str = BUSYBOX, extra: str = "", command1: str = "") -> Path:
     name, tag = image.rsplit(":", 1)
     text = BUILD.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag).replace("EXTRA", "")
     if command1:
         text = text.replace(
             'command = "mkdir -p /made"\n', f'command = "mkdir -p /made"\n{command1}\n'
         )
-    (root / "files").mkdir(parents=True, exist_ok=True)
-    (root / "files" / "motd").write_text("hello\n")
-    (root / "build.toml").write_text(text + extra)
-    return root
+    return write_package(root, text + extra, {"files/motd": "hello\n"})
 
 
 def stamp(image: Path) -> str:
@@ -183,7 +178,7 @@ def test_pull_takes_a_moved_tag_from_the_registry(tmp_path: Path, docker_client:
     repo = f"127.0.0.1:{registry.port}/rfs-pull-test"
     pushed: list[str] = []
     try:
-        image = docker_client.images.get("rfs-test/busybox:1")
+        image = docker_client.images.get(BUSYBOX)
         image.tag(repo, "1")
         pushed.append(f"{repo}:1")
         _push(docker_client, repo, "1")
@@ -247,23 +242,13 @@ def test_an_edit_while_a_command_runs_is_never_recorded_as_used(tmp_path: Path) 
     )
     (pkg / "build.toml").write_text(text)
     cache, out = tmp_path / "cache", tmp_path / "a.ext4"
-    env = {**os.environ, "RFS_CACHE_DIR": str(cache), "CI": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), "--no-network"],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
+    running = Rfs(cache, env={"CI": "1"}).start(
+        "build", pkg, "-o", out, "--no-network", new_session=False
     )
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "started" in line:
-            (pkg / "files" / "motd").write_text("edited during the build\n")
-            break
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 0, "".join(seen) + rest
+    running.wait_for(lambda err: "started" in err)
+    (pkg / "files" / "motd").write_text("edited during the build\n")
+    done = running.finish(timeout=120)
+    assert done.code == 0, done.err
     assert read(out, "/etc/motd") == "hello\n"  # what was hashed when the build was planned
     assert plan_runs(pkg, out, cache, "--no-network") == {"overlays", "assemble"}
     assert rfs("build", pkg, "-o", out, "--no-network", cache=cache).code == 0

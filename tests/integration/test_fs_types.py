@@ -8,10 +8,7 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,50 +17,22 @@ import pytest
 from rfs.fs.assemble import BIT_IDENTICAL
 from rfs.model import FsType
 from tests.cachefiles import export_blob
-from tests.conftest import TMP_REPO_PREFIX, require_or_skip
-from tests.fslisting import Node, list_export, list_image
+from tests.conftest import require_or_skip
+from tests.constants import TMP_REPO_PREFIX
+from tests.fslisting import Node, comparable, container_listing, list_image
 from tests.integration.conftest import CAP_NET_RAW, capped_base
-from tests.integration.test_build_fidelity import SCRIPT
+from tests.packages import FS_SCHEMA_NAME, fidelity_package
+from tests.rfsrun import Rfs, Run
 
 pytestmark = pytest.mark.integration
 
 TYPES = ["ext4", "squashfs", "erofs", "btrfs", "xfs", "vfat"]
-SCHEMA_NAME = {
-    "ext4": "Ext4",
-    "squashfs": "Squashfs",
-    "erofs": "Erofs",
-    "btrfs": "Btrfs",
-    "xfs": "Xfs",
-    "vfat": "Vfat",
-}
-RESTORED = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
 
 
-def write_package(root: Path, image: str, fs_type: str, extra: str = "") -> Path:
-    """A package building the fidelity tree (tests/integration/test_build_fidelity.py)."""
-    name, tag = image.split(":")
-    pkg = root / f"pkg-{fs_type}"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "build.toml").write_text(
-        f'[filesystem]\ntype = "{SCHEMA_NAME[fs_type]}"\n{extra}\n'
-        f'[container]\nimage = {{ name = "{name}", tag = "{tag}" }}\n'
-        f"[[commands]]\nscript_inline = '''{SCRIPT}'''\n"
-    )
-    return pkg
-
-
-def rfs_build(
-    pkg: Path, out: Path, cache: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "RFS_CACHE_DIR": str(cache), **(env or {})}
-    environ.pop("SOURCE_DATE_EPOCH", None)
-    return subprocess.run(
-        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=environ,
-    )
+def rfs_build(pkg: Path, out: Path, cache: Path, *args: str) -> Run:
+    """`rfs build` without SOURCE_DATE_EPOCH (the images' own seed decides)."""
+    runner = Rfs(cache, unset=("SOURCE_DATE_EPOCH",), timeout_s=600)
+    return runner("build", pkg, "-o", out, *args)
 
 
 def sha256(path: Path) -> str:
@@ -94,48 +63,18 @@ def built(workdir: Path, caps_base: str) -> dict[str, tuple[Path, str]]:
     """Each type built once from one cache (the container runs once): image, stderr."""
     results: dict[str, tuple[Path, str]] = {}
     for fs_type in TYPES:
-        pkg = write_package(workdir, caps_base, fs_type)
+        pkg = fidelity_package(workdir, caps_base, fs_type)
         out = workdir / f"fid.{fs_type}"
         done = rfs_build(pkg, out, workdir / "cache", "--verify")
-        assert done.returncode == 0, f"{fs_type}: {done.stderr}"
-        assert "checker found no problem" in done.stderr, done.stderr
-        results[fs_type] = (out, done.stderr)
+        assert done.code == 0, f"{fs_type}: {done.err}"
+        assert "checker found no problem" in done.err, done.err
+        results[fs_type] = (out, done.err)
     return results
 
 
 @pytest.fixture(scope="module")
 def container(built: dict[str, tuple[Path, str]], workdir: Path) -> dict[str, Node]:
     return container_listing(workdir / "cache")
-
-
-def container_listing(cache: Path) -> dict[str, Node]:
-    """The container's listing, from the one export tarball in the cache, as rfs fixes it."""
-    nodes = list_export(export_blob(cache))
-    for path in [p for p in nodes if p == "/.dockerenv" or p.startswith("/.rfs")]:
-        del nodes[path]
-    nodes.setdefault("/", Node("dir", 0o755, 0, 0))  # exports have no entry for the root
-    nodes["/dev/console"] = Node("char", 0o600, 0, 0, rdev=(5, 1))
-    for path in RESTORED:  # written back by rfs, with a file's usual mode
-        nodes[path] = replace(nodes[path], mode=0o644, size=0, sha256=None)
-    return nodes
-
-
-def comparable(nodes: dict[str, Node], fs_type: str) -> dict[str, Node]:
-    """Reduce a listing to what `fs_type` holds (see each driver's module doc)."""
-    out = {}
-    for path, node in nodes.items():
-        if path == "/lost+found" or path.startswith("/lost+found/"):
-            continue
-        if path in RESTORED:
-            node = replace(node, size=0, sha256=None)
-        if fs_type == "btrfs" and node.rdev is not None:
-            node = replace(node, rdev=(0, 0))  # mkfs.btrfs --rootdir writes devices as 0,0
-        if fs_type == "vfat":
-            if node.type not in ("dir", "file") or "\udcff" in path:
-                continue  # no symlinks, devices, FIFOs; a name that is not UTF-8 is mangled
-            node = Node(node.type, 0, 0, 0, node.size, sha256=node.sha256)
-        out[path] = node
-    return out
 
 
 @pytest.mark.parametrize("fs_type", TYPES)
@@ -218,21 +157,21 @@ def test_computed_sizes(built: dict[str, tuple[Path, str]]) -> None:
 
 
 def test_too_small_fails_naming_the_size_needed(workdir: Path, caps_base: str) -> None:
-    pkg = write_package(workdir / "small", caps_base, "ext4", "size_mib = 2")
+    pkg = fidelity_package(workdir / "small", caps_base, "ext4", "size_mib = 2")
     out = workdir / "small.ext4"
     done = rfs_build(pkg, out, workdir / "cache")
-    assert done.returncode == 2, done.stderr
-    assert "2 MiB is too small for this ext4 image: the content needs about" in done.stderr
-    assert "hint: set size_mib to" in done.stderr
+    assert done.code == 2, done.err
+    assert "2 MiB is too small for this ext4 image: the content needs about" in done.err
+    assert "hint: set size_mib to" in done.err
     assert not out.exists() and not list(workdir.glob(".small.ext4*"))
     assert list((workdir / "cache" / "tmp").iterdir()) == []
 
 
 def test_read_only_types_are_padded_to_size_mib(workdir: Path, caps_base: str) -> None:
-    pkg = write_package(workdir / "padded", caps_base, "squashfs", "size_mib = 16")
+    pkg = fidelity_package(workdir / "padded", caps_base, "squashfs", "size_mib = 16")
     out = workdir / "padded.squashfs"
     done = rfs_build(pkg, out, workdir / "cache", "--verify")
-    assert done.returncode == 0, done.stderr
+    assert done.code == 0, done.err
     assert out.stat().st_size == 16 << 20 and out.stat().st_blocks * 512 < 8 << 20
 
 
@@ -243,11 +182,11 @@ def test_rebuild_with_cleared_cache_is_byte_identical(
     """The container runs again (new mtimes, new layer IDs): the image is the same bytes."""
     first, _ = built[fs_type]
     cache = workdir / f"cache-again-{fs_type}"
-    pkg = write_package(workdir / "again", caps_base, fs_type)
+    pkg = fidelity_package(workdir / "again", caps_base, fs_type)
     again = workdir / f"again.{fs_type}"
     done = rfs_build(pkg, again, cache)
     shutil.rmtree(cache, ignore_errors=True)
-    assert done.returncode == 0, done.stderr
+    assert done.code == 0, done.err
     assert sha256(again) == sha256(first)
 
 
@@ -277,10 +216,10 @@ def test_directory_overlay_at_root_merges_into_every_type(workdir: Path, fs_type
     tool.write_text("#!/bin/sh\necho hello\n")
     tool.chmod(0o755)
     (pkg / "root").chmod(0o700)  # the host directory's mode must not reach the image root
-    (pkg / "build.toml").write_text(ROOT_OVERLAY_SCRIPT.format(type=SCHEMA_NAME[fs_type]))
+    (pkg / "build.toml").write_text(ROOT_OVERLAY_SCRIPT.format(type=FS_SCHEMA_NAME[fs_type]))
     out = workdir / f"root-overlay.{fs_type}"
     done = rfs_build(pkg, out, workdir / "cache-root-overlay", "--verify")
-    assert done.returncode == 0, done.stderr
+    assert done.code == 0, done.err
     nodes = list_image(out, fs_type)
     assert nodes["/"].mode == 0o755 and nodes["/etc"].type == "dir"
     motd = hashlib.sha256(b"from the overlay\n").hexdigest()

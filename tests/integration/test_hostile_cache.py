@@ -11,12 +11,8 @@ what happened in exactly one warning line naming the server.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from tests.cachefiles import layer_tags
+from tests.cachefiles import remove_layers
 from tests.cacheservers import ServerMissing, start_registry
 from tests.conftest import require_or_skip
+from tests.constants import BUSYBOX
 from tests.hostileserver import (
     FakeCache,
     Handler,
@@ -40,10 +37,11 @@ from tests.hostileserver import (
     truncated,
     unsigned,
 )
+from tests.packages import write_package
+from tests.rfsrun import Rfs, Run
 
 pytestmark = pytest.mark.integration
 
-BASE = "rfs-test/busybox:1"
 CANARY = "rfs-test-hostile/canary:1"  # a tag the retagging records ask for
 WATCHED = ("rfs-test/busybox", "rfs-test-hostile/canary")  # repos whose tags must not move
 ESCAPE = "pwned-by-the-cache-server"
@@ -71,33 +69,14 @@ destination = "/etc/motd"
 """
 
 
-def rfs(
-    *args: str | Path, cache: Path, cwd: Path, config: str = ""
-) -> subprocess.CompletedProcess[str]:
+def rfs(*args: str | Path, cache: Path, cwd: Path, config: str = "") -> Run:
     """Run `rfs` with its own cache directory and config file, from `cwd`."""
     conf = cwd / f"config-{uuid.uuid4().hex[:8]}.toml"
     conf.write_text(config)
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env={**os.environ, "RFS_CACHE_DIR": str(cache), "RFS_CONFIG": str(conf)},
-            check=False,
-            timeout=300,
-        )
+        return Rfs(cache, env={"RFS_CONFIG": str(conf)}, cwd=cwd)(*args)
     finally:
         conf.unlink()
-
-
-def remove_layers(client: Any, cache: Path) -> None:
-    """Remove a runner's layer images: the next runner starts with an empty engine."""
-    import docker
-
-    for tag in layer_tags(cache):
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            client.images.remove(tag, force=True)
 
 
 def watched_tags(client: Any) -> dict[str, str]:
@@ -112,13 +91,9 @@ def watched_tags(client: Any) -> dict[str, str]:
 
 
 def keygen(path: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rfs", "cache", "keygen", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return proc.stdout.strip()
+    made = Rfs(path.parent / "keygen-cache")("cache", "keygen", path)
+    assert made.code == 0, made.err
+    return made.out.strip()
 
 
 @dataclass
@@ -143,13 +118,11 @@ def _bodies(records: dict[str, bytes]) -> dict[str, dict[str, Any]]:
 
 
 def make_package(root: Path, marker: str, last: str) -> Path:
-    pkg = root / f"pkg-{last.split('/')[-1]}"
-    (pkg / "files").mkdir(parents=True)
-    (pkg / "build.toml").write_text(
-        BUILD_TOML.replace("MARKER", marker).replace("touch /srv/data/two", last)
+    return write_package(
+        root / f"pkg-{last.split('/')[-1]}",
+        BUILD_TOML.replace("MARKER", marker).replace("touch /srv/data/two", last),
+        {"files/motd": "hello from the cache\n"},
     )
-    (pkg / "files" / "motd").write_text("hello from the cache\n")
-    return pkg
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +147,7 @@ def warm(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             cache=cache_a,
             cwd=root,
         )
-        assert a.returncode == 0, a.stderr
+        assert a.code == 0, a.err
         first = dict(fake.records)
         v = rfs(
             "build",
@@ -188,7 +161,7 @@ def warm(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             cache=cache_a,
             cwd=root,
         )
-        assert v.returncode == 0, v.stderr
+        assert v.code == 0, v.err
     finally:
         fake.stop()
         remove_layers(docker_client, cache_a)
@@ -218,7 +191,7 @@ def files_outside(case: Path) -> set[Path]:
 
 @dataclass
 class Outcome:
-    proc: subprocess.CompletedProcess[str]
+    proc: Run
     warnings: list[str]
 
 
@@ -242,8 +215,8 @@ def build_b(client: Any, warm: Warm, url: str, *extra: str, config: str = "") ->
             cwd=case,
             config=config,
         )
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.code == 0, proc.err
+        assert "Traceback" not in proc.err, proc.err
         assert (case / "out" / "b.ext4").read_bytes() == warm.clean  # the clean image
         assert files_outside(case) == before_files | {case / "out" / "b.ext4"}
         assert not list(warm.root.glob(f"{ESCAPE}*")) and not list(case.glob(f"{ESCAPE}*"))
@@ -251,17 +224,15 @@ def build_b(client: Any, warm: Warm, url: str, *extra: str, config: str = "") ->
         assert CANARY not in before_tags
     finally:
         remove_layers(client, cache)
-    warnings = [ln for ln in proc.stderr.splitlines() if "warning:" in ln]
+    warnings = [ln for ln in proc.err.splitlines() if "warning:" in ln]
     naming = [ln for ln in warnings if url.rstrip("/") in ln]
-    assert len(warnings) == len(naming) == 1, proc.stderr
+    assert len(warnings) == len(naming) == 1, proc.err
     return Outcome(proc, warnings)
 
 
 def fetched(outcome: Outcome) -> list[str]:
     return [
-        ln.split()[1]
-        for ln in outcome.proc.stderr.splitlines()
-        if ln.strip().startswith("fetched ")
+        ln.split()[1] for ln in outcome.proc.err.splitlines() if ln.strip().startswith("fetched ")
     ]
 
 
@@ -407,7 +378,7 @@ def retagging(fake: FakeCache, warm: Warm) -> None:
         manifest = [
             {
                 "Config": f"{image_hex}.json",
-                "RepoTags": [BASE, CANARY],
+                "RepoTags": [BUSYBOX, CANARY],
                 "Layers": [f"l{i}/layer.tar" for i in range(len(body["layer"]["layers"]))],
             }
         ]
@@ -509,7 +480,7 @@ def test_http_attack_costs_a_miss(
     finally:
         fake.stop()
     assert says in outcome.warnings[0], outcome.warnings
-    assert sorted(fetched(outcome)) == sorted(still_fetched), outcome.proc.stderr
+    assert sorted(fetched(outcome)) == sorted(still_fetched), outcome.proc.err
     if trust is not None:
         assert "not signed by a trusted key" in outcome.warnings[0]
 
@@ -537,8 +508,8 @@ def test_signed_records_are_used_by_a_trusting_reader(docker_client: Any, warm: 
     finally:
         fake.stop()
         remove_layers(docker_client, case / "cache")
-    assert proc.returncode == 0, proc.stderr
-    assert "warning" not in proc.stderr and "signed by ci" in proc.stderr, proc.stderr
+    assert proc.code == 0, proc.err
+    assert "warning" not in proc.err and "signed by ci" in proc.err, proc.err
     assert (case / "b.ext4").read_bytes() == warm.clean
 
 
@@ -578,7 +549,7 @@ def registry(docker_client: Any, warm: Warm) -> Iterator[Registry]:
             cwd=warm.root,
         )
         remove_layers(docker_client, cache)
-        assert a.returncode == 0, a.stderr
+        assert a.code == 0, a.err
         tags = requests.get(
             f"http://127.0.0.1:{server.port}/v2/rfs/cache/tags/list", timeout=10
         ).json()["tags"]

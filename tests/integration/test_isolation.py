@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_faults import Rfs, api, build_toml, write_package  # noqa: F401
+from tests.packages import build_toml, write_package
+from tests.rfsrun import IsolatedRfs
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +47,12 @@ def tree_digest(root: Path) -> str:
 
 
 @pytest.fixture
-def rfs(tmp_path: Path, api: Any) -> Rfs:  # noqa: F811
-    return Rfs(tmp_path, api)
+def rfs(tmp_path: Path, api: Any) -> IsolatedRfs:
+    return IsolatedRfs(tmp_path, api)
 
 
 def test_build_container_sees_only_its_package_and_no_engine_socket(
-    rfs: Rfs, tmp_path: Path
+    rfs: IsolatedRfs, tmp_path: Path
 ) -> None:
     marker = uuid.uuid4().hex
     host_mark = Path("/tmp") / f"rfs-isolation-{marker}"
@@ -93,7 +94,7 @@ def test_build_container_sees_only_its_package_and_no_engine_socket(
     rfs.assert_clean(result, out, (out.stat().st_ino, out.stat().st_size, out.stat().st_mtime_ns))
 
 
-def test_no_network_means_no_network(rfs: Rfs, tmp_path: Path) -> None:
+def test_no_network_means_no_network(rfs: IsolatedRfs, tmp_path: Path) -> None:
     """With --no-network a command has only the loopback interface; without it the same
     command finds a network (so this test could tell the difference)."""
     marker = uuid.uuid4().hex
@@ -103,7 +104,7 @@ def test_no_network_means_no_network(rfs: Rfs, tmp_path: Path) -> None:
     assert offline.code == 0, offline.err
     assert "run[0] | lo" in offline.err
 
-    other = Rfs(tmp_path / "networked", rfs.api)  # its own cache: nothing to reuse
+    other = IsolatedRfs(tmp_path / "networked", rfs.api)  # its own cache: nothing to reuse
     online = other.run("build", pkg, "-o", tmp_path / "b.ext4")
     assert online.code == 1, online.err
     assert "run[0] | eth0" in online.err

@@ -15,12 +15,8 @@ import io
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,49 +26,16 @@ import docker
 import pytest
 
 from rfs.engine.base import PROBE_LABEL
+from tests.constants import BUSYBOX, BUSYBOX_IMAGE
 from tests.engineproxy import EngineProxy
 from tests.fsinspect import Entry, list_ext4, read_ext4_file
+from tests.packages import write_package
+from tests.rfsrun import Rfs, Run, containers_of
 
 pytestmark = pytest.mark.integration
 
-BASE_NAME, BASE_TAG = "rfs-test/busybox", "1"
-IMAGE = f'image = {{ name = "{BASE_NAME}", tag = "{BASE_TAG}" }}\n'
+IMAGE = f"{BUSYBOX_IMAGE}\n"
 CAP_CHOWN, CAP_NET_ADMIN, CAP_SYS_ADMIN = 0, 12, 21
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-    seconds: float
-
-
-class Rfs:
-    """Runs `python -m rfs` with its own cache and run id; remembers the ids it used."""
-
-    def __init__(self, cache: Path) -> None:
-        self.cache = cache
-        self.run_ids: list[str] = []
-
-    def __call__(self, *args: str | Path, env: dict[str, str] | None = None) -> Run:
-        run_id = uuid.uuid4().hex
-        self.run_ids.append(run_id)
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=300,
-            env={
-                **os.environ,
-                "RFS_CACHE_DIR": str(self.cache),
-                "RFS_RUN_ID": run_id,
-                **(env or {}),
-            },
-        )
-        return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
 
 
 @pytest.fixture
@@ -80,7 +43,7 @@ def rfs(tmp_path: Path, engine_client: Any) -> Iterator[Rfs]:
     runner = Rfs(tmp_path / "cache")
     yield runner
     for run_id in runner.run_ids:  # nothing left behind, whatever happened
-        left = engine_client.containers.list(all=True, filters={"label": f"org.rfs.run={run_id}"})
+        left = containers_of(engine_client, run_id)
         assert left == [], f"containers left behind: {[c.id[:12] for c in left]}"
 
 
@@ -108,19 +71,6 @@ def text(image: Path, tree: dict[str, Entry], path: str) -> str:
 def run_containers(proxy: EngineProxy) -> list[dict[str, Any]]:
     """The create requests of command containers (the export's is never started)."""
     return [c for c in proxy.created() if c.get("Cmd") != ["/.rfs-export-container-never-runs"]]
-
-
-def write_package(root: Path, build: str, files: dict[str, str | bytes] | None = None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "build.toml").write_text(build)
-    for name, data in (files or {}).items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            path.write_text(data)
-    return root
 
 
 # -- [[commands]] and [container] -----------------------------------------------------------
@@ -272,9 +222,7 @@ def test_connection_uri_over_tcp(
         )
         plan = rfs("plan", pkg, "-o", tmp_path / "x.ext4")
         assert plan.code == 0, plan.err
-        assert any(
-            path.endswith(f"/images/{BASE_NAME}:{BASE_TAG}/json") for _, path, _ in tcp.requests()
-        )
+        assert any(path.endswith(f"/images/{BUSYBOX}/json") for _, path, _ in tcp.requests())
     finally:
         tcp.close()
 
@@ -510,7 +458,7 @@ def test_overlays_and_export_selection(rfs: Rfs, tmp_path: Path, engine_toml: st
 def _rootfs_tar_gz(engine_client: Any, extra: bytes | None = None) -> bytes:
     """The busybox image's filesystem as a gzip-compressed tarball (optionally plus a file)."""
     container = engine_client.containers.create(
-        f"{BASE_NAME}:{BASE_TAG}", command=["true"], labels={"org.rfs.test": "1"}
+        BUSYBOX, command=["true"], labels={"org.rfs.test": "1"}
     )
     try:
         raw = b"".join(container.export())
@@ -551,7 +499,7 @@ def base_tags(engine_client: Any) -> Iterator[None]:
 def test_archive_base_image_forms(
     rfs: Rfs, engine_client: Any, tmp_path: Path, engine_toml: str, base_tags: None
 ) -> None:
-    saved = b"".join(engine_client.images.get(f"{BASE_NAME}:{BASE_TAG}").save())
+    saved = b"".join(engine_client.images.get(BUSYBOX).save())
     rootfs = _rootfs_tar_gz(engine_client)
     build = (
         "[filesystem]\nsize_mib = 16\n[container]\n"

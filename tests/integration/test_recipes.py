@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.constants import BUSYBOX_TABLE
 from tests.fsinspect import list_ext4, read_ext4_file
 from tests.fslisting import list_image
+from tests.packages import write_package
 from tests.rfsrun import rfs, steps_run
 
 DEBIAN = '{ name = "docker.io/library/debian", tag = "bookworm-slim" }'
-BUSYBOX = '{ name = "rfs-test/busybox", tag = "1" }'
 
 
 def write(root: Path, files: dict[str, str], executable: tuple[str, ...] = ()) -> Path:
     """A package of `files` (relative path -> text) under `root`."""
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+    write_package(root, None, dict(files))
     for name in executable:
         (root / name).chmod(0o755)
     return root
@@ -124,7 +123,7 @@ def test_copies_land_before_the_first_command_with_their_owners(
 
 
 def test_a_copy_of_a_missing_file_names_the_field(tmp_path: Path) -> None:
-    pkg = write(tmp_path / "pkg", {"build.toml": COPY_BUILD.format(engine="", image=BUSYBOX)})
+    pkg = write(tmp_path / "pkg", {"build.toml": COPY_BUILD.format(engine="", image=BUSYBOX_TABLE)})
     checked = rfs("check", "--script-only", pkg, cache=tmp_path / "cache")
     assert checked.code == 2
     assert "copy[0].source" in checked.err and "/root-tree not found" in checked.err
@@ -168,7 +167,7 @@ def test_overlays_on_one_destination_merge_in_order_through_symlinks(
     pkg = write(
         tmp_path / "pkg",
         {
-            "build.toml": OVERLAY_BUILD.format(fs=fs, image=BUSYBOX),
+            "build.toml": OVERLAY_BUILD.format(fs=fs, image=BUSYBOX_TABLE),
             "common/etc/rfs/which": "common\n",
             "common/etc/rfs/common-only": "common\n",
             "common/sbin/rfs-init-helper": "#!/bin/sh\n",
@@ -226,7 +225,7 @@ to = "keys/host"
 
 
 def test_side_outputs_next_to_the_image_warm_or_clean(tmp_path: Path) -> None:
-    pkg = write(tmp_path / "pkg", {"build.toml": OUTPUTS_BUILD.format(image=BUSYBOX)})
+    pkg = write(tmp_path / "pkg", {"build.toml": OUTPUTS_BUILD.format(image=BUSYBOX_TABLE)})
     out, cache = tmp_path / "out", tmp_path / "cache"
     out.mkdir()
     built = rfs("build", pkg, "-o", out / "img.ext4", cache=cache)
@@ -260,7 +259,7 @@ def test_side_outputs_next_to_the_image_warm_or_clean(tmp_path: Path) -> None:
 
 
 def test_a_missing_side_output_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
-    text = OUTPUTS_BUILD.format(image=BUSYBOX).replace(
+    text = OUTPUTS_BUILD.format(image=BUSYBOX_TABLE).replace(
         '"/etc/keys/host.pub"', '"/etc/keys/nothing.pub"'
     )
     pkg = write(tmp_path / "pkg", {"build.toml": text})
@@ -302,7 +301,7 @@ mode = 0o600
 
 @pytest.mark.parametrize("fs", ["Squashfs", "Erofs"])
 def test_all_root_makes_every_owner_root(tmp_path: Path, fs: str) -> None:
-    pkg = write(tmp_path / "pkg", {"build.toml": ALL_ROOT_BUILD.format(fs=fs, image=BUSYBOX)})
+    pkg = write(tmp_path / "pkg", {"build.toml": ALL_ROOT_BUILD.format(fs=fs, image=BUSYBOX_TABLE)})
     image = tmp_path / "img"
     built = rfs("build", pkg, "-o", image, cache=tmp_path / "cache")
     assert built.code == 0, built.err
@@ -311,7 +310,7 @@ def test_all_root_makes_every_owner_root(tmp_path: Path, fs: str) -> None:
     assert tree["/home/user/overlaid"].mode == 0o600  # modes stay
     # Without it, the owners are the commands' and overlays'.
     (pkg / "build.toml").write_text(
-        ALL_ROOT_BUILD.format(fs=fs, image=BUSYBOX).replace("all_root = true\n", "")
+        ALL_ROOT_BUILD.format(fs=fs, image=BUSYBOX_TABLE).replace("all_root = true\n", "")
     )
     plan = rfs("plan", pkg, "-o", image, cache=tmp_path / "cache")
     assert steps_run(plan.out) == {"assemble"}, plan.out
@@ -350,7 +349,8 @@ def test_container_defaults_apply_unless_a_command_overrides(
     tmp_path: Path, engine_toml: str
 ) -> None:
     pkg = write(
-        tmp_path / "pkg", {"build.toml": DEFAULTS_BUILD.format(engine=engine_toml, image=BUSYBOX)}
+        tmp_path / "pkg",
+        {"build.toml": DEFAULTS_BUILD.format(engine=engine_toml, image=BUSYBOX_TABLE)},
     )
     image = tmp_path / "img.ext4"
     built = rfs("build", pkg, "-o", image, cache=tmp_path / "cache")

@@ -9,12 +9,8 @@ this test's alone and removing them cannot disturb anyone else's build.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,37 +20,16 @@ from typing import Any
 
 import pytest
 
-from tests.cachefiles import layer_tags
+from tests.cachefiles import remove_layers
 from tests.cacheservers import Server, ServerMissing, start_nginx, start_registry
 from tests.conftest import require_or_skip
 from tests.fsinspect import list_ext4, read_ext4_file
+from tests.packages import CACHE_BUILD_TOML, write_package
+from tests.rfsrun import Rfs as Runner
+from tests.rfsrun import count_created
+from tests.rfsrun import rfs as rfs_once
 
 pytestmark = pytest.mark.integration
-
-BUILD_TOML = """
-[filesystem]
-size_mib = 32
-
-[container]
-image = { name = "rfs-test/busybox", tag = "1" }
-
-[[commands]]
-script_inline = '''
-#!/bin/sh
-mkdir -p /srv/data
-echo MARKER > /srv/data/marker
-'''
-
-[[commands]]
-command = "touch /srv/data/two"
-
-[[commands]]
-command = "touch /srv/data/three"
-
-[[overlays]]
-source = "/files/motd"
-destination = "/etc/motd"
-"""
 
 
 @dataclass
@@ -83,61 +58,31 @@ Rfs = Callable[..., Result]
 @pytest.fixture
 def rfs(docker_client: Any, tmp_path: Path) -> Iterator[Rfs]:
     """Run `rfs` with a cache directory of its own per runner name; remove layer tags after."""
-    dirs: list[Path] = []
+    runners: dict[str, Runner] = {}
+    no_config = {"RFS_CONFIG": str(tmp_path / "no-config.toml")}
 
     def run(*args: str | Path, runner: str = "a", env: dict[str, str] | None = None) -> Result:
-        cache = tmp_path / f"cache-{runner}"
-        if cache not in dirs:
-            dirs.append(cache)
-        run_id = uuid.uuid4().hex
-        start_ns, t0 = time.time_ns(), time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True,
-            text=True,
-            env={
-                **os.environ,
-                "RFS_CACHE_DIR": str(cache),
-                "RFS_RUN_ID": run_id,
-                "RFS_CONFIG": str(tmp_path / "no-config.toml"),
-                **(env or {}),
-            },
-            check=False,
-            timeout=300,
-        )
-        seconds = time.monotonic() - t0
+        if runner not in runners:
+            runners[runner] = Runner(tmp_path / f"cache-{runner}", env=no_config)
+        start_ns = time.time_ns()
+        done = runners[runner](*args, env=env)
         (tmp_path / "no-config.toml").touch()
-        events = docker_client.events(
-            since=start_ns // 10**9 - 1,
-            until=int(time.time()) + 1,
-            decode=True,
-            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
-        )
-        created = sum(1 for e in events if int(e["timeNano"]) >= start_ns)
-        return Result(proc.returncode, proc.stderr, created, seconds, proc.stdout)
+        created = count_created(docker_client, done.run_id, start_ns)
+        return Result(done.code, done.err, created, done.seconds, done.out)
 
     (tmp_path / "no-config.toml").touch()
     yield run
-    for cache in dirs:
-        remove_layers(docker_client, cache)
-
-
-def remove_layers(docker_client: Any, cache: Path) -> None:
-    """Remove a runner's layer images from the engine (a runner with an empty engine)."""
-    import docker
-
-    for tag in layer_tags(cache):
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            docker_client.images.remove(tag, force=True)
+    for runner in runners.values():
+        remove_layers(docker_client, runner.cache)
 
 
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
-    pkg = tmp_path / "pkg"
-    (pkg / "files").mkdir(parents=True)
-    (pkg / "build.toml").write_text(BUILD_TOML.replace("MARKER", uuid.uuid4().hex))
-    (pkg / "files" / "motd").write_text("hello from the cache\n")
-    return pkg
+    return write_package(
+        tmp_path / "pkg",
+        CACHE_BUILD_TOML.replace("MARKER", uuid.uuid4().hex),
+        {"files/motd": "hello from the cache\n"},
+    )
 
 
 def _server(start: Callable[[], Server]) -> Iterator[Server]:
@@ -181,12 +126,9 @@ def signing(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], 
     if request.param == "unsigned":
         return [], {}
     key = tmp_path / "ci.key"
-    public = subprocess.run(
-        [sys.executable, "-m", "rfs", "cache", "keygen", str(key)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    keygen = rfs_once("cache", "keygen", key, cache=tmp_path / "keygen-cache")
+    assert keygen.code == 0, keygen.err
+    public = keygen.out.strip()
     return ["--cache-sign-key", str(key)], {"RFS_CACHE_TRUST": public}
 
 

@@ -19,14 +19,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RUN_ID, TMP_REPO_PREFIX, require_or_skip
-from tests.fslisting import list_image
+from tests.conftest import require_or_skip
+from tests.constants import RUN_ID, TMP_REPO_PREFIX
+from tests.fslisting import comparable, container_listing, list_image
 from tests.integration.conftest import CAP_NET_RAW, capped_base
-from tests.integration.test_fs_types import (
-    comparable,
-    container_listing,
-    write_package,
-)
+from tests.packages import fidelity_package
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +120,7 @@ def built(user: tuple[str, Path], caps_base: str) -> dict[str, tuple[Path, str]]
     }
     results: dict[str, tuple[Path, str]] = {}
     for fs_type in [*ROOTLESS_TYPES, "xfs"]:
-        pkg = write_package(work, caps_base, fs_type)
+        pkg = fidelity_package(work, caps_base, fs_type)
         uid = pwd.getpwnam(name).pw_uid
         for path in [pkg, *pkg.iterdir()]:
             os.chown(path, uid, -1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -16,24 +15,24 @@ import struct
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import require_or_skip
+from tests.constants import BUSYBOX
+from tests.events import validate_events
 from tests.fsinspect import list_ext4, read_ext4_file
-from tests.unit.test_reporter import validate_events
+from tests.packages import write_package
+from tests.rfsrun import Rfs, Run
 
 pytestmark = pytest.mark.integration
 
-BASE = "rfs-test/busybox:1"
 
 BUILD_TOML = """
 [filesystem]
@@ -67,38 +66,21 @@ destination = "/etc/resolv.conf"
 TWO_SH = "#!/bin/sh\necho two\necho two > /srv/two\nexit 0\n"
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 def rfs(*args: str | Path, cache: Path, check: bool = True) -> Run:
     """Run the rfs command with its output piped (not a terminal: CI mode)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "rfs", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "RFS_CACHE_DIR": str(cache)},
-        check=False,
-        timeout=300,
-    )
+    done = Rfs(cache)(*args)
     if check:
-        assert proc.returncode == 0, proc.stderr
-    return Run(proc.returncode, proc.stdout, proc.stderr)
+        assert done.code == 0, done.err
+    return done
 
 
-def make_package(root: Path, image: str = BASE, token: str = "t") -> Path:
+def make_package(root: Path, image: str = BUSYBOX, token: str = "t") -> Path:
     name, tag = image.rsplit(":", 1)
-    (root / "scripts").mkdir(parents=True)
-    (root / "files").mkdir()
-    (root / "build.toml").write_text(
-        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag).replace("TOKEN", token)
+    return write_package(
+        root,
+        BUILD_TOML.replace("IMAGE_NAME", name).replace("IMAGE_TAG", tag).replace("TOKEN", token),
+        {"scripts/two.sh": TWO_SH, "files/motd": "welcome\n"},
     )
-    (root / "scripts" / "two.sh").write_text(TWO_SH)
-    (root / "files" / "motd").write_text("welcome\n")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +182,15 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
 
 
 def _derived_image(client: Any, tag: str) -> str:
-    """A copy of BASE with one more file, committed as `tag`."""
+    """A copy of BUSYBOX with one more file, committed as `tag`."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("etc/derived")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"v2"))
-    container = client.containers.create(BASE, command=["/bin/true"], labels={"org.rfs.test": "1"})
+    container = client.containers.create(
+        BUSYBOX, command=["/bin/true"], labels={"org.rfs.test": "1"}
+    )
     try:
         container.put_archive("/", buf.getvalue())
         container.commit(*tag.rsplit(":", 1))
@@ -220,7 +204,7 @@ def test_plan_explain_names_lines_destinations_and_moved_tags(
 ) -> None:
     moving = f"rfs-test-tmp/ux-{uuid.uuid4().hex[:8]}:moving"
     other = f"rfs-test-tmp/ux-{uuid.uuid4().hex[:8]}:other"
-    docker_client.images.get(BASE).tag(*moving.rsplit(":", 1))
+    docker_client.images.get(BUSYBOX).tag(*moving.rsplit(":", 1))
     try:
         pkg = make_package(tmp_path / "pkg", image=moving)
         out = tmp_path / "out.ext4"
@@ -312,27 +296,15 @@ def test_graph_png_and_dot(tmp_path: Path, cache: Path) -> None:
 def test_watch_rebuilds_on_change_and_ends_on_ctrl_c(tmp_path: Path, cache: Path) -> None:
     pkg = make_package(tmp_path / "pkg")
     out = tmp_path / "out.ext4"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rfs", "build", str(pkg), "-o", str(out), "--no-network", "--watch"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RFS_CACHE_DIR": str(cache)},
+    running = Rfs(cache).start(
+        "build", pkg, "-o", out, "--no-network", "--watch", new_session=False
     )
-    lines: list[str] = []
-    assert proc.stderr is not None
-
-    def read() -> None:
-        assert proc.stderr is not None
-        lines.extend(iter(proc.stderr.readline, ""))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    lines = running.err  # stderr, line by line, as rfs writes it
 
     def wait_for(text: str, count: int = 1) -> None:
         deadline = time.monotonic() + 60
-        while sum(text in line for line in lines) < count:
-            assert proc.poll() is None, "".join(lines)
+        while running.lines(text) < count:
+            assert running.proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
 
@@ -343,15 +315,12 @@ def test_watch_rebuilds_on_change_and_ends_on_ctrl_c(tmp_path: Path, cache: Path
         wait_for("rfs: watching", 2)
         assert sum(line.startswith("  done     assemble") for line in lines) == 2
         assert content(out, "/etc/motd") == b"changed while watching\n"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-        reader.join(timeout=5)
+        running.proc.send_signal(signal.SIGINT)
+        assert running.finish(timeout=20).code == 0
         assert lines[-1] == "rfs: stopped watching\n"
         assert not any("Traceback" in line for line in lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        running.kill()
 
 
 # --- a real terminal: the live display and --keep-failed -----------------------------------

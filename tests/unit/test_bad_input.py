@@ -20,6 +20,7 @@ import pytest
 from rfs.cli import main
 from rfs.errors import EXIT_BAD_INPUT, EXIT_OK, ScriptError
 from rfs.package import load
+from tests.packages import write_package
 
 HEAD = '[container]\nimage = { name = "rfs-test/busybox", tag = "1" }\n'
 YHEAD = "container:\n  image: {name: rfs-test/busybox, tag: '1'}\n"
@@ -409,16 +410,9 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def write_package(root: Path, case: Case) -> Path:
+def write_case(root: Path, case: Case) -> Path:
     """Write `case`'s files under `root`; return what to pass to rfs (directory or file)."""
-    root.mkdir()
-    for name, content in case.files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+    write_package(root, None, case.files)
     if case.setup is not None:
         case.setup(root)
     if case.script not in SCRIPT_NAMES:
@@ -441,7 +435,7 @@ def test_bad_input_names_file_and_field(
     name: str, short_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     case = CASES[name]
-    package = write_package(short_tmp / "pkg", case)
+    package = write_case(short_tmp / "pkg", case)
     code = main(["check", "--script-only", str(package)])
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -467,7 +461,7 @@ def test_the_build_refuses_bad_input_before_touching_anything(
     short_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`rfs build` stops at the script: exit 2, no image, no cache written."""
-    package = write_package(short_tmp / "pkg", CASES["destination with .."])
+    package = write_case(short_tmp / "pkg", CASES["destination with .."])
     out, cache = short_tmp / "out.ext4", short_tmp / "cache"
     code = main(["build", str(package), "-o", str(out), "--cache-dir", str(cache)])
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ from rfs.archive import PackageType, detect
 from rfs.errors import ScriptError, UsageError
 from rfs.hashing import digest_tree
 from rfs.packing import pack, unpack
+from tests.rfsrun import Rfs
 
 BUILD = """
 [filesystem]
@@ -255,26 +256,19 @@ def test_leftovers_of_killed_processes_are_removed(
 
 
 def test_cli_pack_unpack_and_refusal(pkg: Path, tmp_path: Path) -> None:
-    def rfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "rfs", *map(str, args)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-
+    rfs = Rfs(tmp_path / "cache")
     done = rfs("pack", pkg, tmp_path / "p.tar.gz", "--type", "tar-gz")
-    assert done.returncode == 0, done.stderr
-    assert rfs("unpack", tmp_path / "p.tar.gz", tmp_path / "u").returncode == 0
+    assert done.code == 0, done.err
+    assert rfs("unpack", tmp_path / "p.tar.gz", tmp_path / "u").code == 0
     same_package(pkg, tmp_path / "u")
     evil = make_tar(tmp_path / "evil.tar", [SCRIPT, (member("../x"), b"x")])
     refused = rfs("unpack", evil, tmp_path / "e")
-    assert refused.returncode == 2 and "../x: leads outside the package" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert refused.code == 2 and "../x: leads outside the package" in refused.err
+    assert "Traceback" not in refused.err
     checked = rfs("check", "--script-only", evil)
-    assert checked.returncode == 2 and "../x: leads outside the package" in checked.stderr
+    assert checked.code == 2 and "../x: leads outside the package" in checked.err
     busy = rfs("unpack", tmp_path / "p.tar.gz", tmp_path / "u")
-    assert busy.returncode == 2 and "exists and is not empty" in busy.stderr
+    assert busy.code == 2 and "exists and is not empty" in busy.err
 
 
 # -- the two extraction routes: Python's `data` filter (>= 3.11.4) and rfs's own writer ------
