@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rfs.model import BuildScript
-from rfs.package import load, resolve_reference
+from rfs.script.model import BuildScript
+from rfs.script.package import load, resolve_reference
 
 DOCKER = shutil.which("docker", path="/usr/bin:/bin") or "docker"
 

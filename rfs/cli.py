@@ -8,9 +8,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rfs import signals
 from rfs.commands import make_parser
 from rfs.errors import EXIT_INTERRUPTED, Interrupted, RfsError, UsageError, report
+from rfs.host import signals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return UsageError.exit_code
     try:
-        # SIGTERM takes the same way out as Ctrl-C: through every clean-up (rfs.signals).
+        # SIGTERM takes the same way out as Ctrl-C: through every clean-up (rfs.host.signals).
         with signals.handled():
             code: int = args.func(args)
         return code

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from rfs.store import Store
+from rfs.run.store import Store
 
 
 def blobs(cache: Path, kind: str | None = None) -> list[Path]:

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rfs import proc
+from rfs.host import proc
 
 _TYPES = {
     0o040000: "dir",

@@ -1,7 +1,10 @@
 """One module per `rfs` verb. Each has `register(subparsers)`, which adds its parser(s) and sets
 `func` (taking the parsed arguments, returning an exit code). `make_parser` builds the command
 line's parser from them; `cli.py` runs the verb and is the only place that turns errors into
-exit codes. Nothing here imports `rfs.cli`."""
+exit codes. Nothing here imports `rfs.cli`.
+
+May import every package below it; never `rfs.cli`.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs import __version__
-from rfs.store import DEFAULT_SIZE_LIMIT, default_cache_dir
+from rfs.run.store import DEFAULT_SIZE_LIMIT, default_cache_dir
 
 if TYPE_CHECKING:
-    from rfs.build import Options
+    from rfs.pipeline.build import Options
 
 MODULES = ("build", "plan", "check", "cache", "pack", "graph", "completion", "boot")
 
@@ -141,7 +144,7 @@ def add_force_options(p: argparse.ArgumentParser) -> None:
 def build_options(args: argparse.Namespace, output: Path | None, **more: Any) -> Options:
     """The build `Options` the arguments ask for: package, output, cache and the options of
     `add_force_options`; `more` sets the rest (`keep_failed`)."""
-    from rfs.build import Options
+    from rfs.pipeline.build import Options
 
     return Options(
         package=args.package,

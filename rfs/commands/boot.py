@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Boot the image; with --expect, wait for the text and stop the VM."""
-    from rfs.boot import BootSpec, boot
+    from rfs.vm.qemu import BootSpec, boot
 
     spec = BootSpec(
         image=args.image,

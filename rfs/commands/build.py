@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the image (again on every change of the package, with --watch)."""
     if args.watch:
-        from rfs.watch import watch
+        from rfs.commands.watch import watch
 
         return watch(args.package, lambda: build_once(args), ignore=[args.output], out=sys.stderr)
     return build_once(args)
@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
 def build_once(args: argparse.Namespace) -> int:
     """Build the image once, reporting to the terminal, the log or JSON as asked."""
-    from rfs.build import execute, prepare
-    from rfs.display import make_reporter
     from rfs.errors import StepFailed
-    from rfs.reporter import Reporter, Tee
+    from rfs.pipeline.build import execute, prepare
+    from rfs.report.display import make_reporter
+    from rfs.report.reporter import Reporter, Tee
 
     opts = build_options(args, args.output, keep_failed=args.keep_failed)
     from rfs.remote.config import remote_settings
@@ -67,7 +67,7 @@ def build_once(args: argparse.Namespace) -> int:
     opts.remote = remote_settings(args)
     reporter: Reporter = make_reporter(sys.stderr, quiet=args.quiet)
     if args.json:
-        from rfs.events import JsonReporter
+        from rfs.report.events import JsonReporter
 
         # Machines get every event on stdout; the person watching keeps the display on stderr.
         reporter = Tee(

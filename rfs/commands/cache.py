@@ -1,7 +1,7 @@
 """`rfs cache info|prune|clear|keygen`: inspect the local cache and keep it within bounds;
 make a key to sign remote cache records with.
 
-Entries a running build uses are never dropped (see rfs.locks); dropping a layer entry also
+Entries a running build uses are never dropped (see rfs.host.locks); dropping a layer entry also
 removes its `rfs/layer/<cache name>:<key>` tag from the engine that made it (the default socket
 of Docker or Podman), and an entry whose engine cannot be reached is kept rather than orphaned.
 Each cache directory tags only its own layers, so clearing one leaves the others' alone.
@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from rfs.store import Store
+    from rfs.run.store import Store
 
     return Store(cache_dir(args), cache_size(args))
 

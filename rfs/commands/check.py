@@ -33,8 +33,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print every finding; return the exit code they call for."""
-    from rfs.checks import environment_problems
-    from rfs.package import collect
+    from rfs.run.checks import environment_problems
+    from rfs.script.package import collect
 
     script, problems = collect(args.package)
     script_errors = any(p.severity == "error" for p in problems)

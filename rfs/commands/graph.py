@@ -22,8 +22,8 @@ from rfs.commands import add_cache_options, add_force_options, add_package, buil
 from rfs.errors import EXIT_OK, EnvironmentProblem, UsageError
 
 if TYPE_CHECKING:
-    from rfs.planner import Decision
-    from rfs.store import Store
+    from rfs.graph.planner import Decision
+    from rfs.run.store import Store
 
 FORMATS = ("dot", "svg", "png")
 _FILL = {"cached": "#c8e6c9", "run": "#ffe0b2", "skip": "#eeeeee"}
@@ -90,7 +90,7 @@ def to_dot(
 ) -> str:
     """The Graphviz source of the plan: one node per step, one edge per dependency (`edges`,
     from the step graph: dependency first)."""
-    from rfs.reporter import format_seconds
+    from rfs.report.reporter import format_seconds
 
     lines = [
         "digraph rfs {",
@@ -120,7 +120,7 @@ def to_dot(
 
 def render(dot: str, fmt: str) -> bytes:
     """`dot` source rendered by Graphviz as `fmt` (svg or png)."""
-    from rfs import proc
+    from rfs.host import proc
 
     try:
         tool = proc.tool_path("dot")
@@ -134,9 +134,9 @@ def render(dot: str, fmt: str) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     """Print or write the graph."""
-    from rfs.build import prepare
-    from rfs.explain import explain_plan
-    from rfs.reporter import Reporter
+    from rfs.graph.explain import explain_plan
+    from rfs.pipeline.build import prepare
+    from rfs.report.reporter import Reporter
 
     if args.format == "png" and args.output is None and sys.stdout.isatty():
         raise UsageError("a PNG would garble the terminal: pass -o FILE or pipe it")

@@ -44,8 +44,8 @@ def register(sub: Any) -> None:
 
 def run_pack(args: argparse.Namespace) -> int:
     """Pack SRC into DST."""
-    from rfs.archive import PackageType
-    from rfs.packing import pack
+    from rfs.script.archive import PackageType
+    from rfs.script.packing import pack
 
     count = pack(args.source, args.destination, PackageType(args.package_type))
     print(f"{args.destination}: {args.package_type} package with {count} file(s)")
@@ -54,7 +54,7 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_unpack(args: argparse.Namespace) -> int:
     """Unpack SRC into DST."""
-    from rfs.packing import unpack
+    from rfs.script.packing import unpack
 
     print(unpack(args.source, args.destination))
     return EXIT_OK

@@ -43,11 +43,11 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan."""
-    from rfs.build import prepare
-    from rfs.explain import explain_plan
-    from rfs.planner import Action
+    from rfs.graph.explain import explain_plan
+    from rfs.graph.planner import Action
+    from rfs.pipeline.build import prepare
     from rfs.remote.config import remote_settings
-    from rfs.reporter import Reporter
+    from rfs.report.reporter import Reporter
 
     opts = build_options(args, args.output)
     opts.remote = remote_settings(args)  # a build would look there too: so does its plan
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             previous = planned.store.last_manifests(planned.script_id)
             changes = explain_plan(planned.decisions, previous, planned.script)
         if args.json:
-            from rfs.events import JsonReporter, plan_steps
+            from rfs.report.events import JsonReporter, plan_steps
 
             JsonReporter(sys.stdout).emit("plan", steps=plan_steps(planned.decisions, changes))
             return EXIT_OK

@@ -4,6 +4,8 @@
 this package (for the types) stays cheap and works without the docker SDK installed. The
 types come from `rfs.engine.base` on first use: an up-to-date build imports this package for
 `default_uri` and `lite` only.
+
+May import `rfs.host` and `rfs.errors`.
 """
 
 from __future__ import annotations

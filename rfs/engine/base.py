@@ -36,7 +36,7 @@ class BinarySink(Protocol):
 
 
 class CopySource(Protocol):
-    """Files to place into a container before it starts (rfs.copyin.CopyIn)."""
+    """Files to place into a container before it starts (rfs.run.copyin.CopyIn)."""
 
     def write(self, out: BinaryIO, resolve: Callable[[str], str | None]) -> int:
         """Write them as a tar archive to extract at `/`; `resolve(path)` gives the directory

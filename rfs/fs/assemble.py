@@ -32,7 +32,7 @@ from rfs.fs.image import (
     with_headroom,
 )
 from rfs.fs.tarstream import OverlayEntry, Selection
-from rfs.model import FsType
+from rfs.script.model import FsType
 
 _MODULES = {
     FsType.EXT4: "ext4",
@@ -141,7 +141,7 @@ def _ext4(source: Source, output: Path, options: Options) -> Result:
 def verify(fs_type: FsType, image: Path) -> None:
     """Run the type's checker on `image` (read-only); raise RfsError if it finds a problem."""
     if fs_type is FsType.EXT4:
-        from rfs import proc
+        from rfs.host import proc
 
         proc.run([proc.tool_path("e2fsck"), "-fn", str(image)], what="e2fsck -fn (verify)")
         return

@@ -20,7 +20,6 @@ import re
 import uuid
 from pathlib import Path
 
-from rfs import proc
 from rfs.errors import Problem, RfsError, ScriptError
 from rfs.fs import staging
 from rfs.fs.image import (
@@ -34,6 +33,7 @@ from rfs.fs.image import (
     temp_image,
 )
 from rfs.fs.tarstream import StreamStats
+from rfs.host import proc
 
 MIN_MIB = 109  # mkfs.btrfs refuses devices under 114294784 bytes
 _OVERHEAD_MIB = 80  # mkfs.btrfs's own chunks (measured)

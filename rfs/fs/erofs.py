@@ -16,9 +16,9 @@ import functools
 import uuid
 from pathlib import Path
 
-from rfs import proc
 from rfs.fs import staging
 from rfs.fs.image import Options, Result, Source, pad_to, stream_pipe, temp_image
+from rfs.host import proc
 
 
 @functools.cache

@@ -20,12 +20,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from rfs import proc
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
 from rfs.fs import tarformat as tf
 from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
-from rfs.hashing import digest_bytes
+from rfs.host import proc
+from rfs.host.hashing import digest_bytes
 
 log = logging.getLogger("rfs.fs")
 

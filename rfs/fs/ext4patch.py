@@ -25,12 +25,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rfs import proc
 from rfs.errors import RfsError
 from rfs.fs import tarformat as tf
 from rfs.fs.overlay import OverlayEntry
 from rfs.fs.plan import Generated, make_plan
 from rfs.fs.selection import Selection, ancestors
+from rfs.host import proc
 
 # debugfs reads its commands through libss, which splits on blanks and honours double quotes
 # but has no escapes: names with a quote, a backslash, a control character or bytes that are

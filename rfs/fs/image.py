@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from rfs import proc, signals
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
+from rfs.host import proc, signals
 
 MIB = 1 << 20
 # The free space rfs leaves in a writable image whose size the build script does not give:

@@ -14,8 +14,8 @@ import functools
 import os
 from pathlib import Path
 
-from rfs import proc
 from rfs.fs.image import Options, Result, Source, feed, pad_to, temp_image
+from rfs.host import proc
 
 # zstd at level 3. The Debian example's 172 MiB export, 2 vCPUs (tar2sqfs -j 2): zstd-3 1.1 s /
 # 54 MiB, zstd-6 3.5 s / 51 MiB, zstd's default 15 42 s / 47 MiB, xz (tar2sqfs's default) 53 s /

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from rfs import proc
 from rfs.errors import EnvironmentProblem
 from rfs.fs import tarformat as tf
+from rfs.host import proc
 
 _CHUNK = 1 << 20
 _XATTR_PREFIX = "SCHILY.xattr."

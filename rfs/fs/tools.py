@@ -12,8 +12,8 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-from rfs import proc
-from rfs.model import FsType
+from rfs.host import proc
+from rfs.script.model import FsType
 
 # Every program whose version the driver's `mkfs_version` reads or whose presence it needs.
 TOOLS: dict[FsType, tuple[str, ...]] = {

@@ -15,7 +15,6 @@ import functools
 import os
 from pathlib import Path
 
-from rfs import proc
 from rfs.fs import staging
 from rfs.fs.image import (
     MIB,
@@ -27,6 +26,7 @@ from rfs.fs.image import (
     temp_image,
 )
 from rfs.fs.tarstream import StreamStats
+from rfs.host import proc
 
 FAT_EPOCH = 315532800  # 1980-01-01T00:00:00Z: FAT cannot store an earlier time
 _BAD_CHARS = set('"*:<>?\\|')

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from rfs import proc
 from rfs.errors import EnvironmentProblem
 from rfs.fs.image import (
     MIB,
@@ -35,6 +34,7 @@ from rfs.fs.image import (
     temp_image,
 )
 from rfs.fs.tarstream import StreamStats
+from rfs.host import proc
 
 MIN_MIB = 300  # mkfs.xfs (xfsprogs >= 5.19) refuses filesystems under 300 MB
 _OVERHEAD_MIB = 80  # log and allocation group headers at small sizes (measured)

@@ -6,6 +6,9 @@
 
 `rfs.remote.sync.RemoteCache` is what a build uses: lazy lookups while planning, verified
 downloads of only what the plan needs, uploads of what the build made.
+
+May import `rfs.run` (the executor and store it fetches into and pushes from), `rfs.report`,
+`rfs.graph`, `rfs.script`, `rfs.host` and `rfs.errors`; the pipeline drives it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from rfs.hashing import digest_bytes
+from rfs.host.hashing import digest_bytes
 
 if TYPE_CHECKING:  # the codec (tarfile, zstandard) is not needed to read settings
     from rfs.remote.codec import ObjectRef

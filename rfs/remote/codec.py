@@ -24,7 +24,7 @@ from typing import IO, Any, BinaryIO, cast
 import blake3
 
 from rfs.errors import RemoteCacheError
-from rfs.sparse import data_extents
+from rfs.host.sparse import data_extents
 
 CHUNK = 1 << 20
 ZSTD_LEVEL = 3  # fast to compress, and tarballs still shrink 2-4x

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs.errors import EngineError, EnvironmentProblem
-from rfs.executors import output_identity
-from rfs.hashing import digest_file
+from rfs.graph.steps import Step, StepKind
+from rfs.host.hashing import digest_file
 from rfs.remote.codec import (
     BadObject,
     ObjectRef,
@@ -28,12 +28,12 @@ from rfs.remote.codec import (
 )
 from rfs.remote.layers import write_load_tarball
 from rfs.remote.record import Record
-from rfs.steps import Step, StepKind
+from rfs.run.executors import output_identity
 
 if TYPE_CHECKING:
-    from rfs.executors import Executor
     from rfs.remote.base import Backend
-    from rfs.store import Store
+    from rfs.run.executors import Executor
+    from rfs.run.store import Store
 
 
 def download(backend: Backend, ref: ObjectRef, tmp: Path) -> Path:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from rfs.executors import output_identity
-from rfs.hashing import digest_file
+from rfs.graph.steps import Step, StepKind
+from rfs.host.hashing import digest_file
 from rfs.remote.base import Backend
 from rfs.remote.codec import (
     CHUNK,
@@ -21,11 +21,11 @@ from rfs.remote.codec import (
 from rfs.remote.layers import describe_layer
 from rfs.remote.record import Wanted, b64, encode_record
 from rfs.remote.signing import SecretKey
-from rfs.steps import Step, StepKind
+from rfs.run.executors import output_identity
 
 if TYPE_CHECKING:
-    from rfs.executors import Executor
-    from rfs.store import Store
+    from rfs.run.executors import Executor
+    from rfs.run.store import Store
 
 _MEMO = "remote-objects"  # raw blake3 of a layer tarball -> its object, to skip recompressing
 

@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rfs.etcfiles import MANAGED
 from rfs.remote.base import MAX_RECORD_BYTES
 from rfs.remote.codec import HEX64, MAX_OBJECT_BYTES, BadObject, ObjectRef
 from rfs.remote.signing import SIG_LINE, PublicKey, SecretKey, check_signatures, signed_message
+from rfs.run.etcfiles import MANAGED
 
 FORMAT = b"rfs-remote-2"
 MAX_SIGNATURES = 8
@@ -252,7 +252,7 @@ def _ref(value: Any, where: str) -> ObjectRef:
         raise BadRecord(f"{where}: {exc.message}") from exc
 
 
-# When a record's result, and each command result it was made from, were made (rfs.planner
+# When a record's result, and each command result it was made from, were made (rfs.graph.planner
 # `staleness`): optional, so records of writers that do not send them still decode.
 _TIMES = {"created", "made_at"}
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfs.errors import RemoteCacheError
-from rfs.planner import Availability
+from rfs.graph.planner import Availability
+from rfs.graph.steps import Step, StepKind
 from rfs.remote import open_backend
 from rfs.remote.base import Backend, record_names, scoped_name
 from rfs.remote.codec import BadObject
@@ -35,12 +36,11 @@ from rfs.remote.config import RemoteSettings
 from rfs.remote.fetch import install
 from rfs.remote.push import Pusher
 from rfs.remote.record import Record, Untrusted, Wanted, decode_record
-from rfs.steps import Step, StepKind
 
 if TYPE_CHECKING:
-    from rfs.executors import Executor
-    from rfs.reporter import Reporter
-    from rfs.store import Store
+    from rfs.report.reporter import Reporter
+    from rfs.run.executors import Executor
+    from rfs.run.store import Store
 
 _SHOWN = 3  # reasons named in a server's warning; the rest are counted
 

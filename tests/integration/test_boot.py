@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rfs.boot import find_kernel
 from rfs.errors import EnvironmentProblem
+from rfs.vm.qemu import find_kernel
 from tests.conftest import require_or_skip
 
 pytestmark = pytest.mark.integration

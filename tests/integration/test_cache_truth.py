@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from rfs.schema import _KEYS
+from rfs.script.schema import _KEYS
 from tests.conftest import require_or_skip
 from tests.constants import BUSYBOX
 from tests.fsinspect import list_ext4

@@ -23,8 +23,8 @@ from rfs.fs.ext4 import assemble_ext4, mkfs_version
 from rfs.fs.image import Options
 from rfs.fs.overlay import OverlayEntry
 from rfs.fs.selection import Selection
-from rfs.hashing import digest_json
-from rfs.model import FsType
+from rfs.host.hashing import digest_json
+from rfs.script.model import FsType
 from tests.conftest import require_or_skip
 from tests.fsinspect import inode_details, link_groups, list_ext4, read_ext4_file
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rfs.store import Store
+from rfs.run.store import Store
 from tests.constants import BUSYBOX
 from tests.fsinspect import list_ext4
 from tests.packages import write_package

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from rfs.fs.assemble import BIT_IDENTICAL
-from rfs.model import FsType
+from rfs.script.model import FsType
 from tests.cachefiles import export_blob
 from tests.conftest import require_or_skip
 from tests.constants import TMP_REPO_PREFIX

@@ -2,7 +2,7 @@
 the field (or the archive member), exit status 2, and no traceback.
 
 Each case goes through the `rfs` command line (`rfs check --script-only`, in process) and, for
-the failing ones, through `rfs.package.load` too, which the build itself uses.
+the failing ones, through `rfs.script.package.load` too, which the build itself uses.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from rfs.cli import main
 from rfs.errors import EXIT_BAD_INPUT, EXIT_OK, ScriptError
-from rfs.package import load
+from rfs.script.package import load
 from tests.packages import write_package
 
 HEAD = '[container]\nimage = { name = "rfs-test/busybox", tag = "1" }\n'

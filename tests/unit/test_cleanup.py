@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rfs import signals
-from rfs.build import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, _owner, remove_abandoned
 from rfs.errors import EngineError
-from rfs.store import Store
+from rfs.host import signals
+from rfs.pipeline.build import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, _owner, remove_abandoned
+from rfs.run.store import Store
 
 # -- signals ---------------------------------------------------------------------------------
 
@@ -129,14 +129,14 @@ def test_damaged_record_is_a_miss(tmp_path: Path) -> None:
 
 
 def test_busy_index_is_not_mistaken_for_damage(tmp_path: Path) -> None:
-    from rfs.store import _damaged
+    from rfs.run.store import _damaged
 
     assert not _damaged(sqlite3.OperationalError("database is locked"))
     assert _damaged(sqlite3.DatabaseError("file is not a database"))
 
 
 def test_files_of_killed_processes_are_removed(tmp_path: Path) -> None:
-    from rfs.orphans import remove_orphans
+    from rfs.host.orphans import remove_orphans
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

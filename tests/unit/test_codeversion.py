@@ -1,6 +1,6 @@
 """The code digests in the keys cover every module that can shape an artifact.
 
-`rfs.codeversion.SHAPED_BY` lists, per step kind, the modules whose code decides what its
+`rfs.graph.codeversion.SHAPED_BY` lists, per step kind, the modules whose code decides what its
 artifact holds. This test follows the imports (lazy ones inside functions included) of each
 kind's entry modules: every rfs module they reach must be listed there or below, or named in
 NEUTRAL here with the reason it cannot change a result. A new module that the assembly or the
@@ -14,38 +14,38 @@ from pathlib import Path
 
 import pytest
 
-from rfs.codeversion import PACKAGE, SHAPED_BY, _files, code_version
+from rfs.graph.codeversion import PACKAGE, SHAPED_BY, _files, code_version
 
 # Modules that may be imported on the way but cannot change what an artifact holds.
 NEUTRAL = {
     "errors.py": "exception types and exit codes",
-    "model.py": "the parsed script; its values are keyed as inputs",
-    "steps.py": "step records; keys are computed from inputs",
-    "store.py": "where artifacts are kept, verified by their hashes",
-    "locks.py": "file locks",
-    "reporter.py": "progress display",
-    "events.py": "progress events",
-    "progress.py": "progress display",
-    "orphans.py": "removal of leftovers",
-    "signals.py": "Ctrl-C handling",
-    "schema.py": "parsing; its result is keyed as inputs",
-    "schema_recipes.py": "parsing; its result is keyed as inputs",
-    "schema_reader.py": "parsing; its result is keyed as inputs",
-    "packing.py": "rfs pack/unpack; never run by a build",
-    "archive.py": "unpacks package archives; what they hold is keyed by content",
-    "document.py": "parses build scripts; their values are keyed as inputs",
-    "codeversion.py": "this module",
+    "script/model.py": "the parsed script; its values are keyed as inputs",
+    "graph/steps.py": "step records; keys are computed from inputs",
+    "run/store.py": "where artifacts are kept, verified by their hashes",
+    "host/locks.py": "file locks",
+    "report/reporter.py": "progress display",
+    "report/events.py": "progress events",
+    "report/progress.py": "progress display",
+    "host/orphans.py": "removal of leftovers",
+    "host/signals.py": "Ctrl-C handling",
+    "script/schema.py": "parsing; its result is keyed as inputs",
+    "script/recipes.py": "parsing; its result is keyed as inputs",
+    "script/reader.py": "parsing; its result is keyed as inputs",
+    "script/packing.py": "rfs pack/unpack; never run by a build",
+    "script/archive.py": "unpacks package archives; what they hold is keyed by content",
+    "script/document.py": "parses build scripts; their values are keyed as inputs",
+    "graph/codeversion.py": "this module",
     "__init__.py": "package markers",
     "fs/tools.py": "reads tool versions, which are keyed themselves",
-    "planner.py": "decides which steps run, not what they make",
-    "checks.py": "tells a host's refusal of privilege from a command's failure; makes nothing",
+    "graph/planner.py": "decides which steps run, not what they make",
+    "run/checks.py": "tells a host's refusal of privilege from a command's failure; makes nothing",
 }
 # Where each kind's artifact is made (executors.py, the glue, is listed for every kind and
 # checked as a whole below).
 ENTRIES = {
-    "run": ["engine/docker_engine.py", "etcfiles.py", "snapshot.py", "basefacts.py"],
+    "run": ["engine/docker_engine.py", "run/etcfiles.py", "run/snapshot.py", "run/basefacts.py"],
     "export": ["engine/docker_engine.py"],
-    "assemble": ["fs/assemble.py", "etcfiles.py", "snapshot.py"],
+    "assemble": ["fs/assemble.py", "run/etcfiles.py", "run/snapshot.py"],
 }
 
 
@@ -97,7 +97,7 @@ def test_every_module_an_artifact_depends_on_is_in_its_code_digest(kind: str) ->
     reached = _closure(ENTRIES[kind])
     unclassified = sorted(str(p.relative_to(PACKAGE)) for p in reached - listed - neutral)
     assert not unclassified, (
-        f"{kind} artifacts depend on {unclassified}: add them to rfs.codeversion.SHAPED_BY "
+        f"{kind} artifacts depend on {unclassified}: add them to rfs.graph.codeversion.SHAPED_BY "
         "or, if they cannot change a result, to NEUTRAL in this test"
     )
 
@@ -105,10 +105,12 @@ def test_every_module_an_artifact_depends_on_is_in_its_code_digest(kind: str) ->
 def test_everything_the_executor_reaches_is_classified() -> None:
     listed = {p for entries in SHAPED_BY.values() for p in _files(entries)}
     neutral = {PACKAGE / name for name in NEUTRAL} | set(PACKAGE.rglob("__init__.py"))
-    reached = _closure(["executors.py"])
-    assert all(PACKAGE / "executors.py" in _files(e) for e in SHAPED_BY.values())
+    reached = _closure(["run/executors.py"])
+    assert all(PACKAGE / "run/executors.py" in _files(e) for e in SHAPED_BY.values())
     unclassified = sorted(str(p.relative_to(PACKAGE)) for p in reached - listed - neutral)
-    assert not unclassified, f"classify {unclassified} in rfs.codeversion.SHAPED_BY or NEUTRAL"
+    assert not unclassified, (
+        f"classify {unclassified} in rfs.graph.codeversion.SHAPED_BY or NEUTRAL"
+    )
 
 
 def test_the_closure_walk_finds_lazy_imports() -> None:

@@ -166,7 +166,7 @@ def test_headroom_and_too_small() -> None:
 
 
 def test_boot_recognises_images_and_finds_kernels(tmp_path: Path) -> None:
-    from rfs.boot import BootSpec, find_kernel, image_type, qemu_argv
+    from rfs.vm.qemu import BootSpec, find_kernel, image_type, qemu_argv
 
     sq = tmp_path / "a.sqfs"
     sq.write_bytes(b"hsqs" + bytes(0x10100))

@@ -2,9 +2,10 @@
 result or an RfsError (a message and an exit code), never another exception.
 
 - `parse_script` gets documents shaped like build scripts with arbitrary values in every field;
-- `rfs.package.load` gets those documents written as TOML and YAML, and damaged bytes;
-- `rfs.package.load` gets package tarballs of arbitrary members (names with `..`, absolute names,
-  symlinks and hard links anywhere): an accepted one never puts a file outside its directory;
+- `rfs.script.package.load` gets those documents written as TOML and YAML, and damaged bytes;
+- `rfs.script.package.load` gets package tarballs of arbitrary members (names with `..`,
+  absolute names, symlinks and hard links anywhere): an accepted one never puts a file
+  outside its directory;
 - the tar filter (`write_image_stream`) gets arbitrary, possibly damaged, export tarballs with
   arbitrary selections and overlays: what it writes is a tar archive whose names all stay
   inside the image.
@@ -27,9 +28,9 @@ from hypothesis import strategies as st
 
 from rfs.errors import RfsError
 from rfs.fs.tarstream import OverlayEntry, Selection, write_image_stream
-from rfs.model import BuildScript
-from rfs.package import load
-from rfs.schema import _KEYS, parse_script
+from rfs.script.model import BuildScript
+from rfs.script.package import load
+from rfs.script.schema import _KEYS, parse_script
 
 EXAMPLES = int(os.environ.get("RFS_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
@@ -320,7 +321,7 @@ def test_tar_filter_gives_a_stream_inside_the_image_or_an_error(
 @FUZZ
 @given(tarballs(script=b'[container]\nimage = { name = "busybox", tag = "1" }\n'))
 def test_package_tarball_loads_inside_its_directory_or_fails(archive: bytes) -> None:
-    from rfs.package import cleanup
+    from rfs.script.package import cleanup
 
     with tempfile.TemporaryDirectory(prefix="rfs-fuzz-") as d:
         base = Path(d)

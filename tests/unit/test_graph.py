@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rfs.compiler import build_graph, compile_steps
-from rfs.executors import interpreter_argv
-from rfs.model import BuildScript
-from rfs.planner import Action, manifest, plan, plan_steps
-from rfs.schema import parse_script
-from rfs.steps import Facts, Step
+from rfs.graph.compiler import build_graph, compile_steps
+from rfs.graph.planner import Action, manifest, plan, plan_steps
+from rfs.graph.steps import Facts, Step
+from rfs.run.executors import interpreter_argv
+from rfs.script.model import BuildScript
+from rfs.script.schema import parse_script
 
 SCRIPT = """
 [filesystem]

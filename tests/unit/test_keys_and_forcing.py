@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from rfs.compiler import compile_steps
-from rfs.hashing import digest_input
-from rfs.inputs import digest_refs
-from rfs.model import BuildScript
-from rfs.planner import Action, forced_closure, made_at, plan_steps, stale_steps
-from rfs.schema import parse_script
-from rfs.snapshot import PackageChanged, PackageSnapshot
-from rfs.steps import Facts, Step
-from rfs.store import Store
+from rfs.graph.compiler import compile_steps
+from rfs.graph.inputs import digest_refs
+from rfs.graph.planner import Action, forced_closure, made_at, plan_steps, stale_steps
+from rfs.graph.steps import Facts, Step
+from rfs.host.hashing import digest_input
+from rfs.run.snapshot import PackageChanged, PackageSnapshot
+from rfs.run.store import Store
+from rfs.script.model import BuildScript
+from rfs.script.schema import parse_script
 
 SCRIPT = """
 [filesystem]
@@ -322,7 +322,7 @@ def test_each_cache_directory_has_its_own_lasting_name(tmp_path: Path) -> None:
 
 
 def test_layer_tags_name_their_cache() -> None:
-    from rfs.executors import layer_tag
+    from rfs.run.executors import layer_tag
 
     assert layer_tag("k" * 64, "0123456789ab") == f"rfs/layer/0123456789ab:{'k' * 64}"
 
@@ -344,7 +344,7 @@ def test_a_tool_upgrade_is_noticed_by_a_long_running_process(
     """`rfs build --watch` outlives a tool upgrade: the tools' files change, and the version
     is asked again although the driver remembers it for the process."""
     from rfs.fs import ext4, tools
-    from rfs.model import FsType
+    from rfs.script.model import FsType
 
     memo: dict[str, object] = {}
     monkeypatch.setattr(tools, "_identity", lambda names: [["/usr/sbin/mke2fs", 1, 1, 1]])
@@ -368,8 +368,8 @@ def test_a_signal_while_the_temporary_image_is_made_leaves_nothing(
     import signal
     import tempfile
 
-    from rfs import signals
     from rfs.fs import image
+    from rfs.host import signals
 
     real = tempfile.mkstemp
 

@@ -6,6 +6,7 @@ docs/architecture.md draws; a module not placed in one fails this test."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -16,44 +17,18 @@ PACKAGE = Path(__file__).parents[2] / "rfs"
 # Top to bottom. A module matches the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
     ("rfs.cli", "rfs.__main__"),
-    ("rfs.commands", "rfs.watch", "rfs.display", "rfs.progress", "rfs.events", "rfs.boot"),
-    ("rfs.build",),
-    ("rfs.remote", "rfs.executors", "rfs.basefacts", "rfs.checks", "rfs.explain", "rfs.reporter"),
-    (
-        "rfs.engine",
-        "rfs.fs",
-        "rfs.planner",
-        "rfs.compiler",
-        "rfs.inputs",
-        "rfs.snapshot",
-        "rfs.store",
-        "rfs.package",
-        "rfs.packing",
-        "rfs.archive",
-        "rfs.basearchive",
-        "rfs.document",
-        "rfs.schema",
-        "rfs.schema_recipes",
-        "rfs.schema_reader",
-        "rfs.codeversion",
-        "rfs.etcfiles",
-        "rfs.copyin",
-        "rfs.baseimages",
-    ),
-    (
-        "rfs.errors",
-        "rfs.hashing",
-        "rfs.sparse",
-        "rfs.proc",
-        "rfs.childio",
-        "rfs.signals",
-        "rfs.locks",
-        "rfs.orphans",
-        "rfs.steps",
-        "rfs.model",
-        "rfs",
-    ),
+    ("rfs.commands", "rfs.vm"),
+    ("rfs.pipeline",),
+    ("rfs.remote",),
+    ("rfs.run",),
+    ("rfs.report",),
+    ("rfs.engine", "rfs.fs", "rfs.graph"),
+    ("rfs.script",),
+    ("rfs.host", "rfs.errors", "rfs"),
 ]
+
+# The top level holds the entry and the error root only; everything else lives in a stage.
+TOP_LEVEL = {"__init__.py", "__main__.py", "cli.py", "errors.py"}
 
 
 def modules() -> dict[str, Path]:
@@ -109,3 +84,44 @@ def test_the_checks_can_fail() -> None:
     assert layer("rfs.errors") > layer("rfs.cli")
     graph.add_edge("rfs.cli", "rfs.errors")
     assert list(nx.simple_cycles(graph))
+
+
+def test_top_level_holds_only_the_entry_and_the_errors() -> None:
+    files = {p.name for p in PACKAGE.glob("*.py")}
+    assert files == TOP_LEVEL, f"move {sorted(files - TOP_LEVEL)} into a stage package"
+
+
+def _declared_imports(package: Path) -> set[str] | None:
+    """The packages a subpackage's docstring says it may import; None for "every package
+    below it"."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    assert "May import" in doc, (
+        f"{package.name}/__init__.py: the docstring must say what it may import"
+    )
+    allowed = doc[doc.index("May import") :].split(";")[0]
+    if "every" in allowed:
+        return None
+    return set(re.findall(r"`(rfs(?:\.[a-z_]+)?)`", allowed))
+
+
+def _package_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 2 or (PACKAGE / parts[-1]).is_dir():
+        return ".".join(parts[:2])
+    return module
+
+
+def test_each_stage_imports_only_what_its_docstring_declares() -> None:
+    wrong = []
+    for package in sorted(p.parent for p in PACKAGE.glob("*/__init__.py")):
+        declared = _declared_imports(package)
+        if declared is None:
+            continue
+        own = f"rfs.{package.name}"
+        for a, b in import_graph().edges:
+            target = _package_of(b)
+            if _package_of(a) == own and target not in {own, "rfs"} and target not in declared:
+                wrong.append(
+                    f"{a} -> {b} (rfs/{package.name}/__init__.py declares {sorted(declared)})"
+                )
+    assert not wrong, "imports a package's docstring does not allow:\n" + "\n".join(sorted(wrong))

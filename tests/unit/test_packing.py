@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from rfs import archive as archives
-from rfs import package
-from rfs.archive import PackageType, detect
 from rfs.errors import ScriptError, UsageError
-from rfs.hashing import digest_tree
-from rfs.packing import pack, unpack
+from rfs.host.hashing import digest_tree
+from rfs.script import archive as archives
+from rfs.script import package
+from rfs.script.archive import PackageType, detect
+from rfs.script.packing import pack, unpack
 from tests.rfsrun import Rfs
 
 BUILD = """
@@ -352,7 +352,7 @@ def test_own_writer_never_writes_through_a_replaced_link(
 
 
 def test_script_named_directly_is_the_package_of_its_directory(pkg: Path, tmp_path: Path) -> None:
-    from rfs.watch import _watched
+    from rfs.commands.watch import _watched
 
     as_file = tmp_path / "by-file.tgz"
     as_dir = tmp_path / "by-dir.tgz"

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from rfs import signals
-from rfs.build import Options, execute, prepare
 from rfs.engine.fake import FakeEngine, FakeRun
 from rfs.errors import Interrupted, StepFailed
-from rfs.planner import Action
-from rfs.reporter import Reporter
-from rfs.snapshot import PackageChanged
-from rfs.store import Store
+from rfs.graph.planner import Action
+from rfs.host import signals
+from rfs.pipeline.build import Options, execute, prepare
+from rfs.report.reporter import Reporter
+from rfs.run.snapshot import PackageChanged
+from rfs.run.store import Store
 
 BUILD = """\
 [filesystem]

@@ -1,4 +1,4 @@
-"""Telling a privilege the host refuses from a command that cannot start (rfs.checks)."""
+"""Telling a privilege the host refuses from a command that cannot start (rfs.run.checks)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any, cast
 
 import pytest
 
-from rfs.checks import privilege_field, privilege_refusal
-from rfs.schema import parse_script
+from rfs.run.checks import privilege_field, privilege_refusal
+from rfs.script.schema import parse_script
 
 CAPS = "unable to start container process: unable to apply caps: operation not permitted"
 NOT_FOUND = 'exec: "true": executable file not found in $PATH'

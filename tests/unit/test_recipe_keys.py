@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import tomllib
 
-from rfs.compiler import compile_steps
-from rfs.schema import parse_script
-from rfs.steps import Facts
+from rfs.graph.compiler import compile_steps
+from rfs.graph.steps import Facts
+from rfs.script.schema import parse_script
 
 HEAD = """
 [container]

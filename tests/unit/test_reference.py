@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from rfs import model
 from rfs.errors import ScriptError
-from rfs.schema import _KEYS, parse_script
+from rfs.script import model
+from rfs.script.schema import _KEYS, parse_script
 
 REFERENCE = Path(__file__).parents[2] / "docs" / "reference.md"
 

@@ -15,21 +15,21 @@ from typing import Any
 
 import pytest
 
-from rfs.compiler import build_graph, compile_steps
-from rfs.display import make_reporter
 from rfs.errors import StepFailed
-from rfs.events import JsonReporter
-from rfs.explain import explain_plan, line_changes, line_hashes, remembered_text
-from rfs.planner import Action, Decision, manifest, plan
-from rfs.reporter import (
+from rfs.graph.compiler import build_graph, compile_steps
+from rfs.graph.explain import explain_plan, line_changes, line_hashes, remembered_text
+from rfs.graph.planner import Action, Decision, manifest, plan
+from rfs.graph.steps import Facts, Step
+from rfs.report.display import make_reporter
+from rfs.report.events import JsonReporter
+from rfs.report.reporter import (
     ConsoleReporter,
     Reporter,
     Tee,
     format_seconds,
     format_size,
 )
-from rfs.schema import parse_script
-from rfs.steps import Facts, Step
+from rfs.script.schema import parse_script
 from tests.events import SCHEMA, validate_events
 
 SCRIPT = """
@@ -237,7 +237,7 @@ def test_formats() -> None:
 def test_live_reporter_renders_steps_output_and_table() -> None:
     from rich.console import Console
 
-    from rfs.progress import LiveReporter
+    from rfs.report.progress import LiveReporter
 
     sink = io.StringIO()
     console = Console(file=sink, force_terminal=True, width=120, color_system=None)
@@ -256,7 +256,7 @@ def test_live_reporter_renders_steps_output_and_table() -> None:
 def test_live_reporter_does_not_interpret_markup_in_output() -> None:
     from rich.console import Console
 
-    from rfs.progress import LiveReporter
+    from rfs.report.progress import LiveReporter
 
     sink = io.StringIO()
     reporter = LiveReporter(
@@ -423,7 +423,7 @@ def test_line_changes_spans() -> None:
 
 
 def test_child_reads_counts_what_a_child_reads() -> None:
-    from rfs.childio import child_reads
+    from rfs.host.childio import child_reads
 
     seen: list[int] = []
     payload = b"x" * (4 << 20)
@@ -443,7 +443,7 @@ def test_child_reads_counts_what_a_child_reads() -> None:
 
 
 def test_watch_snapshot_sees_edits_and_ignores_output(tmp_path: Path) -> None:
-    from rfs.watch import changed, snapshot, wait_for_change
+    from rfs.commands.watch import changed, snapshot, wait_for_change
 
     (tmp_path / "build.toml").write_text("x")
     (tmp_path / ".git").mkdir()
@@ -467,8 +467,8 @@ def test_watch_snapshot_sees_edits_and_ignores_output(tmp_path: Path) -> None:
 
 
 def test_watch_keeps_going_after_a_failed_build(tmp_path: Path) -> None:
+    from rfs.commands.watch import watch
     from rfs.errors import ScriptError
-    from rfs.watch import watch
 
     (tmp_path / "build.toml").write_text("x")
     builds: list[float] = []

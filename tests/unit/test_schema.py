@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rfs.errors import ScriptError
-from rfs.model import EngineKind, FsType
-from rfs.package import load
-from rfs.schema import parse_script
+from rfs.script.model import EngineKind, FsType
+from rfs.script.package import load
+from rfs.script.schema import parse_script
 
 FULL = """
 [filesystem]
@@ -268,6 +268,6 @@ command = "echo   split   on   whitespace"
 
 def test_minimum_sizes_match_the_drivers() -> None:
     from rfs.fs import btrfs, xfs
-    from rfs.schema import MIN_SIZE_MIB
+    from rfs.script.schema import MIN_SIZE_MIB
 
     assert MIN_SIZE_MIB == {FsType.BTRFS: btrfs.MIN_MIB, FsType.XFS: xfs.MIN_MIB}

@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from rfs.store import Store
+from rfs.run.store import Store
 
 
 def add(store: Store, key: str, size: int = 0, kind: str = "export") -> None:
@@ -34,7 +34,7 @@ def test_prune_drops_least_recently_used_until_it_fits(tmp_path: Path) -> None:
 
 
 def test_a_sparse_blob_counts_what_it_allocates(tmp_path: Path) -> None:
-    from rfs.hashing import digest_sparse_file
+    from rfs.host.hashing import digest_sparse_file
 
     store = Store(tmp_path)
     with store.blob_file("img") as tmp:

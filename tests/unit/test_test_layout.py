@@ -61,7 +61,7 @@ def test_the_check_catches_every_form_of_import() -> None:
         "from tests.rfsrun import rfs",
         "from tests.packages import write_package",
         "import pytest",
-        "from rfs.steps import Step",
+        "from rfs.graph.steps import Step",
         "from . import conftest",
     ]
     for source in allowed:

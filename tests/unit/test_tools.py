@@ -10,7 +10,7 @@ import pytest
 
 from rfs.fs import squashfs
 from rfs.fs.tools import remembered_tool_version
-from rfs.model import FsType
+from rfs.script.model import FsType
 
 
 def _tool(directory: Path, text: str) -> Path:

@@ -1,0 +1,146 @@
+"""What `rfs check` verifies about the machine before any container starts.
+
+The build script and package files are checked by `schema.py` and `package.py`; this module
+adds what depends on the host: the filesystem tool, the engine, the base image. Each finding is
+a `Problem` located at the field it concerns (`container.image`, `filesystem.type`, …), so a
+person sees every problem at once, next to the setting that causes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from rfs.errors import Problem, RfsError, ScriptError
+from rfs.script.model import BuildScript
+
+if TYPE_CHECKING:
+    from rfs.engine.base import Engine
+
+# A person waits for `rfs check`: an engine that does not answer within this is reported.
+ENGINE_TIMEOUT_S = 10.0
+
+
+def environment_problems(script: BuildScript, file: str = "") -> list[Problem]:
+    """Every problem of the machine with building `script`, each at the field it concerns."""
+    problems = mkfs_problems(script, file)
+    problems += base_archive_problems(script, file)
+    problems += engine_problems(script, file)
+    return problems
+
+
+def mkfs_problems(script: BuildScript, file: str = "") -> list[Problem]:
+    """The tool that makes the image type: present and recent enough."""
+    from rfs.fs.assemble import tool_version
+
+    try:
+        tool_version(script.filesystem.type)
+    except RfsError as exc:  # missing, too old, or failing to say its version
+        hint = f" ({exc.hint})" if exc.hint else ""
+        return [Problem("filesystem.type", f"{exc.message}{hint}", file)]
+    return []
+
+
+def base_archive_problems(script: BuildScript, file: str = "") -> list[Problem]:
+    """`container.archive` must be a readable tarball (references are checked on load)."""
+    c = script.container
+    if c.archive is None or script.package_root is None:
+        return []
+    from rfs.script.basearchive import inspect_base_archive
+    from rfs.script.package import resolve_reference
+
+    try:
+        path = resolve_reference(script.package_root, c.archive)
+    except ValueError:
+        return []  # reported by the package check
+    if not path.is_file():
+        return []
+    try:
+        inspect_base_archive(path)
+    except ScriptError as exc:
+        return [Problem(p.path, p.message, file) for p in exc.problems]
+    return []
+
+
+def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
+    """The engine answers at its address, has the OCI runtime asked for, and the base image
+    is local or pullable."""
+    from rfs.engine import connect
+
+    c = script.container
+    where = "container.connection_uri" if c.connection_uri else "container.engine"
+    try:
+        engine = connect(c.engine.value, c.connection_uri, ENGINE_TIMEOUT_S)
+        engine.ping()
+    except RfsError as exc:
+        return [Problem(where, exc.message, file)]
+    problems = []
+    if c.oci_runtime is not None:
+        try:
+            engine.check_runtime(c.oci_runtime)
+        except RfsError as exc:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            problems.append(Problem("container.oci_runtime", f"{exc.message}{hint}", file))
+    if c.image is None or not c.image.name or not c.image.tag:
+        return problems  # the archive form, or an image the schema already reported
+    try:
+        engine.check_base(c.image.name, c.image.tag)
+    except RfsError as exc:
+        problems.append(Problem("container.image", exc.message, file))
+        return problems
+    field = privilege_field(script)
+    if field is not None:
+        image = engine.image_id(f"{c.image.name}:{c.image.tag}")
+        refusal = None
+        if image is not None:  # pulled only by the build (Docker's check asks the registry)
+            try:
+                refusal = privilege_refusal(engine, image)
+            except RfsError as exc:
+                problems.append(
+                    Problem(field, f"could not try a privileged container: {exc.message}", file)
+                )
+        if refusal is not None:
+            problems.append(Problem(field, privilege_message(engine.name, refusal), file))
+    return problems
+
+
+# A command every base image rfs builds on has (busybox, Debian...). Without it both probes
+# fail alike and nothing is claimed.
+_PROBE_ARGV = ("true",)
+
+
+def privilege_field(script: BuildScript) -> str | None:
+    """The field asking for privileged containers (`container.rootful` or the first
+    `commands[i].privileged`), or None when nothing does."""
+    if script.container.rootful:
+        return "container.rootful"
+    return next(
+        (f"commands[{i}].privileged" for i, cmd in enumerate(script.commands) if cmd.privileged),
+        None,
+    )
+
+
+def privilege_refusal(
+    engine: Engine, image: str, labels: Mapping[str, str] | None = None
+) -> str | None:
+    """How the engine refuses to start a privileged container of `image`, or None.
+
+    Two short-lived containers: a privileged one, then, if it fails to start, the same one
+    unprivileged. Only when that one starts is privilege the cause (on a host that is itself a
+    restricted container, runc cannot grant every capability: "unable to apply caps:
+    operation not permitted"); a failure of both is someone else's (no `true` in the image).
+    """
+    refused = engine.probe_start(image, _PROBE_ARGV, privileged=True, labels=labels or {})
+    if refused is None:
+        return None
+    if engine.probe_start(image, _PROBE_ARGV, privileged=False, labels=labels or {}) is not None:
+        return None
+    return refused
+
+
+def privilege_message(engine_name: str, refusal: str) -> str:
+    """The words for a refused privilege, after the field path."""
+    return (
+        f"asks for privileged containers, and the {engine_name.capitalize()} engine "
+        f"refuses to start one here: {refusal}"
+    )
