@@ -1,4 +1,4 @@
-"""`rfs cache info|prune|clear|keygen`: inspect the local cache and keep it within bounds;
+"""`rfs cache info|verify|prune|clear|keygen`: inspect the local cache and keep it within bounds;
 make a key to sign remote cache records with.
 
 Entries a running build uses are never dropped (see rfs.host.locks); dropping a layer entry also
@@ -38,11 +38,19 @@ def register(sub: Any) -> None:
         "cache",
         help="inspect, prune or clear the local cache; make a signing key for a shared cache",
     )
-    verbs = p.add_subparsers(dest="cache_verb", metavar="info|prune|clear|keygen", required=True)
+    verbs = p.add_subparsers(
+        dest="cache_verb", metavar="info|verify|prune|clear|keygen", required=True
+    )
     info = verbs.add_parser("info", help="entries, bytes and hits by kind")
     add_cache_options(info)
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=run_info)
+    verify = verbs.add_parser(
+        "verify",
+        help="rehash every cached file and drop the entries whose content changed",
+    )
+    add_cache_options(verify)
+    verify.set_defaults(func=run_verify)
     prune = verbs.add_parser("prune", help="drop least recently used entries")
     add_cache_options(prune)
     prune.add_argument(
@@ -127,6 +135,27 @@ def run_info(args: argparse.Namespace) -> int:
         "ext4-base: images without overlays, patched on an overlay edit; fetched: downloaded "
         "from a remote cache)"
     )
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Rehash every blob, ignoring what the store remembers of earlier checks, and drop the
+    entries whose file no longer has its recorded digest (the next build makes them again)."""
+    store = _open(args)
+    checked = damaged = 0
+    try:
+        for key, _record in list(store.records()):
+            blob = store.blob(key)
+            if blob is None:
+                continue
+            checked += 1
+            if not store.verify_blob(blob):  # without the key: always read
+                damaged += 1
+                print(f"damaged: {key} ({_size(blob.size)}): dropped")
+                store.drop(key)
+    finally:
+        store.close()
+    print(f"checked {checked} files, dropped {damaged} damaged")
     return EXIT_OK
 
 

@@ -98,5 +98,6 @@ class BaseImages:
                 "blob_sparse": True,
             },
         )
+        self.store.remember_verified(key, digest)
         with contextlib.suppress(OSError):  # hashed just now: no need to again this build
             self._verified[key] = file_identity(self.store.root / "blobs" / key)

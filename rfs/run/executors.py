@@ -164,7 +164,7 @@ class Executor:
             return False
         if self._verified.get(key) == ident:
             return True
-        if not self.store.verify_blob(blob):
+        if not self.store.verify_blob(blob, key):
             return False
         self._verified[key] = ident
         return True

@@ -43,6 +43,9 @@ _SQLITE_NOTADB = 26
 _STEP = "step/"
 _LAST = "last/"
 _CACHE_ID = "cache-id"
+# Blob file identities (inode, size, mtime, ctime) at which this store last found, or wrote,
+# the recorded digest.
+_VERIFIED = "verified/"
 
 
 def _damaged(exc: sqlite3.DatabaseError) -> bool:
@@ -52,6 +55,15 @@ def _damaged(exc: sqlite3.DatabaseError) -> bool:
         return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
     text = str(exc)
     return "not a database" in text or "malformed" in text
+
+
+def _identity(path: Path) -> list[int] | None:
+    """(inode, size, mtime, ctime) of `path`, or None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def default_cache_dir() -> Path:
@@ -219,6 +231,7 @@ class Store:
     def drop(self, key: str) -> None:
         """Forget step `key` and delete its blob."""
         self._index.delete(_STEP + key)
+        self._index.delete(_VERIFIED + key)
         with contextlib.suppress(FileNotFoundError):
             (self.root / "blobs" / key).unlink()
 
@@ -266,15 +279,40 @@ class Store:
             return None
         return Blob(path, size, str(record["blob_digest"]), bool(record.get("blob_sparse")))
 
-    def verify_blob(self, blob: Blob) -> bool:
-        """Rehash `blob` and compare with its recorded digest."""
+    def verify_blob(self, blob: Blob, key: str | None = None) -> bool:
+        """Whether `blob` still has its recorded digest.
+
+        With `key`, a file this store already hashed (or wrote) is not read again while its
+        inode, size, mtime and ctime are those it had then: any write to it, or a file put in
+        its place, changes one of them (ctime cannot be set back), so a warm build costs what
+        changed, not what the cache weighs. What this cannot see is a disk that changes a
+        file's bytes by itself; `rfs cache verify` rehashes everything.
+        """
         from rfs.host.hashing import digest_file, digest_sparse_file
 
+        ident = _identity(blob.path)
+        if ident is None:
+            return False
+        if key is not None:
+            memo = self._index.get(_VERIFIED + key)
+            if memo == {"id": ident, "digest": blob.digest}:
+                return True
         try:
             digest = digest_sparse_file(blob.path) if blob.sparse else digest_file(blob.path)
         except OSError:
             return False
-        return digest == blob.digest
+        if digest != blob.digest:
+            return False
+        if key is not None and _identity(blob.path) == ident:  # not rewritten while hashed
+            self._index.set(_VERIFIED + key, {"id": ident, "digest": digest})
+        return True
+
+    def remember_verified(self, key: str, digest: str) -> None:
+        """Note that the blob of `key` was just written with `digest` (hashed on the way in),
+        so `verify_blob` need not read it again until the file changes."""
+        ident = _identity(self.root / "blobs" / key)
+        if ident is not None:
+            self._index.set(_VERIFIED + key, {"id": ident, "digest": digest})
 
     def _part(self, key: str) -> Path:
         # The pid lets a later build remove it if this process is killed (remove_parts).
@@ -319,6 +357,7 @@ class Store:
             yield writer
             writer.close()
             os.replace(tmp, self.root / "blobs" / key)
+            self.remember_verified(key, writer.digest)
         except BaseException as exc:
             with contextlib.suppress(OSError, ValueError):  # ValueError: closed already
                 writer.close()
