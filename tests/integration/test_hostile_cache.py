@@ -554,7 +554,11 @@ def registry(docker_client: Any, warm: Warm) -> Iterator[Registry]:
             f"http://127.0.0.1:{server.port}/v2/rfs/cache/tags/list", timeout=10
         ).json()["tags"]
         backend = open_backend(server.url, RemoteSettings())
-        good = {name: backend.get_record(name) for name in tags}
+        good: dict[str, bytes] = {}
+        for name in tags:
+            record = backend.get_record(name)
+            assert record is not None, f"{name} is listed but not served"
+            good[name] = record
         yield Registry(server.url, backend, good)
         backend.close()
     finally:

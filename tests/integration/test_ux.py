@@ -461,9 +461,7 @@ exit 3
         after = terminal.wait_for(r"^kept-\w+$")
         assert "kept-" in after
     finally:
-        for remove in (
-            lambda: docker_client.containers.get(container).remove(force=True),
-            lambda: docker_client.images.remove(image, force=True),
-        ):
-            with contextlib.suppress(Exception):  # already gone
-                remove()
+        with contextlib.suppress(Exception):  # already gone
+            docker_client.containers.get(container).remove(force=True)
+        with contextlib.suppress(Exception):
+            docker_client.images.remove(image, force=True)
