@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -72,7 +72,7 @@ class Running:
             reader.start()
 
     @staticmethod
-    def _read(stream: Any, into: list[str]) -> None:
+    def _read(stream: IO[str], into: list[str]) -> None:
         for line in iter(stream.readline, ""):
             into.append(line)
 
