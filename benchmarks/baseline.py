@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from rfs.script.model import BuildScript
 from rfs.script.package import load, resolve_reference
@@ -22,8 +23,10 @@ from rfs.script.package import load, resolve_reference
 DOCKER = shutil.which("docker", path="/usr/bin:/bin") or "docker"
 
 
-def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(argv, check=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+def _run(
+    argv: list[str], *, stdout: int | IO[bytes] | None = None, capture_output: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, check=True, stdout=stdout, capture_output=capture_output)
 
 
 def _command_argv(script: BuildScript, index: int, scratch: Path) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import subprocess
 import tarfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def dump_toml(doc: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-def _edit_script(pkg: Path, change: Any) -> None:
+def _edit_script(pkg: Path, change: Callable[[dict[str, Any]], None]) -> None:
     path = pkg / "build.toml"
     doc = tomllib.loads(path.read_text())
     change(doc)

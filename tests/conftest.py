@@ -99,6 +99,14 @@ def docker_engine(engine_kind: str) -> Engine:
     return engine
 
 
+def engine_url(engine: Engine) -> str:
+    """The API address of a real engine (`connect` makes a DockerEngine for either kind)."""
+    from rfs.engine.docker_engine import DockerEngine  # the docker SDK: only when asked
+
+    assert isinstance(engine, DockerEngine), engine
+    return engine.base_url
+
+
 @pytest.fixture(scope="session")
 def busybox_image(docker_engine: Engine) -> str:
     """The local busybox test image (no Cmd, no Entrypoint); skips when it is absent."""

@@ -18,8 +18,10 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tests.cachefiles import export_blob
+from tests.tarmembers import member_bytes
 
 _KINDS = {
     stat.S_IFDIR: "dir",
@@ -49,7 +51,7 @@ class Node:
 
     def without(self, *names: str) -> Node:
         """A copy with the named fields reset to their defaults (for lossy types)."""
-        defaults = {
+        defaults: dict[str, Any] = {  # each field's own type: checked by `replace` at run time
             "xattrs": {},
             "links": frozenset(),
             "rdev": None,
@@ -98,7 +100,7 @@ def list_export(export: Path) -> dict[str, Node]:
                 if m.isblk()
                 else "fifo"
             )
-            data = tar.extractfile(m).read() if m.isreg() else None  # type: ignore[union-attr]
+            data = member_bytes(tar, m) if m.isreg() else None
             nodes[path] = Node(
                 type=kind,
                 mode=m.mode & 0o7777,

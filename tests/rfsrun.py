@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -72,7 +72,7 @@ class Running:
             reader.start()
 
     @staticmethod
-    def _read(stream: Any, into: list[str]) -> None:
+    def _read(stream: IO[str], into: list[str]) -> None:
         for line in iter(stream.readline, ""):
             into.append(line)
 
@@ -263,6 +263,7 @@ class IsolatedRfs(Rfs):
             unset=("CI",),  # no behaviour of rfs depends on it; keep the display plain
             run_id_prefix="fault-",
         )
+        self.tmpdir: Path = base / "tmp"  # always set here
         self.base = base
         self.api = api
         self.engine_uri = engine_uri
@@ -278,7 +279,6 @@ class IsolatedRfs(Rfs):
         self, result: Run, output: Path, previous: tuple[int, int, int] | None
     ) -> None:
         """Nothing of the run is left, and the output is the previous image (or none)."""
-        assert self.tmpdir is not None
         assert "Traceback" not in result.err, result.err
         assert self.containers(result.run_id) == [], "containers left behind"
         assert sorted(os.listdir(self.tmpdir)) == [], "temporary files left in $TMPDIR"

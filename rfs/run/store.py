@@ -118,11 +118,22 @@ class BlobWriter:
 
 
 class Store:
-    """Records and artifacts of built steps, keyed by step key."""
+    """Records and artifacts of built steps, keyed by step key.
 
-    def __init__(self, root: Path, size_limit: int = DEFAULT_SIZE_LIMIT) -> None:
+    `clock` gives the times records are stamped with and pruned by (`time.time`; tests pass
+    their own to order entries without sleeping).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        size_limit: int = DEFAULT_SIZE_LIMIT,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.root = root
         self.size_limit = size_limit
+        self._clock = clock
         try:
             for sub in ("blobs", "tmp"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -215,7 +226,7 @@ class Store:
 
     def put_record(self, key: str, record: dict[str, Any]) -> None:
         """Record a completed step; call only after its artifact is complete."""
-        now = time.time()
+        now = self._clock()
         record = {**record, "created": record.get("created", now), "last_used": now}
         self._index.set(_STEP + key, record)
 
@@ -224,7 +235,7 @@ class Store:
         with self._index.transact():
             record = self.record(key)
             if record is not None:
-                record["last_used"] = time.time()
+                record["last_used"] = self._clock()
                 record["hits"] = int(record.get("hits", 0)) + 1
                 self._index.set(_STEP + key, record)
 
@@ -403,7 +414,7 @@ class Store:
         `on_drop(key, record)` runs first (to remove a layer image from the engine) and keeps
         the entry by returning False. Entries used by a running build are never dropped.
         """
-        now = time.time()
+        now = self._clock()
         total = self.blob_bytes()
         candidates = sorted(
             (

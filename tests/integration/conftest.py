@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from rfs.engine import Engine
 from tests.cachefiles import layer_tags
-from tests.conftest import require_or_skip
+from tests.conftest import engine_url, require_or_skip
 from tests.constants import BUSYBOX as BASE
 from tests.rfsrun import DOCKER_URI, LAYER_CACHES
 
@@ -38,10 +39,10 @@ def docker_client() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def engine_client(docker_engine: Any) -> Iterator[Any]:
+def engine_client(docker_engine: Engine) -> Iterator[Any]:
     """The docker SDK client of the engine under test (Podman through its compat socket)."""
     docker = pytest.importorskip("docker")
-    client = docker.DockerClient(base_url=docker_engine.base_url, version="1.40")
+    client = docker.DockerClient(base_url=engine_url(docker_engine), version="1.40")
     try:
         client.images.get(BASE)
     except docker.errors.ImageNotFound:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -73,6 +73,12 @@ class Result:
         ]
 
 
+class RunRfs(Protocol):
+    """The `rfs` fixture: run the command once, counting the containers it made."""
+
+    def __call__(self, *args: str | Path) -> Result: ...
+
+
 @pytest.fixture
 def package(tmp_path: Path, engine_toml: str) -> Path:
     name, tag = BUSYBOX.split(":")
@@ -91,7 +97,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def rfs(cache_dir: Path, engine_client: object) -> Iterator[object]:
+def rfs(cache_dir: Path, engine_client: object) -> Iterator[RunRfs]:
     runner = Rfs(cache_dir, timeout_s=600)
 
     def run(*args: str | Path) -> Result:
@@ -104,12 +110,12 @@ def rfs(cache_dir: Path, engine_client: object) -> Iterator[object]:
 
 
 def test_build_then_noop_then_edits(
-    rfs: object, package: Path, tmp_path: Path, busybox_v2: str
+    rfs: RunRfs, package: Path, tmp_path: Path, busybox_v2: str
 ) -> None:
-    run = rfs  # the fixture is a function
+    run = rfs
     out = tmp_path / "out.ext4"
 
-    first = run("build", package, "-o", out)  # type: ignore[operator]
+    first = run("build", package, "-o", out)
     assert first.code == 0, first.err
     assert first.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
     assert "run[0] | first command ran" in first.err
@@ -127,17 +133,17 @@ def test_build_then_noop_then_edits(
     image_bytes = out.read_bytes()
 
     # nothing changed: no container, the same bytes, nothing ran
-    again = run("build", package, "-o", out)  # type: ignore[operator]
+    again = run("build", package, "-o", out)
     assert again.code == 0, again.err
     assert (again.ran(), again.created) == ([], 0)
     assert out.read_bytes() == image_bytes
 
     # an overlay edit reassembles without starting a container
     (package / "files" / "motd").write_text("edited\n")
-    plan = run("plan", package, "-o", out)  # type: ignore[operator]
+    plan = run("plan", package, "-o", out)
     assert "run     overlays" in plan.out and "run     assemble" in plan.out
     assert "run     run[" not in plan.out and "run     export" not in plan.out
-    edited = run("build", package, "-o", out)  # type: ignore[operator]
+    edited = run("build", package, "-o", out)
     assert (edited.ran(), edited.created) == (["overlays", "assemble"], 0)
     assert content(out, "/etc/motd") == b"edited\n"
     # ... by writing the overlays into the base image the first build cached, not by mke2fs
@@ -148,9 +154,9 @@ def test_build_then_noop_then_edits(
 
     # editing the second of three commands reuses the first layer: two commands run
     (package / "scripts" / "two.sh").write_text("#!/bin/sh\necho TWO > /srv/data/two\n")
-    plan = run("plan", package, "-o", out)  # type: ignore[operator]
+    plan = run("plan", package, "-o", out)
     assert "cached  run[0]" in plan.out and "script changed" in plan.out
-    second = run("build", package, "-o", out)  # type: ignore[operator]
+    second = run("build", package, "-o", out)
     assert second.ran() == ["run[1]", "run[2]", "export", "assemble"]
     assert second.created == 3  # two commands and the export
     assert content(out, "/srv/data/two") == b"TWO\n"
@@ -163,24 +169,24 @@ def test_build_then_noop_then_edits(
             'name = "rfs-test/busybox", tag = "1"', f'name = "rfs-test-tmp/busybox", tag = "{tag}"'
         )
     )
-    plan = run("plan", package, "-o", out)  # type: ignore[operator]
+    plan = run("plan", package, "-o", out)
     assert (
         "base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2" in plan.out
     )
-    rebased = run("build", package, "-o", out)  # type: ignore[operator]
+    rebased = run("build", package, "-o", out)
     assert rebased.ran() == ["run[0]", "run[1]", "run[2]", "export", "assemble"]
     assert content(out, "/etc/busybox-v2") == b"v2\n"
 
 
 def test_failing_command_names_step_and_leaves_nothing(
-    rfs: object, package: Path, tmp_path: Path, cache_dir: Path
+    rfs: RunRfs, package: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
     toml = package / "build.toml"
     toml.write_text(
         toml.read_text().replace('command = "touch /srv/data/three"', 'command = "ls /no/such/dir"')
     )
     out = tmp_path / "out.ext4"
-    result = rfs("build", package, "-o", out)  # type: ignore[operator]
+    result = rfs("build", package, "-o", out)
     assert result.code == 1
     assert "run[2]" in result.err and "exited with code" in result.err
     assert "Traceback" not in result.err
@@ -189,21 +195,21 @@ def test_failing_command_names_step_and_leaves_nothing(
     assert list((cache_dir / "tmp").iterdir()) == []
     # the layers that succeeded are reused by the next build
     toml.write_text(toml.read_text().replace('command = "ls /no/such/dir"', 'command = "true"'))
-    fixed = rfs("build", package, "-o", out)  # type: ignore[operator]
+    fixed = rfs("build", package, "-o", out)
     assert fixed.code == 0, fixed.err
     assert fixed.ran() == ["run[2]", "export", "overlays", "assemble"]
 
 
-def test_bad_script_exits_2_with_path(rfs: object, package: Path, tmp_path: Path) -> None:
+def test_bad_script_exits_2_with_path(rfs: RunRfs, package: Path, tmp_path: Path) -> None:
     (package / "build.toml").write_text("[filesystem]\nsize_mib = 'big'\n")
-    result = rfs("build", package, "-o", tmp_path / "x.ext4")  # type: ignore[operator]
+    result = rfs("build", package, "-o", tmp_path / "x.ext4")
     assert result.code == 2
     assert "filesystem.size_mib: must be an integer" in result.err
     assert "Traceback" not in result.err
 
 
 def test_script_named_directly_is_the_package_of_its_directory(
-    rfs: object, package: Path, tmp_path: Path
+    rfs: RunRfs, package: Path, tmp_path: Path
 ) -> None:
     """`rfs <verb> pkg/build.toml` (or a YAML script of any name) resolves script_path, overlay
     sources and volumes from the script's directory, as buildfs's pack does."""
@@ -211,7 +217,7 @@ def test_script_named_directly_is_the_package_of_its_directory(
 
     import yaml
 
-    run = rfs  # the fixture is a function
+    run = rfs
     script = package / "build.toml"
     script.write_text(
         script.read_text().replace(
@@ -220,23 +226,23 @@ def test_script_named_directly_is_the_package_of_its_directory(
         + '\n[[commands]]\ncommand = "cp /mnt/files/motd /srv/from-volume"\n'
     )
     for verb in (["check"], ["plan"], ["graph"]):
-        done = run(*verb, script)  # type: ignore[operator]
+        done = run(*verb, script)
         assert done.code == 0, f"{verb}: {done.err}"
         assert "cannot reference package files" not in done.err
     out = tmp_path / "named.ext4"
-    built = run("build", script, "-o", out)  # type: ignore[operator]
+    built = run("build", script, "-o", out)
     assert built.code == 0, built.err
     assert content(out, "/srv/data/two") == b"two\n"  # script_path from the directory
     assert content(out, "/etc/motd") == b"welcome\n"  # overlay source
     assert content(out, "/srv/from-volume") == b"welcome\n"  # volume
     # the same package as the directory: same archive, and the same steps, all cached
     by_file, by_dir = tmp_path / "by-file.tgz", tmp_path / "by-dir.tgz"
-    assert run("pack", script, by_file, "-t", "tar-gz").code == 0  # type: ignore[operator]
-    assert run("pack", package, by_dir, "-t", "tar-gz").code == 0  # type: ignore[operator]
+    assert run("pack", script, by_file, "-t", "tar-gz").code == 0
+    assert run("pack", package, by_dir, "-t", "tar-gz").code == 0
     assert by_file.read_bytes() == by_dir.read_bytes()
     variant = package / "variant.yaml"
     variant.write_text(yaml.safe_dump(tomllib.loads(script.read_text())))
-    again = run("build", variant, "-o", tmp_path / "variant.ext4")  # type: ignore[operator]
+    again = run("build", variant, "-o", tmp_path / "variant.ext4")
     assert again.code == 0, again.err
     # no container: every command step cached (a new output path is assembled again)
     assert again.created == 0 and again.ran() == ["assemble"], again.err
@@ -264,9 +270,9 @@ def privileged_refusal_seen_by_the_sdk(engine_client: Any) -> str | None:
 
 @pytest.mark.parametrize("field", ["container.rootful", "commands[0].privileged"])
 def test_privilege_the_host_refuses_is_exit_3_naming_the_field(
-    rfs: object, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str, field: str
+    rfs: RunRfs, package: Path, tmp_path: Path, engine_client: Any, engine_toml: str, field: str
 ) -> None:
-    run = rfs  # the fixture is a function
+    run = rfs
     name, tag = BUSYBOX.split(":")
     rootful = "rootful = true\n" if field == "container.rootful" else ""
     privileged = "privileged = true\n" if field != "container.rootful" else ""
@@ -275,9 +281,9 @@ def test_privilege_the_host_refuses_is_exit_3_naming_the_field(
         f"[[commands]]\nscript_inline = 'grep CapEff /proc/self/status > /caps'\n{privileged}"
     )
     refusal = privileged_refusal_seen_by_the_sdk(engine_client)
-    checked = run("check", package)  # type: ignore[operator]
+    checked = run("check", package)
     out = tmp_path / "priv.ext4"
-    built = run("build", package, "-o", out)  # type: ignore[operator]
+    built = run("build", package, "-o", out)
     if refusal is None:  # this engine starts privileged containers here (Podman on this host)
         assert checked.code == 0, checked.err
         assert built.code == 0, built.err

@@ -144,7 +144,10 @@ def _chmod(rel: str, mode: int) -> Callable[[Path], None]:
 
 
 def _write(rel: str, text: str) -> Callable[[Path], None]:
-    return lambda pkg: (pkg / rel).write_text(text)
+    def write(pkg: Path) -> None:
+        (pkg / rel).write_text(text)
+
+    return write
 
 
 def _relink(rel: str, target: str) -> Callable[[Path], None]:

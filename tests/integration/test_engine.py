@@ -25,6 +25,7 @@ import pytest
 from rfs.engine import MANAGED_LABEL, Engine, Mount, RunSpec, connect
 from rfs.engine.docker_engine import DockerEngine
 from rfs.errors import EngineError, EnvironmentProblem, StepFailed, UsageError
+from tests.tarmembers import member_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -447,7 +448,7 @@ def test_export_streams_owners_and_mode_bits(
         suid = tar.getmember("data/suid")
         # Docker writes the file-type bits into every header's mode (0o104755 here).
         assert (suid.uid, suid.gid, suid.mode & 0o7777) == (4242, 4343, 0o4755)
-        assert tar.extractfile(suid).read() == b"hi\n"  # type: ignore[union-attr]
+        assert member_bytes(tar, suid) == b"hi\n"
         big = tar.getmember("data/bigid")
         assert (big.uid, big.gid) == (3000000, 3000001)
         assert "bin/busybox" in tar.getnames()

@@ -7,11 +7,10 @@ import io
 import tarfile
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from rfs.engine import connect
+from rfs.engine import Engine, connect
 from rfs.engine.base import RunSpec
 from rfs.engine.fake import FakeEngine, FakeRun
 from rfs.errors import EngineError, StepFailed
@@ -33,7 +32,7 @@ def busybox_shell(ctx: FakeRun) -> int:
 
 
 @pytest.fixture(params=["fake", *engine_kinds()])
-def engine(request: pytest.FixtureRequest) -> Iterator[Any]:
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     if request.param == "fake":
         fake = FakeEngine(busybox_shell)
         fake.add_image(BUSYBOX, {"/bin/sh": b"#!fake\n"})
@@ -54,7 +53,7 @@ def _tag() -> str:
     return f"rfs-test-tmp/contract-{uuid.uuid4().hex[:12]}:1"
 
 
-def _files(engine: Any, image: str) -> dict[str, bytes]:
+def _files(engine: Engine, image: str) -> dict[str, bytes]:
     buf = io.BytesIO()
     engine.export(image, buf, labels=LABELS)
     data = buf.getvalue()
@@ -68,12 +67,14 @@ def _files(engine: Any, image: str) -> dict[str, bytes]:
     return found
 
 
-def _run(engine: Any, script: str, tag: str, **kw: Any) -> str:
+def _run(engine: Engine, script: str, tag: str, *, keep_failed: bool = False) -> str:
     spec = RunSpec(image=BUSYBOX, argv=("sh", "-c", script), labels=LABELS, network=False)
-    return str(engine.run_and_commit(spec, step="run[0]", tag=tag, on_output=lambda b: None, **kw))
+    return engine.run_and_commit(
+        spec, step="run[0]", tag=tag, on_output=lambda b: None, keep_failed=keep_failed
+    )
 
 
-def test_missing_images_and_the_base(engine: Any) -> None:
+def test_missing_images_and_the_base(engine: Engine) -> None:
     assert engine.image_id("rfs-test/no-such-image:1") is None
     assert not engine.has_tag("rfs-test/no-such-image:1")
     base = engine.resolve_base(*BUSYBOX.split(":"))
@@ -82,7 +83,7 @@ def test_missing_images_and_the_base(engine: Any) -> None:
     assert engine.version()
 
 
-def test_a_command_commits_what_it_wrote_and_export_streams_it(engine: Any) -> None:
+def test_a_command_commits_what_it_wrote_and_export_streams_it(engine: Engine) -> None:
     tag = _tag()
     try:
         image = _run(engine, "echo hello > /made", tag)
@@ -94,7 +95,7 @@ def test_a_command_commits_what_it_wrote_and_export_streams_it(engine: Any) -> N
     assert not engine.has_tag(tag)
 
 
-def test_a_failing_command_raises_and_keeps_its_container_only_when_asked(engine: Any) -> None:
+def test_a_failing_command_raises_and_keeps_its_container_only_when_asked(engine: Engine) -> None:
     with pytest.raises(StepFailed, match="exited with code 3"):
         _run(engine, "exit 3", _tag())
     assert engine.container_labels(f"{RUN_LABEL_KEY}={RUN_ID}") == {}
@@ -106,7 +107,7 @@ def test_a_failing_command_raises_and_keeps_its_container_only_when_asked(engine
     assert engine.container_labels(f"{RUN_LABEL_KEY}={RUN_ID}") == {}
 
 
-def test_save_and_load_keep_the_image_id(engine: Any) -> None:
+def test_save_and_load_keep_the_image_id(engine: Engine) -> None:
     tag, again = _tag(), _tag()
     try:
         image = _run(engine, "echo saved > /saved", tag)
@@ -125,7 +126,7 @@ def test_save_and_load_keep_the_image_id(engine: Any) -> None:
         engine.remove_image(tag)
 
 
-def test_a_tag_moves(engine: Any) -> None:
+def test_a_tag_moves(engine: Engine) -> None:
     tag = _tag()
     try:
         first = _run(engine, "echo one > /one", tag)

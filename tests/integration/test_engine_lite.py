@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rfs.engine import Engine, default_uri
@@ -16,7 +18,7 @@ def test_lite_lookup_matches_the_engine(docker_engine: Engine, busybox_image: st
     assert image_id(uri, "rfs-test/no-such-image:1") is None
 
 
-def test_lite_lookup_declines_what_it_cannot_answer(tmp_path: object) -> None:
+def test_lite_lookup_declines_what_it_cannot_answer(tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
         image_id("tcp://127.0.0.1:2375", "x:1")
     with pytest.raises(Unavailable):

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -39,6 +39,9 @@ from tests.hostileserver import (
 )
 from tests.packages import write_package
 from tests.rfsrun import Rfs, Run
+
+if TYPE_CHECKING:
+    from rfs.remote.base import Backend
 
 pytestmark = pytest.mark.integration
 
@@ -519,7 +522,7 @@ def test_signed_records_are_used_by_a_trusting_reader(docker_client: Any, warm: 
 @dataclass
 class Registry:
     url: str
-    backend: Any
+    backend: Backend
     good: dict[str, bytes]  # name -> record, as uploaded
 
 
@@ -554,7 +557,11 @@ def registry(docker_client: Any, warm: Warm) -> Iterator[Registry]:
             f"http://127.0.0.1:{server.port}/v2/rfs/cache/tags/list", timeout=10
         ).json()["tags"]
         backend = open_backend(server.url, RemoteSettings())
-        good = {name: backend.get_record(name) for name in tags}
+        good: dict[str, bytes] = {}
+        for name in tags:
+            record = backend.get_record(name)
+            assert record is not None, f"{name} is listed but not served"
+            good[name] = record
         yield Registry(server.url, backend, good)
         backend.close()
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from rfs.run.store import Store
 from tests.cachefiles import blobs, disk_bytes, layer_tags, remove_layers
 from tests.packages import CACHE_BUILD_TOML, write_package
 from tests.rfsrun import Rfs, count_created, rfs
@@ -85,15 +86,17 @@ def test_prune_by_age_and_clear_remove_layers_too(
     old, new = make_package(tmp_path, "old"), make_package(tmp_path, "new")
     assert rfs("build", old, "-o", tmp_path / "old.ext4", cache=cache).code == 0
     old_tags = layer_tags(cache)
-    time.sleep(1.0)
-    boundary = time.time()
+    # An hour passes for "old": each of its entries was last used an hour ago.
+    an_hour_ago = Store(cache, clock=lambda: time.time() - 3600)
+    for key, _ in an_hour_ago.records():
+        an_hour_ago.touch(key)
+    an_hour_ago.close()
     r = rfs("build", new, "-o", tmp_path / "new.ext4", cache=cache)
     assert r.code == 0, r.err
     new_tags = sorted(set(layer_tags(cache)) - set(old_tags))
     assert len(old_tags) == len(new_tags) == 3
 
-    age = time.time() - boundary + 0.5  # everything of "old" is older, all of "new" younger
-    pruned = rfs("cache", "prune", "--older-than", f"{age:.1f}s", cache=cache)
+    pruned = rfs("cache", "prune", "--older-than", "30m", cache=cache)
     assert pruned.code == 0, pruned.err
     # every step of "old", and its ext4 base image
     assert "dropped 7 entries (3 layer images)" in pruned.out

@@ -25,7 +25,9 @@ from typing import Any
 import docker
 import pytest
 
+from rfs.engine import Engine
 from rfs.engine.base import PROBE_LABEL
+from tests.conftest import engine_url
 from tests.constants import BUSYBOX, BUSYBOX_IMAGE
 from tests.engineproxy import EngineProxy
 from tests.fsinspect import Entry, list_ext4, read_ext4_file
@@ -54,9 +56,9 @@ def plain_rfs(tmp_path: Path) -> Rfs:
 
 
 @pytest.fixture
-def proxy(docker_engine: Any) -> Iterator[EngineProxy]:
+def proxy(docker_engine: Engine) -> Iterator[EngineProxy]:
     """A recording proxy on a unix socket in front of the engine under test."""
-    upstream = str(docker_engine.base_url).removeprefix("unix://")
+    upstream = engine_url(docker_engine).removeprefix("unix://")
     where = Path(tempfile.mkdtemp(prefix="rfs-proxy-"))  # short: socket paths are limited
     recorder = EngineProxy(upstream, where / "engine.sock")
     yield recorder
@@ -211,9 +213,9 @@ def test_command_and_container_fields(
 
 
 def test_connection_uri_over_tcp(
-    rfs: Rfs, docker_engine: Any, tmp_path: Path, engine_toml: str
+    rfs: Rfs, docker_engine: Engine, tmp_path: Path, engine_toml: str
 ) -> None:
-    tcp = EngineProxy(str(docker_engine.base_url).removeprefix("unix://"))
+    tcp = EngineProxy(engine_url(docker_engine).removeprefix("unix://"))
     try:
         pkg = write_package(
             tmp_path / "pkg",
@@ -674,7 +676,7 @@ def test_check_without_an_engine_and_with_a_bad_archive(plain_rfs: Rfs, tmp_path
 
 @pytest.mark.slow
 def test_debian_example_keeps_its_resolv_conf_overlay(
-    rfs: Rfs, docker_engine: Any, engine_kind: str, tmp_path: Path
+    rfs: Rfs, docker_engine: Engine, engine_kind: str, tmp_path: Path
 ) -> None:
     example = Path(__file__).parents[2] / "examples" / "debian"
     pkg = tmp_path / "debian"

@@ -18,7 +18,7 @@ import tarfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -366,13 +366,19 @@ class Tmux:
         ).stdout
 
     def wait_for(self, pattern: str, timeout: float = 60) -> str:
+        return self.wait_until(
+            lambda shown: re.search(pattern, shown, re.M) is not None, repr(pattern), timeout
+        )
+
+    def wait_until(self, shows: Callable[[str], bool], what: str, timeout: float = 60) -> str:
+        """The screen, once `shows(screen)` is true; fail after `timeout` s."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             shown = self.screen()
-            if re.search(pattern, shown, re.M):
+            if shows(shown):
                 return shown
             time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} never appeared:\n{self.screen()}")
+        raise AssertionError(f"{what} never appeared:\n{self.screen()}")
 
     def close(self) -> None:
         subprocess.run([self.tmux, "kill-session", "-t", self.name], check=False)
@@ -411,11 +417,15 @@ echo finished-sleeping
     # finished steps above it, the command's output under its step's header
     assert re.search(r"✓ cached\s+run\[2\]", during), during
     assert re.search(r"▶ run\s+run\[3\].*\n\s+│ live-", during), during
-    time.sleep(0.6)
-    later = terminal.screen()
-    elapsed = [float(x) for x in re.findall(r"running\s+run\[3\] .* (\d+\.\d\d) s$", later, re.M)]
-    first = float(re.findall(r"running\s+run\[3\] .* (\d+\.\d\d) s$", during, re.M)[-1])
-    assert elapsed and elapsed[-1] > first, "the elapsed time is not ticking"
+    running = r"running\s+run\[3\] .* (\d+\.\d\d) s$"
+    first = float(re.findall(running, during, re.M)[-1])
+
+    def ticked(shown: str) -> bool:
+        elapsed = re.findall(running, shown, re.M)
+        return bool(elapsed) and float(elapsed[-1]) > first
+
+    # the command sleeps 2.5 s: a footer that does not tick is gone before it shows more
+    terminal.wait_until(ticked, "the elapsed time of run[3] to tick", timeout=10)
     final = terminal.wait_for(r"^EXIT=0$")
     assert "running" not in final  # the footer is gone, redrawn in place, never scrolled
     assert re.search(r"│ finished-sleeping\n\s+✓ done\s+run\[3\]", final), final
@@ -461,9 +471,7 @@ exit 3
         after = terminal.wait_for(r"^kept-\w+$")
         assert "kept-" in after
     finally:
-        for remove in (
-            lambda: docker_client.containers.get(container).remove(force=True),
-            lambda: docker_client.images.remove(image, force=True),
-        ):
-            with contextlib.suppress(Exception):  # already gone
-                remove()
+        with contextlib.suppress(Exception):  # already gone
+            docker_client.containers.get(container).remove(force=True)
+        with contextlib.suppress(Exception):
+            docker_client.images.remove(image, force=True)

@@ -7,12 +7,13 @@ the failing ones, through `rfs.script.package.load` too, which the build itself 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import socket
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from rfs.cli import main
 from rfs.errors import EXIT_BAD_INPUT, EXIT_OK, ScriptError
 from rfs.script.package import load
 from tests.packages import write_package
+from tests.tarmembers import member_bytes
 
 HEAD = '[container]\nimage = { name = "rfs-test/busybox", tag = "1" }\n'
 YHEAD = "container:\n  image: {name: rfs-test/busybox, tag: '1'}\n"
@@ -36,7 +38,7 @@ class Case:
     script: str = "build.toml"  # the file the message must name
     warning: bool = False  # a warning (exit 0), not an error
     absent: tuple[str, ...] = ()  # text that must not appear (spurious follow-up errors)
-    setup: Callable[[Path], None] | None = field(default=None, repr=False)
+    setup: Callable[[Path], None] | None = dataclasses.field(default=None, repr=False)
 
 
 def toml(body: str, **files: str | bytes) -> dict[str, str | bytes]:
@@ -590,11 +592,7 @@ def test_overlay_through_an_image_symlink_pointing_out_stays_in_the_image(short_
     )
     stream.seek(0)
     with tarfile.open(fileobj=stream) as tar:
-        files = {
-            m.name.strip("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
-            for m in tar.getmembers()
-            if m.isfile()
-        }
+        files = {m.name.strip("./"): member_bytes(tar, m) for m in tar.getmembers() if m.isfile()}
         names = [m.name for m in tar.getmembers()]
     assert files == {"outside/x": b"one", "etc/passwd": b"two"}
     assert not any(".." in name.split("/") for name in names)

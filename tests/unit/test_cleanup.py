@@ -8,10 +8,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
 
+from rfs.engine.fake import FakeEngine
 from rfs.errors import EngineError
 from rfs.host import signals
 from rfs.pipeline.build import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, _owner, remove_abandoned
@@ -39,26 +41,24 @@ def test_sigterm_becomes_keyboard_interrupt_and_only_once() -> None:
 # -- containers of dead builds ---------------------------------------------------------------
 
 
-class Engine:
-    """Just the two calls `remove_abandoned` makes."""
+class Engine(FakeEngine):
+    """The fake engine holding `containers` (ID -> labels), recording each removal asked for;
+    with `fail`, it cannot list them."""
 
     def __init__(self, containers: dict[str, dict[str, str]], fail: bool = False) -> None:
-        self.containers = containers
+        super().__init__()
+        self.kept.update(containers)
         self.fail = fail
         self.removed: list[str] = []
 
     def container_labels(self, label: str) -> dict[str, dict[str, str]]:
         if self.fail:
             raise EngineError("the engine is gone")
-        return {cid: labels for cid, labels in self.containers.items() if label in labels}
+        return super().container_labels(label)
 
-    def remove_containers(self, label: str) -> int:
-        key, value = label.split("=", 1)
-        gone = [cid for cid, labels in self.containers.items() if labels.get(key) == value]
-        for cid in gone:
-            del self.containers[cid]
+    def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         self.removed.append(label)
-        return len(gone)
+        return super().remove_containers(label, keep=keep)
 
 
 def _dead_owner() -> str:
@@ -83,13 +83,13 @@ def test_only_containers_of_dead_local_builds_are_removed() -> None:
             "f": {RUN_LABEL: "", OWNER_LABEL: ""},  # made by someone from a layer image
         }
     )
-    assert remove_abandoned(engine) == 2  # type: ignore[arg-type]
+    assert remove_abandoned(engine) == 2
     assert engine.removed == [f"{OWNER_LABEL}={dead}"]
-    assert sorted(engine.containers) == ["c", "d", "e", "f"]
+    assert sorted(engine.kept) == ["c", "d", "e", "f"]
 
 
 def test_an_unanswering_engine_is_only_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    assert remove_abandoned(Engine({}, fail=True)) == 0  # type: ignore[arg-type]
+    assert remove_abandoned(Engine({}, fail=True)) == 0
     assert "could not look for containers of dead rfs builds" in caplog.text
 
 

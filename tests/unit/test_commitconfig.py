@@ -6,10 +6,6 @@ from rfs.engine.base import MANAGED_LABEL, RunSpec
 from rfs.engine.commitconfig import _DEFAULT_PATH, commit_config, podman_changes
 
 
-def spec(**kw: object) -> RunSpec:
-    return RunSpec(image="x", argv=("true",), **kw)  # type: ignore[arg-type]
-
-
 def test_the_parents_settings_are_restated_and_the_steps_undone() -> None:
     parent = {
         "User": "app",
@@ -20,7 +16,9 @@ def test_the_parents_settings_are_restated_and_the_steps_undone() -> None:
     }
     conf = commit_config(
         parent,
-        spec(
+        RunSpec(
+            image="x",
+            argv=("true",),
             user="1000",
             working_dir="/tmp",
             env={"A": "2", "B": "3", "PATH": "/y"},
@@ -35,7 +33,7 @@ def test_the_parents_settings_are_restated_and_the_steps_undone() -> None:
 
 
 def test_an_unset_path_goes_back_to_dockers_default() -> None:
-    conf = commit_config({}, spec(env={"PATH": "/mine"}))
+    conf = commit_config({}, RunSpec(image="x", argv=("true",), env={"PATH": "/mine"}))
     assert conf["Env"] == [f"PATH={_DEFAULT_PATH}"]
     assert "User" not in conf and "WorkingDir" not in conf  # nothing to undo
 

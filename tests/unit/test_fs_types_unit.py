@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from rfs.errors import ScriptError, UsageError
 from rfs.fs import staging, vfat
 from rfs.fs.image import check_size, with_headroom
+from rfs.fs.tarformat import TarError
 from rfs.fs.tarstream import Selection, StreamStats, write_image_stream
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")
@@ -100,7 +102,7 @@ def test_fakeroot_state_names_every_inode(tmp_path: Path) -> None:
 
 def test_staging_refuses_a_path_through_a_symlink(tmp_path: Path) -> None:
     evil = [_info("x", tarfile.SYMTYPE, linkname="/tmp"), _info("x/owned")]
-    with pytest.raises(staging.tf.TarError, match="through a symlink"):
+    with pytest.raises(TarError, match="through a symlink"):
         staging.extract(io.BytesIO(_tar(evil, {"x/owned": b"!"})), tmp_path, clamp_mtime=0)
 
 
@@ -113,9 +115,13 @@ def test_plain_staging_for_vfat_writes_only_files_and_dirs(tmp_path: Path) -> No
     assert any("hard link(s) stored as separate copies" in w for w in warnings)
 
 
-def _filtered(export: bytes, **kwargs: object) -> list[tarfile.TarInfo]:
+def _filtered(
+    export: bytes, *, restore: Mapping[str, bytes] | None = None, clamp_mtime: int | None = None
+) -> list[tarfile.TarInfo]:
     out = io.BytesIO()
-    write_image_stream(io.BytesIO(export), Selection(), [], out, mtime=5, **kwargs)  # type: ignore[arg-type]
+    write_image_stream(
+        io.BytesIO(export), Selection(), [], out, mtime=5, restore=restore, clamp_mtime=clamp_mtime
+    )
     out.seek(0)
     with tarfile.open(fileobj=out) as tar:
         return tar.getmembers()

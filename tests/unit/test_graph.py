@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given
@@ -108,7 +109,7 @@ def test_any_script_text_change_changes_the_key(text: str) -> None:
 
 
 def _plan(
-    s: BuildScript, available: set[str], previous: dict[str, object] | None = None
+    s: BuildScript, available: set[str], previous: Mapping[str, object] | None = None
 ) -> dict[str, tuple[Action, str]]:
     steps = compile_steps(s, FACTS)
     graph = build_graph(steps)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -291,7 +292,7 @@ def test_stale_results_and_what_was_made_from_them() -> None:
 def test_made_at_collects_the_times_of_stale_able_sources() -> None:
     steps = _steps()
     by_id = {s.id: s for s in steps}
-    records = {
+    records: dict[str, dict[str, Any]] = {
         by_id["run[1]"].key: {"created": 5.0},
         by_id["run[2]"].key: {"created": 6.0, "made_at": {by_id["run[1]"].key: 5.0}},
     }
@@ -373,12 +374,12 @@ def test_a_signal_while_the_temporary_image_is_made_leaves_nothing(
 
     real = tempfile.mkstemp
 
-    def mkstemp_then_signal(**kwargs: object) -> tuple[int, str]:
-        made = real(**kwargs)  # type: ignore[call-overload]
+    def mkstemp_then_signal(dir: Path, prefix: str) -> tuple[int, str]:
+        made = real(dir=dir, prefix=prefix)
         os.kill(os.getpid(), signal.SIGTERM)
-        return made  # type: ignore[no-any-return]
+        return made
 
-    monkeypatch.setattr(image.tempfile, "mkstemp", mkstemp_then_signal)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)  # the module image uses
     with (
         pytest.raises(KeyboardInterrupt),
         signals.handled(),

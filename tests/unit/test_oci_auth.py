@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import requests
 
 from rfs.errors import RemoteCacheError
 from rfs.remote.codec import BadObject
@@ -16,9 +17,22 @@ from rfs.remote.config import RemoteSettings
 from rfs.remote.oci import OciBackend
 
 
+class _RegistryServer(ThreadingHTTPServer):
+    """What the handler answers with, and the Authorization header of each request it saw."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Registry)
+        self.seen: list[tuple[str, str | None]] = []
+        self.realm = "http://127.0.0.1:PORT/token"
+        self.token_answer = b'{"token": "good.token"}'
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that stops reading
+
+
 class _Registry(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: Any
+    server: _RegistryServer
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -46,12 +60,8 @@ class _Registry(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def registry() -> Iterator[Any]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
-    server.handle_error = lambda request, address: None  # a client that stops reading
-    server.seen = []
-    server.realm = "http://127.0.0.1:PORT/token"
-    server.token_answer = b'{"token": "good.token"}'
+def registry() -> Iterator[_RegistryServer]:
+    server = _RegistryServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -59,7 +69,7 @@ def registry() -> Iterator[Any]:
     server.server_close()
 
 
-def _backend(registry: Any) -> OciBackend:
+def _backend(registry: _RegistryServer) -> OciBackend:
     port = registry.server_address[1]
     return OciBackend(
         f"oci://127.0.0.1:{port}/rfs/cache",
@@ -67,12 +77,12 @@ def _backend(registry: Any) -> OciBackend:
     )
 
 
-def test_a_good_token_is_used(registry: Any) -> None:
+def test_a_good_token_is_used(registry: _RegistryServer) -> None:
     assert _backend(registry).get_record("0" * 64) is None  # 404 once authenticated
     assert registry.seen[-1][1] == "Bearer good.token"
 
 
-def test_an_oversized_token_answer_is_not_read_whole(registry: Any) -> None:
+def test_an_oversized_token_answer_is_not_read_whole(registry: _RegistryServer) -> None:
     """A good token padded to 8 MiB: read whole, it would work; it must be refused unread."""
     registry.token_answer = b'{"token": "good.token", "pad": "' + b"a" * (8 << 20) + b'"}'
     with pytest.raises(BadObject, match="too large"):
@@ -80,7 +90,7 @@ def test_an_oversized_token_answer_is_not_read_whole(registry: Any) -> None:
 
 
 @pytest.mark.parametrize("token", ['"evil\\r\\nX-Injected: 1"', "123", '""', '"a b"'])
-def test_a_token_that_is_not_a_plain_word_is_refused(registry: Any, token: str) -> None:
+def test_a_token_that_is_not_a_plain_word_is_refused(registry: _RegistryServer, token: str) -> None:
     registry.token_answer = b'{"token": ' + token.encode() + b"}"
     with pytest.raises(RemoteCacheError):
         _backend(registry).get_record("0" * 64)  # the 401 stands: an error, not a header
@@ -93,8 +103,7 @@ def test_credentials_never_go_to_a_plain_http_realm_of_a_tls_registry() -> None:
         RemoteSettings(timeout_s=1, connect_timeout_s=1, retries=0),
     )
 
-    class Challenge:
-        def __init__(self) -> None:
-            self.headers = {"WWW-Authenticate": 'Bearer realm="http://127.0.0.1:9/token"'}
-
-    assert backend._authenticate(Challenge()) is False  # type: ignore[arg-type]
+    challenge = requests.Response()
+    challenge.status_code = 401
+    challenge.headers["WWW-Authenticate"] = 'Bearer realm="http://127.0.0.1:9/token"'
+    assert backend._authenticate(challenge) is False

@@ -15,6 +15,7 @@ from rfs.errors import Interrupted, StepFailed
 from rfs.graph.planner import Action
 from rfs.host import signals
 from rfs.pipeline.build import Options, execute, prepare
+from rfs.remote.config import RemoteSettings
 from rfs.report.reporter import Reporter
 from rfs.run.snapshot import PackageChanged
 from rfs.run.store import Store
@@ -68,9 +69,26 @@ class World:
         self.out = root / "out.ext4"
         self.cache = root / "cache"
 
-    def build(self, **options: object) -> dict[str, Action]:
+    def build(
+        self,
+        *,
+        no_cache: bool = False,
+        rebuild: tuple[str, ...] = (),
+        keep_failed: bool = False,
+        pull: bool = False,
+        remote: RemoteSettings | None = None,
+    ) -> dict[str, Action]:
         """Build; return what happened to each step."""
-        opts = Options(package=self.pkg, output=self.out, cache_dir=self.cache, **options)  # type: ignore[arg-type]
+        opts = Options(
+            package=self.pkg,
+            output=self.out,
+            cache_dir=self.cache,
+            no_cache=no_cache,
+            rebuild=rebuild,
+            keep_failed=keep_failed,
+            pull=pull,
+            remote=remote,
+        )
         # As the command line does: signals handled, and none left over from another test.
         with signals.handled():
             planned = prepare(opts, Reporter(), engine_factory=lambda script: self.engine)
@@ -214,7 +232,6 @@ def test_remote_cache_round_trip_and_a_hostile_copy(tmp_path: Path) -> None:
     downloads the layer of run[1] (docker load of rfs's own tarball) and runs only what
     follows a changed command. Then a server that damages objects costs B a miss, never a
     wrong image."""
-    from rfs.remote.config import RemoteSettings
     from tests.hostileserver import FakeCache
 
     server = FakeCache()

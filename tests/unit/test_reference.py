@@ -117,9 +117,13 @@ def _expected_type(annotation: str) -> str:
 
 
 def _expected_default(f: dataclasses.Field[object]) -> set[str]:
-    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+    value: object
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif callable(f.default_factory):  # MISSING, its other value, is no callable
+        value = f.default_factory()
+    else:
         return {"required"}
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(value, bool):
         return {f"`{str(value).lower()}`"}
     if isinstance(value, enum.Enum):

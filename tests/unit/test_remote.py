@@ -17,12 +17,12 @@ from typing import IO
 import pytest
 
 from rfs.errors import RemoteCacheError, UsageError
+from rfs.host.sparse import data_extents
 from rfs.remote import open_backend
 from rfs.remote.base import record_names, scoped_name
 from rfs.remote.codec import (
     BadObject,
     ObjectRef,
-    data_extents,
     decode_sparse,
     encode_sparse,
     open_unpacked,
@@ -33,6 +33,7 @@ from rfs.remote.codec import (
 from rfs.remote.config import RemoteSettings, remote_settings
 from rfs.remote.layers import describe_layer, write_load_tarball
 from rfs.remote.record import Wanted, decode_record, encode_record
+from tests.tarmembers import member_bytes
 
 KEY = "ab" * 32
 
@@ -128,7 +129,7 @@ def test_layers_travel_as_config_and_checked_layers_never_as_tags(tmp_path: Path
     write_load_tarball(record, stored, out)
     out.seek(0)
     with tarfile.open(fileobj=out) as tar:
-        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(member_bytes(tar, "manifest.json"))
         assert manifest[0]["RepoTags"] == []  # loading it tags nothing
         assert sorted(tar.getnames()) == sorted(
             [

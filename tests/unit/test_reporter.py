@@ -7,9 +7,9 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from rfs.report.reporter import (
 )
 from rfs.script.schema import parse_script
 from tests.events import SCHEMA, validate_events
+from tests.waiting import until
 
 SCRIPT = """
 [filesystem]
@@ -427,14 +428,18 @@ def test_child_reads_counts_what_a_child_reads() -> None:
 
     seen: list[int] = []
     payload = b"x" * (4 << 20)
+
+    def reported(count: int) -> Callable[[], bool]:
+        return lambda: bool(seen) and seen[-1] >= count
+
     with child_reads("cat", seen.append, interval=0.02):
         proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         assert proc.stdin is not None
-        for i in range(0, len(payload), 1 << 20):
-            proc.stdin.write(payload[i : i + (1 << 20)])
+        for end in range(1 << 20, len(payload) + 1, 1 << 20):
+            proc.stdin.write(payload[end - (1 << 20) : end])
             proc.stdin.flush()
-            time.sleep(0.1)
-        time.sleep(0.1)
+            # cat has read it all (its count also holds what the loader read): one report each
+            until(reported(end), f"a report of {end} bytes read")
         proc.stdin.close()
         proc.wait()
     assert seen, "no progress was reported"
@@ -453,14 +458,10 @@ def test_watch_snapshot_sees_edits_and_ignores_output(tmp_path: Path) -> None:
     before = snapshot(tmp_path, [out])
     assert list(before) == [str(tmp_path / "build.toml")]
 
-    def edit() -> None:
-        time.sleep(0.15)
-        (tmp_path / ".git" / "index").write_text("2")  # hidden: ignored
-        out.write_text("new image")  # the output: ignored
-        (tmp_path / "files").mkdir()
-        (tmp_path / "files" / "motd").write_text("hi")
-
-    threading.Thread(target=edit).start()
+    (tmp_path / ".git" / "index").write_text("2")  # hidden: ignored
+    out.write_text("new image")  # the output: ignored
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "motd").write_text("hi")
     after, paths = wait_for_change(tmp_path, before, [out], poll_s=0.05, debounce_s=0.1)
     assert paths == [str(tmp_path / "files" / "motd")]
     assert changed(before, after) == paths
@@ -479,12 +480,16 @@ def test_watch_keeps_going_after_a_failed_build(tmp_path: Path) -> None:
             raise ScriptError([])  # shown, and the watch goes on
         raise KeyboardInterrupt  # Ctrl-C during the second build's preparation
 
-    def edit() -> None:
-        time.sleep(0.3)
-        (tmp_path / "build.toml").write_text("y")
+    class Output(io.StringIO):
+        """What the watch prints; the script is edited once it says it is watching (another
+        size: the edit is seen whatever the clock's resolution)."""
 
-    threading.Thread(target=edit).start()
-    out = io.StringIO()
+        def write(self, text: str) -> int:
+            if text.startswith("rfs: watching") and len(builds) == 1:
+                (tmp_path / "build.toml").write_text("edited")
+            return super().write(text)
+
+    out = Output()
     assert watch(tmp_path, build, out=out, poll_s=0.05) == 0
     assert len(builds) == 2
     assert "changed: build.toml: building again" in out.getvalue()

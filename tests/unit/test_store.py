@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 from rfs.run.store import Store
+
+
+class Clock:
+    """The stores' clock here: one second later at each reading, so every stamp is distinct
+    and stamps follow the order of the calls (the LRU order), without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
 
 
 def add(store: Store, key: str, size: int = 0, kind: str = "export") -> None:
@@ -17,11 +28,10 @@ def add(store: Store, key: str, size: int = 0, kind: str = "export") -> None:
             w.write(b"x" * size)
         record.update(blob_size=w.size, blob_digest=w.digest)
     store.put_record(key, record)
-    time.sleep(0.01)  # distinct last_used stamps: the order below is the LRU order
 
 
 def test_prune_drops_least_recently_used_until_it_fits(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, clock=Clock())
     for key in ("a", "b", "c"):
         add(store, key, 8192)  # whole 4 KiB blocks: the limit counts what is allocated
     store.touch("a")  # now the most recently used
@@ -75,21 +85,22 @@ def _dead_pid() -> int:
 
 
 def test_prune_by_age_and_clear(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    clock = Clock()
+    store = Store(tmp_path, clock=clock)
     add(store, "old", 10)
-    time.sleep(0.3)
+    clock.now += 600  # ten minutes pass
     add(store, "new", 10, kind="run")
-    assert [k for k, _ in store.prune(older_than=0.2)] == ["old"]
+    assert [k for k, _ in store.prune(older_than=300)] == ["old"]
     assert [k for k, _ in store.prune()] == ["new"]  # neither limit: everything
     assert list(store.records()) == []
 
 
 def test_entries_in_use_by_another_build_are_never_dropped(tmp_path: Path) -> None:
-    running = Store(tmp_path)  # a build in progress holds its steps
+    running = Store(tmp_path, clock=Clock())  # a build in progress holds its steps
     add(running, "used", 100)
     add(running, "idle", 100)
     running.hold({"used"})
-    other = Store(tmp_path)  # another process's prune
+    other = Store(tmp_path, clock=Clock())  # another process's prune
     dropped = other.prune()
     assert [k for k, _ in dropped] == ["idle"]
     assert other.record("used") is not None and other.blob("used") is not None
@@ -99,14 +110,14 @@ def test_entries_in_use_by_another_build_are_never_dropped(tmp_path: Path) -> No
 
 
 def test_on_drop_can_keep_an_entry(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, clock=Clock())
     add(store, "layer", kind="run")
     assert store.prune(on_drop=lambda key, record: False) == []
     assert store.record("layer") is not None
 
 
 def test_evict_respects_the_size_limit_and_keep(tmp_path: Path) -> None:
-    store = Store(tmp_path, size_limit=12288)
+    store = Store(tmp_path, size_limit=12288, clock=Clock())
     add(store, "a", 8192)
     add(store, "b", 8192)
     assert store.evict(keep={"a"}) == ["b"]
@@ -126,7 +137,8 @@ def test_a_step_is_built_by_one_holder_at_a_time(tmp_path: Path) -> None:
     thread = threading.Thread(target=contender)
     thread.start()
     assert waited.wait(5)  # it found the lock taken and said so
-    time.sleep(0.1)
+    thread.join(0.1)  # a lock that let it through would let it finish by now
+    assert thread.is_alive() and events == []
     events.append("first done")
     lock.release()
     thread.join(5)
@@ -134,7 +146,7 @@ def test_a_step_is_built_by_one_holder_at_a_time(tmp_path: Path) -> None:
 
 
 def test_stats_count_entries_bytes_and_hits(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, clock=Clock())
     add(store, "e", 8192)
     add(store, "r", kind="run")
     store.touch("r")
