@@ -40,8 +40,10 @@ class Api:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")  # no handler thread outlives the test
                 self.end_headers()
                 self.wfile.write(body)
+                self.close_connection = True
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
