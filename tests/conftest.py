@@ -67,6 +67,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
 
 
+_summary_lines: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep the "unit coverage" line tests/unit/test_unit_coverage.py records."""
+    if report.when == "call":
+        _summary_lines.extend(str(v) for k, v in report.user_properties if k == "unit coverage")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the unit coverage in every run's summary (CI's log shows it)."""
+    for line in _summary_lines:
+        terminalreporter.write_line(line)
+
+
 def engine_kinds() -> list[str]:
     """The engines the integration tests run against, in order."""
     single = os.environ.get("RFS_TEST_ENGINE")

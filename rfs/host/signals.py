@@ -78,8 +78,26 @@ def deferred() -> Iterator[None]:
     file and recording its name would leave the file behind, so both happen in the block and
     the interrupt comes right after, where cleanup covers it.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    if threading.current_thread() is not threading.main_thread():
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return
+    # Not a signal mask: a mask holds a signal back from this thread only, and the kernel hands
+    # a process's signal to any thread that does not block it (blake3's native hashing threads,
+    # once a build has hashed), whose C handler has Python raise in the main thread at once.
+    # A handler that only notes the signal holds it back whichever thread receives it.
+    held: list[int] = []
+    previous_handlers = {
+        signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+        for signum in HANDLED
+    }
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if held:  # handled now, by the handler it would have met
+            signal.raise_signal(held[0])
