@@ -122,3 +122,45 @@ def new_base(pkg: Path, token: str) -> str:
 
     _edit_script(pkg, change)
     return tag
+
+
+# The late command #16 times: a trivial `touch`, appended to each package of the edits suite and
+# changed to a new name for each late-command edit (new work, new key, a near-empty layer).
+LATE_PREFIX = "touch /etc/rfs-late"
+
+
+def add_late_command(pkg: Path) -> None:
+    """Append one trailing command, a `touch` (buildfs's README example + a late command)."""
+
+    def change(d: dict[str, Any]) -> None:
+        d["commands"] = [*d.get("commands", []), {"command": LATE_PREFIX}]
+
+    _edit_script(pkg, change)
+
+
+def edit_late_touch(pkg: Path, token: str) -> None:
+    """Make the last command `touch` a new file: a changed late command, of trivial cost."""
+
+    def change(d: dict[str, Any]) -> None:
+        d["commands"][-1] = {"command": f"{LATE_PREFIX}-{token}"}
+
+    _edit_script(pkg, change)
+
+
+BIG_BYTES = 1536 * 2**20  # 1.5 GiB
+
+
+def make_big(pkg: Path) -> None:
+    """The "big" package: the busybox example whose first command writes 1.5 GiB of random data
+    (incompressible, and real blocks, not a hole) to /opt/big; sized 2 GiB."""
+
+    def change(d: dict[str, Any]) -> None:
+        big = {
+            "script_inline": (
+                f"#!/bin/sh\nmkdir -p /opt\nhead -c {BIG_BYTES} /dev/urandom > /opt/big\n"
+            )
+        }
+        d["commands"] = [big, *d.get("commands", [])]
+        d["filesystem"]["size_mib"] = 2048
+
+    _edit_script(pkg, change)
