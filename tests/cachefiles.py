@@ -30,7 +30,7 @@ def layer_tags(cache: Path) -> list[str]:
         return []
     store = Store(cache)
     try:
-        return [str(r["tag"]) for _, r in store.records() if r.get("kind") == "run"]
+        return [str(r["tag"]) for _, r in store.records() if r.get("kind") in ("run", "dockerfile")]
     finally:
         store.close()
 

@@ -168,7 +168,8 @@ class _LayerRemover:
         self.removed = 0
 
     def __call__(self, key: str, record: dict[str, Any]) -> bool:
-        if record.get("kind") != "run" or not record.get("tag"):
+        # Layers, and the images `container.dockerfile` bases built.
+        if record.get("kind") not in ("run", "dockerfile") or not record.get("tag"):
             return True
         from rfs.engine import connect
         from rfs.errors import EngineError

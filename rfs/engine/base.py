@@ -157,6 +157,25 @@ class Engine(Protocol):
         """Whether `tag` names an image in the engine."""
         ...
 
+    def build_image(
+        self,
+        context: BinaryIO,
+        *,
+        dockerfile: str,
+        tag: str,
+        step: str,
+        build_args: Mapping[str, str] = EMPTY,
+        target: str | None = None,
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> str:
+        """Build the Dockerfile `dockerfile` (a path inside the context) from the context tar
+        read from `context`, tag the result `tag` and return its image ID.
+
+        Nothing is pulled (bases are local) and no intermediate container is left. A failing
+        instruction raises StepFailed naming `step` and the instruction.
+        """
+        ...
+
     def run_and_commit(
         self,
         spec: RunSpec,

@@ -299,6 +299,37 @@ class DockerEngine(ContainerOps):
             f"asked to {what}: {messages[-3:]}"
         )
 
+    def build_image(
+        self,
+        context: BinaryIO,
+        *,
+        dockerfile: str,
+        tag: str,
+        step: str,
+        build_args: Mapping[str, str] = EMPTY,
+        target: str | None = None,
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> str:
+        """Build a Dockerfile from a context tar and tag it `tag` (`rfs.engine.imagebuild`)."""
+        from rfs.engine.imagebuild import build_image
+
+        build_image(
+            self,
+            context,
+            dockerfile=dockerfile,
+            tag=tag,
+            step=step,
+            build_args=build_args,
+            target=target,
+            on_output=on_output,
+        )
+        found = self.image_id(tag)
+        if found is None:
+            raise EngineError(
+                f"the {self._title} engine said it built {dockerfile} but has no image {tag}"
+            )
+        return _full_id(found)
+
     # -- running steps -------------------------------------------------------------------
 
     def run_and_commit(

@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, BinaryIO
 from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
 from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
 
+if TYPE_CHECKING:
+    from rfs.engine.fakebuild import Stage
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -172,6 +175,52 @@ def _diff(old: Tree, new: Tree) -> dict[str, Entry | None]:
     changes: dict[str, Entry | None] = {p: e for p, e in new.items() if old.get(p) != e}
     changes.update({p: None for p in old if p not in new})
     return changes
+
+
+def _env(pairs: object) -> dict[str, str]:
+    """`NAME=value` strings (an image config's Env) as a dict."""
+    if not isinstance(pairs, list | tuple):
+        return {}
+    return {k: v for k, _, v in (str(p).partition("=") for p in pairs)}
+
+
+def _copy(
+    tree: Tree,
+    args: Sequence[str],
+    ctx: Tree,
+    built: Mapping[str, tuple[Tree, dict[str, object], list[bytes]]],
+    line: str,
+) -> None:
+    """COPY [--from=stage] src... dest: files by name, a directory's (or ".") content."""
+    from rfs.engine.fakebuild import DockerfileError
+
+    source = ctx
+    words = list(args)
+    if words and words[0].startswith("--from="):
+        name = words.pop(0).split("=", 1)[1]
+        if name not in built:
+            raise DockerfileError(line, f"no stage {name} to copy from")
+        source = built[name][0]
+    if len(words) < 2:
+        raise DockerfileError(line, "COPY needs a source and a destination")
+    *sources, dest = words
+    for src in sources:
+        path = _norm(src)
+        if path not in source and path != "/":
+            raise DockerfileError(line, f"{src}: not found in the build context")
+        if path == "/" or source[path].kind == "dir":
+            prefix = "" if path == "/" else path
+            for name, entry in source.items():
+                if name.startswith(prefix + "/"):
+                    target = _norm(dest + "/" + name[len(prefix) + 1 :])
+                    _make_parents(tree, target)
+                    tree[target] = entry
+            continue
+        target = _norm(dest)
+        if dest.endswith("/") or tree.get(target, Entry()).kind == "dir":
+            target = _norm(posixpath.join(dest, posixpath.basename(path)))
+        _make_parents(tree, target)
+        tree[target] = source[path]
 
 
 def _sha(data: bytes) -> str:
@@ -317,6 +366,90 @@ class FakeEngine:
     def has_tag(self, tag: str) -> bool:
         """Whether `tag` names an image."""
         return tag in self.tags
+
+    def build_image(
+        self,
+        context: BinaryIO,
+        *,
+        dockerfile: str,
+        tag: str,
+        step: str,
+        build_args: Mapping[str, str] = EMPTY,
+        target: str | None = None,
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> str:
+        """Build the Dockerfile subset of `rfs.engine.fakebuild` from the context tar."""
+        from rfs.engine.fakebuild import DockerfileError, parse
+
+        self.calls.append("build")
+        ctx: Tree = {}
+        _apply_layer(ctx, context.read())
+        if _norm(dockerfile) not in ctx:
+            raise StepFailed(step, f"the context holds no Dockerfile {dockerfile}")
+        built: dict[str, tuple[Tree, dict[str, object], list[bytes]]] = {}
+        try:
+            stages = parse(ctx[_norm(dockerfile)].data.decode(), build_args, target)
+            for index, stage in enumerate(stages):
+                result = self._build_stage(stage, built, ctx, on_output)
+                built[str(index)] = result
+                if stage.name:
+                    built[stage.name] = result
+        except DockerfileError as exc:
+            raise StepFailed(
+                step, f"the fake build of {dockerfile} failed at `{exc.line}`: {exc}"
+            ) from exc
+        tree, config, layers = built[str(len(stages) - 1)]
+        image_id = self._store(layers, tree, config)
+        self.tag(image_id, tag)
+        return image_id
+
+    def _build_stage(
+        self,
+        stage: Stage,
+        built: Mapping[str, tuple[Tree, dict[str, object], list[bytes]]],
+        ctx: Tree,
+        on_output: Callable[[bytes], None] | None,
+    ) -> tuple[Tree, dict[str, object], list[bytes]]:
+        from rfs.engine.fakebuild import DockerfileError
+
+        if stage.base in built:
+            base_tree, config, layers = built[stage.base]
+        else:
+            found = self._resolve(stage.base)
+            if found is None:
+                raise DockerfileError(f"FROM {stage.base}", f"no image {stage.base} (no pulling)")
+            image = self.images[found]
+            base_tree, layers = image.tree, list(image.layers)
+            config = dict(json.loads(image.config).get("config", {}))
+        tree, config = dict(base_tree), dict(config)
+        env = _env(config.get("Env"))
+        for ins in stage.instructions:
+            if ins.op == "ENV":
+                env.update(_env(ins.args))
+            elif ins.op == "WORKDIR":
+                where = _norm(posixpath.join(str(config.get("WorkingDir") or "/"), ins.args[0]))
+                _make_parents(tree, where)
+                tree.setdefault(where, Entry("dir", mode=0o755))
+                config["WorkingDir"] = where
+            elif ins.op == "USER":
+                config["User"] = ins.args[0]
+            elif ins.op == "COPY":
+                _copy(tree, ins.args, ctx, built, ins.line)
+            else:  # RUN
+                spec = RunSpec(
+                    image=stage.base,
+                    argv=("/bin/sh", "-c", ins.args[0]),
+                    env={**env, **_env(ins.args[1:])},
+                )
+                run = FakeRun(spec, tree)
+                code = self.run(run)
+                for chunk in run.output:
+                    if on_output is not None:
+                        on_output(chunk)
+                if code != 0:
+                    raise DockerfileError(ins.line, f"exited with code {code}")
+        config["Env"] = [f"{k}={v}" for k, v in env.items()]
+        return tree, config, [*layers, _layer_tar(_diff(base_tree, tree))]
 
     def run_and_commit(
         self,

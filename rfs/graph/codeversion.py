@@ -28,6 +28,7 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
         "host/hashing.py",
         "script/package.py",
         "script/basearchive.py",
+        "script/buildcontext.py",
         "run/basefacts.py",
         "host/sparse.py",
         "run/copyin.py",
@@ -52,7 +53,7 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
 
 
 # Below those directories but never part of a real build: the engine for tests.
-NOT_SHAPING = frozenset({"engine/fake.py"})
+NOT_SHAPING = frozenset({"engine/fake.py", "engine/fakebuild.py"})
 
 
 def _files(entries: tuple[str, ...]) -> list[Path]:

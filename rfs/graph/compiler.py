@@ -151,6 +151,27 @@ def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
     }
 
 
+def dockerfile_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
+    """What a `container.dockerfile` base is built from: the Dockerfile's content, every
+    context entry the engine sees, the build args, the target, the engine and the rfs code
+    that makes the context. Its digest names the built image (`dockerfile_tag_key`)."""
+    c = script.container
+    assert c.dockerfile is not None
+    return {
+        "dockerfile": facts.file_digests[c.dockerfile],
+        "context": dict(facts.context),
+        "build_args": dict(c.build_args),
+        "target": c.target,
+        "engine": facts.engine,
+        "code": facts.code.get("run", ""),
+    }
+
+
+def dockerfile_tag_key(script: BuildScript, facts: Facts) -> str:
+    """The digest that tags the image a `container.dockerfile` base builds."""
+    return digest_json({"v": KEY_VERSION, "dockerfile": dockerfile_inputs(script, facts)})
+
+
 def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
     """The steps of `script` in dependency order, with their keys."""
     steps: list[Step] = []
@@ -180,11 +201,16 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
     c = script.container
     # An archive is keyed by its content: importing a root filesystem tarball gives a new image
     # ID each time, and a `docker save` tarball's content fixes its image ID anyway.
+    # A Dockerfile is keyed by what it is built from: two builds of it differ in their IDs.
     base_inputs: dict[str, Any] = (
         {"archive": facts.file_digests[c.archive]}
         if c.archive is not None
+        else dockerfile_inputs(script, facts)
+        if c.dockerfile is not None
         else {"image_id": facts.base_id}
     )
+    if c.image is not None and c.image.digest is not None:
+        base_inputs["digest"] = c.image.digest  # pinned: the key says which content
     # An image ID may name a multi-platform index: the platform it resolved to is keyed too.
     base_inputs["platform"] = facts.platform
     last = add(

@@ -48,7 +48,17 @@ def field_name(step: Step) -> str:
 
 
 def script_text(script: BuildScript, step: Step) -> bytes | None:
-    """The text of the script a RUN step runs (inline or a package file), if it has one."""
+    """The text of the script a RUN step runs (inline or a package file), or of the
+    Dockerfile a base is built from, if it has one."""
+    if step.kind is StepKind.BASE and script.container.dockerfile is not None:
+        if script.package_root is None:
+            return None
+        from rfs.script.package import resolve_reference
+
+        try:
+            return resolve_reference(script.package_root, script.container.dockerfile).read_bytes()
+        except (OSError, ValueError):
+            return None
     if step.kind is not StepKind.RUN or step.index is None:
         return None
     cmd = script.commands[step.index]
@@ -192,12 +202,51 @@ def _assemble_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[st
     return out
 
 
+def _dockerfile_changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    old_lines: Any,
+    new_text: bytes | None,
+    path: str | None,
+) -> list[str]:
+    """What differs between two `container.dockerfile` bases: the Dockerfile's lines, the
+    context files, the build args, the target."""
+    out = []
+    if old.get("dockerfile") != new.get("dockerfile"):
+        where = ""
+        if isinstance(old_lines, list) and new_text is not None:
+            where = line_changes(old_lines, line_hashes(new_text), new_text)
+        name = f"Dockerfile {path}" if path else "the Dockerfile"
+        out.append(f"{name} changed ({where})" if where else f"{name} changed")
+    a, b = old.get("context"), new.get("context")
+    a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})
+    for name in sorted(set(a) | set(b)):
+        if path is not None and path.endswith("/" + name) and out[:1]:
+            continue  # the Dockerfile itself: said above, with its lines
+        if name not in a:
+            out.append(f"context file {name} added")
+        elif name not in b:
+            out.append(f"context file {name} removed")
+        elif a[name] != b[name]:
+            out.append(f"context file {name} changed")
+    rest_old = {k: v for k, v in old.items() if k not in ("dockerfile", "context")}
+    rest_new = {k: v for k, v in new.items() if k not in ("dockerfile", "context")}
+    for change in diff_inputs(rest_old, rest_new):
+        named = change.startswith(("build_args", "target"))
+        out.append(f"container.{change}" if named else change)
+    return out
+
+
 def own_changes(step: Step, old: Mapping[str, Any], script: BuildScript | None) -> list[str]:
     """What differs in `step`'s own inputs from its manifest `old`, in the script's terms."""
     old_inputs = old.get("inputs", {})
     if not isinstance(old_inputs, dict):
         old_inputs = {}
     new_inputs = dict(step.inputs)
+    if step.kind is StepKind.BASE and "dockerfile" in new_inputs and "dockerfile" in old_inputs:
+        text = script_text(script, step) if script is not None else None
+        where = script.container.dockerfile if script is not None else None
+        return _dockerfile_changes(old_inputs, new_inputs, old.get("lines"), text, where)
     if step.kind is StepKind.BASE:
         return _own_changes(step, old)
     if step.kind is StepKind.RUN:

@@ -30,6 +30,8 @@ def package_refs(script: BuildScript) -> list[str]:
     refs += [host for host, _ in script.container.volumes]
     if script.container.archive:
         refs.append(script.container.archive)
+    if script.container.dockerfile:
+        refs.append(script.container.dockerfile)
     return sorted(set(refs))
 
 

@@ -59,3 +59,6 @@ class Facts:
     network: bool = True  # commands may reach the network (rfs build --no-network: False)
     # Step kind -> digest of the rfs code that shapes its artifacts (rfs.graph.codeversion).
     code: Mapping[str, str] = field(default_factory=dict)
+    # A `container.dockerfile` base: name -> digest of each build context entry the engine
+    # sees (after .dockerignore; rfs.script.buildcontext).
+    context: Mapping[str, str] = field(default_factory=dict)

@@ -41,8 +41,8 @@ from rfs.host import signals
 from rfs.host.hashing import digest_bytes
 from rfs.host.orphans import remove_orphans
 from rfs.report.reporter import Reporter, artifact_size
-from rfs.run.basefacts import engine_facts, quick_engine_facts
-from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
+from rfs.run.basefacts import DockerfileBase, engine_facts, quick_engine_facts
+from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor, layer_tag
 from rfs.run.snapshot import PackageSnapshot
 from rfs.run.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
 from rfs.script.model import BuildScript
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from rfs.host.locks import FileLock
     from rfs.remote.config import RemoteSettings
     from rfs.remote.sync import RemoteCache
+    from rfs.script.buildcontext import ContextEntry
 
 RUN_LABEL = "org.rfs.run"
 # "<host>:<pid>:<process start time>" of the rfs process that created a container, so a later
@@ -142,8 +143,14 @@ def prepare(
     remembered = dict(memo)  # entries are replaced, never changed in place
     # An archive package is unpacked to a new directory each run: its paths are not worth
     # remembering.
+    entries: list[ContextEntry] = []
+    if script.container.dockerfile is not None:
+        from rfs.script.buildcontext import context_entries, context_refs
+
+        entries = context_entries(script)
+    refs = package_refs(script) + (context_refs(entries) if entries else [])
     digests = digest_refs(
-        script.package_root, package_refs(script), memo if script.origin is None else None
+        script.package_root, sorted(set(refs)), memo if script.origin is None else None
     )
     if memo != remembered:
         store.set_meta(DIGEST_MEMO, memo)
@@ -152,12 +159,17 @@ def prepare(
     snapshot = PackageSnapshot(script.package_root, digests, mtime=0)
     # The socket shortcut is for the engine `connect_engine` would reach; an engine handed in
     # (a fake one, in tests) answers for itself.
-    quick = not opts.pull and engine_factory is connect_engine
-    found = quick_engine_facts(script, digests) if quick else None
-    if found is None:
-        found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull)
     from rfs.fs.tools import remembered_tool_version
     from rfs.graph.codeversion import code_version
+
+    code = {kind: code_version(kind) for kind in ("run", "export", "assemble")}
+    built = _dockerfile_base(script, digests, entries, code, store)
+    quick = not opts.pull and engine_factory is connect_engine
+    found = quick_engine_facts(script, digests, built) if quick else None
+    if found is None:
+        found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull, built=built)
+    if built is not None:
+        _record_dockerfile_base(store, built, found.base_id, script.container.engine.value)
 
     tools = store.meta("tool-versions")
     known_tools = dict(tools)
@@ -173,7 +185,8 @@ def prepare(
         platform=found.platform,
         engine_version=found.engine_version,
         network=opts.network,
-        code={kind: code_version(kind) for kind in ("run", "export", "assemble")},
+        code=code,
+        context=_context_digests(entries, digests),
     )
     steps = compile_steps(script, facts)
     script_file = script.origin or (
@@ -212,6 +225,58 @@ def prepare(
     planned.forced = forced_steps(steps, script, store, opts)
     planned.decisions = plan_steps(steps, available, previous, planned.forced)
     return planned
+
+
+def _context_digests(entries: list[ContextEntry], digests: dict[str, str]) -> dict[str, str]:
+    if not entries:
+        return {}
+    from rfs.script.buildcontext import context_digests
+
+    return context_digests(entries, digests)
+
+
+def _dockerfile_base(
+    script: BuildScript,
+    digests: dict[str, str],
+    entries: list[ContextEntry],
+    code: dict[str, str],
+    store: Store,
+) -> DockerfileBase | None:
+    """A `container.dockerfile` base's key (what it is built from) and context, or None."""
+    if script.container.dockerfile is None:
+        return None
+    from rfs.graph.compiler import dockerfile_tag_key
+
+    facts = Facts(
+        base_id="",
+        file_digests=digests,
+        engine=script.container.engine.value,
+        code=code,
+        context=_context_digests(entries, digests),
+    )
+    key = dockerfile_tag_key(script, facts)
+    store.hold({key})  # no eviction removes its image while this build runs
+    return DockerfileBase(key, tuple(entries), layer_tag(key, store.cache_id))
+
+
+def _record_dockerfile_base(
+    store: Store, built: DockerfileBase, image_id: str, engine: str
+) -> None:
+    """Record the image a Dockerfile base built (or found), like a layer: `rfs cache prune`
+    and `clear` remove its tag with the entry."""
+    record = store.record(built.key)
+    if record is not None and record.get("image_id") == image_id:
+        store.touch(built.key)
+        return
+    store.put_record(
+        built.key,
+        {
+            "kind": "dockerfile",
+            "tag": built.tag,
+            "image_id": image_id,
+            "inputs": {"engine": engine},
+        },
+    )
 
 
 def max_ages(script: BuildScript) -> dict[str, int]:

@@ -4,17 +4,19 @@ build), else through the engine client, which also pulls or loads the base."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rfs.errors import RfsError
+from rfs.errors import EnvironmentProblem, RfsError
 from rfs.script.model import BuildScript
 from rfs.script.package import resolve_reference
 
 if TYPE_CHECKING:
     from rfs.engine.base import Engine
     from rfs.run.snapshot import PackageSnapshot
+    from rfs.script.buildcontext import ContextEntry
 
 BASE_REPO = "rfs/base"
 
@@ -28,14 +30,33 @@ class EngineFacts:
     engine_version: str  # the engine's server version
 
 
-def _base_ref(script: BuildScript, digests: Mapping[str, str]) -> str | None:
+@dataclass(frozen=True)
+class DockerfileBase:
+    """A `container.dockerfile` base as planned: the digest of what it is built from
+    (`rfs.graph.compiler.dockerfile_tag_key`), the context entries the engine is sent, and
+    the tag of its image (`rfs.run.executors.layer_tag`: each cache owns its images, and
+    `rfs cache prune|clear` removes them with the entry the build records under `key`)."""
+
+    key: str
+    entries: Sequence[ContextEntry]
+    tag: str  # the image built from exactly these inputs, in the cache's layer namespace
+
+
+def _base_ref(
+    script: BuildScript, digests: Mapping[str, str], built: DockerfileBase | None = None
+) -> str | None:
     c = script.container
     if c.archive is not None:
         return f"{BASE_REPO}:{digests[c.archive]}"
+    if built is not None:
+        return built.tag
+    # A pinned image's ref is `name@digest`: the engine finds it only by that digest.
     return c.image.ref if c.image is not None else None
 
 
-def quick_engine_facts(script: BuildScript, digests: Mapping[str, str]) -> EngineFacts | None:
+def quick_engine_facts(
+    script: BuildScript, digests: Mapping[str, str], built: DockerfileBase | None = None
+) -> EngineFacts | None:
     """The engine facts when the engine has the base image locally, asked without the docker
     SDK (two GETs on its unix socket).
 
@@ -46,7 +67,7 @@ def quick_engine_facts(script: BuildScript, digests: Mapping[str, str]) -> Engin
     from rfs.engine.lite import Unavailable, engine_version, image_facts
 
     c = script.container
-    ref = _base_ref(script, digests)
+    ref = _base_ref(script, digests, built)
     if ref is None:
         return None
     uri = c.connection_uri or default_uri(c.engine.value)
@@ -66,10 +87,12 @@ def engine_facts(
     snapshot: PackageSnapshot | None = None,
     *,
     pull: bool = False,
+    built: DockerfileBase | None = None,
 ) -> EngineFacts:
     """The engine facts through the engine client: the base resolved (pulled if need be, or
-    looked up again with `pull`), its platform and the engine's version."""
-    base_id = resolve_base(engine, script, digests, snapshot, pull=pull)
+    looked up again with `pull`; a Dockerfile built if its image is missing), its platform
+    and the engine's version."""
+    base_id = resolve_base(engine, script, digests, snapshot, pull=pull, built=built)
     return EngineFacts(base_id, engine.image_platform(base_id), engine.version())
 
 
@@ -80,17 +103,23 @@ def resolve_base(
     snapshot: PackageSnapshot | None = None,
     *,
     pull: bool = False,
+    built: DockerfileBase | None = None,
 ) -> str:
     """The image ID the first command runs on: `container.image` resolved (pulled if need be,
     looked up in its registry again with `pull`), or `container.archive` brought into the
     engine once and kept as `rfs/base:<digest>`.
 
     The archive's content digest (`digests`, from the package) names it, so an unchanged
-    archive is neither reread nor reloaded, and an edited one is loaded again.
+    archive is neither reread nor reloaded, and an edited one is loaded again. A
+    `container.dockerfile` base is built once per `built.key` and kept as `built.tag`.
     """
     c = script.container
+    if built is not None:
+        return _build_dockerfile(engine, script, built, snapshot)
     if c.archive is None:
         assert c.image is not None  # the schema requires one of them
+        if c.image.digest is not None:
+            return _resolve_pinned(engine, c.image.name, c.image.digest, pull=pull)
         return engine.resolve_base(c.image.name, c.image.tag, pull=pull)
     from rfs.script.basearchive import inspect_base_archive
 
@@ -109,3 +138,55 @@ def resolve_base(
         image_id = archive.image_id  # the manifest's config digest: what was loaded
     engine.tag(image_id, tag)
     return image_id
+
+
+def _build_dockerfile(
+    engine: Engine, script: BuildScript, built: DockerfileBase, snapshot: PackageSnapshot | None
+) -> str:
+    """The image of a `container.dockerfile` base: the one tagged with its key, else built
+    from the context tar of the build's checked copies of the package files."""
+    import tempfile
+
+    from rfs.script.buildcontext import dockerfile_name, write_context
+
+    found = engine.image_id(built.tag)
+    if found is not None:
+        return found
+    c = script.container
+    assert c.dockerfile is not None and script.package_root is not None
+    root = script.package_root
+
+    def copy_of(ref: str) -> Path:
+        return snapshot.path(ref) if snapshot is not None else resolve_reference(root, ref)
+
+    with tempfile.TemporaryFile() as tar:
+        write_context(script, list(built.entries), copy_of, tar)
+        tar.seek(0)
+        return engine.build_image(
+            tar,
+            dockerfile=dockerfile_name(script),
+            tag=built.tag,
+            step=f"base (container.dockerfile {c.dockerfile})",
+            build_args=dict(c.build_args),
+            target=c.target,
+        )
+
+
+def _resolve_pinned(engine: Engine, name: str, digest: str, *, pull: bool) -> str:
+    """The image `container.image` pins: a local one whose repo digests hold `name@digest`
+    (pulled images), or whose ID is `digest` (images made locally have no repo digests);
+    else pulled as `name@digest`, which the registry serves only with that content."""
+    if not pull:
+        found = engine.image_id(f"{name}@{digest}")
+        if found is not None:
+            return found
+        if engine.image_id(digest) == digest:
+            return digest
+    try:
+        return engine.resolve_base(name, digest, pull=pull)
+    except EnvironmentProblem as exc:
+        raise EnvironmentProblem(
+            f"container.image.digest: no image {name}@{digest}: none in the {engine.name} "
+            f"engine has that digest, and pulling it failed ({exc.message})",
+            hint="check the digest (docker images --digests), or load the image it names",
+        ) from exc

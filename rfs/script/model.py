@@ -43,14 +43,17 @@ class Filesystem:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """`[container].image`: a base image by name and tag."""
+    """`[container].image`: a base image by name and tag, or by name and digest (pinned)."""
 
     name: str
     tag: str
+    digest: str | None = None  # "sha256:<64 hex>": the image is pinned to this content
 
     @property
     def ref(self) -> str:
-        """The `name:tag` form the engine understands."""
+        """The `name:tag` (or `name@sha256:…`) form the engine understands."""
+        if self.digest is not None:
+            return f"{self.name}@{self.digest}"
         return f"{self.name}:{self.tag}"
 
 
@@ -58,13 +61,18 @@ class ImageRef:
 class Container:
     """`[container]`: the engine, the base image and how build containers run.
 
-    The base image is either `image` (a name and tag in the engine or a registry) or `archive`
+    The base image is `image` (a name and tag in the engine or a registry), `archive`
     (a package file: a `docker save` tarball or a root filesystem tarball, for machines
-    without a registry); the schema makes sure exactly one is set.
+    without a registry) or `dockerfile` (a package file the engine builds, with `context`,
+    `build_args` and `target`); the schema makes sure exactly one is set.
     """
 
     image: ImageRef | None = None
     archive: str | None = None  # package-relative ("/images/base.tar")
+    dockerfile: str | None = None  # package-relative ("/Dockerfile")
+    context: str = "/"  # package-relative directory sent to the engine with the Dockerfile
+    build_args: tuple[tuple[str, str], ...] = ()  # sorted (name, value)
+    target: str | None = None  # the stage of a multi-stage Dockerfile to build
     engine: EngineKind = EngineKind.DOCKER
     rootful: bool = False
     wait_timeout_s: int | None = None
@@ -83,9 +91,14 @@ class Container:
 
     @property
     def base_label(self) -> str:
-        """The base image as people name it: `name:tag`, or `archive /images/base.tar`."""
+        """The base image as people name it: `name:tag`, `archive /images/base.tar` or
+        `Dockerfile /Dockerfile`."""
         if self.archive is not None:
             return f"archive {self.archive}"
+        if self.dockerfile is not None:
+            return f"Dockerfile {self.dockerfile}" + (
+                f" (target {self.target})" if self.target else ""
+            )
         return self.image.ref if self.image is not None else "(no image)"
 
 

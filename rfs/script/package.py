@@ -82,6 +82,9 @@ def references(script: BuildScript) -> list[tuple[str, str, str]]:
     refs: list[tuple[str, str, str]] = []
     if script.container.archive:
         refs.append(("container.archive", script.container.archive, "file"))
+    if script.container.dockerfile:
+        refs.append(("container.dockerfile", script.container.dockerfile, "file"))
+        refs.append(("container.context", script.container.context, "dir"))
     for i, cmd in enumerate(script.commands):
         if cmd.script_path:
             refs.append((f"commands[{i}].script_path", cmd.script_path, "file"))
@@ -120,9 +123,8 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
         elif kind == "file" and not host.is_file():
             problems.append(Problem(field_path, f"{ref} is not a regular file", file))
         elif kind == "dir" and not host.is_dir():
-            problems.append(
-                Problem(field_path, f"{ref} is not a directory (is_directory = true)", file)
-            )
+            hint = "" if field_path == "container.context" else " (is_directory = true)"
+            problems.append(Problem(field_path, f"{ref} is not a directory{hint}", file))
         elif field_path.endswith(".script_path") and (why := _script_problem(host)):
             problems.append(Problem(field_path, f"{ref} {why}", file))
         elif kind != "file" and (socket := _socket_in(host)) is not None:
@@ -136,7 +138,26 @@ def _check_references(script: BuildScript, file: str) -> list[Problem]:
                     file,
                 )
             )
+    problems += _dockerfile_problems(script, file)
     return problems
+
+
+def _dockerfile_problems(script: BuildScript, file: str) -> list[Problem]:
+    """The Dockerfile is sent to the engine inside its context, so it must lie in it."""
+    c = script.container
+    if c.dockerfile is None:
+        return []
+    inside = c.context == "/" or c.dockerfile.startswith(c.context.rstrip("/") + "/")
+    if inside:
+        return []
+    return [
+        Problem(
+            "container.dockerfile",
+            f"{c.dockerfile} is outside container.context {c.context}: the engine reads the "
+            "Dockerfile from the context it is sent, so move it into the context",
+            file,
+        )
+    ]
 
 
 def _script_problem(path: Path) -> str | None:

@@ -5,6 +5,7 @@ Nothing here touches the filesystem: package files are checked by `package.py`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +49,10 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "engine",
         "image",
         "archive",
+        "dockerfile",
+        "context",
+        "build_args",
+        "target",
         "rootful",
         "wait_timeout_s",
         "connection_uri",
@@ -64,7 +69,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     ),
     "copy": ("source", "destination", "mode", "uid", "gid"),
     "outputs": ("path", "to", "remove"),
-    "image": ("name", "tag"),
+    "image": ("name", "tag", "digest"),
     "commands": (
         "command",
         "script_inline",
@@ -166,32 +171,65 @@ def _filesystem(r: Reader, data: Mapping[str, Any]) -> Filesystem:
     )
 
 
+# What an image digest looks like (the only algorithm engines and registries use for IDs).
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A Dockerfile stage name (docker's rule: a letter, then letters, digits, `_`, `.`, `-`).
+_STAGE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_BASES = ("image", "archive", "dockerfile")
+_BASE_FORMS = (
+    'image = { name = "...", tag = "..." }, archive = "/path/in/package.tar" '
+    'or dockerfile = "/Dockerfile"'
+)
+
+
+def _base(r: Reader, data: Mapping[str, Any]) -> ImageRef | None:
+    """Check that exactly one base is given; return `image` parsed, if it is the one."""
+    p = "container"
+    given = [k for k in _BASES if data.get(k) is not None]
+    if not given:
+        r.error(f"{p}.image", f"is required: give one base image, {_BASE_FORMS}")
+    for extra in given[1:]:
+        r.error(
+            f"{p}.{extra}",
+            f"conflicts with container.{given[0]}: give one base image, {_BASE_FORMS}",
+        )
+    if data.get("dockerfile") is None:
+        for key in ("context", "build_args", "target"):
+            if data.get(key) is not None:
+                r.error(f"{p}.{key}", 'only applies with container.dockerfile = "/Dockerfile"')
+    image = r.table(data, "image", f"{p}.image")
+    if image is None:
+        return None
+    r.check_keys(image, "image", f"{p}.image")
+    name = r.text(image, "name", f"{p}.image.name")
+    tag = r.text(image, "tag", f"{p}.image.tag")
+    digest = r.text(image, "digest", f"{p}.image.digest")
+    if not name:
+        r.error(f"{p}.image.name", "is required")
+    if digest is not None:
+        if not _DIGEST.fullmatch(digest):
+            r.error(
+                f"{p}.image.digest",
+                f'must be "sha256:" and 64 lowercase hex digits, not {digest!r}',
+            )
+            digest = None
+        if tag is not None:
+            r.error(f"{p}.image.tag", "conflicts with image.digest: pin by digest or name a tag")
+    elif not tag:
+        r.error(f"{p}.image.tag", "is required")
+    return ImageRef(name or "", tag or "", digest)
+
+
 def _container(r: Reader, data: Mapping[str, Any]) -> Container:
     p = "container"
     r.check_keys(data, "container", p)
-    image = r.table(data, "image", f"{p}.image")
+    image = _base(r, data)
     archive = r.image_path(data, "archive", f"{p}.archive")
-    name = tag = None
-    if image is not None and data.get("archive") is not None:
-        r.error(
-            f"{p}.archive",
-            "conflicts with container.image: give one base image, either "
-            'image = { name, tag } or archive = "/path/in/package.tar"',
-        )
-    elif image is None and data.get("archive") is None:
-        r.error(
-            f"{p}.image",
-            'is required: image = { name = "...", tag = "..." } '
-            '(or archive = "/path/in/package.tar")',
-        )
-    if image is not None:
-        r.check_keys(image, "image", f"{p}.image")
-        name = r.text(image, "name", f"{p}.image.name")
-        tag = r.text(image, "tag", f"{p}.image.tag")
-        if not name:
-            r.error(f"{p}.image.name", "is required")
-        if not tag:
-            r.error(f"{p}.image.tag", "is required")
+    dockerfile = r.image_path(data, "dockerfile", f"{p}.dockerfile")
+    context = r.image_path(data, "context", f"{p}.context")
+    stage = r.text(data, "target", f"{p}.target")
+    if stage is not None and not _STAGE.fullmatch(stage):
+        r.error(f"{p}.target", f"{stage!r} is not a stage name (FROM ... AS <name>)")
     volumes = []
     for host, target in r.mapping(data, "volumes", f"{p}.volumes"):
         hp = r.check_abs(host, f"{p}.volumes.{host}")
@@ -206,8 +244,12 @@ def _container(r: Reader, data: Mapping[str, Any]) -> Container:
         elif hp and tp:
             volumes.append((hp, tp))
     return Container(
-        image=ImageRef(name or "", tag or "") if image is not None else None,
+        image=image,
         archive=archive,
+        dockerfile=dockerfile,
+        context=context or "/",
+        build_args=r.mapping(data, "build_args", f"{p}.build_args"),
+        target=stage,
         engine=_enum(r, data, "engine", f"{p}.engine", _ENGINES, EngineKind.DOCKER),
         rootful=r.get(data, "rootful", f"{p}.rootful", bool, False),
         wait_timeout_s=r.count(data, "wait_timeout_s", f"{p}.wait_timeout_s"),

@@ -136,7 +136,7 @@ class Case:
     fields: tuple[str, ...]  # the schema fields (paths as in docs/reference.md) it covers
     change: Callable[[Path], None]
     keyed: bool = True
-    needs: str = ""  # "podman", "archive", "v2", "alias": prepared by the test
+    needs: str = ""  # "podman", "archive", "v2", "alias", "digest": prepared by the test
 
 
 def _chmod(rel: str, mode: int) -> Callable[[Path], None]:
@@ -175,6 +175,47 @@ def _move_script(pkg: Path) -> None:
     edit('"/scripts/setup.sh"', '"/scripts/moved.sh"')(pkg)
 
 
+DOCKERFILE = """\
+FROM rfs-test/busybox:1 AS first
+ARG FLAVOUR=plain
+RUN echo "$FLAVOUR" > /etc/df-flavour
+COPY context.txt /etc/df-context
+FROM first
+ENV DF_STAGE=second
+RUN echo "$DF_STAGE" > /etc/df-stage
+"""
+
+
+IMAGE_BY_DIGEST = 'image = { name = "rfs-test/busybox", digest = "BUSYBOXID" }'
+
+
+def _dockerfile(lines: str = "", where: str = "") -> Callable[[Path], None]:
+    """A case that builds the base from a Dockerfile in `where` (its context) instead."""
+
+    def apply(pkg: Path) -> None:
+        context = pkg / where
+        context.mkdir(parents=True, exist_ok=True)
+        (context / "Dockerfile").write_text(DOCKERFILE)
+        (context / "context.txt").write_text("from the context\n")
+        (context / "ignored.txt").write_text("never sent\n")
+        (context / ".dockerignore").write_text("ignored.txt\n")
+        path = f"/{where}/Dockerfile" if where else "/Dockerfile"
+        edit(
+            'image = { name = "rfs-test/busybox", tag = "1" }',
+            f'dockerfile = "{path}"\n{lines}',
+        )(pkg)
+
+    return apply
+
+
+def _then(*changes: Callable[[Path], None]) -> Callable[[Path], None]:
+    def apply(pkg: Path) -> None:
+        for change in changes:
+            change(pkg)
+
+    return apply
+
+
 CASES: dict[str, Case] = {
     # [filesystem]
     "type": Case(("filesystem", "filesystem.type"), append("[filesystem]", 'type = "Squashfs"')),
@@ -211,6 +252,20 @@ CASES: dict[str, Case] = {
         ("container.archive",),
         edit('image = { name = "rfs-test/busybox", tag = "1" }', 'archive = "/images/base.tar"'),
         needs="archive",
+    ),
+    "image digest": Case(
+        ("container.image.digest",),
+        edit('image = { name = "rfs-test/busybox", tag = "1" }', IMAGE_BY_DIGEST),
+        needs="digest",
+    ),
+    "dockerfile": Case(("container.dockerfile",), _dockerfile()),
+    "dockerfile context": Case(("container.context",), _dockerfile('context = "/df"', "df")),
+    "dockerfile build args": Case(
+        ("container.build_args",), _dockerfile('build_args = { FLAVOUR = "salted" }')
+    ),
+    "dockerfile target": Case(("container.target",), _dockerfile('target = "first"')),
+    "dockerfile context file content": Case(
+        (), _then(_dockerfile(), _write("context.txt", "edited context\n"))
     ),
     "wait timeout": Case(
         ("container.wait_timeout_s",), append("[container]", "wait_timeout_s = 5"), keyed=False
@@ -445,6 +500,7 @@ def prepared(
         "alias": alias,
         "archive": archive,
         "v2tag": v2tag,
+        "busybox_id": image.id,
     }
     for tag in (f"{alias}:1", f"rfs-test-tmp/busybox:{v2tag}"):
         with contextlib.suppress(docker.errors.APIError):
@@ -477,6 +533,9 @@ def test_a_warm_build_gives_what_a_clean_build_gives(
         (pkg / "images").mkdir()
         shutil.copy(prepared["archive"], pkg / "images" / "base.tar")
     case.change(pkg)
+    if case.needs == "digest":
+        text = (pkg / "build.toml").read_text().replace("BUSYBOXID", prepared["busybox_id"])
+        (pkg / "build.toml").write_text(text)
     if case.needs in ("alias", "v2"):
         text = (pkg / "build.toml").read_text().replace("ALIAS", prepared["alias"])
         (pkg / "build.toml").write_text(text.replace("V2TAG", prepared["v2tag"]))

@@ -137,7 +137,8 @@ def _expected_default(f: dataclasses.Field[object]) -> set[str]:
 
 # Fields the model leaves None but the schema requires in a form the model cannot express.
 _REQUIRED_BY_SCHEMA = {
-    "container.image": "required (or `archive`)",
+    "container.image": "required (or `archive` or `dockerfile`)",
+    "container.image.tag": "required (unless `digest`)",
     # the model holds what the schema derives when it is left out
     "outputs[].to": "the file name of `path`",
 }
