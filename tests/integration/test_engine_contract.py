@@ -134,3 +134,54 @@ def test_a_tag_moves(engine: Engine) -> None:
         assert first != second and engine.image_id(tag) == second
     finally:
         engine.remove_image(tag)
+
+
+CONTRACT_DOCKERFILE = f"""\
+ARG SRC=wrong.txt
+FROM {BUSYBOX} AS first
+RUN echo staged > /staged
+FROM {BUSYBOX}
+ARG SRC
+ENV WHO=contract
+COPY $SRC /copied
+COPY --from=first /staged /from-first
+"""
+
+
+def _context(files: dict[str, str]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(text.encode()))
+    buf.seek(0)
+    return buf
+
+
+def test_a_dockerfile_builds_with_args_and_stages(engine: Engine) -> None:
+    tag = _tag()
+    context = _context({"Dockerfile": CONTRACT_DOCKERFILE, "a.txt": "from a\n"})
+    try:
+        image = engine.build_image(
+            context, dockerfile="Dockerfile", tag=tag, step="base", build_args={"SRC": "a.txt"}
+        )
+        assert engine.image_id(tag) == image and image.startswith("sha256:")
+        files = _files(engine, tag)
+        assert files["/copied"] == b"from a\n"
+        assert files["/from-first"] == b"staged\n"
+    finally:
+        engine.remove_image(tag)
+
+
+def test_a_failing_dockerfile_instruction_is_named(engine: Engine) -> None:
+    tag = _tag()
+    broken = CONTRACT_DOCKERFILE.replace("RUN echo staged > /staged", "RUN exit 3")
+    context = _context({"Dockerfile": broken, "a.txt": "from a\n"})
+    try:
+        with pytest.raises(StepFailed, match="RUN exit 3"):
+            engine.build_image(context, dockerfile="Dockerfile", tag=tag, step="base")
+        assert engine.image_id(tag) is None
+    finally:
+        engine.remove_image(tag)

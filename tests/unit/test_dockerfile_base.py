@@ -268,3 +268,26 @@ def test_a_wrong_digest_fails_naming_the_field(tmp_path: Path) -> None:
     engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
     with pytest.raises(EnvironmentProblem, match=r"^container.image.digest: no image fake/base@"):
         prepare(opts, Reporter(), engine_factory=lambda script: engine)
+
+
+def test_a_yaml_script_takes_the_same_fields(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    (w.pkg / "build.toml").unlink()
+    (w.pkg / "build.yaml").write_text(
+        "filesystem: {size_mib: 8}\n"
+        "container:\n"
+        "  dockerfile: /Dockerfile\n"
+        "  build_args: {FLAVOUR: salted}\n"
+        "  target: build\n"
+        "commands:\n"
+        "  - command: write /etc/after 1\n"
+    )
+    c = load(w.pkg).script.container
+    assert (c.dockerfile, c.context, c.build_args, c.target) == (
+        "/Dockerfile",
+        "/",
+        (("FLAVOUR", "salted"),),
+        "build",
+    )
+    w.build()
+    assert w.engine.tree(w.bases[0])["/made"].data == b"salted\n"
