@@ -167,12 +167,14 @@ class Engine(Protocol):
         build_args: Mapping[str, str] = EMPTY,
         target: str | None = None,
         on_output: Callable[[bytes], None] | None = None,
+        no_cache: bool = False,
     ) -> str:
         """Build the Dockerfile `dockerfile` (a path inside the context) from the context tar
         read from `context`, tag the result `tag` and return its image ID.
 
         Nothing is pulled (bases are local) and no intermediate container is left. A failing
-        instruction raises StepFailed naming `step` and the instruction.
+        instruction raises StepFailed naming `step` and the instruction. `no_cache`: every
+        instruction runs again (`docker build --no-cache`).
         """
         ...
 

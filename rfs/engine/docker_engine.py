@@ -309,6 +309,7 @@ class DockerEngine(ContainerOps):
         build_args: Mapping[str, str] = EMPTY,
         target: str | None = None,
         on_output: Callable[[bytes], None] | None = None,
+        no_cache: bool = False,
     ) -> str:
         """Build a Dockerfile from a context tar and tag it `tag` (`rfs.engine.imagebuild`)."""
         from rfs.engine.imagebuild import build_image
@@ -322,6 +323,7 @@ class DockerEngine(ContainerOps):
             build_args=build_args,
             target=target,
             on_output=on_output,
+            no_cache=no_cache,
         )
         found = self.image_id(tag)
         if found is None:

@@ -377,8 +377,10 @@ class FakeEngine:
         build_args: Mapping[str, str] = EMPTY,
         target: str | None = None,
         on_output: Callable[[bytes], None] | None = None,
+        no_cache: bool = False,
     ) -> str:
-        """Build the Dockerfile subset of `rfs.engine.fakebuild` from the context tar."""
+        """Build the Dockerfile subset of `rfs.engine.fakebuild` from the context tar (the
+        fake keeps no build cache: `no_cache` changes nothing)."""
         from rfs.engine.fakebuild import DockerfileError, parse
 
         self.calls.append("build")

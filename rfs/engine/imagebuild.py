@@ -43,6 +43,7 @@ def build_image(
     build_args: Mapping[str, str],
     target: str | None,
     on_output: Callable[[bytes], None] | None,
+    no_cache: bool = False,
 ) -> None:
     """Build through `engine`'s API, tagging the result `tag`; see
     `rfs.engine.base.Engine.build_image`."""
@@ -57,6 +58,7 @@ def build_image(
             buildargs=dict(build_args),
             target=target,
             pull=False,
+            nocache=no_cache,
             rm=True,
             forcerm=True,
             decode=True,

@@ -98,6 +98,7 @@ class Planned:
     previous: dict[str, Any] = field(default_factory=dict)
     remote: RemoteCache | None = None
     forced: dict[str, str] = field(default_factory=dict)  # step id -> why it runs regardless
+    dockerfile: DockerfileBase | None = None  # a `container.dockerfile` base, as keyed
     _graph: nx.DiGraph | None = None
 
     @property
@@ -163,7 +164,7 @@ def prepare(
     from rfs.graph.codeversion import code_version
 
     code = {kind: code_version(kind) for kind in ("run", "export", "assemble")}
-    built = _dockerfile_base(script, digests, entries, code, store)
+    built = _dockerfile_base(script, digests, entries, code, store, fresh=opts.no_cache)
     quick = not opts.pull and engine_factory is connect_engine
     found = quick_engine_facts(script, digests, built) if quick else None
     if found is None:
@@ -220,7 +221,16 @@ def prepare(
             remote.stale = staleness(steps, ages, time.time())
         available = remote.availability(executor.missing)
     planned = Planned(
-        loaded, steps, [], facts, executor, store, script_id, previous=previous, remote=remote
+        loaded,
+        steps,
+        [],
+        facts,
+        executor,
+        store,
+        script_id,
+        previous=previous,
+        remote=remote,
+        dockerfile=built,
     )
     planned.forced = forced_steps(steps, script, store, opts)
     planned.decisions = plan_steps(steps, available, previous, planned.forced)
@@ -241,6 +251,8 @@ def _dockerfile_base(
     entries: list[ContextEntry],
     code: dict[str, str],
     store: Store,
+    *,
+    fresh: bool = False,
 ) -> DockerfileBase | None:
     """A `container.dockerfile` base's key (what it is built from) and context, or None."""
     if script.container.dockerfile is None:
@@ -256,7 +268,7 @@ def _dockerfile_base(
     )
     key = dockerfile_tag_key(script, facts)
     store.hold({key})  # no eviction removes its image while this build runs
-    return DockerfileBase(key, tuple(entries), layer_tag(key, store.cache_id))
+    return DockerfileBase(key, tuple(entries), layer_tag(key, store.cache_id), fresh)
 
 
 def _record_dockerfile_base(
@@ -277,6 +289,21 @@ def _record_dockerfile_base(
             "inputs": {"engine": engine},
         },
     )
+
+
+def _rebuild_dockerfile_base(planned: Planned, built: DockerfileBase) -> None:
+    """`--no-cache`: build the Dockerfile base again, every instruction, before the commands
+    run on it. Its key stays (the inputs did not change); the tag and record move to the new
+    image. (Planning resolved the base already, and built it if it was missing.)"""
+    import dataclasses
+
+    from rfs.run.basefacts import rebuild_dockerfile_base
+
+    ex = planned.executor
+    image_id = rebuild_dockerfile_base(ex.engine, planned.script, built, ex.snapshot)
+    planned.facts = dataclasses.replace(planned.facts, base_id=image_id)
+    engine = planned.script.container.engine.value
+    _record_dockerfile_base(planned.store, built, image_id, engine)
 
 
 def max_ages(script: BuildScript) -> dict[str, int]:
@@ -343,6 +370,11 @@ def execute(planned: Planned, reporter: Reporter) -> None:
         # what the keys were computed from (a step checks its copies either way).
         if ex.snapshot is not None:
             ex.snapshot.take(_refs_to_run(planned))
+        if planned.dockerfile is not None and planned.dockerfile.fresh:
+            reporter.message(
+                f"  building the base from {planned.script.container.dockerfile} again: --no-cache"
+            )
+            _rebuild_dockerfile_base(planned, planned.dockerfile)
         for d in planned.decisions:
             if d.action is Action.CACHED:
                 store.touch(d.step.key)

@@ -40,6 +40,7 @@ class DockerfileBase:
     key: str
     entries: Sequence[ContextEntry]
     tag: str  # the image built from exactly these inputs, in the cache's layer namespace
+    fresh: bool = False  # rfs build --no-cache: built again when the build executes
 
 
 def _base_ref(
@@ -140,16 +141,29 @@ def resolve_base(
     return image_id
 
 
-def _build_dockerfile(
+def rebuild_dockerfile_base(
     engine: Engine, script: BuildScript, built: DockerfileBase, snapshot: PackageSnapshot | None
 ) -> str:
-    """The image of a `container.dockerfile` base: the one tagged with its key, else built
-    from the context tar of the build's checked copies of the package files."""
+    """Build a `container.dockerfile` base again, every instruction (`rfs build --no-cache`),
+    moving its tag to the new image; return its ID."""
+    return _build_dockerfile(engine, script, built, snapshot, fresh=True)
+
+
+def _build_dockerfile(
+    engine: Engine,
+    script: BuildScript,
+    built: DockerfileBase,
+    snapshot: PackageSnapshot | None,
+    *,
+    fresh: bool = False,
+) -> str:
+    """The image of a `container.dockerfile` base: the one tagged with its key, else (or
+    `fresh`) built from the context tar of the build's checked copies of the package files."""
     import tempfile
 
     from rfs.script.buildcontext import dockerfile_name, write_context
 
-    found = engine.image_id(built.tag)
+    found = None if fresh else engine.image_id(built.tag)
     if found is not None:
         return found
     c = script.container
@@ -169,6 +183,7 @@ def _build_dockerfile(
             step=f"base (container.dockerfile {c.dockerfile})",
             build_args=dict(c.build_args),
             target=c.target,
+            no_cache=fresh,
         )
 
 

@@ -140,6 +140,14 @@ def test_a_dockerfile_base(
     assert rebuilt.code == 0, rebuilt.err
     assert text(out, "/etc/flavour") == "peppered\n"
 
+    # --no-cache builds the base again (planning found it: one build, when executing).
+    seen = len(proxy.requests())
+    fresh = rfs("build", pkg, "-o", out, "--no-network", "--no-cache")
+    assert fresh.code == 0, fresh.err
+    assert engine_work(proxy, seen)[0] == 1
+    builds = [p for m, p, _ in proxy.requests()[seen:] if m == "POST" and "/build" in p]
+    assert "nocache=true" in builds[0].lower() or "nocache=1" in builds[0], builds
+
 
 def test_a_failing_instruction_is_named(
     rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str

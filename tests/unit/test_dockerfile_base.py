@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -77,14 +78,14 @@ class World:
         self.cache = root / "cache"
         self.bases: list[str] = []  # the base image ID of each build
 
-    def plan(self) -> Planned:
-        opts = Options(package=self.pkg, output=self.out, cache_dir=self.cache)
+    def plan(self, *, no_cache: bool = False) -> Planned:
+        opts = Options(package=self.pkg, output=self.out, cache_dir=self.cache, no_cache=no_cache)
         return prepare(opts, Reporter(), engine_factory=lambda script: self.engine)
 
-    def build(self) -> dict[str, Action]:
+    def build(self, *, no_cache: bool = False) -> dict[str, Action]:
         """Build; return what happened to each step."""
         with signals.handled():
-            planned = self.plan()
+            planned = self.plan(no_cache=no_cache)
             self.bases.append(planned.facts.base_id)
             try:
                 execute(planned, Reporter())
@@ -98,6 +99,12 @@ class World:
             return explain_plan(planned.decisions, planned.previous, planned.script)
         finally:
             planned.store.close()
+
+    def cat(self, path: str) -> str:
+        done = subprocess.run(
+            ["debugfs", "-R", f"cat {path}", str(self.out)], capture_output=True, check=True
+        )
+        return done.stdout.decode()
 
     def edit(self, name: str, text: str) -> None:
         (self.pkg / name).write_text(text)
@@ -125,6 +132,26 @@ def test_a_dockerfile_base_builds_and_a_noop_builds_nothing(tmp_path: Path) -> N
     calls = len(w.engine.calls)
     assert ran(w.build()) == set()
     assert w.built() == 1 and "run" not in w.engine.calls[calls:]
+
+
+def test_no_cache_builds_the_base_again(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.build()
+    counter = {"n": 0}
+
+    def counting(ctx: FakeRun) -> int:  # each RUN makes different bytes, as real ones may
+        counter["n"] += 1
+        if ctx.argv[:2] == ("/bin/sh", "-c"):
+            ctx.write("/made", f"build {counter['n']}\n".encode())
+            return 0
+        return shell(ctx)
+
+    w.engine.run = counting
+    assert ran(w.build(no_cache=True)) == {"run[0]", "export", "overlays", "assemble"}
+    assert w.built() == 2
+    assert w.engine.tree(w.bases[0])["/etc/made"].data == b"salted\n"
+    assert w.cat("/etc/made") == "build 1\n"  # the image holds what this build made
+    assert ran(w.build()) == set() and w.built() == 2
 
 
 def test_the_context_tar_is_what_was_keyed(tmp_path: Path) -> None:
