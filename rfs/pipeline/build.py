@@ -148,7 +148,21 @@ def prepare(
     if script.container.dockerfile is not None:
         from rfs.script.buildcontext import context_entries, context_refs
 
-        entries = context_entries(script)
+        try:
+            entries = context_entries(script)
+        except OSError as exc:  # an unreadable directory in the context
+            from rfs.errors import Problem, ScriptError
+
+            where = exc.filename or script.container.context
+            raise ScriptError(
+                [
+                    Problem(
+                        "container.context",
+                        f"cannot read {where} of the build context: {exc.strerror or exc}",
+                        str(script.script_file),
+                    )
+                ]
+            ) from exc
     refs = package_refs(script) + (context_refs(entries) if entries else [])
     digests = digest_refs(
         script.package_root, sorted(set(refs)), memo if script.origin is None else None

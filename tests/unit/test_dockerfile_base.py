@@ -318,3 +318,27 @@ def test_a_yaml_script_takes_the_same_fields(tmp_path: Path) -> None:
     )
     w.build()
     assert w.engine.tree(w.bases[0])["/made"].data == b"salted\n"
+
+
+def test_the_failing_instruction_is_found_in_either_engines_words() -> None:
+    from rfs.engine.imagebuild import failing_instruction
+
+    docker = ["Step 1/3 : FROM busybox", " ---> abc", "Step 2/3 : RUN make all", "oops"]
+    podman = ["STEP 1/3: FROM busybox", "STEP 2/3: RUN make all", "oops"]
+    assert failing_instruction(docker) == "RUN make all (step 2/3)"
+    assert failing_instruction(podman) == "RUN make all (step 2/3)"
+    assert failing_instruction(["no steps here"]) is None
+
+
+def test_an_unreadable_context_is_a_script_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rfs.script.buildcontext as buildcontext
+
+    def unreadable(script: object) -> list[object]:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "pkg" / "app"))
+
+    monkeypatch.setattr(buildcontext, "context_entries", unreadable)
+    w = World(tmp_path)
+    with pytest.raises(ScriptError, match=r"container.context: cannot read .*/app"):
+        w.plan()
