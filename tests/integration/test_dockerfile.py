@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from rfs.engine import Engine
+from tests.cachefiles import layer_tags
 from tests.conftest import engine_url
 from tests.constants import BUSYBOX, BUSYBOX_NAME
 from tests.engineproxy import EngineProxy
@@ -84,8 +85,19 @@ def text(image: Path, path: str) -> str:
     return read_ext4_file(image, list_ext4(image)[path].inode).decode()
 
 
+def run_layer_tags(cache: Path) -> list[str]:
+    """The tags of the command layers a cache recorded (not its Dockerfile bases)."""
+    from rfs.run.store import Store
+
+    store = Store(cache)
+    try:
+        return [str(r["tag"]) for _, r in store.records() if r.get("kind") == "run"]
+    finally:
+        store.close()
+
+
 def test_a_dockerfile_base(
-    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str, engine_client: Any
+    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str, docker_engine: Engine
 ) -> None:
     pkg = write_package(
         tmp_path / "pkg",
@@ -147,6 +159,13 @@ def test_a_dockerfile_base(
     assert engine_work(proxy, seen)[0] == 1
     builds = [p for m, p, _ in proxy.requests()[seen:] if m == "POST" and "/build" in p]
     assert "nocache=true" in builds[0].lower() or "nocache=1" in builds[0], builds
+
+    # The built bases belong to the cache: clearing it removes their tags.
+    tags = [t for t in layer_tags(rfs.cache) if t not in run_layer_tags(rfs.cache)]
+    assert tags and all(docker_engine.image_id(t) is not None for t in tags)
+    cleared = rfs("cache", "clear")
+    assert cleared.code == 0, cleared.err
+    assert all(docker_engine.image_id(t) is None for t in tags)
 
 
 def test_a_failing_instruction_is_named(
