@@ -130,7 +130,7 @@ def read_bounded(
         )
     buf = bytearray()
     end = time.monotonic() + deadline_s
-    for chunk in resp.iter_content(64 * 1024):
+    for chunk in _arrivals(resp):
         buf += chunk
         if len(buf) > limit:
             raise BadObject(
@@ -141,3 +141,18 @@ def read_bounded(
                 f"remote cache {base_url}: {what} took more than {deadline_s:.0f} s"
             )
     return bytes(buf)
+
+
+def _arrivals(resp: requests.Response, size: int = 64 * 1024) -> Iterator[bytes]:
+    """The body's bytes as they arrive: each piece is what one read of the socket gave.
+
+    Not `iter_content(size)`: its reads wait until `size` bytes (or the end) have come, so a
+    server sending one byte at a time, each inside the read time-out, would hold a reader for
+    the whole body before any deadline is looked at. `read1` returns after one socket read.
+    """
+    raw = resp.raw
+    while True:
+        piece = raw.read1(size, decode_content=True)
+        if not piece:
+            return
+        yield piece
