@@ -171,39 +171,18 @@ def enter_hint(container: str, step: str, engine: str) -> str:
     )
 
 
-def package_names(packages: list[Path]) -> list[str]:
-    """Each package's image name; two packages of one name are refused before anything runs
-    (their images would overwrite each other)."""
-    from rfs.pipeline.build import image_name
-
-    seen: dict[str, Path] = {}
-    names = []
-    for package in packages:
-        name = image_name(package)
-        if name in seen:
-            raise UsageError(
-                f"{seen[name]} and {package} are both named {name!r}: their images would "
-                "land at the same path; rename one (its directory, or its script file)"
-            )
-        seen[name] = package
-        names.append(name)
-    return names
-
-
 def build_many(args: argparse.Namespace) -> int:
     """Plan every package, then run their steps as one graph; print each image's path."""
-    from rfs.commands import cache_dir, cache_size
+    from rfs.commands import prepare_packages
     from rfs.errors import StepFailed
-    from rfs.pipeline.build import Job, execute_all, prepare
+    from rfs.pipeline.build import Job, execute_all
     from rfs.pipeline.scheduler import default_jobs
-    from rfs.remote.config import remote_settings
     from rfs.report.display import make_reporter
     from rfs.report.packages import PackageReporter
     from rfs.report.reporter import Reporter, Tee
     from rfs.run.store import Store
 
     packages: list[Path] = list(args.package)
-    names = package_names(packages)
     output_dir: Path = args.output_dir
     reporter: Reporter = make_reporter(sys.stderr, quiet=args.quiet)
     if args.json:
@@ -218,19 +197,21 @@ def build_many(args: argparse.Namespace) -> int:
     try:
         if not output_dir.is_dir():
             raise UsageError(f"--output-dir {output_dir}: no such directory")
-        store = Store(cache_dir(args), cache_size(args))
         # One name per package only when there are several: one package reads as it always has.
         several = len(packages) > 1
-        for package, name in zip(packages, names, strict=True):
-            args.package = package
-            opts = build_options(args, None, keep_failed=args.keep_failed)
-            opts.output_dir, opts.run_id = output_dir, run_id
-            opts.remote = remote_settings(args)
-            shown = PackageReporter(reporter, name) if several else reporter
-            planned = prepare(opts, shown, store=store)
-            for warning in planned.loaded.warnings:
-                shown.message(f"rfs: warning: {name}: {warning}")
-            jobs.append(Job(planned, shown, name if several else ""))
+        shown: dict[str, Reporter] = {}
+
+        def report_to(name: str) -> Reporter:
+            shown[name] = PackageReporter(reporter, name) if several else reporter
+            return shown[name]
+
+        store, planned = prepare_packages(
+            args, output_dir, report_to, keep_failed=args.keep_failed, run_id=run_id
+        )
+        for name, one in planned:
+            for warning in one.loaded.warnings:
+                shown[name].message(f"rfs: warning: {name}: {warning}")
+            jobs.append(Job(one, shown[name], name if several else ""))
         execute_all(jobs, args.jobs or default_jobs())
         if args.verify:
             for job in jobs:
@@ -246,7 +227,6 @@ def build_many(args: argparse.Namespace) -> int:
         error = exc
         raise
     finally:
-        args.package = packages
         if store is not None:
             store.close()
         reporter.close(error)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rfs.commands.build import package_names
+from rfs.commands import package_names
 from rfs.engine.fake import FakeEngine, FakeRun
 from rfs.errors import EXIT_STEP_FAILED, RfsError, UsageError
 from rfs.graph.planner import Action
