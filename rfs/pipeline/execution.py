@@ -111,9 +111,16 @@ def execute_all(packages: list[Job], jobs: int = 1) -> None:
 def _run_union(packages: list[Job], jobs: int) -> None:
     """Schedule every decision of every package as one graph and run it; raise what failed.
 
-    A step to run is one node per key (its first package runs it, the others wait for it); a
-    reused step is a node of its own, so with `jobs=1` the reporter sees the plan's order.
+    A step to run is one node per key: the first package that runs it owns it; every other
+    package whose plan runs or reuses that key waits for it (a forced step rewrites what they
+    would reuse). Any other reused step is a node of its own, so with `jobs=1` the reporter
+    sees the plan's order.
     """
+    owners: dict[str, tuple[int, str]] = {}  # key -> (package, step id) that runs it
+    for n, job in enumerate(packages):
+        for d in job.planned.decisions:
+            if d.action is Action.RUN:
+                owners.setdefault(d.step.key, (n, d.step.id))
     nodes: dict[str, tuple[Job, Decision]] = {}
     sharers: dict[str, list[tuple[Job, Decision]]] = {}
     needs: dict[str, set[str]] = {}
@@ -121,13 +128,14 @@ def _run_union(packages: list[Job], jobs: int) -> None:
         by_id = {s.id: s for s in job.planned.steps}
         node_of: dict[str, str] = {}
         for d in job.planned.decisions:
-            node = d.step.key if d.action is Action.RUN else f"{n}/{d.step.id}"
+            shared = d.step.key in owners and d.action is not Action.SKIP
+            node = d.step.key if shared else f"{n}/{d.step.id}"
             node_of[d.step.id] = node
-            if node in nodes:
-                sharers[node].append((job, d))
+            needs.setdefault(node, set()).update(node_of[p] for p in d.step.parents if p in by_id)
+            if not shared or owners[d.step.key] == (n, d.step.id):
+                nodes[node] = (job, d)
             else:
-                nodes[node], sharers[node], needs[node] = (job, d), [], set()
-            needs[node].update(node_of[p] for p in d.step.parents if p in by_id)
+                sharers.setdefault(node, []).append((job, d))
 
     def run(node: str) -> None:
         job, d = nodes[node]
@@ -135,7 +143,7 @@ def _run_union(packages: list[Job], jobs: int) -> None:
             _reuse(job, d)
             return
         _run_step(job, d)
-        for other, shared in sharers[node]:  # made once, for every package that needs it
+        for other, shared in sharers.get(node, []):  # made once, for every package needing it
             other.reporter.reused(shared.step, Action.CACHED, None)
 
     def stop_containers() -> None:

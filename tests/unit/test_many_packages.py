@@ -15,6 +15,7 @@ from rfs.commands import package_names
 from rfs.engine.fake import FakeEngine, FakeRun
 from rfs.errors import EXIT_STEP_FAILED, RfsError, UsageError
 from rfs.graph.planner import Action
+from rfs.graph.steps import Step
 from rfs.host import signals
 from rfs.pipeline.build import Job, Options, execute, execute_all, prepare
 from rfs.report.packages import PackageReporter
@@ -68,12 +69,16 @@ class Family:
                 planned.store.close()
 
     def build(
-        self, packages: list[Path], jobs: int = 1, cache: str = "cache"
+        self,
+        packages: list[Path],
+        jobs: int = 1,
+        cache: str = "cache",
+        reporter: Reporter | None = None,
     ) -> dict[str, dict[str, Action]]:
         """Build `packages` together; return what happened to each one's steps."""
         names = package_names(packages)
         store = Store(self.root / cache)
-        reporter = Reporter()
+        reporter = reporter or Reporter()
         done: list[Job] = []
         try:
             with signals.handled():
@@ -179,3 +184,43 @@ def test_package_reporter_names_steps_by_package(tmp_path: Path) -> None:
     assert "web/run[0]" in inner.results and inner.results["web/run[0]"].status == "ran"
     assert inner.results["web/run[0]"].step.parents == ("web/base",)
     assert planned.executor.output == fam.out / "web.ext4"
+
+
+class Order(Reporter):
+    """Remembers the order steps started, finished and were reused in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def reused(self, step: Step, action: Action, recorded: float | None) -> None:
+        super().reused(step, action, recorded)
+        self.seen.append(f"reused {step.id}")
+
+    def started(self, step: Step, reason: str) -> None:
+        self.seen.append(f"started {step.id}")
+
+    def finished(
+        self, step: Step, seconds: float, size: int | None = None, detail: str = ""
+    ) -> None:
+        super().finished(step, seconds, size, detail)
+        self.seen.append(f"finished {step.id}")
+
+
+def test_a_step_one_package_forces_is_waited_for_by_the_others(tmp_path: Path) -> None:
+    """`no_cache` is not in the key: package a makes run[0] again while b, planning to reuse
+    the same key, must not build on it before it is made again."""
+    fam = Family(tmp_path)
+    a = fam.package("a", "write /one 1", "write /a a")
+    b = fam.package("b", "write /one 1", "write /b b")
+    fam.build([a, b], jobs=2)
+    (a / "build.toml").write_text(
+        script("write /one 1", "write /a a").replace(
+            'command = "write /one 1"', 'command = "write /one 1"\nno_cache = true'
+        )
+    )
+    fam.package("b", "write /one 1", "write /b bb")
+    order = Order()
+    fam.build([a, b], jobs=2, reporter=order)
+    assert order.seen.index("finished a/run[0]") < order.seen.index("reused b/run[0]")
+    assert order.seen.index("reused b/run[0]") < order.seen.index("started b/run[1]")
