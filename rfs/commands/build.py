@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
         type=_jobs,
         default=None,
         metavar="N",
-        help="run up to N independent steps at once (default: the number of cores)",
+        help="run up to N independent steps at once (default: the number of cores with "
+        "several packages, 1 with one)",
     )
     add_force_options(p)
     p.add_argument(
@@ -212,7 +213,7 @@ def build_many(args: argparse.Namespace) -> int:
             for warning in one.loaded.warnings:
                 shown[name].message(f"rfs: warning: {name}: {warning}")
             jobs.append(Job(one, shown[name], name if several else ""))
-        execute_all(jobs, args.jobs or default_jobs())
+        execute_all(jobs, args.jobs or (default_jobs() if several else 1))
         if args.verify:
             for job in jobs:
                 verify_image(
