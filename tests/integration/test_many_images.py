@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 
+from tests.cachefiles import remove_layers
+from tests.cacheservers import ServerMissing, start_nginx
+from tests.conftest import require_or_skip
 from tests.events import validate_events
 from tests.packages import build_toml, write_package
 from tests.rfsrun import IsolatedRfs, Rfs, count_created
@@ -209,3 +212,38 @@ def test_plan_and_graph_show_one_graph(tmp_path: Path, docker_client: Any) -> No
     assert dot.code == 0, dot.err
     assert '"web/run[1]" -> "db/run[2]";' in dot.out and '"db/run[0]"' not in dot.out
     assert rfs("graph", *packages, "--image", tmp_path / "x.ext4").code == 2
+
+
+def test_several_packages_push_to_and_build_from_a_remote_cache(
+    tmp_path: Path, docker_client: Any
+) -> None:
+    """Runner A builds the family with --cache-to; runner B (empty cache, A's layers gone from
+    the engine) builds it with --cache-from, runs nothing and makes the same images."""
+    try:
+        server = start_nginx()
+    except ServerMissing as exc:
+        require_or_skip(str(exc))
+    try:
+        marker = uuid.uuid4().hex
+        own = {name: f'command = "touch /own-{name}"' for name in ("web", "db")}
+        packages = family(tmp_path / "pkgs", marker, own)
+        outs = {runner: tmp_path / f"out-{runner}" for runner in ("a", "b")}
+        caches = {runner: tmp_path / f"cache-{runner}" for runner in ("a", "b")}
+        for out in outs.values():
+            out.mkdir()
+        a = Rfs(caches["a"], timeout_s=600)(
+            "build", *packages, "--output-dir", outs["a"], "-j", "2", "--cache-to", server.url
+        )
+        assert a.code == 0, a.err
+        remove_layers(docker_client, caches["a"])
+        b = Rfs(caches["b"], timeout_s=600)(
+            "build", *packages, "--output-dir", outs["b"], "-j", "2", "--cache-from", server.url
+        )
+        assert b.code == 0, b.err
+        assert b.ran() == [], b.err
+        for name in own:
+            assert (outs["a"] / f"{name}.ext4").read_bytes() == (
+                outs["b"] / f"{name}.ext4"
+            ).read_bytes()
+    finally:
+        server.stop()
