@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rfs.commands import add_cache_options, add_force_options, build_options
-from rfs.errors import EXIT_OK, UsageError
+from rfs.errors import EXIT_OK, RfsError, UsageError
 
 
 def register(sub: Any) -> None:
@@ -175,7 +175,6 @@ def enter_hint(container: str, step: str, engine: str) -> str:
 def build_many(args: argparse.Namespace) -> int:
     """Plan every package, then run their steps as one graph; print each image's path."""
     from rfs.commands import prepare_packages
-    from rfs.errors import StepFailed
     from rfs.pipeline.build import Job, execute_all
     from rfs.pipeline.scheduler import default_jobs
     from rfs.report.display import make_reporter
@@ -219,10 +218,11 @@ def build_many(args: argparse.Namespace) -> int:
                 verify_image(
                     job.planned.script.filesystem.type, job.planned.executor.output, reporter
                 )
-    except StepFailed as exc:
+    except RfsError as exc:
         error = exc
-        if exc.container and jobs:
-            reporter.message(enter_hint(exc.container, exc.step, jobs[0].planned.facts.engine))
+        for job in jobs:  # --keep-failed: how to enter each kept container
+            for container, step in job.kept.items():
+                reporter.message(enter_hint(container, step, job.planned.facts.engine))
         raise
     except BaseException as exc:
         error = exc

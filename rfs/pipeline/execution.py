@@ -42,7 +42,7 @@ class Job:
     reporter: Reporter
     name: str = ""  # the package's name when several are built together, for messages
     ran: set[str] = field(default_factory=set)  # keys of the steps it ran
-    kept: list[str] = field(default_factory=list)  # containers kept for --keep-failed
+    kept: dict[str, str] = field(default_factory=dict)  # --keep-failed: container -> step
 
     def label(self, step: Step) -> str:
         """How messages name `step`: `<package>/<step>` when several packages build."""
@@ -91,7 +91,8 @@ def execute_all(packages: list[Job], jobs: int = 1) -> None:
             ex = job.planned.executor
             if ex.snapshot is not None:
                 ex.snapshot.close()
-            _remove_containers(ex, job.kept)
+            # Packages share the run label: what one keeps, every package's clean-up keeps.
+            _remove_containers(ex, _kept(packages))
             if job.planned.remote is not None:
                 _upload(job.planned.remote, job.planned, job.ran)
     keep: dict[int, tuple[Store, set[str]]] = {}
@@ -148,7 +149,7 @@ def _run_union(packages: list[Job], jobs: int) -> None:
 
     def stop_containers() -> None:
         for job in packages:
-            _remove_containers(job.planned.executor, job.kept)
+            _remove_containers(job.planned.executor, _kept(packages))
 
     try:
         outcome = run_graph(needs, run, jobs, on_interrupt=stop_containers)
@@ -174,6 +175,11 @@ def _run_union(packages: list[Job], jobs: int) -> None:
     error = RfsError(text, getattr(first, "hint", None))
     error.exit_code = getattr(first, "exit_code", error.exit_code)
     raise error from first
+
+
+def _kept(packages: list[Job]) -> list[str]:
+    """The containers every package keeps for inspection (`--keep-failed`)."""
+    return [container for job in packages for container in job.kept]
 
 
 def _reuse(job: Job, d: Decision) -> None:
@@ -218,7 +224,8 @@ def _run_step(job: Job, d: Decision) -> None:
                 raise KeyboardInterrupt from exc
             reporter.failed(d.step, time.monotonic() - t0, exc.message)
             if isinstance(exc, StepFailed) and exc.container:
-                job.kept.append(exc.container)  # --keep-failed: the user will inspect it
+                # --keep-failed: the user will inspect it
+                job.kept[exc.container] = job.label(d.step)
             if type(exc) is RfsError:  # a plain failure of the step itself
                 raise StepFailed(d.step.id, exc.message) from exc
             raise

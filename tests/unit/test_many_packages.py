@@ -74,6 +74,7 @@ class Family:
         jobs: int = 1,
         cache: str = "cache",
         reporter: Reporter | None = None,
+        keep_failed: bool = False,
     ) -> dict[str, dict[str, Action]]:
         """Build `packages` together; return what happened to each one's steps."""
         names = package_names(packages)
@@ -84,6 +85,7 @@ class Family:
             with signals.handled():
                 for package, name in zip(packages, names, strict=True):
                     opts = Options(package, cache_dir=self.root / cache, output_dir=self.out)
+                    opts.keep_failed, opts.run_id = keep_failed, "one-run"
                     shown = PackageReporter(reporter, name)
                     planned = prepare(opts, shown, lambda s: self.engine, store=store)
                     done.append(Job(planned, shown, name))
@@ -224,3 +226,22 @@ def test_a_step_one_package_forces_is_waited_for_by_the_others(tmp_path: Path) -
     fam.build([a, b], jobs=2, reporter=order)
     assert order.seen.index("finished a/run[0]") < order.seen.index("reused b/run[0]")
     assert order.seen.index("reused b/run[0]") < order.seen.index("started b/run[1]")
+
+
+def test_every_package_keeps_its_failed_container(tmp_path: Path) -> None:
+    """The packages of a build share its run label: the clean-up of one must not remove the
+    container another keeps for `--keep-failed`."""
+    barrier = threading.Barrier(2, timeout=30)
+
+    def run(ctx: FakeRun) -> int:
+        if ctx.argv[0] == "fail":
+            barrier.wait()  # both fail, at once
+        return shell(ctx)
+
+    fam = Family(tmp_path, run)
+    with pytest.raises(RfsError) as failed:
+        fam.build(
+            [fam.package("a", "fail a"), fam.package("b", "fail b")], jobs=2, keep_failed=True
+        )
+    assert "package a:" in failed.value.message and "package b:" in failed.value.message
+    assert len(fam.engine.kept) == 2
