@@ -19,7 +19,11 @@ from rfs import __version__
 from rfs.run.store import DEFAULT_SIZE_LIMIT, default_cache_dir
 
 if TYPE_CHECKING:
-    from rfs.pipeline.build import Options
+    from collections.abc import Callable
+
+    from rfs.pipeline.build import Options, Planned
+    from rfs.report.reporter import Reporter
+    from rfs.run.store import Store
 
 MODULES = ("build", "plan", "check", "cache", "pack", "graph", "completion", "boot")
 
@@ -174,3 +178,70 @@ def cache_dir(args: argparse.Namespace) -> Path:
 def cache_size(args: argparse.Namespace) -> int:
     """The cache size limit the arguments ask for."""
     return args.cache_size or DEFAULT_SIZE_LIMIT
+
+
+def add_packages(p: argparse.ArgumentParser) -> None:
+    """The PACKAGE... positional argument of the verbs that take several (docs/many-images.md)."""
+    p.add_argument(
+        "package",
+        type=Path,
+        nargs="+",
+        help="build scripts (.toml/.yaml) or directories with build.toml; several are one "
+        "graph (docs/many-images.md)",
+    )
+
+
+def package_names(packages: list[Path]) -> list[str]:
+    """Each package's image name; two packages of one name are refused before anything runs
+    (their images would overwrite each other)."""
+    from rfs.errors import UsageError
+    from rfs.pipeline.build import image_name
+
+    seen: dict[str, Path] = {}
+    names = []
+    for package in packages:
+        name = image_name(package)
+        if name in seen:
+            raise UsageError(
+                f"{seen[name]} and {package} are both named {name!r}: their images would "
+                "land at the same path; rename one (its directory, or its script file)"
+            )
+        seen[name] = package
+        names.append(name)
+    return names
+
+
+def prepare_packages(
+    args: argparse.Namespace,
+    output_dir: Path | None,
+    reporter: Callable[[str], Reporter],
+    **more: Any,
+) -> tuple[Store, list[tuple[str, Planned]]]:
+    """Plan each of `args.package` (names checked first) with one store: (store, [(name,
+    plan)]). `reporter(name)` gives the reporter of each package; `more` sets `Options`
+    fields. On failure the store is closed here; else the caller closes it."""
+    from rfs.pipeline.build import prepare
+    from rfs.remote.config import remote_settings
+    from rfs.run.store import Store
+
+    packages: list[Path] = list(args.package)
+    names = package_names(packages)
+    store = Store(cache_dir(args), cache_size(args))
+    planned: list[tuple[str, Planned]] = []
+    try:
+        for package, name in zip(packages, names, strict=True):
+            args.package = package
+            opts = build_options(args, None, **more)
+            opts.output_dir = output_dir
+            # As a single package's verb does: only those with the remote flags look there.
+            opts.remote = remote_settings(args) if hasattr(args, "cache_from") else None
+            planned.append((name, prepare(opts, reporter(name), store=store)))
+    except BaseException:
+        for _, one in planned:
+            if one.remote is not None:
+                one.remote.close()
+        store.close()
+        raise
+    finally:
+        args.package = packages
+    return store, planned

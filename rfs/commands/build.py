@@ -1,22 +1,46 @@
-"""`rfs build` (alias `run`): build the image, rerunning only what changed."""
+"""`rfs build` (alias `run`): build the image, rerunning only what changed; several packages
+as one graph with `--output-dir` (docs/many-images.md)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
-from rfs.commands import add_cache_options, add_force_options, add_package, build_options
-from rfs.errors import EXIT_OK
+from rfs.commands import add_cache_options, add_force_options, build_options
+from rfs.errors import EXIT_OK, RfsError, UsageError
 
 
 def register(sub: Any) -> None:
     """Add the `build` parser."""
     p = sub.add_parser("build", aliases=["run"], help="build the image")
-    add_package(p)
+    p.add_argument(
+        "package",
+        type=Path,
+        nargs="+",
+        help="build scripts (.toml/.yaml) or directories with build.toml; several are built "
+        "as one graph (docs/many-images.md)",
+    )
     add_cache_options(p)
-    p.add_argument("-o", "--output", type=Path, required=True, help="image file to write")
+    p.add_argument("-o", "--output", type=Path, help="image file to write (one package)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        help="write each package's image to DIR/<name>.<type> (<name>: the package "
+        "directory's name or the script file's stem)",
+    )
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N",
+        help="run up to N independent steps at once (default: the number of cores with "
+        "several packages, 1 with one)",
+    )
     add_force_options(p)
     p.add_argument(
         "--json",
@@ -45,8 +69,26 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a number of jobs: {text!r} (try 1, 2, 8)")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the image (again on every change of the package, with --watch)."""
+
+    packages: list[Path] = args.package
+    if args.output is not None and args.output_dir is not None:
+        raise UsageError("give either -o/--output FILE or --output-dir DIR, not both")
+    if len(packages) > 1 or args.output is None:
+        if args.output_dir is None:
+            what = "several packages" if len(packages) > 1 else "the image"
+            raise UsageError(f"where should {what} go? give --output-dir DIR (or -o FILE)")
+        if args.watch:
+            raise UsageError("--watch builds one package; give it one package and -o FILE")
+        return build_many(args)
+    args.package = packages[0]
     if args.watch:
         from rfs.commands.watch import watch
 
@@ -79,7 +121,9 @@ def build_once(args: argparse.Namespace) -> int:
         for warning in planned.loaded.warnings:
             reporter.message(f"rfs: warning: {warning}")
         try:
-            execute(planned, reporter)
+            # One package has little to overlap (its overlays with its commands): unless asked,
+            # it runs one step at a time, its output in the order of its steps.
+            execute(planned, reporter, args.jobs or 1)
             if args.verify:
                 verify_image(planned.script.filesystem.type, planned.executor.output, reporter)
         finally:
@@ -126,3 +170,68 @@ def enter_hint(container: str, step: str, engine: str) -> str:
             f"rfs:   remove it afterwards: {cli} rm {short}; {cli} rmi {image}",
         ]
     )
+
+
+def build_many(args: argparse.Namespace) -> int:
+    """Plan every package, then run their steps as one graph; print each image's path."""
+    from rfs.commands import prepare_packages
+    from rfs.pipeline.build import Job, execute_all
+    from rfs.pipeline.scheduler import default_jobs
+    from rfs.report.display import make_reporter
+    from rfs.report.packages import PackageReporter
+    from rfs.report.reporter import Reporter, Tee
+    from rfs.run.store import Store
+
+    packages: list[Path] = list(args.package)
+    output_dir: Path = args.output_dir
+    reporter: Reporter = make_reporter(sys.stderr, quiet=args.quiet)
+    if args.json:
+        from rfs.report.events import JsonReporter
+
+        reporter = Tee(JsonReporter(sys.stdout, quiet=args.quiet, output=str(output_dir)), reporter)
+    error: BaseException | None = None
+    store: Store | None = None
+    jobs: list[Job] = []
+    # CI can name the run (its job id, say) so leftover containers are attributable.
+    run_id = os.environ.get("RFS_RUN_ID") or uuid.uuid4().hex[:12]
+    try:
+        if not output_dir.is_dir():
+            raise UsageError(f"--output-dir {output_dir}: no such directory")
+        # One name per package only when there are several: one package reads as it always has.
+        several = len(packages) > 1
+        shown: dict[str, Reporter] = {}
+
+        def report_to(name: str) -> Reporter:
+            shown[name] = PackageReporter(reporter, name) if several else reporter
+            return shown[name]
+
+        store, planned = prepare_packages(
+            args, output_dir, report_to, keep_failed=args.keep_failed, run_id=run_id
+        )
+        for name, one in planned:
+            for warning in one.loaded.warnings:
+                shown[name].message(f"rfs: warning: {name}: {warning}")
+            jobs.append(Job(one, shown[name], name if several else ""))
+        execute_all(jobs, args.jobs or (default_jobs() if several else 1))
+        if args.verify:
+            for job in jobs:
+                verify_image(
+                    job.planned.script.filesystem.type, job.planned.executor.output, reporter
+                )
+    except RfsError as exc:
+        error = exc
+        for job in jobs:  # --keep-failed: how to enter each kept container
+            for container, step in job.kept.items():
+                reporter.message(enter_hint(container, step, job.planned.facts.engine))
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if store is not None:
+            store.close()
+        reporter.close(error)
+    if not args.json:
+        for job in jobs:
+            print(str(job.planned.executor.output))
+    return EXIT_OK

@@ -3,11 +3,13 @@
     rfs graph examples/busybox                      # Graphviz DOT on stdout
     rfs graph examples/busybox --format svg -o build.svg
     rfs graph examples/busybox --format png -o build.png
+    rfs graph images/web images/db                  # several packages: one graph
 
 Nodes are the steps (base, one per command, export, overlays, assemble), coloured by what the
 next build would do with them: cached (green), to run (orange, with the reason) or not needed
 (grey). Each shows how long it took when it last ran. svg and png are drawn by Graphviz's `dot`
-(Debian package graphviz).
+(Debian package graphviz). With several packages the graph is their union: a step they share
+(one key) is one node, named after the first package that has it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfs.commands import add_cache_options, add_force_options, add_package, build_options
+from rfs.commands import add_cache_options, add_force_options, add_packages, build_options
 from rfs.errors import EXIT_OK, EnvironmentProblem, UsageError
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ _STATE = {"cached": "cached", "run": "to run", "skip": "not needed"}
 def register(sub: Any) -> None:
     """Add the `graph` parser."""
     p = sub.add_parser("graph", help="draw the step graph with each step's state and timing")
-    add_package(p)
+    add_packages(p)
     add_cache_options(p)
     add_force_options(p)
     p.add_argument(
@@ -140,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "png" and args.output is None and sys.stdout.isatty():
         raise UsageError("a PNG would garble the terminal: pass -o FILE or pipe it")
+    if len(args.package) > 1:
+        return write(args, union_dot(args), args.format)
+    args.package = args.package[0]
     opts = build_options(args, args.image)
     planned = prepare(opts, Reporter())
     try:
@@ -154,7 +159,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         planned.store.close()
     dot = to_dot(planned.decisions, planned.graph.edges, timings, title=str(args.package), why=why)
-    data = dot.encode() if args.format == "dot" else render(dot, args.format)
+    return write(args, dot, args.format)
+
+
+def write(args: argparse.Namespace, dot: str, fmt: str) -> int:
+    """Write `dot`, drawn as `fmt`, where the arguments say."""
+    data = dot.encode() if fmt == "dot" else render(dot, fmt)
     if args.output is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -164,3 +174,42 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise EnvironmentProblem(f"cannot write {args.output}: {exc.strerror}") from exc
     return EXIT_OK
+
+
+def union_dot(args: argparse.Namespace) -> str:
+    """The DOT source of several packages' plans as one graph (see the module docstring)."""
+    import dataclasses
+
+    from rfs.commands import prepare_packages
+    from rfs.graph.explain import explain_plan
+    from rfs.graph.planner import union, union_edges
+    from rfs.report.reporter import Reporter
+
+    if args.image is not None:
+        raise UsageError("--image names one package's image; it does not go with several")
+    store, planned = prepare_packages(args, None, lambda name: Reporter())
+    try:
+        plans = [(name, one.decisions) for name, one in planned]
+        nodes = union(plans)
+        decisions: list[Decision] = []
+        timings: dict[str, float | None] = {}
+        why: dict[str, str] = {}
+        for name, one in planned:
+            previous = store.last_manifests(one.script_id)
+            changes = explain_plan(one.decisions, previous, one.script)
+            for d in one.decisions:
+                node = nodes[d.step.key]
+                if node.members[0][1] is not d:
+                    continue  # drawn once, as the first package's
+                others = sorted({n for n, _ in node.members[1:] if n != name})
+                label = d.step.label + (f" (also {', '.join(others)})" if others else "")
+                step = dataclasses.replace(d.step, id=node.name, label=label)
+                decisions.append(dataclasses.replace(d, step=step, action=node.action))
+                timings[node.name] = last_seconds(d, store, previous)
+                if changes.get(d.step.id):
+                    why[node.name] = changes[d.step.id][0].split(": ", 1)[-1]
+    finally:
+        store.close()
+    edges = [(nodes[a].name, nodes[b].name) for a, b in union_edges(plans)]
+    title = " + ".join(name for name, _ in planned)
+    return to_dot(decisions, edges, timings, title=title, why=why)

@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rfs.commands import add_cache_options, add_force_options, add_package, build_options
+from rfs.commands import add_cache_options, add_force_options, add_packages, build_options
 from rfs.errors import EXIT_OK
 
 
 def register(sub: Any) -> None:
     """Add the `plan` parser."""
     p = sub.add_parser("plan", help="show each step: cached or to run, and why")
-    add_package(p)
+    add_packages(p)
     add_cache_options(p)
     add_force_options(p)
     p.add_argument(
@@ -23,6 +23,12 @@ def register(sub: Any) -> None:
         type=Path,
         default=None,
         help="the image file the build would write (default: the last one)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="the directory a build of several packages would write to",
     )
     p.add_argument(
         "--explain",
@@ -42,7 +48,19 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan."""
+    """Print the plan (of every package, as one graph, when there are several)."""
+    if len(args.package) > 1 or args.output_dir is not None:
+        if args.output is not None:
+            from rfs.errors import UsageError
+
+            raise UsageError("give either -o/--output FILE or --output-dir DIR, not both")
+        return run_many(args)
+    args.package = args.package[0]
+    return run_one(args)
+
+
+def run_one(args: argparse.Namespace) -> int:
+    """Print the plan of one package."""
     from rfs.graph.explain import explain_plan
     from rfs.graph.planner import Action
     from rfs.pipeline.build import prepare
@@ -86,4 +104,59 @@ def run(args: argparse.Namespace) -> int:
         if planned.remote is not None:  # says which remote copies were misses, and why
             planned.remote.close()
         planned.store.close()
+    return EXIT_OK
+
+
+def run_many(args: argparse.Namespace) -> int:
+    """Print the plan of several packages as one graph: a step two packages share (one key)
+    is listed under each, and counted, and run, once."""
+    from rfs.commands import prepare_packages
+    from rfs.graph.explain import explain_plan
+    from rfs.graph.planner import Action, union
+    from rfs.report.packages import PackageReporter
+    from rfs.report.reporter import Reporter
+
+    store, planned = prepare_packages(args, args.output_dir, lambda name: Reporter())
+    try:
+        changes = {
+            name: explain_plan(one.decisions, store.last_manifests(one.script_id), one.script)
+            if args.explain or args.json
+            else {}
+            for name, one in planned
+        }
+        if args.json:
+            from rfs.report.events import JsonReporter, plan_steps
+
+            out = JsonReporter(sys.stdout)
+            for name, one in planned:
+                shown = PackageReporter(Reporter(), name)
+                decisions = [
+                    type(d)(shown.renamed(d.step), d.action, d.reason, d.forced)
+                    for d in one.decisions
+                ]
+                renamed = {f"{name}/{step}": why for step, why in changes[name].items()}
+                out.emit("plan", steps=plan_steps(decisions, renamed))
+            return EXIT_OK
+        nodes = union([(name, one.decisions) for name, one in planned])
+        for name, one in planned:
+            print(f"{name}: {one.executor.output}" if args.output_dir else f"{name}:")
+            for d in one.decisions:
+                node = nodes[d.step.key]
+                first = node.members[0][1] is d
+                print(f"  {d.action.value:<7} {d.step.id:<10} {d.step.key[:12]}  {d.step.label}")
+                if d.action is Action.RUN and first:
+                    print(f"{'':32}why: {d.reason}")
+                elif d.action is Action.RUN:
+                    print(f"{'':32}shared: runs once, as {node.name}")
+                for change in changes[name].get(d.step.id, []):
+                    print(f"{'':32}  - {change}")
+        n = sum(node.action is Action.RUN for node in nodes.values())
+        shared = sum(node.action is Action.RUN and len(node.members) > 1 for node in nodes.values())
+        total = f"{n} step(s) to run for {len(planned)} images"
+        print(f"{total} ({shared} shared)" if shared else total)
+    finally:
+        for _, one in planned:
+            if one.remote is not None:
+                one.remote.close()
+        store.close()
     return EXIT_OK

@@ -282,3 +282,49 @@ def made_at(
         if parent.kind is StepKind.RUN and isinstance(parent_record.get("created"), int | float):
             found[parent.key] = float(parent_record["created"])
     return found
+
+
+@dataclass(frozen=True)
+class Shared:
+    """One node of the union of several packages' plans: a step key, and every package's
+    decision for it (`rfs build PKG...` runs the step once, for all of them)."""
+
+    key: str
+    members: tuple[tuple[str, Decision], ...]  # (package name, its decision), in plan order
+
+    @property
+    def action(self) -> Action:
+        """What the union does with the step: runs it if any package must, else reuses it."""
+        actions = {d.action for _, d in self.members}
+        for action in (Action.RUN, Action.CACHED):
+            if action in actions:
+                return action
+        return Action.SKIP
+
+    @property
+    def name(self) -> str:
+        """`<package>/<step>` of the first package that has it."""
+        package, d = self.members[0]
+        return f"{package}/{d.step.id}"
+
+
+def union(plans: Sequence[tuple[str, Sequence[Decision]]]) -> dict[str, Shared]:
+    """The plans of several packages (name, decisions) as one graph: step key -> `Shared`, in
+    the order the plans list them, so the first package's steps come first. Edges are the
+    members' parents' keys; two packages' steps of the same key are one node."""
+    members: dict[str, list[tuple[str, Decision]]] = {}
+    for name, decisions in plans:
+        for d in decisions:
+            members.setdefault(d.step.key, []).append((name, d))
+    return {key: Shared(key, tuple(found)) for key, found in members.items()}
+
+
+def union_edges(plans: Sequence[tuple[str, Sequence[Decision]]]) -> list[tuple[str, str]]:
+    """The (parent key, child key) edges of the union of `plans` (see `union`), each once."""
+    edges: dict[tuple[str, str], None] = {}
+    for _, decisions in plans:
+        keys = {d.step.id: d.step.key for d in decisions}
+        for d in decisions:
+            for parent in d.step.parents:
+                edges[(keys[parent], d.step.key)] = None
+    return list(edges)

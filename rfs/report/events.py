@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from rfs.errors import EXIT_OK, RfsError
 from rfs.graph.planner import Action, Decision
 from rfs.graph.steps import Step
-from rfs.report.reporter import Reporter, _Lines
+from rfs.report.reporter import Reporter, StepLines
 
 SCHEMA_VERSION = 1
 # step_progress events at most this often per step: enough to drive a bar, not a flood.
@@ -60,7 +60,7 @@ class JsonReporter(Reporter):
         self.quiet = quiet
         self.output_path = output
         self._lock = threading.Lock()
-        self._lines = _Lines()
+        self._lines = StepLines()  # per step: steps may run at once
         self._last_progress: dict[str, float] = {}
         self._closed = False
 
@@ -95,11 +95,11 @@ class JsonReporter(Reporter):
     def output(self, step: Step, data: bytes) -> None:
         if self.quiet:
             return
-        for line in self._lines.feed(data):
+        for line in self._lines.feed(step.id, data):
             self.emit("step_output", step=step.id, text=line)
 
     def _flush(self, step: Step) -> None:
-        for line in self._lines.flush():
+        for line in self._lines.flush(step.id):
             if not self.quiet:
                 self.emit("step_output", step=step.id, text=line)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Literal, TextIO
+from dataclasses import dataclass
+from typing import Literal, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -22,17 +23,15 @@ from rich.table import Table
 from rich.text import Text
 
 from rfs.graph.planner import Action, Decision
+from rfs.graph.steps import Step
 from rfs.report.reporter import (
     Reporter,
-    _Lines,
+    StepLines,
     format_seconds,
     format_size,
     summary_line,
     summary_rows,
 )
-
-if TYPE_CHECKING:
-    from rfs.graph.steps import Step
 
 _STATUS_STYLE = {
     "ran": "green",
@@ -41,6 +40,17 @@ _STATUS_STYLE = {
     "failed": "bold red",
     "not run": "dim",
 }
+
+
+@dataclass
+class _Running:
+    """A running step, as the footer shows it."""
+
+    step: Step
+    reason: str
+    since: float
+    bytes: tuple[int, int | None] | None = None
+    header_shown: bool = False
 
 
 class LiveReporter(Reporter):
@@ -54,12 +64,10 @@ class LiveReporter(Reporter):
         # `console` lets tests pose as a terminal of a fixed size.
         self.console = console or Console(file=stream, highlight=False, soft_wrap=False)
         self._lock = threading.Lock()
-        self._running: Step | None = None
-        self._reason = ""
-        self._since = 0.0
-        self._bytes: tuple[int, int | None] | None = None
-        self._header_shown = False
-        self._lines = _Lines()
+        # The steps running now (several with `rfs build -j`), in the order they started.
+        self._running: dict[str, _Running] = {}
+        self._last_header: str | None = None  # whose output the last lines printed were
+        self._lines = StepLines()  # per step: steps may run at once
         self._spinner = Spinner("dots", style="cyan")
         self._to_run = 0
         self._started = 0
@@ -77,41 +85,9 @@ class LiveReporter(Reporter):
     # the footer -------------------------------------------------------------------------
 
     def _footer(self) -> RenderableType:
-        step = self._running
         parts: list[RenderableType] = []
-        if step is not None:
-            line = Table.grid(padding=(0, 1))
-            line.add_column(no_wrap=True)
-            line.add_column(no_wrap=True)
-            line.add_column(no_wrap=True, style="bold")
-            line.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
-            line.add_column(no_wrap=True, justify="right")
-            elapsed = time.monotonic() - self._since
-            line.add_row(
-                self._spinner,
-                Text("running ", style="yellow"),
-                step.id,
-                Text(step.label, style="dim"),
-                format_seconds(elapsed),
-            )
-            parts.append(line)
-            progress = self._bytes
-            if progress is not None:
-                done, total = progress
-                bar = Table.grid(padding=(0, 1))
-                bar.add_column(width=3)
-                bar.add_column(width=30)
-                bar.add_column(no_wrap=True)
-                of = f" of ~{format_size(total)}" if total else ""
-                bar.add_row(
-                    "",
-                    ProgressBar(
-                        total=float(total) if total else None,
-                        completed=float(min(done, total or done)),
-                    ),
-                    f"{format_size(done)}{of}",
-                )
-                parts.append(bar)
+        for running in list(self._running.values()):
+            parts.extend(self._running_lines(running))
         cached = sum(r.status == "cached" for r in self.results.values())
         parts.append(
             Text(
@@ -121,6 +97,42 @@ class LiveReporter(Reporter):
             )
         )
         return Group(*parts)
+
+    def _running_lines(self, running: _Running) -> list[RenderableType]:
+        step = running.step
+        line = Table.grid(padding=(0, 1))
+        line.add_column(no_wrap=True)
+        line.add_column(no_wrap=True)
+        line.add_column(no_wrap=True, style="bold")
+        line.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
+        line.add_column(no_wrap=True, justify="right")
+        elapsed = time.monotonic() - running.since
+        line.add_row(
+            self._spinner,
+            Text("running ", style="yellow"),
+            step.id,
+            Text(step.label, style="dim"),
+            format_seconds(elapsed),
+        )
+        parts: list[RenderableType] = [line]
+        progress = running.bytes
+        if progress is not None:
+            done, total = progress
+            bar = Table.grid(padding=(0, 1))
+            bar.add_column(width=3)
+            bar.add_column(width=30)
+            bar.add_column(no_wrap=True)
+            of = f" of ~{format_size(total)}" if total else ""
+            bar.add_row(
+                "",
+                ProgressBar(
+                    total=float(total) if total else None,
+                    completed=float(min(done, total or done)),
+                ),
+                f"{format_size(done)}{of}",
+            )
+            parts.append(bar)
+        return parts
 
     def _print(self, renderable: RenderableType) -> None:
         self.console.print(renderable, overflow="ellipsis", no_wrap=True, crop=True)
@@ -142,7 +154,8 @@ class LiveReporter(Reporter):
 
     def planned(self, decisions: list[Decision]) -> None:
         super().planned(decisions)
-        self._to_run = sum(d.action is Action.RUN for d in decisions)
+        # Once per package: a build of several packages adds them up.
+        self._to_run += sum(d.action is Action.RUN for d in decisions)
         if self._to_run:
             self._live.start()
 
@@ -154,20 +167,25 @@ class LiveReporter(Reporter):
 
     def started(self, step: Step, reason: str) -> None:
         with self._lock:
-            self._running, self._reason, self._since = step, reason, time.monotonic()
-            self._bytes = None
-            self._header_shown = False
+            self._running[step.id] = _Running(step, reason, time.monotonic())
             self._started += 1
 
     def _header(self, step: Step) -> None:
-        if not self._header_shown:
-            self._header_shown = True
-            self._print(self._step_line("▶", "yellow", "run", step, note=self._reason))
+        running = self._running.get(step.id)
+        if running is None:
+            return
+        # Again when another step's output came in between: lines of steps running at once
+        # stay under the header of their own step.
+        if not running.header_shown or self._last_header != step.id:
+            note = running.reason if not running.header_shown else "continued"
+            running.header_shown = True
+            self._last_header = step.id
+            self._print(self._step_line("▶", "yellow", "run", step, note=note))
 
     def output(self, step: Step, data: bytes) -> None:
         if self.quiet:
             return
-        for line in self._lines.feed(data):
+        for line in self._lines.feed(step.id, data):
             self._out(step, line)
 
     def _out(self, step: Step, line: str) -> None:
@@ -177,12 +195,14 @@ class LiveReporter(Reporter):
         self._print(text)
 
     def _flush(self, step: Step) -> None:
-        for line in self._lines.flush():
+        for line in self._lines.flush(step.id):
             if not self.quiet:
                 self._out(step, line)
 
     def progress(self, step: Step, done: int, total: int | None = None) -> None:
-        self._bytes = (done, total)  # one assignment: safe from the polling thread
+        running = self._running.get(step.id)
+        if running is not None:
+            running.bytes = (done, total)  # one assignment: safe from the polling thread
 
     def finished(
         self, step: Step, seconds: float, size: int | None = None, detail: str = ""
@@ -190,16 +210,16 @@ class LiveReporter(Reporter):
         super().finished(step, seconds, size, detail)
         self._flush(step)
         tail = format_seconds(seconds) + (f"  {format_size(size)}" if size is not None else "")
-        note = "" if self._header_shown else self._reason
         with self._lock:
-            self._running = None
+            running = self._running.pop(step.id, None)
+        note = "" if running is None or running.header_shown else running.reason
         self._print(self._step_line("✓", "green", "done", step, tail, note))
 
     def failed(self, step: Step, seconds: float, message: str) -> None:
         super().failed(step, seconds, message)
         self._flush(step)
         with self._lock:
-            self._running = None
+            self._running.pop(step.id, None)
         self._print(
             self._step_line("✗", "bold red", "FAILED", step, f"after {format_seconds(seconds)}")
         )

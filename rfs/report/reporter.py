@@ -279,6 +279,27 @@ class _Lines:
         return raw.rsplit(b"\r", 1)[-1].decode("utf-8", "replace").rstrip()
 
 
+class StepLines:
+    """A `_Lines` per step: the output of steps running at once (`rfs build -j`) never mixes
+    within a line."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, _Lines] = {}
+        self._lock = threading.Lock()
+
+    def feed(self, step_id: str, data: bytes) -> list[str]:
+        """The lines `data` completes in `step_id`'s output."""
+        with self._lock:
+            lines = self._steps.setdefault(step_id, _Lines())
+        return lines.feed(data)
+
+    def flush(self, step_id: str) -> list[str]:
+        """What is left of `step_id`'s output, now that it ended."""
+        with self._lock:
+            lines = self._steps.pop(step_id, None)
+        return lines.flush() if lines is not None else []
+
+
 @dataclass
 class ConsoleReporter(Reporter):
     """Plain line output for CI logs and pipes.
@@ -292,7 +313,7 @@ class ConsoleReporter(Reporter):
 
     def __post_init__(self) -> None:
         Reporter.__init__(self)
-        self._lines = _Lines()
+        self._lines = StepLines()  # per step: steps may run at once
         self._lock = threading.Lock()  # progress may come from another thread
         self._last_progress: dict[str, float] = {}
 
@@ -313,11 +334,11 @@ class ConsoleReporter(Reporter):
     def output(self, step: Step, data: bytes) -> None:
         if self.quiet:
             return
-        for line in self._lines.feed(data):
+        for line in self._lines.feed(step.id, data):
             self._line(f"  {step.id} | {line}")
 
     def _flush_output(self, step: Step) -> None:
-        lines = self._lines.flush()
+        lines = self._lines.flush(step.id)
         if not self.quiet:
             for line in lines:
                 self._line(f"  {step.id} | {line}")

@@ -505,3 +505,37 @@ def test_rfs_help_does_not_import_rich_or_networkx() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_live_reporter_shows_every_running_step_and_keeps_their_lines_apart() -> None:
+    """With `rfs build -j`, two steps run at once: the footer shows both, and each one's
+    output (even a line split across chunks) is printed under its own header."""
+    from rich.console import Console
+
+    from rfs.report.progress import LiveReporter
+
+    sink = io.StringIO()
+    console = Console(file=sink, force_terminal=True, width=120, color_system=None)
+    reporter = LiveReporter(sink, console=console)
+    _, steps = compiled()
+    reporter.planned(decisions(steps, set()))
+    one, two = steps[1], steps[2]
+    reporter.started(one, "never built")
+    reporter.started(two, "never built")
+    footer = Console(file=io.StringIO(), width=120, color_system=None)
+    with footer.capture() as shown:
+        footer.print(reporter._footer())
+    assert "running  run[0]" in shown.get() and "running  run[1]" in shown.get()
+    reporter.output(one, b"first ha")
+    reporter.output(two, b"second line\n")
+    reporter.output(one, b"lf\n")
+    reporter.finished(one, 0.5)
+    reporter.finished(two, 0.5)
+    reporter.close()
+    lines = [line.strip() for line in sink.getvalue().splitlines()]
+    text = "\n".join(lines)
+    assert "│ first half" in text and "│ second line" in text
+    assert text.index("▶ run     run[1]") < text.index("│ second line")
+    # run[0]'s header again before its line: run[1] printed in between
+    second = text.index("│ first half")
+    assert text.rindex("▶ run     run[0]", 0, second) > text.index("│ second line")

@@ -1,0 +1,156 @@
+"""rfs.pipeline.scheduler on its own: order, dependencies, -j, failures and interrupts, with
+plain Python runners (the pipeline on the fake engine is tests/unit/test_many_packages.py)."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from rfs.host import signals
+from rfs.pipeline.scheduler import default_jobs, run_graph
+
+CHAIN = {"base": set(), "a": {"base"}, "b": {"a"}, "side": set(), "end": {"b", "side"}}
+
+
+class Recorder:
+    """A runner that records when nodes start and end, and how many run at once."""
+
+    def __init__(self, action: Callable[[str], object] | None = None) -> None:
+        self.started: list[str] = []
+        self.ended: list[str] = []
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+        self.action = action
+
+    def __call__(self, node: str) -> None:
+        with self._lock:
+            self.started.append(node)
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            if self.action is not None:
+                self.action(node)
+        finally:
+            with self._lock:
+                self.running -= 1
+                self.ended.append(node)
+
+
+def test_one_job_runs_in_the_graphs_order_in_this_thread() -> None:
+    threads: set[int] = set()
+    rec = Recorder(lambda node: threads.add(threading.get_ident()))
+    outcome = run_graph(CHAIN, rec, jobs=1)
+    assert outcome.ok and rec.started == ["base", "a", "b", "side", "end"] and rec.most == 1
+    assert threads == {threading.get_ident()}
+
+
+def test_dependencies_come_first_whatever_the_jobs() -> None:
+    for jobs in (1, 2, 4):
+        rec = Recorder()
+        assert run_graph(CHAIN, rec, jobs=jobs).ok
+        for node, deps in CHAIN.items():
+            assert all(rec.ended.index(d) < rec.started.index(node) for d in deps), (jobs, node)
+
+
+def test_independent_nodes_run_at_once_with_jobs() -> None:
+    # Each of the two waits for the other: they can only both pass if they overlap.
+    barrier = threading.Barrier(2, timeout=30)
+    rec = Recorder(lambda node: barrier.wait() if node in ("x", "y") else None)
+    outcome = run_graph({"x": set(), "y": set(), "z": {"x", "y"}}, rec, jobs=2)
+    assert outcome.ok and rec.most == 2 and rec.started[-1] == "z"
+
+
+def test_never_more_than_jobs_at_once() -> None:
+    rec = Recorder()
+    graph = {f"n{i}": set[str]() for i in range(20)}
+    assert run_graph(graph, rec, jobs=3).ok
+    assert rec.most <= 3 and sorted(rec.ended) == sorted(graph)
+
+
+def fail_on(bad: set[str], before: Callable[[str], object] | None = None) -> Callable[[str], None]:
+    def action(node: str) -> None:
+        if before is not None:
+            before(node)
+        if node in bad:
+            raise RuntimeError(f"{node} broke")
+
+    return action
+
+
+def test_a_failure_stops_new_work_and_lets_running_nodes_finish() -> None:
+    failed = threading.Event()
+
+    def before(node: str) -> None:
+        if node == "slow":  # still running when "bad" fails
+            assert failed.wait(30)
+        if node == "bad":
+            failed.set()
+
+    rec = Recorder(fail_on({"bad"}, before))
+    graph = {"slow": set(), "bad": set(), "after": {"slow"}}
+    outcome = run_graph(graph, rec, jobs=2)
+    assert list(outcome.failed) == ["bad"] and str(outcome.failed["bad"]) == "bad broke"
+    assert outcome.done == ["slow"] and outcome.not_run == ["after"]
+    assert "after" not in rec.started and not outcome.ok
+
+
+def test_every_failure_is_returned() -> None:
+    barrier = threading.Barrier(2, timeout=30)
+    rec = Recorder(fail_on({"p", "q"}, lambda node: barrier.wait()))
+    outcome = run_graph({"p": set(), "q": set(), "r": {"p"}}, rec, jobs=2)
+    assert sorted(outcome.failed) == ["p", "q"] and outcome.not_run == ["r"]
+
+
+def test_one_job_stops_at_the_first_failure() -> None:
+    rec = Recorder(fail_on({"a"}))
+    outcome = run_graph(CHAIN, rec, jobs=1)
+    assert list(outcome.failed) == ["a"] and outcome.done == ["base"]
+    assert outcome.not_run == ["b", "side", "end"]
+
+
+def test_an_interrupt_in_a_runner_ends_the_run() -> None:
+    def action(node: str) -> None:
+        if node == "a":
+            raise KeyboardInterrupt
+
+    outcome = run_graph(CHAIN, Recorder(action), jobs=1)
+    assert outcome.interrupted and list(outcome.failed) == ["a"] and outcome.done == ["base"]
+
+
+def test_an_interrupt_of_the_main_thread_stops_running_nodes_and_waits_for_them() -> None:
+    """Ctrl-C reaches the main thread while workers run: `on_interrupt` is called (the pipeline
+    removes its containers there) and run_graph returns only once the workers have ended."""
+    stop = threading.Event()
+    started = threading.Barrier(2, timeout=30)
+
+    def action(node: str) -> None:
+        if node == "worker":
+            started.wait()
+            assert stop.wait(30)  # as a command ends when its container is removed
+            raise RuntimeError("stopped")
+        if node == "signaller":
+            started.wait()
+            _thread.interrupt_main()  # what the SIGINT handler does
+
+    rec = Recorder(action)
+    graph = {"worker": set(), "signaller": set(), "later": {"signaller"}}
+    with signals.handled():
+        outcome = run_graph(graph, rec, jobs=2, on_interrupt=stop.set)
+    assert outcome.interrupted and stop.is_set()
+    assert rec.running == 0 and sorted(rec.ended) == ["signaller", "worker"]
+    assert "worker" in outcome.failed and "later" in outcome.not_run
+
+
+def test_unknown_dependencies_count_as_done_and_cycles_are_refused() -> None:
+    rec = Recorder()
+    assert run_graph({"a": {"elsewhere"}}, rec, jobs=2).ok and rec.ended == ["a"]
+    with pytest.raises(ValueError, match="cycle"):
+        run_graph({"a": {"b"}, "b": {"a"}}, rec, jobs=2)
+
+
+def test_default_jobs_is_the_cores_this_process_may_use() -> None:
+    assert default_jobs() >= 1
