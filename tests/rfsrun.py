@@ -233,13 +233,26 @@ def count_created(client: Any, run_id: str, start_ns: int) -> int:
     """The containers the engine created for one rfs run since `start_ns` (time.time_ns()),
     from the engine's events (independently of what rfs reports); `client` is a docker SDK
     client."""
-    events = client.events(
-        since=start_ns // 10**9 - 1,
-        until=int(time.time()) + 1,
-        decode=True,
-        filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
-    )
-    return sum(1 for e in events if int(e["timeNano"]) >= start_ns)
+
+    def read() -> int:
+        events = client.events(
+            since=start_ns // 10**9 - 1,
+            until=int(time.time()) + 1,
+            decode=True,
+            filters={"type": "container", "event": "create", "label": f"org.rfs.run={run_id}"},
+        )
+        return sum(1 for e in events if int(e["timeNano"]) >= start_ns)
+
+    # Podman writes its events log apart from the API's answer: an event can show up a moment
+    # after the container exists. The count is taken once two reads a moment apart agree.
+    count = read()
+    for _ in range(20):
+        time.sleep(0.25)
+        again = read()
+        if again == count:
+            return count
+        count = again
+    return count
 
 
 def identity(path: Path) -> tuple[int, int, int] | None:
