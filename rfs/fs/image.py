@@ -61,6 +61,10 @@ class BaseImageCache(Protocol):
     def put(self, key: str) -> contextlib.AbstractContextManager[Path]:
         """A path to write the base image of `key` to; kept only if the block succeeds."""
 
+    def undo_dir(self, key: str) -> Path:
+        """A directory (maybe not made yet) for the undo files of images patched from the base
+        image of `key` (see rfs.fs.ext4inplace); it goes when that base image goes."""
+
 
 @dataclass(frozen=True)
 class Options:

@@ -78,6 +78,11 @@ class BaseImages:
         self.store.touch(key)
         return blob.path
 
+    def undo_dir(self, key: str) -> Path:
+        """Where the undo files of images patched from base image `key` live (Store.drop
+        removes the directory with the base image)."""
+        return self.store.undo_dir(key)
+
     @contextlib.contextmanager
     def put(self, key: str) -> Iterator[Path]:
         """Where the driver writes a new base image; recorded once complete."""

@@ -186,6 +186,7 @@ class Store:
         for blob in (self.root / "blobs").iterdir():
             with contextlib.suppress(OSError):
                 blob.unlink()
+        shutil.rmtree(self.root / "undo", ignore_errors=True)
         return self._open_index()
 
     def close(self) -> None:
@@ -240,11 +241,17 @@ class Store:
                 self._index.set(_STEP + key, record)
 
     def drop(self, key: str) -> None:
-        """Forget step `key` and delete its blob."""
+        """Forget step `key` and delete its blob (and the undo files kept beside it)."""
         self._index.delete(_STEP + key)
         self._index.delete(_VERIFIED + key)
         with contextlib.suppress(FileNotFoundError):
             (self.root / "blobs" / key).unlink()
+        shutil.rmtree(self.undo_dir(key), ignore_errors=True)
+
+    def undo_dir(self, key: str) -> Path:
+        """The directory of the undo files of images patched from the blob of `key` (an ext4
+        base image): dropped with it."""
+        return self.root / "undo" / key
 
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every step record, as (key, record)."""

@@ -59,6 +59,9 @@ class DictCache:
         tmp.rename(self.root / key)
         self.made += 1
 
+    def undo_dir(self, key: str) -> Path:
+        return self.root / "undo" / key
+
 
 def _add(
     tar: tarfile.TarFile,
