@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import mmap
 import os
 import re
 import tempfile
@@ -21,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
-from rfs.fs import tarformat as tf
 from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
 from rfs.host import proc
@@ -177,23 +175,16 @@ def assemble_ext4_patched(
     the overlays cannot be patched exactly or debugfs failed: the caller then makes the image
     in full."""
     from rfs.fs.ext4inplace import Slot, patch_in_place
-    from rfs.fs.ext4patch import PatchFailed, apply_patch, derive_patch, patch_digest
+    from rfs.fs.ext4patch import (
+        PatchFailed,
+        apply_patch,
+        derive_patch,
+        export_entries,
+        patch_digest,
+    )
 
     cache = options.base_images
     assert cache is not None
-    try:
-        with (
-            source.export_tar.open("rb") as src,
-            mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view,
-        ):
-            patch = derive_patch(
-                tf.index_archive(view), source.selection, source.overlays, source.restore or {}
-            )
-    except (OSError, ValueError) as exc:
-        raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
-    if isinstance(patch, str):
-        log.info("making the image in full: %s", patch)
-        return None
     restore = {path: digest_bytes(data) for path, data in (source.restore or {}).items()}
     identity = {
         "route": _BASE_ROUTE,
@@ -205,6 +196,18 @@ def assemble_ext4_patched(
         "source_date_epoch": options.source_date_epoch,
     }
     key = cache.key(identity)
+    try:
+        patch = derive_patch(
+            export_entries(source.export_tar, cache.side_dir(key)),
+            source.selection,
+            source.overlays,
+            source.restore or {},
+        )
+    except (OSError, ValueError) as exc:
+        raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
+    if isinstance(patch, str):
+        log.info("making the image in full: %s", patch)
+        return None
     base = cache.get(key)
     if base is None:
         with cache.put(key) as tmp:
@@ -230,7 +233,7 @@ def assemble_ext4_patched(
         fs_uuid = None
     mtime = options.source_date_epoch
     digest = patch_digest(patch, mtime=mtime, fs_uuid=fs_uuid)
-    slot = Slot.of(cache.undo_dir(key), output)
+    slot = Slot.of(cache.side_dir(key), output)
     try:
         with slot.locked():
             in_place = patch_in_place(

@@ -19,7 +19,7 @@ handled: the marker file written before the first write and removed after the la
 the next build that the output may be half-patched, and it is rewritten by the copy route.
 
 Every file lives in the cache directory the base-image cache gives for the base image
-(`BaseImageCache.undo_dir`), named after the output's path; it is dropped with the base image.
+(`BaseImageCache.side_dir`), named after the output's path; it is dropped with the base image.
 One lock file per output beside those directories makes two builds into one output take turns.
 """
 
@@ -69,7 +69,7 @@ def file_identity(path: Path) -> list[int] | None:
 class Slot:
     """The in-place state of one output image made from one base image, in the cache."""
 
-    directory: Path  # BaseImageCache.undo_dir(base key)
+    directory: Path  # BaseImageCache.side_dir(base key)
     output: Path  # resolved
 
     @classmethod

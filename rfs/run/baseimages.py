@@ -78,10 +78,10 @@ class BaseImages:
         self.store.touch(key)
         return blob.path
 
-    def undo_dir(self, key: str) -> Path:
-        """Where the undo files of images patched from base image `key` live (Store.drop
-        removes the directory with the base image)."""
-        return self.store.undo_dir(key)
+    def side_dir(self, key: str) -> Path:
+        """Where the files kept with base image `key` live (undo files, the export's parsed
+        headers); Store.drop removes the directory with the base image."""
+        return self.store.side_dir(key)
 
     @contextlib.contextmanager
     def put(self, key: str) -> Iterator[Path]:

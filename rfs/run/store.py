@@ -186,7 +186,7 @@ class Store:
         for blob in (self.root / "blobs").iterdir():
             with contextlib.suppress(OSError):
                 blob.unlink()
-        shutil.rmtree(self.root / "undo", ignore_errors=True)
+        shutil.rmtree(self.root / "side", ignore_errors=True)
         return self._open_index()
 
     def close(self) -> None:
@@ -246,12 +246,12 @@ class Store:
         self._index.delete(_VERIFIED + key)
         with contextlib.suppress(FileNotFoundError):
             (self.root / "blobs" / key).unlink()
-        shutil.rmtree(self.undo_dir(key), ignore_errors=True)
+        shutil.rmtree(self.side_dir(key), ignore_errors=True)
 
-    def undo_dir(self, key: str) -> Path:
-        """The directory of the undo files of images patched from the blob of `key` (an ext4
-        base image): dropped with it."""
-        return self.root / "undo" / key
+    def side_dir(self, key: str) -> Path:
+        """The directory of the files kept with the blob of `key` (an ext4 base image: undo
+        files of the images patched from it, the export's parsed headers): dropped with it."""
+        return self.root / "side" / key
 
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every step record, as (key, record)."""

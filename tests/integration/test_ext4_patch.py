@@ -59,8 +59,8 @@ class DictCache:
         tmp.rename(self.root / key)
         self.made += 1
 
-    def undo_dir(self, key: str) -> Path:
-        return self.root / "undo" / key
+    def side_dir(self, key: str) -> Path:
+        return self.root / "side" / key
 
 
 def _add(

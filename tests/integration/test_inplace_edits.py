@@ -82,7 +82,7 @@ class Edits:
         assert filecmp.cmp(self.out, self.clean(version), shallow=False), version
 
     def undo_files(self) -> list[Path]:
-        return sorted((self.rfs.cache / "undo").glob("*/*"))
+        return sorted((self.rfs.cache / "side").glob("*/*"))
 
 
 @pytest.fixture
@@ -109,8 +109,9 @@ def test_edits_and_reverts_give_a_clean_builds_image_in_place(edits: Edits) -> N
         assert "(cached base image + debugfs in place (" in built.err, built.err
         assert edits.out.stat().st_ino == inode
         edits.assert_clean_build(version)
-    # The undo file and the state of the one output, beside the one base image.
-    assert [p.suffix for p in edits.undo_files()] == [".state", ".undo"]
+    # The undo file and the state of the one output, and the export's parsed headers, beside
+    # the one base image.
+    assert sorted(p.suffix for p in edits.undo_files()) == [".pickle", ".state", ".undo"]
     assert edits.rfs.run("cache", "clear").code == 0
     assert edits.undo_files() == []
 
@@ -137,7 +138,7 @@ def test_an_output_changed_by_someone_else_is_rewritten(edits: Edits, change: st
 
 def _patching(edits: Edits) -> Callable[[str], bool]:
     """True once an in-place patch has begun (its marker is in the cache)."""
-    return lambda _: any((edits.rfs.cache / "undo").glob("*/*.patching"))
+    return lambda _: any((edits.rfs.cache / "side").glob("*/*.patching"))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_an_interrupted_in_place_patch_leaves_the_previous_image(
     assert stopped.code == 130, stopped.err
     edits.rfs.assert_clean(stopped, edits.out, before)  # identity: inode, size, mtime
     assert edits.out.read_bytes() == previous
-    assert not any((edits.rfs.cache / "undo").glob("*/*.patching"))
+    assert not any((edits.rfs.cache / "side").glob("*/*.patching"))
 
     again = edits.build()
     assert "(cached base image + debugfs in place (" in again.err, again.err
@@ -189,13 +190,13 @@ def test_a_killed_in_place_patch_is_repaired_by_the_next_build(edits: Edits) -> 
     running.kill()
     _kill_tools_writing(edits.out)
     assert edits.out.stat().st_ino == inode  # written in place, and left half-done
-    assert any((edits.rfs.cache / "undo").glob("*/*.patching"))
+    assert any((edits.rfs.cache / "side").glob("*/*.patching"))
 
     repaired = edits.build()
     assert "(cached base image + debugfs (" in repaired.err, repaired.err  # rewritten
     assert edits.out.stat().st_ino != inode
     edits.assert_clean_build(version)
-    assert not any((edits.rfs.cache / "undo").glob("*/*.patching"))
+    assert not any((edits.rfs.cache / "side").glob("*/*.patching"))
     again = edits.write("one", {}, big=b"small now")
     assert "(cached base image + debugfs in place (" in edits.build().err
     edits.assert_clean_build(again)

@@ -8,6 +8,7 @@ import fcntl
 import filecmp
 import io
 import os
+import pickle
 import struct
 import tarfile
 from collections.abc import Iterator, Mapping
@@ -53,15 +54,15 @@ class UndoCache:
         yield tmp
         tmp.rename(self.root / key)
 
-    def undo_dir(self, key: str) -> Path:
-        return self.root / "undo" / key
+    def side_dir(self, key: str) -> Path:
+        return self.root / "side" / key
 
     def base(self) -> Path:
         (found,) = [p for p in self.root.iterdir() if p.is_file()]
         return found
 
     def slot(self, output: Path) -> Slot:
-        (directory,) = [p for p in (self.root / "undo").iterdir() if p.is_dir()]
+        (directory,) = [p for p in (self.root / "side").iterdir() if p.is_dir()]
         return Slot.of(directory, output)
 
 
@@ -246,7 +247,7 @@ def test_an_interrupt_while_patching_restores_the_previous_image(
     monkeypatch.setattr(ext4patch, "apply_patch", real)
     slot = cache.slot(out)
     assert slot.usable() is None
-    assert sorted(p.suffix for p in slot.directory.iterdir()) == [".state", ".undo"]
+    assert sorted(p.suffix for p in slot.directory.iterdir()) == [".pickle", ".state", ".undo"]
     assert "in place" in _build(export, out, cache, 2)
     assert filecmp.cmp(out, _clean(export, tmp_path, 2), shallow=False)
 
@@ -326,3 +327,19 @@ def test_builds_into_one_output_take_turns(tmp_path: Path) -> None:
             os.close(fd)
     with other.locked():
         pass
+
+
+def test_the_exports_headers_are_kept_beside_the_base_image(export: Path, tmp_path: Path) -> None:
+    side = tmp_path / "side"
+    parsed = ext4patch.export_entries(export, side)
+    assert [e.name for e in parsed] == [b"etc/motd", b"srv/data"]
+    (kept,) = side.iterdir()
+    moved = tmp_path / "moved.tar"
+    export.rename(moved)  # an overlay edit does not read the export again
+    assert ext4patch.export_entries(export, side) == parsed
+    kept.write_bytes(b"\x80\x04damaged")
+    assert ext4patch.export_entries(moved, side) == parsed  # parsed again, and kept again
+    assert ext4patch.export_entries(tmp_path / "gone.tar", side) == parsed
+    kept.write_bytes(pickle.dumps(["not", "entries"]))
+    with pytest.raises(FileNotFoundError):
+        ext4patch.export_entries(tmp_path / "gone.tar", side)
