@@ -57,9 +57,10 @@ class RollbackFailed(RfsError):
 
 
 def file_identity(path: Path) -> list[int] | None:
-    """What changes whenever anyone writes, replaces, truncates or touches `path`."""
+    """What changes whenever anyone writes, replaces, truncates or touches `path` (the path
+    itself: a symlink put in its place has an identity of its own)."""
     try:
-        st = path.stat()
+        st = path.lstat()
     except FileNotFoundError:
         return None
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
@@ -74,8 +75,8 @@ class Slot:
 
     @classmethod
     def of(cls, directory: Path, output: Path) -> Slot:
-        """The slot of `output` (any spelling of its path) under `directory`."""
-        return cls(directory, output.resolve())
+        """The slot of `output` (any spelling of its directory) under `directory`."""
+        return cls(directory, output.parent.resolve() / output.name)
 
     @property
     def name(self) -> str:
@@ -117,6 +118,8 @@ class Slot:
             return "the in-place state names another output"
         if state.get("identity") != file_identity(self.output):
             return "the output changed since rfs wrote it"
+        if self.output.lstat().st_nlink != 1:  # a copy kept by hard link must stay as it is
+            return "the output has another hard link"
         if not self.file("undo").is_file():
             return "the undo file is missing"
         return None

@@ -132,7 +132,7 @@ def test_rollback_gives_back_the_base_image_byte_for_byte(export: Path, tmp_path
     assert slot.usable() is None
 
 
-@pytest.mark.parametrize("change", ["touch", "truncate", "replace", "append"])
+@pytest.mark.parametrize("change", ["touch", "truncate", "replace", "append", "symlink"])
 def test_an_output_changed_by_someone_else_takes_the_copy_route(
     export: Path, tmp_path: Path, change: str
 ) -> None:
@@ -146,6 +146,9 @@ def test_an_output_changed_by_someone_else_takes_the_copy_route(
     elif change == "replace":
         (tmp_path / "other").write_bytes(out.read_bytes())
         os.replace(tmp_path / "other", out)
+    elif change == "symlink":  # the same image, now behind a symlink
+        os.rename(out, tmp_path / "moved.ext4")
+        out.symlink_to(tmp_path / "moved.ext4")
     else:
         with out.open("ab") as f:
             f.write(b"x")
@@ -160,6 +163,11 @@ def test_route_choice_names_what_is_missing(export: Path, tmp_path: Path) -> Non
     out = tmp_path / "image.ext4"
     _build(export, out, cache, 1)
     slot = cache.slot(out)
+    os.link(out, tmp_path / "kept.ext4")  # a copy kept by hard link is not patched
+    assert slot.usable() is not None  # (the new link changed the ctime)
+    _build(export, out, cache, 2)
+    assert slot.usable() is None
+    assert out.stat().st_ino != (tmp_path / "kept.ext4").stat().st_ino
     slot.file("patching").write_bytes(b"")  # a SIGKILL during a patch
     assert slot.usable() == "an earlier in-place patch of the output did not finish"
     slot.file("patching").unlink()
