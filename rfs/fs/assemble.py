@@ -122,8 +122,9 @@ def _ext4(source: Source, output: Path, options: Options) -> Result:
     if options.base_images is not None:
         patched = assemble_ext4_patched(source, output, options, size)
         if patched is not None:
-            stats, operations = patched
-            return Result(stats, size, f"cached base image + debugfs ({operations} change(s))")
+            stats, operations, in_place = patched
+            how = "debugfs in place" if in_place else "debugfs"
+            return Result(stats, size, f"cached base image + {how} ({operations} change(s))")
     stats = assemble_ext4(
         source.export_tar,
         source.selection,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import mmap
 import os
 import re
 import tempfile
@@ -21,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
-from rfs.fs import tarformat as tf
 from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, temp_image
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
 from rfs.host import proc
@@ -169,28 +167,24 @@ _INCOMPAT_CSUM_SEED, _RO_COMPAT_METADATA_CSUM = 0x2000, 0x400
 
 def assemble_ext4_patched(
     source: Source, output: Path, options: Options, size_mib: int
-) -> tuple[StreamStats, int] | None:
-    """Build `output` as a copy of the cached base image (made first if missing) with the
-    overlays written into it by debugfs (see rfs.fs.ext4patch). Returns the stats and the
-    number of overlay operations, or None when the overlays cannot be patched exactly or
-    debugfs failed: the caller then makes the image in full."""
-    from rfs.fs.ext4patch import PatchFailed, apply_patch, derive_patch
+) -> tuple[StreamStats, int, bool] | None:
+    """Build `output` as the cached base image (made first if missing) with the overlays
+    written into it by debugfs (see rfs.fs.ext4patch): in place when `output` is the image rfs
+    last wrote from that base image (see rfs.fs.ext4inplace), else into a copy. Returns the
+    stats, the number of overlay operations and whether it was patched in place, or None when
+    the overlays cannot be patched exactly or debugfs failed: the caller then makes the image
+    in full."""
+    from rfs.fs.ext4inplace import Slot, patch_in_place
+    from rfs.fs.ext4patch import (
+        PatchFailed,
+        apply_patch,
+        derive_patch,
+        export_entries,
+        patch_digest,
+    )
 
     cache = options.base_images
     assert cache is not None
-    try:
-        with (
-            source.export_tar.open("rb") as src,
-            mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view,
-        ):
-            patch = derive_patch(
-                tf.index_archive(view), source.selection, source.overlays, source.restore or {}
-            )
-    except (OSError, ValueError) as exc:
-        raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
-    if isinstance(patch, str):
-        log.info("making the image in full: %s", patch)
-        return None
     restore = {path: digest_bytes(data) for path, data in (source.restore or {}).items()}
     identity = {
         "route": _BASE_ROUTE,
@@ -202,6 +196,18 @@ def assemble_ext4_patched(
         "source_date_epoch": options.source_date_epoch,
     }
     key = cache.key(identity)
+    try:
+        patch = derive_patch(
+            export_entries(source.export_tar, cache.side_dir(key)),
+            source.selection,
+            source.overlays,
+            source.restore or {},
+        )
+    except (OSError, ValueError) as exc:
+        raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
+    if isinstance(patch, str):
+        log.info("making the image in full: %s", patch)
+        return None
     base = cache.get(key)
     if base is None:
         with cache.put(key) as tmp:
@@ -225,15 +231,29 @@ def assemble_ext4_patched(
     fs_uuid: uuid.UUID | None = uuid.UUID(bytes=options.seed[:16], version=4)
     if "-U" in options.mkfs_args or not _uuid_settable(base):
         fs_uuid = None
+    mtime = options.source_date_epoch
+    digest = patch_digest(patch, mtime=mtime, fs_uuid=fs_uuid)
+    slot = Slot.of(cache.side_dir(key), output)
     try:
-        with temp_image(output, None) as tmp:
-            copy_sparse(base, tmp)
-            apply_patch(tmp, patch, mtime=options.source_date_epoch, fs_uuid=fs_uuid)
+        with slot.locked():
+            in_place = patch_in_place(
+                slot,
+                base,
+                lambda undo: apply_patch(
+                    slot.output, patch, mtime=mtime, fs_uuid=fs_uuid, undo=undo
+                ),
+                digest,
+            )
+            if not in_place:
+                with slot.copy_route() as undo, temp_image(output, None) as tmp:
+                    copy_sparse(base, tmp)
+                    apply_patch(tmp, patch, mtime=mtime, fs_uuid=fs_uuid, undo=undo)
+                slot.commit(digest)
     except PatchFailed as exc:
         log.info("making the image in full: %s", exc)
         return None
     stats = StreamStats(missing_includes=patch.missing_includes)
-    return stats, len(patch.remove) + len(patch.add)
+    return stats, len(patch.remove) + len(patch.add), in_place
 
 
 def _uuid_settable(image: Path) -> bool:

@@ -18,6 +18,10 @@ return a reason instead, and the caller takes the full route.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
+import pickle
 import re
 import tempfile
 import uuid
@@ -31,6 +35,7 @@ from rfs.fs.overlay import OverlayEntry
 from rfs.fs.plan import Generated, make_plan
 from rfs.fs.selection import Selection, ancestors
 from rfs.host import proc
+from rfs.host.hashing import digest_bytes, digest_json
 
 # debugfs reads its commands through libss, which splits on blanks and honours double quotes
 # but has no escapes: names with a quote, a backslash, a control character or bytes that are
@@ -84,6 +89,31 @@ class Patch:
     remove: list[str] = field(default_factory=list)
     add: list[Write | MakeDir | Link] = field(default_factory=list)
     missing_includes: list[str] = field(default_factory=list)  # as the stream would report
+
+
+_ENTRIES = "export-headers.pickle"
+
+
+def export_entries(export_tar: Path, side: Path) -> list[tf.RawEntry]:
+    """The parsed headers of `export_tar`, kept in `side` (BaseImageCache.side_dir of the base
+    image, keyed by the export's content and rfs's assembly code): an overlay edit then need
+    not read the export again (180 MiB of pages for the Debian example, not always still in
+    the page cache). An unreadable or damaged copy is parsed again and replaced."""
+    cached = side / _ENTRIES
+    with contextlib.suppress(Exception):  # unpickling damaged bytes can raise almost anything
+        with cached.open("rb") as f:
+            found = pickle.load(f)
+        if isinstance(found, list) and all(isinstance(e, tf.RawEntry) for e in found):
+            return found
+    with export_tar.open("rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        entries = tf.index_archive(view)
+    with contextlib.suppress(OSError):  # a cache that cannot keep it parses again next time
+        side.mkdir(parents=True, exist_ok=True)
+        tmp = side / f".{_ENTRIES}.{os.getpid()}"
+        with tmp.open("wb") as f:
+            pickle.dump(entries, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, cached)
+    return entries
 
 
 def derive_patch(
@@ -204,9 +234,24 @@ def _commands(patch: Patch, files: Path, mtime: int) -> list[str]:
     return lines
 
 
-def apply_patch(image: Path, patch: Patch, *, mtime: int, fs_uuid: uuid.UUID | None) -> None:
-    """Write `patch` into the ext4 `image` in place (and set its UUID); raise PatchFailed if
-    debugfs reports any problem, leaving `image` for the caller to discard."""
+def patch_digest(patch: Patch, *, mtime: int, fs_uuid: uuid.UUID | None) -> str:
+    """What identifies the bytes `apply_patch` writes (for the in-place state's record)."""
+    ops = [
+        [type(op).__name__, {**vars(op), "content": digest_bytes(op.content)}]
+        if isinstance(op, Write)
+        else [type(op).__name__, vars(op)]
+        for op in patch.add
+    ]
+    return digest_json({"remove": patch.remove, "add": ops, "mtime": mtime, "uuid": str(fs_uuid)})
+
+
+def apply_patch(
+    image: Path, patch: Patch, *, mtime: int, fs_uuid: uuid.UUID | None, undo: Path
+) -> None:
+    """Write `patch` into the ext4 `image` in place (and set its UUID), keeping the bytes it
+    overwrites in the new undo file `undo` (`e2undo` puts them back; see rfs.fs.ext4inplace).
+    Raise PatchFailed if debugfs reports any problem, leaving `image` for the caller to
+    discard or roll back. debugfs is never stopped half-way: an interrupt waits for it."""
     with tempfile.TemporaryDirectory(prefix="rfs-debugfs-") as tmp:
         lines = _commands(patch, Path(tmp), mtime)
         if fs_uuid is not None:
@@ -215,9 +260,12 @@ def apply_patch(image: Path, patch: Patch, *, mtime: int, fs_uuid: uuid.UUID | N
         script.write_text("\n".join(lines) + "\n")
         env = {"E2FSPROGS_FAKE_TIME": str(mtime), "SOURCE_DATE_EPOCH": str(mtime)}
         result = proc.run(
-            [proc.tool_path("debugfs"), "-w", "-f", str(script), str(image)],
+            # The undo file changes what debugfs counts as written (the superblock's
+            # lifetime-writes field): every route writes one, so their bytes agree.
+            [proc.tool_path("debugfs"), "-z", str(undo), "-w", "-f", str(script), str(image)],
             env=env,
             what="debugfs (writing the overlays)",
+            shielded=True,
         )
     # debugfs carries on after a failed command and exits 0: its stderr is the only sign.
     problems = [

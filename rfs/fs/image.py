@@ -61,6 +61,11 @@ class BaseImageCache(Protocol):
     def put(self, key: str) -> contextlib.AbstractContextManager[Path]:
         """A path to write the base image of `key` to; kept only if the block succeeds."""
 
+    def side_dir(self, key: str) -> Path:
+        """A directory (maybe not made yet) for files kept with the base image of `key`: the
+        undo files of images patched from it (rfs.fs.ext4inplace) and the export's parsed
+        headers (rfs.fs.ext4patch.export_entries); it goes when that base image goes."""
+
 
 @dataclass(frozen=True)
 class Options:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO
 
 from rfs.errors import EnvironmentProblem, RfsError
+from rfs.host import signals
 
 log = logging.getLogger("rfs.host.proc")
 
@@ -51,18 +53,26 @@ def run(
     stdin: IO[bytes] | int | None = None,
     input_bytes: bytes | None = None,
     what: str | None = None,
+    shielded: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `argv`, capture its output, and raise RfsError naming `what` on a non-zero exit."""
+    """Run `argv`, capture its output, and raise RfsError naming `what` on a non-zero exit.
+
+    `shielded`: for a tool that must never stop half-way (it writes a file in place): it runs
+    in its own session, so a Ctrl-C to the terminal's process group does not reach it, and
+    SIGINT/SIGTERM are held back until it has ended (then handled as usual).
+    """
     log.debug("+ %s", shlex.join(argv))
     try:
-        proc = subprocess.run(
-            list(argv),
-            env=_env(env),
-            stdin=stdin if input_bytes is None else None,
-            input=input_bytes,
-            capture_output=True,
-            check=False,
-        )
+        with signals.deferred() if shielded else contextlib.nullcontext():
+            proc = subprocess.run(
+                list(argv),
+                env=_env(env),
+                stdin=stdin if input_bytes is None else None,
+                input=input_bytes,
+                capture_output=True,
+                check=False,
+                start_new_session=shielded,
+            )
     except FileNotFoundError as exc:
         raise EnvironmentProblem(f"required tool {argv[0]!r} is not installed") from exc
     if proc.returncode != 0:

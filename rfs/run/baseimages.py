@@ -78,6 +78,11 @@ class BaseImages:
         self.store.touch(key)
         return blob.path
 
+    def side_dir(self, key: str) -> Path:
+        """Where the files kept with base image `key` live (undo files, the export's parsed
+        headers); Store.drop removes the directory with the base image."""
+        return self.store.side_dir(key)
+
     @contextlib.contextmanager
     def put(self, key: str) -> Iterator[Path]:
         """Where the driver writes a new base image; recorded once complete."""

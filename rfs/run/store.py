@@ -186,6 +186,7 @@ class Store:
         for blob in (self.root / "blobs").iterdir():
             with contextlib.suppress(OSError):
                 blob.unlink()
+        shutil.rmtree(self.root / "side", ignore_errors=True)
         return self._open_index()
 
     def close(self) -> None:
@@ -240,11 +241,17 @@ class Store:
                 self._index.set(_STEP + key, record)
 
     def drop(self, key: str) -> None:
-        """Forget step `key` and delete its blob."""
+        """Forget step `key` and delete its blob (and the undo files kept beside it)."""
         self._index.delete(_STEP + key)
         self._index.delete(_VERIFIED + key)
         with contextlib.suppress(FileNotFoundError):
             (self.root / "blobs" / key).unlink()
+        shutil.rmtree(self.side_dir(key), ignore_errors=True)
+
+    def side_dir(self, key: str) -> Path:
+        """The directory of the files kept with the blob of `key` (an ext4 base image: undo
+        files of the images patched from it, the export's parsed headers): dropped with it."""
+        return self.root / "side" / key
 
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every step record, as (key, record)."""

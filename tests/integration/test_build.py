@@ -146,8 +146,9 @@ def test_build_then_noop_then_edits(
     edited = run("build", package, "-o", out)
     assert (edited.ran(), edited.created) == (["overlays", "assemble"], 0)
     assert content(out, "/etc/motd") == b"edited\n"
-    # ... by writing the overlays into the base image the first build cached, not by mke2fs
-    assert "(cached base image + debugfs (" in edited.err, edited.err
+    # ... by writing the overlays into the base image the first build cached, not by mke2fs:
+    # into the output itself, which is that base image patched by the first build
+    assert "(cached base image + debugfs in place (" in edited.err, edited.err
     subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
     motd = list_ext4(out)["/etc/motd"]
     assert (motd.mode & 0o7777, motd.uid, motd.gid, motd.mtime) == (0o640, 1, 2, 0)

@@ -59,6 +59,9 @@ class DictCache:
         tmp.rename(self.root / key)
         self.made += 1
 
+    def side_dir(self, key: str) -> Path:
+        return self.root / "side" / key
+
 
 def _add(
     tar: tarfile.TarFile,

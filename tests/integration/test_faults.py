@@ -311,6 +311,9 @@ def test_interrupt_during_export(big: Big, sig: int, group: bool) -> None:
 )
 def test_interrupt_during_assembly(big: Big, sig: int, group: bool) -> None:
     big.rewrite(uuid.uuid4().hex)
+    # Touched: the output is no longer the image rfs wrote, so the base image is copied to a
+    # temporary file rather than patched in place (test_inplace_edits interrupts that route).
+    os.utime(big.out)
     before = identity(big.out)
     stopped = big.rfs.interrupt(
         ["build", big.pkg, "-o", big.out, "-q"], _image_tmp(big.out), sig, group=group
@@ -370,6 +373,12 @@ def test_disk_full_while_assembling(big: Big) -> None:
         big.rewrite(uuid.uuid4().hex)
         first = big.rfs.run("build", big.pkg, "-o", out, "-q")
         assert first.code == 0, first.err
+        inode = out.stat().st_ino
+        big.rewrite(uuid.uuid4().hex)
+        in_place = big.rfs.run("build", big.pkg, "-o", out, "-q")
+        assert in_place.code == 0, in_place.err  # patched in place: no second image needed
+        assert out.stat().st_ino == inode
+        os.utime(out)  # no longer the image rfs wrote: the base image is copied beside it
         before = identity(out)
         big.rewrite(uuid.uuid4().hex)
         full = big.rfs.run("build", big.pkg, "-o", out, "-q")
