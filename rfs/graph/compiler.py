@@ -153,8 +153,10 @@ def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
 
 def dockerfile_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
     """What a `container.dockerfile` base is built from: the Dockerfile's content, every
-    context entry the engine sees, the build args, the target, the engine and the rfs code
-    that makes the context. Its digest names the built image (`dockerfile_tag_key`)."""
+    context entry the engine sees, the build args, the target, the images its FROM lines (and
+    `COPY --from=<image>`) name, by the ID and platform the engine resolves them to, the engine
+    and the rfs code that makes the context. Its digest names the built image
+    (`dockerfile_tag_key`)."""
     c = script.container
     assert c.dockerfile is not None
     return {
@@ -162,6 +164,7 @@ def dockerfile_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
         "context": dict(facts.context),
         "build_args": dict(c.build_args),
         "target": c.target,
+        "from": {ref: dict(found) for ref, found in facts.from_images.items()},
         "engine": facts.engine,
         "code": facts.code.get("run", ""),
     }

@@ -46,7 +46,7 @@ from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor, layer_tag
 from rfs.run.snapshot import PackageSnapshot
 from rfs.run.store import DEFAULT_SIZE_LIMIT, Store, default_cache_dir
 from rfs.script.model import BuildScript
-from rfs.script.package import Loaded, load
+from rfs.script.package import Loaded, load, resolve_reference
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -178,8 +178,11 @@ def prepare(
     from rfs.graph.codeversion import code_version
 
     code = {kind: code_version(kind) for kind in ("run", "export", "assemble")}
-    built = _dockerfile_base(script, digests, entries, code, store, fresh=opts.no_cache)
     quick = not opts.pull and engine_factory is connect_engine
+    from_images = _from_images(script, engine, quick=quick, pull=opts.pull)
+    built = _dockerfile_base(
+        script, digests, entries, code, store, from_images, fresh=opts.no_cache
+    )
     found = quick_engine_facts(script, digests, built) if quick else None
     if found is None:
         found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull, built=built)
@@ -202,6 +205,7 @@ def prepare(
         network=opts.network,
         code=code,
         context=_context_digests(entries, digests),
+        from_images=from_images,
     )
     steps = compile_steps(script, facts)
     script_file = script.origin or (
@@ -259,12 +263,29 @@ def _context_digests(entries: list[ContextEntry], digests: dict[str, str]) -> di
     return context_digests(entries, digests)
 
 
+def _from_images(
+    script: BuildScript, engine: Callable[[], Engine], *, quick: bool, pull: bool
+) -> dict[str, dict[str, str]]:
+    """The images a `container.dockerfile` base's stages refer to, resolved by the engine
+    (empty without one). The Dockerfile is read as it is now; the build checks that its checked
+    copy names the same images (`rfs.run.basefacts`)."""
+    c = script.container
+    if c.dockerfile is None:
+        return {}
+    from rfs.run.basefacts import from_image_facts
+
+    assert script.package_root is not None
+    text = resolve_reference(script.package_root, c.dockerfile).read_bytes()
+    return from_image_facts(script, text, engine, quick=quick, pull=pull)
+
+
 def _dockerfile_base(
     script: BuildScript,
     digests: dict[str, str],
     entries: list[ContextEntry],
     code: dict[str, str],
     store: Store,
+    from_images: dict[str, dict[str, str]],
     *,
     fresh: bool = False,
 ) -> DockerfileBase | None:
@@ -279,10 +300,12 @@ def _dockerfile_base(
         engine=script.container.engine.value,
         code=code,
         context=_context_digests(entries, digests),
+        from_images=from_images,
     )
     key = dockerfile_tag_key(script, facts)
     store.hold({key})  # no eviction removes its image while this build runs
-    return DockerfileBase(key, tuple(entries), layer_tag(key, store.cache_id), fresh)
+    tag = layer_tag(key, store.cache_id)
+    return DockerfileBase(key, tuple(entries), tag, fresh, tuple(from_images))
 
 
 def _record_dockerfile_base(
