@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -82,6 +83,7 @@ class Options:
     no_cache: bool = False  # run every step; its result replaces the cached one
     rebuild: tuple[str, ...] = ()  # step ids to run again, with every step after them
     pull: bool = False  # look the base image's tag up in its registry again
+    platform: str | None = None  # --platform: wins over container.platform
 
 
 @dataclass
@@ -134,7 +136,12 @@ def prepare(
 ) -> Planned:
     """Load the package, gather facts, compile the graph and plan each step."""
     loaded = load(opts.package)
+    if opts.platform is not None:
+        from rfs.script.platform import with_platform
+
+        loaded = dataclasses.replace(loaded, script=with_platform(loaded.script, opts.platform))
     script = loaded.script
+    _check_emulation(script)
     store = Store(opts.cache_dir, opts.cache_size)
     # CI can name the run (its job id, say) so leftover containers are attributable.
     run_id = os.environ.get("RFS_RUN_ID") or uuid.uuid4().hex[:12]
@@ -188,6 +195,7 @@ def prepare(
         found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull, built=built)
     if built is not None:
         _record_dockerfile_base(store, built, found.base_id, script.container.engine.value)
+    _check_platform(script, found.platform)
 
     tools = store.meta("tool-versions")
     known_tools = dict(tools)
@@ -263,6 +271,36 @@ def _context_digests(entries: list[ContextEntry], digests: dict[str, str]) -> di
     return context_digests(entries, digests)
 
 
+def _check_emulation(script: BuildScript) -> None:
+    """Fail before anything runs when the host cannot run the platform's programs."""
+    from rfs.run.checks import SETUP_HINT, emulation_problem
+
+    why = emulation_problem(script)
+    if why is not None:
+        from rfs.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"container.platform: {why}", hint=SETUP_HINT)
+
+
+def _check_platform(script: BuildScript, found: str) -> None:
+    """Refuse a base image of another platform than the one asked for: there is no registry
+    to resolve the base for it, and commands would run as the image's platform."""
+    c = script.container
+    if c.platform is None:
+        return
+    from rfs.script.platform import matches
+
+    if not found or not matches(c.platform, found):
+        from rfs.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(
+            f"container.platform: the base image {c.base_label} is "
+            f"{found or 'of a platform the engine does not name'}, not {c.platform}",
+            hint=f"make or load a {c.platform} base image, or build for the base's platform "
+            "(container.platform, --platform)",
+        )
+
+
 def _from_images(
     script: BuildScript, engine: Callable[[], Engine], *, quick: bool, pull: bool
 ) -> dict[str, dict[str, str]]:
@@ -332,8 +370,6 @@ def _rebuild_dockerfile_base(planned: Planned, built: DockerfileBase) -> None:
     """`--no-cache`: build the Dockerfile base again, every instruction, before the commands
     run on it. Its key stays (the inputs did not change); the tag and record move to the new
     image. (Planning resolved the base already, and built it if it was missing.)"""
-    import dataclasses
-
     from rfs.run.basefacts import rebuild_dockerfile_base
 
     ex = planned.executor

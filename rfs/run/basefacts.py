@@ -259,6 +259,7 @@ def _build_dockerfile(
             build_args=dict(c.build_args),
             target=c.target,
             no_cache=fresh,
+            platform=c.platform,
         )
 
 

@@ -24,9 +24,34 @@ ENGINE_TIMEOUT_S = 10.0
 def environment_problems(script: BuildScript, file: str = "") -> list[Problem]:
     """Every problem of the machine with building `script`, each at the field it concerns."""
     problems = mkfs_problems(script, file)
+    problems += platform_problems(script, file)
     problems += base_archive_problems(script, file)
     problems += engine_problems(script, file)
     return problems
+
+
+SETUP_HINT = (
+    "run scripts/setup-host.sh: it installs Debian's qemu-user-static and registers its "
+    "binfmt_misc handlers"
+)
+
+
+def emulation_problem(script: BuildScript) -> str | None:
+    """Why this host cannot run the commands of `script`'s `container.platform`, or None."""
+    c = script.container
+    if c.platform is None:
+        return None
+    from rfs.host.emulation import cannot_run
+    from rfs.script.platform import architecture
+
+    why = cannot_run(architecture(c.platform))
+    return None if why is None else f"this host cannot run {c.platform} programs: {why}"
+
+
+def platform_problems(script: BuildScript, file: str = "") -> list[Problem]:
+    """The host can run the platform asked for (natively or under emulation)."""
+    why = emulation_problem(script)
+    return [] if why is None else [Problem("container.platform", f"{why} ({SETUP_HINT})", file)]
 
 
 def mkfs_problems(script: BuildScript, file: str = "") -> list[Problem]:

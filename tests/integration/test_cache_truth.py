@@ -267,6 +267,9 @@ CASES: dict[str, Case] = {
     "dockerfile context file content": Case(
         (), _then(_dockerfile(), _write("context.txt", "edited context\n"))
     ),
+    # The base is amd64 busybox: asking for its own platform explicitly is keyed all the same
+    # (builds for two platforms share no step); arm64 builds are in test_arm64.py.
+    "platform": Case(("container.platform",), append("[container]", 'platform = "linux/amd64"')),
     "wait timeout": Case(
         ("container.wait_timeout_s",), append("[container]", "wait_timeout_s = 5"), keyed=False
     ),
