@@ -113,6 +113,8 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
     except RfsError as exc:
         problems.append(Problem("container.image", exc.message, file))
         return problems
+    if c.platform is not None:
+        problems += _base_platform_problems(engine, script, file)
     field = privilege_field(script)
     if field is not None:
         image = engine.image_id(f"{c.image.name}:{c.image.tag}")
@@ -127,6 +129,20 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         if refusal is not None:
             problems.append(Problem(field, privilege_message(engine.name, refusal), file))
     return problems
+
+
+def _base_platform_problems(engine: Engine, script: BuildScript, file: str) -> list[Problem]:
+    """A local base image of another platform than `container.platform` (the build refuses
+    it; one the engine would pull is checked by the build)."""
+    from rfs.script.platform import matches
+
+    c = script.container
+    assert c.image is not None and c.platform is not None
+    found = engine.image_platform(c.image.ref)
+    if not found or matches(c.platform, found):
+        return []
+    message = f"the base image {c.image.ref} is {found}, not {c.platform}"
+    return [Problem("container.platform", message, file)]
 
 
 # A command every base image rfs builds on has (busybox, Debian...). Without it both probes
