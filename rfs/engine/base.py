@@ -77,6 +77,9 @@ class RunSpec:
     network: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     copy_in: CopySource | None = None  # placed into the container before it starts
+    # "os/arch[/variant]" the container must run as (container.platform): Docker refuses an
+    # image of another one; None: the image's own
+    platform: str | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples, keeping the spec immutable.

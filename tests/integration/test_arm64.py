@@ -8,14 +8,19 @@ the other finds nothing cached. A base of another platform than the one asked fo
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rfs.engine import Engine
 from rfs.host.emulation import cannot_run, host_architecture
-from tests.conftest import require_or_skip
+from tests.conftest import engine_url, require_or_skip
 from tests.constants import BUSYBOX, BUSYBOX_ARM64
+from tests.engineproxy import EngineProxy
 from tests.fsinspect import list_ext4, read_ext4_file
 from tests.packages import write_package
 from tests.rfsrun import Rfs, containers_of, steps_run
@@ -56,6 +61,17 @@ def rfs(tmp_path: Path, engine_client: Any) -> Any:
     assert done.code == 0, done.err
 
 
+@pytest.fixture
+def proxy(docker_engine: Engine) -> Iterator[EngineProxy]:
+    """A recording proxy on a unix socket in front of the engine under test."""
+    upstream = engine_url(docker_engine).removeprefix("unix://")
+    where = Path(tempfile.mkdtemp(prefix="rfs-proxy-"))  # short: socket paths are limited
+    recorder = EngineProxy(upstream, where / "engine.sock")
+    yield recorder
+    recorder.close()
+    shutil.rmtree(where, ignore_errors=True)
+
+
 def plan_keys(plan_out: str) -> dict[str, str]:
     """Step id -> the short key an `rfs plan` listing shows."""
     return {
@@ -77,12 +93,22 @@ def elf_machine(image: Path, path: str) -> int:
 
 
 def test_an_arm64_package_builds_on_this_amd64_host(
-    rfs: Rfs, tmp_path: Path, engine_toml: str
+    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str
 ) -> None:
     pkg = write_package(tmp_path / "pkg", build_toml(engine_toml, BUSYBOX_ARM64, "linux/arm64"))
     out = tmp_path / "arm64.ext4"
     checked = rfs("check", pkg)
     assert checked.code == 0, checked.err
+    through = write_package(
+        tmp_path / "through-proxy",
+        build_toml(engine_toml + f'connection_uri = "{proxy.uri}"\n', BUSYBOX_ARM64, "linux/arm64"),
+    )
+    built = rfs("build", through, "-o", out)
+    assert built.code == 0, built.err
+    creates = [p for m, p, _ in proxy.requests() if m == "POST" and "/containers/create" in p]
+    # The command's container is created for the platform (the export's, never started, is
+    # created from the last layer as any other).
+    assert sum("platform=linux%2Farm64" in p for p in creates) == 1, creates
     built = rfs("build", pkg, "-o", out)
     assert built.code == 0, built.err
     arch = read_ext4_file(out, list_ext4(out)["/etc/arch"].inode)
@@ -122,3 +148,21 @@ def test_a_base_of_another_platform_is_refused(rfs: Rfs, tmp_path: Path, engine_
     checked = rfs("check", pkg)
     assert checked.code == 3, checked.err
     assert f"container.platform: the base image {BUSYBOX} is linux/amd64, not" in checked.err
+
+
+def test_an_arm64_dockerfile_base_is_built_for_arm64(
+    rfs: Rfs, tmp_path: Path, engine_toml: str
+) -> None:
+    script = (
+        f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}"
+        'dockerfile = "/Dockerfile"\nplatform = "linux/arm64"\n'
+        f'[[commands]]\nscript_inline = "{RECORD}"\n'
+    )
+    dockerfile = f"FROM {BUSYBOX_ARM64}\nRUN uname -m > /etc/built-on\n"
+    pkg = write_package(tmp_path / "pkg", script, {"Dockerfile": dockerfile})
+    out = tmp_path / "df.ext4"
+    built = rfs("build", pkg, "-o", out)
+    assert built.code == 0, built.err
+    entries = list_ext4(out)
+    assert read_ext4_file(out, entries["/etc/built-on"].inode) == b"aarch64\n"  # RUN
+    assert read_ext4_file(out, entries["/etc/arch"].inode) == b"aarch64\n"  # [[commands]]
