@@ -106,6 +106,8 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         except RfsError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
             problems.append(Problem("container.oci_runtime", f"{exc.message}{hint}", file))
+    if c.dockerfile is not None:
+        return problems + _from_image_problems(engine, script, file)
     if c.image is None or not c.image.name or not c.image.tag:
         return problems  # the archive form, or an image the schema already reported
     try:
@@ -129,6 +131,32 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         if refusal is not None:
             problems.append(Problem(field, privilege_message(engine.name, refusal), file))
     return problems
+
+
+def _from_image_problems(engine: Engine, script: BuildScript, file: str) -> list[Problem]:
+    """Each image a `container.dockerfile`'s stages name must be in the engine (nothing is
+    pulled for them but with `rfs build --pull`)."""
+    from rfs.script.dockerfrom import from_images
+    from rfs.script.package import resolve_reference
+
+    c = script.container
+    assert c.dockerfile is not None
+    if script.package_root is None:
+        return []
+    try:
+        text = resolve_reference(script.package_root, c.dockerfile).read_bytes()
+    except (OSError, ValueError):
+        return []  # reported by the package check
+    return [
+        Problem(
+            "container.dockerfile",
+            f"FROM image {ref} is not in the {engine.name} engine (make or load it, or build "
+            "with --pull to let the engine pull it)",
+            file,
+        )
+        for ref in from_images(text, dict(c.build_args), c.target)
+        if engine.image_id(ref) is None
+    ]
 
 
 def _base_platform_problems(engine: Engine, script: BuildScript, file: str) -> list[Problem]:
