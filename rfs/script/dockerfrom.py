@@ -4,9 +4,10 @@
 Their identity is part of the base's key (`rfs.graph.compiler.dockerfile_inputs`): a FROM image
 re-tagged, rebuilt or pulled anew must build the base again, or a warm cache would keep a base
 a clean build would not make. The Dockerfile is read with `dockerfile-parse`, which knows the
-instruction syntax (continuations, comments, `FROM --platform=… image AS name`) and substitutes
-the ARGs declared before the first FROM, their defaults overridden by the build args, as the
-engine does (an undeclared build arg is not substituted, as in the engine). Stage names (an
+instruction syntax (continuations, comments, `FROM --platform=… image AS name`, quotes and
+escapes); rfs substitutes the ARGs declared before the first FROM (`$NAME`, `${NAME}`,
+`${NAME:-word}`, `${NAME:+word}`), their defaults overridden by the build args, as the engine
+does (an undeclared build arg is not substituted, as in the engine). Stage names (an
 earlier `AS name`, case-insensitive), stage indexes (`COPY --from=0`) and `scratch` are no
 images. Only the stages the engine builds count: with `container.target`, those up to it.
 """
@@ -19,6 +20,24 @@ from collections.abc import Mapping
 
 # `COPY --from=X`: a flag before the sources, alone or among others (--chown, --chmod, --link).
 _COPY_FROM = re.compile(r"(?:^|\s)--from=(\S+)", re.IGNORECASE)
+# $NAME, ${NAME}, ${NAME:-word} and ${NAME:+word}, not escaped (\$): the forms the engines
+# expand in FROM (dockerfile-parse knows the first two only).
+_VARIABLE = re.compile(
+    r"(?<!\\)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def _substitute(word: str, args: Mapping[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(4)
+        value = args.get(name, "")
+        if match.group(2) == "-":
+            return value or match.group(3)
+        if match.group(2) == "+":
+            return match.group(3) if value else ""
+        return value
+
+    return _VARIABLE.sub(one, word)
 
 
 def _unquote(text: str) -> str:
@@ -46,7 +65,8 @@ def from_images(text: bytes, build_args: Mapping[str, str], target: str | None) 
                 top_args[name] = build_args.get(name, value)
 
     def expand(word: str) -> str:
-        return str(WordSplitter(word, args=top_args).dequote())
+        # Variables first (with the modifiers), then the parser's quote and escape rules.
+        return str(WordSplitter(_substitute(word, top_args), args={}).dequote())
 
     stages: set[str] = set()
     found: list[str] = []

@@ -68,3 +68,10 @@ def test_an_image_used_twice_is_listed_once() -> None:
 )
 def test_split_ref(ref: str, expected: tuple[str, str]) -> None:
     assert split_ref(ref) == expected
+
+
+def test_the_engines_variable_forms() -> None:
+    text = b"ARG X\nARG Y=y\nFROM a:${X:-dflt}\nFROM b:${Y:+set}\nFROM c${X:+-never}\nFROM d:$Y\n"
+    assert from_images(text, {}, None) == ["a:dflt", "b:set", "c", "d:y"]
+    assert from_images(text, {"X": "given"}, None)[:3] == ["a:given", "b:set", "c-never"]
+    assert from_images(b'ARG Y=y\nFROM "e:$Y"\nFROM f\\$Y\n', {}, None) == ["e:y", "f$Y"]
