@@ -2,12 +2,16 @@
 # Build the local base images that rfs's examples and tests use; no container registry needed.
 #   rfs-test/busybox:1                      busybox-static + applet symlinks, /etc/passwd, /etc/group,
 #                                           /tmp 1777; NO default command (on purpose: rfs must cope)
+#   rfs-test/busybox-arm64:1                the same for linux/arm64/v8, from Debian's
+#                                           busybox-static:arm64 (apt-get download; arm64 is a
+#                                           foreign dpkg architecture, scripts/setup-host.sh),
+#                                           loaded with its platform in the image config
 #   docker.io/library/debian:bookworm-slim  stand-in for the official image that
 #                                           examples/debian/build.toml names: mmdebstrap minbase,
 #                                           CMD ["bash"] like the official one
 # An image is (re)built only if it is missing or was not made by this recipe (label
 # org.rfs.base-recipe); a debian:bookworm-slim without the label (a real pulled one) is kept.
-# Both are copied into Podman (docker save | podman load: same image IDs) when podman exists.
+# All are copied into Podman (docker save | podman load: same image IDs) when podman exists.
 # Needs root (mmdebstrap, Docker). Environment: FORCE=1 rebuilds both.
 set -euo pipefail
 
@@ -15,6 +19,8 @@ DOCKER=/usr/bin/docker            # /usr/local/bin/docker may be another client
 LABEL=org.rfs.base-recipe
 BUSYBOX_IMAGE=rfs-test/busybox:1
 BUSYBOX_RECIPE=busybox-v1
+ARM64_IMAGE=rfs-test/busybox-arm64:1
+ARM64_RECIPE=busybox-arm64-v1
 DEBIAN_IMAGE=docker.io/library/debian:bookworm-slim
 DEBIAN_RECIPE=debian-minbase-v1
 SUITE=bookworm
@@ -48,25 +54,75 @@ needs_build() {
 }
 
 make_busybox() {
-    local tree bb=/bin/busybox path
+    local tree bb=/bin/busybox
     [ -x "$bb" ] || { log "missing $bb: install busybox-static (scripts/setup-host.sh)"; exit 1; }
     tree=$(mktemp -d /tmp/rfs-busybox.XXXXXX)
     CLEANUP+=("$tree")
+    busybox_tree "$tree" "$bb"
+    tar -C "$tree" --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner -cf - . |
+        "$DOCKER" import --change "LABEL $LABEL=$BUSYBOX_RECIPE" \
+            --message "rfs base: busybox-static $(dpkg-query -W -f='${Version}' busybox-static)" \
+            - "$BUSYBOX_IMAGE" >/dev/null
+}
+
+# busybox_tree DIR BUSYBOX: the busybox base's tree (applets, passwd, group) in DIR
+busybox_tree() {
+    local tree=$1 bb=$2 path
     install -d -m 0755 "$tree"/{bin,sbin,usr/bin,usr/sbin,etc,root,dev,proc,sys,run}
     install -d -m 1777 "$tree/tmp"
     install -m 0755 "$bb" "$tree/bin/busybox"
-    # every applet at its usual place (sbin/init, bin/sh, usr/bin/env, ...)
-    for path in $("$bb" --list-full); do
+    # every applet at its usual place (sbin/init, bin/sh, usr/bin/env, ...); the host's busybox
+    # lists them (busybox-static of the same Debian release has the same applets on every arch)
+    for path in $(/bin/busybox --list-full); do
         [ "$path" = bin/busybox ] || ln -s /bin/busybox "$tree/$path"
     done
     printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
         'nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin' > "$tree/etc/passwd"
     printf '%s\n' 'root:x:0:' 'nogroup:x:65534:' > "$tree/etc/group"
     chmod 0700 "$tree/root"
-    tar -C "$tree" --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner -cf - . |
-        "$DOCKER" import --change "LABEL $LABEL=$BUSYBOX_RECIPE" \
-            --message "rfs base: busybox-static $(dpkg-query -W -f='${Version}' busybox-static)" \
-            - "$BUSYBOX_IMAGE" >/dev/null
+}
+
+make_busybox_arm64() {
+    local work deb
+    work=$(mktemp -d /tmp/rfs-busybox-arm64.XXXXXX)
+    CLEANUP+=("$work")
+    dpkg --print-foreign-architectures | grep -qx arm64 \
+        || { log "arm64 is not a dpkg architecture here: run scripts/setup-host.sh"; exit 1; }
+    chmod 0777 "$work"   # apt-get download drops privileges to _apt to write here
+    (cd "$work" && apt-get download -q busybox-static:arm64 >/dev/null)
+    deb=$(ls "$work"/busybox-static_*_arm64.deb)
+    dpkg-deb -x "$deb" "$work/pkg"
+    busybox_tree "$work/tree" "$work/pkg/bin/busybox"
+    tar -C "$work/tree" --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner \
+        -cf "$work/layer.tar" .
+    # `docker import --platform` is ignored by Docker 20.10 (the image says amd64): write a
+    # `docker save` tarball whose config names the platform, and load it.
+    python3 - "$work" "$ARM64_IMAGE" "$LABEL=$ARM64_RECIPE" "$(dpkg-deb -f "$deb" Version)" <<'PY'
+import hashlib, json, sys, tarfile
+work, image, label, version = sys.argv[1:5]
+key, value = label.split("=", 1)
+with open(f"{work}/layer.tar", "rb") as f:
+    diff_id = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+config = json.dumps({
+    "architecture": "arm64", "variant": "v8", "os": "linux",
+    "created": "2024-01-01T00:00:00Z",
+    "config": {"Labels": {key: value}},
+    "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    "history": [{"created": "2024-01-01T00:00:00Z",
+                 "comment": f"rfs base: busybox-static:arm64 {version}"}],
+}, sort_keys=True).encode()
+name = hashlib.sha256(config).hexdigest() + ".json"
+manifest = json.dumps([{"Config": name, "RepoTags": [image], "Layers": ["layer.tar"]}]).encode()
+with open(f"{work}/config.json", "wb") as f:
+    f.write(config)
+with open(f"{work}/manifest.json", "wb") as f:
+    f.write(manifest)
+with tarfile.open(f"{work}/image.tar", "w") as out:
+    out.add(f"{work}/config.json", arcname=name)
+    out.add(f"{work}/manifest.json", arcname="manifest.json")
+    out.add(f"{work}/layer.tar", arcname="layer.tar")
+PY
+    "$DOCKER" load -q -i "$work/image.tar" >/dev/null
 }
 
 make_debian() {
@@ -105,10 +161,12 @@ to_podman() {  # to_podman IMAGE: make podman hold the same image (same ID) as d
 "$DOCKER" info >/dev/null 2>&1 || { log "Docker is not answering: run scripts/setup-host.sh"; exit 1; }
 
 build "$BUSYBOX_IMAGE" "$BUSYBOX_RECIPE" 0 make_busybox
+build "$ARM64_IMAGE" "$ARM64_RECIPE" 0 make_busybox_arm64
 build "$DEBIAN_IMAGE" "$DEBIAN_RECIPE" 1 make_debian
 if command -v podman >/dev/null; then
     to_podman "$BUSYBOX_IMAGE"
+    to_podman "$ARM64_IMAGE"
     to_podman "$DEBIAN_IMAGE"
 fi
 "$DOCKER" images --format '{{.Repository}}:{{.Tag}} {{.ID}} {{.Size}}' |
-    grep -E '^(rfs-test/busybox:1|debian:bookworm-slim) ' >&2 || true
+    grep -E '^(rfs-test/busybox:1|rfs-test/busybox-arm64:1|debian:bookworm-slim) ' >&2 || true

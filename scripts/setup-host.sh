@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 (bookworm) host for rfs, as root. Idempotent and fast when already done:
 #   - Debian packages: Docker, Podman, busybox-static, mmdebstrap, e2fsprogs >= 1.47.1 (backports)
+#   - arm64 emulation: qemu-user-static and binfmt-support, binfmt_misc mounted, the aarch64
+#     handler registered; arm64 as a foreign dpkg architecture (the arm64 test base's package)
 #   - /etc/containers/containers.conf for Podman (only if missing)
 #   - dockerd and the Podman API socket, started in the background if not answering
 #   - rfs, editable with its dev extras, in a venv made from Debian's own /usr/bin/python3
@@ -36,6 +38,9 @@ PACKAGES=(docker.io podman busybox-static mmdebstrap squashfs-tools-ng ca-certif
 # and QEMU with Debian's cloud kernel for `rfs boot` and the boot test.
 PACKAGES+=(btrfs-progs xfsprogs squashfs-tools erofs-utils dosfstools mtools fakeroot)
 PACKAGES+=(qemu-system-x86 linux-image-cloud-amd64)
+# Commands of other architectures (container.platform = "linux/arm64") run under QEMU's user
+# mode emulation, registered with binfmt_misc (the F flag: it works inside containers).
+PACKAGES+=(qemu-user-static binfmt-support)
 # The remote cache servers of cache/, which the integration tests start (never as services).
 PACKAGES+=(nginx docker-registry)
 # rfs graph's svg/png (Graphviz); the tests of the live display and of shell completion.
@@ -53,8 +58,15 @@ e2fs_ok() {
 }
 missing=()
 for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
+# scripts/make-base-images.sh downloads busybox-static:arm64 for the arm64 test base.
+foreign_arch=
+dpkg --print-foreign-architectures | grep -qx arm64 || foreign_arch=1
 
-if [ ${#missing[@]} -gt 0 ] || ! e2fs_ok; then
+if [ ${#missing[@]} -gt 0 ] || [ -n "$foreign_arch" ] || ! e2fs_ok; then
+    if [ -n "$foreign_arch" ]; then
+        log "dpkg --add-architecture arm64"
+        dpkg --add-architecture arm64
+    fi
     # bookworm-backports carries e2fsprogs 1.47.2; add it once, on the mirror the host already uses.
     if ! grep -rqs --include='*.sources' --include='*.list' 'bookworm-backports' \
             /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -86,6 +98,29 @@ EOF
     e2fs_ok || die "e2fsprogs >= $E2FS_MIN still missing"
 else
     log "Debian packages present (e2fsprogs $(dpkg-query -W -f='${Version}' e2fsprogs))"
+fi
+
+# --- arm64 emulation --------------------------------------------------------------------------
+# Installing qemu-user-static registers its handlers only where binfmt_misc is mounted and
+# systemd-binfmt or update-binfmts ran; in containers and CI VMs without systemd, neither may
+# have happened: mount it, and register the aarch64 handler from Debian's own definition.
+BINFMT=/proc/sys/fs/binfmt_misc
+if [ ! -e "$BINFMT/register" ]; then
+    log "mounting binfmt_misc at $BINFMT"
+    mount -t binfmt_misc binfmt_misc "$BINFMT" || die "cannot mount binfmt_misc at $BINFMT"
+fi
+aarch64_enabled() { [ "$(head -n1 "$BINFMT/qemu-aarch64" 2>/dev/null)" = enabled ]; }
+if aarch64_enabled; then
+    log "the aarch64 binfmt handler is registered"
+else
+    log "registering the aarch64 binfmt handler (qemu-user-static)"
+    if [ -e "$BINFMT/qemu-aarch64" ]; then
+        echo 1 > "$BINFMT/qemu-aarch64"   # registered, but disabled
+    else
+        update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+    fi
+    aarch64_enabled || cat /usr/lib/binfmt.d/qemu-aarch64.conf > "$BINFMT/register"
+    aarch64_enabled || die "the aarch64 binfmt handler is not registered ($BINFMT/qemu-aarch64)"
 fi
 
 # --- Podman configuration ----------------------------------------------------------------------

@@ -18,3 +18,5 @@ BUSYBOX_IMAGE = f"image = {BUSYBOX_TABLE}"
 RUN_ID = uuid.uuid4().hex[:12]
 RUN_LABEL_KEY = "org.rfs.test-run"
 TMP_REPO_PREFIX = f"rfs-test-tmp/{RUN_ID}-"
+# The same busybox for linux/arm64/v8 (scripts/make-base-images.sh): runs under emulation.
+BUSYBOX_ARM64 = "rfs-test/busybox-arm64:1"

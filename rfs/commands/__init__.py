@@ -138,10 +138,21 @@ def add_force_options(p: argparse.ArgumentParser) -> None:
         help="look the base image's tag up in its registry again (a moved tag "
         "makes every step run)",
     )
+    add_platform_option(p)
     p.add_argument(
         "--no-network",
         action="store_true",
         help="run the commands without network access (part of their keys)",
+    )
+
+
+def add_platform_option(p: argparse.ArgumentParser) -> None:
+    """--platform (build, plan, graph, check)."""
+    p.add_argument(
+        "--platform",
+        default=None,
+        metavar="OS/ARCH[/VARIANT]",
+        help="build for this platform (e.g. linux/arm64); wins over container.platform",
     )
 
 
@@ -158,6 +169,7 @@ def build_options(args: argparse.Namespace, output: Path | None, **more: Any) ->
         no_cache=args.no_cache,
         rebuild=tuple(args.rebuild),
         pull=args.pull,
+        platform=args.platform,
         network=not args.no_network,
         **more,
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from rfs.commands import add_package
+from rfs.commands import add_package, add_platform_option
 from rfs.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_OK, Problem
 
 
@@ -23,6 +23,7 @@ def register(sub: Any) -> None:
         "the machine is not ready.",
     )
     add_package(p)
+    add_platform_option(p)
     p.add_argument(
         "--script-only",
         action="store_true",
@@ -37,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from rfs.script.package import collect
 
     script, problems = collect(args.package)
+    if script is not None and args.platform is not None:
+        from rfs.script.platform import with_platform
+
+        script = with_platform(script, args.platform)
     script_errors = any(p.severity == "error" for p in problems)
     environment: list[Problem] = []
     if script is not None and not args.script_only:

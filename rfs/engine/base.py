@@ -77,6 +77,9 @@ class RunSpec:
     network: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     copy_in: CopySource | None = None  # placed into the container before it starts
+    # "os/arch[/variant]" the container must run as (container.platform): Docker refuses an
+    # image of another one; None: the image's own
+    platform: str | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples, keeping the spec immutable.
@@ -168,13 +171,15 @@ class Engine(Protocol):
         target: str | None = None,
         on_output: Callable[[bytes], None] | None = None,
         no_cache: bool = False,
+        platform: str | None = None,
     ) -> str:
         """Build the Dockerfile `dockerfile` (a path inside the context) from the context tar
         read from `context`, tag the result `tag` and return its image ID.
 
         Nothing is pulled (bases are local) and no intermediate container is left. A failing
         instruction raises StepFailed naming `step` and the instruction. `no_cache`: every
-        instruction runs again (`docker build --no-cache`).
+        instruction runs again (`docker build --no-cache`). `platform`: build for it
+        (`docker build --platform`; its FROM images must be of it).
         """
         ...
 

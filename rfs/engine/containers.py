@@ -118,7 +118,7 @@ class ContainerOps(ApiCaller):
                 # e.g. syslog could not give it back.
                 log_config=docker.types.LogConfig(type="json-file"),
             )
-            created = self._api.create_container(
+            config = self._api.create_container_config(
                 spec.image,
                 command=list(spec.argv),
                 entrypoint=[],
@@ -129,10 +129,16 @@ class ContainerOps(ApiCaller):
                 labels={**spec.labels, MANAGED_LABEL: "1"},
                 host_config=host_config,
                 stop_timeout=spec.stop_timeout_s,
-                # The SDK would otherwise add proxy variables from ~/.docker/config.json: an
-                # input no cache key sees.
-                use_config_proxy=False,
             )
+            # The SDK's create_container would add proxy variables from ~/.docker/config.json
+            # (an input no cache key sees) and refuses `platform` below API 1.41, which the
+            # client does not pin: the create request itself is the 1.41 one when a platform
+            # is asked for (Docker 20.10 then refuses an image of another platform; Podman 4.3
+            # takes the parameter and uses the image's).
+            version = "1.41" if spec.platform else self._api.api_version
+            params = {"platform": spec.platform} if spec.platform else None
+            url = f"{self._api.base_url}/v{version}/containers/create"
+            created = self._api._result(self._api._post_json(url, data=config, params=params), True)
         return str(created["Id"])
 
     def _copy_in(self, cid: str, source: CopySource, step: str) -> None:

@@ -310,6 +310,7 @@ class DockerEngine(ContainerOps):
         target: str | None = None,
         on_output: Callable[[bytes], None] | None = None,
         no_cache: bool = False,
+        platform: str | None = None,
     ) -> str:
         """Build a Dockerfile from a context tar and tag it `tag` (`rfs.engine.imagebuild`)."""
         from rfs.engine.imagebuild import build_image
@@ -324,6 +325,7 @@ class DockerEngine(ContainerOps):
             target=target,
             on_output=on_output,
             no_cache=no_cache,
+            platform=platform,
         )
         found = self.image_id(tag)
         if found is None:

@@ -251,6 +251,7 @@ class FakeEngine:
         self.tags: dict[str, str] = {}
         self.kept: dict[str, dict[str, str]] = {}
         self.calls: list[str] = []
+        self.build_platforms: list[str | None] = []  # the platform each build asked for
         self._containers = 0
 
     # -- test set-up -------------------------------------------------------------------------
@@ -378,12 +379,15 @@ class FakeEngine:
         target: str | None = None,
         on_output: Callable[[bytes], None] | None = None,
         no_cache: bool = False,
+        platform: str | None = None,
     ) -> str:
         """Build the Dockerfile subset of `rfs.engine.fakebuild` from the context tar (the
-        fake keeps no build cache: `no_cache` changes nothing)."""
+        fake keeps no build cache: `no_cache` changes nothing; it has one platform, so
+        `platform` is only recorded in `build_platforms`)."""
         from rfs.engine.fakebuild import DockerfileError, parse
 
         self.calls.append("build")
+        self.build_platforms.append(platform)
         ctx: Tree = {}
         _apply_layer(ctx, context.read())
         if _norm(dockerfile) not in ctx:

@@ -44,6 +44,7 @@ def build_image(
     target: str | None,
     on_output: Callable[[bytes], None] | None,
     no_cache: bool = False,
+    platform: str | None = None,
 ) -> None:
     """Build through `engine`'s API, tagging the result `tag`; see
     `rfs.engine.base.Engine.build_image`."""
@@ -59,6 +60,7 @@ def build_image(
             target=target,
             pull=False,
             nocache=no_cache,
+            platform=platform,
             rm=True,
             forcerm=True,
             decode=True,

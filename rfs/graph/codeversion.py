@@ -29,6 +29,7 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
         "script/package.py",
         "script/basearchive.py",
         "script/buildcontext.py",
+        "script/dockerfrom.py",
         "run/basefacts.py",
         "host/sparse.py",
         "run/copyin.py",

@@ -153,8 +153,10 @@ def assemble_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
 
 def dockerfile_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
     """What a `container.dockerfile` base is built from: the Dockerfile's content, every
-    context entry the engine sees, the build args, the target, the engine and the rfs code
-    that makes the context. Its digest names the built image (`dockerfile_tag_key`)."""
+    context entry the engine sees, the build args, the target, the images its FROM lines (and
+    `COPY --from=<image>`) name, by the ID and platform the engine resolves them to, the engine
+    and the rfs code that makes the context. Its digest names the built image
+    (`dockerfile_tag_key`)."""
     c = script.container
     assert c.dockerfile is not None
     return {
@@ -162,6 +164,8 @@ def dockerfile_inputs(script: BuildScript, facts: Facts) -> dict[str, Any]:
         "context": dict(facts.context),
         "build_args": dict(c.build_args),
         "target": c.target,
+        **({"platform": c.platform} if c.platform is not None else {}),
+        "from": {ref: dict(found) for ref, found in facts.from_images.items()},
         "engine": facts.engine,
         "code": facts.code.get("run", ""),
     }
@@ -213,6 +217,8 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
         base_inputs["digest"] = c.image.digest  # pinned: the key says which content
     # An image ID may name a multi-platform index: the platform it resolved to is keyed too.
     base_inputs["platform"] = facts.platform
+    if c.platform is not None:  # asked for: commands run as it (absent otherwise, so the
+        base_inputs["asked_platform"] = c.platform  # keys of other scripts stay as they were)
     last = add(
         "base",
         StepKind.BASE,
@@ -245,7 +251,11 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
         "overlays",
         StepKind.OVERLAYS,
         f"{len(script.overlays)} overlay(s)",
-        {"overlays": [overlay_inputs(o, facts) for o in script.overlays]},
+        {
+            "overlays": [overlay_inputs(o, facts) for o in script.overlays],
+            # No step is shared between builds for two platforms, this one neither.
+            **({"platform": c.platform} if c.platform is not None else {}),
+        },
         [],
     )
     add(

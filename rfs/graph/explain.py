@@ -229,11 +229,35 @@ def _dockerfile_changes(
             out.append(f"context file {name} removed")
         elif a[name] != b[name]:
             out.append(f"context file {name} changed")
-    rest_old = {k: v for k, v in old.items() if k not in ("dockerfile", "context")}
-    rest_new = {k: v for k, v in new.items() if k not in ("dockerfile", "context")}
+    out.extend(_from_changes(old.get("from"), new.get("from")))
+    own = ("dockerfile", "context", "from")
+    rest_old = {k: v for k, v in old.items() if k not in own}
+    rest_new = {k: v for k, v in new.items() if k not in own}
     for change in diff_inputs(rest_old, rest_new):
         named = change.startswith(("build_args", "target"))
         out.append(f"container.{change}" if named else change)
+    return out
+
+
+def _from_changes(old: Any, new: Any) -> list[str]:
+    """What differs in the images a Dockerfile's stages refer to: one that names another
+    image now (re-tagged, rebuilt, pulled anew), or one added or no longer used."""
+    a, b = (old if isinstance(old, dict) else {}), (new if isinstance(new, dict) else {})
+    out = []
+    for ref in sorted(set(a) | set(b)):
+        if ref not in a:
+            out.append(f"FROM image {ref} added")
+        elif ref not in b:
+            out.append(f"FROM image {ref} no longer used")
+        elif a[ref] != b[ref]:
+            x, y = a[ref], b[ref]
+            x, y = (x if isinstance(x, dict) else {}), (y if isinstance(y, dict) else {})
+            what = [
+                f"{field} {_short(x.get(field))} → {_short(y.get(field))}"
+                for field in ("image_id", "platform")
+                if x.get(field) != y.get(field)
+            ]
+            out.append(f"FROM image {ref} is another image now ({', '.join(what)})")
     return out
 
 

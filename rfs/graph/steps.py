@@ -62,3 +62,6 @@ class Facts:
     # A `container.dockerfile` base: name -> digest of each build context entry the engine
     # sees (after .dockerignore; rfs.script.buildcontext).
     context: Mapping[str, str] = field(default_factory=dict)
+    # A `container.dockerfile` base: each image its stages refer to (FROM, COPY --from) ->
+    # {"image_id", "platform"} as the engine resolves it (rfs.run.basefacts.from_image_facts).
+    from_images: Mapping[str, Mapping[str, str]] = field(default_factory=dict)

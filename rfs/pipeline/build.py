@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -21,12 +22,14 @@ from rfs.pipeline.dockerfilebase import (
     context_entries_of,
     context_refs,
     dockerfile_base,
+    dockerfile_from_images,
     record_dockerfile_base,
 )
 from rfs.pipeline.execution import Job, execute, execute_all, remove_abandoned
 from rfs.pipeline.execution import _labels as _labels
 from rfs.pipeline.execution import _owner as _owner
 from rfs.pipeline.model import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, Options, Planned
+from rfs.pipeline.platformcheck import check_emulation, check_platform
 from rfs.report.reporter import Reporter
 from rfs.run.basefacts import engine_facts, quick_engine_facts
 from rfs.run.executors import Executor
@@ -76,7 +79,12 @@ def prepare(
     """Load the package, gather facts, compile the graph and plan each step. Packages built
     together share one `store`."""
     loaded = load(opts.package)
+    if opts.platform is not None:
+        from rfs.script.platform import with_platform
+
+        loaded = dataclasses.replace(loaded, script=with_platform(loaded.script, opts.platform))
     script = loaded.script
+    check_emulation(script)
     store = store or Store(opts.cache_dir, opts.cache_size)
     # CI can name the run (its job id, say) so leftover containers are attributable.
     run_id = opts.run_id or os.environ.get("RFS_RUN_ID") or uuid.uuid4().hex[:12]
@@ -102,13 +110,15 @@ def prepare(
     from rfs.graph.codeversion import code_version
 
     code = {kind: code_version(kind) for kind in ("run", "export", "assemble")}
-    built = dockerfile_base(script, digests, entries, code, store, fresh=opts.no_cache)
     quick = not opts.pull and engine_factory is connect_engine
+    from_images = dockerfile_from_images(script, engine, quick=quick, pull=opts.pull)
+    built = dockerfile_base(script, digests, entries, code, store, from_images, fresh=opts.no_cache)
     found = quick_engine_facts(script, digests, built) if quick else None
     if found is None:
         found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull, built=built)
     if built is not None:
         record_dockerfile_base(store, built, found.base_id, script.container.engine.value)
+    check_platform(script, found.platform)
 
     tools = store.meta("tool-versions")
     known_tools = dict(tools)
@@ -126,6 +136,7 @@ def prepare(
         network=opts.network,
         code=code,
         context=context_digests(entries, digests),
+        from_images=from_images,
     )
     steps = compile_steps(script, facts)
     script_file = script.origin or (

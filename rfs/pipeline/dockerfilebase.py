@@ -4,6 +4,7 @@ its built image recorded like a layer, and built again for `--no-cache`."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rfs.errors import Problem, ScriptError
@@ -11,8 +12,10 @@ from rfs.graph.compiler import dockerfile_tag_key
 from rfs.graph.steps import Facts
 from rfs.run.basefacts import DockerfileBase, rebuild_dockerfile_base
 from rfs.run.executors import layer_tag
+from rfs.script.package import resolve_reference
 
 if TYPE_CHECKING:
+    from rfs.engine.base import Engine
     from rfs.pipeline.model import Planned
     from rfs.run.store import Store
     from rfs.script.buildcontext import ContextEntry
@@ -65,6 +68,7 @@ def dockerfile_base(
     entries: list[ContextEntry],
     code: dict[str, str],
     store: Store,
+    from_images: dict[str, dict[str, str]],
     *,
     fresh: bool = False,
 ) -> DockerfileBase | None:
@@ -77,10 +81,28 @@ def dockerfile_base(
         engine=script.container.engine.value,
         code=code,
         context=context_digests(entries, digests),
+        from_images=from_images,
     )
     key = dockerfile_tag_key(script, facts)
     store.hold({key})  # no eviction removes its image while this build runs
-    return DockerfileBase(key, tuple(entries), layer_tag(key, store.cache_id), fresh)
+    tag = layer_tag(key, store.cache_id)
+    return DockerfileBase(key, tuple(entries), tag, fresh, tuple(from_images))
+
+
+def dockerfile_from_images(
+    script: BuildScript, engine: Callable[[], Engine], *, quick: bool, pull: bool
+) -> dict[str, dict[str, str]]:
+    """The images a `container.dockerfile` base's stages refer to, resolved by the engine
+    (empty without one). The Dockerfile is read as it is now; the build checks that its checked
+    copy names the same images (`rfs.run.basefacts`)."""
+    c = script.container
+    if c.dockerfile is None:
+        return {}
+    from rfs.run.basefacts import from_image_facts
+
+    assert script.package_root is not None
+    text = resolve_reference(script.package_root, c.dockerfile).read_bytes()
+    return from_image_facts(script, text, engine, quick=quick, pull=pull)
 
 
 def record_dockerfile_base(store: Store, built: DockerfileBase, image_id: str, engine: str) -> None:

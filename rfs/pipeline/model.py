@@ -44,6 +44,7 @@ class Options:
     no_cache: bool = False  # run every step; its result replaces the cached one
     rebuild: tuple[str, ...] = ()  # step ids to run again, with every step after them
     pull: bool = False  # look the base image's tag up in its registry again
+    platform: str | None = None  # --platform: wins over container.platform
     # Several packages in one build: the image goes to `<output_dir>/<name>.<type>` when
     # `output` is not set (rfs build PKG... --output-dir DIR).
     output_dir: Path | None = None

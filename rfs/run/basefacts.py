@@ -4,18 +4,19 @@ build), else through the engine client, which also pulls or loads the base."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rfs.errors import EnvironmentProblem, RfsError
+from rfs.run.snapshot import PackageChanged, PackageSnapshot
+from rfs.script.dockerfrom import from_images, split_ref
 from rfs.script.model import BuildScript
 from rfs.script.package import resolve_reference
 
 if TYPE_CHECKING:
     from rfs.engine.base import Engine
-    from rfs.run.snapshot import PackageSnapshot
     from rfs.script.buildcontext import ContextEntry
 
 BASE_REPO = "rfs/base"
@@ -41,6 +42,72 @@ class DockerfileBase:
     entries: Sequence[ContextEntry]
     tag: str  # the image built from exactly these inputs, in the cache's layer namespace
     fresh: bool = False  # rfs build --no-cache: built again when the build executes
+    from_refs: tuple[str, ...] = ()  # the images its stages refer to, as keyed
+
+
+def from_image_facts(
+    script: BuildScript,
+    text: bytes,
+    engine: Callable[[], Engine],
+    *,
+    quick: bool,
+    pull: bool = False,
+) -> dict[str, dict[str, str]]:
+    """The ID and platform of each image a `container.dockerfile` base's stages refer to
+    (`rfs.script.dockerfrom.from_images` of its `text`), by reference, as the engine resolves
+    it: asked over the engine's socket when `quick`, else through the engine client (pulled
+    first with `pull`). A missing one is an error naming container.dockerfile and the image:
+    the key cannot say what the base is built from."""
+    from rfs.engine import default_uri
+    from rfs.engine.lite import Unavailable, image_facts
+
+    c = script.container
+    refs = from_images(text, dict(c.build_args), c.target)
+    uri = c.connection_uri or default_uri(c.engine.value)
+    found: dict[str, dict[str, str]] = {}
+    for ref in refs:
+        if quick and not pull:
+            try:
+                facts = image_facts(uri, ref)
+            except Unavailable:
+                facts = _from_image_by_client(engine(), script, ref, pull=False)
+        else:
+            facts = _from_image_by_client(engine(), script, ref, pull=pull)
+        if facts is None:
+            raise _missing_from_image(script, ref)
+        found[ref] = {"image_id": facts[0], "platform": facts[1]}
+    return found
+
+
+def _from_image_by_client(
+    engine: Engine, script: BuildScript, ref: str, *, pull: bool
+) -> tuple[str, str] | None:
+    if pull:
+        name, tag = split_ref(ref)
+        try:
+            image_id = engine.resolve_base(name, tag, pull=True)
+        except EnvironmentProblem as exc:
+            raise EnvironmentProblem(
+                f"container.dockerfile ({script.container.dockerfile}): FROM image {ref}: "
+                f"{exc.message}",
+                hint=exc.hint,
+            ) from exc
+    else:
+        found = engine.image_id(ref)
+        if found is None:
+            return None
+        image_id = found
+    return image_id, engine.image_platform(image_id)
+
+
+def _missing_from_image(script: BuildScript, ref: str) -> EnvironmentProblem:
+    c = script.container
+    return EnvironmentProblem(
+        f"container.dockerfile ({c.dockerfile}): FROM image {ref} is not in the "
+        f"{c.engine.value} engine",
+        hint=f"make or load it ({c.engine.value} build -t {ref} …, {c.engine.value} load), "
+        "or build with --pull to let the engine pull it",
+    )
 
 
 def _base_ref(
@@ -173,6 +240,14 @@ def _build_dockerfile(
     def copy_of(ref: str) -> Path:
         return snapshot.path(ref) if snapshot is not None else resolve_reference(root, ref)
 
+    # The key holds the images the Dockerfile named when planned: the checked copy built from
+    # must name the same ones (an edit in between is caught by its digest only at this point).
+    named = from_images(copy_of(c.dockerfile).read_bytes(), dict(c.build_args), c.target)
+    if named != list(built.from_refs):
+        raise PackageChanged(
+            f"package path {c.dockerfile} changed after rfs planned this build; nothing was "
+            "recorded under its old content: run the build again to use the new one"
+        )
     with tempfile.TemporaryFile() as tar:
         write_context(script, list(built.entries), copy_of, tar)
         tar.seek(0)
@@ -184,6 +259,7 @@ def _build_dockerfile(
             build_args=dict(c.build_args),
             target=c.target,
             no_cache=fresh,
+            platform=c.platform,
         )
 
 

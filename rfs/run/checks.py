@@ -24,9 +24,34 @@ ENGINE_TIMEOUT_S = 10.0
 def environment_problems(script: BuildScript, file: str = "") -> list[Problem]:
     """Every problem of the machine with building `script`, each at the field it concerns."""
     problems = mkfs_problems(script, file)
+    problems += platform_problems(script, file)
     problems += base_archive_problems(script, file)
     problems += engine_problems(script, file)
     return problems
+
+
+SETUP_HINT = (
+    "run scripts/setup-host.sh: it installs Debian's qemu-user-static and registers its "
+    "binfmt_misc handlers"
+)
+
+
+def emulation_problem(script: BuildScript) -> str | None:
+    """Why this host cannot run the commands of `script`'s `container.platform`, or None."""
+    c = script.container
+    if c.platform is None:
+        return None
+    from rfs.host.emulation import cannot_run
+    from rfs.script.platform import architecture
+
+    why = cannot_run(architecture(c.platform))
+    return None if why is None else f"this host cannot run {c.platform} programs: {why}"
+
+
+def platform_problems(script: BuildScript, file: str = "") -> list[Problem]:
+    """The host can run the platform asked for (natively or under emulation)."""
+    why = emulation_problem(script)
+    return [] if why is None else [Problem("container.platform", f"{why} ({SETUP_HINT})", file)]
 
 
 def mkfs_problems(script: BuildScript, file: str = "") -> list[Problem]:
@@ -81,6 +106,8 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         except RfsError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
             problems.append(Problem("container.oci_runtime", f"{exc.message}{hint}", file))
+    if c.dockerfile is not None:
+        return problems + _from_image_problems(engine, script, file)
     if c.image is None or not c.image.name or not c.image.tag:
         return problems  # the archive form, or an image the schema already reported
     try:
@@ -88,6 +115,8 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
     except RfsError as exc:
         problems.append(Problem("container.image", exc.message, file))
         return problems
+    if c.platform is not None:
+        problems += _base_platform_problems(engine, script, file)
     field = privilege_field(script)
     if field is not None:
         image = engine.image_id(f"{c.image.name}:{c.image.tag}")
@@ -102,6 +131,46 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
         if refusal is not None:
             problems.append(Problem(field, privilege_message(engine.name, refusal), file))
     return problems
+
+
+def _from_image_problems(engine: Engine, script: BuildScript, file: str) -> list[Problem]:
+    """Each image a `container.dockerfile`'s stages name must be in the engine (nothing is
+    pulled for them but with `rfs build --pull`)."""
+    from rfs.script.dockerfrom import from_images
+    from rfs.script.package import resolve_reference
+
+    c = script.container
+    assert c.dockerfile is not None
+    if script.package_root is None:
+        return []
+    try:
+        text = resolve_reference(script.package_root, c.dockerfile).read_bytes()
+    except (OSError, ValueError):
+        return []  # reported by the package check
+    return [
+        Problem(
+            "container.dockerfile",
+            f"FROM image {ref} is not in the {engine.name} engine (make or load it, or build "
+            "with --pull to let the engine pull it)",
+            file,
+        )
+        for ref in from_images(text, dict(c.build_args), c.target)
+        if engine.image_id(ref) is None
+    ]
+
+
+def _base_platform_problems(engine: Engine, script: BuildScript, file: str) -> list[Problem]:
+    """A local base image of another platform than `container.platform` (the build refuses
+    it; one the engine would pull is checked by the build)."""
+    from rfs.script.platform import matches
+
+    c = script.container
+    assert c.image is not None and c.platform is not None
+    found = engine.image_platform(c.image.ref)
+    if not found or matches(c.platform, found):
+        return []
+    message = f"the base image {c.image.ref} is {found}, not {c.platform}"
+    return [Problem("container.platform", message, file)]
 
 
 # A command every base image rfs builds on has (busybox, Debian...). Without it both probes

@@ -258,6 +258,7 @@ class Executor:
                 network=self.network,
                 labels=self.labels,
                 copy_in=self._copy_in() if step.index == 0 else None,
+                platform=c.platform,
             )
             try:
                 image_id = self.engine.run_and_commit(

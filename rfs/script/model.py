@@ -73,6 +73,8 @@ class Container:
     context: str = "/"  # package-relative directory sent to the engine with the Dockerfile
     build_args: tuple[tuple[str, str], ...] = ()  # sorted (name, value)
     target: str | None = None  # the stage of a multi-stage Dockerfile to build
+    # "os/architecture[/variant]" the base must be and commands run as (None: the engine's)
+    platform: str | None = None
     engine: EngineKind = EngineKind.DOCKER
     rootful: bool = False
     wait_timeout_s: int | None = None

@@ -23,6 +23,7 @@ from rfs.script.model import (
     Overlay,
     PathSet,
 )
+from rfs.script.platform import FORM, is_platform
 from rfs.script.reader import Reader, _kind
 from rfs.script.recipes import copy_entry, output_entry
 
@@ -53,6 +54,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "context",
         "build_args",
         "target",
+        "platform",
         "rootful",
         "wait_timeout_s",
         "connection_uri",
@@ -230,6 +232,10 @@ def _container(r: Reader, data: Mapping[str, Any]) -> Container:
     stage = r.text(data, "target", f"{p}.target")
     if stage is not None and not _STAGE.fullmatch(stage):
         r.error(f"{p}.target", f"{stage!r} is not a stage name (FROM ... AS <name>)")
+    platform = r.text(data, "platform", f"{p}.platform")
+    if platform is not None and not is_platform(platform):
+        r.error(f"{p}.platform", f"{platform!r} is not {FORM}")
+        platform = None
     volumes = []
     for host, target in r.mapping(data, "volumes", f"{p}.volumes"):
         hp = r.check_abs(host, f"{p}.volumes.{host}")
@@ -250,6 +256,7 @@ def _container(r: Reader, data: Mapping[str, Any]) -> Container:
         context=context or "/",
         build_args=r.mapping(data, "build_args", f"{p}.build_args"),
         target=stage,
+        platform=platform,
         engine=_enum(r, data, "engine", f"{p}.engine", _ENGINES, EngineKind.DOCKER),
         rootful=r.get(data, "rootful", f"{p}.rootful", bool, False),
         wait_timeout_s=r.count(data, "wait_timeout_s", f"{p}.wait_timeout_s"),

@@ -267,6 +267,9 @@ CASES: dict[str, Case] = {
     "dockerfile context file content": Case(
         (), _then(_dockerfile(), _write("context.txt", "edited context\n"))
     ),
+    # The base is amd64 busybox: asking for its own platform explicitly is keyed all the same
+    # (builds for two platforms share no step); arm64 builds are in test_arm64.py.
+    "platform": Case(("container.platform",), append("[container]", 'platform = "linux/amd64"')),
     "wait timeout": Case(
         ("container.wait_timeout_s",), append("[container]", "wait_timeout_s = 5"), keyed=False
     ),
@@ -568,3 +571,43 @@ def test_a_warm_build_gives_what_a_clean_build_gives(
         assert (warm_out.parent / to).read_bytes() == (clean_out.parent / to).read_bytes(), (
             f"{name}: the side output {to} of the warm build differs from a clean build's"
         )
+
+
+def test_a_retagged_from_image_gives_what_a_clean_build_gives(
+    prepared: dict[str, Any], docker_client: Any, tmp_path: Path
+) -> None:
+    """The image a Dockerfile's FROM names is re-tagged to another image (rebuilt, pulled
+    anew): the warm build must build the base again on it, as a clean build does, and
+    `--explain` names the FROM image."""
+    import docker
+
+    name = f"rfs-test-tmp/truth-from-{uuid.uuid4().hex[:8]}"  # unique: runs share the engine
+    docker_client.images.get(BUSYBOX).tag(name, "1")
+    try:
+        pkg = tmp_path / "pkg"
+        shutil.copytree(prepared["base"], pkg, symlinks=True)
+        _dockerfile()(pkg)
+        dockerfile = pkg / "Dockerfile"
+        dockerfile.write_text(dockerfile.read_text().replace("rfs-test/busybox:1", f"{name}:1"))
+        warm_out, clean_out = tmp_path / "warm.img", tmp_path / "clean.img"
+        first = rfs("build", pkg, "-o", warm_out, "--no-network", cache=prepared["warm"])
+        assert first.code == 0, first.err
+        assert "/etc/truth-v2" not in list_ext4(warm_out)
+
+        docker_client.images.get(f"rfs-test-tmp/busybox:{prepared['v2tag']}").tag(name, "1")
+        explained = rfs(
+            "plan", pkg, "-o", warm_out, "--no-network", "--explain", cache=prepared["warm"]
+        )
+        assert explained.code == 0, explained.err
+        assert f"FROM image {name}:1 is another image now" in explained.out, explained.out
+        warm = rfs("build", pkg, "-o", warm_out, "--no-network", cache=prepared["warm"])
+        assert warm.code == 0, warm.err
+        clean = rfs("build", pkg, "-o", clean_out, "--no-network", cache=tmp_path / "empty")
+        assert clean.code == 0, clean.err
+        assert "/etc/truth-v2" in list_ext4(warm_out)
+        assert warm_out.read_bytes() == clean_out.read_bytes()
+    finally:
+        cleared = rfs("cache", "clear", cache=tmp_path / "empty")  # its bases' and layers' tags
+        with contextlib.suppress(docker.errors.APIError):
+            docker_client.images.remove(f"{name}:1")
+    assert cleared.code == 0, cleared.err

@@ -204,3 +204,20 @@ def test_a_base_pinned_by_digest(
     failed = rfs("build", pkg, "-o", out, "--no-network")
     assert failed.code == 3, failed.err
     assert f"container.image.digest: no image {BUSYBOX_NAME}@{wrong}" in failed.err
+
+
+def test_a_missing_from_image_is_one_clear_error(
+    rfs: Rfs, proxy: EngineProxy, tmp_path: Path, engine_toml: str
+) -> None:
+    missing = "rfs-test-tmp/never-made:1"
+    pkg = write_package(
+        tmp_path / "pkg",
+        build_toml(engine_toml, proxy),
+        {"Dockerfile": DOCKERFILE.replace(f"ARG BASE={BUSYBOX}", f"ARG BASE={missing}")},
+    )
+    seen = len(proxy.requests())
+    failed = rfs("build", pkg, "-o", tmp_path / "x.ext4", "--no-network")
+    assert failed.code == 3, failed.err
+    assert f"container.dockerfile (/Dockerfile): FROM image {missing} is not in" in failed.err
+    assert "Traceback" not in failed.err
+    assert engine_work(proxy, seen) == (0, 0)

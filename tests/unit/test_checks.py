@@ -115,6 +115,16 @@ def test_a_missing_base_image(tmp_path: Path, engine: Refusing) -> None:
     assert problem.path == "container.image" and "fake/base:9" in problem.message
 
 
+def test_a_dockerfile_naming_a_missing_image(tmp_path: Path, engine: Refusing) -> None:
+    toml = '[container]\ndockerfile = "/Dockerfile"\nbuild_args = { V = "2" }\n'
+    dockerfile = "ARG V=1\nFROM fake/base:1 AS a\nFROM fake/base:$V\nCOPY --from=a /x /x\n"
+    (problem,) = environment_problems(script_of(tmp_path, toml, {"Dockerfile": dockerfile}))
+    assert problem.path == "container.dockerfile"
+    assert problem.message.startswith("FROM image fake/base:2 is not in the docker engine")
+    engine.add_image("fake/base:2", {"/bin/true": b"#!fake\n"})
+    assert environment_problems(script_of(tmp_path / "b", toml, {"Dockerfile": dockerfile})) == []
+
+
 def test_a_missing_mkfs_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = script_of(tmp_path, HEAD)
     assert mkfs_problems(script) == []  # mke2fs is installed

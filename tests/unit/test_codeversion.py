@@ -39,6 +39,8 @@ NEUTRAL = {
     "fs/tools.py": "reads tool versions, which are keyed themselves",
     "graph/planner.py": "decides which steps run, not what they make",
     "run/checks.py": "tells a host's refusal of privilege from a command's failure; makes nothing",
+    "script/platform.py": "the form of a platform and matching; the platform is keyed as an input",
+    "host/emulation.py": "tells whether the host can run a platform's programs; makes nothing",
 }
 # Where each kind's artifact is made (executors.py, the glue, is listed for every kind and
 # checked as a whole below).

@@ -11,6 +11,7 @@ import re
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -342,3 +343,70 @@ def test_an_unreadable_context_is_a_script_error(
     w = World(tmp_path)
     with pytest.raises(ScriptError, match=r"container.context: cannot read .*/app"):
         w.plan()
+
+
+def test_a_retagged_from_image_builds_the_base_again_and_explain_names_it(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    first = w.engine.image_id("fake/base:1")
+    w.build()
+    # The user rebuilds the image the Dockerfile's FROM lines name: same tag, other content.
+    other = w.engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n", "/etc/v2": b"v2\n"})
+    assert other != first
+    (line,) = w.explain()["base"]
+    assert line.startswith("base: FROM image fake/base:1 is another image now (image_id ")
+    assert ran(w.build()) == {"run[0]", "export", "assemble"}
+    assert w.built() == 2
+    assert w.engine.tree(w.bases[-1])["/etc/v2"].data == b"v2\n"  # built on the new image
+    assert w.cat("/etc/v2") == "v2\n"
+    # Back to the first image: its base is still cached under its own key, nothing is built.
+    assert first is not None
+    w.engine.tag(first, "fake/base:1")
+    assert ran(w.build()) <= {"assemble"} and w.built() == 2
+    assert w.bases[-1] == w.bases[0] and "/etc/v2" not in w.engine.tree(w.bases[-1])
+
+
+def test_the_from_images_are_keyed_by_id_and_platform(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    planned = w.plan()
+    planned.store.close()
+    base = next(s for s in planned.steps if s.id == "base")
+    image_id = w.engine.image_id("fake/base:1")
+    assert base.inputs["from"] == {
+        "fake/base:1": {"image_id": image_id, "platform": w.engine.image_platform("fake/base:1")}
+    }
+
+
+def test_a_missing_from_image_fails_naming_the_field_and_the_image(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.edit("build.toml", BUILD.replace("build_args = {", 'build_args = { BASE = "fake/gone:2", '))
+    with pytest.raises(EnvironmentProblem) as caught:
+        w.plan()
+    assert caught.value.message == (
+        "container.dockerfile (/Dockerfile): FROM image fake/gone:2 is not in the docker engine"
+    )
+    assert w.built() == 0 and list(w.engine.tags) == ["fake/base:1"]
+
+
+def test_a_base_is_not_built_from_a_dockerfile_naming_other_images_than_keyed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FROM images are read from the Dockerfile as it is when planning, the base is built
+    from the build's checked copy: if the two name different images (an edit in between, and
+    back), the base is not built under a key that does not say what it is built from."""
+    import rfs.run.basefacts
+    from rfs.run.snapshot import PackageChanged
+
+    w = World(tmp_path)
+    w.engine.add_image("fake/other:1", {"/bin/sh": b"#!fake\n"})
+    edited = DOCKERFILE.replace("FROM fake/base:1\n", "FROM fake/other:1\n").encode()
+    original = rfs.run.basefacts.from_image_facts
+
+    def read_while_edited(script: Any, text: bytes, *args: Any, **kwargs: Any) -> Any:
+        return original(script, edited, *args, **kwargs)
+
+    monkeypatch.setattr(rfs.run.basefacts, "from_image_facts", read_while_edited)
+    with pytest.raises(PackageChanged, match="/Dockerfile changed after rfs planned"):
+        w.plan()
+    assert w.built() == 0
