@@ -25,14 +25,10 @@ import docker.errors
 import docker.types
 import docker.utils
 import requests
-import urllib3
 
 from rfs.engine.apicalls import (
-    _answer_message,
     _explanation,
     _full_id,
-    _is_timeout,
-    _PullFailed,
     _split_tag,
     _start_failure,
 )
@@ -40,6 +36,7 @@ from rfs.engine.base import EMPTY, MANAGED_LABEL, PROBE_LABEL, BinarySink, RunSp
 from rfs.engine.commitconfig import commit_config, podman_changes
 from rfs.engine.containers import ContainerOps
 from rfs.engine.lite import platform_of
+from rfs.engine.pulling import PullOps
 from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
 
 log = logging.getLogger("rfs.engine")
@@ -55,7 +52,7 @@ _PROBE_WAIT_S = 10
 _EXPORT_ARGV = ["/.rfs-export-container-never-runs"]
 
 
-class DockerEngine(ContainerOps):
+class DockerEngine(ContainerOps, PullOps):
     """An `Engine` speaking the Docker API at `base_url` (Docker or Podman's compat socket)."""
 
     def __init__(
@@ -109,11 +106,6 @@ class DockerEngine(ContainerOps):
             info = self._api.version()
         return str(info.get("Version") or "unknown")
 
-    def image_id(self, ref: str) -> str | None:
-        """The local image ID ("sha256:...") of a tag or ID, or None if absent. Never pulls."""
-        info = self._inspect_image(ref)
-        return None if info is None else str(info["Id"])
-
     def image_size(self, ref: str) -> int | None:
         """The size in bytes of image `ref`'s files (all its layers), or None if unknown."""
         info = self._inspect_image(ref)
@@ -125,111 +117,9 @@ class DockerEngine(ContainerOps):
         info = self._inspect_image(ref)
         return platform_of(info) if info is not None else ""
 
-    def _inspect_image(self, ref: str) -> dict[str, Any] | None:
-        with self._calling(f"inspect image {ref}"):
-            try:
-                info: dict[str, Any] = self._api.inspect_image(ref)
-            except docker.errors.NotFound:
-                return None
-        return info
-
     def has_tag(self, tag: str) -> bool:
         """Whether `tag` names an image in the engine."""
         return self.image_id(tag) is not None
-
-    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
-        """The image ID of base image `name:tag`: local if present, else pulled.
-
-        `pull` asks the registry even when the image is local (`rfs build --pull`).
-        Fails within `pull_timeout_s` of silence from the engine when no registry answers.
-        """
-        ref = f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
-        if pull:
-            try:
-                self._pull(name, tag, ref)
-            except EngineError as exc:
-                raise EnvironmentProblem(
-                    f"--pull: cannot look up base image {ref} in its registry: {exc.message}",
-                    hint="build without --pull to use the image the engine has",
-                ) from exc
-        found = self.image_id(ref)
-        if found is not None:
-            return found
-        log.info("base image %s is not present locally; pulling it", ref)
-        try:
-            self._pull(name, tag, ref)
-            found = self.image_id(ref)
-            if found is None:
-                raise _PullFailed("the engine reported success but does not have the image")
-        except EngineError as exc:
-            raise EnvironmentProblem(
-                f"base image {ref} is not present locally and could not be pulled: {exc.message}",
-                hint=f"load it into the engine (docker load / docker pull {ref}) and retry",
-            ) from exc
-        return found
-
-    def _pull(self, name: str, tag: str, ref: str) -> None:
-        # The SDK's pull() sends timeout=None, so a registry that never answers would hang the
-        # build; this is the same request with a read timeout between progress messages.
-        with self._calling(f"pull {ref}"):
-            registry, _ = docker.auth.resolve_repository_name(name)
-            header = docker.auth.get_config_header(self._api, registry)
-            url = f"{self._api.base_url}/v{self._api.api_version}/images/create"
-            params = {"fromImage": name, "tag": tag}
-            try:
-                resp = self._api.post(
-                    url,
-                    params=params,
-                    headers={"X-Registry-Auth": header} if header else {},
-                    stream=True,
-                    timeout=(self._timeout_s, self._pull_timeout_s),
-                )
-                try:
-                    if resp.status_code >= 400:
-                        raise _PullFailed(_answer_message(resp))
-                    for line in resp.iter_lines():
-                        event = json.loads(line) if line.strip() else {}
-                        if event.get("error"):
-                            raise _PullFailed(str(event["error"]).strip())
-                finally:
-                    resp.close()
-            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                if not _is_timeout(exc):
-                    raise
-                raise _PullFailed(
-                    f"no progress for {self._pull_timeout_s:g} s (is a registry reachable?)"
-                ) from exc
-
-    def check_base(self, name: str, tag: str) -> None:
-        """Raise EnvironmentProblem unless `name:tag` is local or a registry has it (rfs check).
-
-        Docker answers from the registry's manifest without pulling; Podman's compat API has no
-        such query (404), so there the image is pulled, as the build would.
-        """
-        ref = f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
-        if self.image_id(ref) is not None:
-            return
-        if self.name == "podman":
-            self.resolve_base(name, tag)
-            return
-        try:
-            with self._calling(f"ask a registry for {ref}"):
-                registry, _ = docker.auth.resolve_repository_name(name)
-                header = docker.auth.get_config_header(self._api, registry)
-                url = f"{self._api.base_url}/v{self._api.api_version}/distribution/{ref}/json"
-                resp = self._api.get(
-                    url,
-                    headers={"X-Registry-Auth": header} if header else {},
-                    timeout=(self._timeout_s, self._pull_timeout_s),
-                )
-                if resp.status_code >= 400:
-                    raise _PullFailed(_answer_message(resp))
-        except EngineError as exc:
-            raise EnvironmentProblem(
-                f"base image {ref} is not in the {self._title} engine and cannot be pulled: "
-                f"{exc.message}",
-                hint=f"load it into the engine (docker load / docker pull {ref}) and retry",
-            ) from exc
 
     def check_runtime(self, runtime: str) -> None:
         """Raise EnvironmentProblem unless commands can run with the OCI runtime `runtime`.

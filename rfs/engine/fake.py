@@ -21,210 +21,35 @@ lists the digest of every layer tarball; `export` streams a tar archive with its
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import posixpath
 import tarfile
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
+from rfs.engine.faketree import (
+    Command,
+    Entry,
+    FakeRun,
+    StoredImage,
+    Tree,
+    apply_layer,
+    copy_into,
+    diff_trees,
+    env_of,
+    layer_tar,
+    make_parents,
+    norm,
+    sha256_hex,
+)
 from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
+
+__all__ = ["Entry", "FakeEngine", "FakeRun", "Tree"]
 
 if TYPE_CHECKING:
     from rfs.engine.fakebuild import Stage
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One path of an image: a regular file, a directory or a symlink."""
-
-    kind: str = "file"  # "file" | "dir" | "symlink"
-    data: bytes = b""
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-    target: str = ""  # symlinks
-
-
-Tree = dict[str, Entry]  # absolute path -> entry
-
-
-@dataclass
-class _Image:
-    config: bytes  # its sha256 is the image ID
-    layers: list[bytes]  # layer tarballs, base first
-    tree: Tree
-    size: int
-
-
-@dataclass
-class FakeRun:
-    """What a command stand-in sees: its spec and the container's files, which it may change."""
-
-    spec: RunSpec
-    files: Tree
-    output: list[bytes] = field(default_factory=list)
-
-    @property
-    def argv(self) -> tuple[str, ...]:
-        """The command line."""
-        return self.spec.argv
-
-    def print(self, text: str) -> None:
-        """Write `text` (and a newline) to the command's output."""
-        self.output.append(text.encode() + b"\n")
-
-    def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
-        """Create or replace the file `path` (parents are made)."""
-        path = _norm(path)
-        _make_parents(self.files, path)
-        self.files[path] = Entry("file", data, mode, uid, gid)
-
-    def mkdir(self, path: str, mode: int = 0o755) -> None:
-        """Make directory `path` and its parents."""
-        path = _norm(path)
-        _make_parents(self.files, path)
-        self.files.setdefault(path, Entry("dir", mode=mode))
-
-    def read(self, path: str) -> bytes:
-        """The content of file `path`; a mounted host file wins, as in a container."""
-        path = _norm(path)
-        for mount in self.spec.mounts:
-            inside = _norm(mount.container_path)
-            if path == inside or path.startswith(inside + "/"):
-                host = mount.host_path + path[len(inside) :]
-                with open(host, "rb") as f:
-                    return f.read()
-        return self.files[path].data
-
-    def remove(self, path: str) -> None:
-        """Remove `path` and everything below it."""
-        path = _norm(path)
-        for name in [p for p in self.files if p == path or p.startswith(path + "/")]:
-            del self.files[name]
-
-
-Command = Callable[[FakeRun], int]
-
-
-def _norm(path: str) -> str:
-    return posixpath.normpath("/" + path.lstrip("/"))
-
-
-def _make_parents(files: Tree, path: str) -> None:
-    parent = posixpath.dirname(path)
-    while parent != "/" and parent not in files:
-        files[parent] = Entry("dir", mode=0o755)
-        parent = posixpath.dirname(parent)
-
-
-def _layer_tar(changes: Mapping[str, Entry | None]) -> bytes:
-    """A layer tarball: changed entries, and whiteouts for removed paths."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(changes):
-            entry = changes[path]
-            name = path.lstrip("/")
-            if entry is None:
-                head, tail = posixpath.split(name)
-                info = tarfile.TarInfo(posixpath.join(head, f".wh.{tail}"))
-                tar.addfile(info, io.BytesIO(b""))
-                continue
-            info = tarfile.TarInfo(name)
-            info.mode, info.uid, info.gid, info.mtime = entry.mode, entry.uid, entry.gid, 0
-            if entry.kind == "dir":
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif entry.kind == "symlink":
-                info.type, info.linkname = tarfile.SYMTYPE, entry.target
-                tar.addfile(info)
-            else:
-                info.size = len(entry.data)
-                tar.addfile(info, io.BytesIO(entry.data))
-    return buf.getvalue()
-
-
-def _apply_layer(tree: Tree, layer: bytes) -> None:
-    with tarfile.open(fileobj=io.BytesIO(layer), mode="r:") as tar:
-        for info in tar:
-            path = _norm(info.name)
-            head, tail = posixpath.split(path)
-            if tail.startswith(".wh."):
-                gone = posixpath.join(head, tail[4:])
-                for name in [p for p in tree if p == gone or p.startswith(gone + "/")]:
-                    del tree[name]
-                continue
-            if info.isdir():
-                tree[path] = Entry("dir", mode=info.mode, uid=info.uid, gid=info.gid)
-            elif info.issym():
-                tree[path] = Entry(
-                    "symlink", mode=0o777, uid=info.uid, gid=info.gid, target=info.linkname
-                )
-            elif info.isfile():
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                tree[path] = Entry("file", data, info.mode, info.uid, info.gid)
-            else:
-                raise EngineError(f"the fake engine keeps no {info.type!r} entries ({path})")
-
-
-def _diff(old: Tree, new: Tree) -> dict[str, Entry | None]:
-    changes: dict[str, Entry | None] = {p: e for p, e in new.items() if old.get(p) != e}
-    changes.update({p: None for p in old if p not in new})
-    return changes
-
-
-def _env(pairs: object) -> dict[str, str]:
-    """`NAME=value` strings (an image config's Env) as a dict."""
-    if not isinstance(pairs, list | tuple):
-        return {}
-    return {k: v for k, _, v in (str(p).partition("=") for p in pairs)}
-
-
-def _copy(
-    tree: Tree,
-    args: Sequence[str],
-    ctx: Tree,
-    built: Mapping[str, tuple[Tree, dict[str, object], list[bytes]]],
-    line: str,
-) -> None:
-    """COPY [--from=stage] src... dest: files by name, a directory's (or ".") content."""
-    from rfs.engine.fakebuild import DockerfileError
-
-    source = ctx
-    words = list(args)
-    if words and words[0].startswith("--from="):
-        name = words.pop(0).split("=", 1)[1]
-        if name not in built:
-            raise DockerfileError(line, f"no stage {name} to copy from")
-        source = built[name][0]
-    if len(words) < 2:
-        raise DockerfileError(line, "COPY needs a source and a destination")
-    *sources, dest = words
-    for src in sources:
-        path = _norm(src)
-        if path not in source and path != "/":
-            raise DockerfileError(line, f"{src}: not found in the build context")
-        if path == "/" or source[path].kind == "dir":
-            prefix = "" if path == "/" else path
-            for name, entry in source.items():
-                if name.startswith(prefix + "/"):
-                    target = _norm(dest + "/" + name[len(prefix) + 1 :])
-                    _make_parents(tree, target)
-                    tree[target] = entry
-            continue
-        target = _norm(dest)
-        if dest.endswith("/") or tree.get(target, Entry()).kind == "dir":
-            target = _norm(posixpath.join(dest, posixpath.basename(path)))
-        _make_parents(tree, target)
-        tree[target] = source[path]
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class FakeEngine:
@@ -247,7 +72,7 @@ class FakeEngine:
         self.run = run or (lambda ctx: 0)
         self._version = version
         self._platform = platform
-        self.images: dict[str, _Image] = {}
+        self.images: dict[str, StoredImage] = {}
         self.tags: dict[str, str] = {}
         self.kept: dict[str, dict[str, str]] = {}
         self.calls: list[str] = []
@@ -261,9 +86,9 @@ class FakeEngine:
         tree: Tree = {}
         for path, value in files.items():
             entry = value if isinstance(value, Entry) else Entry("file", value, 0o755)
-            _make_parents(tree, _norm(path))
-            tree[_norm(path)] = entry
-        image_id = self._store([_layer_tar(dict(tree))], tree, {})
+            make_parents(tree, norm(path))
+            tree[norm(path)] = entry
+        image_id = self._store([layer_tar(dict(tree))], tree, {})
         self.tags[tag] = image_id
         return image_id
 
@@ -280,13 +105,13 @@ class FakeEngine:
                 "architecture": arch.split("/")[0],
                 "os": os_name,
                 "config": dict(container_config),
-                "rootfs": {"type": "layers", "diff_ids": [_sha(layer) for layer in layers]},
+                "rootfs": {"type": "layers", "diff_ids": [sha256_hex(layer) for layer in layers]},
             },
             sort_keys=True,
         ).encode()
-        image_id = _sha(config)
+        image_id = sha256_hex(config)
         size = sum(len(e.data) for e in tree.values())
-        self.images[image_id] = _Image(config, list(layers), dict(tree), size)
+        self.images[image_id] = StoredImage(config, list(layers), dict(tree), size)
         return image_id
 
     def _resolve(self, ref: str) -> str | None:
@@ -297,7 +122,7 @@ class FakeEngine:
         found = self.tags.get(ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest")
         return found
 
-    def _image(self, ref: str) -> _Image:
+    def _image(self, ref: str) -> StoredImage:
         found = self._resolve(ref)
         if found is None:
             raise EngineError(f"the fake engine has no image {ref}")
@@ -361,7 +186,7 @@ class FakeEngine:
 
             layer = gzip.decompress(layer)
         tree: Tree = {}
-        _apply_layer(tree, layer)
+        apply_layer(tree, layer)
         return self._store([layer], tree, {})
 
     def has_tag(self, tag: str) -> bool:
@@ -389,12 +214,12 @@ class FakeEngine:
         self.calls.append("build")
         self.build_platforms.append(platform)
         ctx: Tree = {}
-        _apply_layer(ctx, context.read())
-        if _norm(dockerfile) not in ctx:
+        apply_layer(ctx, context.read())
+        if norm(dockerfile) not in ctx:
             raise StepFailed(step, f"the context holds no Dockerfile {dockerfile}")
         built: dict[str, tuple[Tree, dict[str, object], list[bytes]]] = {}
         try:
-            stages = parse(ctx[_norm(dockerfile)].data.decode(), build_args, target)
+            stages = parse(ctx[norm(dockerfile)].data.decode(), build_args, target)
             for index, stage in enumerate(stages):
                 result = self._build_stage(stage, built, ctx, on_output)
                 built[str(index)] = result
@@ -428,24 +253,24 @@ class FakeEngine:
             base_tree, layers = image.tree, list(image.layers)
             config = dict(json.loads(image.config).get("config", {}))
         tree, config = dict(base_tree), dict(config)
-        env = _env(config.get("Env"))
+        env = env_of(config.get("Env"))
         for ins in stage.instructions:
             if ins.op == "ENV":
-                env.update(_env(ins.args))
+                env.update(env_of(ins.args))
             elif ins.op == "WORKDIR":
-                where = _norm(posixpath.join(str(config.get("WorkingDir") or "/"), ins.args[0]))
-                _make_parents(tree, where)
+                where = norm(posixpath.join(str(config.get("WorkingDir") or "/"), ins.args[0]))
+                make_parents(tree, where)
                 tree.setdefault(where, Entry("dir", mode=0o755))
                 config["WorkingDir"] = where
             elif ins.op == "USER":
                 config["User"] = ins.args[0]
             elif ins.op == "COPY":
-                _copy(tree, ins.args, ctx, built, ins.line)
+                copy_into(tree, ins.args, ctx, built, ins.line)
             else:  # RUN
                 spec = RunSpec(
                     image=stage.base,
                     argv=("/bin/sh", "-c", ins.args[0]),
-                    env={**env, **_env(ins.args[1:])},
+                    env={**env, **env_of(ins.args[1:])},
                 )
                 run = FakeRun(spec, tree)
                 code = self.run(run)
@@ -455,7 +280,7 @@ class FakeEngine:
                 if code != 0:
                     raise DockerfileError(ins.line, f"exited with code {code}")
         config["Env"] = [f"{k}={v}" for k, v in env.items()]
-        return tree, config, [*layers, _layer_tar(_diff(base_tree, tree))]
+        return tree, config, [*layers, layer_tar(diff_trees(base_tree, tree))]
 
     def run_and_commit(
         self,
@@ -486,7 +311,7 @@ class FakeEngine:
                 kept = container
             tail = b"".join(ctx.output).decode("utf-8", "replace")[-2000:]
             raise StepFailed(step, f"exited with code {code}", tail, kept)
-        layer = _layer_tar(_diff(parent.tree, ctx.files))
+        layer = layer_tar(diff_trees(parent.tree, ctx.files))
         config = json.loads(parent.config).get("config", {})
         image_id = self._store([*parent.layers, layer], ctx.files, config)
         self.tag(image_id, tag)
@@ -514,7 +339,7 @@ class FakeEngine:
     ) -> None:
         """Stream the files of `image` as one tarball, with tar's end-of-archive marker."""
         self.calls.append("export")
-        data = _layer_tar(dict(self._image(image).tree))
+        data = layer_tar(dict(self._image(image).tree))
         dest.write(data)
         if on_progress is not None:
             on_progress(len(data))
@@ -527,7 +352,7 @@ class FakeEngine:
         members = {f"{image_id[7:]}.json": found.config}
         names = []
         for layer in found.layers:
-            name = f"{_sha(layer)[7:]}/layer.tar"
+            name = f"{sha256_hex(layer)[7:]}/layer.tar"
             members[name] = layer
             names.append(name)
         tags = [t for t, i in self.tags.items() if i == image_id]
@@ -557,16 +382,16 @@ class FakeEngine:
         except (KeyError, ValueError, TypeError) as exc:
             raise EngineError(f"the fake engine could not load an image tarball: {exc}") from exc
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-        if [_sha(layer) for layer in layers] != diff_ids:
+        if [sha256_hex(layer) for layer in layers] != diff_ids:
             raise EngineError(
                 "the fake engine could not load an image tarball: a layer does "
                 "not match its diff_id"
             )
         tree: Tree = {}
         for layer in layers:
-            _apply_layer(tree, layer)
-        image_id = _sha(config)
-        self.images[image_id] = _Image(
+            apply_layer(tree, layer)
+        image_id = sha256_hex(config)
+        self.images[image_id] = StoredImage(
             config, layers, tree, sum(len(e.data) for e in tree.values())
         )
         loaded = []

@@ -125,3 +125,26 @@ def test_each_stage_imports_only_what_its_docstring_declares() -> None:
                     f"{a} -> {b} (rfs/{package.name}/__init__.py declares {sorted(declared)})"
                 )
     assert not wrong, "imports a package's docstring does not allow:\n" + "\n".join(sorted(wrong))
+
+
+MAX_LINES = 500
+
+
+def oversized(package: Path, limit: int = MAX_LINES) -> dict[str, int]:
+    """Modules under `package` longer than `limit` lines: each should do one job."""
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        lines = len(path.read_text().splitlines())
+        if lines > limit:
+            found[str(path.relative_to(package))] = lines
+    return found
+
+
+def test_no_module_is_over_500_lines() -> None:
+    assert oversized(PACKAGE) == {}, "split these modules by job"
+
+
+def test_the_size_check_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_LINES)
+    assert oversized(tmp_path) == {"long.py": MAX_LINES + 1}
