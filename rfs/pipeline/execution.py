@@ -148,6 +148,15 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
             else:
                 sharers.setdefault(node, []).append((job, d))
 
+    if fetcher is not None:
+        # The steps this shard makes first: a step waited for holds a -j slot, so it starts
+        # only when nothing of this shard's own is ready (a stable sort keeps the plan's order).
+        def theirs(node: str) -> bool:
+            d = nodes[node][1]
+            return d.action is Action.RUN and not fetcher.shard.owns(d.step)
+
+        needs = dict(sorted(needs.items(), key=lambda item: theirs(item[0])))
+
     def run(node: str) -> None:
         job, d = nodes[node]
         if d.action is not Action.RUN:

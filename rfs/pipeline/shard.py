@@ -3,11 +3,12 @@
 Every runner is given the same packages and plans the same steps. Each step has one owner
 shard, `owner(key, N)`: the first 16 hex digits of its key as a number, modulo N, plus one
 (stable across runners, machines and rfs versions: the key is the step's content). A runner
-runs the steps it owns and uploads each as soon as it completes; for a step another shard owns
-it polls the shared cache (backing off from 0.5 s to 10 s) until the step's record appears,
-then downloads it through the remote fetch path, which checks everything it downloads. If the
-record has not appeared by the step's deadline, the runner builds the step itself: a runner
-that dies or lags costs time, never the result (the step's key fixes what it makes).
+runs the steps it owns (before any it would wait for) and uploads each as soon as it
+completes; for a step another shard owns it polls the shared cache (backing off from 0.25 s
+to 2 s) until the step's record appears, then downloads it through the remote fetch path,
+which checks everything it downloads. If the record has not appeared by the step's deadline,
+the runner builds the step itself: a runner that dies or lags costs time, never the result
+(the step's key fixes what it makes).
 
 The deadline is `--shard-wait SECONDS` when given, else `FACTOR` times the step's last known
 duration (the `seconds` of a local or remote record of its key) plus `FLOOR`, with
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 FACTOR = 2.0  # times the last known duration: an owner as slow as last time is still in time
 FLOOR = 30.0  # seconds on top: the owner's download of the step's parents, its upload
 DEFAULT_SECONDS = 120.0  # a step never timed (no record of its key anywhere)
-FIRST_POLL = 0.5  # seconds between the first looks at the shared cache
-MOST_POLL = 10.0  # the back-off stops here
+FIRST_POLL = 0.25  # seconds between the first looks at the shared cache
+MOST_POLL = 2.0  # the back-off stops here: a look is one small GET, and a late look costs time
 # The kinds a remote cache carries; anything else is made by every runner.
 SHARED_KINDS = frozenset({StepKind.RUN, StepKind.EXPORT, StepKind.ASSEMBLE})
 

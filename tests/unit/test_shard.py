@@ -24,7 +24,9 @@ from rfs.pipeline.build import Options, execute, prepare
 from rfs.pipeline.shard import (
     DEFAULT_SECONDS,
     FACTOR,
+    FIRST_POLL,
     FLOOR,
+    MOST_POLL,
     Fetcher,
     Shard,
     owner,
@@ -94,7 +96,8 @@ def test_wait_backs_off_and_stops_at_the_deadline() -> None:
 
     assert wait_for(never, 30.0, clock, clock.sleep) is False
     assert clock.now == pytest.approx(130.0)  # waited exactly the deadline
-    assert clock.sleeps[:5] == [0.5, 1.0, 2.0, 4.0, 8.0] and max(clock.sleeps) == 10.0
+    assert clock.sleeps[:4] == [FIRST_POLL * 2**n for n in range(4)]
+    assert max(clock.sleeps) == MOST_POLL
     assert len(looks) == len(clock.sleeps) + 1  # a last look at the deadline
 
 
@@ -102,7 +105,7 @@ def test_wait_ends_when_found_or_given_up() -> None:
     clock = Clock()
     answers = iter([False, False, True])
     assert wait_for(lambda: next(answers), 30.0, clock, clock.sleep) is True
-    assert clock.sleeps == [0.5, 1.0]
+    assert clock.sleeps == [FIRST_POLL, FIRST_POLL * 2]
     assert wait_for(lambda: None, 30.0, clock, clock.sleep) is None  # no server left
     stopping = wait_for(lambda: False, 30.0, clock, lambda s: True)
     assert stopping is None  # the build stops: no more waiting
@@ -174,7 +177,7 @@ def test_a_step_is_fetched_once_its_owner_uploads_it() -> None:
     assert remote.fetched == ["run[0]"]
     assert [e[:3] for e in seen.events] == [("waiting", "run[0]", 2), ("fetched", "run[0]", 2)]
     assert seen.events[0][3] == FACTOR * 5.0 + FLOOR  # the local record's duration
-    assert seen.events[1][3] == pytest.approx(0.5 + 1 + 2)
+    assert seen.events[1][3] == pytest.approx(FIRST_POLL * (1 + 2 + 4))
 
 
 def test_a_step_never_uploaded_is_built_after_the_deadline() -> None:
