@@ -148,13 +148,12 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
             else:
                 sharers.setdefault(node, []).append((job, d))
 
-    if fetcher is not None:
-        # The steps this shard makes first: a step waited for holds a -j slot, so it starts
-        # only when nothing of this shard's own is ready (a stable sort keeps the plan's order).
-        def theirs(node: str) -> bool:
-            d = nodes[node][1]
-            return d.action is Action.RUN and not fetcher.shard.owns(d.step)
+    def theirs(node: str) -> bool:
+        """A step another shard makes: this runner waits for it, outside the -j slots."""
+        d = nodes[node][1]
+        return fetcher is not None and d.action is Action.RUN and not fetcher.shard.owns(d.step)
 
+    if fetcher is not None:  # what this shard makes first (a stable sort keeps the plan's order)
         needs = dict(sorted(needs.items(), key=lambda item: theirs(item[0])))
 
     def run(node: str) -> None:
@@ -180,7 +179,9 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
             _remove_containers(job.planned.executor, _kept(packages))
 
     try:
-        outcome = run_graph(needs, run, jobs, on_interrupt=stop_containers)
+        outcome = run_graph(
+            needs, run, jobs, stop_containers, light=theirs if fetcher is not None else None
+        )
     except KeyboardInterrupt:  # between steps, or a third signal while stopping
         raise _interrupted([], sum(len(job.ran) for job in packages)) from None
     ran = sum(len(job.ran) for job in packages)
