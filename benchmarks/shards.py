@@ -93,9 +93,12 @@ def shards(packages: list[Path], work: Path, url: str) -> dict[str, Any]:
         )
     results = [p.communicate() for p in procs]
     wall = time.perf_counter() - t0
-    for p, (_, err) in zip(procs, results, strict=True):
+    for i, (p, (_, err)) in enumerate(zip(procs, results, strict=True), 1):
         if p.returncode != 0:
             raise SystemExit(f"a shard failed:\n{err[-3000:]}")
+        for line in err.splitlines():  # a server fault or a late owner explains a slow run
+            if "warning" in line or "deadline " in line:
+                print(f"  shard {i}: {line.strip()}", file=sys.stderr)
     first = sorted((work / "out-1").iterdir())
     for i in (2, 3):  # every runner ends with every image, the same
         assert [f.read_bytes() for f in first] == [
