@@ -24,6 +24,9 @@ def validate_events(events: list[dict[str, Any]]) -> None:
         "step_progress": "progress",
         "step_finished": "finished",
         "step_failed": "failed",
+        "step_waiting": "waiting",
+        "step_fetched": "waited",
+        "step_deadline": "waited",
         "message": "message",
         "build_finished": "build_finished",
     }

@@ -8,10 +8,13 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rfs.commands import add_cache_options, add_force_options, build_options
 from rfs.errors import EXIT_OK, RfsError, UsageError
+
+if TYPE_CHECKING:
+    from rfs.pipeline.shard import Shard
 
 
 def register(sub: Any) -> None:
@@ -66,6 +69,23 @@ def register(sub: Any) -> None:
     from rfs.remote.config import add_remote_options
 
     add_remote_options(p)
+    from rfs.pipeline.shard import parse_shard, parse_wait
+
+    g = p.add_argument_group("shards (docs/shards.md)")
+    g.add_argument(
+        "--shard",
+        type=parse_shard,
+        metavar="I/N",
+        help="runner I of N building the same packages through the shared cache of "
+        "--cache-to: run the steps this shard owns, take the others' from the cache",
+    )
+    g.add_argument(
+        "--shard-wait",
+        type=parse_wait,
+        metavar="SECONDS",
+        help="with --shard: how long to wait for another shard's step before building it here "
+        "(default: twice its last known duration plus 30 s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -79,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the image (again on every change of the package, with --watch)."""
 
     packages: list[Path] = args.package
+    args.shard_of = shard_of(args)
     if args.output is not None and args.output_dir is not None:
         raise UsageError("give either -o/--output FILE or --output-dir DIR, not both")
     if len(packages) > 1 or args.output is None:
@@ -94,6 +115,25 @@ def run(args: argparse.Namespace) -> int:
 
         return watch(args.package, lambda: build_once(args), ignore=[args.output], out=sys.stderr)
     return build_once(args)
+
+
+def shard_of(args: argparse.Namespace) -> Shard | None:
+    """The --shard of this build, checked: it needs a shared cache to write to."""
+    shard: tuple[int, int] | None = getattr(args, "shard", None)
+    wait: float | None = getattr(args, "shard_wait", None)
+    if shard is None:
+        if wait is not None:
+            raise UsageError("--shard-wait is for sharded builds: give --shard I/N too")
+        return None
+    from rfs.pipeline.shard import Shard
+    from rfs.remote.config import remote_settings
+
+    if not remote_settings(args).target:
+        raise UsageError(
+            f"--shard {shard[0]}/{shard[1]}: the shards meet in a shared cache; give "
+            "--cache-to URL (or RFS_CACHE_TO), the same for every shard"
+        )
+    return Shard(shard[0], shard[1], wait)
 
 
 def build_once(args: argparse.Namespace) -> int:
@@ -123,7 +163,7 @@ def build_once(args: argparse.Namespace) -> int:
         try:
             # One package has little to overlap (its overlays with its commands): unless asked,
             # it runs one step at a time, its output in the order of its steps.
-            execute(planned, reporter, args.jobs or 1)
+            execute(planned, reporter, args.jobs or 1, args.shard_of)
             if args.verify:
                 verify_image(planned.script.filesystem.type, planned.executor.output, reporter)
         finally:
@@ -212,7 +252,7 @@ def build_many(args: argparse.Namespace) -> int:
             for warning in one.loaded.warnings:
                 shown[name].message(f"rfs: warning: {name}: {warning}")
             jobs.append(Job(one, shown[name], name if several else ""))
-        execute_all(jobs, args.jobs or (default_jobs() if several else 1))
+        execute_all(jobs, args.jobs or (default_jobs() if several else 1), args.shard_of)
         if args.verify:
             for job in jobs:
                 verify_image(

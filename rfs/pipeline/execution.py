@@ -24,6 +24,7 @@ from rfs.host.orphans import remove_orphans
 from rfs.pipeline.dockerfilebase import rebuild_base
 from rfs.pipeline.model import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, Planned
 from rfs.pipeline.scheduler import run_graph
+from rfs.pipeline.shard import Fetcher, Shard
 from rfs.report.reporter import Reporter, artifact_size
 from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
 
@@ -50,18 +51,21 @@ class Job:
         return f"{self.name}/{step.id}" if self.name else step.id
 
 
-def execute(planned: Planned, reporter: Reporter, jobs: int = 1) -> None:
+def execute(
+    planned: Planned, reporter: Reporter, jobs: int = 1, shard: Shard | None = None
+) -> None:
     """Run the steps the plan says must run, recording each once it is complete."""
-    execute_all([Job(planned, reporter)], jobs)
+    execute_all([Job(planned, reporter)], jobs, shard)
 
 
-def execute_all(packages: list[Job], jobs: int = 1) -> None:
+def execute_all(packages: list[Job], jobs: int = 1, shard: Shard | None = None) -> None:
     """Run the steps every package's plan says must run, as one graph: a step several packages
     share (the same key) runs once, independent steps run up to `jobs` at a time.
 
     A failure stops new work and lets the running steps finish; an interrupt also removes the
     build's containers, which ends the commands in them. Every failure is reported; the error
-    raised names them all (and keeps the exit code of the first).
+    raised names them all (and keeps the exit code of the first). With `shard` (rfs build
+    --shard, rfs.pipeline.shard) the steps other shards own are taken from the shared cache.
     """
     for job in packages:
         planned = job.planned
@@ -91,7 +95,7 @@ def execute_all(packages: list[Job], jobs: int = 1) -> None:
                 dockerfile = job.planned.script.container.dockerfile
                 job.reporter.message(f"  building the base from {dockerfile} again: --no-cache")
                 rebuild_base(job.planned, built)
-        _run_union(packages, jobs)
+        _run_union(packages, jobs, Fetcher(shard) if shard is not None else None)
     finally:
         for job in packages:
             ex = job.planned.executor
@@ -115,7 +119,7 @@ def execute_all(packages: list[Job], jobs: int = 1) -> None:
         store.evict(keep=keys)
 
 
-def _run_union(packages: list[Job], jobs: int) -> None:
+def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -> None:
     """Schedule every decision of every package as one graph and run it; raise what failed.
 
     A step to run is one node per key: the first package that runs it owns it; every other
@@ -144,21 +148,40 @@ def _run_union(packages: list[Job], jobs: int) -> None:
             else:
                 sharers.setdefault(node, []).append((job, d))
 
+    def theirs(node: str) -> bool:
+        """A step another shard makes: this runner waits for it, outside the -j slots."""
+        d = nodes[node][1]
+        return fetcher is not None and d.action is Action.RUN and not fetcher.shard.owns(d.step)
+
+    if fetcher is not None:  # what this shard makes first (a stable sort keeps the plan's order)
+        needs = dict(sorted(needs.items(), key=lambda item: theirs(item[0])))
+
     def run(node: str) -> None:
         job, d = nodes[node]
         if d.action is not Action.RUN:
             _reuse(job, d)
             return
-        _run_step(job, d)
+        remote = job.planned.remote
+        if fetcher is not None and remote is not None and _from_owner(fetcher, job, d, remote):
+            recorded = (job.planned.store.record(d.step.key) or {}).get("seconds")
+            job.reporter.reused(d.step, Action.CACHED, recorded)
+        else:
+            _run_step(job, d)
+            if fetcher is not None and remote is not None and d.step.key in job.ran:
+                fetcher.send(d.step, remote)  # now, not at the end: other shards wait for it
         for other, shared in sharers.get(node, []):  # made once, for every package needing it
             other.reporter.reused(shared.step, Action.CACHED, None)
 
     def stop_containers() -> None:
+        if fetcher is not None:
+            fetcher.stop.set()
         for job in packages:
             _remove_containers(job.planned.executor, _kept(packages))
 
     try:
-        outcome = run_graph(needs, run, jobs, on_interrupt=stop_containers)
+        outcome = run_graph(
+            needs, run, jobs, stop_containers, light=theirs if fetcher is not None else None
+        )
     except KeyboardInterrupt:  # between steps, or a third signal while stopping
         raise _interrupted([], sum(len(job.ran) for job in packages)) from None
     ran = sum(len(job.ran) for job in packages)
@@ -186,6 +209,17 @@ def _run_union(packages: list[Job], jobs: int) -> None:
 def _kept(packages: list[Job]) -> list[str]:
     """The containers every package keeps for inspection (`--keep-failed`)."""
     return [container for job in packages for container in job.kept]
+
+
+def _from_owner(fetcher: Fetcher, job: Job, d: Decision, remote: RemoteCache) -> bool:
+    """Whether `d`'s step, owned by another shard, is now in the local cache: waited for and
+    downloaded (False: this runner builds it; it owns it, or the owner did not deliver)."""
+    step, ex = d.step, job.planned.executor
+    if fetcher.shard.owns(step) or d.forced or ex.missing(step) is None:
+        return False
+    if step.kind is StepKind.ASSEMBLE and job.planned.script.outputs:
+        return False  # side outputs are made from the export here, with the image
+    return fetcher.take(step, remote, job.planned.store, job.reporter)
 
 
 def _reuse(job: Job, d: Decision) -> None:

@@ -10,6 +10,10 @@ a node is and the scheduler only decides when it runs. That keeps it testable wi
   before the scheduler existed. With more, nodes run in worker threads while the calling (main)
   thread waits, so SIGINT/SIGTERM (which Python delivers to the main thread) reach it there.
 - A failure stops new work; the nodes already running finish, and every failure is returned.
+- `light` nodes (`rfs build --shard`: waiting for another runner's upload) do not count
+  against `jobs`: they start as soon as they are ready, each in a thread of its own, so a wait
+  never keeps this runner from the work it could do meanwhile (waits on each other across
+  runners would otherwise hold every slot until a deadline).
 - An interrupt (KeyboardInterrupt in the main thread) stops new work, calls `on_interrupt` (the
   pipeline removes its containers there, which ends the commands running in them) and waits for
   the running nodes to end before returning: nothing is left half-done behind the caller's back.
@@ -51,20 +55,26 @@ def run_graph(
     run: Callable[[str], None],
     jobs: int = 1,
     on_interrupt: Callable[[], None] | None = None,
+    light: Callable[[str], bool] | None = None,
 ) -> Outcome:
     """Run every node of `needs` (node -> the nodes it needs; names outside `needs` count as
-    done) with `run`, at most `jobs` at once; see the module docstring."""
+    done) with `run`, at most `jobs` at once besides the `light` ones; see the module
+    docstring."""
     order = {n: i for i, n in enumerate(needs)}
     waiting = {node: set(deps) & needs.keys() for node, deps in needs.items()}
     if _has_cycle(waiting):
         raise ValueError("the graph has a cycle")
     outcome = Outcome()
-    if jobs <= 1:
+    if jobs <= 1 and light is None:
         _run_inline(waiting, run, order, outcome)
     else:
-        _run_threads(waiting, run, jobs, on_interrupt, order, outcome)
+        _run_threads(waiting, run, jobs, on_interrupt, order, outcome, light or _heavy)
     outcome.not_run = [n for n in needs if n not in outcome.failed and n not in set(outcome.done)]
     return outcome
+
+
+def _heavy(node: str) -> bool:
+    return False
 
 
 def _ready(waiting: dict[str, set[str]], order: Mapping[str, int]) -> list[str]:
@@ -106,16 +116,21 @@ def _run_threads(
     on_interrupt: Callable[[], None] | None,
     order: Mapping[str, int],
     outcome: Outcome,
+    light: Callable[[str], bool],
 ) -> None:
     running: dict[cf.Future[None], str] = {}
     stopping = False
-    with cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="rfs-step") as pool:
+    workers = max(1, jobs) + sum(1 for node in waiting if light(node))
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rfs-step") as pool:
         try:
             while waiting or running:
                 if not stopping:
-                    for node in _ready(waiting, order)[: jobs - len(running)]:
-                        del waiting[node]
-                        running[pool.submit(run, node)] = node
+                    busy = sum(1 for node in running.values() if not light(node))
+                    for node in _ready(waiting, order):
+                        if light(node) or busy < jobs:
+                            busy += not light(node)
+                            del waiting[node]
+                            running[pool.submit(run, node)] = node
                 if not running:
                     break  # stopping, and nothing left in flight
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)

@@ -173,6 +173,24 @@ class RemoteCache:
                 return backend, record
         return None
 
+    def poll(self, step: Step) -> bool | None:
+        """Look for a usable record of `step` again (`rfs build --shard`: another runner may
+        have uploaded it since); None when no server is left to ask."""
+        if all(backend.url in self.down for backend in self.readers):
+            return None
+        if step.key in self.bad:
+            return None  # its copy failed to download: waiting more will not mend it
+        self._looked.discard(step.key)
+        self.found.pop(step.key, None)
+        found = self.lookup(step)
+        if found is None:
+            return False
+        stale = self.stale(step, found[1].fields) if self.stale is not None else None
+        if stale is not None:  # an old record the owner has yet to replace
+            del self.found[step.key]
+            return False
+        return True
+
     # -- downloading -----------------------------------------------------------------------
 
     def fetch(self, step: Step) -> bool:

@@ -122,6 +122,12 @@ class JsonReporter(Reporter):
         self._flush(step)
         self.emit("step_failed", **step_fields(step), seconds=round(seconds, 3), error=message)
 
+    def sharded(self, step: Step, what: str, shard: int, seconds: float) -> None:
+        # step_waiting: `deadline_seconds`; step_fetched / step_deadline: `waited_seconds`.
+        how = "deadline_seconds" if what == "waiting" else "waited_seconds"
+        fields = {how: round(seconds, 3)}
+        self.emit(f"step_{what}", **step_fields(step), shard=shard, **fields)
+
     def message(self, text: str) -> None:
         self.emit("message", text=text)
 

@@ -60,5 +60,8 @@ class PackageReporter(Reporter):
         super().failed(step, seconds, message)
         self.inner.failed(self.renamed(step), seconds, message)
 
+    def sharded(self, step: Step, what: str, shard: int, seconds: float) -> None:
+        self.inner.sharded(self.renamed(step), what, shard, seconds)
+
     def message(self, text: str) -> None:
         self.inner.message(text)

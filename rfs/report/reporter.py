@@ -116,6 +116,12 @@ class Reporter:
         """`step` failed."""
         self.results[step.id] = StepResult(step, Action.RUN, seconds, detail=message, failed=True)
 
+    def sharded(self, step: Step, what: str, shard: int, seconds: float) -> None:
+        """`rfs build --shard`: `what` is "waiting" (for shard `shard`, which owns `step`, to
+        upload it; `seconds`: the deadline), "fetched" (it came after `seconds` of waiting)
+        or "deadline" (it did not come in `seconds`: this runner builds it)."""
+        self.message(shard_text(step, what, shard, seconds))
+
     def message(self, text: str) -> None:
         """A line of information outside any step (warnings, the output path)."""
 
@@ -177,6 +183,10 @@ class Tee(Reporter):
         for r in self.reporters:
             r.failed(step, seconds, message)
 
+    def sharded(self, step: Step, what: str, shard: int, seconds: float) -> None:
+        for r in self.reporters:
+            r.sharded(step, what, shard, seconds)
+
     def message(self, text: str) -> None:
         for r in self.reporters:
             r.message(text)
@@ -184,6 +194,15 @@ class Tee(Reporter):
     def close(self, error: BaseException | None = None) -> None:
         for r in self.reporters:
             r.close(error)
+
+
+def shard_text(step: Step, what: str, shard: int, seconds: float) -> str:
+    """The display's line for `Reporter.sharded`."""
+    if what == "waiting":
+        return f"  waiting  {step.id:<10} for shard {shard} to upload it (up to {seconds:.0f} s)"
+    if what == "fetched":
+        return f"  from     {step.id:<10} shard {shard} made it (waited {seconds:.1f} s)"
+    return f"  deadline {step.id:<10} not uploaded by shard {shard} in {seconds:.0f} s: building it"
 
 
 def format_size(n: int | None) -> str:

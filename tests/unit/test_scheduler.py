@@ -154,3 +154,22 @@ def test_unknown_dependencies_count_as_done_and_cycles_are_refused() -> None:
 
 def test_default_jobs_is_the_cores_this_process_may_use() -> None:
     assert default_jobs() >= 1
+
+
+def test_light_nodes_run_beside_the_jobs() -> None:
+    # Two waits (light) and one step: all three must run at once with jobs=1; the step alone
+    # holds the one slot, so a second heavy node waits for it.
+    meet = threading.Barrier(3, timeout=10)
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def run(node: str) -> None:
+        if node != "after":
+            meet.wait()
+        with lock:
+            seen.append(node)
+
+    needs: dict[str, set[str]] = {"step": set(), "wait1": set(), "wait2": set(), "after": set()}
+    outcome = run_graph(needs, run, 1, light=lambda n: n.startswith("wait"))
+    assert outcome.ok and sorted(seen) == sorted(needs)
+    assert seen.index("after") > seen.index("step")

@@ -1,0 +1,346 @@
+"""`rfs build --shard I/N` (rfs.pipeline.shard) on the fake engine: the owner function, the
+wait and its deadline on an injected clock, the fall-back, and two shards sharing one cache
+server. The real engine and the real nginx cache: tests/integration/test_shards.py."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rfs.cli import main
+from rfs.engine.fake import FakeEngine, FakeRun
+from rfs.errors import EXIT_BAD_INPUT
+from rfs.graph.planner import Action
+from rfs.graph.steps import Step, StepKind
+from rfs.pipeline.build import Options, execute, prepare
+from rfs.pipeline.shard import (
+    DEFAULT_SECONDS,
+    FACTOR,
+    FIRST_POLL,
+    FLOOR,
+    MOST_POLL,
+    Fetcher,
+    Shard,
+    owner,
+    parse_shard,
+    parse_wait,
+    wait_for,
+)
+from rfs.remote.config import RemoteSettings
+from rfs.report.events import JsonReporter
+from rfs.report.reporter import Reporter
+
+KEYS = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(300)]  # keys look so
+
+
+def test_owner_is_stable_and_spreads_the_keys() -> None:
+    assert owner("000000000000000a" + "f" * 48, 3) == 10 % 3 + 1
+    for count in (1, 2, 3, 7):
+        owners = [owner(key, count) for key in KEYS]
+        assert set(owners) == set(range(1, count + 1))  # every shard gets work
+        assert owners == [owner(key, count) for key in KEYS]  # the same on every runner
+
+
+@pytest.mark.parametrize("text", ["", "1", "0/3", "4/3", "1/0", "a/b", "1/3/4", "-1/3"])
+def test_bad_shards_are_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_shard(text)
+
+
+def test_good_shards_and_waits() -> None:
+    assert parse_shard("1/1") == (1, 1) and parse_shard("3/3") == (3, 3)
+    assert parse_wait("0") == 0.0 and parse_wait("2.5") == 2.5
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_wait(bad)
+
+
+def test_the_deadline_follows_the_last_known_duration() -> None:
+    shard = Shard(1, 3)
+    assert shard.deadline(None) == FACTOR * DEFAULT_SECONDS + FLOOR
+    assert shard.deadline(10.0) == FACTOR * 10 + FLOOR
+    assert Shard(1, 3, wait_s=4.0).deadline(1000.0) == 4.0  # --shard-wait wins
+
+
+class Clock:
+    """Time that moves only when something sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> bool:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        return False
+
+
+def test_wait_backs_off_and_stops_at_the_deadline() -> None:
+    clock = Clock()
+    looks: list[float] = []
+
+    def never() -> bool:
+        looks.append(clock.now)
+        return False
+
+    assert wait_for(never, 30.0, clock, clock.sleep) is False
+    assert clock.now == pytest.approx(130.0)  # waited exactly the deadline
+    assert clock.sleeps[:4] == [FIRST_POLL * 2**n for n in range(4)]
+    assert max(clock.sleeps) == MOST_POLL
+    assert len(looks) == len(clock.sleeps) + 1  # a last look at the deadline
+
+
+def test_wait_ends_when_found_or_given_up() -> None:
+    clock = Clock()
+    answers = iter([False, False, True])
+    assert wait_for(lambda: next(answers), 30.0, clock, clock.sleep) is True
+    assert clock.sleeps == [FIRST_POLL, FIRST_POLL * 2]
+    assert wait_for(lambda: None, 30.0, clock, clock.sleep) is None  # no server left
+    stopping = wait_for(lambda: False, 30.0, clock, lambda s: True)
+    assert stopping is None  # the build stops: no more waiting
+
+
+class Remote:
+    """A RemoteCache stand-in: the record appears after `after` polls (never if None)."""
+
+    def __init__(self, after: int | None, fetch_ok: bool = True) -> None:
+        self.after = after
+        self.fetch_ok = fetch_ok
+        self.polls = 0
+        self.fetched: list[str] = []
+        self.sent: list[str] = []
+
+    def lookup(self, step: Step) -> None:
+        return None
+
+    def poll(self, step: Step) -> bool:
+        self.polls += 1
+        return self.after is not None and self.polls > self.after
+
+    def fetch(self, step: Step) -> bool:
+        self.fetched.append(step.id)
+        return self.fetch_ok
+
+    def upload(self, steps: list[Step], ran: set[str], cached: set[str]) -> None:
+        self.sent.extend(s.id for s in steps)
+
+
+class Store:
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = seconds
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        return None if self.seconds is None else {"seconds": self.seconds}
+
+
+class Seen(Reporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, int, float]] = []
+
+    def sharded(self, step: Step, what: str, shard: int, seconds: float) -> None:
+        self.events.append((what, step.id, shard, seconds))
+
+
+def step_owned_by(shard: int, count: int) -> Step:
+    key = next(k for k in KEYS if owner(k, count) == shard)
+    return Step(id="run[0]", kind=StepKind.RUN, label="x", inputs={}, parents=(), key=key)
+
+
+def fetcher(shard: Shard) -> tuple[Fetcher, Clock]:
+    clock = Clock()
+    f = Fetcher(shard)
+    f.clock, f.sleep = clock, clock.sleep
+    return f, clock
+
+
+def take(f: Fetcher, remote: Remote, store: Store, seen: Seen, step: Step) -> bool:
+    return f.take(step, remote, store, seen)  # type: ignore[arg-type]
+
+
+def test_a_step_is_fetched_once_its_owner_uploads_it() -> None:
+    f, _ = fetcher(Shard(1, 3))
+    step = step_owned_by(2, 3)
+    remote, seen = Remote(after=3), Seen()
+    assert take(f, remote, Store(seconds=5.0), seen, step)
+    assert remote.fetched == ["run[0]"]
+    assert [e[:3] for e in seen.events] == [("waiting", "run[0]", 2), ("fetched", "run[0]", 2)]
+    assert seen.events[0][3] == FACTOR * 5.0 + FLOOR  # the local record's duration
+    assert seen.events[1][3] == pytest.approx(FIRST_POLL * (1 + 2 + 4))
+
+
+def test_a_step_never_uploaded_is_built_after_the_deadline() -> None:
+    f, clock = fetcher(Shard(1, 3, wait_s=12.0))
+    remote, seen = Remote(after=None), Seen()
+    assert not take(f, remote, Store(), seen, step_owned_by(3, 3))
+    assert remote.fetched == [] and clock.now == pytest.approx(112.0)
+    assert [e[0] for e in seen.events] == ["waiting", "deadline"]
+
+
+def test_a_bad_copy_is_built_here() -> None:
+    f, _ = fetcher(Shard(1, 2))
+    remote, seen = Remote(after=0, fetch_ok=False), Seen()
+    assert not take(f, remote, Store(), seen, step_owned_by(2, 2))
+    assert remote.fetched == ["run[0]"] and [e[0] for e in seen.events][-1] == "deadline"
+
+
+def test_a_stopping_build_stops_waiting() -> None:
+    f, _ = fetcher(Shard(1, 2))
+    f.sleep = lambda s: True
+    with pytest.raises(KeyboardInterrupt):
+        take(f, Remote(after=None), Store(), Seen(), step_owned_by(2, 2))
+
+
+def test_the_json_events_follow_the_schema() -> None:
+    from tests.events import validate_events
+
+    stream = io.StringIO()
+    events = JsonReporter(stream)
+    step = step_owned_by(2, 3)
+    events.sharded(step, "waiting", 2, 270.0)
+    events.sharded(step, "fetched", 2, 3.5)
+    events.sharded(step, "deadline", 2, 270.0)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    validate_events(lines)
+    assert [e["event"] for e in lines] == ["step_waiting", "step_fetched", "step_deadline"]
+    assert lines[0]["deadline_seconds"] == 270.0 and lines[1]["waited_seconds"] == 3.5
+    assert {e["shard"] for e in lines} == {2}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--shard", "4/3"], "I must be between 1 and N"),
+        (["--shard", "two"], "not a shard"),
+        (["--shard", "1/2"], "give --cache-to URL"),
+        (["--shard-wait", "5"], "give --shard I/N too"),
+    ],
+)
+def test_the_command_line_refuses_bad_shards(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    says: str,
+) -> None:
+    for name in ("RFS_CACHE_TO", "RFS_CACHE_FROM"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.setenv("RFS_CONFIG", str(tmp_path / "config.toml"))
+    try:
+        code = main(["build", str(tmp_path), "--output-dir", str(tmp_path), *args])
+    except SystemExit as exc:  # argparse refuses a bad form itself
+        code = int(exc.code or 0)
+    assert code == EXIT_BAD_INPUT
+    assert says in capsys.readouterr().err
+
+
+BUILD = """\
+[filesystem]
+size_mib = 8
+[container]
+image = { name = "fake/base", tag = "1" }
+[[commands]]
+command = "write /etc/one 1"
+[[commands]]
+command = "write /etc/two 2"
+[[commands]]
+command = "write /etc/three 3"
+"""
+
+
+def shell(ctx: FakeRun) -> int:
+    ctx.write(ctx.argv[1], ctx.argv[2].encode())
+    return 0
+
+
+class Runner:
+    """One shard: its own package copy, cache directory and fake engine."""
+
+    def __init__(self, root: Path, run: Callable[[FakeRun], int] = shell) -> None:
+        root.mkdir(parents=True)
+        (root / "pkg").mkdir()
+        (root / "pkg" / "build.toml").write_text(BUILD)
+        self.root = root
+        self.engine = FakeEngine(run)
+        self.engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
+        self.out = root / "image.ext4"
+        self.seen = Seen()
+
+    def build(self, url: str, shard: Shard) -> dict[str, Action]:
+        opts = Options(
+            self.root / "pkg",
+            output=self.out,
+            cache_dir=self.root / "cache",
+            remote=RemoteSettings(sources=(url,), target=url, timeout_s=5),
+        )
+        planned = prepare(opts, self.seen, engine_factory=lambda script: self.engine)
+        try:
+            execute(planned, self.seen, 1, shard)
+        finally:
+            planned.store.close()
+        return {d.step.id: d.action for d in planned.decisions}
+
+
+def test_two_shards_share_the_work_and_make_the_same_image(tmp_path: Path) -> None:
+    from tests.hostileserver import FakeCache
+
+    server = FakeCache()
+    try:
+        runners = [Runner(tmp_path / f"shard{i}") for i in (1, 2)]
+        errors: list[BaseException] = []
+
+        def build(i: int) -> None:
+            try:
+                runners[i - 1].build(server.url, Shard(i, 2, wait_s=60))
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=build, args=(i,)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        # Each command ran once, on one of the two; the other fetched it.
+        assert sum(r.engine.calls.count("run") for r in runners) == 3
+        for r in runners:
+            assert not [e for e in r.seen.events if e[0] == "deadline"]
+        fetched = [e[1] for r in runners for e in r.seen.events if e[0] == "fetched"]
+        assert len(fetched) == len(set(fetched)) and fetched  # each fetched by the other
+        alone = Runner(tmp_path / "alone")
+        alone.build(server.url + "other/", Shard(1, 1))
+        assert runners[0].out.read_bytes() == runners[1].out.read_bytes()
+        assert runners[0].out.read_bytes() == alone.out.read_bytes()
+    finally:
+        server.stop()
+
+
+def test_a_shard_alone_builds_what_the_others_never_upload(tmp_path: Path) -> None:
+    from tests.hostileserver import FakeCache
+
+    server = FakeCache()
+    try:
+        r = Runner(tmp_path / "shard2")
+        r.build(server.url, Shard(2, 3, wait_s=0))  # shards 1 and 3 never come
+        late = {e[1] for e in r.seen.events if e[0] == "deadline"}
+        waited = {e[1] for e in r.seen.events if e[0] == "waiting"}
+        assert late == waited and late  # every step of the others, built here
+        assert r.engine.calls.count("run") == 3
+        alone = Runner(tmp_path / "alone")
+        alone.build(server.url + "other/", Shard(1, 1))
+        assert r.out.read_bytes() == alone.out.read_bytes()
+        assert server.records  # and each was uploaded for the others
+    finally:
+        server.stop()
