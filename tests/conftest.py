@@ -71,7 +71,7 @@ _summary_lines: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Keep the "unit coverage" line tests/unit/test_unit_coverage.py records."""
+    """Keep the "unit coverage" line tests/unit/project/test_unit_coverage.py records."""
     if report.when == "call":
         _summary_lines.extend(str(v) for k, v in report.user_properties if k == "unit coverage")
 

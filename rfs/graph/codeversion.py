@@ -5,8 +5,9 @@ forgotten (the tar filter changed more than once without one). Instead each step
 holds the digest of the source of the rfs modules that decide what its artifact contains: an
 rfs upgrade that touches the assembly code makes new images from the cached exports, one that
 touches the engine adapter runs the commands again, and one that touches only the CLI reuses
-everything. `tests/unit/test_codeversion.py` walks the imports of each kind's entry modules and
-fails when an imported module is neither listed here nor declared unable to shape a result.
+everything. `tests/unit/project/test_codeversion.py` walks the imports of each kind's entry
+modules and fails when an imported module is neither listed here nor declared unable to shape a
+result.
 """
 
 from __future__ import annotations

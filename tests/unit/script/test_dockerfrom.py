@@ -1,6 +1,6 @@
 """The images a Dockerfile's stages refer to (`rfs.script.dockerfrom`): what the key of a
 `container.dockerfile` base holds by ID. The pipeline's use of them is tested in
-test_dockerfile_base.py, and on the real engines in tests/integration."""
+pipeline/test_dockerfilebase.py, and on the real engines in tests/integration."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import ast
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TESTS = REPO / "tests"
 
 
@@ -74,6 +74,55 @@ def test_test_modules_have_distinct_basenames() -> None:
 
 
 def test_shared_helpers_are_not_test_modules() -> None:
-    """Shared helpers sit at tests/ top level; test modules only in tests/unit and
+    """Shared helpers sit at tests/ top level; test modules only in tests/unit/<dir>/ and
     tests/integration."""
     assert list(TESTS.glob("test_*.py")) == []
+    misplaced = [
+        str(path.relative_to(REPO))
+        for path in TESTS.rglob("test_*.py")
+        if path.parent.relative_to(TESTS).parts[:1] not in (("unit",), ("integration",))
+    ]
+    assert misplaced == []
+
+
+PROJECT_WIDE = "project"  # tests/unit/project/: checks over the whole repository
+
+
+def misplaced_unit_tests(unit: Path, packages: set[str]) -> list[str]:
+    """The unit test modules under `unit` that do not sit directly in tests/unit/<package>/
+    for a package of rfs in `packages`, or in tests/unit/project/."""
+    allowed = {*packages, PROJECT_WIDE}
+    return sorted(
+        str(path.relative_to(unit))
+        for path in unit.rglob("test_*.py")
+        if len(path.relative_to(unit).parts) != 2 or path.parent.name not in allowed
+    )
+
+
+def rfs_packages() -> set[str]:
+    """The subpackages of rfs/ (directories with an __init__.py)."""
+    return {init.parent.name for init in (REPO / "rfs").glob("*/__init__.py")}
+
+
+def test_unit_tests_mirror_the_packages_of_rfs() -> None:
+    """tests/unit/ mirrors rfs/: each unit test module sits in the directory named after the
+    rfs package it tests, or in tests/unit/project/ for project-wide checks."""
+    assert misplaced_unit_tests(TESTS / "unit", rfs_packages()) == []
+
+
+def test_the_mirror_check_catches_a_misplaced_module(tmp_path: Path) -> None:
+    for relative in (
+        "graph/test_ok.py",
+        "project/test_ok2.py",
+        "test_flat.py",
+        "nosuchpackage/test_x.py",
+        "graph/deeper/test_y.py",
+    ):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("")
+    assert misplaced_unit_tests(tmp_path, {"graph", "fs"}) == [
+        "graph/deeper/test_y.py",
+        "nosuchpackage/test_x.py",
+        "test_flat.py",
+    ]
+    assert "graph" in rfs_packages() and "unit" not in rfs_packages()

@@ -12,7 +12,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-PACKAGE = Path(__file__).parents[2] / "rfs"
+PACKAGE = Path(__file__).parents[3] / "rfs"
 
 # Top to bottom. A module matches the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MINIMUM = 80
 INNER = "RFS_UNIT_COVERAGE_INNER"  # set in the subprocess: never run this test there
 SOCKETS = ("/run/podman/podman.sock", "/run/docker.sock", "/var/run/docker.sock")

@@ -1,5 +1,6 @@
 """rfs.pipeline.scheduler on its own: order, dependencies, -j, failures and interrupts, with
-plain Python runners (the pipeline on the fake engine is tests/unit/test_many_packages.py)."""
+plain Python runners (the pipeline on the fake engine is
+tests/unit/pipeline/test_many_packages.py)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from rfs.errors import ScriptError
 from rfs.script import model
 from rfs.script.schema import _KEYS, parse_script
 
-REFERENCE = Path(__file__).parents[2] / "docs" / "reference.md"
+REFERENCE = Path(__file__).parents[3] / "docs" / "reference.md"
 
 
 def documented() -> dict[str, dict[str, str]]:

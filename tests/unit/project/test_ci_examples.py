@@ -16,7 +16,7 @@ from rfs.commands import make_parser
 from rfs.commands.build import shard_of
 from tests.cacheservers import NGINX_CONF, SHIPPED_LISTEN
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CI = ROOT / "examples" / "ci"
 
 
