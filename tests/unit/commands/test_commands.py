@@ -15,8 +15,9 @@ import pytest
 import rfs.engine
 from rfs.cli import main
 from rfs.engine.base import Engine
-from rfs.engine.fake import FakeEngine, FakeRun
+from rfs.engine.fake import FakeEngine
 from rfs.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_OK, UsageError
+from tests.fakeshell import shell_of
 from tests.packages import write_package
 
 BUILD = """\
@@ -34,16 +35,7 @@ destination = "/etc/motd"
 """
 
 
-def shell(ctx: FakeRun) -> int:
-    """`write PATH TEXT` writes TEXT to PATH; `fail` exits 3."""
-    if ctx.argv[0] == "write":
-        ctx.write(ctx.argv[1], ctx.argv[2].encode() + b"\n")
-        ctx.print(f"wrote {ctx.argv[1]}")
-        return 0
-    if ctx.argv[0] == "fail":
-        ctx.print("about to fail")
-        return 3
-    raise AssertionError(f"unexpected command {ctx.argv}")
+shell = shell_of(say=True)
 
 
 class Cli:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from rfs.host import signals
 from rfs.pipeline.build import Options, Planned, execute, prepare
 from rfs.report.reporter import Reporter
 from rfs.script.package import load
+from tests.fakeshell import shell_of
 
 DOCKERFILE = """\
 ARG BASE=fake/base:1
@@ -47,19 +47,7 @@ command = "write /etc/after 1"
 """
 
 
-def shell(ctx: FakeRun) -> int:
-    """`write PATH TEXT` (as a command or through `sh -c`, which expands `${NAME}`), `fail`."""
-    argv = list(ctx.argv)
-    if argv[:2] == ["/bin/sh", "-c"]:
-        text = re.sub(r"\$\{(\w+)\}", lambda m: ctx.spec.env.get(m.group(1), ""), argv[2])
-        argv = text.split()
-    if argv[0] == "write":
-        ctx.write(argv[1], argv[2].encode() + b"\n")
-        return 0
-    if argv[0] == "fail":
-        ctx.print("about to fail")
-        return 2
-    raise AssertionError(f"unexpected command {argv}")
+shell = shell_of(fail_code=2, sh_c=True)
 
 
 class World:

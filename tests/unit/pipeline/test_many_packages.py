@@ -21,6 +21,7 @@ from rfs.pipeline.build import Job, Options, execute, execute_all, prepare
 from rfs.report.packages import PackageReporter
 from rfs.report.reporter import Reporter
 from rfs.run.store import Store
+from tests.fakeshell import shell_of
 
 
 def script(*commands: str) -> str:
@@ -29,12 +30,7 @@ def script(*commands: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def shell(ctx: FakeRun) -> int:
-    """`write PATH TEXT`, `fail`."""
-    if ctx.argv[0] == "write":
-        ctx.write(ctx.argv[1], ctx.argv[2].encode())
-        return 0
-    return 3 if ctx.argv[0] == "fail" else 0
+shell = shell_of(newline=False, strict=False)
 
 
 SHARED = ("write /etc/one 1", "write /etc/two 2")

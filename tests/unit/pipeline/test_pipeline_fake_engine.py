@@ -19,6 +19,7 @@ from rfs.remote.config import RemoteSettings
 from rfs.report.reporter import Reporter
 from rfs.run.snapshot import PackageChanged
 from rfs.run.store import Store
+from tests.fakeshell import shell_of
 
 BUILD = """\
 [filesystem]
@@ -37,20 +38,7 @@ destination = "/etc/motd"
 """
 
 
-def shell(ctx: FakeRun) -> int:
-    """A tiny command language: `write PATH TEXT`, `fail`, a script (writes its own text)."""
-    argv = ctx.argv
-    if argv[0] == "write":
-        ctx.write(argv[1], argv[2].encode() + b"\n")
-        ctx.print(f"wrote {argv[1]}")
-        return 0
-    if argv[0] == "fail":
-        ctx.print("about to fail")
-        return 3
-    if argv[-1] == "/.rfs/script":  # a script: keep what it says, as its output
-        ctx.write("/etc/three", ctx.read("/.rfs/script"))
-        return 0
-    raise AssertionError(f"unexpected command {argv}")
+shell = shell_of(say=True, script_to="/etc/three")
 
 
 class World:

@@ -37,6 +37,7 @@ from rfs.pipeline.shard import (
 from rfs.remote.config import RemoteSettings
 from rfs.report.events import JsonReporter
 from rfs.report.reporter import Reporter
+from tests.fakeshell import shell_of
 
 KEYS = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(300)]  # keys look so
 
@@ -260,9 +261,7 @@ command = "write /etc/three 3"
 """
 
 
-def shell(ctx: FakeRun) -> int:
-    ctx.write(ctx.argv[1], ctx.argv[2].encode())
-    return 0
+shell = shell_of(newline=False)
 
 
 class Runner:
