@@ -77,22 +77,25 @@ def one(packages: list[Path], work: Path, jobs: int) -> dict[str, Any]:
 def shards(packages: list[Path], work: Path, url: str) -> dict[str, Any]:
     """Three processes started together, one per shard; timed until the last ends."""
     procs = []
+    # Each runner writes to files, not pipes: waiting for one runner while the others' pipes
+    # fill would stop them in the middle of a write (a runner with --json writes a lot), and
+    # the others would wait for its steps until their deadline.
+    logs = [(work / f"shard-{i}.out", work / f"shard-{i}.err") for i in (1, 2, 3)]
     t0 = time.perf_counter()
-    for i in (1, 2, 3):
+    for i, (out_log, err_log) in zip((1, 2, 3), logs, strict=True):
         out = work / f"out-{i}"
         out.mkdir(parents=True)
         argv = rfs_argv(packages, out, "--shard", f"{i}/3", "--cache-to", url, "-j", "1")
-        procs.append(
-            subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env_for(work / f"cache-{i}"),
+        with out_log.open("w") as stdout, err_log.open("w") as stderr:
+            procs.append(
+                subprocess.Popen(
+                    argv, stdout=stdout, stderr=stderr, env=env_for(work / f"cache-{i}")
+                )
             )
-        )
-    results = [p.communicate() for p in procs]
+    for proc in procs:
+        proc.wait()
     wall = time.perf_counter() - t0
+    results = [(out_log.read_text(), err_log.read_text()) for out_log, err_log in logs]
     for i, (p, (_, err)) in enumerate(zip(procs, results, strict=True), 1):
         if p.returncode != 0:
             raise SystemExit(f"a shard failed:\n{err[-3000:]}")
