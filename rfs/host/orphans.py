@@ -42,9 +42,17 @@ def remove_orphans(directory: Path, prefix: str) -> list[Path]:
 def remove_tree(path: Path) -> None:
     """Delete a directory tree, including read-only directories a package may have brought."""
 
-    def retry(func: Callable[..., object], failed: str, _exc: object) -> None:
+    top = os.path.abspath(path)
+
+    def retry(func: Callable[..., object], failed: str, exc: object) -> None:
+        if isinstance(exc, tuple) and len(exc) > 1 and isinstance(exc[1], FileNotFoundError):
+            return  # gone already: another rfs removing the same leftover got there first
         with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(failed), 0o700)
+            parent = os.path.dirname(os.path.abspath(failed))
+            # Only inside the tree: the directory holding it (/tmp, say) is not ours to open
+            # up or close.
+            if os.path.commonpath([parent, top]) == top:
+                os.chmod(parent, 0o700)
             if os.path.isdir(failed) and not os.path.islink(failed):
                 os.chmod(failed, 0o700)
             func(failed)
