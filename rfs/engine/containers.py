@@ -50,12 +50,22 @@ _GO_SYMLINK = 1 << 27
 _GO_DIR = 1 << 31
 
 
+class _NotFrames(Exception):
+    """The answer to a logs request is not a multiplexed output stream (an engine's error)."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__(head.decode("utf-8", "replace").strip())
+
+
 def _frames(raw: Any) -> Iterator[tuple[int, bytes]]:
-    """Demultiplex a non-TTY output stream: 8-byte headers (stream id, big-endian size)."""
+    """Demultiplex a non-TTY output stream: 8-byte headers (stream id, big-endian size).
+    _NotFrames if a header is not one (stream ids 0-2, three zero bytes)."""
     while True:
         header = raw.read(8)
         if len(header) < 8:
             return
+        if header[0] > 2 or header[1:4] != b"\0\0\0":
+            raise _NotFrames(header + raw.read(1024))
         stream_id, size = struct.unpack(">BxxxL", header)
         data = raw.read(size)
         if data:
@@ -224,6 +234,8 @@ class ContainerOps(ApiCaller):
                     getattr(raw, "_sock", raw).settimeout(None)
         items: queue.SimpleQueue[tuple[int, bytes] | BaseException | None] = queue.SimpleQueue()
 
+        delivered: list[bool] = []
+
         def pump() -> None:
             stream = resp
             try:
@@ -233,8 +245,27 @@ class ContainerOps(ApiCaller):
                     stream = self._api.get(
                         url, params={"stdout": 1, "stderr": 1}, stream=True, timeout=self._timeout_s
                     )
-                for frame in _frames(stream.raw):
-                    items.put(frame)
+                try:
+                    for frame in _frames(stream.raw):
+                        delivered.append(True)
+                        items.put(frame)
+                except _NotFrames as exc:
+                    if delivered:
+                        raise EngineError(
+                            f"the {self._title} engine sent an error in place of output "
+                            f"while asked to {what}: {exc}"
+                        ) from exc
+                    # Podman 4.3 was seen to answer the follow request of a command that had
+                    # just ended with an error in place of its output ("failed to obtain logs
+                    # ...: no such process"): read the whole output again once it has ended.
+                    stream.close()
+                    while self._exited(cid) is None:
+                        time.sleep(_POLL_S)
+                    stream = self._api.get(
+                        url, params={"stdout": 1, "stderr": 1}, stream=True, timeout=self._timeout_s
+                    )
+                    for frame in _frames(stream.raw):
+                        items.put(frame)
                 items.put(None)
             except BaseException as exc:  # handed to the main thread, translated there
                 items.put(exc)
