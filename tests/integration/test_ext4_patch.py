@@ -8,11 +8,9 @@ group by group and byte by byte with the image `mke2fs -d -` makes from the whol
 
 from __future__ import annotations
 
-import contextlib
 import io
 import subprocess
 import tarfile
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,9 @@ from rfs.fs.ext4 import assemble_ext4, mkfs_version
 from rfs.fs.image import Options
 from rfs.fs.overlay import OverlayEntry
 from rfs.fs.selection import Selection
-from rfs.host.hashing import digest_json
 from rfs.script.model import FsType
 from tests.conftest import require_or_skip
+from tests.dircache import DirCache
 from tests.fsinspect import inode_details, link_groups, list_ext4, read_ext4_file
 
 pytestmark = pytest.mark.integration
@@ -33,34 +31,6 @@ pytestmark = pytest.mark.integration
 SEED = bytes(range(32))
 EPOCH = 1_700_000_000
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")
-
-
-class DictCache:
-    """Base images kept in a directory (the build keeps them in its store)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.made = 0
-
-    def key(self, identity: Mapping[str, object]) -> str:
-        return digest_json(dict(identity))
-
-    def seed(self, identity: Mapping[str, object]) -> bytes:
-        return bytes.fromhex(self.key(identity))[:32]
-
-    def get(self, key: str) -> Path | None:
-        path = self.root / key
-        return path if path.exists() else None
-
-    @contextlib.contextmanager
-    def put(self, key: str) -> Iterator[Path]:
-        tmp = self.root / f"{key}.part"
-        yield tmp
-        tmp.rename(self.root / key)
-        self.made += 1
-
-    def side_dir(self, key: str) -> Path:
-        return self.root / "side" / key
 
 
 def _add(
@@ -192,7 +162,7 @@ def _full(export: Path, overlays: list[OverlayEntry], out: Path, size: int = 32)
 
 
 def _patched(
-    export: Path, overlays: list[OverlayEntry], out: Path, cache: DictCache, size: int | None = 32
+    export: Path, overlays: list[OverlayEntry], out: Path, cache: DirCache, size: int | None = 32
 ) -> str:
     options = Options(seed=SEED, source_date_epoch=EPOCH, size_mib=size, base_images=cache)
     result = assemble(FsType.EXT4, export, SELECTION, overlays, out, options, restore=RESTORE)
@@ -221,7 +191,7 @@ def assert_same_tree(full: Path, patched: Path) -> None:
 def test_patched_image_has_the_tree_of_the_full_route(
     export_tar: Path, tmp_path: Path, case: str
 ) -> None:
-    cache = DictCache(tmp_path)
+    cache = DirCache(tmp_path)
     _full(export_tar, PATCHED[case], tmp_path / "full.ext4")
     route = _patched(export_tar, PATCHED[case], tmp_path / "patched.ext4", cache)
     assert route.startswith("cached base image + debugfs"), route
@@ -236,7 +206,7 @@ def test_what_cannot_be_patched_exactly_takes_the_full_route(
     overlays, reason = FULL[case]
     _full(export_tar, overlays, tmp_path / "full.ext4")
     with caplog.at_level("INFO", logger="rfs.fs"):
-        route = _patched(export_tar, overlays, tmp_path / "patched.ext4", DictCache(tmp_path))
+        route = _patched(export_tar, overlays, tmp_path / "patched.ext4", DirCache(tmp_path))
     assert route == "tar stream → mke2fs -d -"
     assert reason in caplog.text
     assert (tmp_path / "patched.ext4").read_bytes() == (tmp_path / "full.ext4").read_bytes()
@@ -245,7 +215,7 @@ def test_what_cannot_be_patched_exactly_takes_the_full_route(
 def test_base_image_is_made_once_and_patches_are_reproducible(
     export_tar: Path, tmp_path: Path
 ) -> None:
-    cache = DictCache(tmp_path)
+    cache = DirCache(tmp_path)
     first = PATCHED["new file in an existing directory"]
     second = PATCHED["replaces the first of three hard links"]
     _patched(export_tar, first, tmp_path / "a.ext4", cache)
@@ -258,7 +228,7 @@ def test_base_image_is_made_once_and_patches_are_reproducible(
 
 
 def test_the_image_uuid_is_its_own_not_the_base_images(export_tar: Path, tmp_path: Path) -> None:
-    cache = DictCache(tmp_path)
+    cache = DirCache(tmp_path)
     _patched(export_tar, [], tmp_path / "a.ext4", cache)
     other = bytes(reversed(SEED))
     options = Options(seed=other, source_date_epoch=EPOCH, size_mib=32, base_images=cache)
@@ -279,7 +249,7 @@ def test_the_image_uuid_is_its_own_not_the_base_images(export_tar: Path, tmp_pat
 
 
 def test_an_overlay_that_does_not_fit_names_the_size(export_tar: Path, tmp_path: Path) -> None:
-    cache = DictCache(tmp_path)
+    cache = DirCache(tmp_path)
     _patched(export_tar, [], tmp_path / "a.ext4", cache, size=2)
     with pytest.raises(ScriptError) as caught:
         _patched(

@@ -3,7 +3,6 @@ route choice, the rollback and its verification, and that every route gives the 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import filecmp
 import io
@@ -11,7 +10,6 @@ import os
 import pickle
 import struct
 import tarfile
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,38 +22,15 @@ from rfs.fs.ext4inplace import RollbackFailed, Slot, same_bytes, undo_ranges
 from rfs.fs.image import Options
 from rfs.fs.overlay import OverlayEntry
 from rfs.fs.selection import Selection
-from rfs.host.hashing import digest_json
 from rfs.script.model import FsType
+from tests.dircache import DirCache
 
 SEED = bytes(range(32))
 EPOCH = 1_700_000_000
 
 
-class UndoCache:
+class UndoCache(DirCache):
     """Base images and their undo directories in a directory (the build uses its store)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(exist_ok=True)
-
-    def key(self, identity: Mapping[str, object]) -> str:
-        return digest_json(dict(identity))
-
-    def seed(self, identity: Mapping[str, object]) -> bytes:
-        return bytes.fromhex(self.key(identity))[:32]
-
-    def get(self, key: str) -> Path | None:
-        path = self.root / key
-        return path if path.exists() else None
-
-    @contextlib.contextmanager
-    def put(self, key: str) -> Iterator[Path]:
-        tmp = self.root / f"{key}.part"
-        yield tmp
-        tmp.rename(self.root / key)
-
-    def side_dir(self, key: str) -> Path:
-        return self.root / "side" / key
 
     def base(self) -> Path:
         (found,) = [p for p in self.root.iterdir() if p.is_file()]
