@@ -18,6 +18,7 @@ from rfs.remote.config import RemoteSettings
 from rfs.remote.transport import (
     download,
     make_session,
+    object_deadline_s,
     read_bounded,
     status_error,
     translating,
@@ -92,7 +93,7 @@ class HttpBackend:
                 )
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
-            download(resp, dest, ref.size, self.url)
+            download(resp, dest, ref.size, self.url, object_deadline_s(self._deadline, ref.size))
 
     def put_object(self, ref: ObjectRef, path: Path) -> None:
         """PUT cas/<sha256>, streaming the file."""

@@ -37,6 +37,7 @@ from rfs.remote.config import RemoteSettings
 from rfs.remote.transport import (
     download,
     make_session,
+    object_deadline_s,
     read_bounded,
     status_error,
     translating,
@@ -208,7 +209,7 @@ class OciBackend:
                 )
             if resp.status_code != 200:
                 raise status_error(self.url, what, resp)
-            download(resp, dest, size, self.url)
+            download(resp, dest, size, self.url, object_deadline_s(self._deadline, size))
 
     def put_object(self, ref: ObjectRef, path: Path) -> None:
         """Upload the blob unless the registry has it: POST an upload, PUT the bytes."""

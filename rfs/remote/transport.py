@@ -97,14 +97,31 @@ def status_error(base_url: str, what: str, resp: requests.Response) -> RemoteCac
     )
 
 
-def download(resp: requests.Response, dest: Path, limit: int, base_url: str) -> int:
-    """Stream a response body into `dest`; return the byte count. More than `limit` bytes is
-    BadObject: a server cannot make rfs write more than the record promised."""
+# The slowest an object may arrive on average once its grace period is over: 1 MiB/s. An
+# object's deadline is the record deadline plus its size at this rate (2 GiB: about 35 min),
+# so a big image is never cut short on a slow link, yet a server trickling bytes each inside
+# the read time-out cannot hold a build for hours.
+MIN_OBJECT_RATE = 1 << 20
+
+
+def object_deadline_s(grace_s: float, size: int) -> float:
+    """How long downloading an object of `size` bytes may take in all."""
+    return grace_s + size / MIN_OBJECT_RATE
+
+
+def download(
+    resp: requests.Response, dest: Path, limit: int, base_url: str, deadline_s: float
+) -> int:
+    """Stream a response body into `dest` within `deadline_s` seconds in all; return the byte
+    count. More than `limit` bytes is BadObject: a server cannot make rfs write more than the
+    record promised; too slow is RemoteCacheError (the read time-out bounds only the wait
+    between bytes)."""
     from rfs.remote.codec import BadObject
 
     total = 0
+    end = time.monotonic() + deadline_s
     with dest.open("wb") as f:
-        for chunk in resp.iter_content(CHUNK):
+        for chunk in _arrivals(resp, CHUNK):
             total += len(chunk)
             if total > limit:
                 raise BadObject(
@@ -112,6 +129,11 @@ def download(resp: requests.Response, dest: Path, limit: int, base_url: str) -> 
                     f"record says ({limit} bytes)"
                 )
             f.write(chunk)
+            if time.monotonic() > end:
+                raise RemoteCacheError(
+                    f"remote cache {base_url}: an object of {limit} bytes took more than "
+                    f"{deadline_s:.0f} s ({total} bytes had come)"
+                )
     return total
 
 
