@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from rfs.engine.layerdiff import Limit
 
 #: Every container rfs creates carries this label (value "1"), so leftovers of a crashed or
 #: killed build can be found and removed by label.
@@ -235,6 +238,11 @@ class Engine(Protocol):
 
     def load_image(self, source: BinaryIO) -> list[str]:
         """Load an image tarball (`docker load`) read from `source`; return the loaded refs."""
+        ...
+
+    def layer_diff(self, image: str, parent: str, dest: BinaryIO, limit: Limit) -> bool:
+        """Write what `image` adds to `parent` (its top layer) to `dest` in the normalised
+        form of rfs.engine.layerdiff; False, with `dest` emptied, when it is over `limit`."""
         ...
 
     def tag(self, image_id: str, tag: str) -> None:

@@ -35,6 +35,7 @@ from rfs.engine.apicalls import (
 from rfs.engine.base import EMPTY, MANAGED_LABEL, PROBE_LABEL, BinarySink, RunSpec
 from rfs.engine.commitconfig import commit_config, podman_changes
 from rfs.engine.containers import ContainerOps
+from rfs.engine.diffs import DiffOps
 from rfs.engine.lite import platform_of
 from rfs.engine.pulling import PullOps
 from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
@@ -52,7 +53,7 @@ _PROBE_WAIT_S = 10
 _EXPORT_ARGV = ["/.rfs-export-container-never-runs"]
 
 
-class DockerEngine(ContainerOps, PullOps):
+class DockerEngine(ContainerOps, PullOps, DiffOps):
     """An `Engine` speaking the Docker API at `base_url` (Docker or Podman's compat socket)."""
 
     def __init__(

@@ -50,6 +50,7 @@ __all__ = ["Entry", "FakeEngine", "FakeRun", "Tree"]
 
 if TYPE_CHECKING:
     from rfs.engine.fakebuild import Stage
+    from rfs.engine.layerdiff import Limit
 
 
 class FakeEngine:
@@ -343,6 +344,25 @@ class FakeEngine:
         dest.write(data)
         if on_progress is not None:
             on_progress(len(data))
+
+    def layer_diff(self, image: str, parent: str, dest: BinaryIO, limit: Limit) -> bool:
+        """The top layer of `image` over `parent`, normalised as the real adapter gives it."""
+        from rfs.engine.layerdiff import TooLarge, normalise_layer
+
+        self.calls.append("layer_diff")
+        found, below = self._image(image).layers, self._image(parent).layers
+        if found == below:
+            found = [*below, layer_tar({})]
+        if found[:-1] != below:
+            raise EngineError(f"{image} is not its parent {parent} plus one layer")
+        start = dest.tell()
+        try:
+            normalise_layer(io.BytesIO(found[-1]), dest, limit)
+        except TooLarge:
+            dest.seek(start)
+            dest.truncate()
+            return False
+        return True
 
     def save_image(self, ref: str, dest: BinarySink) -> None:
         """A `docker save` tarball of `ref`: manifest, config, one tarball per layer."""
