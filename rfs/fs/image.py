@@ -41,6 +41,15 @@ class Source:
     overlays: Sequence[OverlayEntry]
     restore: Mapping[str, bytes] | None = None
     all_root: bool = False  # every entry owned by root (squashfs and erofs only)
+    # Layer diffs laid on the export first (rfs.fs.layered): what later commands changed.
+    layers: tuple[Path, ...] = ()
+
+    def open_layers(self, stack: contextlib.ExitStack) -> list[BinaryIO]:
+        """The layer tarballs, opened for reading until `stack` closes."""
+        try:
+            return [stack.enter_context(path.open("rb")) for path in self.layers]
+        except OSError as exc:
+            raise RfsError(f"cannot read a cached layer diff: {exc}") from exc
 
 
 class BaseImageCache(Protocol):
@@ -97,7 +106,7 @@ def scan(source: Source, mtime: int) -> StreamStats:
         src = source.export_tar.open("rb")
     except OSError as exc:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
-    with src, open(os.devnull, "wb") as sink:
+    with src, open(os.devnull, "wb") as sink, contextlib.ExitStack() as stack:
         return write_image_stream(
             src,
             source.selection,
@@ -106,6 +115,7 @@ def scan(source: Source, mtime: int) -> StreamStats:
             mtime=mtime,
             restore=source.restore,
             all_root=source.all_root,
+            layers=source.open_layers(stack),
         )
 
 
@@ -251,7 +261,8 @@ def feed(
         src = source.export_tar.open("rb")
     except OSError as exc:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
-    with src:
+    with src, contextlib.ExitStack() as stack:
+        layers = source.open_layers(stack)
         process = proc.popen(argv, env=env)
         assert process.stdin is not None
         with contextlib.suppress(OSError):  # fewer context switches; the default is 64 KiB
@@ -268,6 +279,7 @@ def feed(
                 restore=source.restore,
                 clamp_mtime=clamp_mtime,
                 all_root=source.all_root,
+                layers=layers,
             )
         except BrokenPipeError:
             pass  # the tool stopped reading: its exit status and message say why
@@ -308,7 +320,11 @@ def stream_pipe(source: Source, *, mtime: int, clamp_mtime: int | None) -> Itera
 
     def write() -> None:
         try:
-            with open(write_fd, "wb", buffering=MIB) as out, source.export_tar.open("rb") as src:
+            with (
+                open(write_fd, "wb", buffering=MIB) as out,
+                source.export_tar.open("rb") as src,
+                contextlib.ExitStack() as stack,
+            ):
                 done.append(
                     write_image_stream(
                         src,
@@ -319,6 +335,7 @@ def stream_pipe(source: Source, *, mtime: int, clamp_mtime: int | None) -> Itera
                         restore=source.restore,
                         clamp_mtime=clamp_mtime,
                         all_root=source.all_root,
+                        layers=source.open_layers(stack),
                     )
                 )
         except BrokenPipeError:

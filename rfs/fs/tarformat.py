@@ -11,7 +11,7 @@ import mmap
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from rfs.errors import RfsError
 
@@ -48,6 +48,12 @@ _MAX_OCTAL_SIZE = 0o77777777777
 
 # What an archive is read from: the mmap of an export file, or bytes in memory (tests).
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
+
+
+class Sliceable(Protocol):
+    """Anything whose byte ranges can be read by slicing (rfs.fs.layered.Segments)."""
+
+    def __getitem__(self, where: slice, /) -> memoryview: ...
 
 
 class TarError(RfsError):
@@ -362,9 +368,9 @@ def _index(view: memoryview, madvise: Callable[[int, int, int], None] | None) ->
     return entries
 
 
-def header_block(buf: Buffer, entry: RawEntry) -> bytearray:
+def header_block(buf: Buffer | Sliceable, entry: RawEntry) -> bytearray:
     """Return a mutable copy of an entry's main header block."""
-    return bytearray(memoryview(buf)[entry.header : entry.header + BLOCK])
+    return bytearray(buf[entry.header : entry.header + BLOCK])
 
 
 def set_name(block: bytearray, name: bytes) -> None:

@@ -27,11 +27,13 @@ would take a second entry as a metadata update, but tar2sqfs refuses it ("etc: F
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from rfs.fs import tarformat as tf
+from rfs.fs.layered import Segments, apply_layers, shifted
 from rfs.fs.overlay import OverlayEntry, overlay_entries_from_dir
 from rfs.fs.plan import CONSOLE, Generated, Plan, make_plan
 from rfs.fs.selection import Selection, ancestors, decode, encode, normalise
@@ -78,8 +80,13 @@ def write_image_stream(
     restore: Mapping[str, bytes] | None = None,
     clamp_mtime: int | None = None,
     all_root: bool = False,
+    layers: Sequence[BinaryIO] = (),
 ) -> StreamStats:
     """Write the filtered export, created paths and overlays to `out` as one tar stream.
+
+    `layers` (normalised layer tarballs, rfs.engine.layerdiff) are laid on the export first
+    (rfs.fs.layered): the stream is that of the container exported after the last of them.
+    Raises rfs.fs.layered.Unlayerable when they cannot be laid on exactly.
 
     `export_tar` is read whole, whatever its position: mapped when it is a real file, else read
     (or, for a BytesIO, used in place). Created and overlay entries get `mtime`; with
@@ -87,9 +94,21 @@ def write_image_stream(
     selection or overlay and TarError for a damaged export. `all_root`: every entry is owned
     by root (uid and gid 0), as `mksquashfs -all-root` makes them.
     """
-    with _mapped(export_tar) as (buf, src_fd):
-        plan = make_plan(tf.index_archive(buf), selection, overlays, restore or {})
-        writer = _Writer(buf, src_fd, out)
+    with _mapped(export_tar) as (buf, src_fd), contextlib.ExitStack() as stack:
+        entries = tf.index_archive(buf)
+        layered = None
+        if layers:
+            parts = [(buf, src_fd), *(stack.enter_context(_mapped(layer)) for layer in layers)]
+            layered = Segments(parts)
+            entries = apply_layers(
+                entries,
+                [
+                    shifted(tf.index_archive(part), base)
+                    for (part, _), base in zip(parts[1:], layered.bases[1:], strict=True)
+                ],
+            )
+        plan = make_plan(entries, selection, overlays, restore or {})
+        writer = _Writer(buf, src_fd, out, layered)
         try:
             stats = _Emitter(plan, writer, mtime, clamp_mtime, all_root=all_root).run()
         finally:

@@ -8,10 +8,11 @@ import io
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from rfs.fs import tarformat as tf
+from rfs.fs.layered import Segments
 
 _CHUNK = 8 << 20  # bytes per write when copying without sendfile
 
@@ -42,12 +43,18 @@ def mapped(source: BinaryIO) -> Iterator[tuple[tf.Buffer, int | None]]:
 
 
 class Writer:
-    """Writes the stream, merging adjacent untouched spans of the export into one copy."""
+    """Writes the stream, merging adjacent untouched spans of the export into one copy.
 
-    def __init__(self, buf: tf.Buffer, src_fd: int | None, out: BinaryIO) -> None:
+    The export may come with layers (rfs.fs.layered.Segments): a span is then copied from
+    the archive it lies in."""
+
+    def __init__(
+        self, buf: tf.Buffer, src_fd: int | None, out: BinaryIO, layered: Segments | None = None
+    ) -> None:
         self._base = memoryview(buf)
-        self.view = self._base.cast("B")
+        self.view: memoryview | Segments = self._base.cast("B") if layered is None else layered
         self._madvise = buf.madvise if isinstance(buf, mmap.mmap) else None
+        self._layered = layered
         self.src_fd = src_fd
         self.out = out
         self.out_fd: int | None = None
@@ -78,11 +85,27 @@ class Writer:
         if end <= start:
             return
         self.written += end - start
-        if self.out_fd is not None and self.src_fd is not None:
+        if self._layered is not None:
+            part = self._layered.locate(start)
+            base = self._layered.bases[part]
+            view, fd = self._layered.parts[part]
+            self._send(view, fd, start - base, end - base, None)
+            return
+        self._send(self.view, self.src_fd, start, end, self._madvise)
+
+    def _send(
+        self,
+        view: memoryview | Segments,
+        src_fd: int | None,
+        start: int,
+        end: int,
+        madvise: Callable[[int, int, int], None] | None,
+    ) -> None:
+        if self.out_fd is not None and src_fd is not None:
             self.out.flush()
             try:
                 while start < end:
-                    sent = os.sendfile(self.out_fd, self.src_fd, start, end - start)
+                    sent = os.sendfile(self.out_fd, src_fd, start, end - start)
                     if sent == 0:
                         raise tf.TarError("the export tarball shrank while it was being read")
                     start += sent
@@ -93,12 +116,16 @@ class Writer:
                 self.out_fd = None  # this pair of files cannot sendfile: copy from the map
         for pos in range(start, end, _CHUNK):
             stop = min(end, pos + _CHUNK)
-            self.out.write(self.view[pos:stop])
-            if self._madvise is not None:  # unmap what was copied: RSS stays flat
+            self.out.write(view[pos:stop])
+            if madvise is not None:  # unmap what was copied: RSS stays flat
                 first = pos & ~(mmap.PAGESIZE - 1)
-                self._madvise(mmap.MADV_DONTNEED, first, (stop & ~(mmap.PAGESIZE - 1)) - first)
+                madvise(mmap.MADV_DONTNEED, first, (stop & ~(mmap.PAGESIZE - 1)) - first)
 
     def close(self) -> None:
         """Release the export's buffer (a mmap cannot close while views of it exist)."""
-        self.view.release()
+        if self._layered is not None:
+            self._layered.release()
+        else:
+            assert isinstance(self.view, memoryview)
+            self.view.release()
         self._base.release()
