@@ -122,7 +122,7 @@ def run_info(args: argparse.Namespace) -> int:
         f"(limit {_size(stats['size_limit'])}), hits: {stats['hits']}"
     )
     print(f"  {'kind':<10} {'entries':>7} {'bytes':>10} {'hits':>6} {'fetched':>8}")
-    for kind in ("run", "export", "overlays", "assemble", "ext4-base"):
+    for kind in ("run", "export", "diff", "base-export", "overlays", "assemble", "ext4-base"):
         row = stats["kinds"].get(kind)
         if row is None:
             continue

@@ -240,9 +240,14 @@ class Engine(Protocol):
         """Load an image tarball (`docker load`) read from `source`; return the loaded refs."""
         ...
 
-    def layer_diff(self, image: str, parent: str, dest: BinaryIO, limit: Limit) -> bool:
-        """Write what `image` adds to `parent` (its top layer) to `dest` in the normalised
-        form of rfs.engine.layerdiff; False, with `dest` emptied, when it is over `limit`."""
+    def image_layers(self, ref: str) -> list[str]:
+        """The diff IDs of `ref`'s layers, base first."""
+        ...
+
+    def layer_diff(self, image: str, dest: BinaryIO, limit: Limit, *, new_layer: bool) -> bool:
+        """Write what the command committed as `image` changed (its top layer; nothing unless
+        `new_layer`) to `dest` in the normalised form of rfs.engine.layerdiff; False, with
+        `dest` emptied, when it is over `limit`."""
         ...
 
     def tag(self, image_id: str, tag: str) -> None:

@@ -33,25 +33,26 @@ class DiffOps(ApiCaller):
 
         def save_image(self, ref: str, dest: BinarySink) -> None: ...
 
-    def layer_diff(self, image: str, parent: str, dest: BinaryIO, limit: Limit) -> bool:
-        """Write what `image` adds to `parent` (its top layer, normalised) to `dest`; False,
-        with `dest` emptied, when that is more than `limit`.
+    def image_layers(self, ref: str) -> list[str]:
+        """The diff IDs of `ref`'s layers, base first."""
+        info = self._inspect_image(ref)
+        if info is None:
+            raise EngineError(f"cannot read the layers of {ref}: the image is missing")
+        return _layers(info, ref)
 
-        `image` must be `parent` plus one layer (a committed command), or `parent` itself
-        (an engine that made no layer for a command that changed nothing): anything else is
-        an EngineError, never a wrong diff."""
+    def layer_diff(self, image: str, dest: BinaryIO, limit: Limit, *, new_layer: bool) -> bool:
+        """Write what the command committed as `image` changed (its top layer, normalised) to
+        `dest`; False, with `dest` emptied, when that is more than `limit`. `new_layer` says
+        whether the commit added a layer (Docker adds none for a command that changed
+        nothing): without one the change is empty."""
+        if not new_layer:
+            with tarfile.open(fileobj=dest, mode="w:", format=tarfile.PAX_FORMAT):
+                pass
+            return True
         info = self._inspect_image(image)
-        above = self._inspect_image(parent)
-        if info is None or above is None:
+        if info is None:
             raise EngineError(f"cannot read the layers of {image}: the image is missing")
         layers = _layers(info, image)
-        below = _layers(above, parent)
-        if layers == below:
-            with tarfile.open(fileobj=dest, mode="w:", format=tarfile.PAX_FORMAT):
-                pass  # no layer: no change
-            return True
-        if layers[:-1] != below:
-            raise EngineError(f"{image} is not its parent {parent} plus one layer")
         upper = self._upper_dir(info) if self.local else None
         start = dest.tell()
         try:

@@ -73,13 +73,18 @@ def assemble(
     *,
     restore: Mapping[str, bytes] | None = None,
     warn: Warn | None = None,
+    layers: tuple[Path, ...] = (),
 ) -> Result:
     """Make `output`, a `fs_type` image of the export with the overlays, atomically.
+
+    `layers` (layer diffs, rfs.fs.layered) are laid on the export first.
 
     Warnings (content the type cannot hold, includes that matched nothing, dd_args that have no
     meaning without dd) go to `warn` as well as into the result.
     """
-    source = Source(Path(export_tar), selection, overlays, restore, all_root=options.all_root)
+    source = Source(
+        Path(export_tar), selection, overlays, restore, all_root=options.all_root, layers=layers
+    )
     if len(options.seed) != 32:
         raise RfsError(f"the image seed must be 32 bytes, not {len(options.seed)}")
     early: list[str] = []
@@ -119,7 +124,7 @@ def _ext4(source: Source, output: Path, options: Options) -> Result:
         size = with_headroom(need)
         check_size("ext4", size, need, stats)
     check_block_size(options, size)
-    if options.base_images is not None:
+    if options.base_images is not None and not source.layers:
         patched = assemble_ext4_patched(source, output, options, size)
         if patched is not None:
             stats, operations, in_place = patched
@@ -135,6 +140,7 @@ def _ext4(source: Source, output: Path, options: Options) -> Result:
         source_date_epoch=options.source_date_epoch,
         mkfs_args=options.mkfs_args,
         restore=source.restore,
+        layers=source.layers,
     )
     return Result(stats, size, "tar stream → mke2fs -d -")
 

@@ -112,8 +112,10 @@ def assemble_ext4(
     source_date_epoch: int,
     mkfs_args: Sequence[str] = (),
     restore: Mapping[str, bytes] | None = None,
+    layers: tuple[Path, ...] = (),
 ) -> StreamStats:
-    """Build `output`, an ext4 image of exactly `size_mib` MiB, from an export and overlays.
+    """Build `output`, an ext4 image of exactly `size_mib` MiB, from an export (with `layers`
+    laid on it: rfs.fs.layered) and overlays.
 
     `seed` (32 bytes from the build key) fixes the filesystem UUID and directory hash seed;
     `source_date_epoch` every timestamp mke2fs sets and the mtime of added entries. `mkfs_args`
@@ -156,6 +158,7 @@ def assemble_ext4(
             source_date_epoch,
             restore,
             size_mib,
+            layers,
         )
     return stats
 
@@ -295,8 +298,9 @@ def _run(
     mtime: int,
     restore: Mapping[str, bytes] | None,
     size_mib: int,
+    layers: tuple[Path, ...] = (),
 ) -> StreamStats:
-    source = Source(export_tar, selection, overlays, restore)
+    source = Source(export_tar, selection, overlays, restore, layers=layers)
     try:
         return feed(argv, source, mtime=mtime, what="mke2fs", env=env)
     except RfsError as exc:

@@ -37,7 +37,20 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
         "engine",
     ),
     # How the container filesystem is streamed out of the engine into the tarball.
-    "export": ("run/executors.py", "host/sparse.py", "engine"),
+    "export": ("run/executors.py", "run/exporting.py", "host/sparse.py", "engine"),
+    # What a command changed, or its layer's export (rfs.run.layerchain): the diff's form,
+    # when a step becomes an anchor.
+    "diff": (
+        "run/executors.py",
+        "run/exporting.py",
+        "run/layerchain.py",
+        "host/sparse.py",
+        "engine",
+        "fs/layered.py",
+        "fs/ext4patch.py",
+        "fs/tarformat.py",
+        "fs/selection.py",
+    ),
     # Everything between the tarball and the image: the tar filter, overlays, every driver.
     "assemble": (
         "run/executors.py",

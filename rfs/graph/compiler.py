@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rfs.graph.steps import KEY_VERSION, Facts, Step, StepKind
 from rfs.host.hashing import digest_bytes, digest_json
-from rfs.script.model import BuildScript, Command, Copy, Overlay
+from rfs.script.model import BuildScript, Command, Copy, FsType, Overlay
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -227,6 +227,13 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
         [],
         context={"image": c.base_label},
     )
+    export_inputs = {
+        "engine": facts.engine,
+        "engine_version": facts.engine_version,
+        "code": facts.code.get("export", ""),
+    }
+    base = last
+    diffs: list[Step] = []
     for i, cmd in enumerate(script.commands):
         last = add(
             f"run[{i}]",
@@ -236,17 +243,20 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
             [last],
             index=i,
         )
-    export = add(
-        "export",
-        StepKind.EXPORT,
-        "export the container filesystem",
-        {
-            "engine": facts.engine,
-            "engine_version": facts.engine_version,
-            "code": facts.code.get("export", ""),
-        },
-        [last],
-    )
+        if layered(script):
+            diffs.append(
+                add(
+                    f"diff[{i}]",
+                    StepKind.DIFF,
+                    f"what commands[{i}] changed",
+                    {**export_inputs, "code": facts.code.get("diff", "")},
+                    [last, diffs[-1] if diffs else base],
+                    index=i,
+                )
+            )
+    exported = diffs or [
+        add("export", StepKind.EXPORT, "export the container filesystem", export_inputs, [last])
+    ]
     overlays = add(
         "overlays",
         StepKind.OVERLAYS,
@@ -263,9 +273,17 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
         StepKind.ASSEMBLE,
         f"assemble {script.filesystem.type.value} image",
         assemble_inputs(script, facts),
-        [export, overlays],
+        [*exported, overlays],
     )
     return steps
+
+
+def layered(script: BuildScript) -> bool:
+    """Whether the build keeps what each command changed (a DIFF step per command, see
+    rfs.run.layerchain) instead of one export of the last layer: ext4 images, which are
+    patched with those changes, when there are commands and no side outputs (they read one
+    export)."""
+    return script.filesystem.type is FsType.EXT4 and bool(script.commands) and not script.outputs
 
 
 def build_graph(steps: list[Step]) -> nx.DiGraph:

@@ -289,6 +289,8 @@ def _parent_phrase(step: Step, parent: Step) -> str:
         if parent.kind is StepKind.BASE:
             return "runs on a different base image"
         return f"runs on top of {name}, which changed"
+    if step.kind is StepKind.DIFF:
+        return f"reads what {name} made, which changed"
     if step.kind is StepKind.EXPORT:
         return (
             "exports a different base image"

@@ -18,6 +18,7 @@ class StepKind(enum.Enum):
     BASE = "base"  # the base image, by ID
     RUN = "run"  # a committed layer image
     EXPORT = "export"  # the export tarball of the last layer
+    DIFF = "diff"  # what a command changed, or its layer's export (ext4: rfs.run.layerchain)
     OVERLAYS = "overlays"  # the set of overlay files (content hashes, destinations, modes)
     ASSEMBLE = "assemble"  # the filesystem image
 

@@ -109,7 +109,7 @@ def prepare(
     from rfs.fs.tools import remembered_tool_version
     from rfs.graph.codeversion import code_version
 
-    code = {kind: code_version(kind) for kind in ("run", "export", "assemble")}
+    code = {kind: code_version(kind) for kind in ("run", "export", "diff", "assemble")}
     quick = not opts.pull and engine_factory is connect_engine
     from_images = dockerfile_from_images(script, engine, quick=quick, pull=opts.pull)
     built = dockerfile_base(script, digests, entries, code, store, from_images, fresh=opts.no_cache)

@@ -39,7 +39,7 @@ DEFAULT_SECONDS = 120.0  # a step never timed (no record of its key anywhere)
 FIRST_POLL = 0.25  # seconds between the first looks at the shared cache
 MOST_POLL = 2.0  # the back-off stops here: a look is one small GET, and a late look costs time
 # The kinds a remote cache carries; anything else is made by every runner.
-SHARED_KINDS = frozenset({StepKind.RUN, StepKind.EXPORT, StepKind.ASSEMBLE})
+SHARED_KINDS = frozenset({StepKind.RUN, StepKind.EXPORT, StepKind.DIFF, StepKind.ASSEMBLE})
 
 _FORM = re.compile(r"([0-9]{1,6})/([0-9]{1,6})")
 

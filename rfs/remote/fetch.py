@@ -63,7 +63,7 @@ def install(
     local record fields every fetched step gets."""
     if step.kind is StepKind.RUN:
         return _layer(store, ex, step, backend, record, base, tmp)
-    if step.kind is StepKind.EXPORT:
+    if step.kind in (StepKind.EXPORT, StepKind.DIFF):
         return _export(store, step, backend, record, base, tmp)
     if step.kind is StepKind.ASSEMBLE:
         return _image(store, ex, step, backend, record, base, tmp)

@@ -53,8 +53,11 @@ class Pusher:
             body["layer"] = describe_layer(
                 tarball, image_id, lambda data, size: self._put_member(data, tmp)
             )
-            fields: dict[str, Any] = {"image_id": image_id}
-        elif step.kind is StepKind.EXPORT:
+            fields: dict[str, Any] = {
+                "image_id": image_id,
+                "new_layer": bool(record.get("new_layer", True)),
+            }
+        elif step.kind in (StepKind.EXPORT, StepKind.DIFF):
             blob = self.store.blob(step.key)
             if blob is None or not self.store.verify_blob(blob):
                 raise BadObject("its export tarball is missing or corrupt in the cache")
@@ -62,8 +65,11 @@ class Pusher:
                 copy_stream(f, sink)
                 path, ref = finish()
                 self._put(path, ref)
-            body["export"] = {"object": ref.to_json()}
+            body[step.kind.value] = {"object": ref.to_json()}
             fields = {k: record[k] for k in ("blob_size", "blob_digest")}
+            if step.kind is StepKind.DIFF:
+                fields["anchor"] = bool(record["anchor"])
+                fields["chain"] = dict(record["chain"])
         elif step.kind is StepKind.ASSEMBLE:
             out = self.ex.output
             recorded = record.get("outputs", {}).get(str(out.resolve()))
@@ -81,7 +87,7 @@ class Pusher:
             fields = {}
         else:
             fields = {"overlays": int(record.get("overlays", 0))}
-        if step.kind in (StepKind.RUN, StepKind.EXPORT):
+        if step.kind in (StepKind.RUN, StepKind.EXPORT, StepKind.DIFF):
             fields["etc_written"] = {
                 path: b64(bytes(data)) for path, data in dict(record.get("etc_written", {})).items()
             }

@@ -15,6 +15,7 @@ Kind parts (object references: rfs.remote.codec.ObjectRef):
     run       "layer": {"config": BASE64, "layers": [{"size": N, "data": BASE64} or
                         {"size": N, "object": REF}, …]}   one entry per config rootfs diff_id
     export    "export": {"object": REF}
+    diff      "diff": {"object": REF}   a command's layer diff, or its layer's export (anchor)
     assemble  "image": {"object": REF, "size": N, "blake3": HEX}
     overlays  nothing
 """
@@ -39,10 +40,17 @@ FORMAT = b"rfs-remote-2"
 MAX_SIGNATURES = 8
 _STEP_ID = re.compile(r"[a-z]+(\[[0-9]{1,6}\])?")
 _IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
-_PART = {"run": "layer", "export": "export", "assemble": "image", "overlays": None}
+_PART = {
+    "run": "layer",
+    "export": "export",
+    "diff": "diff",
+    "assemble": "image",
+    "overlays": None,
+}
 _FIELDS = {
-    "run": {"image_id", "etc_written"},
+    "run": {"image_id", "etc_written", "new_layer"},
     "export": {"blob_size", "blob_digest", "etc_written"},
+    "diff": {"blob_size", "blob_digest", "etc_written", "anchor", "chain"},
     "assemble": set(),
     "overlays": {"overlays"},
 }
@@ -181,8 +189,8 @@ def _decode(data: bytes, wanted: Wanted, trusted: Sequence[PublicKey], where: st
     fields = _fields(doc["fields"], kind, where)
     if kind == "run":
         return _run(doc["layer"], fields, signer, where)
-    if kind == "export":
-        ref = _ref(_dict(doc["export"], {"object"}, where)["object"], where)
+    if kind in ("export", "diff"):
+        ref = _ref(_dict(doc[kind], {"object"}, where)["object"], where)
         return Record(kind, fields, ref=ref, signer=signer, objects=(ref,))
     if kind == "assemble":
         image = _dict(doc["image"], {"object", "size", "blake3"}, where)
@@ -272,9 +280,14 @@ def _fields(value: Any, kind: str, where: str) -> dict[str, Any]:
         if not isinstance(etc, dict) or not set(etc) <= set(MANAGED):
             raise BadRecord(f"{where} is malformed (etc_written names a file rfs does not manage)")
         fields["etc_written"] = {path: _bytes(text, where) for path, text in etc.items()}
-    if kind == "export":
+    if kind in ("export", "diff"):
         fields["blob_size"] = _size(fields["blob_size"], where)
         fields["blob_digest"] = _hex(fields["blob_digest"], where)
+    if kind == "diff":
+        fields["anchor"] = _flag(fields["anchor"], where)
+        fields["chain"] = _chain(fields["chain"], where)
+    if kind == "run":
+        fields["new_layer"] = _flag(fields["new_layer"], where)
     if kind == "overlays":
         fields["overlays"] = _size(fields["overlays"], where)
     if kind == "run" and not (
@@ -282,6 +295,31 @@ def _fields(value: Any, kind: str, where: str) -> dict[str, Any]:
     ):
         raise BadRecord(f"{where} is malformed (image_id)")
     return fields
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRecord(f"{where} is malformed (a flag is not true or false)")
+    return value
+
+
+_MAX_CHAIN = 10_000  # diffs since an anchor: far more commands than a build script holds
+
+
+def _chain(value: Any, where: str) -> dict[str, Any]:
+    """A DIFF step's chain (rfs.run.layerchain): its keys choose cache entries, so each must
+    be a key, and its counts counts."""
+    chain = _dict(value, {"anchor", "diffs", "data", "entries"}, where)
+    anchor = chain["anchor"]
+    diffs = chain["diffs"]
+    if not isinstance(diffs, list) or len(diffs) > _MAX_CHAIN:
+        raise BadRecord(f"{where} is malformed (the chain's diffs are not a list of keys)")
+    return {
+        "anchor": anchor if anchor == "base" else _hex(anchor, where),
+        "diffs": [_hex(d, where) for d in diffs],
+        "data": _size(chain["data"], where),
+        "entries": _size(chain["entries"], where),
+    }
 
 
 def _run(value: Any, fields: dict[str, Any], signer: str | None, where: str) -> Record:

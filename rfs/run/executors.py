@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfs.errors import EngineError, EnvironmentProblem, RfsError, StartFailed
+from rfs.errors import EnvironmentProblem, StartFailed
 from rfs.graph.steps import Step, StepKind
 from rfs.run import etcfiles
 from rfs.run.baseimages import BaseImages, file_identity
@@ -20,7 +20,7 @@ from rfs.script.model import BuildScript, Command, Overlay
 from rfs.script.package import resolve_reference
 
 if TYPE_CHECKING:
-    from rfs.engine.base import BinarySink, CopySource, Engine, Mount
+    from rfs.engine.base import CopySource, Engine, Mount
     from rfs.fs.overlay import OverlayEntry
     from rfs.fs.selection import Selection
     from rfs.report.reporter import Reporter
@@ -53,7 +53,7 @@ def interpreter_argv(script: bytes, path: str) -> list[str]:
 
 
 # Steps that need the container engine to run (assembly and overlays do not).
-ENGINE_STEPS = frozenset({StepKind.BASE, StepKind.RUN, StepKind.EXPORT})
+ENGINE_STEPS = frozenset({StepKind.BASE, StepKind.RUN, StepKind.EXPORT, StepKind.DIFF})
 
 
 def output_identity(path: Path) -> dict[str, int] | None:
@@ -63,25 +63,6 @@ def output_identity(path: Path) -> dict[str, int] | None:
     except FileNotFoundError:
         return None
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
-
-
-class _TarEnd:
-    """A sink that passes writes on and keeps the last 1 KiB: a complete tar archive ends with
-    two zero blocks (the end-of-archive marker Docker's and Podman's Go tar writers add)."""
-
-    def __init__(self, sink: BinarySink) -> None:
-        self._sink = sink
-        self._tail = b""
-
-    def write(self, data: bytes, /) -> object:
-        """Write `data` on, remembering the end of the stream."""
-        result = self._sink.write(data)
-        self._tail = (self._tail + bytes(data[-1024:]))[-1024:]
-        return result
-
-    def complete(self) -> bool:
-        """True if what went through ends with the end-of-archive marker."""
-        return len(self._tail) == 1024 and not any(self._tail)
 
 
 @dataclass
@@ -124,7 +105,7 @@ class Executor:
         if step.kind is StepKind.RUN:
             if not self.engine.has_tag(self.layer_tag(step.key)):
                 return f"layer image {self.layer_tag(step.key)[:41]}… is missing from the engine"
-        elif step.kind is StepKind.EXPORT:
+        elif step.kind in (StepKind.EXPORT, StepKind.DIFF):
             blob = self.store.blob(step.key)
             if blob is None:
                 return "export tarball missing or truncated in the cache"
@@ -150,11 +131,19 @@ class Executor:
             return self._run_command(step, parents, base_id)
         if step.kind is StepKind.EXPORT:
             return self._export(step, parents, base_id)
+        if step.kind is StepKind.DIFF:
+            from rfs.run.layerchain import run_diff
+
+            return run_diff(self, step, parents, base_id)
         if step.kind is StepKind.OVERLAYS:
             return {"overlays": len(self.script.overlays)}
         if step.kind is StepKind.ASSEMBLE:
-            return self._assemble(step, parents)
+            return self._assemble(step, parents, base_id)
         return {"image_id": base_id}
+
+    def verified(self, key: str, blob: Blob) -> bool:
+        """Whether `blob` still has its recorded content hash (rehashed once per build)."""
+        return self._verify(key, blob)
 
     def _verify(self, key: str, blob: Blob) -> bool:
         """Whether `blob` still has its recorded content hash (rehashed once per build)."""
@@ -273,7 +262,15 @@ class Executor:
                     self._refused_privilege(step, spec.image, exc)
                 raise
             written = etcfiles.collect(scratch, seeded, written)
-        return {"image_id": image_id, "tag": self.layer_tag(step.key), "etc_written": written}
+        record: dict[str, Any] = {
+            "image_id": image_id,
+            "tag": self.layer_tag(step.key),
+            "etc_written": written,
+        }
+        # What a DIFF step reads: Docker commits a command that changed nothing without a layer.
+        above = len(self.engine.image_layers(image_id))
+        record["new_layer"] = above > len(self.engine.image_layers(spec.image))
+        return record
 
     def _copy_in(self) -> CopySource | None:
         """The `[[copy]]` entries, from the build's snapshot: what was keyed is what lands."""
@@ -315,31 +312,21 @@ class Executor:
 
     def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
         image = self._image_of(parents[step.parents[0]], base_id)
-        # The progress display's total: the image's size, which the tarball differs from by
-        # its headers (a few percent).
-        try:
-            total = self.engine.image_size(image)
-        except EngineError:
-            total = None
-        with self.store.write_blob(step.key) as writer:
-            sink = _TarEnd(writer)
-            self.engine.export(
-                image,
-                sink,
-                labels=self.labels,
-                on_progress=lambda n: self.reporter.progress(step, n, total),
-            )
-            if not sink.complete():
-                # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
-                # boundary; an export without the end-of-archive marker must never be cached.
-                raise EngineError(
-                    f"the export of {image} ended early ({writer.size} bytes, "
-                    "no end-of-archive marker): did the engine stop?"
-                )
-        with contextlib.suppress(OSError):  # the content hash was taken on the way in
-            self._verified[step.key] = file_identity(self.store.root / "blobs" / step.key)
+        size, digest = self.export_image(image, step.key, step)
         written = self._written(parents[step.parents[0]])
-        return {"blob_size": writer.size, "blob_digest": writer.digest, "etc_written": written}
+        return {"blob_size": size, "blob_digest": digest, "etc_written": written}
+
+    def export_image(self, image: str, key: str, step: Step) -> tuple[int, str]:
+        """Stream the export of `image` into the blob of `key` (progress shown on `step`);
+        return its size and content hash."""
+        from rfs.run.exporting import export_into
+
+        size, digest = export_into(
+            self.engine, self.store, image, key, self.labels, self.reporter, step
+        )
+        with contextlib.suppress(OSError):  # the content hash was taken on the way in
+            self._verified[key] = file_identity(self.store.root / "blobs" / key)
+        return size, digest
 
     def _overlay_entries(self) -> list[OverlayEntry]:
         entries: list[OverlayEntry] = []
@@ -398,24 +385,16 @@ class Executor:
             exclude=ex.files.exclude + ex.directories.exclude + removed,
         )
 
-    def _assemble(self, step: Step, parents: dict[str, Step]) -> dict[str, Any]:
+    def _assemble(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
         from rfs.fs.assemble import assemble
         from rfs.fs.image import Options
 
         fs = self.script.filesystem
-        export = next(parents[p] for p in step.parents if parents[p].kind is StepKind.EXPORT)
-        blob = self.store.blob(export.key)
-        if blob is None:
-            raise RfsError("the export tarball vanished from the cache during the build")
-        if not self._verify(export.key, blob):
-            # Checked when planning, so it went bad during this build: too late to export
-            # again here, but the next build will.
-            self.store.drop(export.key)
-            raise RfsError(
-                "the cached export tarball was damaged during the build; it was "
-                "removed, and the next build exports it again"
-            )
-        restore = dict((self.store.record(export.key) or {}).get("etc_written", {}))
+        from rfs.run.layerchain import assembly_source
+
+        made_of = assembly_source(self, step, parents, base_id)
+        blob = made_of.blob
+        restore = made_of.restore
         from rfs.host.childio import child_reads
 
         options = Options(
@@ -428,7 +407,7 @@ class Executor:
             all_root=fs.all_root,
             base_images=BaseImages(
                 self.store,
-                export.key,
+                made_of.key,
                 str(blob.digest),
                 verify=self._verify,
                 no_cache=self.no_cache,
@@ -458,6 +437,7 @@ class Executor:
                 options,
                 restore=restore,
                 warn=lambda text: self.reporter.message(f"rfs: warning: {text}"),
+                layers=made_of.layers,
             )
         written = (
             {}

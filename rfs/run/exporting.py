@@ -1,0 +1,66 @@
+"""Streaming an image's export (a created, never started container) into the store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rfs.errors import EngineError
+from rfs.graph.steps import Step
+from rfs.run.store import Store
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from rfs.engine.base import BinarySink, Engine
+    from rfs.report.reporter import Reporter
+
+
+class _TarEnd:
+    """A sink that passes writes on and keeps the last 1 KiB: a complete tar archive ends with
+    two zero blocks (the end-of-archive marker Docker's and Podman's Go tar writers add)."""
+
+    def __init__(self, sink: BinarySink) -> None:
+        self._sink = sink
+        self._tail = b""
+
+    def write(self, data: bytes, /) -> object:
+        """Write `data` on, remembering the end of the stream."""
+        result = self._sink.write(data)
+        self._tail = (self._tail + bytes(data[-1024:]))[-1024:]
+        return result
+
+    def complete(self) -> bool:
+        """True if what went through ends with the end-of-archive marker."""
+        return len(self._tail) == 1024 and not any(self._tail)
+
+
+def export_into(
+    engine: Engine,
+    store: Store,
+    image: str,
+    key: str,
+    labels: Mapping[str, str],
+    reporter: Reporter,
+    step: Step,
+) -> tuple[int, str]:
+    """Export `image` into the blob of `key`; return its size and content hash. An export
+    cut short is never kept."""
+    # The progress display's total: the image's size, which the tarball differs from by
+    # its headers (a few percent).
+    try:
+        total = engine.image_size(image)
+    except EngineError:
+        total = None
+    with store.write_blob(key) as writer:
+        sink = _TarEnd(writer)
+        engine.export(
+            image, sink, labels=labels, on_progress=lambda n: reporter.progress(step, n, total)
+        )
+        if not sink.complete():
+            # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
+            # boundary; an export without the end-of-archive marker must never be cached.
+            raise EngineError(
+                f"the export of {image} ended early ({writer.size} bytes, "
+                "no end-of-archive marker): did the engine stop?"
+            )
+    return writer.size, writer.digest
