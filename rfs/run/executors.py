@@ -328,6 +328,7 @@ class Executor:
                 sink,
                 labels=self.labels,
                 on_progress=lambda n: self.reporter.progress(step, n, total),
+                platform=self.script.container.platform,
             )
             if not sink.complete():
                 # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
