@@ -6,6 +6,11 @@
 #                                           busybox-static:arm64 (apt-get download; arm64 is a
 #                                           foreign dpkg architecture, scripts/setup-host.sh),
 #                                           loaded with its platform in the image config
+#   rfs-test/debian-arm64:1                 a bootable arm64 Debian: mmdebstrap --arch=arm64
+#                                           --variant=minbase with systemd-sysv and udev (a
+#                                           getty on the serial console), its packages'
+#                                           scripts run under qemu-user-static; loaded with
+#                                           its platform like busybox-arm64 (the arm64 boot test)
 #   docker.io/library/debian:bookworm-slim  stand-in for the official image that
 #                                           examples/debian/build.toml names: mmdebstrap minbase,
 #                                           CMD ["bash"] like the official one
@@ -21,6 +26,8 @@ BUSYBOX_IMAGE=rfs-test/busybox:1
 BUSYBOX_RECIPE=busybox-v1
 ARM64_IMAGE=rfs-test/busybox-arm64:1
 ARM64_RECIPE=busybox-arm64-v1
+DEBIAN_ARM64_IMAGE=rfs-test/debian-arm64:1
+DEBIAN_ARM64_RECIPE=debian-arm64-systemd-v1
 DEBIAN_IMAGE=docker.io/library/debian:bookworm-slim
 DEBIAN_RECIPE=debian-minbase-v1
 SUITE=bookworm
@@ -95,21 +102,31 @@ make_busybox_arm64() {
     busybox_tree "$work/tree" "$work/pkg/bin/busybox"
     tar -C "$work/tree" --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner \
         -cf "$work/layer.tar" .
-    # `docker import --platform` is ignored by Docker 20.10 (the image says amd64): write a
-    # `docker save` tarball whose config names the platform, and load it.
-    python3 - "$work" "$ARM64_IMAGE" "$LABEL=$ARM64_RECIPE" "$(dpkg-deb -f "$deb" Version)" <<'PY'
+    load_arm64 "$work" "$ARM64_IMAGE" "$ARM64_RECIPE" \
+        "rfs base: busybox-static:arm64 $(dpkg-deb -f "$deb" Version)"
+}
+
+# load_arm64 DIR IMAGE RECIPE COMMENT: load DIR/layer.tar into Docker as a linux/arm64/v8 IMAGE.
+# `docker import --platform` is ignored by Docker 20.10 (the image says amd64): write a
+# `docker save` tarball whose config names the platform, and load it.
+load_arm64() {
+    local work=$1
+    python3 - "$work" "$2" "$LABEL=$3" "$4" <<'PY'
 import hashlib, json, sys, tarfile
-work, image, label, version = sys.argv[1:5]
+work, image, label, comment = sys.argv[1:5]
 key, value = label.split("=", 1)
+digest = hashlib.sha256()
 with open(f"{work}/layer.tar", "rb") as f:
-    diff_id = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+diff_id = "sha256:" + digest.hexdigest()
 config = json.dumps({
     "architecture": "arm64", "variant": "v8", "os": "linux",
     "created": "2024-01-01T00:00:00Z",
     "config": {"Labels": {key: value}},
     "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     "history": [{"created": "2024-01-01T00:00:00Z",
-                 "comment": f"rfs base: busybox-static:arm64 {version}"}],
+                 "comment": comment}],
 }, sort_keys=True).encode()
 name = hashlib.sha256(config).hexdigest() + ".json"
 manifest = json.dumps([{"Config": name, "RepoTags": [image], "Layers": ["layer.tar"]}]).encode()
@@ -123,6 +140,20 @@ with tarfile.open(f"{work}/image.tar", "w") as out:
     out.add(f"{work}/layer.tar", arcname="layer.tar")
 PY
     "$DOCKER" load -q -i "$work/image.tar" >/dev/null
+}
+
+make_debian_arm64() {
+    local work
+    command -v mmdebstrap >/dev/null || { log "missing mmdebstrap (scripts/setup-host.sh)"; exit 1; }
+    [ "$(head -n1 /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null)" = enabled ] \
+        || { log "no aarch64 binfmt handler: run scripts/setup-host.sh"; exit 1; }
+    work=$(mktemp -d /tmp/rfs-debian-arm64.XXXXXX)
+    CLEANUP+=("$work")
+    # udev: without it systemd sees no /dev/ttyAMA0 device and the serial getty never starts.
+    mmdebstrap --quiet --arch=arm64 --variant=minbase --include=systemd-sysv,udev \
+        "$SUITE" "$work/layer.tar"
+    load_arm64 "$work" "$DEBIAN_ARM64_IMAGE" "$DEBIAN_ARM64_RECIPE" \
+        "rfs base: mmdebstrap --arch=arm64 --variant=minbase --include=systemd-sysv,udev $SUITE"
 }
 
 make_debian() {
@@ -162,11 +193,13 @@ to_podman() {  # to_podman IMAGE: make podman hold the same image (same ID) as d
 
 build "$BUSYBOX_IMAGE" "$BUSYBOX_RECIPE" 0 make_busybox
 build "$ARM64_IMAGE" "$ARM64_RECIPE" 0 make_busybox_arm64
+build "$DEBIAN_ARM64_IMAGE" "$DEBIAN_ARM64_RECIPE" 0 make_debian_arm64
 build "$DEBIAN_IMAGE" "$DEBIAN_RECIPE" 1 make_debian
 if command -v podman >/dev/null; then
     to_podman "$BUSYBOX_IMAGE"
     to_podman "$ARM64_IMAGE"
+    to_podman "$DEBIAN_ARM64_IMAGE"
     to_podman "$DEBIAN_IMAGE"
 fi
 "$DOCKER" images --format '{{.Repository}}:{{.Tag}} {{.ID}} {{.Size}}' |
-    grep -E '^(rfs-test/busybox:1|rfs-test/busybox-arm64:1|debian:bookworm-slim) ' >&2 || true
+    grep -E '^(rfs-test/busybox:1|rfs-test/busybox-arm64:1|rfs-test/debian-arm64:1|debian:bookworm-slim) ' >&2 || true

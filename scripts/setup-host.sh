@@ -3,6 +3,8 @@
 #   - Debian packages: Docker, Podman, busybox-static, mmdebstrap, e2fsprogs >= 1.47.1 (backports)
 #   - arm64 emulation: qemu-user-static and binfmt-support, binfmt_misc mounted, the aarch64
 #     handler registered; arm64 as a foreign dpkg architecture (the arm64 test base's package)
+#   - arm64 boots: qemu-system-arm (qemu-system-aarch64) and Debian's linux-image-cloud-arm64
+#     kernel with an initrd in /var/cache/rfs/boot/arm64 (scripts/arm64-kernel.sh)
 #   - /etc/containers/containers.conf for Podman (only if missing)
 #   - dockerd and the Podman API socket, started in the background if not answering
 #   - rfs, editable with its dev extras, in a venv made from Debian's own /usr/bin/python3
@@ -38,6 +40,9 @@ PACKAGES=(docker.io podman busybox-static mmdebstrap squashfs-tools-ng ca-certif
 # and QEMU with Debian's cloud kernel for `rfs boot` and the boot test.
 PACKAGES+=(btrfs-progs xfsprogs squashfs-tools erofs-utils dosfstools mtools fakeroot)
 PACKAGES+=(qemu-system-x86 linux-image-cloud-amd64)
+# `rfs boot` of arm64 images: qemu-system-aarch64 (its kernel: scripts/arm64-kernel.sh, below;
+# cpio makes that kernel's initrd).
+PACKAGES+=(qemu-system-arm cpio)
 # Commands of other architectures (container.platform = "linux/arm64") run under QEMU's user
 # mode emulation, registered with binfmt_misc (the F flag: it works inside containers).
 PACKAGES+=(qemu-user-static binfmt-support)
@@ -122,6 +127,11 @@ else
     aarch64_enabled || cat /usr/lib/binfmt.d/qemu-aarch64.conf > "$BINFMT/register"
     aarch64_enabled || die "the aarch64 binfmt handler is not registered ($BINFMT/qemu-aarch64)"
 fi
+
+# --- the arm64 kernel of `rfs boot` --------------------------------------------------------------
+# Debian's linux-image-cloud-arm64, downloaded (never installed: this is not an arm64 host) with
+# an initrd for its virtio_blk module; nothing is done when the current version is there.
+bash "$ROOT/scripts/arm64-kernel.sh"
 
 # --- Podman configuration ----------------------------------------------------------------------
 if [ ! -e /etc/containers/containers.conf ]; then

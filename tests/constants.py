@@ -20,3 +20,5 @@ RUN_LABEL_KEY = "org.rfs.test-run"
 TMP_REPO_PREFIX = f"rfs-test-tmp/{RUN_ID}-"
 # The same busybox for linux/arm64/v8 (scripts/make-base-images.sh): runs under emulation.
 BUSYBOX_ARM64 = "rfs-test/busybox-arm64:1"
+# A bootable arm64 Debian (minbase, systemd-sysv, udev) for linux/arm64/v8: the arm64 boot test.
+DEBIAN_ARM64 = "rfs-test/debian-arm64:1"

@@ -15,7 +15,12 @@ def register(sub: Any) -> None:
     """Add the `boot` parser."""
     p = sub.add_parser("boot", help="boot an image under QEMU (serial console)")
     p.add_argument("image", type=Path, help="the image file (ext4, squashfs, erofs, btrfs, xfs)")
-    p.add_argument("--kernel", type=Path, help="kernel to boot (default: newest /boot/vmlinuz-*)")
+    p.add_argument(
+        "--kernel",
+        type=Path,
+        help="kernel to boot (default: the newest vmlinuz-* of /boot, or for arm64 of "
+        "$RFS_ARM64_BOOT_DIR, default /var/cache/rfs/boot/arm64)",
+    )
     p.add_argument(
         "--initrd", type=Path, help="initrd (default: the one next to the default kernel)"
     )
@@ -37,6 +42,13 @@ def register(sub: Any) -> None:
     p.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
     p.add_argument(
+        "--arch",
+        type=_arch,
+        metavar="ARCH",
+        help="the image's architecture: amd64 or arm64 (also x86_64, aarch64, linux/arm64); "
+        "default: the ELF machine of the image's /sbin/init (ext4), else the host's",
+    )
+    p.add_argument(
         "--accel",
         choices=["auto", "kvm", "tcg"],
         default="auto",
@@ -48,6 +60,18 @@ def register(sub: Any) -> None:
         help="let the guest write to the image (default: a throwaway snapshot)",
     )
     p.set_defaults(func=run)
+
+
+def _arch(text: str) -> str:
+    """An --arch value as the machine table names it ("linux/arm64/v8" -> "arm64")."""
+    from rfs.vm.machines import ALIASES, MACHINES
+
+    parts = text.lower().split("/")
+    arch = parts[1] if len(parts) in (2, 3) and parts[0] == "linux" else text.lower()
+    arch = ALIASES.get(arch, arch)
+    if arch not in MACHINES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not amd64 or arm64")
+    return arch
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         append=args.append,
         accel=args.accel,
+        arch=args.arch,
         write=args.write,
     )
 

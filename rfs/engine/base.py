@@ -131,19 +131,23 @@ class Engine(Protocol):
         """ "os/architecture[/variant]" of local image `ref` ("" if the engine does not say)."""
         ...
 
-    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
+    def resolve_base(
+        self, name: str, tag: str, *, pull: bool = False, platform: str | None = None
+    ) -> str:
         """The image ID of base image `name:tag`: local if present, else pulled.
 
         `pull`: ask the registry even when the image is local (`rfs build --pull`), failing
-        with EnvironmentProblem when no registry answers.
+        with EnvironmentProblem when no registry answers. `platform`: pull that platform's
+        image (`container.platform`; a multi-platform tag resolves to it), else the host's.
         Raises EnvironmentProblem quickly when it is neither present nor pullable.
         """
         ...
 
-    def check_base(self, name: str, tag: str) -> None:
+    def check_base(self, name: str, tag: str, platform: str | None = None) -> None:
         """Raise EnvironmentProblem unless `name:tag` is local or a registry has it (rfs check).
 
-        Docker asks the registry without pulling; Podman's API cannot, so it pulls.
+        Docker asks the registry without pulling; Podman's API cannot, so it pulls (for
+        `platform`, as the build would).
         """
         ...
 
@@ -225,10 +229,12 @@ class Engine(Protocol):
         *,
         labels: Mapping[str, str] = EMPTY,
         on_progress: Callable[[int], None] | None = None,
+        platform: str | None = None,
     ) -> None:
         """Stream the flattened filesystem of `image` as a tarball into `dest`.
 
-        `on_progress` receives the running byte count.
+        `on_progress` receives the running byte count. `platform`: the container that is
+        exported is created for it (`container.platform`), as the commands' are.
         """
         ...
 

@@ -140,15 +140,20 @@ class ContainerOps(ApiCaller):
                 host_config=host_config,
                 stop_timeout=spec.stop_timeout_s,
             )
-            # The SDK's create_container would add proxy variables from ~/.docker/config.json
-            # (an input no cache key sees) and refuses `platform` below API 1.41, which the
-            # client does not pin: the create request itself is the 1.41 one when a platform
-            # is asked for (Docker 20.10 then refuses an image of another platform; Podman 4.3
-            # takes the parameter and uses the image's).
-            version = "1.41" if spec.platform else self._api.api_version
-            params = {"platform": spec.platform} if spec.platform else None
-            url = f"{self._api.base_url}/v{version}/containers/create"
-            created = self._api._result(self._api._post_json(url, data=config, params=params), True)
+            return self._post_create(config, spec.platform)
+
+    def _post_create(self, config: dict[str, Any], platform: str | None) -> str:
+        """Create a container of `config` for `platform` (None: the image's); its ID.
+
+        The SDK's create_container would add proxy variables from ~/.docker/config.json (an
+        input no cache key sees) and refuses `platform` below API 1.41, which the client does
+        not pin: the create request itself is the 1.41 one when a platform is asked for
+        (Docker 20.10 then refuses an image of another platform; Podman 4.3 takes the
+        parameter and uses the image's)."""
+        version = "1.41" if platform else self._api.api_version
+        params = {"platform": platform} if platform else None
+        url = f"{self._api.base_url}/v{version}/containers/create"
+        created = self._api._result(self._api._post_json(url, data=config, params=params), True)
         return str(created["Id"])
 
     def _copy_in(self, cid: str, source: CopySource, step: str) -> None:

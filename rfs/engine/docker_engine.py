@@ -326,22 +326,23 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
         *,
         labels: Mapping[str, str] = EMPTY,
         on_progress: Callable[[int], None] | None = None,
+        platform: str | None = None,
     ) -> None:
         """Stream the flattened filesystem of `image` as a tarball into `dest`.
 
-        The tarball comes from a created, never-started container, in 1 MiB chunks; memory
-        use does not grow with the image. `on_progress` receives the running byte count.
+        The tarball comes from a created, never-started container (created for `platform`,
+        as the commands' containers are), in 1 MiB chunks; memory use does not grow with the
+        image. `on_progress` receives the running byte count.
         """
         with self._calling(f"create a container to export {image}"):
-            created = self._api.create_container(
+            config = self._api.create_container_config(
                 image,
                 command=_EXPORT_ARGV,
                 entrypoint=[],
                 labels={**labels, MANAGED_LABEL: "1"},
                 host_config=self._api.create_host_config(network_mode="none"),
-                use_config_proxy=False,
             )
-        cid = str(created["Id"])
+            cid = self._post_create(config, platform)
         try:
             self._drain(
                 lambda: self._api.export(cid, chunk_size=_EXPORT_CHUNK),

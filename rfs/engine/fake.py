@@ -78,6 +78,8 @@ class FakeEngine:
         self.kept: dict[str, dict[str, str]] = {}
         self.calls: list[str] = []
         self.build_platforms: list[str | None] = []  # the platform each build asked for
+        self.export_platforms: list[str | None] = []  # the platform each export asked for
+        self.pull_platforms: list[str | None] = []  # the platform each --pull asked for
         self._containers = 0
 
     # -- test set-up -------------------------------------------------------------------------
@@ -152,10 +154,14 @@ class FakeEngine:
         """The platform given at construction."""
         return self._platform if self._resolve(ref) is not None else ""
 
-    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
-        """The local image `name:tag`; there is no registry to pull from."""
+    def resolve_base(
+        self, name: str, tag: str, *, pull: bool = False, platform: str | None = None
+    ) -> str:
+        """The local image `name:tag`; there is no registry to pull from (a --pull fails, its
+        `platform` recorded in `pull_platforms`)."""
         self.calls.append("resolve_base")
         if pull:
+            self.pull_platforms.append(platform)
             raise EnvironmentProblem(
                 f"--pull: cannot look up base image {name}:{tag} in its "
                 "registry: the fake engine has none",
@@ -169,7 +175,7 @@ class FakeEngine:
             )
         return found
 
-    def check_base(self, name: str, tag: str) -> None:
+    def check_base(self, name: str, tag: str, platform: str | None = None) -> None:
         """Refuse a base image the fake does not have."""
         self.resolve_base(name, tag)
 
@@ -337,9 +343,12 @@ class FakeEngine:
         *,
         labels: Mapping[str, str] = EMPTY,
         on_progress: Callable[[int], None] | None = None,
+        platform: str | None = None,
     ) -> None:
-        """Stream the files of `image` as one tarball, with tar's end-of-archive marker."""
+        """Stream the files of `image` as one tarball, with tar's end-of-archive marker (the
+        fake has one platform: `platform` is only recorded in `export_platforms`)."""
         self.calls.append("export")
+        self.export_platforms.append(platform)
         data = layer_tar(dict(self._image(image).tree))
         dest.write(data)
         if on_progress is not None:

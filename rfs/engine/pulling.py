@@ -36,8 +36,11 @@ class PullOps(ApiCaller):
                 return None
         return info
 
-    def resolve_base(self, name: str, tag: str, *, pull: bool = False) -> str:
-        """The image ID of base image `name:tag`: local if present, else pulled.
+    def resolve_base(
+        self, name: str, tag: str, *, pull: bool = False, platform: str | None = None
+    ) -> str:
+        """The image ID of base image `name:tag`: local if present, else pulled (for
+        `platform` when given: a multi-platform tag resolves to that platform's image).
 
         `pull` asks the registry even when the image is local (`rfs build --pull`).
         Fails within `pull_timeout_s` of silence from the engine when no registry answers.
@@ -45,7 +48,7 @@ class PullOps(ApiCaller):
         ref = f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
         if pull:
             try:
-                self._pull(name, tag, ref)
+                self._pull(name, tag, ref, platform)
             except EngineError as exc:
                 raise EnvironmentProblem(
                     f"--pull: cannot look up base image {ref} in its registry: {exc.message}",
@@ -56,7 +59,7 @@ class PullOps(ApiCaller):
             return found
         log.info("base image %s is not present locally; pulling it", ref)
         try:
-            self._pull(name, tag, ref)
+            self._pull(name, tag, ref, platform)
             found = self.image_id(ref)
             if found is None:
                 raise _PullFailed("the engine reported success but does not have the image")
@@ -67,7 +70,7 @@ class PullOps(ApiCaller):
             ) from exc
         return found
 
-    def _pull(self, name: str, tag: str, ref: str) -> None:
+    def _pull(self, name: str, tag: str, ref: str, platform: str | None = None) -> None:
         # The SDK's pull() sends timeout=None, so a registry that never answers would hang the
         # build; this is the same request with a read timeout between progress messages.
         with self._calling(f"pull {ref}"):
@@ -75,6 +78,8 @@ class PullOps(ApiCaller):
             header = docker.auth.get_config_header(self._api, registry)
             url = f"{self._api.base_url}/v{self._api.api_version}/images/create"
             params = {"fromImage": name, "tag": tag}
+            if platform:  # /images/create takes it since API 1.32, Podman's compat API too
+                params["platform"] = platform
             try:
                 resp = self._api.post(
                     url,
@@ -99,7 +104,7 @@ class PullOps(ApiCaller):
                     f"no progress for {self._pull_timeout_s:g} s (is a registry reachable?)"
                 ) from exc
 
-    def check_base(self, name: str, tag: str) -> None:
+    def check_base(self, name: str, tag: str, platform: str | None = None) -> None:
         """Raise EnvironmentProblem unless `name:tag` is local or a registry has it (rfs check).
 
         Docker answers from the registry's manifest without pulling; Podman's compat API has no
@@ -109,7 +114,7 @@ class PullOps(ApiCaller):
         if self.image_id(ref) is not None:
             return
         if self.name == "podman":
-            self.resolve_base(name, tag)
+            self.resolve_base(name, tag, platform=platform)
             return
         try:
             with self._calling(f"ask a registry for {ref}"):

@@ -28,6 +28,15 @@ _E_MACHINE = {
 _HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armv7l": "arm"}
 
 
+def elf_architecture(header: bytes) -> str | None:
+    """The architecture ("arm64") of an ELF file whose first 20 bytes are `header`, None when
+    it is no ELF file or of a machine rfs does not name."""
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    e_machine = header[18:20].hex()
+    return next((arch for arch, known in _E_MACHINE.items() if known == e_machine), None)
+
+
 def host_architecture() -> str:
     """This host's architecture as engines name it ("amd64", "arm64")."""
     machine = _platform.machine()

@@ -85,7 +85,7 @@ def _from_image_by_client(
     if pull:
         name, tag = split_ref(ref)
         try:
-            image_id = engine.resolve_base(name, tag, pull=True)
+            image_id = engine.resolve_base(name, tag, pull=True, platform=script.container.platform)
         except EnvironmentProblem as exc:
             raise EnvironmentProblem(
                 f"container.dockerfile ({script.container.dockerfile}): FROM image {ref}: "
@@ -187,8 +187,10 @@ def resolve_base(
     if c.archive is None:
         assert c.image is not None  # the schema requires one of them
         if c.image.digest is not None:
-            return _resolve_pinned(engine, c.image.name, c.image.digest, pull=pull)
-        return engine.resolve_base(c.image.name, c.image.tag, pull=pull)
+            return _resolve_pinned(
+                engine, c.image.name, c.image.digest, pull=pull, platform=c.platform
+            )
+        return engine.resolve_base(c.image.name, c.image.tag, pull=pull, platform=c.platform)
     from rfs.script.basearchive import inspect_base_archive
 
     tag = f"{BASE_REPO}:{digests[c.archive]}"
@@ -263,7 +265,9 @@ def _build_dockerfile(
         )
 
 
-def _resolve_pinned(engine: Engine, name: str, digest: str, *, pull: bool) -> str:
+def _resolve_pinned(
+    engine: Engine, name: str, digest: str, *, pull: bool, platform: str | None
+) -> str:
     """The image `container.image` pins: a local one whose repo digests hold `name@digest`
     (pulled images), or whose ID is `digest` (images made locally have no repo digests);
     else pulled as `name@digest`, which the registry serves only with that content."""
@@ -274,7 +278,7 @@ def _resolve_pinned(engine: Engine, name: str, digest: str, *, pull: bool) -> st
         if engine.image_id(digest) == digest:
             return digest
     try:
-        return engine.resolve_base(name, digest, pull=pull)
+        return engine.resolve_base(name, digest, pull=pull, platform=platform)
     except EnvironmentProblem as exc:
         raise EnvironmentProblem(
             f"container.image.digest: no image {name}@{digest}: none in the {engine.name} "

@@ -111,7 +111,7 @@ def engine_problems(script: BuildScript, file: str = "") -> list[Problem]:
     if c.image is None or not c.image.name or not c.image.tag:
         return problems  # the archive form, or an image the schema already reported
     try:
-        engine.check_base(c.image.name, c.image.tag)
+        engine.check_base(c.image.name, c.image.tag, c.platform)
     except RfsError as exc:
         problems.append(Problem("container.image", exc.message, file))
         return problems

@@ -322,7 +322,14 @@ class Executor:
         from rfs.run.exporting import export_into
 
         size, digest = export_into(
-            self.engine, self.store, image, key, self.labels, self.reporter, step
+            self.engine,
+            self.store,
+            image,
+            key,
+            self.labels,
+            self.reporter,
+            step,
+            platform=self.script.container.platform,
         )
         with contextlib.suppress(OSError):  # the content hash was taken on the way in
             self._verified[key] = file_identity(self.store.root / "blobs" / key)

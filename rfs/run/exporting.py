@@ -42,6 +42,8 @@ def export_into(
     labels: Mapping[str, str],
     reporter: Reporter,
     step: Step,
+    *,
+    platform: str | None = None,
 ) -> tuple[int, str]:
     """Export `image` into the blob of `key`; return its size and content hash. An export
     cut short is never kept."""
@@ -54,7 +56,11 @@ def export_into(
     with store.write_blob(key) as writer:
         sink = _TarEnd(writer)
         engine.export(
-            image, sink, labels=labels, on_progress=lambda n: reporter.progress(step, n, total)
+            image,
+            sink,
+            labels=labels,
+            on_progress=lambda n: reporter.progress(step, n, total),
+            platform=platform,
         )
         if not sink.complete():
             # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk

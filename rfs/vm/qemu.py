@@ -1,12 +1,15 @@
 """Boot an image under QEMU with its serial console on this terminal, or as a check that waits
 for a line of the console (`expect`).
 
-The kernel comes from the command line or the newest /boot/vmlinuz-*, with its initrd (Debian's
-cloud kernel loads virtio_blk from it). KVM is used when /dev/kvm works, which a short probe
-decides: on some hosts (nested virtualisation) KVM guests hang after the first kernel lines, so
-the probe boots the kernel without a disk and waits for it to reach the point where it looks for
-its root filesystem; otherwise QEMU emulates the CPU (TCG, `-cpu max`), which boots a systemd
-Debian image in about 20 s. The image is attached as a snapshot unless `write` is set, so a
+The image's architecture (`--arch`, else its /sbin/init's: `rfs.vm.machines`) picks the QEMU
+machine. The kernel comes from the command line or the newest vmlinuz-* of that machine's boot
+directory (/boot for amd64), with its initrd (Debian's cloud kernel loads virtio_blk from it).
+A guest of another architecture than the host's is always emulated (TCG). Otherwise KVM is used
+when /dev/kvm works, which a short probe decides: on some hosts (nested virtualisation) KVM
+guests hang after the first kernel lines, so the probe boots the kernel without a disk and waits
+for it to reach the point where it looks for its root filesystem; otherwise QEMU emulates the
+CPU (TCG, `-cpu max`), which boots a systemd Debian image in about 20 s (an arm64 one in about
+40 s). The image is attached as a snapshot unless `write` is set, so a
 check never changes the build's output (nor the cache's record of it). The VM is always killed.
 """
 
@@ -25,6 +28,8 @@ from pathlib import Path
 
 from rfs.errors import EnvironmentProblem, RfsError, UsageError
 from rfs.host import proc
+from rfs.host.emulation import host_architecture
+from rfs.vm.machines import Machine, default_arch, machine_for
 
 KVM_PROBE_S = 15.0
 # What a kernel without a root disk prints once its early boot is done (the probe's goal).
@@ -57,18 +62,21 @@ class BootSpec:
     cpus: int = 1
     append: str = ""  # extra kernel command line
     accel: str = "auto"  # "auto", "kvm" or "tcg"
+    arch: str | None = None  # "amd64", "arm64"; None: the image's (rfs.vm.machines)
     write: bool = False  # write to the image (else a snapshot)
     extra_qemu: list[str] = field(default_factory=list)
 
 
-def find_kernel(boot_dir: Path = Path("/boot")) -> tuple[Path, Path | None]:
-    """The newest vmlinuz under `boot_dir` and its initrd (None when there is none)."""
+def find_kernel(
+    boot_dir: Path = Path("/boot"), get_one: str = "apt-get install linux-image-cloud-amd64"
+) -> tuple[Path, Path | None]:
+    """The newest vmlinuz under `boot_dir` and its initrd (None when there is none); `get_one`
+    says how to get one when there is none."""
     kernels = sorted(boot_dir.glob("vmlinuz-*"), key=lambda p: _version_key(p.name[8:]))
     if not kernels:
         raise EnvironmentProblem(
             f"no kernel given and none found in {boot_dir}",
-            hint="pass --kernel VMLINUZ (and --initrd), or install one: apt-get install "
-            "linux-image-cloud-amd64",
+            hint=f"pass --kernel VMLINUZ (and --initrd), or {get_one}",
         )
     kernel = kernels[-1]
     version = kernel.name[len("vmlinuz-") :]
@@ -97,16 +105,18 @@ def image_type(image: Path) -> tuple[str, bool]:
     )
 
 
-def kvm_usable(kernel: Path, initrd: Path | None, timeout_s: float = KVM_PROBE_S) -> bool:
+def kvm_usable(
+    machine: Machine, kernel: Path, initrd: Path | None, timeout_s: float = KVM_PROBE_S
+) -> bool:
     """True when a KVM guest gets through early boot here (see the module doc)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if machine.arch != host_architecture() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     argv = [
-        *_qemu_base("kvm", 256, 1),
+        *_qemu_base(machine, "kvm", 256, 1),
         "-kernel",
         str(kernel),
         "-append",
-        "console=ttyS0 panic=-1 root=/dev/nonexistent",
+        f"console={machine.console} panic=-1 root=/dev/nonexistent",
     ]
     if initrd is not None:
         argv += ["-initrd", str(initrd)]
@@ -114,10 +124,11 @@ def kvm_usable(kernel: Path, initrd: Path | None, timeout_s: float = KVM_PROBE_S
     return found
 
 
-def _qemu_base(accel: str, memory_mib: int, cpus: int) -> list[str]:
+def _qemu_base(machine: Machine, accel: str, memory_mib: int, cpus: int) -> list[str]:
     cpu = "host" if accel == "kvm" else "max"
     return [
-        proc.tool_path("qemu-system-x86_64"),
+        machine.qemu_path(),
+        *machine.machine_args(accel),
         "-accel",
         accel,
         "-cpu",
@@ -137,11 +148,15 @@ def _qemu_base(accel: str, memory_mib: int, cpus: int) -> list[str]:
     ]
 
 
-def qemu_argv(spec: BootSpec, accel: str, kernel: Path, initrd: Path | None) -> list[str]:
-    """The QEMU command line that boots `spec` with `accel` ("kvm" or "tcg")."""
+def qemu_argv(
+    spec: BootSpec, accel: str, kernel: Path, initrd: Path | None, machine: Machine | None = None
+) -> list[str]:
+    """The QEMU command line that boots `spec` with `accel` ("kvm" or "tcg") on `machine`
+    (default: the one of `spec.arch`, else amd64)."""
+    machine = machine or machine_for(spec.arch or "amd64")
     fs_name, writable = image_type(spec.image)
     mode = "rw" if writable else "ro"
-    cmdline = f"root=/dev/vda {mode} rootfstype={fs_name} console=ttyS0 panic=-1"
+    cmdline = f"root=/dev/vda {mode} rootfstype={fs_name} console={machine.console} panic=-1"
     if spec.append:
         cmdline += " " + spec.append
     drive = f"file={spec.image},format=raw,if=virtio"
@@ -149,7 +164,7 @@ def qemu_argv(spec: BootSpec, accel: str, kernel: Path, initrd: Path | None) -> 
         drive += ",snapshot=on"
     elif not writable:
         drive += ",readonly=on"
-    argv = _qemu_base(accel, spec.memory_mib, spec.cpus)
+    argv = _qemu_base(machine, accel, spec.memory_mib, spec.cpus)
     argv += ["-kernel", str(kernel), "-append", cmdline, "-drive", drive]
     if initrd is not None:
         argv += ["-initrd", str(initrd)]
@@ -157,12 +172,26 @@ def qemu_argv(spec: BootSpec, accel: str, kernel: Path, initrd: Path | None) -> 
 
 
 def choose_accel(
-    spec: BootSpec, kernel: Path, initrd: Path | None, log: Callable[[str], None]
+    spec: BootSpec,
+    machine: Machine,
+    kernel: Path,
+    initrd: Path | None,
+    log: Callable[[str], None],
 ) -> str:
-    """ "kvm" or "tcg", as asked, or (auto) by probing KVM."""
+    """ "kvm" or "tcg", as asked, or (auto) by probing KVM; always "tcg" for a guest of
+    another architecture than the host's."""
+    foreign = machine.arch != host_architecture()
+    if spec.accel == "kvm" and foreign:
+        raise UsageError(
+            f"--accel kvm: KVM cannot run an {machine.arch} guest on this "
+            f"{host_architecture()} host (use --accel tcg or auto)"
+        )
     if spec.accel in ("kvm", "tcg"):
         return spec.accel
-    if kvm_usable(kernel, initrd):
+    if foreign:
+        log(f"rfs: emulating the {machine.arch} CPU (TCG), which is slower")
+        return "tcg"
+    if kvm_usable(machine, kernel, initrd):
         return "kvm"
     log("rfs: KVM is missing or hangs here: emulating the CPU (TCG), which is slower")
     return "tcg"
@@ -181,17 +210,24 @@ def boot(
     Without it, attach QEMU to this terminal until the guest powers off."""
     if not spec.image.is_file():
         raise UsageError(f"no image at {spec.image}")
+    if spec.arch is not None:
+        machine = machine_for(spec.arch)
+    else:
+        arch, source = default_arch(spec.image, image_type(spec.image)[0])
+        machine = machine_for(arch)
+        log(f"rfs: booting as {machine.arch} ({source}; --arch to choose)")
+    machine.qemu_path()  # missing QEMU: say so before looking for a kernel
     kernel, initrd = spec.kernel, spec.initrd
     if kernel is None:
-        kernel, found_initrd = find_kernel()
+        kernel, found_initrd = find_kernel(machine.boot_dir, machine.kernel_hint)
         initrd = initrd or found_initrd
     for path in (kernel, initrd):
         if path is not None and not os.access(path, os.R_OK):
             raise EnvironmentProblem(
                 f"cannot read {path}", hint="Debian's /boot/vmlinuz-* are readable by root only"
             )
-    accel = choose_accel(spec, kernel, initrd, log)
-    argv = qemu_argv(spec, accel, kernel, initrd)
+    accel = choose_accel(spec, machine, kernel, initrd, log)
+    argv = qemu_argv(spec, accel, kernel, initrd, machine)
     log(f"rfs: booting {spec.image} with {kernel.name} ({accel})")
     if expect is None:
         process = proc.popen(argv, stdin=None, stdout=None, stderr=None)

@@ -8,6 +8,7 @@ the other finds nothing cached. A base of another platform than the one asked fo
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,10 +30,11 @@ pytestmark = pytest.mark.integration
 
 EM_AARCH64 = 183  # the ELF e_machine of aarch64
 RECORD = "#!/bin/sh\\nuname -m > /etc/arch\\n"
+ARM64_VARIANT = {"variant": "v8"}
 
 
 def build_toml(engine_toml: str, image: str, platform: str | None) -> str:
-    name, tag = image.split(":")
+    name, tag = image.rsplit(":", 1)
     field = f'platform = "{platform}"\n' if platform else ""
     return (
         f"[filesystem]\nsize_mib = 16\n[container]\n{engine_toml}"
@@ -106,9 +108,10 @@ def test_an_arm64_package_builds_on_this_amd64_host(
     built = rfs("build", through, "-o", out)
     assert built.code == 0, built.err
     creates = [p for m, p, _ in proxy.requests() if m == "POST" and "/containers/create" in p]
-    # The command's container is created for the platform (the export's, never started, is
-    # created from the last layer as any other).
-    assert sum("platform=linux%2Farm64" in p for p in creates) == 1, creates
+    # The command's container is created for the platform, and so is the export's (never
+    # started, created from the last layer).
+    assert sum("platform=linux%2Farm64" in p for p in creates) == 2, creates
+    assert len(creates) == 2, creates
     built = rfs("build", pkg, "-o", out)
     assert built.code == 0, built.err
     arch = read_ext4_file(out, list_ext4(out)["/etc/arch"].inode)
@@ -166,3 +169,72 @@ def test_an_arm64_dockerfile_base_is_built_for_arm64(
     entries = list_ext4(out)
     assert read_ext4_file(out, entries["/etc/built-on"].inode) == b"aarch64\n"  # RUN
     assert read_ext4_file(out, entries["/etc/arch"].inode) == b"aarch64\n"  # [[commands]]
+
+
+MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+def test_pull_fetches_the_platforms_image_of_a_multi_platform_tag(
+    tmp_path: Path, docker_client: Any
+) -> None:
+    """`rfs build --pull` on Docker asks for the build's platform: a tag of a local registry
+    that names an amd64 and an arm64 image (a manifest list, as Docker Hub's are) gives the
+    arm64 one. Without the platform, Docker pulls the host's (amd64) and the build is refused
+    as of another platform. (Podman's compat API takes the same `platform` parameter; it pulls
+    from no registry over plain HTTP unless registries.conf says it may, so it is not run
+    here.)"""
+    import requests
+
+    from tests.cacheservers import ServerMissing, start_registry
+
+    if host_architecture() != "amd64":
+        pytest.skip("written for an amd64 host")
+    if cannot_run("arm64") is not None:
+        require_or_skip("no arm64 emulation: run scripts/setup-host.sh")
+    try:
+        registry = start_registry()
+    except ServerMissing as exc:
+        require_or_skip(str(exc))
+    name = "rfs-platform-pull"
+    repo = f"127.0.0.1:{registry.port}/{name}"
+    base_url = f"http://127.0.0.1:{registry.port}/v2/{name}/manifests"
+    runner = Rfs(tmp_path / "cache", timeout_s=600)
+    try:
+        entries = []
+        for source, tag, arch in [(BUSYBOX, "amd64", {}), (BUSYBOX_ARM64, "arm64", ARM64_VARIANT)]:
+            docker_client.images.get(source).tag(repo, tag)
+            for line in docker_client.api.push(repo, tag, stream=True, decode=True):
+                assert "error" not in line, line
+            docker_client.images.remove(f"{repo}:{tag}")
+            got = requests.get(f"{base_url}/{tag}", headers={"Accept": MANIFEST}, timeout=30)
+            got.raise_for_status()
+            platform = {"os": "linux", "architecture": tag, **arch}
+            digest = got.headers["Docker-Content-Digest"]
+            entries.append(
+                {
+                    "mediaType": MANIFEST,
+                    "digest": digest,
+                    "size": len(got.content),
+                    "platform": platform,
+                }
+            )
+        body = {"schemaVersion": 2, "mediaType": MANIFEST_LIST, "manifests": entries}
+        put = requests.put(
+            f"{base_url}/multi", json=body, headers={"Content-Type": MANIFEST_LIST}, timeout=30
+        )
+        put.raise_for_status()
+        pkg = write_package(
+            tmp_path / "pkg", build_toml('engine = "Docker"\n', f"{repo}:multi", "linux/arm64")
+        )
+        out = tmp_path / "pulled.ext4"
+        built = runner("build", pkg, "-o", out, "--pull")
+        assert built.code == 0, built.err
+        assert read_ext4_file(out, list_ext4(out)["/etc/arch"].inode) == b"aarch64\n"
+        assert elf_machine(out, "/bin/busybox") == EM_AARCH64
+    finally:
+        for tag in ("amd64", "arm64", "multi"):
+            with contextlib.suppress(Exception):
+                docker_client.images.remove(f"{repo}:{tag}", force=True)
+        registry.stop()
+        runner("cache", "clear")

@@ -288,3 +288,15 @@ def test_pack_and_unpack_round_trip(cli: Cli, tmp_path: Path) -> None:
 def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == UsageError.exit_code
     assert "usage: rfs" in capsys.readouterr().err
+
+
+def test_boot_arch_takes_names_and_platforms(capsys: pytest.CaptureFixture[str]) -> None:
+    from rfs.commands import make_parser
+
+    parser = make_parser()
+    for given, arch in [("aarch64", "arm64"), ("linux/arm64/v8", "arm64"), ("AMD64", "amd64")]:
+        assert parser.parse_args(["boot", "x.ext4", "--arch", given]).arch == arch
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["boot", "x.ext4", "--arch", "linux/riscv64"])
+    assert caught.value.code == EXIT_BAD_INPUT
+    assert "'linux/riscv64' is not amd64 or arm64" in capsys.readouterr().err

@@ -13,8 +13,9 @@ import pytest
 import rfs.host.emulation
 from rfs.engine.fake import FakeEngine
 from rfs.errors import EnvironmentProblem, ScriptError, UsageError
+from rfs.host import signals
 from rfs.host.emulation import cannot_run, host_architecture
-from rfs.pipeline.build import Options, Planned, prepare
+from rfs.pipeline.build import Options, Planned, execute, prepare
 from rfs.report.reporter import Reporter
 from rfs.run.checks import platform_problems
 from rfs.script.package import load
@@ -59,9 +60,20 @@ def package(root: Path, platform: str | None, *, dockerfile: bool = False) -> Pa
     return pkg
 
 
-def plan(tmp_path: Path, engine: FakeEngine, pkg: Path, platform: str | None = None) -> Planned:
+def plan(
+    tmp_path: Path,
+    engine: FakeEngine,
+    pkg: Path,
+    platform: str | None = None,
+    *,
+    pull: bool = False,
+) -> Planned:
     opts = Options(
-        package=pkg, output=tmp_path / "o.ext4", cache_dir=tmp_path / "cache", platform=platform
+        package=pkg,
+        output=tmp_path / "o.ext4",
+        cache_dir=tmp_path / "cache",
+        platform=platform,
+        pull=pull,
     )
     planned = prepare(opts, Reporter(), engine_factory=lambda script: engine)
     planned.store.close()
@@ -144,6 +156,30 @@ def test_a_dockerfile_is_built_for_the_platform_and_keyed_by_it(tmp_path: Path) 
     assert engine.build_platforms == ["linux/arm64"]
     base = next(s for s in planned.steps if s.id == "base")
     assert base.inputs["platform"] == "linux/arm64" and base.inputs["asked_platform"]
+
+
+def test_the_export_container_is_created_for_the_platform(tmp_path: Path) -> None:
+    engine = engine_of("linux/arm64")
+    opts = Options(
+        package=package(tmp_path, "linux/arm64"),
+        output=tmp_path / "o.ext4",
+        cache_dir=tmp_path / "cache",
+    )
+    with signals.handled():
+        planned = prepare(opts, Reporter(), engine_factory=lambda script: engine)
+        try:
+            execute(planned, Reporter())
+        finally:
+            planned.store.close()
+    assert engine.export_platforms == ["linux/arm64"]
+    assert (tmp_path / "o.ext4").is_file()
+
+
+def test_pull_asks_the_registry_for_the_platform(tmp_path: Path) -> None:
+    engine = engine_of("linux/arm64")
+    with pytest.raises(EnvironmentProblem, match="--pull"):
+        plan(tmp_path, engine, package(tmp_path, None), "linux/arm64", pull=True)
+    assert engine.pull_platforms == ["linux/arm64"]
 
 
 def test_a_host_that_cannot_run_the_platform_fails_first(tmp_path: Path, binfmt: Path) -> None:
