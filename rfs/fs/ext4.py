@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import re
 import tempfile
 import uuid
@@ -20,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
-from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, temp_image
-from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats, write_image_stream
+from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, scan, temp_image
+from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats
 from rfs.host import proc
 from rfs.host.hashing import digest_bytes
 
@@ -304,17 +303,10 @@ def _run(
     try:
         return feed(argv, source, mtime=mtime, what="mke2fs", env=env)
     except RfsError as exc:
-        raise _explain(exc, export_tar, selection, overlays, restore, size_mib) from exc
+        raise _explain(exc, source, size_mib) from exc
 
 
-def _explain(
-    exc: RfsError,
-    export_tar: Path,
-    selection: Selection,
-    overlays: Sequence[OverlayEntry],
-    restore: Mapping[str, bytes] | None,
-    size_mib: int,
-) -> RfsError:
+def _explain(exc: RfsError, source: Source, size_mib: int) -> RfsError:
     """Turn a mke2fs failure into the error a person can act on."""
     text = str(exc)
     if "No space left on device" in text:
@@ -325,8 +317,7 @@ def _explain(
         )
     if _TOO_SMALL.search(text) is None:
         return exc
-    with export_tar.open("rb") as src, open(os.devnull, "wb") as sink:
-        stats = write_image_stream(src, selection, overlays, sink, mtime=0, restore=restore)
+    stats = scan(source, 0)
     need = max(required_size_mib(stats), size_mib + 1)
     try:
         check_size("ext4", size_mib, need, stats)

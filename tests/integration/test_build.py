@@ -117,7 +117,17 @@ def test_build_then_noop_then_edits(
 
     first = run("build", package, "-o", out)
     assert first.code == 0, first.err
-    assert first.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
+    # ext4: each command's change is kept (diff[i]), no export of the whole container
+    assert first.ran() == [
+        "run[0]",
+        "diff[0]",
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "overlays",
+        "assemble",
+    ]
     assert "run[0] | first command ran" in first.err
     subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
     tree = list_ext4(out)
@@ -142,7 +152,7 @@ def test_build_then_noop_then_edits(
     (package / "files" / "motd").write_text("edited\n")
     plan = run("plan", package, "-o", out)
     assert "run     overlays" in plan.out and "run     assemble" in plan.out
-    assert "run     run[" not in plan.out and "run     export" not in plan.out
+    assert "run     run[" not in plan.out and "run     diff[" not in plan.out
     edited = run("build", package, "-o", out)
     assert (edited.ran(), edited.created) == (["overlays", "assemble"], 0)
     assert content(out, "/etc/motd") == b"edited\n"
@@ -158,8 +168,8 @@ def test_build_then_noop_then_edits(
     plan = run("plan", package, "-o", out)
     assert "cached  run[0]" in plan.out and "script changed" in plan.out
     second = run("build", package, "-o", out)
-    assert second.ran() == ["run[1]", "run[2]", "export", "assemble"]
-    assert second.created == 3  # two commands and the export
+    assert second.ran() == ["run[1]", "diff[1]", "run[2]", "diff[2]", "assemble"]
+    assert second.created == 2  # the two commands: nothing is exported
     assert content(out, "/srv/data/two") == b"TWO\n"
 
     # another base image reruns everything
@@ -175,7 +185,15 @@ def test_build_then_noop_then_edits(
         "base changed (image changed from rfs-test/busybox:1 to rfs-test-tmp/busybox:v2" in plan.out
     )
     rebased = run("build", package, "-o", out)
-    assert rebased.ran() == ["run[0]", "run[1]", "run[2]", "export", "assemble"]
+    assert rebased.ran() == [
+        "run[0]",
+        "diff[0]",
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "assemble",
+    ]
     assert content(out, "/etc/busybox-v2") == b"v2\n"
 
 
@@ -198,7 +216,7 @@ def test_failing_command_names_step_and_leaves_nothing(
     toml.write_text(toml.read_text().replace('command = "ls /no/such/dir"', 'command = "true"'))
     fixed = rfs("build", package, "-o", out)
     assert fixed.code == 0, fixed.err
-    assert fixed.ran() == ["run[2]", "export", "overlays", "assemble"]
+    assert fixed.ran() == ["run[2]", "diff[2]", "overlays", "assemble"]
 
 
 def test_bad_script_exits_2_with_path(rfs: RunRfs, package: Path, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ command = "mkdir -p /made"
 source = "/files/motd"
 destination = "/etc/motd"
 """
-EVERY_STEP = {"run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"}
+EVERY_STEP = {"run[0]", "run[1]", "run[2]", "diff[0]", "diff[1]", "diff[2]", "overlays", "assemble"}
 
 
 def package(root: Path, image: str = BUSYBOX, extra: str = "", command1: str = "") -> Path:
@@ -76,7 +76,7 @@ def test_no_network_is_in_the_key_and_means_no_network(tmp_path: Path) -> None:
     assert online.code == 0, online.err
     assert "eth0" in read(out, "/net")
     plan = rfs("plan", pkg, "-o", out, "--no-network", "--explain", cache=cache)
-    assert {"run[0]", "run[1]", "run[2]", "export", "assemble"} <= steps_run(plan.out)
+    assert {"run[0]", "run[1]", "run[2]", "diff[2]", "assemble"} <= steps_run(plan.out)
     assert "network changed (True → False)" in plan.out
     offline = rfs("build", pkg, "-o", out, "--no-network", cache=cache)
     assert offline.code == 0, offline.err
@@ -109,7 +109,7 @@ def test_rebuild_runs_that_step_and_every_step_after_it(tmp_path: Path) -> None:
     assert rfs("build", pkg, "-o", out, "--no-network", cache=cache).code == 0
     first = stamp(out)
     plan = rfs("plan", pkg, "-o", out, "--no-network", "--rebuild", "run[1]", cache=cache)
-    assert steps_run(plan.out) == {"run[1]", "run[2]", "export", "assemble"}, plan.out
+    assert steps_run(plan.out) == {"run[1]", "run[2]", "diff[1]", "diff[2]", "assemble"}, plan.out
     assert "why: --rebuild" in plan.out and "run[1] runs again (--rebuild)" in plan.out
     rebuilt = rfs("build", pkg, "-o", out, "--no-network", "--rebuild", "run[1]", cache=cache)
     assert rebuilt.code == 0, rebuilt.err
@@ -132,7 +132,7 @@ def test_a_stale_command_runs_again_with_what_follows(tmp_path: Path) -> None:
     assert plan_runs(pkg, out, cache, "--no-network") == set()
     _age_record(cache, "run", "mkdir", days=2)
     plan = rfs("plan", pkg, "-o", out, "--no-network", cache=cache)
-    assert steps_run(plan.out) == {"run[2]", "export", "assemble"}, plan.out
+    assert steps_run(plan.out) == {"run[2]", "diff[2]", "assemble"}, plan.out
     assert "stale: made 2.0d ago, max_age is 1.0d" in plan.out
     assert rfs("build", pkg, "-o", out, "--no-network", cache=cache).code == 0
     assert stamp(out) == first  # run[1] was not stale
@@ -151,7 +151,7 @@ def test_an_always_run_command_runs_on_every_build(tmp_path: Path) -> None:
     assert rfs("build", pkg, "-o", out, "--no-network", cache=cache).code == 0
     first = stamp(out)
     plan = rfs("plan", pkg, "-o", out, "--no-network", cache=cache)
-    assert steps_run(plan.out) == {"run[1]", "run[2]", "export", "assemble"}, plan.out
+    assert steps_run(plan.out) == {"run[1]", "run[2]", "diff[1]", "diff[2]", "assemble"}, plan.out
     assert "commands[1].no_cache: runs on every build" in plan.out
     assert rfs("build", pkg, "-o", out, "--no-network", cache=cache).code == 0
     assert stamp(out) != first
@@ -195,7 +195,7 @@ def test_pull_takes_a_moved_tag_from_the_registry(tmp_path: Path, docker_client:
         image.tag(repo, "1")  # the local tag back on the old image
         assert plan_runs(pkg, out, cache, "--no-network") == set()
         plan = rfs("plan", pkg, "-o", out, "--no-network", "--pull", "--explain", cache=cache)
-        assert {"run[0]", "export", "assemble"} <= steps_run(plan.out), plan.out
+        assert {"run[0]", "diff[0]", "assemble"} <= steps_run(plan.out), plan.out
         assert f"image {repo}:1 now resolves to a different ID" in plan.out
         assert rfs("build", pkg, "-o", out, "--no-network", "--pull", cache=cache).code == 0
     finally:
@@ -218,14 +218,18 @@ def test_two_caches_on_one_engine_keep_their_own_layers(tmp_path: Path) -> None:
     cleared = rfs("cache", "clear", cache=a)
     assert cleared.code == 0, cleared.err
     assert "3 layer images" in cleared.out, cleared.out
-    # b's layers are its own: dropping its export makes it export again from its layers
+    # b's layers are its own: dropping what its last command changed makes it read that
+    # again from its layer
     store = Store(b)
     try:
-        export = next(k for k, r in store.records() if r.get("kind") == "export")
-        store.drop(export)
+        last = max(
+            (k for k, r in store.records() if r.get("kind") == "diff"),
+            key=lambda k: len((store.record(k) or {})["chain"]["diffs"]),
+        )
+        store.drop(last)
     finally:
         store.close()
-    assert plan_runs(pkg, tmp_path / "b2.ext4", b, "--no-network") == {"export", "assemble"}
+    assert plan_runs(pkg, tmp_path / "b2.ext4", b, "--no-network") == {"diff[2]", "assemble"}
     assert plan_runs(pkg, tmp_path / "a.ext4", a, "--no-network") == EVERY_STEP
 
 
@@ -324,7 +328,7 @@ def test_a_stale_remote_copy_is_a_miss(tmp_path: Path) -> None:
             server.url,
             cache=tmp_path / "cache-b",
         )
-        assert steps_run(plan.out) == {"run[2]", "export", "assemble"}, plan.out
+        assert steps_run(plan.out) == {"run[2]", "diff[2]", "assemble"}, plan.out
         assert "why: stale: made 2.0d ago, max_age is 1.0d (the remote copy)" in plan.out
         assert "from: " in plan.out  # run[1], made before run[2], still comes from the server
     finally:
