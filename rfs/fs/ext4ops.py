@@ -134,8 +134,8 @@ class Links:
 
 @dataclass(frozen=True)
 class Fields:
-    """Set an inode's mode, owner and mtime; for a `new` one also what mke2fs gives a tar
-    entry: crtime the build's time, atime and ctime 0."""
+    """Set an inode's mode, owner and times; for a `new` one also its crtime, the build's
+    time (as mke2fs sets it)."""
 
     path: str
     kind: str
@@ -143,6 +143,8 @@ class Fields:
     uid: int
     gid: int
     mtime: int
+    atime: int = 0
+    ctime: int = 0
     new: bool = False
 
     def names(self) -> tuple[str, ...]:
@@ -275,10 +277,11 @@ def _fields(op: Fields, epoch: int) -> list[str]:
         f'sif "{path}" uid {op.uid}',
         f'sif "{path}" gid {op.gid}',
         f'sif "{path}" mtime @{op.mtime}',
+        f'sif "{path}" atime @{op.atime}',
+        f'sif "{path}" ctime @{op.ctime}',
     ]
     if op.new:
-        lines += [f'sif "{path}" crtime @{epoch}']
-        lines += [f'sif "{path}" {name} @0' for name in ("atime", "ctime")]
+        lines.append(f'sif "{path}" crtime @{epoch}')
     return lines
 
 

@@ -4,8 +4,9 @@ difference between two such trees as debugfs operations (see rfs.fs.ext4patch).
 A tree maps each path to a Node: what mke2fs gives the inode behind that path (kind, mode,
 owner, mtime, content, symlink target, device, xattrs) and which names share it (`group`).
 `tree_of_plan` turns a plan (rfs.fs.plan) into the tree its stream makes, with the stream's
-fixes (rfs.fs.tarstream) and mke2fs's own rules: an inode takes the owner, mode and mtime of
-the last entry that names it (a hard link's header included), atime and ctime are 0, and of
+fixes (rfs.fs.tarstream) and mke2fs's own rules: an inode takes the owner, mode and times of
+the last entry that names it (a hard link's header included; atime and ctime only from PAX
+records, else 0; crtime is the build's time), and of
 the `SCHILY.xattr.*` records only security.capability is kept (mke2fs ignores the others).
 `diff_trees(before, after)` gives the Patch that turns the first tree into the second, or
 the reason it cannot be written exactly; its order depends only on the paths.
@@ -83,6 +84,8 @@ class Node:
     uid: int = 0
     gid: int = 0
     mtime: int = 0
+    atime: int = 0  # mke2fs takes atime and ctime from PAX records (0 without)
+    ctime: int = 0
     content: Content = b""
     target: str = ""  # symlink target
     device: tuple[int, int] = (0, 0)  # major, minor
@@ -101,6 +104,8 @@ class Header:
     uid: int
     gid: int
     mtime: int
+    atime: int
+    ctime: int
     device: tuple[int, int]
 
 
@@ -116,6 +121,8 @@ def read_headers(buf: tf.Buffer, entries: Sequence[tf.RawEntry]) -> list[Header]
                 uid=_number(block, pax, b"uid", 108, 116),
                 gid=_number(block, pax, b"gid", 116, 124),
                 mtime=_number(block, pax, b"mtime", 136, 148),
+                atime=int(float(pax.get(b"atime", b"0"))),
+                ctime=int(float(pax.get(b"ctime", b"0"))),
                 device=(_number(block, pax, b"", 329, 337), _number(block, pax, b"", 337, 345)),
             )
         )
@@ -186,6 +193,8 @@ def tree_of_plan(
             "uid": head.uid,
             "gid": head.gid,
             "mtime": head.mtime,
+            "atime": head.atime,
+            "ctime": head.ctime,
         }
         if entry.typeflag == tf.HARDLINK:
             target = normalise(decode(entry.linkname))
@@ -215,6 +224,7 @@ def tree_of_plan(
         meta = dir_meta.get(path) if kind == "dir" else None
         if meta is not None:  # a directory laid over it: its owner, mode and time
             fields |= {"mode": meta.mode, "uid": meta.uid, "gid": meta.gid, "mtime": mtime}
+            fields |= {"atime": 0, "ctime": 0}  # the merged entry has no such records
         elif path == CONSOLE and kind == "file" and entry.size == 0:
             fields = {"kind": "char", "mode": 0o600, "uid": 0, "gid": 0, "mtime": head.mtime}
             fields |= {"device": (5, 1)}
@@ -255,6 +265,8 @@ def _entry_fields(entry: tf.RawEntry, head: Header, archive: Path) -> dict[str, 
         "uid": head.uid,
         "gid": head.gid,
         "mtime": head.mtime,
+        "atime": head.atime,
+        "ctime": head.ctime,
         "content": Extent(archive, entry.data, entry.size) if kind == "file" else b"",
         "target": decode(entry.linkname) if kind == "symlink" else "",
         "device": head.device if kind in ("char", "block") else (0, 0),
@@ -458,7 +470,9 @@ def before_has_dir(before: Tree, path: str) -> bool:
 
 
 def _fields(node: Node) -> Fields:
-    return Fields(node.path, node.kind, node.mode, node.uid, node.gid, node.mtime)
+    return Fields(
+        node.path, node.kind, node.mode, node.uid, node.gid, node.mtime, node.atime, node.ctime
+    )
 
 
 def _create(node: Node) -> list[Op]:
@@ -478,7 +492,7 @@ def _create(node: Node) -> list[Op]:
 
 def _update(ops: list[Op], old: Node, new: Node) -> None:
     """Set what changed of an inode that stays (once per inode: on its first name)."""
-    if (old.mode, old.uid, old.gid, old.mtime) != (new.mode, new.uid, new.gid, new.mtime):
+    if _fields(old) != replace(_fields(new), path=old.path):
         ops.append(_fields(new))
     before, after = dict(old.xattrs), dict(new.xattrs)
     ops.extend(RemoveXattr(new.path, name) for name in sorted(before) if name not in after)

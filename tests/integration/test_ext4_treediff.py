@@ -156,6 +156,10 @@ CASES: dict[str, Callable[[Spec], None]] = {
     ),
     "a file's content changes": _meta("etc/motd", data=b"bye\n", mtime=1_650_000_000),
     "only the mode and owner change": _meta("srv/data", mode=0o600, uid=1, gid=2),
+    "access and change times from PAX records": _edit(
+        _meta("etc/motd", pax={"atime": "1600000001.5", "ctime": "1600000002"}),
+        lambda s: _set(s, "etc/new", _file(b"n\n", pax={"atime": "1", "mtime": "5.25"})),
+    ),
     "a directory's own fields change": _meta("srv", mode=0o755, uid=0, gid=0, mtime=1),
     "a hard link is added to an existing file": lambda s: _set(
         s, "etc/passwd-", _hard("etc/passwd", 0o644)
