@@ -33,8 +33,9 @@ from rfs.fs import tarformat as tf
 from rfs.fs.ext4ops import Patch, commands, digest
 from rfs.fs.overlay import OverlayEntry
 from rfs.fs.plan import make_plan
+from rfs.fs.plantree import Header, read_headers, region, tree_of_plan
 from rfs.fs.selection import Selection
-from rfs.fs.treediff import Header, Tree, diff_trees, read_headers, tree_of_plan
+from rfs.fs.treediff import Tree, diff_trees
 from rfs.host import proc
 
 # The version line debugfs prints on stderr before anything else.
@@ -111,13 +112,18 @@ def derive_patch(
     export_index of `export_tar`; `mtime` the build's timestamp."""
     entries, headers = index
     plan = make_plan(entries, selection, overlays, restore)
-    before = tree_of_plan(plan, headers, export_tar, mtime=mtime, before_overlays=True)
+    # Only what the overlays can change becomes a tree: the rest is the same in both.
+    only, outside = region(plan)
+    trees = [
+        tree_of_plan(plan, headers, export_tar, mtime=mtime, before_overlays=b, only=only)
+        for b in (True, False)
+    ]
+    before, after = trees
     if isinstance(before, str):
         return before
-    after = tree_of_plan(plan, headers, export_tar, mtime=mtime)
     if isinstance(after, str):
         return after
-    return diff_trees(before, after, missing_includes=plan.missing_includes)
+    return diff_trees(before, after, missing_includes=plan.missing_includes, outside=outside)
 
 
 def tree_of_export(

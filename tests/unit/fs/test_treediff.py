@@ -1,18 +1,13 @@
-"""diff_trees: which operations, in which order, and when it declines; tree_of_plan: the tree
-the stream of a plan makes (hard links, the stream's fixes, xattrs mke2fs keeps)."""
+"""diff_trees: which operations, in which order, and when it declines."""
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import random
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rfs.fs import tarformat as tf
 from rfs.fs.ext4ops import (
     AddName,
     Fields,
@@ -27,12 +22,7 @@ from rfs.fs.ext4ops import (
     Symlink,
     Write,
 )
-from rfs.fs.overlay import OverlayEntry
-from rfs.fs.plan import make_plan
-from rfs.fs.selection import Selection
-from rfs.fs.treediff import Extent, Node, Tree, diff_trees, read_headers, tree_of_plan
-
-EPOCH = 1_700_000_000
+from rfs.fs.treediff import Extent, Node, Tree, diff_trees
 
 
 def _tree(*nodes: Node) -> Tree:
@@ -176,83 +166,3 @@ def test_contents_in_files_compare_by_bytes(tmp_path: Path) -> None:
     assert _ok(one, _tree(_f("/f", b"abc"))).ops == []
     assert Extent(data, 2, 3).read() == b"abc"
     assert _ok(one, _tree(_f("/f", b"abd"))).ops[0] == Remove("/f")
-
-
-def _archive(tmp_path: Path, *members: tuple[str, bytes, dict[str, Any]]) -> Path:
-    path = tmp_path / "export.tar"
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, fields in members:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            data = fields.pop("data", b"")
-            for key, value in fields.items():
-                setattr(info, key, value)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data) if data else None)
-    return path
-
-
-def _tree_of(path: Path, overlays: tuple[OverlayEntry, ...] = (), **kw: Any) -> Tree:
-    entries = tf.index_archive(path.read_bytes())
-    plan = make_plan(entries, Selection(), overlays, kw.pop("restore", {}))
-    tree = tree_of_plan(plan, read_headers(path.read_bytes(), entries), path, mtime=EPOCH, **kw)
-    assert not isinstance(tree, str), tree
-    return tree
-
-
-def test_tree_of_plan_follows_mke2fs(tmp_path: Path) -> None:
-    cap = "\x01\x00\x00\x02"
-    path = _archive(
-        tmp_path,
-        ("etc/tool", tarfile.REGTYPE, {"data": b"t", "mode": 0o755, "uid": 1, "mtime": 10}),
-        ("etc/tool2", tarfile.LNKTYPE, {"linkname": "etc/tool", "mode": 0o700, "mtime": 20}),
-        (
-            "etc/ping",
-            tarfile.REGTYPE,
-            {
-                "pax_headers": {
-                    "SCHILY.xattr.security.capability": cap,
-                    "SCHILY.xattr.user.x": "y",
-                    "atime": "7.5",
-                }
-            },
-        ),
-        ("dev/console", tarfile.REGTYPE, {"mode": 0o644}),
-        ("etc/hostname", tarfile.REGTYPE, {"mode": 0o755}),
-        ("etc/hosts", tarfile.REGTYPE, {"mode": 0o755}),
-        ("dev/sda", tarfile.BLKTYPE, {"devmajor": 8, "devminor": 300}),
-    )
-    tree = _tree_of(path, restore={"/etc/hostname": b"vm\n"})
-    assert tree["/etc"] == Node("/etc", "dir", 0o755, mtime=EPOCH)  # a missing parent
-    tool, tool2 = tree["/etc/tool"], tree["/etc/tool2"]
-    assert (tool.mode, tool.uid, tool.mtime, tool.group) == (0o700, 0, 20, "/etc/tool")
-    assert tool2 == dataclasses.replace(tool, path="/etc/tool2")
-    assert tree["/etc/ping"].xattrs == (("security.capability", cap.encode("latin-1")),)
-    assert tree["/etc/ping"].atime == 7
-    assert tree["/dev/console"] == Node("/dev/console", "char", 0o600, device=(5, 1))
-    assert tree["/etc/hostname"].content == b"vm\n" and tree["/etc/hostname"].mode == 0o644
-    assert tree["/etc/hosts"].mode == 0o644
-    assert tree["/dev/sda"].device == (8, 300)
-
-
-def test_trees_before_and_after_overlays(tmp_path: Path) -> None:
-    path = _archive(
-        tmp_path,
-        ("srv", tarfile.DIRTYPE, {"mode": 0o700, "uid": 5}),
-        ("srv/a", tarfile.REGTYPE, {"data": b"a"}),
-        ("srv/b", tarfile.LNKTYPE, {"linkname": "srv/a"}),
-        ("srv/c", tarfile.LNKTYPE, {"linkname": "srv/a"}),
-    )
-    overlays = (
-        OverlayEntry("/srv", None, 0o750, 1, 2, is_dir=True),
-        OverlayEntry("/srv/a", b"new", 0o644, 0, 0),
-    )
-    before = _tree_of(path, overlays, before_overlays=True)
-    after = _tree_of(path, overlays)
-    assert before["/srv"].mode == 0o700 and after["/srv"].mode == 0o750
-    assert before["/srv/b"].group == "/srv/a"
-    assert after["/srv/b"].group == after["/srv/c"].group == "/srv/b"  # written as the file
-    assert after["/srv/a"].content == b"new" and not after["/srv/a"].group
-    ops = _ok(before, after).ops
-    assert ops[0] == Remove("/srv/a")
-    assert Links("/srv/b", 2) in ops
