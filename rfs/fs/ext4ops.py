@@ -12,12 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rfs.host.hashing import digest_bytes, digest_json
-
-if TYPE_CHECKING:
-    from rfs.fs.treediff import Content
 
 # debugfs reads its commands through libss, which splits on blanks and honours double quotes
 # but has no escapes: names with a quote, a backslash, a control character or bytes that are
@@ -31,6 +27,24 @@ _S_IF = {
     "block": 0o060000,
     "fifo": 0o010000,
 }
+
+
+@dataclass(frozen=True)
+class Extent:
+    """File content that sits in a file (an archive's member data): `size` bytes at `offset`."""
+
+    file: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        """The content."""
+        with self.file.open("rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+Content = bytes | Extent
 
 
 def unsafe(name: str) -> bool:

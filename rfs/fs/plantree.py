@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rfs.fs import tarformat as tf
+from rfs.fs.ext4ops import Extent
 from rfs.fs.plan import CONSOLE, Generated, Plan
 from rfs.fs.selection import ancestors, decode, normalise
-from rfs.fs.treediff import Extent, Node, Tree, entry_bytes
+from rfs.fs.treediff import Node, Tree, entry_bytes
 
 # Only these SCHILY.xattr records reach the image.
 KEPT_XATTRS = frozenset({"security.capability"})
@@ -287,7 +288,7 @@ def region(plan: Plan) -> tuple[set[str], dict[str, tuple[int, int]]]:
     parents = {os.path.dirname(p) for p in touched}
     outside: dict[str, tuple[int, int]] = {}
     for path in kept_both:
-        if path in touched:
+        if path in touched or path == "/":
             continue
         parent, name = os.path.split(path)
         if parent in parents:

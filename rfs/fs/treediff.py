@@ -10,13 +10,15 @@ reason it cannot be written exactly; its order depends only on the paths.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from rfs.fs.ext4ops import (
     AddName,
+    Content,
+    Extent,
     Fields,
     Links,
     MakeDir,
@@ -35,24 +37,6 @@ from rfs.fs.ext4ops import (
 # The room for entries in a directory block: 4096 less the checksum tail (metadata_csum). An
 # entry takes 8 bytes and its name, 4-aligned; "." and ".." take 24 in the first block.
 _DIR_BLOCK = 4096 - 12
-
-
-@dataclass(frozen=True)
-class Extent:
-    """File content that sits in a file (an archive's member data): `size` bytes at `offset`."""
-
-    file: Path
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        """The content."""
-        with self.file.open("rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
-
-
-Content = bytes | Extent
 
 
 @dataclass(frozen=True)
@@ -80,13 +64,27 @@ Tree = dict[str, Node]
 def _same_content(a: Content, b: Content) -> bool:
     if a == b:
         return True
-    size_a = a.size if isinstance(a, Extent) else len(a)
-    size_b = b.size if isinstance(b, Extent) else len(b)
-    if size_a != size_b:
+    size = a.size if isinstance(a, Extent) else len(a)
+    if size != (b.size if isinstance(b, Extent) else len(b)):
         return False
-    data_a = a.read() if isinstance(a, Extent) else a
-    data_b = b.read() if isinstance(b, Extent) else b
-    return data_a == data_b
+    with contextlib.ExitStack() as stack:
+        chunks = [stack.enter_context(_chunks(c)) for c in (a, b)]
+        return all(x == y for x, y in zip(*chunks, strict=True))
+
+
+_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def _chunks(content: Content) -> Iterator[Iterator[bytes]]:
+    """The content in pieces of _CHUNK bytes (a big file is never read whole)."""
+    if isinstance(content, bytes):
+        yield (content[i : i + _CHUNK] for i in range(0, len(content), _CHUNK))
+        return
+    with content.file.open("rb") as f:
+        f.seek(content.offset)
+        sizes = [min(_CHUNK, content.size - i) for i in range(0, content.size, _CHUNK)]
+        yield (f.read(n) for n in sizes)
 
 
 def _same_inode(a: Node, b: Node) -> bool:

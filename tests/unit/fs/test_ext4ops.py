@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rfs.fs.ext4ops import (
     AddName,
+    Extent,
     Fields,
     Links,
     MakeDir,
@@ -21,7 +22,6 @@ from rfs.fs.ext4ops import (
     digest,
     unsafe,
 )
-from rfs.fs.treediff import Extent
 
 
 def test_every_operation_has_its_command(tmp_path: Path) -> None:

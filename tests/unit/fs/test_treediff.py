@@ -10,6 +10,7 @@ import pytest
 
 from rfs.fs.ext4ops import (
     AddName,
+    Extent,
     Fields,
     Links,
     MakeDir,
@@ -22,7 +23,7 @@ from rfs.fs.ext4ops import (
     Symlink,
     Write,
 )
-from rfs.fs.treediff import Extent, Node, Tree, diff_trees
+from rfs.fs.treediff import Node, Tree, diff_trees
 
 
 def _tree(*nodes: Node) -> Tree:
@@ -166,3 +167,12 @@ def test_contents_in_files_compare_by_bytes(tmp_path: Path) -> None:
     assert _ok(one, _tree(_f("/f", b"abc"))).ops == []
     assert Extent(data, 2, 3).read() == b"abc"
     assert _ok(one, _tree(_f("/f", b"abd"))).ops[0] == Remove("/f")
+
+
+def test_big_contents_compare_piece_by_piece(tmp_path: Path) -> None:
+    big = bytes(range(256)) * 8192  # 2 MiB: more than one piece
+    data = tmp_path / "data"
+    data.write_bytes(b"-" + big)
+    one = _tree(_f("/f", Extent(data, 1, len(big))))  # type: ignore[arg-type]
+    assert _ok(one, _tree(_f("/f", big))).ops == []
+    assert _ok(one, _tree(_f("/f", big[:-1] + b"!"))).ops[0] == Remove("/f")
