@@ -79,6 +79,9 @@ def export_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _add(tar, "usr/bin/tool", data=b"#!/bin/sh\n" * 300, mode=0o4755)
         _add(tar, "usr/bin/tool2", tarfile.LNKTYPE, link="usr/bin/tool", mode=0o4755)
         _add(tar, "usr/bin/tool3", tarfile.LNKTYPE, link="usr/bin/tool", mode=0o4755)
+        # mke2fs gives the inode the fields of the last entry naming it: here the link's.
+        _add(tar, "etc/shadow", data=b"root:*:\n", mode=0o640, gid=42)
+        _add(tar, "etc/shadow-", tarfile.LNKTYPE, link="etc/shadow", mode=0o600, uid=3)
         _add(
             tar,
             "usr/bin/ping",
@@ -115,6 +118,8 @@ PATCHED = {
     "replaces a file, new owner and mode": [_overlay("/etc/motd", b"bye\n", 0o4750, 7, 8)],
     "replaces the first of three hard links": [_overlay("/usr/bin/tool", b"new tool\n")],
     "replaces a later hard link": [_overlay("/usr/bin/tool3", b"third\n", 0o755)],
+    "replaces the hard link that set the inode's fields": [_overlay("/etc/shadow-", b"-\n")],
+    "replaces the file a differing hard link names": [_overlay("/etc/shadow", b"s\n")],
     "replaces a file with a capability": [_overlay("/usr/bin/ping", b"plain\n", 0o755)],
     "file over a symlink, symlink over a file": [
         _overlay("/etc/link-to-motd"),

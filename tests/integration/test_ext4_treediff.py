@@ -66,7 +66,7 @@ BEFORE: Spec = {
     "usr": _dir(),
     "usr/bin": _dir(),
     "usr/bin/tool": _file(b"#!/bin/sh\n" * 300, 0o4755),
-    "usr/bin/tool2": _hard("usr/bin/tool", 0o4755),
+    "usr/bin/tool2": _hard("usr/bin/tool", 0o4750),  # the inode takes the link's mode
     "usr/bin/ping": _file(b"ping\n", 0o755, pax={"SCHILY.xattr.security.capability": CAP}),
     "usr/bin/plain": _file(b"plain\n", 0o755),
     "usr/share": _dir(),
