@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import shutil
+import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from rfs.errors import EnvironmentProblem
 from rfs.fs.ext4 import assemble_ext4, mkfs_version
-from rfs.fs.ext4ops import AddName, Patch, Write
+from rfs.fs.ext4ops import AddName, Op, Patch, RemoveXattr, SetXattr, Write
 from rfs.fs.ext4patch import apply_patch, tree_of_export
 from rfs.fs.selection import Selection
 from rfs.fs.treediff import diff_trees
@@ -302,3 +303,20 @@ def test_a_directory_that_would_shrink_takes_the_full_route(
         list_ext4(tmp_path / "full.ext4")["/var/big"].size
         < list_ext4(before_image)["/var/big"].size
     )
+
+
+def test_any_xattr_can_be_written_and_removed(base: tuple[Path, Path], tmp_path: Path) -> None:
+    """mke2fs keeps only security.capability from a tar, but a tree may carry any xattr (a
+    layer diff read from elsewhere): ea_set and ea_rm write what the tree says."""
+    _, before_image = base
+    ops: list[Op] = [
+        SetXattr("/etc/motd", "user.note", b"a note"),
+        SetXattr("/etc/motd", "trusted.t", bytes(range(16))),
+        RemoveXattr("/usr/bin/ping", "security.capability"),
+    ]
+    _patched(before_image, Patch(ops), tmp_path / "patched.ext4")
+    found = list_ext4(tmp_path / "patched.ext4")
+    assert found["/etc/motd"].xattrs == {"user.note": b"a note", "trusted.t": bytes(range(16))}
+    assert found["/usr/bin/ping"].xattrs == {}
+    assert list_ext4(before_image)["/usr/bin/ping"].xattrs != {}
+    subprocess.run(["e2fsck", "-fn", str(tmp_path / "patched.ext4")], check=True)
