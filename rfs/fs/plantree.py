@@ -20,12 +20,12 @@ from rfs.fs import tarformat as tf
 from rfs.fs.ext4ops import Extent
 from rfs.fs.plan import CONSOLE, Generated, Plan
 from rfs.fs.selection import ancestors, decode, normalise
+from rfs.fs.tarstream import ENGINE_ETC_FILES
 from rfs.fs.treediff import Node, Tree, entry_bytes
 
 # Only these SCHILY.xattr records reach the image.
 KEPT_XATTRS = frozenset({"security.capability"})
 _XATTR = b"SCHILY.xattr."
-ENGINE_ETC_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
 _KINDS = {
     tf.DIRECTORY: "dir",
     tf.SYMLINK: "symlink",
@@ -47,25 +47,30 @@ class Header(NamedTuple):
     atime: int
     ctime: int
     device: tuple[int, int]
+    readable: bool = True
 
 
 def read_headers(buf: tf.Buffer, entries: Sequence[tf.RawEntry]) -> list[Header]:
-    """The Header of each entry of the archive held in `buf`; PAX records win over fields."""
+    """The Header of each entry of the archive held in `buf`; PAX records win over fields. An
+    entry whose fields cannot be read gets a Header with `readable` False (its tree is then
+    not told: the full route deals with it as it always has)."""
     found = []
     for entry in entries:
         block = bytes(buf[entry.header : entry.header + tf.BLOCK])
         pax = entry.pax or {}
-        found.append(
-            Header(
+        try:
+            header = Header(
                 mode=tf.parse_number(block[100:108]) & 0o7777,
                 uid=_number(block, pax, b"uid", 108, 116),
                 gid=_number(block, pax, b"gid", 116, 124),
                 mtime=_number(block, pax, b"mtime", 136, 148),
-                atime=int(float(pax.get(b"atime", b"0"))),
-                ctime=int(float(pax.get(b"ctime", b"0"))),
+                atime=_number(block, pax, b"atime", 0, 0),
+                ctime=_number(block, pax, b"ctime", 0, 0),
                 device=(_number(block, pax, b"", 329, 337), _number(block, pax, b"", 337, 345)),
             )
-        )
+        except (ValueError, OverflowError, tf.TarError):
+            header = Header(0, 0, 0, 0, 0, 0, (0, 0), readable=False)
+        found.append(header)
     return found
 
 
@@ -134,6 +139,8 @@ def tree_of_plan(
                 parents(path)  # the stream writes a missing parent before this entry
             continue
         head = headers[i]
+        if not head.readable:
+            return f"the export entry {path} has a header field rfs cannot read"
         own: dict[str, object] = {
             "mode": head.mode,
             "uid": head.uid,
@@ -207,6 +214,8 @@ def _entry_fields(entry: tf.RawEntry, head: Header, archive: Path) -> dict[str, 
     kind = _KINDS.get(entry.typeflag)
     if kind is None:
         return f"the export entry {decode(entry.name)!r} has the tar type {chr(entry.typeflag)!r}"
+    if not head.readable:
+        return f"the export entry {decode(entry.name)!r} has a header field rfs cannot read"
     return {
         "kind": kind,
         "mode": head.mode,

@@ -121,3 +121,17 @@ def test_the_region_holds_what_overlays_change_and_what_it_needs(tmp_path: Path)
     headers = read_headers(path.read_bytes(), entries)
     before = tree_of_plan(plan, headers, path, mtime=EPOCH, before_overlays=True, only=only)
     assert isinstance(before, dict) and sorted(before) == ["/etc", "/srv", "/srv/a", "/srv/b"]
+
+
+def test_a_header_rfs_cannot_read_gives_a_reason(tmp_path: Path) -> None:
+    path = _archive(
+        tmp_path,
+        ("etc/a", tarfile.REGTYPE, {"pax_headers": {"atime": "soon"}}),
+        ("etc/b", tarfile.REGTYPE, {"pax_headers": {"ctime": "inf"}}),
+    )
+    entries = tf.index_archive(path.read_bytes())
+    headers = read_headers(path.read_bytes(), entries)
+    assert [h.readable for h in headers] == [False, False]
+    plan = make_plan(entries, Selection(), (), {})
+    reason = tree_of_plan(plan, headers, path, mtime=EPOCH)
+    assert reason == "the export entry /etc/a has a header field rfs cannot read"
