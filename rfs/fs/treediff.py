@@ -127,6 +127,8 @@ def diff_trees(
             return f"{path} has no parent directory in the tree"
         if after[parent].kind != "dir":
             return f"{parent} is in the way of {path}"
+    if ("/" in before) != ("/" in after):  # mke2fs's own root (the epoch's times) on one side
+        return "only one of the trees has an entry for the root"
     names_before, names_after = _groups(before), _groups(after)
     gone = _gone(before, after)
     kept = _kept_inodes(names_before, names_after, gone)
@@ -144,8 +146,6 @@ def diff_trees(
             if node.kind == "dir" or kept.get(names_after[path][0]) == path:
                 _update(ops, before[path], node)  # once per inode: on the name it keeps
             continue
-        if path == "/":
-            continue  # the root is always there; without an entry its fields are mke2fs's
         first = names_after[path][0] if node.kind != "dir" else path
         source = kept.get(first) or created.get(first)
         if source is not None:

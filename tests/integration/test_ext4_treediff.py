@@ -320,3 +320,17 @@ def test_any_xattr_can_be_written_and_removed(base: tuple[Path, Path], tmp_path:
     assert found["/usr/bin/ping"].xattrs == {}
     assert list_ext4(before_image)["/usr/bin/ping"].xattrs != {}
     subprocess.run(["e2fsck", "-fn", str(tmp_path / "patched.ext4")], check=True)
+
+
+def test_the_roots_own_entry(base: tuple[Path, Path], tmp_path: Path) -> None:
+    del base  # only for its check that mke2fs can read tar input
+    spec: Spec = {".": _dir(0o755, mtime=1_500_000_000), "etc": _dir()}
+    _write(spec, tmp_path / "before.tar")
+    _image(tmp_path / "before.tar", tmp_path / "before.ext4")
+    spec["."] = _dir(0o700, uid=3, mtime=1_650_000_000)
+    _write(spec, tmp_path / "after.tar")
+    _image(tmp_path / "after.tar", tmp_path / "full.ext4")
+    assert inode_details(tmp_path / "before.ext4") != inode_details(tmp_path / "full.ext4")
+    patch = _patch(tmp_path / "before.tar", tmp_path / "after.tar")
+    _patched(tmp_path / "before.ext4", patch, tmp_path / "patched.ext4")
+    assert_same_tree(tmp_path / "full.ext4", tmp_path / "patched.ext4")

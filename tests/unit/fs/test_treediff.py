@@ -145,6 +145,7 @@ def test_the_script_depends_on_the_paths_not_on_the_order_given() -> None:
         ({"/etc/x/y": _f("/etc/x/y")}, "/etc/x/y has no parent directory in the tree"),
         ({"/etc/a/y": _f("/etc/a/y")}, "/etc/a is in the way of /etc/a/y"),
         ({'/etc/say "hi"': _f('/etc/say "hi"')}, "debugfs cannot be given the name"),
+        ({"/": _d("/", 0o700)}, "only one of the trees has an entry for the root"),
     ],
 )
 def test_what_cannot_be_written_is_declined(after: Tree, reason: str) -> None:
@@ -176,3 +177,10 @@ def test_big_contents_compare_piece_by_piece(tmp_path: Path) -> None:
     one = _tree(_f("/f", Extent(data, 1, len(big))))  # type: ignore[arg-type]
     assert _ok(one, _tree(_f("/f", big))).ops == []
     assert _ok(one, _tree(_f("/f", big[:-1] + b"!"))).ops[0] == Remove("/f")
+
+
+def test_the_roots_own_fields_change_like_any_directory() -> None:
+    before = BEFORE | {"/": _d("/", 0o755, mtime=5)}
+    assert _ok(before, before | {"/": _d("/", 0o700, mtime=5)}).ops == [
+        Fields("/", "dir", 0o700, 0, 0, 5)
+    ]
