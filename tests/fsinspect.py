@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,3 +199,23 @@ def link_groups(image: Path) -> set[frozenset[str]]:
         if mode & 0o170000 != 0o040000:
             by_inode.setdefault(ino, set()).add(path)
     return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}
+
+
+def _contents(image: Path) -> dict[str, bytes]:
+    return {
+        path: read_ext4_file(image, entry.inode)
+        for path, entry in list_ext4(image).items()
+        if entry.type in ("file", "symlink")
+    }
+
+
+def assert_same_tree(full: Path, patched: Path) -> None:
+    """Assert that two ext4 images hold the same tree: every inode field but placement, the
+    hard-link groups and every file's bytes; and that `patched` passes `e2fsck -fn`."""
+    expected, got = inode_details(full), inode_details(patched)
+    assert sorted(got) == sorted(expected)
+    for path in expected:
+        assert got[path] == expected[path], path
+    assert link_groups(patched) == link_groups(full)
+    assert _contents(patched) == _contents(full)
+    subprocess.run(["e2fsck", "-fn", str(patched)], check=True, capture_output=True)

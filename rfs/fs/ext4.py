@@ -163,7 +163,7 @@ def assemble_ext4(
 
 
 # Bumped whenever the base image or the patch would come out differently for the same inputs.
-_BASE_ROUTE = "ext4-base/1"
+_BASE_ROUTE = "ext4-base/2"
 _INCOMPAT_CSUM_SEED, _RO_COMPAT_METADATA_CSUM = 0x2000, 0x400
 
 
@@ -181,7 +181,7 @@ def assemble_ext4_patched(
         PatchFailed,
         apply_patch,
         derive_patch,
-        export_entries,
+        export_index,
         patch_digest,
     )
 
@@ -200,10 +200,12 @@ def assemble_ext4_patched(
     key = cache.key(identity)
     try:
         patch = derive_patch(
-            export_entries(source.export_tar, cache.side_dir(key)),
+            export_index(source.export_tar, cache.side_dir(key)),
+            source.export_tar,
             source.selection,
             source.overlays,
             source.restore or {},
+            mtime=options.source_date_epoch,
         )
     except (OSError, ValueError) as exc:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
@@ -255,7 +257,7 @@ def assemble_ext4_patched(
         log.info("making the image in full: %s", exc)
         return None
     stats = StreamStats(missing_includes=patch.missing_includes)
-    return stats, len(patch.remove) + len(patch.add), in_place
+    return stats, len(patch.ops), in_place
 
 
 def _uuid_settable(image: Path) -> bool:

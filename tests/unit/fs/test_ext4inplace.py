@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from rfs.errors import RfsError
-from rfs.fs import ext4inplace, ext4patch
+from rfs.fs import ext4inplace, ext4ops, ext4patch
 from rfs.fs.assemble import assemble
 from rfs.fs.ext4inplace import RollbackFailed, Slot, same_bytes, undo_ranges
 from rfs.fs.image import Options
@@ -216,7 +216,7 @@ def test_an_interrupt_while_patching_restores_the_previous_image(
     previous = out.read_bytes()
     real = ext4patch.apply_patch
 
-    def interrupted(image: Path, patch: ext4patch.Patch, **kwargs: Any) -> None:
+    def interrupted(image: Path, patch: ext4ops.Patch, **kwargs: Any) -> None:
         real(image, patch, **kwargs)
         if image == out:  # the SIGTERM held back while debugfs ran arrives now
             raise KeyboardInterrupt
