@@ -124,7 +124,7 @@ def _ext4(source: Source, output: Path, options: Options) -> Result:
         size = with_headroom(need)
         check_size("ext4", size, need, stats)
     check_block_size(options, size)
-    if options.base_images is not None and not source.layers:
+    if options.base_images is not None:
         patched = assemble_ext4_patched(source, output, options, size)
         if patched is not None:
             stats, operations, in_place = patched

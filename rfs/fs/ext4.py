@@ -180,6 +180,7 @@ def assemble_ext4_patched(
     from rfs.fs.ext4patch import (
         PatchFailed,
         apply_patch,
+        derive_layered_patch,
         derive_patch,
         export_index,
         patch_digest,
@@ -199,14 +200,26 @@ def assemble_ext4_patched(
     }
     key = cache.key(identity)
     try:
-        patch = derive_patch(
-            export_index(source.export_tar, cache.side_dir(key)),
-            source.export_tar,
-            source.selection,
-            source.overlays,
-            source.restore or {},
-            mtime=options.source_date_epoch,
-        )
+        index = export_index(source.export_tar, cache.side_dir(key))
+        if source.layers:  # what later commands changed, then the overlays
+            patch = derive_layered_patch(
+                index,
+                source.export_tar,
+                source.layers,
+                source.selection,
+                source.overlays,
+                source.restore or {},
+                mtime=options.source_date_epoch,
+            )
+        else:
+            patch = derive_patch(
+                index,
+                source.export_tar,
+                source.selection,
+                source.overlays,
+                source.restore or {},
+                mtime=options.source_date_epoch,
+            )
     except (OSError, ValueError) as exc:
         raise RfsError(f"cannot read the export tarball {source.export_tar}: {exc}") from exc
     if isinstance(patch, str):

@@ -126,6 +126,55 @@ def derive_patch(
     return diff_trees(before, after, missing_includes=plan.missing_includes, outside=outside)
 
 
+def derive_layered_patch(
+    index: tuple[list[tf.RawEntry], list[Header]],
+    export_tar: Path,
+    layers: Sequence[Path],
+    selection: Selection,
+    overlays: Sequence[OverlayEntry],
+    restore: Mapping[str, bytes],
+    *,
+    mtime: int,
+) -> Patch | str:
+    """The patch from the base image of `export_tar` (no overlays) to the image of the export
+    with `layers` laid on it (rfs.fs.layered) and `overlays`, or the reason it cannot be made
+    exactly. `index` is export_index of `export_tar`."""
+    from rfs.fs.layered import Unlayerable, apply_layers, bases, shifted
+
+    entries, headers = index
+    before = tree_of_plan(
+        make_plan(entries, selection, (), restore), headers, export_tar, mtime=mtime
+    )
+    if isinstance(before, str):
+        return before
+    paths = [export_tar, *layers]
+    try:
+        starts = bases([path.stat().st_size for path in paths])
+        head_of = {id(e): h for e, h in zip(entries, headers, strict=True)}
+        diffs = []
+        for path, base in zip(layers, starts[1:], strict=True):
+            data = path.read_bytes()  # a layer diff is small: the chain's size is bounded
+            own = tf.index_archive(data)
+            moved = shifted(own, base)
+            head_of.update((id(e), h) for e, h in zip(moved, read_headers(data, own), strict=True))
+            diffs.append(moved)
+        merged = apply_layers(entries, diffs)
+    except Unlayerable as exc:
+        return str(exc)
+    except (OSError, tf.TarError) as exc:
+        return f"a layer diff cannot be read: {exc}"
+
+    def locate(offset: int) -> tuple[Path, int]:
+        i = max(j for j, start in enumerate(starts) if start <= offset)
+        return paths[i], offset - starts[i]
+
+    plan = make_plan(merged, selection, overlays, restore)
+    after = tree_of_plan(plan, [head_of[id(e)] for e in merged], locate, mtime=mtime)
+    if isinstance(after, str):
+        return after
+    return diff_trees(before, after, missing_includes=plan.missing_includes)
+
+
 def tree_of_export(
     export_tar: Path,
     selection: Selection,

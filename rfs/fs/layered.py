@@ -42,12 +42,7 @@ class Segments:
 
     def __init__(self, parts: Sequence[tuple[tf.Buffer, int | None]]) -> None:
         self.parts = [(memoryview(buf).cast("B"), fd) for buf, fd in parts]
-        self.bases: list[int] = []
-        base = 0
-        for view, _ in self.parts:
-            self.bases.append(base)
-            base += len(view) + _GAP
-        self.size = base
+        self.bases = bases([len(view) for view, _ in self.parts])
 
     def locate(self, offset: int) -> int:
         """The index of the archive that holds `offset`."""
@@ -69,6 +64,15 @@ class Segments:
         """Let the archives' buffers go (a mmap cannot close while views of it exist)."""
         for view, _ in self.parts:
             view.release()
+
+
+def bases(sizes: Sequence[int]) -> list[int]:
+    """Where archives of `sizes` bytes start in a Segments address space."""
+    found, base = [], 0
+    for size in sizes:
+        found.append(base)
+        base += size + _GAP
+    return found
 
 
 def shifted(entries: list[tf.RawEntry], base: int) -> list[tf.RawEntry]:

@@ -11,7 +11,7 @@ turns only those into trees, not the whole export.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -99,7 +99,7 @@ class _Inode:
 def tree_of_plan(
     plan: Plan,
     headers: Sequence[Header],
-    archive: Path,
+    archive: Path | Locate,
     *,
     mtime: int,
     before_overlays: bool = False,
@@ -107,7 +107,8 @@ def tree_of_plan(
 ) -> Tree | str:
     """The tree the stream of `plan` gives (as it stood before the overlays were laid out, with
     `before_overlays`), or the reason it cannot be told. `headers` are read_headers of the
-    plan's entries, `archive` the file that holds them, `mtime` the build's timestamp; with
+    plan's entries, `archive` the file that holds them (or, for a layered export, where each
+    offset lies: rfs.fs.layered), `mtime` the build's timestamp; with
     `only` (see region), the tree holds those paths alone."""
     keep = plan.keep_without_overlays if before_overlays else plan.keep
     generated = plan.generated
@@ -145,9 +146,10 @@ def tree_of_plan(
             "mode": head.mode,
             "uid": head.uid,
             "gid": head.gid,
-            "mtime": head.mtime,
-            "atime": head.atime,
-            "ctime": head.ctime,
+            # mke2fs clamps an entry's times to SOURCE_DATE_EPOCH (the build's timestamp)
+            "mtime": min(head.mtime, mtime),
+            "atime": min(head.atime, mtime),
+            "ctime": min(head.ctime, mtime),
         }
         if entry.typeflag == tf.HARDLINK:
             target = normalise(decode(entry.linkname))
@@ -164,14 +166,14 @@ def tree_of_plan(
             if source is None:
                 return f"the hard link {path} has no target"
             j, found = source
-            fields = _entry_fields(found, headers[j], archive)
+            fields = _entry_fields(found, headers[j], archive, mtime)
             if isinstance(fields, str):
                 return fields
             add(path, fields)  # written as the file itself (see rfs.fs.tarstream)
             written_as[target] = path
             continue
         kind = _KINDS.get(entry.typeflag)
-        fields = _entry_fields(entry, head, archive)
+        fields = _entry_fields(entry, head, archive, mtime)
         if isinstance(fields, str):
             return fields
         meta = dir_meta.get(path) if kind == "dir" else None
@@ -179,7 +181,8 @@ def tree_of_plan(
             fields |= {"mode": meta.mode, "uid": meta.uid, "gid": meta.gid, "mtime": mtime}
             fields |= {"atime": 0, "ctime": 0}  # the merged entry has no such records
         elif path == CONSOLE and kind == "file" and entry.size == 0:
-            fields = {"kind": "char", "mode": 0o600, "uid": 0, "gid": 0, "mtime": head.mtime}
+            fields = {"kind": "char", "mode": 0o600, "uid": 0, "gid": 0}
+            fields["mtime"] = min(head.mtime, mtime)
             fields |= {"device": (5, 1)}
         elif path in plan.restore and kind == "file" and entry.size == 0:
             fields |= {"content": plan.restore[path], "mode": 0o644}
@@ -210,7 +213,20 @@ def _link_source(plan: Plan, target: str) -> tuple[int, tf.RawEntry] | None:
     return None
 
 
-def _entry_fields(entry: tf.RawEntry, head: Header, archive: Path) -> dict[str, object] | str:
+# Where an offset of a layered export (rfs.fs.layered) lies: its archive and the offset in it.
+Locate = Callable[[int], tuple[Path, int]]
+
+
+def _extent(archive: Path | Locate, offset: int, size: int) -> Extent:
+    if isinstance(archive, Path):
+        return Extent(archive, offset, size)
+    path, local = archive(offset)
+    return Extent(path, local, size)
+
+
+def _entry_fields(
+    entry: tf.RawEntry, head: Header, archive: Path | Locate, epoch: int
+) -> dict[str, object] | str:
     kind = _KINDS.get(entry.typeflag)
     if kind is None:
         return f"the export entry {decode(entry.name)!r} has the tar type {chr(entry.typeflag)!r}"
@@ -221,10 +237,10 @@ def _entry_fields(entry: tf.RawEntry, head: Header, archive: Path) -> dict[str, 
         "mode": head.mode,
         "uid": head.uid,
         "gid": head.gid,
-        "mtime": head.mtime,
-        "atime": head.atime,
-        "ctime": head.ctime,
-        "content": Extent(archive, entry.data, entry.size) if kind == "file" else b"",
+        "mtime": min(head.mtime, epoch),  # as mke2fs clamps them
+        "atime": min(head.atime, epoch),
+        "ctime": min(head.ctime, epoch),
+        "content": _extent(archive, entry.data, entry.size) if kind == "file" else b"",
         "target": decode(entry.linkname) if kind == "symlink" else "",
         "device": head.device if kind in ("char", "block") else (0, 0),
         "xattrs": _xattrs(entry),
