@@ -218,3 +218,18 @@ def test_a_chain_that_grows_past_the_limit_starts_again_at_an_anchor(
     assert chains(b.records())["diff[5]"] == (True, b.keys["diff[5]"], [])
     assert b.out.read_bytes() == clean_image(tmp_path / "clean", edited)
     assert len(b.cat("/data/f3")) == step - 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rfs.run.layerchain.base_export_key holds neither the engine nor its version, "
+    "which the export and diff keys hold because exports differ between them (#16, reported)",
+)
+def test_a_new_engine_version_exports_the_base_again(tmp_path: Path) -> None:
+    """The diffs are made again under a new engine version; the base export they are laid on
+    must be too, or a warm build lays them on what the old engine exported."""
+    b = Build(tmp_path / "warm", commands(*FOUR))
+    b.build()
+    b.engine._version = "fake-2"
+    assert b.build() == {"diff[0]", "diff[1]", "diff[2]", "diff[3]", "assemble"}
+    assert len(b.exported) == 2  # the base, under each version
