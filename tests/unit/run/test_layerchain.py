@@ -32,7 +32,12 @@ write = shell_of()
 
 
 def shell(ctx: FakeRun) -> int:
-    """`write PATH TEXT` as usual, and `fill PATH N`: N bytes of a pattern at PATH."""
+    """`write PATH TEXT` as usual, `fill PATH N`: N bytes of a pattern at PATH, and
+    `many DIR N`: N small files in DIR."""
+    if ctx.argv[0] == "many":
+        for i in range(int(ctx.argv[2])):
+            ctx.write(f"{ctx.argv[1]}/f{i}", b"x")
+        return 0
     if ctx.argv[0] == "fill":
         size = int(ctx.argv[2])
         ctx.write(ctx.argv[1], (b"0123456789abcdef" * (size // 16 + 1))[:size])
@@ -218,6 +223,26 @@ def test_a_chain_that_grows_past_the_limit_starts_again_at_an_anchor(
     assert chains(b.records())["diff[5]"] == (True, b.keys["diff[5]"], [])
     assert b.out.read_bytes() == clean_image(tmp_path / "clean", edited)
     assert len(b.cat("/data/f3")) == step - 1
+
+
+def test_a_change_of_many_entries_is_an_anchor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain is bounded in entries too (4000 in rfs, 20 here), whatever their bytes."""
+    monkeypatch.setattr(layerchain, "CHAIN_ENTRIES", 20)
+    text = commands("write /etc/one 1", "many /srv 30", "write /etc/three 3")
+    b = Build(tmp_path / "warm", text)
+    b.build()
+    k = b.keys
+    assert chains(b.records()) == {
+        "diff[0]": (False, "base", [k["diff[0]"]]),
+        "diff[1]": (True, k["diff[1]"], []),
+        "diff[2]": (False, k["diff[1]"], [k["diff[2]"]]),
+    }
+    edited = commands("write /etc/one 1", "many /srv 30", "write /etc/three 33")
+    assert b.build(edited) == {"run[2]", "diff[2]", "assemble"}
+    assert b.cat("/srv/f29") == b"x" and b.cat("/etc/three") == b"33\n"
+    assert b.out.read_bytes() == clean_image(tmp_path / "clean", edited)
 
 
 @pytest.mark.xfail(
