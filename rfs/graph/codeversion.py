@@ -50,6 +50,10 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
         "fs/ext4patch.py",
         "fs/tarformat.py",
         "fs/selection.py",
+        "fs/overlay.py",
+        "fs/plan.py",
+        "host/hashing.py",
+        "host/proc.py",
     ),
     # Everything between the tarball and the image: the tar filter, overlays, every driver.
     "assemble": (

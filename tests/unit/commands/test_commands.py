@@ -98,8 +98,9 @@ def test_build_writes_the_image_and_plan_then_has_nothing_to_do(
     assert [line.split()[:2] for line in lines[:-1]] == [
         ["skip", "base"],  # the image is up to date: nothing before it is needed
         ["skip", "run[0]"],
+        ["skip", "diff[0]"],
         ["skip", "run[1]"],
-        ["skip", "export"],
+        ["skip", "diff[1]"],
         ["skip", "overlays"],
         ["cached", "assemble"],
     ]
@@ -112,7 +113,7 @@ def test_plan_explains_what_changed(cli: Cli, capsys: pytest.CaptureFixture[str]
     assert cli("plan", str(cli.pkg), "--explain") == EXIT_OK  # the last output is remembered
     out, _ = capsys.readouterr()
     assert out.splitlines()[-1] == "3 step(s) to run"
-    run1 = out[out.index("run     run[1]") : out.index("run     export")]
+    run1 = out[out.index("run     run[1]") : out.index("run     diff[1]")]
     assert "why: argv changed" in run1
     assert "- commands[1]: command changed (`write /etc/two 2` → `write /etc/two 22`)" in run1
     assert "cached  run[0]" in out and "cached  overlays" in out
@@ -124,8 +125,9 @@ def test_plan_explains_what_changed(cli: Cli, capsys: pytest.CaptureFixture[str]
     assert actions == {
         "base": "skip",
         "run[0]": "cached",
+        "diff[0]": "cached",
         "run[1]": "run",
-        "export": "run",
+        "diff[1]": "run",
         "overlays": "cached",
         "assemble": "run",
     }
@@ -137,7 +139,7 @@ def test_plan_rebuild_and_no_cache(cli: Cli, capsys: pytest.CaptureFixture[str])
     assert cli("plan", str(cli.pkg), "--rebuild", "run[1]") == EXIT_OK
     assert capsys.readouterr().out.splitlines()[-1] == "3 step(s) to run"
     assert cli("plan", str(cli.pkg), "--no-cache") == EXIT_OK
-    assert capsys.readouterr().out.splitlines()[-1] == "5 step(s) to run"
+    assert capsys.readouterr().out.splitlines()[-1] == "6 step(s) to run"
     assert cli("plan", str(cli.pkg), "--rebuild", "run[9]") == UsageError.exit_code
     assert "--rebuild run[9]: no such step" in capsys.readouterr().err
 
@@ -148,9 +150,12 @@ def test_build_json_streams_events(cli: Cli, capsys: pytest.CaptureFixture[str])
     kinds = [e["event"] for e in events]
     assert kinds[0] == "plan" and kinds[-1] == "build_finished"
     assert events[-1]["ok"] is True and events[-1]["output"] == str(cli.out)
-    assert (events[-1]["ran"], events[-1]["cached"]) == (5, 1)
+    assert (events[-1]["ran"], events[-1]["cached"]) == (6, 1)
     done = [e["step"] for e in events if e["event"] == "step_finished"]
-    assert done == ["run[0]", "run[1]", "export", "overlays", "assemble"]
+    assert sorted(done) == sorted(
+        ["run[0]", "diff[0]", "run[1]", "diff[1]", "overlays", "assemble"]
+    )
+    assert done.index("run[0]") < done.index("diff[0]") < done.index("diff[1]") < len(done) - 1
 
 
 def test_a_failed_build_exits_with_the_step_failure(
@@ -179,7 +184,8 @@ def test_graph_dot_shows_states_edges_and_timings(
     dot = capsys.readouterr().out
     assert dot.startswith("digraph rfs {") and dot.rstrip().endswith("}")
     assert '"run[0]" -> "run[1]";' in dot and '"overlays" -> "assemble";' in dot
-    assert dot.count('fillcolor="#ffe0b2"') == 5  # to run: all but the base
+    assert '"run[1]" -> "diff[1]";' in dot and '"diff[0]" -> "diff[1]";' in dot
+    assert dot.count('fillcolor="#ffe0b2"') == 6  # to run: all but the base
     assert "last " not in dot
 
     assert cli.build() == EXIT_OK
@@ -188,7 +194,7 @@ def test_graph_dot_shows_states_edges_and_timings(
     assert cli("graph", str(cli.pkg), "-o", str(target), "--image", str(cli.out)) == EXIT_OK
     dot = target.read_text()
     assert dot.count('fillcolor="#eeeeee"') == 3  # base, run[0], run[1]: not needed
-    assert dot.count('fillcolor="#c8e6c9"') == 1  # the export is cached
+    assert dot.count('fillcolor="#c8e6c9"') == 2  # the diffs of both commands are cached
     assert dot.count('fillcolor="#ffe0b2"') == 2  # overlays and assemble run
     assert "to run · last " in dot  # the last build's timings are shown
     assert "why: /etc/motd content changed" in dot
@@ -229,7 +235,9 @@ def test_cache_info_prune_and_clear(cli: Cli, capsys: pytest.CaptureFixture[str]
     assert cli("cache", "info", "--json") == EXIT_OK
     stats = json.loads(capsys.readouterr().out)
     assert stats["kinds"]["run"]["entries"] == 2
-    assert stats["kinds"]["export"]["entries"] == 1
+    # a layered build: a diff per command, laid on the base image's export (a local entry)
+    assert stats["kinds"]["diff"]["entries"] == 2 and stats["kinds"]["diff"]["bytes"] > 0
+    assert stats["kinds"]["base-export"]["entries"] == 1 and "export" not in stats["kinds"]
     assert stats["blob_bytes"] > 0
 
     assert cli("cache", "info") == EXIT_OK

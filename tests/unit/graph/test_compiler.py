@@ -39,7 +39,7 @@ def test_a_default_is_keyed_as_the_value_each_command_runs_with() -> None:
     )
     assert per_command == as_default
     plain = keys(TWO)
-    assert changed(plain, as_default) == {"run[0]", "run[1]", "export", "assemble"}
+    assert changed(plain, as_default) == {"run[0]", "diff[0]", "run[1]", "diff[1]", "assemble"}
     overridden = keys(
         HEAD + 'gid = 5\n[[commands]]\ncommand = "one"\ngid = 0\n[[commands]]\ncommand = "two"\n'
     )
@@ -47,21 +47,22 @@ def test_a_default_is_keyed_as_the_value_each_command_runs_with() -> None:
     assert changed(
         keys(HEAD + '[[commands]]\ncommand = "one"\ngid = 0\n[[commands]]\ncommand = "two"\n'),
         overridden,
-    ) == {"run[1]", "export", "assemble"}
+    ) == {"run[1]", "diff[1]", "assemble"}
 
 
 def test_copies_are_in_the_first_commands_key_only() -> None:
     base = keys(TWO)
     copied = TWO + '[[copy]]\nsource = "/f"\ndestination = "/etc/f"\n'
     with_copy = keys(copied)
-    assert changed(base, with_copy) == {"run[0]", "run[1]", "export", "assemble"}
+    assert changed(base, with_copy) == {"run[0]", "diff[0]", "run[1]", "diff[1]", "assemble"}
     edited = keys(copied, Facts(base_id=FACTS.base_id, file_digests={"/f": "other"}))
-    assert changed(with_copy, edited) == {"run[0]", "run[1]", "export", "assemble"}
+    assert changed(with_copy, edited) == {"run[0]", "diff[0]", "run[1]", "diff[1]", "assemble"}
     for extra in ("mode = 0o600", "uid = 1", "gid = 1"):
         assert changed(with_copy, keys(copied + extra + "\n")) == {
             "run[0]",
+            "diff[0]",
             "run[1]",
-            "export",
+            "diff[1]",
             "assemble",
         }, extra
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 from hypothesis import given
@@ -52,7 +52,56 @@ def test_same_inputs_same_keys() -> None:
 
 
 def test_graph_shape() -> None:
-    graph = build_graph(compile_steps(script(), FACTS))
+    """An ext4 build with commands: each command's change is a DIFF step, chained."""
+    steps = compile_steps(script(), FACTS)
+    assert [s.id for s in steps] == [
+        "base",
+        "run[0]",
+        "diff[0]",
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "overlays",
+        "assemble",
+    ]
+    graph = build_graph(steps)
+    assert sorted(graph.edges) == sorted(
+        [
+            ("base", "run[0]"),
+            ("run[0]", "run[1]"),
+            ("run[1]", "run[2]"),
+            ("run[0]", "diff[0]"),
+            ("base", "diff[0]"),
+            ("run[1]", "diff[1]"),
+            ("diff[0]", "diff[1]"),
+            ("run[2]", "diff[2]"),
+            ("diff[1]", "diff[2]"),
+            ("diff[0]", "assemble"),
+            ("diff[1]", "assemble"),
+            ("diff[2]", "assemble"),
+            ("overlays", "assemble"),
+        ]
+    )
+    # a DIFF step's parents: its command, then the chain before it
+    assert {s.id: s.parents for s in steps if s.id.startswith("diff")} == {
+        "diff[0]": ("run[0]", "base"),
+        "diff[1]": ("run[1]", "diff[0]"),
+        "diff[2]": ("run[2]", "diff[1]"),
+    }
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace("size_mib = 64", 'size_mib = 64\ntype = "Squashfs"'),
+        lambda t: t + '[[outputs]]\npath = "/boot/vmlinuz"\nto = "vmlinuz"\n',
+    ],
+    ids=["squashfs", "outputs"],
+)
+def test_graph_shape_of_an_unlayered_build(edit: Callable[[str], str]) -> None:
+    """Other filesystem types and builds with side outputs read one export of the last layer."""
+    graph = build_graph(compile_steps(script(edit(SCRIPT)), FACTS))
     assert sorted(graph.edges) == sorted(
         [
             ("base", "run[0]"),
@@ -65,9 +114,28 @@ def test_graph_shape() -> None:
     )
 
 
+def test_graph_shape_without_commands() -> None:
+    bare = script(
+        SCRIPT.split("[[commands]]")[0] + '[[overlays]]\nsource_inline = "x"\n'
+        'destination = "/etc/motd"\n'
+    )
+    graph = build_graph(compile_steps(bare, FACTS))
+    assert sorted(graph.edges) == [
+        ("base", "export"),
+        ("export", "assemble"),
+        ("overlays", "assemble"),
+    ]
+
+
 def test_second_command_change_invalidates_it_and_downstream_only() -> None:
     edited = script(SCRIPT.replace("echo two", "echo TWO"))
-    assert changed(keys(script()), keys(edited)) == {"run[1]", "run[2]", "export", "assemble"}
+    assert changed(keys(script()), keys(edited)) == {
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "assemble",
+    }
 
 
 def test_overlay_change_invalidates_overlays_and_assemble_only() -> None:
@@ -80,9 +148,11 @@ def test_base_id_change_invalidates_everything_but_overlays() -> None:
     assert changed(keys(script()), keys(script(), other)) == {
         "base",
         "run[0]",
+        "diff[0]",
         "run[1]",
+        "diff[1]",
         "run[2]",
-        "export",
+        "diff[2]",
         "assemble",
     }
 
@@ -126,25 +196,32 @@ def test_cached_image_needs_nothing_upstream() -> None:
     assert {k for k, (a, _) in decisions.items() if a is Action.SKIP} == {
         "base",
         "run[0]",
+        "diff[0]",
         "run[1]",
+        "diff[1]",
         "run[2]",
-        "export",
+        "diff[2]",
         "overlays",
     }
 
 
 def test_resumes_from_deepest_cached_layer() -> None:
-    decisions = _plan(script(), {"base", "run[0]", "overlays"})
+    decisions = _plan(script(), {"base", "run[0]", "diff[0]", "overlays"})
     actions = {k: a for k, (a, _) in decisions.items()}
     assert actions == {
         "base": Action.SKIP,
         "run[0]": Action.CACHED,
+        "diff[0]": Action.CACHED,
         "run[1]": Action.RUN,
+        "diff[1]": Action.RUN,
         "run[2]": Action.RUN,
-        "export": Action.RUN,
+        "diff[2]": Action.RUN,
         "overlays": Action.CACHED,
         "assemble": Action.RUN,
     }
+    # without diff[0] its chain starts at the base, which is then needed
+    decisions = _plan(script(), {"base", "run[0]", "overlays"})
+    assert decisions["base"][0] is Action.CACHED and decisions["diff[0]"][0] is Action.RUN
 
 
 def test_reasons_name_what_changed() -> None:

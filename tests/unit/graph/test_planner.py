@@ -42,7 +42,7 @@ FACTS = Facts(
     mkfs_version="mke2fs 1.47.2",
     platform="linux/amd64",
     engine_version="20.10.24",
-    code={"run": "r", "export": "e", "assemble": "a"},
+    code={"run": "r", "export": "e", "diff": "d", "assemble": "a"},
     file_digests={"/scripts/a.sh": "s" * 64, "/files/motd": "m" * 64},
 )
 
@@ -51,12 +51,19 @@ def script(text: str = SCRIPT) -> BuildScript:
     return parse_script(tomllib.loads(text))[0]
 
 
+# The same build, as a type whose assembly reads one export of the last layer.
+SQUASHFS = SCRIPT.replace("size_mib = 64", 'size_mib = 64\ntype = "Squashfs"')
+COMMANDS = {"run[0]", "run[1]", "run[2]"}
+DIFFS = {"diff[0]", "diff[1]", "diff[2]"}
+
+
 def keys(facts: Facts = FACTS, text: str = SCRIPT) -> dict[str, str]:
     return {step.id: step.key for step in compile_steps(script(text), facts)}
 
 
-def changed(other: dict[str, str]) -> set[str]:
-    base = keys()
+def changed(other: dict[str, str], text: str = SCRIPT) -> set[str]:
+    base = keys(text=text)
+    assert set(base) == set(other)
     return {k for k in base if base[k] != other[k]}
 
 
@@ -64,44 +71,44 @@ def changed(other: dict[str, str]) -> set[str]:
 
 
 def test_network_is_in_every_command_key() -> None:
-    assert changed(keys(dataclasses.replace(FACTS, network=False))) == {
-        "run[0]",
-        "run[1]",
-        "run[2]",
-        "export",
-        "assemble",
-    }
+    facts = dataclasses.replace(FACTS, network=False)
+    assert changed(keys(facts)) == COMMANDS | DIFFS | {"assemble"}
+    assert changed(keys(facts, SQUASHFS), SQUASHFS) == COMMANDS | {"export", "assemble"}
 
 
 def test_platform_is_in_the_base_key() -> None:
-    assert changed(keys(dataclasses.replace(FACTS, platform="linux/arm64"))) == {
-        "base",
-        "run[0]",
-        "run[1]",
-        "run[2]",
-        "export",
-        "assemble",
-    }
+    facts = dataclasses.replace(FACTS, platform="linux/arm64")
+    assert changed(keys(facts)) == {"base"} | COMMANDS | DIFFS | {"assemble"}
 
 
 def test_engine_version_is_in_the_export_key() -> None:
-    assert changed(keys(dataclasses.replace(FACTS, engine_version="28.0"))) == {
-        "export",
-        "assemble",
-    }
+    facts = dataclasses.replace(FACTS, engine_version="28.0")
+    assert changed(keys(facts, SQUASHFS), SQUASHFS) == {"export", "assemble"}
+
+
+def test_engine_version_is_in_each_diff_key() -> None:
+    """A diff step's blob is a layer diff or an export, which differ between versions."""
+    facts = dataclasses.replace(FACTS, engine_version="28.0")
+    assert changed(keys(facts)) == DIFFS | {"assemble"}
+    assert changed(keys(dataclasses.replace(FACTS, engine="podman"))) >= DIFFS
 
 
 @pytest.mark.parametrize(
-    ("kind", "steps"),
+    ("kind", "text", "steps"),
     [
-        ("run", {"run[0]", "run[1]", "run[2]", "export", "assemble"}),
-        ("export", {"export", "assemble"}),
-        ("assemble", {"assemble"}),
+        ("run", SCRIPT, COMMANDS | DIFFS | {"assemble"}),
+        ("run", SQUASHFS, COMMANDS | {"export", "assemble"}),
+        ("export", SQUASHFS, {"export", "assemble"}),
+        ("diff", SCRIPT, DIFFS | {"assemble"}),
+        ("diff", SQUASHFS, set()),
+        ("assemble", SCRIPT, {"assemble"}),
+        ("assemble", SQUASHFS, {"assemble"}),
     ],
+    ids=["run", "run-squashfs", "export", "diff", "diff-squashfs", "assemble", "assemble-sq"],
 )
-def test_the_code_of_each_kind_is_in_its_key(kind: str, steps: set[str]) -> None:
+def test_the_code_of_each_kind_is_in_its_key(kind: str, text: str, steps: set[str]) -> None:
     code = {**FACTS.code, kind: "changed"}
-    assert changed(keys(dataclasses.replace(FACTS, code=code))) == steps
+    assert changed(keys(dataclasses.replace(FACTS, code=code), text), text) == steps
 
 
 def test_tool_versions_are_in_the_assemble_key() -> None:
@@ -245,15 +252,18 @@ def test_a_forced_step_runs_with_everything_after_it() -> None:
     assert actions == {
         "base": Action.SKIP,
         "run[0]": Action.CACHED,
+        "diff[0]": Action.CACHED,
         "run[1]": Action.RUN,
+        "diff[1]": Action.RUN,
         "run[2]": Action.RUN,
-        "export": Action.RUN,
+        "diff[2]": Action.RUN,
         "overlays": Action.CACHED,
         "assemble": Action.RUN,
     }
     reasons = {d.step.id: d.reason for d in decisions}
     assert reasons["run[1]"] == "--rebuild"
-    assert reasons["export"].startswith("run[2] runs again")
+    assert reasons["diff[1]"].startswith("run[1] runs again")
+    assert reasons["diff[2]"].startswith("run[2] runs again")
 
 
 def test_forced_closure_follows_every_path() -> None:
@@ -272,21 +282,21 @@ def test_stale_results_and_what_was_made_from_them() -> None:
         return records.get(key)
 
     ages = {"run[1]": day}
-    # run[2] and export were made from run[1]'s result of 10 s ago
-    for sid in ("run[2]", "export", "assemble"):
+    # run[2], diff[1] and diff[2] were made from run[1]'s result of 10 s ago
+    for sid in ("run[2]", "diff[1]", "diff[2]", "assemble"):
         records[by_id[sid].key]["made_at"] = made_at(by_id[sid], record, by_id)
     assert stale_steps(steps, record, ages, now) == {}
     # a day later run[1] is stale; so is everything made from it
     later = now + day
     stale = stale_steps(steps, record, ages, later)
-    assert set(stale) == {"run[1]", "run[2]", "export", "assemble"}
+    assert set(stale) == {"run[1]", "run[2]", "diff[1]", "diff[2]", "assemble"}
     assert stale["run[1]"].startswith("stale: made 1.0d ago")
-    # run[1]'s record is gone (evicted): the export made from its old result is still stale
+    # run[1]'s record is gone (evicted): the diffs made from its old result are still stale
     del records[by_id["run[1]"].key]
-    assert "export" in stale_steps(steps, record, ages, later)
+    assert {"diff[1]", "diff[2]"} <= set(stale_steps(steps, record, ages, later))
     # a record that does not say when its stale-able source was made is stale
-    records[by_id["export"].key].pop("made_at")
-    assert "unknown age" in stale_steps(steps, record, ages, now)["export"]
+    records[by_id["diff[2]"].key].pop("made_at")
+    assert "unknown age" in stale_steps(steps, record, ages, now)["diff[2]"]
 
 
 def test_made_at_collects_the_times_of_stale_able_sources() -> None:
@@ -297,7 +307,7 @@ def test_made_at_collects_the_times_of_stale_able_sources() -> None:
         by_id["run[2]"].key: {"created": 6.0, "made_at": {by_id["run[1]"].key: 5.0}},
     }
     assert made_at(by_id["run[2]"], records.get, by_id) == {by_id["run[1]"].key: 5.0}
-    assert made_at(by_id["export"], records.get, by_id) == {
+    assert made_at(by_id["diff[2]"], records.get, by_id) == {
         by_id["run[1]"].key: 5.0,
         by_id["run[2]"].key: 6.0,
     }

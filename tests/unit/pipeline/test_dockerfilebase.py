@@ -108,7 +108,7 @@ def ran(actions: dict[str, Action]) -> set[str]:
 
 def test_a_dockerfile_base_builds_and_a_noop_builds_nothing(tmp_path: Path) -> None:
     w = World(tmp_path)
-    assert ran(w.build()) == {"run[0]", "export", "overlays", "assemble"}
+    assert ran(w.build()) == {"run[0]", "diff[0]", "overlays", "assemble"}
     assert w.built() == 1
     tree = w.engine.tree(w.bases[0])
     assert tree["/etc/made"].data == b"salted\n"  # the build arg reached the first stage
@@ -136,7 +136,7 @@ def test_no_cache_builds_the_base_again(tmp_path: Path) -> None:
         return shell(ctx)
 
     w.engine.run = counting
-    assert ran(w.build(no_cache=True)) == {"run[0]", "export", "overlays", "assemble"}
+    assert ran(w.build(no_cache=True)) == {"run[0]", "diff[0]", "overlays", "assemble"}
     assert w.built() == 2
     assert w.engine.tree(w.bases[0])["/etc/made"].data == b"salted\n"
     assert w.cat("/etc/made") == "build 1\n"  # the image holds what this build made
@@ -191,7 +191,7 @@ def test_a_keyed_change_builds_again_and_explain_names_it(
     w.build()
     w.edit(*change)
     assert w.explain()["base"] == [expected]
-    assert ran(w.build()) == {"run[0]", "export", "assemble"}
+    assert ran(w.build()) == {"run[0]", "diff[0]", "assemble"}
     assert w.built() == 2
 
 
@@ -206,7 +206,7 @@ def test_the_target_stage_is_keyed_and_built(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.build()
     w.edit("build.toml", BUILD.replace("build_args", 'target = "build"\nbuild_args'))
-    assert ran(w.build()) == {"run[0]", "export", "assemble"}
+    assert ran(w.build()) == {"run[0]", "diff[0]", "assemble"}
     tree = w.engine.tree(w.bases[-1])
     assert "/made" in tree and "/opt/app/main.txt" not in tree
 
@@ -344,7 +344,7 @@ def test_a_retagged_from_image_builds_the_base_again_and_explain_names_it(
     assert other != first
     (line,) = w.explain()["base"]
     assert line.startswith("base: FROM image fake/base:1 is another image now (image_id ")
-    assert ran(w.build()) == {"run[0]", "export", "assemble"}
+    assert ran(w.build()) == {"run[0]", "diff[0]", "assemble"}
     assert w.built() == 2
     assert w.engine.tree(w.bases[-1])["/etc/v2"].data == b"v2\n"  # built on the new image
     assert w.cat("/etc/v2") == "v2\n"

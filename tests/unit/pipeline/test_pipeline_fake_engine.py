@@ -94,6 +94,8 @@ class World:
 
 
 RAN = Action.RUN
+COMMANDS = {"run[0]", "run[1]", "run[2]"}
+DIFFS = {"diff[0]", "diff[1]", "diff[2]"}
 
 
 def ran(actions: dict[str, Action]) -> set[str]:
@@ -102,7 +104,9 @@ def ran(actions: dict[str, Action]) -> set[str]:
 
 def test_build_noop_and_edits(tmp_path: Path) -> None:
     w = World(tmp_path)
-    assert ran(w.build()) == {"run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"}
+    assert ran(w.build()) == COMMANDS | DIFFS | {"overlays", "assemble"}
+    # a layered build: the diffs of the commands laid on the base image's export
+    assert w.engine.calls.count("export") == 1 and w.engine.calls.count("layer_diff") == 3
     assert w.cat("/etc/two") == "2\n" and w.cat("/etc/motd") == "hello\n"
     assert w.cat("/etc/three") == "#!/bin/sh\necho three\n"
     image = w.out.read_bytes()
@@ -116,8 +120,8 @@ def test_build_noop_and_edits(tmp_path: Path) -> None:
     assert w.engine.calls.count("run") == runs and w.cat("/etc/motd") == "edited\n"
 
     (w.pkg / "build.toml").write_text(BUILD.replace("/etc/two 2", "/etc/two 22"))
-    assert ran(w.build()) == {"run[1]", "run[2]", "export", "assemble"}
-    assert w.cat("/etc/two") == "22\n"
+    assert ran(w.build()) == {"run[1]", "diff[1]", "run[2]", "diff[2]", "assemble"}
+    assert w.cat("/etc/two") == "22\n" and w.engine.calls.count("export") == 1
 
 
 def test_warm_and_clean_builds_give_the_same_bytes(tmp_path: Path) -> None:
@@ -134,15 +138,8 @@ def test_warm_and_clean_builds_give_the_same_bytes(tmp_path: Path) -> None:
 def test_no_cache_and_rebuild(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.build()
-    assert ran(w.build(no_cache=True)) == {
-        "run[0]",
-        "run[1]",
-        "run[2]",
-        "export",
-        "overlays",
-        "assemble",
-    }
-    assert ran(w.build(rebuild=("run[2]",))) == {"run[2]", "export", "assemble"}
+    assert ran(w.build(no_cache=True)) == COMMANDS | DIFFS | {"overlays", "assemble"}
+    assert ran(w.build(rebuild=("run[2]",))) == {"run[2]", "diff[2]", "assemble"}
     assert ran(w.build()) == set()
 
 
@@ -153,7 +150,7 @@ def test_a_failed_command_records_nothing_and_the_next_build_resumes(tmp_path: P
         w.build()
     assert not w.out.exists()
     (w.pkg / "build.toml").write_text(BUILD)
-    assert ran(w.build()) == {"run[1]", "run[2]", "export", "overlays", "assemble"}
+    assert ran(w.build()) == {"run[1]", "diff[1]", "run[2]", "diff[2]", "overlays", "assemble"}
 
 
 def test_keep_failed_leaves_the_container_and_the_next_build_keeps_it(tmp_path: Path) -> None:
@@ -171,10 +168,10 @@ def test_an_interrupt_during_a_command_keeps_what_finished(tmp_path: Path) -> No
         return shell(ctx)
 
     w = World(tmp_path, interrupted)
-    with pytest.raises(Interrupted, match=r"during run\[1\]: 1 step\(s\) finished"):
+    with pytest.raises(Interrupted, match=r"during run\[1\]: 2 step\(s\) finished"):
         w.build()
     w.engine.run = shell
-    assert ran(w.build()) == {"run[1]", "run[2]", "export", "overlays", "assemble"}
+    assert ran(w.build()) == {"run[1]", "diff[1]", "run[2]", "diff[2]", "overlays", "assemble"}
 
 
 def test_a_package_file_edited_after_planning_is_refused(tmp_path: Path) -> None:
@@ -204,6 +201,16 @@ def test_the_engine_platform_and_version_are_in_the_keys(tmp_path: Path) -> None
     w.engine._platform = "linux/arm64"
     assert "run[0]" in ran(w.build())
     w.engine._version = "fake-2"
+    assert ran(w.build()) == DIFFS | {"assemble"}
+
+
+def test_the_engine_version_is_in_the_export_key(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    (w.pkg / "build.toml").write_text(
+        BUILD.replace("size_mib = 8", 'size_mib = 8\ntype = "Squashfs"')
+    )
+    assert "export" in ran(w.build())
+    w.engine._version = "fake-2"
     assert ran(w.build()) == {"export", "assemble"}
 
 
@@ -232,7 +239,7 @@ def test_remote_cache_round_trip_and_a_hostile_copy(tmp_path: Path) -> None:
         b = World(tmp_path / "b")
         (b.pkg / "scripts" / "three.sh").write_text("#!/bin/sh\necho changed\n")
         reading = RemoteSettings(sources=(server.url,), timeout_s=5)
-        assert ran(b.build(remote=reading)) == {"run[2]", "export", "assemble"}
+        assert ran(b.build(remote=reading)) == {"run[2]", "diff[2]", "assemble"}
         assert b.cat("/etc/two") == "2\n" and "run" not in b.engine.calls[:1]
         assert b.engine.calls.count("run") == 1
 
@@ -240,10 +247,10 @@ def test_remote_cache_round_trip_and_a_hostile_copy(tmp_path: Path) -> None:
             data = bytearray(server.objects[name])
             data[len(data) // 2] ^= 0xFF
             server.objects[name] = bytes(data)
-        # The image and the export are objects: misses. The tiny layers ride inside their
-        # records, so the last one is still fetched and exported again here.
+        # The image and the layer diffs are objects: misses. The tiny layers ride inside
+        # their records, so every command's layer is still fetched and diffed again here.
         c = World(tmp_path / "c")
-        assert ran(c.build(remote=reading)) == {"export", "assemble"}
+        assert ran(c.build(remote=reading)) == DIFFS | {"assemble"}
         assert c.engine.calls.count("run") == 0
         assert c.out.read_bytes() == a.out.read_bytes()
     finally:

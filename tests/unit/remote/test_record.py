@@ -43,6 +43,7 @@ def _run_body() -> dict[str, Any]:
         "fields": {
             "image_id": f"sha256:{hashlib.sha256(config).hexdigest()}",
             "etc_written": {"/etc/hostname": base64.b64encode(b"box\n").decode()},
+            "new_layer": True,
         },
         "layer": {
             "config": base64.b64encode(config).decode(),
@@ -60,10 +61,26 @@ BODIES: dict[str, dict[str, Any]] = {
         "fields": {"blob_size": 10, "blob_digest": "44" * 32, "etc_written": {}},
         "export": {"object": REF},
     },
+    "diff": {
+        "fields": {
+            "blob_size": 10,
+            "blob_digest": "44" * 32,
+            "etc_written": {"/etc/hostname": base64.b64encode(b"box\n").decode()},
+            "anchor": False,
+            "chain": {"anchor": "66" * 32, "diffs": ["77" * 32, KEY], "data": 4096, "entries": 3},
+        },
+        "diff": {"object": REF},
+    },
     "assemble": {"fields": {}, "image": {"object": REF, "size": 5, "blake3": "55" * 32}},
     "overlays": {"fields": {"overlays": 3}},
 }
-STEPS = {"run": "run[1]", "export": "export", "assemble": "assemble", "overlays": "overlays"}
+STEPS = {
+    "run": "run[1]",
+    "export": "export",
+    "diff": "diff[1]",
+    "assemble": "assemble",
+    "overlays": "overlays",
+}
 
 
 def wanted(kind: str = "run", key: str = KEY, scope: str = "") -> Wanted:
@@ -92,6 +109,21 @@ def test_every_kind_round_trips(kind: str) -> None:
         assert record.fields["etc_written"] == {"/etc/hostname": b"box\n"}
         assert [p.data is not None for p in record.layers] == [True, False]
         assert record.objects == (ObjectRef.from_json(REF),)
+        assert record.fields["new_layer"] is True
+    if kind == "diff":
+        assert record.ref == ObjectRef.from_json(REF) and record.objects == (record.ref,)
+        assert record.fields["anchor"] is False
+        assert record.fields["chain"] == BODIES["diff"]["fields"]["chain"]
+        assert record.fields["etc_written"] == {"/etc/hostname": b"box\n"}
+        assert record.fields["blob_size"] == 10
+
+
+def test_a_diff_chain_may_start_at_the_base() -> None:
+    body = json.loads(json.dumps(BODIES["diff"]))
+    body["fields"]["anchor"] = True
+    body["fields"]["chain"] = {"anchor": "base", "diffs": [], "data": 0, "entries": 0}
+    record = decode_record(encode_record(body, wanted("diff"), None), wanted("diff"))
+    assert record.fields["anchor"] is True and record.fields["chain"]["anchor"] == "base"
 
 
 def _edit(kind: str, change: dict[str, Any]) -> bytes:
@@ -123,6 +155,22 @@ def _edit(kind: str, change: dict[str, Any]) -> bytes:
         ),
         ("run", {"fields.image_id": "sha256:" + "66" * 32}, "does not match its image ID"),
         ("run", {"layer.manifest": [{"RepoTags": ["rfs-test/busybox:1"]}]}, "expected the fields"),
+        ("run", {"fields.new_layer": "yes"}, "not true or false"),
+        ("diff", {"fields.anchor": 1}, "not true or false"),
+        ("diff", {"fields.anchor": None}, "not true or false"),
+        ("diff", {"fields.chain.diffs": ["../" + "7" * 61]}, "not 64 hex digits"),
+        ("diff", {"fields.chain.diffs": ["77" * 32, "XY" * 32]}, "not 64 hex digits"),
+        ("diff", {"fields.chain.diffs": "77" * 32}, "not a list of keys"),
+        ("diff", {"fields.chain.anchor": "../base"}, "not 64 hex digits"),
+        ("diff", {"fields.chain.anchor": None}, "not 64 hex digits"),
+        ("diff", {"fields.chain.data": -1}, "not a byte count"),
+        ("diff", {"fields.chain.entries": -5}, "not a byte count"),
+        ("diff", {"fields.chain.entries": True}, "not a byte count"),
+        ("diff", {"fields.chain.extra": 1}, "expected the fields"),
+        ("diff", {"fields.blob_digest": "z" * 64}, "not 64 hex digits"),
+        ("diff", {"fields.blob_size": -1}, "not a byte count"),
+        ("diff", {"diff.object.sha256": "../../" + "0" * 58}, "malformed object"),
+        ("diff", {"fields.etc_written": {"/etc/passwd": ""}}, "does not manage"),
         ("assemble", {"image.size": True}, "not a byte count"),
         ("overlays", {"extra": 1}, "unexpected"),
     ],

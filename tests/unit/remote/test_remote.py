@@ -122,7 +122,9 @@ def test_layers_travel_as_config_and_checked_layers_never_as_tags(tmp_path: Path
     assert "object" in part["layers"][0] and "data" in part["layers"][1]
     wanted = Wanted(KEY, "", KEY, "run", "run[0]")
     data = encode_record(
-        {"layer": part, "fields": {"image_id": image_id, "etc_written": {}}}, wanted, None
+        {"layer": part, "fields": {"image_id": image_id, "etc_written": {}, "new_layer": True}},
+        wanted,
+        None,
     )
     record = decode_record(data, wanted)
     out = io.BytesIO()

@@ -93,11 +93,11 @@ class Recording(Reporter):
 
 
 def drive(reporter: Reporter, *, fail: bool = False) -> list[Step]:
-    """Feed `reporter` a build: base and run[0] cached, run[1] runs (with output), then export
-    and assemble run, or run[1] fails."""
+    """Feed `reporter` a build: base, run[0] and diff[0] cached, run[1] runs (with output),
+    then diff[1] and assemble run, or run[1] fails."""
     _, steps = compiled()
     by_id = {s.id: s for s in steps}
-    plan_ = decisions(steps, {"base", "run[0]", "overlays"})
+    plan_ = decisions(steps, {"base", "run[0]", "diff[0]", "overlays"})
     reporter.planned(plan_)
     for d in plan_:
         if d.action is not Action.RUN:
@@ -111,10 +111,10 @@ def drive(reporter: Reporter, *, fail: bool = False) -> list[Step]:
         reporter.close(StepFailed("run[1]", "exited with code 3"))
         return steps
     reporter.finished(run1, 0.5)
-    reporter.started(by_id["export"], "run[1] changed")
-    reporter.progress(by_id["export"], 1 << 20)
-    reporter.finished(by_id["export"], 0.2, 3 << 20)
-    reporter.started(by_id["assemble"], "export changed")
+    reporter.started(by_id["diff[1]"], "run[1] changed")
+    reporter.progress(by_id["diff[1]"], 1 << 20)
+    reporter.finished(by_id["diff[1]"], 0.2, 3 << 20)
+    reporter.started(by_id["assemble"], "diff[1] changed")
     reporter.finished(by_id["assemble"], 0.1, 64 << 20)
     reporter.close(None)
     return steps
@@ -140,21 +140,23 @@ def test_console_reporter_line_format() -> None:
     assert not any("progress 10%" in line for line in lines)
     assert "  run[1] | last line" in lines  # the unterminated last line comes at the end
     assert lines.index("  run[1] | last line") < lines.index("  done     run[1]     0.50 s")
-    assert "  done     export     0.20 s, 3.0 MiB" in lines
+    assert "  done     diff[1]    0.20 s, 3.0 MiB" in lines
     # the summary table: every step in plan order, then the totals and the time saved
     table = lines[lines.index(next(ln for ln in lines if ln.split()[:2] == ["step", "result"])) :]
     assert [row.split()[0] for row in table[1:-1]] == [
         "base",
         "run[0]",
+        "diff[0]",
         "run[1]",
-        "export",
+        "diff[1]",
         "overlays",
         "assemble",
     ]
     assert table[2].split()[:3] == ["run[0]", "cached", "(1.50"]
-    assert table[3].split()[:3] == ["run[1]", "ran", "0.50"]
-    assert "64.0 MiB" in table[6]
-    assert table[-1].startswith("3 step(s) ran, 2 cached, ")
+    assert table[3].split()[:2] == ["diff[0]", "cached"]
+    assert table[4].split()[:3] == ["run[1]", "ran", "0.50"]
+    assert "64.0 MiB" in table[7]
+    assert table[-1].startswith("3 step(s) ran, 3 cached, ")
     assert table[-1].endswith("; the cache saved 1.50 s")
 
 
@@ -177,22 +179,22 @@ def test_console_reporter_failure_marks_the_rest_not_run() -> None:
         for line in lines
         if line.startswith("  ") and len(line.split()) > 1
     }
-    assert rows["run[1]"] == "failed" and rows["export"] == "not"  # "not run"
-    assert lines[-1].startswith("1 step(s) failed, 0 step(s) ran, 2 cached")
+    assert rows["run[1]"] == "failed" and rows["diff[1]"] == "not"  # "not run"
+    assert lines[-1].startswith("1 step(s) failed, 0 step(s) ran, 3 cached")
 
 
 def test_console_progress_is_rate_limited() -> None:
     sink = io.StringIO()
     reporter = ConsoleReporter(sink)
     _, steps = compiled()
-    export = next(s for s in steps if s.id == "export")
-    reporter.started(export, "why")
+    diff = next(s for s in steps if s.id == "diff[1]")
+    reporter.started(diff, "why")
     for n in range(100):
-        reporter.progress(export, n)
+        reporter.progress(diff, n)
     assert "progress" not in sink.getvalue()  # less than PLAIN_PROGRESS_EVERY_S since start
-    reporter._last_progress["export"] -= 60
-    reporter.progress(export, 5 << 20, 10 << 20)
-    assert "  progress export     5.0 MiB of about 10.0 MiB" in sink.getvalue()
+    reporter._last_progress["diff[1]"] -= 60
+    reporter.progress(diff, 5 << 20, 10 << 20)
+    assert "  progress diff[1]    5.0 MiB of about 10.0 MiB" in sink.getvalue()
 
 
 def test_a_step_planned_to_run_can_be_reused() -> None:
@@ -248,10 +250,10 @@ def test_live_reporter_renders_steps_output_and_table() -> None:
     assert "✓ cached  run[0]" in text and "saved 1.50 s" in text
     assert "▶ run     run[1]" in text and "(never built)" in text
     assert "│ hello world" in text and "│ progress 100%" in text
-    assert "✓ done    export" in text and "3.0 MiB" in text
-    assert "3 step(s) ran, 2 cached" in text and "the cache saved 1.50 s" in text
+    assert "✓ done    diff[1]" in text and "3.0 MiB" in text
+    assert "3 step(s) ran, 3 cached" in text and "the cache saved 1.50 s" in text
     # the header shows the reason once; steps without output carry it on their done line
-    assert "✓ done    assemble" in text and "(export changed)" in text
+    assert "✓ done    assemble" in text and "(diff[1] changed)" in text
 
 
 def test_live_reporter_does_not_interpret_markup_in_output() -> None:
@@ -290,17 +292,17 @@ def test_json_events_follow_the_schema() -> None:
     validate_events(events)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "plan" and kinds[-1] == "build_finished"
-    assert kinds.count("step_cached") == 2 and kinds.count("step_skipped") == 1
+    assert kinds.count("step_cached") == 3 and kinds.count("step_skipped") == 1
     assert [e["text"] for e in events if e["event"] == "step_output"] == [
         "hello world",
         "progress 100%",
         "last line",
     ]
     finished = {e["step"]: e for e in events if e["event"] == "step_finished"}
-    assert finished["export"]["bytes"] == 3 << 20 and finished["run[1]"]["seconds"] == 0.5
+    assert finished["diff[1]"]["bytes"] == 3 << 20 and finished["run[1]"]["seconds"] == 0.5
     last = events[-1]
     assert last["ok"] is True and last["exit_code"] == 0 and last["output"] == "out.ext4"
-    assert (last["ran"], last["cached"], last["saved_seconds"]) == (3, 2, 1.5)
+    assert (last["ran"], last["cached"], last["saved_seconds"]) == (3, 3, 1.5)
 
 
 def test_json_failure_event_and_exit_code() -> None:
@@ -353,9 +355,16 @@ def test_explain_names_the_changed_line_and_overlay_destination() -> None:
         "(script changed (line 3: `echo TWO`))"
     ]
     assert changes["overlays"] == ["overlays: /etc/resolv.conf content changed"]
-    assert changes["export"] == ["export: exports the last layer, commands[1], which changed"]
+    assert changes["diff[0]"] == [
+        "diff[0]: reads what commands[0] made, which changed (script changed (line 3: `echo TWO`))"
+    ]
+    assert changes["diff[1]"] == [
+        "diff[1]: reads what commands[1] made, which changed",
+        "diff[1]: reads what diff[0] made, which changed",
+    ]
     assert changes["assemble"] == [
-        "assemble: export changed",
+        "assemble: diff[0] changed",
+        "assemble: diff[1] changed",
         "assemble: overlays changed (/etc/resolv.conf content changed)",
     ]
 
@@ -369,7 +378,9 @@ def test_explain_inserted_overlay_names_only_that_one() -> None:
     )
     script, steps = compiled(edited)
     changes = explain_plan(
-        decisions(steps, {"base", "run[0]", "run[1]", "export"}, previous), previous, script
+        decisions(steps, {"base", "run[0]", "diff[0]", "run[1]", "diff[1]"}, previous),
+        previous,
+        script,
     )
     assert changes["overlays"] == ["overlays: /etc/issue added"]
 
@@ -519,7 +530,7 @@ def test_live_reporter_shows_every_running_step_and_keeps_their_lines_apart() ->
     reporter = LiveReporter(sink, console=console)
     _, steps = compiled()
     reporter.planned(decisions(steps, set()))
-    one, two = steps[1], steps[2]
+    one, two = steps[1], steps[3]  # run[0] and run[1] (diff[0] is between them)
     reporter.started(one, "never built")
     reporter.started(two, "never built")
     footer = Console(file=io.StringIO(), width=120, color_system=None)
