@@ -45,15 +45,10 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
         "run/exporting.py",
         "run/layerchain.py",
         "host/sparse.py",
-        "engine",
-        "fs/layered.py",
-        "fs/ext4patch.py",
-        "fs/tarformat.py",
-        "fs/selection.py",
-        "fs/overlay.py",
-        "fs/plan.py",
         "host/hashing.py",
         "host/proc.py",
+        "engine",
+        "fs",  # the layered export's rules and the export's parsed headers
     ),
     # Everything between the tarball and the image: the tar filter, overlays, every driver.
     "assemble": (

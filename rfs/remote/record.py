@@ -152,7 +152,10 @@ def _decode(data: bytes, wanted: Wanted, trusted: Sequence[PublicKey], where: st
         m = SIG_LINE.fullmatch(line)
         if m is None:
             raise BadRecord(f"{where} has a malformed header line")
-        signatures.append((m.group(1).decode(), base64.b64decode(m.group(2))))
+        raw = base64.b64decode(m.group(2))
+        if base64.b64encode(raw) != m.group(2):  # spare bits set: not the signer's bytes
+            raise BadRecord(f"{where} has a malformed signature")
+        signatures.append((m.group(1).decode(), raw))
     signer = None
     if trusted:
         # Before the body is even parsed: with trusted keys, only signed bytes are read.

@@ -23,15 +23,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rfs.errors import EngineError, RfsError
 from rfs.graph.steps import Step, StepKind
 
 if TYPE_CHECKING:
+    from rfs.engine.base import Engine
     from rfs.engine.layerdiff import Limit
-    from rfs.run.executors import Executor
-    from rfs.run.store import Blob
+    from rfs.report.reporter import Reporter
+    from rfs.run.store import Blob, Store
+
+
+class Executor(Protocol):
+    """What this module needs of rfs.run.executors.Executor (which imports this module)."""
+
+    store: Store
+    reporter: Reporter
+
+    @property
+    def engine(self) -> Engine: ...
+
+    def verified(self, key: str, blob: Blob) -> bool: ...
+
+    def export_image(self, image: str, key: str, step: Step) -> tuple[int, str]: ...
+
+    def layer_tag(self, key: str) -> str: ...
+
 
 # How much the diffs since the last anchor may hold: every image is the anchor's base image
 # patched with all of them, so this bounds what an edit costs on top of its own change.
@@ -56,18 +74,28 @@ def chain_of(executor: Executor, step: Step) -> dict[str, Any]:
     return chain
 
 
-def base_export_key(base_id: str) -> str:
-    """The store key of the export of base image `base_id` (an image ID names its content)."""
+def base_export_key(base_id: str, diff: Step) -> str:
+    """The store key of the export of base image `base_id` (an image ID names its content) by
+    the engine (and its version: exports differ between versions) that DIFF step `diff`'s
+    key names."""
     from rfs.graph.codeversion import code_version
     from rfs.host.hashing import digest_json
 
-    return digest_json({"kind": "base-export", "image": base_id, "code": code_version("export")})
+    return digest_json(
+        {
+            "kind": "base-export",
+            "image": base_id,
+            "engine": diff.inputs.get("engine", ""),
+            "engine_version": diff.inputs.get("engine_version", ""),
+            "code": code_version("export"),
+        }
+    )
 
 
-def base_export(executor: Executor, base_id: str, step: Step) -> Path:
-    """The export of the base image, made (and kept as a local entry) if missing; progress
-    shows on `step`."""
-    key = base_export_key(base_id)
+def base_export(executor: Executor, base_id: str, diff: Step, step: Step) -> Path:
+    """The export of the base image by the engine of DIFF step `diff`, made (and kept as a
+    local entry) if missing; progress shows on `step`."""
+    key = base_export_key(base_id, diff)
     executor.store.hold({key})
     blob = executor.store.blob(key)
     if blob is not None and executor.verified(key, blob):
@@ -80,11 +108,14 @@ def base_export(executor: Executor, base_id: str, step: Step) -> Path:
     return executor.store.root / "blobs" / key
 
 
-def anchor_path(executor: Executor, chain: dict[str, Any], base_id: str, step: Step) -> Path:
-    """The export the chain starts from (checked against its recorded digest)."""
+def anchor_path(
+    executor: Executor, chain: dict[str, Any], base_id: str, diff: Step, step: Step
+) -> Path:
+    """The export the chain of DIFF step `diff` starts from (checked against its recorded
+    digest); progress shows on `step`."""
     anchor = chain["anchor"]
     if anchor == BASE:
-        return base_export(executor, base_id, step)
+        return base_export(executor, base_id, diff, step)
     return blob_path(executor, str(anchor), "the export of a layered build")
 
 
@@ -122,8 +153,8 @@ def assembly_source(
         last = max(diffs, key=lambda d: d.index or 0)
         record = executor.store.record(last.key) or {}
         chain = chain_of(executor, last)
-        anchor = anchor_path(executor, chain, base_id, step)
-        key = base_export_key(base_id) if chain["anchor"] == BASE else str(chain["anchor"])
+        anchor = anchor_path(executor, chain, base_id, last, step)
+        key = base_export_key(base_id, last) if chain["anchor"] == BASE else str(chain["anchor"])
         blob = executor.store.blob(key)
         assert blob is not None  # anchor_path checked it
         layers = tuple(blob_path(executor, d, "a layer diff") for d in chain["diffs"])
@@ -233,9 +264,9 @@ def _unlayerable(
     from rfs.fs.layered import Unlayerable, apply_layers
 
     key = step.key
-    anchor = anchor_path(executor, before, base_id, step)
+    anchor = anchor_path(executor, before, base_id, step, step)
     side = executor.store.side_dir(
-        base_export_key(base_id) if before["anchor"] == BASE else str(before["anchor"])
+        base_export_key(base_id, step) if before["anchor"] == BASE else str(before["anchor"])
     )
     try:
         layers = []

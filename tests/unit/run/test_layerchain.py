@@ -245,11 +245,6 @@ def test_a_change_of_many_entries_is_an_anchor(
     assert b.out.read_bytes() == clean_image(tmp_path / "clean", edited)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rfs.run.layerchain.base_export_key holds neither the engine nor its version, "
-    "which the export and diff keys hold because exports differ between them (#16, reported)",
-)
 def test_a_new_engine_version_exports_the_base_again(tmp_path: Path) -> None:
     """The diffs are made again under a new engine version; the base export they are laid on
     must be too, or a warm build lays them on what the old engine exported."""
