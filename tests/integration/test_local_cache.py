@@ -58,17 +58,26 @@ def test_concurrent_builds_build_each_step_once(
     for result in results:
         assert result.code == 0, result.err
     created = [count_created(docker_client, r.run_id, start_ns) for r in results]
-    assert sum(created) == 4, (created, results)  # three commands and one export, once
+    # three commands and the base image's export (their changes are laid on it), once
+    assert sum(created) == 4, (created, results)
     out0, out1 = (tmp_path / "out0.ext4").read_bytes(), (tmp_path / "out1.ext4").read_bytes()
     assert out0 == out1
 
     stats = info(cache)
     kinds = {k: v["entries"] for k, v in stats["kinds"].items()}
-    assert kinds == {"run": 3, "export": 1, "overlays": 1, "assemble": 1, "ext4-base": 1}
-    (export,) = blobs(cache, "export")
+    assert kinds == {
+        "run": 3,
+        "diff": 3,
+        "base-export": 1,
+        "overlays": 1,
+        "assemble": 1,
+        "ext4-base": 1,
+    }
+    (export,) = blobs(cache, "base-export")
     (base,) = blobs(cache, "ext4-base")
-    assert stats["blob_bytes"] == disk_bytes(export) + disk_bytes(base)
-    assert stats["kinds"]["export"]["bytes"] == disk_bytes(export)
+    diffs = blobs(cache, "diff")
+    assert stats["blob_bytes"] == sum(disk_bytes(p) for p in [export, base, *diffs])
+    assert stats["kinds"]["base-export"]["bytes"] == disk_bytes(export)
     assert disk_bytes(base) < base.stat().st_size  # sparse, counted by what it allocates
     assert list((cache / "tmp").iterdir()) == []
     # Both outputs are known: a third build to either one does nothing.
@@ -98,8 +107,9 @@ def test_prune_by_age_and_clear_remove_layers_too(
 
     pruned = rfs("cache", "prune", "--older-than", "30m", cache=cache)
     assert pruned.code == 0, pruned.err
-    # every step of "old", and its ext4 base image
-    assert "dropped 7 entries (3 layer images)" in pruned.out
+    # every step of "old" (its commands, their changes, overlays, image); the base image's
+    # export and the ext4 base image made of it are the same for "new", which used them now
+    assert "dropped 8 entries (3 layer images)" in pruned.out
     assert sorted(layer_tags(cache)) == new_tags
 
     def present(tag: str) -> bool:
@@ -115,16 +125,16 @@ def test_prune_by_age_and_clear_remove_layers_too(
     assert "0 step(s) ran" in again.err, again.err
     (tmp_path / "old.ext4").unlink()
     rebuilt = rfs("build", old, "-o", tmp_path / "old.ext4", cache=cache)
-    assert rebuilt.code == 0 and "6 step(s) ran" in rebuilt.err, rebuilt.err
+    assert rebuilt.code == 0 and "8 step(s) ran" in rebuilt.err, rebuilt.err
 
     # --max-size: the least recently used entry with a file goes first, and only as many as
     # needed (sizes are what the files allocate: the base images are sparse)
-    files = blobs(cache)  # two exports, two base images
-    assert len(files) == 4
+    files = blobs(cache)  # each package's three diffs; the base's export and base image
+    assert len(files) == 8
     total = sum(disk_bytes(p) for p in files)
     smaller = rfs("cache", "prune", "--max-size", str(total - 1), cache=cache)
     assert smaller.code == 0, smaller.err
-    assert [p.exists() for p in files] == [False, True, True, True]
+    assert [p.exists() for p in files] == [False] + [True] * 7
 
     cleared = rfs("cache", "clear", cache=cache)
     assert cleared.code == 0, cleared.err

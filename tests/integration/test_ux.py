@@ -113,56 +113,35 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
     first = rfs("build", pkg, "-o", out, "--no-network", "--json", cache=cache)
     events = [json.loads(line) for line in first.out.splitlines()]  # stdout: only JSON lines
     validate_events(events)
-    assert [e["step"] for e in events if e["event"] == "step_finished"] == [
-        "run[0]",
-        "run[1]",
-        "run[2]",
-        "export",
-        "overlays",
-        "assemble",
-    ]
+    steps = ["run[0]", "diff[0]", "run[1]", "diff[1]", "run[2]", "diff[2]", "overlays", "assemble"]
+    finished = [e["step"] for e in events if e["event"] == "step_finished"]
+    assert sorted(finished) == sorted(steps)
     outputs = [e["text"] for e in events if e["event"] == "step_output"]
     assert "hello from the first command" in outputs
-    export = next(e for e in events if e["event"] == "step_finished" and e["step"] == "export")
-    assert export["bytes"] > 100_000 and len(export["key"]) == 64
-    # export progress has a total: the layer image's size, which the tarball differs from by
-    # its tar headers (Docker: 7% more here; Podman counts a little more than it streams)
-    progress = [e for e in events if e["event"] == "step_progress" and e["step"] == "export"]
+    diff = next(e for e in events if e["event"] == "step_finished" and e["step"] == "diff[2]")
+    assert 0 < diff["bytes"] < 100_000 and len(diff["key"]) == 64  # a change, not an export
+    # the base image's export (what the diffs are laid on) shows progress against its size
+    progress = [e for e in events if e["event"] == "step_progress" and e["step"] == "diff[0]"]
     assert progress, events
     for event in progress:
-        assert 0.8 * export["bytes"] < event["total_bytes"] < 1.2 * export["bytes"], event
+        assert 0 < event["bytes"] < 1.2 * event["total_bytes"], event
     last = events[-1]
     assert (last["event"], last["ok"], last["output"], last["ran"]) == (
         "build_finished",
         True,
         str(out),
-        6,
+        8,
     )
     # the person's display went to stderr, in the plain CI format
     err = first.err.splitlines()
     assert "  run[0] | hello from the first command" in err
-    assert [ln.split()[1] for ln in err if ln.startswith("  done ")] == [
-        "run[0]",
-        "run[1]",
-        "run[2]",
-        "export",
-        "overlays",
-        "assemble",
-    ]
+    assert sorted(ln.split()[1] for ln in err if ln.startswith("  done ")) == sorted(steps)
     header = next(
         i for i, ln in enumerate(err) if ln.split()[:4] == ["step", "result", "time", "size"]
     )
     rows = [ln.split() for ln in err[header + 1 : -1]]
-    assert [r[:2] for r in rows] == [
-        ["base", "cached"],
-        ["run[0]", "ran"],
-        ["run[1]", "ran"],
-        ["run[2]", "ran"],
-        ["export", "ran"],
-        ["overlays", "ran"],
-        ["assemble", "ran"],
-    ]
-    assert err[-1].startswith("6 step(s) ran, 1 cached")
+    assert [r[:2] for r in rows] == [["base", "cached"]] + [[step, "ran"] for step in steps]
+    assert err[-1].startswith("8 step(s) ran, 1 cached")
 
     # an overlay edit: two steps run, the others are reused and their recorded time is saved
     (pkg / "files" / "motd").write_text("edited\n")
@@ -271,10 +250,22 @@ def test_graph_png_and_dot(tmp_path: Path, cache: Path) -> None:
 
     dot = rfs("graph", pkg, "--image", out, "--no-network", cache=cache).out
     nodes = dict(re.findall(r'^  "([^"]+)" \[label="([^"]*)"', dot, re.M))
-    assert list(nodes) == ["base", "run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
-    assert len(re.findall(r"^  \"[^\"]+\" -> \"[^\"]+\";$", dot, re.M)) == 6
+    assert list(nodes) == [
+        "base",
+        "run[0]",
+        "diff[0]",
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "overlays",
+        "assemble",
+    ]
+    # each command on the one before; each diff on its command and the diff before; the
+    # assembly on every diff and the overlays
+    assert len(re.findall(r"^  \"[^\"]+\" -> \"[^\"]+\";$", dot, re.M)) == 13
     assert "\\nnot needed · last " in nodes["run[1]"]  # cached downstream, timed last build
-    assert "\\ncached · last " in nodes["export"]
+    assert "\\ncached · last " in nodes["diff[2]"]
     assert "\\nto run · last " in nodes["overlays"]
     assert "why: /etc/motd content changed" in nodes["overlays"]
 
@@ -283,11 +274,11 @@ def test_graph_png_and_dot(tmp_path: Path, cache: Path) -> None:
     chunks = _png_chunks(png.read_bytes())
     assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
     width, height = struct.unpack(">II", chunks[0][1][:8])
-    assert width > 100 and height > 300  # seven boxes, top to bottom
+    assert width > 100 and height > 300  # nine boxes
     pixels = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
     assert len(pixels) > width * height  # the image data is all there
     svg = rfs("graph", pkg, "--image", out, "--no-network", "--format", "svg", cache=cache).out
-    assert svg.count('class="node"') == 7
+    assert svg.count('class="node"') == 9
 
 
 # --- --watch --------------------------------------------------------------------------------
@@ -413,7 +404,7 @@ echo finished-sleeping
     during = terminal.wait_for(r"running\s+run\[3\].*\d\.\d\d s")
     # the footer: the running step with its elapsed time, the count, the total time
     assert re.search(r"^\S running\s+run\[3\] .*\d+\.\d\d s$", during, re.M), during
-    assert re.search(r"step 1 of 3 to run · 2 cached ·", during), during
+    assert re.search(r"step 1 of 3 to run · 5 cached ·", during), during  # run[2], diffs, overlays
     # finished steps above it, the command's output under its step's header
     assert re.search(r"✓ cached\s+run\[2\]", during), during
     assert re.search(r"▶ run\s+run\[3\].*\n\s+│ live-", during), during
@@ -429,11 +420,11 @@ echo finished-sleeping
     final = terminal.wait_for(r"^EXIT=0$")
     assert "running" not in final  # the footer is gone, redrawn in place, never scrolled
     assert re.search(r"│ finished-sleeping\n\s+✓ done\s+run\[3\]", final), final
-    for step in ("export", "assemble"):
+    for step in ("diff[3]", "assemble"):
         assert re.search(rf"✓ done\s+{step} ", final), final
     assert re.search(r"^\s*step\s+result\s+time\s+size", final, re.M), final
     assert re.search(r"^\s*run\[3\]\s+ran\s+\d+\.\d\d s", final, re.M), final
-    assert re.search(r"^3 step\(s\) ran, 2 cached, .* the cache saved", final, re.M), final
+    assert re.search(r"^3 step\(s\) ran, 5 cached, .* the cache saved", final, re.M), final
 
 
 def test_keep_failed_prints_a_shell_command_that_works(
