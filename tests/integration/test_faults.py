@@ -67,7 +67,7 @@ def test_failing_command(rfs: IsolatedRfs, tmp_path: Path) -> None:
     fixed = write_package(pkg, build_toml(marker, [*good, 'command = "true"']))
     again = rfs.run("build", fixed, "-o", out)
     assert again.code == 0, again.err
-    assert again.ran() == ["run[2]", "export", "overlays", "assemble"]  # run[0], run[1] reused
+    assert again.ran() == ["run[2]", "diff[2]", "overlays", "assemble"]  # run[0], run[1] reused
 
 
 def test_command_exceeding_timeout(rfs: IsolatedRfs, tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_command_exceeding_timeout(rfs: IsolatedRfs, tmp_path: Path) -> None:
     )
     again = rfs.run("build", write_package(pkg, quick), "-o", out)
     assert again.code == 0, again.err
-    assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
+    assert again.ran() == ["run[1]", "diff[1]", "overlays", "assemble"]
 
 
 # -- the engine not running --------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_interrupt_during_command(rfs: IsolatedRfs, tmp_path: Path, sig: int, gr
     quick = build_toml(marker, [first, 'script_inline = "echo started"'])
     again = rfs.run("build", write_package(pkg, quick), "-o", out)
     assert again.code == 0, again.err
-    assert again.ran() == ["run[1]", "export", "overlays", "assemble"]
+    assert again.ran() == ["run[1]", "diff[1]", "overlays", "assemble"]
 
 
 def test_sigterm_to_a_build_of_a_package_tarball(rfs: IsolatedRfs, tmp_path: Path) -> None:
@@ -254,7 +254,8 @@ class Big:
         write_package(self.pkg, build_toml(self.marker, [cmd], size_mib=size_mib, overlay=overlay))
 
     def drop_export(self) -> None:
-        """Delete the export tarball (not its record): the next build must export again."""
+        """Delete the export tarball (not its record): the next build must export again. (The
+        one command's change is big: its diff step exports its layer whole.)"""
         export_blob(self.rfs.cache).unlink()
 
 
@@ -295,13 +296,13 @@ def test_interrupt_during_export(big: Big, sig: int, group: bool) -> None:
     assert stopped.code == 130, stopped.err
     name = signal.Signals(sig).name
     assert stopped.last_line == (
-        f"rfs: interrupted by {name} during export: no step finished; nothing half-done was kept"
+        f"rfs: interrupted by {name} during diff[0]: no step finished; nothing half-done was kept"
     )
     big.rfs.assert_clean(stopped, big.out, before)
 
     again = big.rfs.run("build", big.pkg, "-o", big.out, "-q")
     assert again.code == 0, again.err
-    assert again.ran() == ["export", "overlays", "assemble"]  # the layer was reused
+    assert again.ran() == ["diff[0]", "overlays", "assemble"]  # the layer was reused
 
 
 @pytest.mark.parametrize(
@@ -362,7 +363,7 @@ def test_disk_full_while_exporting(big: Big) -> None:
         subprocess.run(["mount", "-o", f"remount,size={BIG_MIB * 3}m", str(disk)], check=True)
         again = big.rfs.run("build", big.pkg, "-o", big.out, "-q", "--cache-dir", cache)
         assert again.code == 0, again.err
-        assert again.ran() == ["export", "overlays", "assemble"]
+        assert again.ran() == ["diff[0]", "overlays", "assemble"]
 
 
 def test_disk_full_while_assembling(big: Big) -> None:
@@ -404,7 +405,7 @@ def test_corrupt_export_is_exported_again_in_the_same_build(
     pkg = write_package(tmp_path / "pkg", build_toml(marker, [cmd], overlay="one"))
     out = tmp_path / "image.ext4"
     assert rfs.run("build", pkg, "-o", out).code == 0
-    blob = export_blob(rfs.cache)
+    (blob,) = blobs(rfs.cache, "diff")  # what the command changed, laid on the base's export
 
     # Same size, other bytes: only the content hash can tell.
     data = bytearray(blob.read_bytes())
@@ -415,7 +416,7 @@ def test_corrupt_export_is_exported_again_in_the_same_build(
     assert "export tarball is corrupt" in plan.out, plan.out
     healed = rfs.run("build", pkg, "-o", out)
     assert healed.code == 0, healed.err
-    assert healed.ran() == ["export", "overlays", "assemble"]  # run[0] reused
+    assert healed.ran() == ["diff[0]", "overlays", "assemble"]  # run[0] reused
     assert "export tarball is corrupt" in healed.err
     rfs.assert_clean(healed, out, identity(out))
 
@@ -425,7 +426,7 @@ def test_corrupt_export_is_exported_again_in_the_same_build(
     write_package(pkg, build_toml(marker, [cmd], overlay="three"))
     again = rfs.run("build", pkg, "-o", out)
     assert again.code == 0, again.err
-    assert again.ran() == ["export", "overlays", "assemble"]
+    assert again.ran() == ["diff[0]", "overlays", "assemble"]
 
 
 def test_damaged_base_image_is_made_again(rfs: IsolatedRfs, tmp_path: Path) -> None:
@@ -468,7 +469,7 @@ def test_damaged_cache_index_is_started_afresh(rfs: IsolatedRfs, tmp_path: Path)
     rebuilt = rfs.run("build", pkg, "-o", out)
     assert rebuilt.code == 0, rebuilt.err
     assert "cache index" in rebuilt.err and "damaged" in rebuilt.err
-    assert rebuilt.ran() == ["run[0]", "export", "overlays", "assemble"]
+    assert rebuilt.ran() == ["run[0]", "diff[0]", "overlays", "assemble"]
     again = rfs.run("build", pkg, "-o", out)
     assert (again.code, again.ran()) == (0, [])
 
@@ -624,5 +625,5 @@ def test_engine_killed_in_the_middle_of_a_command(
     quick = build_toml(marker, [first, 'script_inline = "echo started"'])
     again = rfs.run("build", write_package(pkg, quick), "-o", out, "--no-network")
     assert again.code == 0, again.err
-    assert again.ran() == ["run[1]", "export", "overlays", "assemble"]  # run[0] reused
+    assert again.ran() == ["run[1]", "diff[1]", "overlays", "assemble"]  # run[0] reused
     rfs.assert_clean(dead, out, identity(out))  # and the next build removed its container

@@ -111,7 +111,7 @@ def test_copies_land_before_the_first_command_with_their_owners(
     (pkg / "files" / "secret.conf").write_text("secret=2\n")
     plan = rfs("plan", pkg, "-o", image, cache=cache)
     assert plan.code == 0, plan.err
-    assert steps_run(plan.out) == {"run[0]", "export", "assemble"}
+    assert steps_run(plan.out) == {"run[0]", "diff[0]", "assemble"}
     again = rfs("build", pkg, "-o", image, cache=cache)
     assert again.code == 0, again.err
     assert ext4_text(image, "/seen-secret") == "1000 1001 600\nsecret=2\n"
@@ -119,7 +119,7 @@ def test_copies_land_before_the_first_command_with_their_owners(
     text = (pkg / "build.toml").read_text().replace("gid = 1001", "gid = 1002")
     (pkg / "build.toml").write_text(text)
     plan = rfs("plan", pkg, "-o", image, cache=cache)
-    assert steps_run(plan.out) == {"run[0]", "export", "assemble"}
+    assert steps_run(plan.out) == {"run[0]", "diff[0]", "assemble"}
 
 
 def test_a_copy_of_a_missing_file_names_the_field(tmp_path: Path) -> None:

@@ -144,8 +144,17 @@ def test_fresh_runner_reuses_a_warm_remote_cache(
     out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
     a = rfs("build", package, "-o", out_a, "--cache-to", server.url, *sign, runner="a")
     assert a.code == 0, a.err
-    assert a.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
-    assert "pushed   6 step(s)" in a.err
+    assert a.ran() == [
+        "run[0]",
+        "diff[0]",
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "overlays",
+        "assemble",
+    ]
+    assert "pushed   8 step(s)" in a.err
 
     # Runner B: empty cache directory, A's layer images gone from the engine. Its plan looks
     # in the remote cache as the build will, without downloading anything.
@@ -169,9 +178,10 @@ def test_fresh_runner_reuses_a_warm_remote_cache(
     c = rfs("build", package, "-o", out_b, "--cache-from", server.url, runner="b", env=trust)
     assert c.code == 0, c.err
     assert c.warnings() == []
-    assert c.fetched() == ["run[1]", "overlays"]
-    assert c.ran() == ["run[2]", "export", "assemble"]
-    assert c.created == 2  # the changed command and the export
+    # the layer it runs on, what the earlier commands changed, the overlays
+    assert sorted(c.fetched()) == ["diff[0]", "diff[1]", "overlays", "run[1]"]
+    assert c.ran() == ["run[2]", "diff[2]", "assemble"]
+    assert c.created == 2  # the changed command, and the base image's export (kept locally)
     assert file_in(out_b, "/srv/data/two") == b""
     assert "/srv/data/THREE" in list_ext4(out_b)
     assert file_in(out_b, "/etc/motd") == b"hello from the cache\n"
@@ -195,7 +205,7 @@ def test_corrupt_and_partial_objects_are_misses(
     remove_layers(docker_client, tmp_path / "cache-a")
     records = _records(nginx)
     image = nginx.data / "cas" / records["assemble"]["image"]["object"]["sha256"]
-    export = nginx.data / "cas" / records["export"]["export"]["object"]["sha256"]
+    export = nginx.data / "cas" / records["diff[2]"]["diff"]["object"]["sha256"]
     data = bytearray(image.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit, same size
     image.write_bytes(bytes(data))
@@ -206,10 +216,11 @@ def test_corrupt_and_partial_objects_are_misses(
     assert b.code == 0, b.err
     warnings = "\n".join(b.warnings())
     assert "does not match its blake3 hash" in warnings and "assemble will be rebuilt" in warnings
-    assert "truncated" in warnings and "export will be rebuilt" in warnings
-    assert sorted(b.fetched()) == ["overlays", "run[2]"]  # the next good copies upstream
-    assert b.ran() == ["export", "assemble"]
-    assert b.created == 1  # the export container; no command ran
+    assert "truncated" in warnings and "diff[2] will be rebuilt" in warnings
+    # the next good copies upstream
+    assert sorted(b.fetched()) == ["diff[0]", "diff[1]", "overlays", "run[2]"]
+    assert b.ran() == ["diff[2]", "assemble"]
+    assert b.created == 1  # the base image's export; no command ran
     assert out_b.read_bytes() == out_a.read_bytes()
     assert "Traceback" not in b.err
 
@@ -221,7 +232,16 @@ def test_unreachable_server_warns_and_builds_locally(
     out = tmp_path / "out.ext4"
     r = rfs("build", package, "-o", out, "--cache-from", nginx.url, "--cache-to", nginx.url)
     assert r.code == 0, r.err
-    assert r.ran() == ["run[0]", "run[1]", "run[2]", "export", "overlays", "assemble"]
+    assert r.ran() == [
+        "run[0]",
+        "diff[0]",
+        "run[1]",
+        "diff[1]",
+        "run[2]",
+        "diff[2]",
+        "overlays",
+        "assemble",
+    ]
     assert len(r.warnings()) == 1 and "connection refused" in r.warnings()[0], r.err
     assert "/srv/data/three" in list_ext4(out)
     assert r.seconds < 60
@@ -246,14 +266,14 @@ def test_branch_scope_writes_apart_and_reads_main(
     remove_layers(docker_client, tmp_path / "cache-main")
     branch = rfs("build", package, "-o", tmp_path / "b.ext4", runner="branch", env=env)
     assert branch.code == 0, branch.err
-    assert branch.fetched() == ["run[1]", "overlays"]
-    assert branch.ran() == ["run[2]", "export", "assemble"]
+    assert sorted(branch.fetched()) == ["diff[0]", "diff[1]", "overlays", "run[1]"]
+    assert branch.ran() == ["run[2]", "diff[2]", "assemble"]
     remove_layers(docker_client, tmp_path / "cache-branch")
 
     # Main's scope did not receive the branch's steps ...
     other = rfs("build", package, "-o", tmp_path / "o.ext4", "--cache-from", url, runner="o")
     assert other.code == 0, other.err
-    assert other.ran() == ["run[2]", "export", "assemble"]
+    assert other.ran() == ["run[2]", "diff[2]", "assemble"]
     remove_layers(docker_client, tmp_path / "cache-o")
     # ... and a reader of the branch's scope gets the image without running anything.
     again = rfs(

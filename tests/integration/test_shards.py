@@ -29,7 +29,7 @@ from tests.waiting import until
 pytestmark = pytest.mark.integration
 
 NAMES = ("web", "db", "cache")
-SHARED_KINDS = {"run", "export", "assemble"}  # what a remote cache carries
+SHARED_KINDS = {"run", "export", "diff", "assemble"}  # what a remote cache carries
 
 
 def _server(start: Callable[[], Server]) -> Iterator[Server]:
