@@ -155,9 +155,18 @@ class _Layout:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.nodes: dict[str, list[_Node]] = {}
+        self._holders: set[str] | None = None
 
     def add(self, path: str, node: _Node) -> None:
         self.nodes.setdefault(path, []).append(node)
+        if self._holders is not None:
+            self._holders.update(ancestors(path))
+
+    def _holding(self) -> set[str]:
+        """Every path something was put below (made on first use, then kept up to date)."""
+        if self._holders is None:
+            self._holders = {above for p in self.nodes for above in ancestors(p)}
+        return self._holders
 
     def _symlink(self, path: str) -> str | None:
         nodes = self.nodes.get(path)
@@ -226,5 +235,11 @@ class _Layout:
         existing = self.nodes.get(path)
         if existing and not (overlay.is_dir and existing[-1].typeflag == tf.DIRECTORY):
             self._remove(path)
+        if not overlay.is_dir and path in self._holding():
+            # A path can hold entries below it with no entry of its own (an earlier overlay's
+            # missing parent, an export without a directory's entry): they go as well.
+            prefix = path + "/"
+            for below in [p for p in self.nodes if p.startswith(prefix)]:
+                self._remove(below)
         self.plan.generated.append(generated)
         self.add(path, _Node(generated.typeflag, generated=generated))

@@ -304,6 +304,22 @@ def test_overlay_file_over_directory_drops_its_subtree() -> None:
     assert out.data["usr/lib"] == b"flat"
 
 
+def test_overlay_file_over_what_only_has_entries_below_it_drops_them() -> None:
+    """An overlay at /new/x makes /new a directory without an entry of its own; a later file
+    overlay at /new replaces it and what is below it (mke2fs made a corrupt image of both)."""
+    out = run(
+        make_tar(BASE),
+        overlays=[OverlayEntry("/new/x", b"x", 0o644), OverlayEntry("/new", b"file", 0o644)],
+    )
+    assert "new/x" not in out.names() and out.data["new"] == b"file"
+    # the same when the export has entries below a path it has no entry for
+    out = run(
+        make_tar([*BASE, Spec("loose/a", data=b"a")]),
+        overlays=[OverlayEntry("/loose", b"file", 0o644)],
+    )
+    assert "loose/a" not in out.names() and out.data["loose"] == b"file"
+
+
 def test_overlay_directory_over_directory_keeps_contents() -> None:
     out = run(
         make_tar(BASE), overlays=[OverlayEntry("/usr", None, 0o700, uid=1, gid=2, is_dir=True)]
