@@ -82,8 +82,9 @@ def test_concurrent_builds_build_each_step_once(
     assert list((cache / "tmp").iterdir()) == []
     # Both outputs are known: a third build to either one does nothing.
     for i in (0, 1):
+        why = rfs("plan", pkg, "-o", tmp_path / f"out{i}.ext4", "--explain", cache=cache).out
         again = rfs("build", pkg, "-o", tmp_path / f"out{i}.ext4", cache=cache)
-        assert again.code == 0 and "0 step(s) ran" in again.err, again.err
+        assert again.code == 0 and "0 step(s) ran" in again.err, f"{why}\n{again.err}"
     assert info(cache)["kinds"]["assemble"]["hits"] == 2
 
 

@@ -421,7 +421,7 @@ echo finished-sleeping
     assert "running" not in final  # the footer is gone, redrawn in place, never scrolled
     assert re.search(r"│ finished-sleeping\n\s+✓ done\s+run\[3\]", final), final
     for step in ("diff[3]", "assemble"):
-        assert re.search(rf"✓ done\s+{step} ", final), final
+        assert re.search(rf"✓ done\s+{re.escape(step)} ", final), final
     assert re.search(r"^\s*step\s+result\s+time\s+size", final, re.M), final
     assert re.search(r"^\s*run\[3\]\s+ran\s+\d+\.\d\d s", final, re.M), final
     assert re.search(r"^3 step\(s\) ran, 5 cached, .* the cache saved", final, re.M), final
