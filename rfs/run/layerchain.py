@@ -97,14 +97,17 @@ def base_export(executor: Executor, base_id: str, diff: Step, step: Step) -> Pat
     local entry) if missing; progress shows on `step`."""
     key = base_export_key(base_id, diff)
     executor.store.hold({key})
-    blob = executor.store.blob(key)
-    if blob is not None and executor.verified(key, blob):
-        executor.store.touch(key)
-        return blob.path
-    size, digest = executor.export_image(base_id, key, step)
-    executor.store.put_record(
-        key, {"kind": "base-export", "blob_size": size, "blob_digest": digest}
-    )
+    # Two builds must not both export it: two exports differ in their bytes (the times of
+    # the engine's mount points), and one's record would describe the other's file.
+    with executor.store.building(key):
+        blob = executor.store.blob(key)
+        if blob is not None and executor.verified(key, blob):
+            executor.store.touch(key)
+            return blob.path
+        size, digest = executor.export_image(base_id, key, step)
+        executor.store.put_record(
+            key, {"kind": "base-export", "blob_size": size, "blob_digest": digest}
+        )
     return executor.store.root / "blobs" / key
 
 
