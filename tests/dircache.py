@@ -35,5 +35,8 @@ class DirCache:
         tmp.rename(self.root / key)
         self.made += 1
 
+    def building(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # one test process, one maker
+
     def side_dir(self, key: str) -> Path:
         return self.root / "side" / key

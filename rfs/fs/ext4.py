@@ -19,7 +19,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
-from rfs.fs.image import Options, Source, check_size, copy_sparse, feed, scan, temp_image
+from rfs.fs.image import (
+    BaseImageCache,
+    Options,
+    Source,
+    check_size,
+    copy_sparse,
+    feed,
+    scan,
+    temp_image,
+)
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats
 from rfs.host import proc
 from rfs.host.hashing import digest_bytes
@@ -227,19 +236,11 @@ def assemble_ext4_patched(
         return None
     base = cache.get(key)
     if base is None:
-        with cache.put(key) as tmp:
-            assemble_ext4(
-                source.export_tar,
-                source.selection,
-                (),
-                tmp,
-                size_mib=size_mib,
-                seed=cache.seed(identity),
-                source_date_epoch=options.source_date_epoch,
-                mkfs_args=options.mkfs_args,
-                restore=source.restore,
-            )
-        base = cache.get(key)
+        with cache.building(key):
+            base = cache.get(key)  # made by another build (or package) while this one waited
+            if base is None:
+                _make_base(source, cache, key, identity, size_mib, options)
+                base = cache.get(key)
         if base is None:
             raise RfsError("the base image vanished from the cache during the build")
     # The base image's UUID comes from the base key; the image's own comes from its build key,
@@ -271,6 +272,29 @@ def assemble_ext4_patched(
         return None
     stats = StreamStats(missing_includes=patch.missing_includes)
     return stats, len(patch.ops), in_place
+
+
+def _make_base(
+    source: Source,
+    cache: BaseImageCache,
+    key: str,
+    identity: Mapping[str, object],
+    size_mib: int,
+    options: Options,
+) -> None:
+    """Make the base image of `key`: the export (without layers or overlays) through mke2fs."""
+    with cache.put(key) as tmp:
+        assemble_ext4(
+            source.export_tar,
+            source.selection,
+            (),
+            tmp,
+            size_mib=size_mib,
+            seed=cache.seed(identity),
+            source_date_epoch=options.source_date_epoch,
+            mkfs_args=options.mkfs_args,
+            restore=source.restore,
+        )
 
 
 def _uuid_settable(image: Path) -> bool:

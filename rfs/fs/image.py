@@ -70,6 +70,10 @@ class BaseImageCache(Protocol):
     def put(self, key: str) -> contextlib.AbstractContextManager[Path]:
         """A path to write the base image of `key` to; kept only if the block succeeds."""
 
+    def building(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the right to make the base image of `key`: one maker at a time, in any process
+        or thread (several images of one build can share a base image)."""
+
     def side_dir(self, key: str) -> Path:
         """A directory (maybe not made yet) for files kept with the base image of `key`: the
         undo files of images patched from it (rfs.fs.ext4inplace) and the export's parsed

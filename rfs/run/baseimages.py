@@ -83,6 +83,10 @@ class BaseImages:
         headers); Store.drop removes the directory with the base image."""
         return self.store.side_dir(key)
 
+    def building(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """The build lock of base image `key` (rfs.run.store.Store.building)."""
+        return self.store.building(key)
+
     @contextlib.contextmanager
     def put(self, key: str) -> Iterator[Path]:
         """Where the driver writes a new base image; recorded once complete."""

@@ -162,7 +162,7 @@ def test_interrupt_during_command(rfs: IsolatedRfs, tmp_path: Path, sig: int, gr
     assert stopped.code == 130, stopped.err
     name = signal.Signals(sig).name
     assert stopped.last_line == (
-        f"rfs: interrupted by {name} during run[1]: 1 step(s) "
+        f"rfs: interrupted by {name} during run[1]: 2 step(s) "
         "finished and are cached; nothing half-done was kept"
     )
     rfs.assert_clean(stopped, out, None)

@@ -450,8 +450,8 @@ CASES: list[tuple[Attack, str | None, str, list[str]]] = [
     # A connection cut short is a server fault: the server is not asked again in this build.
     (truncated_objects, None, "ended early", []),
     (slow_records, None, "took more than", []),
-    (relabelled, None, "is for another step", ["run[0]", "overlays"]),
-    (relabelled_rewritten, TRUST_CI, "does not verify", ["run[0]", "overlays"]),
+    (relabelled, None, "is for another step", ["run[0]", "diff[0]", "overlays"]),
+    (relabelled_rewritten, TRUST_CI, "does not verify", ["run[0]", "diff[0]", "overlays"]),
     (retagging, None, "unknown format", ["overlays"]),
     (unsigned_records, TRUST_CI, "not signed", []),
     (as_uploaded, TRUST_OTHER, "signed by ci, not a trusted key", []),

@@ -91,8 +91,9 @@ def test_shared_steps_run_once_and_images_equal_single_builds(
         assert single.code == 0, single.err
         singles += count_created(engine_client, single.run_id, start_ns)
         assert image.read_bytes() == (out / f"{package.name}.ext4").read_bytes(), package.name
-    # The engine saw the two shared commands' containers once instead of three times.
-    assert created_together == singles - 2 * 2, (created_together, singles)
+    # The engine saw the two shared commands' containers, and the base image's export their
+    # changes are laid on, once instead of three times.
+    assert created_together == singles - 3 * 2, (created_together, singles)
 
     again = rfs("build", *packages, "--output-dir", out)
     assert again.code == 0 and again.ran() == [], again.err
@@ -203,8 +204,9 @@ def test_plan_and_graph_show_one_graph(tmp_path: Path, docker_client: Any) -> No
     assert plan.code == 0, plan.err
     assert plan.out.splitlines()[0] == f"web: {tmp_path / 'web.ext4'}"
     assert "shared: runs once, as web/run[0]" in plan.out
-    # base is cached; run[0], run[1], overlays shared; run[2], export, assemble each.
-    assert plan.out.splitlines()[-1] == "9 step(s) to run for 2 images (3 shared)", plan.out
+    # base is cached; run[0], run[1], their diffs and the overlays shared; run[2], diff[2],
+    # assemble each.
+    assert plan.out.splitlines()[-1] == "11 step(s) to run for 2 images (5 shared)", plan.out
     as_json = [json.loads(line) for line in rfs("plan", *packages, "--json").out.splitlines()]
     validate_events(as_json)
     assert [e["steps"][1]["step"] for e in as_json] == ["web/run[0]", "db/run[0]"]

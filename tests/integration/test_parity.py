@@ -530,7 +530,7 @@ def test_archive_base_image_forms(
     (pkg / "images" / "rootfs.tgz").write_bytes(_rootfs_tar_gz(engine_client, b"new\n"))
     out = tmp_path / "rootfs.tgz.ext4"
     plan = rfs("plan", pkg, "-o", out, "--no-network")
-    assert "run     run[0]" in plan.out and "run     export" in plan.out, plan.out
+    assert "run     run[0]" in plan.out and "run     diff[0]" in plan.out, plan.out
     rebuilt = rfs("build", pkg, "-o", out, "--no-network")
     assert rebuilt.code == 0, rebuilt.err
     assert text(out, list_ext4(out), "/etc/from-rootfs") == "new\n"
