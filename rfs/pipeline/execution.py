@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,7 +24,7 @@ from rfs.host import signals
 from rfs.host.orphans import remove_orphans
 from rfs.pipeline.dockerfilebase import rebuild_base
 from rfs.pipeline.model import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, Planned
-from rfs.pipeline.scheduler import run_graph
+from rfs.pipeline.scheduler import Slots, run_graph
 from rfs.pipeline.shard import Fetcher, Shard
 from rfs.report.reporter import Reporter, artifact_size
 from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
@@ -149,7 +150,8 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
                 sharers.setdefault(node, []).append((job, d))
 
     def theirs(node: str) -> bool:
-        """A step another shard makes: this runner waits for it, outside the -j slots."""
+        """A step another shard makes: this runner waits for it outside the -j slots, and
+        takes one only if it builds the step itself (the owner was too late)."""
         d = nodes[node][1]
         return fetcher is not None and d.action is Action.RUN and not fetcher.shard.owns(d.step)
 
@@ -166,9 +168,10 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
             recorded = (job.planned.store.record(d.step.key) or {}).get("seconds")
             job.reporter.reused(d.step, Action.CACHED, recorded)
         else:
-            _run_step(job, d)
-            if fetcher is not None and remote is not None and d.step.key in job.ran:
-                fetcher.send(d.step, remote)  # now, not at the end: other shards wait for it
+            with slots.held() if theirs(node) else contextlib.nullcontext():
+                _run_step(job, d)
+                if fetcher is not None and remote is not None and d.step.key in job.ran:
+                    fetcher.send(d.step, remote)  # now, not at the end: other shards wait for it
         for other, shared in sharers.get(node, []):  # made once, for every package needing it
             other.reporter.reused(shared.step, Action.CACHED, None)
 
@@ -178,9 +181,17 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
         for job in packages:
             _remove_containers(job.planned.executor, _kept(packages))
 
+    slots = Slots(jobs)
     try:
         outcome = run_graph(
-            needs, run, jobs, stop_containers, light=theirs if fetcher is not None else None
+            needs,
+            run,
+            jobs,
+            stop_containers,
+            light=theirs if fetcher is not None else None,
+            slots=slots,
+            # This runner's own failure ends its waits for other shards at once.
+            on_stop=fetcher.stop.set if fetcher is not None else None,
         )
     except KeyboardInterrupt:  # between steps, or a third signal while stopping
         raise _interrupted([], sum(len(job.ran) for job in packages)) from None

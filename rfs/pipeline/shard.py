@@ -7,8 +7,9 @@ runs the steps it owns (before any it would wait for) and uploads each as soon a
 completes; for a step another shard owns it polls the shared cache (backing off from 0.25 s
 to 2 s) until the step's record appears, then downloads it through the remote fetch path,
 which checks everything it downloads. If the record has not appeared by the step's deadline,
-the runner builds the step itself: a runner that dies or lags costs time, never the result
-(the step's key fixes what it makes).
+the runner builds the step itself (in one of the -j slots): a runner that dies or lags costs
+time, never the result (the step's key fixes what it makes). When the build stops (a failure
+of this runner's, an interrupt) every wait ends at once (`Cancelled`).
 
 The deadline is `--shard-wait SECONDS` when given, else `FACTOR` times the step's last known
 duration (the `seconds` of a local or remote record of its key) plus `FLOOR`, with
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rfs.graph.steps import Step, StepKind
+from rfs.pipeline.scheduler import Cancelled
 
 if TYPE_CHECKING:
     from rfs.remote.sync import RemoteCache
@@ -122,7 +124,9 @@ class Fetcher:
 
     def __init__(self, shard: Shard, stop: threading.Event | None = None) -> None:
         self.shard = shard
-        self.stop = stop or threading.Event()  # set when the build stops: waiting ends
+        # Set when the build stops (an interrupt, or a failure of this runner's own): every
+        # wait ends at once instead of running to its deadline.
+        self.stop = stop or threading.Event()
         self.lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], bool] = self.stop.wait  # True: the build is stopping
@@ -152,7 +156,8 @@ class Fetcher:
 
         got = wait_for(look, deadline, self.clock, sleep)
         if stopping:
-            raise KeyboardInterrupt  # the build is stopping: nothing more to do here
+            # The build is stopping (a failure here, an interrupt): nothing more to wait for.
+            raise Cancelled(f"stopped waiting for {step.id}")
         waited = self.clock() - t0
         if got:
             with self.lock:

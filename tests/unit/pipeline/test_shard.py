@@ -17,10 +17,11 @@ import pytest
 
 from rfs.cli import main
 from rfs.engine.fake import FakeEngine, FakeRun
-from rfs.errors import EXIT_BAD_INPUT
+from rfs.errors import EXIT_BAD_INPUT, EXIT_STEP_FAILED, RfsError
 from rfs.graph.planner import Action
 from rfs.graph.steps import Step, StepKind
-from rfs.pipeline.build import Options, execute, prepare
+from rfs.pipeline.build import Job, Options, execute, execute_all, prepare
+from rfs.pipeline.scheduler import Cancelled
 from rfs.pipeline.shard import (
     DEFAULT_SECONDS,
     FACTOR,
@@ -37,7 +38,9 @@ from rfs.pipeline.shard import (
 from rfs.remote.config import RemoteSettings
 from rfs.report.events import JsonReporter
 from rfs.report.reporter import Reporter
+from rfs.run.store import Store as StepStore
 from tests.fakeshell import shell_of
+from tests.waiting import until
 
 KEYS = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(300)]  # keys look so
 
@@ -199,7 +202,7 @@ def test_a_bad_copy_is_built_here() -> None:
 def test_a_stopping_build_stops_waiting() -> None:
     f, _ = fetcher(Shard(1, 2))
     f.sleep = lambda s: True
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Cancelled):  # not run: the build stops for what stopped it
         take(f, Remote(after=None), Store(), Seen(), step_owned_by(2, 2))
 
 
@@ -343,3 +346,68 @@ def test_a_shard_alone_builds_what_the_others_never_upload(tmp_path: Path) -> No
         assert server.records  # and each was uploaded for the others
     finally:
         server.stop()
+
+
+def test_a_failure_of_this_runner_ends_its_waits_for_the_others(tmp_path: Path) -> None:
+    """Two packages: this runner's own step fails while it waits for another shard's step of
+    the other package, whose deadline is far off. The wait ends at once; the build reports the
+    failure, leaves no container and builds nothing after it."""
+    from tests.hostileserver import FakeCache
+
+    server = FakeCache()
+    seen = Seen()
+
+    def run(ctx: FakeRun) -> int:
+        if ctx.argv[0] == "fail":  # fails once this runner waits for the other shard
+            until(lambda: bool(seen.events), "the wait for the other shard")
+        return shell(ctx)
+
+    engine = FakeEngine(run)
+    engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
+    (tmp_path / "out").mkdir()
+    store = StepStore(tmp_path / "cache")
+    remote = RemoteSettings(sources=(server.url,), target=server.url, timeout_s=5)
+    errors: list[BaseException] = []
+    try:
+
+        def job(name: str, command: str) -> Job:
+            pkg = tmp_path / name
+            pkg.mkdir(exist_ok=True)
+            (pkg / "build.toml").write_text(
+                BUILD.split("[[commands]]")[0] + f'[[commands]]\ncommand = "{command}"\n'
+            )
+            opts = Options(
+                pkg, cache_dir=tmp_path / "cache", output_dir=tmp_path / "out", remote=remote
+            )
+            return Job(prepare(opts, seen, lambda s: engine, store=store), seen, name)
+
+        def first_key(j: Job) -> str:
+            return next(s.key for s in j.planned.steps if s.id == "run[0]")
+
+        failing = job("bad", "fail")
+        mine = owner(first_key(failing), 2)
+        # The other package's first command: one shard 2 owns (the content picks the owner).
+        waited = next(
+            j
+            for n in range(64)
+            if owner(first_key(j := job("good", f"write /etc/n {n}")), 2) != mine
+        )
+
+        def build() -> None:
+            try:
+                execute_all([failing, waited], 2, Shard(mine, 2, wait_s=600))
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=build, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the wait for the other shard ran on after the failure"
+    finally:
+        server.stop()
+        store.close()
+    [error] = errors
+    assert isinstance(error, RfsError) and error.exit_code == EXIT_STEP_FAILED
+    assert "package bad" in str(error) and "package good" not in str(error)
+    assert [e[0] for e in seen.events] == ["waiting"]  # ended: neither fetched nor built
+    assert engine.calls.count("run") == 1 and not engine.kept
