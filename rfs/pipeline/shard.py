@@ -3,6 +3,7 @@
 Every runner is given the same packages and plans the same steps. Each step has one owner
 shard, `owner(key, N)`: the first 16 hex digits of its key as a number, modulo N, plus one
 (stable across runners, machines and rfs versions: the key is the step's content). A runner
+first uploads what its own cache holds and the shared one may lack (`Fetcher.offer`), then
 runs the steps it owns (before any it would wait for) and uploads each as soon as it
 completes; for a step another shard owns it polls the shared cache (backing off from 0.25 s
 to 2 s) until the step's record appears, then downloads it through the remote fetch path,
@@ -172,6 +173,11 @@ class Fetcher:
         """Upload `step`, which this runner just made, for the other shards."""
         with self.lock:
             remote.upload([step], {step.key}, set())
+
+    def offer(self, step: Step, remote: RemoteCache) -> None:
+        """Upload `step`, which this runner had cached, unless the shared cache holds it."""
+        with self.lock:
+            remote.upload([step], set(), {step.key})
 
 
 def _seconds(*values: Any) -> float | None:

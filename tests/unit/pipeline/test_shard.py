@@ -279,6 +279,7 @@ class Runner:
         self.engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
         self.out = root / "image.ext4"
         self.seen = Seen()
+        self.keys: dict[str, str] = {}  # step id -> key, of the last build
 
     def build(self, url: str, shard: Shard) -> dict[str, Action]:
         opts = Options(
@@ -288,6 +289,7 @@ class Runner:
             remote=RemoteSettings(sources=(url,), target=url, timeout_s=5),
         )
         planned = prepare(opts, self.seen, engine_factory=lambda script: self.engine)
+        self.keys = {s.id: s.key for s in planned.steps}
         try:
             execute(planned, self.seen, 1, shard)
         finally:
@@ -346,6 +348,43 @@ def test_a_shard_alone_builds_what_the_others_never_upload(tmp_path: Path) -> No
         assert server.records  # and each was uploaded for the others
     finally:
         server.stop()
+
+
+def test_steps_cached_here_are_uploaded_before_this_runners_own_work(tmp_path: Path) -> None:
+    """Steps an earlier build left in this runner's cache go to the shared cache when the run
+    starts, in the plan's order, not after the runner's own steps: another shard may be
+    waiting for them."""
+    from tests.hostileserver import FakeCache
+
+    earlier, shared = FakeCache(), FakeCache()
+    on_server: list[set[str]] = []  # the shared cache's records when the new command ran
+
+    def run(ctx: FakeRun) -> int:
+        if list(ctx.argv[:2]) == ["write", "/etc/four"]:
+            on_server.append(set(shared.records))
+        return shell(ctx)
+
+    try:
+        r = Runner(tmp_path / "shard1", run)
+        r.build(earlier.url, Shard(1, 1))  # run[0..2] in this runner's cache
+        cached = [r.keys[f"run[{n}]"] for n in range(3)]
+        (r.root / "pkg" / "build.toml").write_text(
+            BUILD + '[[commands]]\ncommand = "write /etc/four 4"\n'
+        )
+        actions = r.build(shared.url, Shard(1, 1))
+        # run[0] and run[1] are not needed here (run[2] is cached), but an empty runner needs
+        # them: they go too.
+        skipped, reused = [Action.SKIP] * 2, [Action.CACHED]
+        assert [actions[f"run[{n}]"] for n in range(4)] == [*skipped, *reused, Action.RUN]
+        assert on_server == [set(cached)]  # before the new command, all three
+        puts = [
+            req.removeprefix("PUT /ac/") for req in shared.requests if req.startswith("PUT /ac/")
+        ]
+        assert puts[:3] == cached  # the order the others need them in
+        assert len(puts) == len(set(puts))  # and not sent again at the end
+    finally:
+        earlier.stop()
+        shared.stop()
 
 
 def test_a_failure_of_this_runner_ends_its_waits_for_the_others(tmp_path: Path) -> None:
