@@ -26,7 +26,7 @@ from rfs.pipeline.dockerfilebase import rebuild_base
 from rfs.pipeline.model import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, Planned
 from rfs.pipeline.scheduler import Slots, run_graph
 from rfs.pipeline.shard import SHARED_KINDS, Fetcher, Shard
-from rfs.report.reporter import Reporter, artifact_size
+from rfs.report.reporter import Reporter, Tee, artifact_size
 from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
 
 if TYPE_CHECKING:
@@ -159,6 +159,10 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
         needs = dict(sorted(needs.items(), key=lambda item: theirs(item[0])))
 
     def run(node: str) -> None:
+        with signals.interruptible():  # in a worker thread: see _Interruptible
+            run_node(node)
+
+    def run_node(node: str) -> None:
         job, d = nodes[node]
         if d.action is not Action.RUN:
             _reuse(job, d)
@@ -176,12 +180,17 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
             other.reporter.reused(shared.step, Action.CACHED, None)
 
     def stop_containers() -> None:
+        """The interrupt reached the main thread: end what the worker threads run."""
         if fetcher is not None:
             fetcher.stop.set()
+        signals.stop_children()  # their tools (mke2fs…), as a Ctrl-C to the terminal would
         for job in packages:
             _remove_containers(job.planned.executor, _kept(packages))
 
     slots = Slots(jobs)
+    reporters = [job.planned.executor.reporter for job in packages]
+    for job, reporter in zip(packages, reporters, strict=True):
+        job.planned.executor.reporter = _Interruptible(reporter)
     try:
         if fetcher is not None:
             _offer_cached(packages, fetcher)
@@ -197,11 +206,14 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
         )
     except KeyboardInterrupt:  # between steps, or a third signal while stopping
         raise _interrupted([], sum(len(job.ran) for job in packages)) from None
+    finally:
+        for job, reporter in zip(packages, reporters, strict=True):
+            job.planned.executor.reporter = reporter
     ran = sum(len(job.ran) for job in packages)
     if outcome.interrupted:
-        stopped = [
-            nodes[n] for n, exc in outcome.failed.items() if isinstance(exc, KeyboardInterrupt)
-        ]
+        # A step that failed too failed of the interrupt: in a worker thread, its tool can die
+        # of the Ctrl-C before the main thread has handled it (_run_step cannot tell yet).
+        stopped = [nodes[n] for n in outcome.failed]
         raise _interrupted([job.label(d.step) for job, d in stopped], ran)
     if not outcome.failed:
         return
@@ -217,6 +229,17 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
     error = RfsError(text, getattr(first, "hint", None))
     error.exit_code = getattr(first, "exit_code", error.exit_code)
     raise error from first
+
+
+class _Interruptible(Tee):
+    """An executor's reporter while the steps run. A signal raises KeyboardInterrupt in the
+    main thread only; a step in a worker thread (-j) stops where it reports progress (between
+    the chunks of an export), and cleans up as it would in the main thread. Its commands end
+    as the interrupt removes their containers, its tools as it signals them."""
+
+    def progress(self, step: Step, done: int, total: int | None = None) -> None:
+        signals.check()
+        super().progress(step, done, total)
 
 
 def _offer_cached(packages: list[Job], fetcher: Fetcher) -> None:
