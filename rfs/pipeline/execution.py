@@ -25,7 +25,7 @@ from rfs.host.orphans import remove_orphans
 from rfs.pipeline.dockerfilebase import rebuild_base
 from rfs.pipeline.model import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, Planned
 from rfs.pipeline.scheduler import Slots, run_graph
-from rfs.pipeline.shard import SHARED_KINDS, Fetcher, Shard
+from rfs.pipeline.shard import Fetcher, Shard
 from rfs.report.reporter import Reporter, Tee, artifact_size
 from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
 
@@ -192,8 +192,8 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
     for job, reporter in zip(packages, reporters, strict=True):
         job.planned.executor.reporter = _Interruptible(reporter)
     try:
-        if fetcher is not None:
-            _offer_cached(packages, fetcher)
+        if fetcher is not None:  # what other shards may wait for, before this runner's work
+            fetcher.offer_cached([job.planned for job in packages])
         outcome = run_graph(
             needs,
             run,
@@ -240,33 +240,6 @@ class _Interruptible(Tee):
     def progress(self, step: Step, done: int, total: int | None = None) -> None:
         signals.check()
         super().progress(step, done, total)
-
-
-def _offer_cached(packages: list[Job], fetcher: Fetcher) -> None:
-    """Upload, before any step runs, the steps this runner has in its own cache (an earlier
-    build made them) that the shared cache may lack: other shards that found no copy when they
-    planned wait for them, and the end of this build would be too late. That is every step the
-    plan reuses, and every step it skips (not needed here: later steps are cached) whose result
-    is here, as another runner with an empty cache needs it. Every package's first step goes
-    before any second one, the order in which the other shards come to need them; what the
-    target holds, or was sent before, is not sent again (RemoteCache.upload)."""
-    todo: list[tuple[int, int, Job, Step]] = []
-    for n, job in enumerate(packages):
-        remote, ex = job.planned.remote, job.planned.executor
-        if remote is None:
-            continue
-        for i, d in enumerate(job.planned.decisions):
-            step = d.step
-            if step.kind not in SHARED_KINDS or step.key in remote.found:
-                continue  # not carried by a shared cache, or planning found it there
-            here = d.action is Action.SKIP and remote.unsent(step.key) and ex.missing(step) is None
-            if d.action is Action.CACHED or here:
-                todo.append((i, n, job, step))
-    offered: set[str] = set()
-    for _, _, job, step in sorted(todo, key=lambda item: item[:2]):
-        if step.key not in offered and job.planned.remote is not None:
-            offered.add(step.key)
-            fetcher.offer(step, job.planned.remote)
 
 
 def _kept(packages: list[Job]) -> list[str]:

@@ -3,7 +3,7 @@
 Every runner is given the same packages and plans the same steps. Each step has one owner
 shard, `owner(key, N)`: the first 16 hex digits of its key as a number, modulo N, plus one
 (stable across runners, machines and rfs versions: the key is the step's content). A runner
-first uploads what its own cache holds and the shared one may lack (`Fetcher.offer`), then
+first uploads what its own cache holds and the shared one may lack (`offer_cached`), then
 runs the steps it owns (before any it would wait for) and uploads each as soon as it
 completes; for a step another shard owns it polls the shared cache (backing off from 0.25 s
 to 2 s) until the step's record appears, then downloads it through the remote fetch path,
@@ -28,10 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rfs.graph.planner import Action
 from rfs.graph.steps import Step, StepKind
 from rfs.pipeline.scheduler import Cancelled
 
 if TYPE_CHECKING:
+    from rfs.pipeline.model import Planned
     from rfs.remote.sync import RemoteCache
     from rfs.report.reporter import Reporter
     from rfs.run.store import Store
@@ -174,10 +176,35 @@ class Fetcher:
         with self.lock:
             remote.upload([step], {step.key}, set())
 
-    def offer(self, step: Step, remote: RemoteCache) -> None:
-        """Upload `step`, which this runner had cached, unless the shared cache holds it."""
-        with self.lock:
-            remote.upload([step], set(), {step.key})
+    def offer_cached(self, plans: list[Planned]) -> None:
+        """Upload, before any step runs, the steps this runner has in its own cache (an earlier
+        build made them) that the shared cache may lack: other shards that found no copy when
+        they planned wait for them, and the end of this build would be too late. That is every
+        step a plan reuses, and every step it skips (not needed here: later steps are cached)
+        whose result is here, as a runner with an empty cache needs it. Every package's first
+        step goes before any second one, the order in which the other shards come to need
+        them; what the target holds, or was sent before, is not sent again (RemoteCache.upload).
+        """
+        todo: list[tuple[int, int, RemoteCache, Step]] = []
+        for n, planned in enumerate(plans):
+            remote, ex = planned.remote, planned.executor
+            if remote is None:
+                continue
+            for i, d in enumerate(planned.decisions):
+                step = d.step
+                if step.kind not in SHARED_KINDS or step.key in remote.found:
+                    continue  # not carried by a shared cache, or planning found it there
+                skipped = d.action is Action.SKIP
+                if d.action is Action.CACHED or (
+                    skipped and remote.unsent(step.key) and ex.missing(step) is None
+                ):
+                    todo.append((i, n, remote, step))
+        offered: set[str] = set()
+        for _, _, remote, step in sorted(todo, key=lambda item: item[:2]):
+            if step.key not in offered:
+                offered.add(step.key)
+                with self.lock:
+                    remote.upload([step], set(), {step.key})
 
 
 def _seconds(*values: Any) -> float | None:
