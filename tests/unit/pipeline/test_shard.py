@@ -5,11 +5,12 @@ server. The real engine and the real nginx cache: tests/integration/test_shards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,66 +388,117 @@ def test_steps_cached_here_are_uploaded_before_this_runners_own_work(tmp_path: P
         shared.stop()
 
 
-def test_a_failure_of_this_runner_ends_its_waits_for_the_others(tmp_path: Path) -> None:
-    """Two packages: this runner's own step fails while it waits for another shard's step of
-    the other package, whose deadline is far off. The wait ends at once; the build reports the
-    failure, leaves no container and builds nothing after it."""
-    from tests.hostileserver import FakeCache
+class Pair:
+    """Two packages of one command each, one cache, one fake engine, built by one runner of
+    two shards: `mine`'s command is this runner's, `theirs`' the other shard's (its content is
+    picked so); the other shard never comes."""
 
-    server = FakeCache()
-    seen = Seen()
+    def __init__(self, root: Path, mine: str, run: Callable[[FakeRun], int] = shell) -> None:
+        from tests.hostileserver import FakeCache
 
-    def run(ctx: FakeRun) -> int:
-        if ctx.argv[0] == "fail":  # fails once this runner waits for the other shard
-            until(lambda: bool(seen.events), "the wait for the other shard")
-        return shell(ctx)
-
-    engine = FakeEngine(run)
-    engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
-    (tmp_path / "out").mkdir()
-    store = StepStore(tmp_path / "cache")
-    remote = RemoteSettings(sources=(server.url,), target=server.url, timeout_s=5)
-    errors: list[BaseException] = []
-    try:
-
-        def job(name: str, command: str) -> Job:
-            pkg = tmp_path / name
-            pkg.mkdir(exist_ok=True)
-            (pkg / "build.toml").write_text(
-                BUILD.split("[[commands]]")[0] + f'[[commands]]\ncommand = "{command}"\n'
-            )
-            opts = Options(
-                pkg, cache_dir=tmp_path / "cache", output_dir=tmp_path / "out", remote=remote
-            )
-            return Job(prepare(opts, seen, lambda s: engine, store=store), seen, name)
-
-        def first_key(j: Job) -> str:
-            return next(s.key for s in j.planned.steps if s.id == "run[0]")
-
-        failing = job("bad", "fail")
-        mine = owner(first_key(failing), 2)
-        # The other package's first command: one shard 2 owns (the content picks the owner).
-        waited = next(
+        self.root, self.server, self.seen = root, FakeCache(), Seen()
+        self.engine = FakeEngine(run)
+        self.engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
+        (root / "out").mkdir()
+        self.store = StepStore(root / "cache")
+        self.mine = self.job("mine", mine)
+        self.shard = owner(self.first_key(self.mine), 2)
+        self.theirs = next(
             j
             for n in range(64)
-            if owner(first_key(j := job("good", f"write /etc/n {n}")), 2) != mine
+            if owner(self.first_key(j := self.job("theirs", f"write /etc/n {n}")), 2) != self.shard
         )
+
+    def job(self, name: str, command: str) -> Job:
+        pkg = self.root / name
+        pkg.mkdir(exist_ok=True)
+        text = BUILD.split("[[commands]]")[0] + f'[[commands]]\ncommand = "{command}"\n'
+        (pkg / "build.toml").write_text(text)
+        url = self.server.url
+        remote = RemoteSettings(sources=(url,), target=url, timeout_s=5)
+        opts = Options(pkg, cache_dir=self.root / "cache", output_dir=self.root / "out")
+        opts.remote = remote
+        planned = prepare(opts, self.seen, lambda s: self.engine, store=self.store)
+        return Job(planned, self.seen, name)
+
+    @staticmethod
+    def first_key(job: Job) -> str:
+        return next(s.key for s in job.planned.steps if s.id == "run[0]")
+
+    def build(self, jobs: int, wait_s: float) -> BaseException | None:
+        """Build both (in a thread, which must end within 60 s); what it raised."""
+        errors: list[BaseException] = []
 
         def build() -> None:
             try:
-                execute_all([failing, waited], 2, Shard(mine, 2, wait_s=600))
+                execute_all([self.mine, self.theirs], jobs, Shard(self.shard, 2, wait_s))
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 
         thread = threading.Thread(target=build, daemon=True)
         thread.start()
         thread.join(60)
-        assert not thread.is_alive(), "the wait for the other shard ran on after the failure"
+        assert not thread.is_alive(), "the build did not end within 60 s"
+        return errors[0] if errors else None
+
+    def close(self) -> None:
+        self.server.stop()
+        self.store.close()
+
+
+def test_a_failure_of_this_runner_ends_its_waits_for_the_others(tmp_path: Path) -> None:
+    """This runner's own step fails while it waits for another shard's step of the other
+    package, whose deadline is far off (600 s). The wait ends at once; the build reports the
+    failure, leaves no container and builds nothing after it."""
+
+    def run(ctx: FakeRun) -> int:
+        if ctx.argv[0] == "fail":  # fails once this runner waits for the other shard
+            until(lambda: bool(pair.seen.events), "the wait for the other shard")
+        return shell(ctx)
+
+    pair = Pair(tmp_path, "fail", run)
+    try:
+        error = pair.build(2, wait_s=600)
     finally:
-        server.stop()
-        store.close()
-    [error] = errors
+        pair.close()
     assert isinstance(error, RfsError) and error.exit_code == EXIT_STEP_FAILED
-    assert "package bad" in str(error) and "package good" not in str(error)
-    assert [e[0] for e in seen.events] == ["waiting"]  # ended: neither fetched nor built
-    assert engine.calls.count("run") == 1 and not engine.kept
+    assert "package mine" in str(error) and "package theirs" not in str(error)
+    assert [e[0] for e in pair.seen.events] == ["waiting"]  # ended: neither fetched nor built
+    assert pair.engine.calls.count("run") == 1 and not pair.engine.kept
+
+
+def test_a_step_built_after_its_deadline_holds_one_of_the_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other shard's step, built here once its deadline passed, runs in one of the -j
+    slots (Slots.held; what a slot guarantees: tests/unit/pipeline/test_scheduler.py), not
+    beside them; this runner's own step holds the one the scheduler gave it."""
+    import rfs.pipeline.execution as execution
+    from rfs.pipeline.scheduler import Slots
+
+    holding = threading.local()
+
+    class Recording(Slots):
+        @contextlib.contextmanager
+        def held(self) -> Iterator[None]:
+            with super().held():
+                holding.slot = True
+                try:
+                    yield
+                finally:
+                    holding.slot = False
+
+    in_slot: dict[str, bool] = {}
+
+    def run(ctx: FakeRun) -> int:
+        in_slot[ctx.argv[1]] = getattr(holding, "slot", False)
+        return shell(ctx)
+
+    monkeypatch.setattr(execution, "Slots", Recording)
+    pair = Pair(tmp_path, "write /etc/mine 1", run)
+    try:
+        assert pair.build(1, wait_s=0) is None
+    finally:
+        pair.close()
+    assert {e[:2] for e in pair.seen.events} >= {("waiting", "run[0]"), ("deadline", "run[0]")}
+    assert in_slot == {"/etc/mine": False, "/etc/n": True}
