@@ -43,14 +43,17 @@ def received() -> int | None:
 
 def check() -> None:
     """In a thread marked `interruptible()`, raise KeyboardInterrupt once `handled()` has
-    received a signal; elsewhere do nothing (the main thread has had its own already)."""
+    received a signal, and only once, as the main thread has it: the clean-up it starts (in
+    its own deferred sections) must not itself be cut short. Elsewhere do nothing."""
     if _active and _received and getattr(_thread, "interruptible", False):
+        _thread.interruptible = False
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """Mark this worker thread, for the block, as one where `check()` raises after a signal."""
+    """Mark this worker thread, for the block, as one where `check()` raises after a signal
+    (once; also at the end of a `deferred()` block)."""
     if threading.current_thread() is threading.main_thread():
         yield  # the signal itself raises here
         return
@@ -140,6 +143,9 @@ def deferred() -> Iterator[None]:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # The main thread had the signal at once; a step's worker thread (-j) has it now, where
+        # the main thread would have had it had the step run there.
+        check()
         return
     # Not a signal mask: a mask holds a signal back from this thread only, and the kernel hands
     # a process's signal to any thread that does not block it (blake3's native hashing threads,
