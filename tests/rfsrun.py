@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import pytest
 
@@ -30,6 +30,25 @@ DOCKER_URI = os.environ.get("RFS_TEST_ENGINE_URI") or "unix:///var/run/docker.so
 # The caches of every IsolatedRfs: their layer images are removed from the engine at the end
 # (by the `api` fixture of tests/integration/conftest.py).
 LAYER_CACHES: list[Path] = []
+
+
+class Ran(Protocol):
+    """A finished rfs process as the tests read it: its stderr, the steps it ran."""
+
+    err: str
+
+    def ran(self) -> list[str]: ...
+
+
+def besides_overlays(run: Ran, before: Ran | None = None) -> list[str]:
+    """The steps `run` ran but the overlays, which run beside the commands (-j: by default the
+    cores), so their place in the order varies. They must have run in `run`, or, after a build
+    that failed or was stopped (`before`), in one of the two: once in all."""
+    if before is None:
+        assert "overlays" in run.ran(), run.err
+    else:
+        assert ("overlays" in run.ran()) != ("overlays" in before.ran()), (run.err, before.err)
+    return [step for step in run.ran() if step != "overlays"]
 
 
 @dataclass

@@ -41,8 +41,8 @@ def register(sub: Any) -> None:
         type=_jobs,
         default=None,
         metavar="N",
-        help="run up to N independent steps at once (default: the number of cores with "
-        "several packages, 1 with one)",
+        help="run up to N independent steps at once (default: the number of cores this "
+        "process may use; -j 1: one step at a time, in the plan's order)",
     )
     add_force_options(p)
     p.add_argument(
@@ -93,6 +93,15 @@ def _jobs(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a number of jobs: {text!r} (try 1, 2, 8)")
     return int(text)
+
+
+def jobs_of(args: argparse.Namespace) -> int:
+    """How many steps may run at once: -j N, else the number of cores this process may use,
+    for one package as for several (a package's overlays run beside its commands)."""
+    from rfs.pipeline.scheduler import default_jobs
+
+    jobs: int | None = getattr(args, "jobs", None)
+    return jobs if jobs is not None else default_jobs()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,9 +170,7 @@ def build_once(args: argparse.Namespace) -> int:
         for warning in planned.loaded.warnings:
             reporter.message(f"rfs: warning: {warning}")
         try:
-            # One package has little to overlap (its overlays with its commands): unless asked,
-            # it runs one step at a time, its output in the order of its steps.
-            execute(planned, reporter, args.jobs or 1, args.shard_of)
+            execute(planned, reporter, jobs_of(args), args.shard_of)
             if args.verify:
                 verify_image(planned.script.filesystem.type, planned.executor.output, reporter)
         finally:
@@ -216,7 +223,6 @@ def build_many(args: argparse.Namespace) -> int:
     """Plan every package, then run their steps as one graph; print each image's path."""
     from rfs.commands import prepare_packages
     from rfs.pipeline.build import Job, execute_all
-    from rfs.pipeline.scheduler import default_jobs
     from rfs.report.display import make_reporter
     from rfs.report.packages import PackageReporter
     from rfs.report.reporter import Reporter, Tee
@@ -252,7 +258,7 @@ def build_many(args: argparse.Namespace) -> int:
             for warning in one.loaded.warnings:
                 shown[name].message(f"rfs: warning: {name}: {warning}")
             jobs.append(Job(one, shown[name], name if several else ""))
-        execute_all(jobs, args.jobs or (default_jobs() if several else 1), args.shard_of)
+        execute_all(jobs, jobs_of(args), args.shard_of)
         if args.verify:
             for job in jobs:
                 verify_image(

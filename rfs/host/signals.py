@@ -6,6 +6,12 @@ the scratch directory, the half-written export and the temporary image would sta
 both signals raise KeyboardInterrupt in the main thread, and the cleanup code that already runs
 for Ctrl-C runs for SIGTERM too.
 
+A step running in a worker thread (`rfs build -j`, by default) never sees that exception. The
+build ends what such steps wait on instead: their containers, their tools (`stop_children`:
+what a Ctrl-C to the terminal does to them), and, in a thread marked `interruptible()`,
+`check()` raises KeyboardInterrupt where the step reports progress (between the chunks of an
+export). Either way the step cleans up as it does after a Ctrl-C in the main thread.
+
 Only the first signal raises. Cleanup code (removing a container, deleting a temporary file)
 must not itself be interrupted by an impatient second Ctrl-C, or it would leave exactly what it
 was removing; a second signal is noted and ignored, and a third one gives up on cleaning.
@@ -18,6 +24,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -25,11 +32,61 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 _GIVE_UP_AFTER = 3
 
 _received: list[int] = []
+_active: list[bool] = []  # inside handled(): _received is this block's
+_thread = threading.local()  # .interruptible: a worker thread running a step
 
 
 def received() -> int | None:
     """The first signal received inside `handled()`, or None."""
     return _received[0] if _received else None
+
+
+def check() -> None:
+    """In a thread marked `interruptible()`, raise KeyboardInterrupt once `handled()` has
+    received a signal, and only once, as the main thread has it: the clean-up it starts (in
+    its own deferred sections) must not itself be cut short. Elsewhere do nothing."""
+    if _active and _received and getattr(_thread, "interruptible", False):
+        _thread.interruptible = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Mark this worker thread, for the block, as one where `check()` raises after a signal
+    (once; also at the end of a `deferred()` block)."""
+    if threading.current_thread() is threading.main_thread():
+        yield  # the signal itself raises here
+        return
+    _thread.interruptible = True
+    try:
+        yield
+    finally:
+        _thread.interruptible = False
+
+
+def stop_children(signum: int = signal.SIGINT) -> int:
+    """Send `signum` to this process's children in its own process group, as a Ctrl-C to the
+    terminal would; the tools run `shielded` (rfs.host.proc), in a session of their own, are
+    left to end. Returns how many were signalled."""
+    group, sent = os.getpgrp(), 0
+    for child in _children():
+        try:
+            if os.getpgid(child) == group:
+                os.kill(child, signum)
+                sent += 1
+        except OSError:  # it ended meanwhile
+            continue
+    return sent
+
+
+def _children() -> list[int]:
+    """This process's children (every thread's: a worker thread may have started one)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def name(signum: int) -> str:
@@ -62,9 +119,11 @@ def handled() -> Iterator[None]:
         return
     _received.clear()
     previous = {signum: signal.signal(signum, _handler) for signum in HANDLED}
+    _active.append(True)
     try:
         yield
     finally:
+        _active.pop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -84,6 +143,9 @@ def deferred() -> Iterator[None]:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # The main thread had the signal at once; a step's worker thread (-j) has it now, where
+        # the main thread would have had it had the step run there.
+        check()
         return
     # Not a signal mask: a mask holds a signal back from this thread only, and the kernel hands
     # a process's signal to any thread that does not block it (blake3's native hashing threads,

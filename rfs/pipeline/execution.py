@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,9 +24,9 @@ from rfs.host import signals
 from rfs.host.orphans import remove_orphans
 from rfs.pipeline.dockerfilebase import rebuild_base
 from rfs.pipeline.model import KEEP_LABEL, OWNER_LABEL, RUN_LABEL, Planned
-from rfs.pipeline.scheduler import run_graph
+from rfs.pipeline.scheduler import Slots, run_graph
 from rfs.pipeline.shard import Fetcher, Shard
-from rfs.report.reporter import Reporter, artifact_size
+from rfs.report.reporter import Reporter, Tee, artifact_size
 from rfs.run.executors import ENGINE_STEPS, SCRATCH_PREFIX, Executor
 
 if TYPE_CHECKING:
@@ -149,7 +150,8 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
                 sharers.setdefault(node, []).append((job, d))
 
     def theirs(node: str) -> bool:
-        """A step another shard makes: this runner waits for it, outside the -j slots."""
+        """A step another shard makes: this runner waits for it outside the -j slots, and
+        takes one only if it builds the step itself (the owner was too late)."""
         d = nodes[node][1]
         return fetcher is not None and d.action is Action.RUN and not fetcher.shard.owns(d.step)
 
@@ -157,6 +159,10 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
         needs = dict(sorted(needs.items(), key=lambda item: theirs(item[0])))
 
     def run(node: str) -> None:
+        with signals.interruptible():  # in a worker thread: see _Interruptible
+            run_node(node)
+
+    def run_node(node: str) -> None:
         job, d = nodes[node]
         if d.action is not Action.RUN:
             _reuse(job, d)
@@ -166,29 +172,48 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
             recorded = (job.planned.store.record(d.step.key) or {}).get("seconds")
             job.reporter.reused(d.step, Action.CACHED, recorded)
         else:
-            _run_step(job, d)
-            if fetcher is not None and remote is not None and d.step.key in job.ran:
-                fetcher.send(d.step, remote)  # now, not at the end: other shards wait for it
+            with slots.held() if theirs(node) else contextlib.nullcontext():
+                _run_step(job, d)
+                if fetcher is not None and remote is not None and d.step.key in job.ran:
+                    fetcher.send(d.step, remote)  # now, not at the end: other shards wait for it
         for other, shared in sharers.get(node, []):  # made once, for every package needing it
             other.reporter.reused(shared.step, Action.CACHED, None)
 
     def stop_containers() -> None:
+        """The interrupt reached the main thread: end what the worker threads run."""
         if fetcher is not None:
             fetcher.stop.set()
+        signals.stop_children()  # their tools (mke2fs…), as a Ctrl-C to the terminal would
         for job in packages:
             _remove_containers(job.planned.executor, _kept(packages))
 
+    slots = Slots(jobs)
+    reporters = [job.planned.executor.reporter for job in packages]
+    for job, reporter in zip(packages, reporters, strict=True):
+        job.planned.executor.reporter = _Interruptible(reporter)
     try:
+        if fetcher is not None:  # what other shards may wait for, before this runner's work
+            fetcher.offer_cached([job.planned for job in packages])
         outcome = run_graph(
-            needs, run, jobs, stop_containers, light=theirs if fetcher is not None else None
+            needs,
+            run,
+            jobs,
+            stop_containers,
+            light=theirs if fetcher is not None else None,
+            slots=slots,
+            # This runner's own failure ends its waits for other shards at once.
+            on_stop=fetcher.stop.set if fetcher is not None else None,
         )
     except KeyboardInterrupt:  # between steps, or a third signal while stopping
         raise _interrupted([], sum(len(job.ran) for job in packages)) from None
+    finally:
+        for job, reporter in zip(packages, reporters, strict=True):
+            job.planned.executor.reporter = reporter
     ran = sum(len(job.ran) for job in packages)
     if outcome.interrupted:
-        stopped = [
-            nodes[n] for n, exc in outcome.failed.items() if isinstance(exc, KeyboardInterrupt)
-        ]
+        # A step that failed too failed of the interrupt: in a worker thread, its tool can die
+        # of the Ctrl-C before the main thread has handled it (_run_step cannot tell yet).
+        stopped = [nodes[n] for n in outcome.failed]
         raise _interrupted([job.label(d.step) for job, d in stopped], ran)
     if not outcome.failed:
         return
@@ -204,6 +229,17 @@ def _run_union(packages: list[Job], jobs: int, fetcher: Fetcher | None = None) -
     error = RfsError(text, getattr(first, "hint", None))
     error.exit_code = getattr(first, "exit_code", error.exit_code)
     raise error from first
+
+
+class _Interruptible(Tee):
+    """An executor's reporter while the steps run. A signal raises KeyboardInterrupt in the
+    main thread only; a step in a worker thread (-j) stops where it reports progress (between
+    the chunks of an export), and cleans up as it would in the main thread. Its commands end
+    as the interrupt removes their containers, its tools as it signals them."""
+
+    def progress(self, step: Step, done: int, total: int | None = None) -> None:
+        signals.check()
+        super().progress(step, done, total)
 
 
 def _kept(packages: list[Job]) -> list[str]:

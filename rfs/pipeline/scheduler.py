@@ -13,7 +13,15 @@ a node is and the scheduler only decides when it runs. That keeps it testable wi
 - `light` nodes (`rfs build --shard`: waiting for another runner's upload) do not count
   against `jobs`: they start as soon as they are ready, each in a thread of its own, so a wait
   never keeps this runner from the work it could do meanwhile (waits on each other across
-  runners would otherwise hold every slot until a deadline).
+  runners would otherwise hold every slot until a deadline). A light node that turns heavy
+  (the wait's deadline passed: the step is built here) takes one of the `jobs` slots with
+  `Slots.held()`, ahead of the nodes not yet started. It cannot deadlock: a node starts only
+  once what it needs has finished, so no slot holder waits on a light node, and every holder
+  gives its slot back when it ends.
+- A node may raise `Cancelled` when it gives up because the run is stopping (a light node's
+  wait, a claim for a slot): it counts as not run, neither done nor failed.
+- A failure calls `on_stop` (the pipeline ends its waits for other shards there) and stops the
+  slot claims, so nothing that waits keeps the run going after it.
 - An interrupt (KeyboardInterrupt in the main thread) stops new work, calls `on_interrupt` (the
   pipeline removes its containers there, which ends the commands running in them) and waits for
   the running nodes to end before returning: nothing is left half-done behind the caller's back.
@@ -23,7 +31,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-from collections.abc import Callable, Mapping, Set
+import threading
+from collections.abc import Callable, Iterator, Mapping, Set
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -33,6 +43,71 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+class Cancelled(Exception):
+    """A node gave up because the run is stopping (a failure elsewhere, an interrupt): it
+    counts as not run."""
+
+
+class Slots:
+    """The `jobs` slots that heavy nodes hold while they run (thread-safe).
+
+    The scheduler takes a slot for each heavy node it starts (`take`, never blocking) and the
+    node's thread gives it back when it ends. A light node that turns heavy claims one with
+    `held()`, which blocks until one is free: a claim reserves the next free slot, so the
+    scheduler starts a new node only while `busy + claims < jobs`. `stop()` ends every claim
+    (Cancelled) and refuses new ones: a stopping run starts nothing new.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = max(1, jobs)
+        self.busy = 0  # slots held
+        self.claims = 0  # light nodes waiting for a slot
+        self.stopping = False
+        self._cond = threading.Condition()
+
+    def take(self) -> bool:
+        """Take a slot for a node the scheduler starts, if one is free and unclaimed."""
+        with self._cond:
+            if self.stopping or self.busy + self.claims >= self.jobs:
+                return False
+            self.busy += 1
+            return True
+
+    def release(self, failed: bool = False) -> None:
+        """Give a slot back; `failed`: its node failed, so the run stops before the slot can go
+        to a claim (the scheduler hears of the failure only later, in another thread)."""
+        with self._cond:
+            self.busy -= 1
+            self.stopping |= failed
+            self._cond.notify_all()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold a slot for the body (a light node's own build); Cancelled if the run stops
+        before one is free."""
+        with self._cond:
+            self.claims += 1
+            try:
+                self._cond.wait_for(lambda: self.stopping or self.busy < self.jobs)
+            finally:
+                self.claims -= 1
+            if self.stopping:
+                raise Cancelled("the build is stopping")
+            self.busy += 1
+        ended = False
+        try:
+            yield
+            ended = True
+        finally:
+            self.release(failed=not ended)
+
+    def stop(self) -> None:
+        """End every claim and refuse new ones."""
+        with self._cond:
+            self.stopping = True
+            self._cond.notify_all()
 
 
 @dataclass
@@ -56,19 +131,25 @@ def run_graph(
     jobs: int = 1,
     on_interrupt: Callable[[], None] | None = None,
     light: Callable[[str], bool] | None = None,
+    slots: Slots | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> Outcome:
     """Run every node of `needs` (node -> the nodes it needs; names outside `needs` count as
     done) with `run`, at most `jobs` at once besides the `light` ones; see the module
-    docstring."""
+    docstring. `slots`: the run's slots, for light nodes that turn heavy (`jobs` is then
+    `slots.jobs`); `on_stop`: called once when a failure stops the run."""
     order = {n: i for i, n in enumerate(needs)}
     waiting = {node: set(deps) & needs.keys() for node, deps in needs.items()}
     if _has_cycle(waiting):
         raise ValueError("the graph has a cycle")
     outcome = Outcome()
-    if jobs <= 1 and light is None:
+    if slots is None:
+        slots = Slots(jobs)
+    if slots.jobs <= 1 and light is None:
         _run_inline(waiting, run, order, outcome)
     else:
-        _run_threads(waiting, run, jobs, on_interrupt, order, outcome, light or _heavy)
+        stops = _Stops(slots, on_interrupt, on_stop)
+        _run_threads(waiting, run, slots, stops, order, outcome, light or _heavy)
     outcome.not_run = [n for n in needs if n not in outcome.failed and n not in set(outcome.done)]
     return outcome
 
@@ -102,6 +183,8 @@ def _run_inline(
             outcome.failed[node] = exc
             outcome.interrupted = True
             return
+        except Cancelled:
+            return
         except Exception as exc:
             outcome.failed[node] = exc
             return
@@ -109,37 +192,65 @@ def _run_inline(
         _finish(waiting, node)
 
 
+@dataclass
+class _Stops:
+    """What a stopping run ends: the slot claims, and the caller's waits or containers."""
+
+    slots: Slots
+    on_interrupt: Callable[[], None] | None
+    on_stop: Callable[[], None] | None
+    stopped: bool = False
+
+    def stop(self, interrupted: bool) -> None:
+        self.slots.stop()
+        if interrupted and self.on_interrupt is not None:
+            self.on_interrupt()
+        elif not interrupted and not self.stopped and self.on_stop is not None:
+            self.on_stop()
+        self.stopped = True
+
+
 def _run_threads(
     waiting: dict[str, set[str]],
     run: Callable[[str], None],
-    jobs: int,
-    on_interrupt: Callable[[], None] | None,
+    slots: Slots,
+    stops: _Stops,
     order: Mapping[str, int],
     outcome: Outcome,
     light: Callable[[str], bool],
 ) -> None:
     running: dict[cf.Future[None], str] = {}
-    stopping = False
-    workers = max(1, jobs) + sum(1 for node in waiting if light(node))
+
+    def heavy(node: str) -> None:
+        ended = False
+        try:
+            run(node)
+            ended = True
+        finally:
+            slots.release(failed=not ended)  # now, in this thread: a light node may wait for it
+
+    workers = slots.jobs + sum(1 for node in waiting if light(node))
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rfs-step") as pool:
         try:
             while waiting or running:
-                if not stopping:
-                    busy = sum(1 for node in running.values() if not light(node))
+                if not stops.stopped:
                     for node in _ready(waiting, order):
-                        if light(node) or busy < jobs:
-                            busy += not light(node)
-                            del waiting[node]
+                        if light(node):
                             running[pool.submit(run, node)] = node
+                        elif slots.take():
+                            running[pool.submit(heavy, node)] = node
+                        else:
+                            continue
+                        del waiting[node]
                 if not running:
-                    break  # stopping, and nothing left in flight
+                    break  # stopping, or nothing left that can start
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in done:
-                    stopping |= _collect(future, running.pop(future), waiting, outcome)
+                    if _collect(future, running.pop(future), waiting, outcome):
+                        stops.stop(interrupted=False)
         except KeyboardInterrupt:
             outcome.interrupted = True
-            if on_interrupt is not None:
-                on_interrupt()
+            stops.stop(interrupted=True)
             # Let what runs end (its own cleanup included) before the caller cleans up.
             for future in cf.as_completed(list(running)):
                 _collect(future, running.pop(future), waiting, outcome)
@@ -148,12 +259,14 @@ def _run_threads(
 def _collect(
     future: cf.Future[None], node: str, waiting: dict[str, set[str]], outcome: Outcome
 ) -> bool:
-    """Note how `node` ended; True if it failed (new work must stop)."""
+    """Note how `node` ended; True if the run must stop (it failed, or gave up)."""
     exc = future.exception()
     if exc is None:
         outcome.done.append(node)
         _finish(waiting, node)
         return False
+    if isinstance(exc, Cancelled):
+        return True  # not run: the run was stopping already
     outcome.failed[node] = exc
     if isinstance(exc, KeyboardInterrupt):
         outcome.interrupted = True

@@ -3,12 +3,14 @@
 Every runner is given the same packages and plans the same steps. Each step has one owner
 shard, `owner(key, N)`: the first 16 hex digits of its key as a number, modulo N, plus one
 (stable across runners, machines and rfs versions: the key is the step's content). A runner
+first uploads what its own cache holds and the shared one may lack (`offer_cached`), then
 runs the steps it owns (before any it would wait for) and uploads each as soon as it
 completes; for a step another shard owns it polls the shared cache (backing off from 0.25 s
 to 2 s) until the step's record appears, then downloads it through the remote fetch path,
 which checks everything it downloads. If the record has not appeared by the step's deadline,
-the runner builds the step itself: a runner that dies or lags costs time, never the result
-(the step's key fixes what it makes).
+the runner builds the step itself (in one of the -j slots): a runner that dies or lags costs
+time, never the result (the step's key fixes what it makes). When the build stops (a failure
+of this runner's, an interrupt) every wait ends at once (`Cancelled`).
 
 The deadline is `--shard-wait SECONDS` when given, else `FACTOR` times the step's last known
 duration (the `seconds` of a local or remote record of its key) plus `FLOOR`, with
@@ -26,9 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rfs.graph.planner import Action
 from rfs.graph.steps import Step, StepKind
+from rfs.pipeline.scheduler import Cancelled
 
 if TYPE_CHECKING:
+    from rfs.pipeline.model import Planned
     from rfs.remote.sync import RemoteCache
     from rfs.report.reporter import Reporter
     from rfs.run.store import Store
@@ -122,7 +127,9 @@ class Fetcher:
 
     def __init__(self, shard: Shard, stop: threading.Event | None = None) -> None:
         self.shard = shard
-        self.stop = stop or threading.Event()  # set when the build stops: waiting ends
+        # Set when the build stops (an interrupt, or a failure of this runner's own): every
+        # wait ends at once instead of running to its deadline.
+        self.stop = stop or threading.Event()
         self.lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], bool] = self.stop.wait  # True: the build is stopping
@@ -152,7 +159,8 @@ class Fetcher:
 
         got = wait_for(look, deadline, self.clock, sleep)
         if stopping:
-            raise KeyboardInterrupt  # the build is stopping: nothing more to do here
+            # The build is stopping (a failure here, an interrupt): nothing more to wait for.
+            raise Cancelled(f"stopped waiting for {step.id}")
         waited = self.clock() - t0
         if got:
             with self.lock:
@@ -167,6 +175,36 @@ class Fetcher:
         """Upload `step`, which this runner just made, for the other shards."""
         with self.lock:
             remote.upload([step], {step.key}, set())
+
+    def offer_cached(self, plans: list[Planned]) -> None:
+        """Upload, before any step runs, the steps this runner has in its own cache (an earlier
+        build made them) that the shared cache may lack: other shards that found no copy when
+        they planned wait for them, and the end of this build would be too late. That is every
+        step a plan reuses, and every step it skips (not needed here: later steps are cached)
+        whose result is here, as a runner with an empty cache needs it. Every package's first
+        step goes before any second one, the order in which the other shards come to need
+        them; what the target holds, or was sent before, is not sent again (RemoteCache.upload).
+        """
+        todo: list[tuple[int, int, RemoteCache, Step]] = []
+        for n, planned in enumerate(plans):
+            remote, ex = planned.remote, planned.executor
+            if remote is None:
+                continue
+            for i, d in enumerate(planned.decisions):
+                step = d.step
+                if step.kind not in SHARED_KINDS or step.key in remote.found:
+                    continue  # not carried by a shared cache, or planning found it there
+                skipped = d.action is Action.SKIP
+                if d.action is Action.CACHED or (
+                    skipped and remote.unsent(step.key) and ex.missing(step) is None
+                ):
+                    todo.append((i, n, remote, step))
+        offered: set[str] = set()
+        for _, _, remote, step in sorted(todo, key=lambda item: item[:2]):
+            if step.key not in offered:
+                offered.add(step.key)
+                with self.lock:
+                    remote.upload([step], set(), {step.key})
 
 
 def _seconds(*values: Any) -> float | None:

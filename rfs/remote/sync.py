@@ -293,6 +293,15 @@ class RemoteCache:
                 f"({_size(sent)} sent in {time.monotonic() - t0:.2f} s)"
             )
 
+    def unsent(self, key: str) -> bool:
+        """Whether `upload` would consider the step of `key` (recorded here, with a target
+        this build writes to, not marked as sent to it by an earlier upload): a cheap look
+        before anything costlier is checked."""
+        writer, record = self.writer, self.store.record(key)
+        if writer is None or writer.url in self.down or record is None:
+            return False
+        return writer.url not in record.get("pushed", [])
+
     def _target_has(self, writer: Backend, wanted: Wanted) -> bool:
         """Whether the target holds a record of the step that readers will use: one that
         decodes, and is signed by this writer's key when it signs (a record signed by a key

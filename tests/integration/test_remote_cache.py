@@ -26,7 +26,7 @@ from tests.conftest import require_or_skip
 from tests.fsinspect import list_ext4, read_ext4_file
 from tests.packages import CACHE_BUILD_TOML, write_package
 from tests.rfsrun import Rfs as Runner
-from tests.rfsrun import count_created
+from tests.rfsrun import besides_overlays, count_created
 from tests.rfsrun import rfs as rfs_once
 
 pytestmark = pytest.mark.integration
@@ -144,16 +144,9 @@ def test_fresh_runner_reuses_a_warm_remote_cache(
     out_a, out_b = tmp_path / "a.ext4", tmp_path / "b.ext4"
     a = rfs("build", package, "-o", out_a, "--cache-to", server.url, *sign, runner="a")
     assert a.code == 0, a.err
-    assert a.ran() == [
-        "run[0]",
-        "diff[0]",
-        "run[1]",
-        "diff[1]",
-        "run[2]",
-        "diff[2]",
-        "overlays",
-        "assemble",
-    ]
+    assert sorted(besides_overlays(a)) == sorted(
+        ["run[0]", "diff[0]", "run[1]", "diff[1]", "run[2]", "diff[2]", "assemble"]
+    )
     assert "pushed   8 step(s)" in a.err
 
     # Runner B: empty cache directory, A's layer images gone from the engine. Its plan looks
@@ -232,16 +225,9 @@ def test_unreachable_server_warns_and_builds_locally(
     out = tmp_path / "out.ext4"
     r = rfs("build", package, "-o", out, "--cache-from", nginx.url, "--cache-to", nginx.url)
     assert r.code == 0, r.err
-    assert r.ran() == [
-        "run[0]",
-        "diff[0]",
-        "run[1]",
-        "diff[1]",
-        "run[2]",
-        "diff[2]",
-        "overlays",
-        "assemble",
-    ]
+    assert sorted(besides_overlays(r)) == sorted(
+        ["run[0]", "diff[0]", "run[1]", "diff[1]", "run[2]", "diff[2]", "assemble"]
+    )
     assert len(r.warnings()) == 1 and "connection refused" in r.warnings()[0], r.err
     assert "/srv/data/three" in list_ext4(out)
     assert r.seconds < 60

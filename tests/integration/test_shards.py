@@ -184,3 +184,39 @@ def test_a_killed_shard_costs_time_never_an_image(
         image = (clean / f"{name}.ext4").read_bytes()
         for out in (outs[0], outs[2]):
             assert (out / f"{name}.ext4").read_bytes() == image, (out, name)
+
+
+def run0_key(rfs: Rfs, package: Path) -> str:
+    """The key of the package's first command, from `rfs plan --json`."""
+    plan = rfs("plan", package, "--json")
+    assert plan.code == 0, plan.err
+    return str(next(s["key"] for s in json.loads(plan.out)["steps"] if s["step"] == "run[0]"))
+
+
+def test_a_runner_whose_own_step_fails_stops_waiting_for_the_others(
+    tmp_path: Path, nginx: Server, docker_client: Any
+) -> None:
+    """This runner's own command fails while it waits for another shard's step (which never
+    comes: the other runner is not started, and its deadline is far off). The wait ends at
+    once: the build exits with the failure, builds nothing more, and leaves no container."""
+    marker, planner = uuid.uuid4().hex, Rfs(tmp_path / "cache-plan")
+    bad = write_package(tmp_path / "bad", build_toml(marker, ['script_inline = "sleep 2; exit 3"']))
+    mine = owner(run0_key(planner, bad), 2)
+    good = bad
+    for n in range(32):  # a command of shard 2's (the content picks the owner)
+        good = write_package(tmp_path / f"good{n}", build_toml(marker, [f'command = "touch /{n}"']))
+        if owner(run0_key(planner, good), 2) != mine:
+            break
+    assert good != bad
+    out = tmp_path / "out"
+    out.mkdir()
+    args = shard_args([bad, good], out, f"{mine}/2", nginx.url)
+    running = Rfs(tmp_path / "cache").start(*args[:-1], "600")  # --shard-wait 600
+    done = running.finish(timeout=120)  # the old code waited the 600 s
+    assert done.code == 1, done.err
+    events = events_of(done)
+    waits = [e for e in events if e["event"] == "step_waiting"]
+    assert [e["step"] for e in waits] == [f"{good.name}/run[0]"], events
+    assert not [e for e in events if e["event"] in ("step_deadline", "step_fetched")]
+    assert "package bad:" in done.err and "exited with code 3" in done.err
+    assert containers_of(docker_client, running.run_id) == []

@@ -29,7 +29,7 @@ from tests.constants import BUSYBOX
 from tests.events import validate_events
 from tests.fsinspect import list_ext4, read_ext4_file
 from tests.packages import write_package
-from tests.rfsrun import Rfs, Run
+from tests.rfsrun import Rfs, Run, besides_overlays
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,9 @@ def test_plain_output_summary_and_json_events(tmp_path: Path, docker_client: Any
     validate_events(events)
     steps = ["run[0]", "diff[0]", "run[1]", "diff[1]", "run[2]", "diff[2]", "overlays", "assemble"]
     finished = [e["step"] for e in events if e["event"] == "step_finished"]
+    assert first.ran() == finished  # the display's order: the order the steps finished in
     assert sorted(finished) == sorted(steps)
+    assert finished.index("overlays") < finished.index("assemble")
     outputs = [e["text"] for e in events if e["event"] == "step_output"]
     assert "hello from the first command" in outputs
     diff = next(e for e in events if e["event"] == "step_finished" and e["step"] == "diff[2]")

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,6 +107,33 @@ def test_build_writes_the_image_and_plan_then_has_nothing_to_do(
     ]
 
 
+def test_build_runs_as_many_steps_at_once_as_it_has_cores(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-j defaults to the cores this process may use (faked: 3), for one package as for
+    several; -j N sets it."""
+    import rfs.pipeline.execution as execution
+    import rfs.pipeline.scheduler as scheduler
+
+    jobs: list[int] = []
+    real = scheduler.run_graph
+
+    def spy(needs: Any, run: Any, jobs_n: int = 1, *more: Any, **named: Any) -> Any:
+        jobs.append(jobs_n)
+        return real(needs, run, jobs_n, *more, **named)
+
+    monkeypatch.setattr(execution, "run_graph", spy)
+    monkeypatch.setattr(scheduler, "default_jobs", lambda: 3)
+    assert cli.build() == EXIT_OK
+    assert cli.build("-j", "1", "--no-cache") == EXIT_OK
+    other = write_package(tmp_path / "other", BUILD, {"files/motd": "hi\n"})
+    (tmp_path / "out").mkdir()
+    both = ["build", str(cli.pkg), str(other), "--output-dir", str(tmp_path / "out")]
+    assert cli(*both) == EXIT_OK and cli(*both, "-j", "2") == EXIT_OK
+    assert jobs == [3, 1, 3, 2]
+    assert cli.cat("/etc/two") == "2\n" and cli.cat("/etc/motd") == "hello\n"
+
+
 def test_plan_explains_what_changed(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.build() == EXIT_OK
     (cli.pkg / "build.toml").write_text(BUILD.replace("/etc/two 2", "/etc/two 22"))
@@ -152,10 +180,14 @@ def test_build_json_streams_events(cli: Cli, capsys: pytest.CaptureFixture[str])
     assert events[-1]["ok"] is True and events[-1]["output"] == str(cli.out)
     assert (events[-1]["ran"], events[-1]["cached"]) == (6, 1)
     done = [e["step"] for e in events if e["event"] == "step_finished"]
+    # The overlays and the diffs run beside the commands (-j: the cores): any order the graph
+    # allows.
     assert sorted(done) == sorted(
         ["run[0]", "diff[0]", "run[1]", "diff[1]", "overlays", "assemble"]
     )
-    assert done.index("run[0]") < done.index("diff[0]") < done.index("diff[1]") < len(done) - 1
+    chain = [done.index(step) for step in ("run[0]", "diff[0]", "diff[1]", "assemble")]
+    assert chain == sorted(chain) and done.index("run[1]") < done.index("diff[1]")
+    assert done.index("overlays") < done.index("assemble")
 
 
 def test_a_failed_build_exits_with_the_step_failure(

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from rfs.host import signals
-from rfs.pipeline.scheduler import default_jobs, run_graph
+from rfs.pipeline.scheduler import Cancelled, Slots, default_jobs, run_graph
+from tests.waiting import until
 
 CHAIN = {"base": set(), "a": {"base"}, "b": {"a"}, "side": set(), "end": {"b", "side"}}
 
@@ -174,3 +175,85 @@ def test_light_nodes_run_beside_the_jobs() -> None:
     outcome = run_graph(needs, run, 1, light=lambda n: n.startswith("wait"))
     assert outcome.ok and sorted(seen) == sorted(needs)
     assert seen.index("after") > seen.index("step")
+
+
+def test_a_light_node_that_turns_heavy_takes_a_slot_before_waiting_nodes() -> None:
+    """With one slot: a wait whose deadline passed builds its step only once the running step
+    has ended, and before the step that was ready all along; never two at once."""
+    slots = Slots(1)
+    inside: list[str] = []  # heavy work, in the order it started
+    rec = Recorder()
+    lock = threading.Lock()
+    at_once = [0, 0]  # now, most
+
+    def work(node: str) -> None:
+        with lock:
+            inside.append(node)
+            at_once[0] += 1
+            at_once[1] = max(at_once)
+        if node == "first":  # ends only once the wait claims its slot
+            until(lambda: slots.claims == 1, "the light node's claim")
+        with lock:
+            at_once[0] -= 1
+
+    def run(node: str) -> None:
+        if node == "wait":
+            with slots.held():  # the deadline passed: build it here
+                work(node)
+        else:
+            work(node)
+
+    rec.action = run
+    needs: dict[str, set[str]] = {"first": set(), "wait": set(), "ready": set()}
+    outcome = run_graph(needs, rec, 1, light=lambda n: n == "wait", slots=slots)
+    assert outcome.ok and inside == ["first", "wait", "ready"] and at_once[1] == 1
+    assert slots.busy == 0 and slots.claims == 0
+
+
+def test_a_claimed_slot_is_never_a_deadlock() -> None:
+    """Heavy nodes that need the light one cannot hold the slots it waits for: they start
+    only once it has ended."""
+    slots = Slots(2)
+    order: list[str] = []
+
+    def run(node: str) -> None:
+        if node == "wait":
+            with slots.held():
+                order.append(node)
+        else:
+            order.append(node)
+
+    needs = {"wait": set(), "a": {"wait"}, "b": {"wait"}, "c": {"wait"}}
+    outcome = run_graph(needs, run, 2, light=lambda n: n == "wait", slots=slots)
+    assert outcome.ok and order[0] == "wait" and sorted(order[1:]) == ["a", "b", "c"]
+
+
+def test_a_failure_ends_the_waits_and_the_claims_at_once() -> None:
+    """A failing node stops the run: `on_stop` ends the light nodes' waits (as the pipeline
+    ends the waits for other shards) and pending slot claims give up; both count as not run,
+    and the run returns without waiting for any deadline."""
+    slots = Slots(1)
+    stop = threading.Event()
+    calls: list[str] = []
+
+    def run(node: str) -> None:
+        if node == "wait":  # a wait for another runner's upload
+            if not stop.wait(60):
+                raise AssertionError("the wait ran to its deadline")
+            raise Cancelled("stopped waiting")
+        if node == "claim":
+            with slots.held():  # never gets the slot "bad" holds
+                raise AssertionError("a stopping run gave a slot")
+        if node == "bad":
+            until(lambda: slots.claims == 1, "the claim")
+            raise RuntimeError("bad broke")
+
+    def on_stop() -> None:
+        calls.append("stop")
+        stop.set()
+
+    needs: dict[str, set[str]] = {"bad": set(), "wait": set(), "claim": set(), "after": {"wait"}}
+    light = {"wait", "claim"}.__contains__
+    outcome = run_graph(needs, run, 1, light=light, slots=slots, on_stop=on_stop)
+    assert list(outcome.failed) == ["bad"] and calls == ["stop"]
+    assert sorted(outcome.not_run) == ["after", "claim", "wait"] and not outcome.interrupted

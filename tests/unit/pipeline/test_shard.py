@@ -5,11 +5,12 @@ server. The real engine and the real nginx cache: tests/integration/test_shards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ import pytest
 
 from rfs.cli import main
 from rfs.engine.fake import FakeEngine, FakeRun
-from rfs.errors import EXIT_BAD_INPUT
+from rfs.errors import EXIT_BAD_INPUT, EXIT_STEP_FAILED, RfsError
 from rfs.graph.planner import Action
 from rfs.graph.steps import Step, StepKind
-from rfs.pipeline.build import Options, execute, prepare
+from rfs.pipeline.build import Job, Options, execute, execute_all, prepare
+from rfs.pipeline.scheduler import Cancelled
 from rfs.pipeline.shard import (
     DEFAULT_SECONDS,
     FACTOR,
@@ -37,7 +39,9 @@ from rfs.pipeline.shard import (
 from rfs.remote.config import RemoteSettings
 from rfs.report.events import JsonReporter
 from rfs.report.reporter import Reporter
+from rfs.run.store import Store as StepStore
 from tests.fakeshell import shell_of
+from tests.waiting import until
 
 KEYS = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(300)]  # keys look so
 
@@ -199,7 +203,7 @@ def test_a_bad_copy_is_built_here() -> None:
 def test_a_stopping_build_stops_waiting() -> None:
     f, _ = fetcher(Shard(1, 2))
     f.sleep = lambda s: True
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Cancelled):  # not run: the build stops for what stopped it
         take(f, Remote(after=None), Store(), Seen(), step_owned_by(2, 2))
 
 
@@ -276,6 +280,7 @@ class Runner:
         self.engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
         self.out = root / "image.ext4"
         self.seen = Seen()
+        self.keys: dict[str, str] = {}  # step id -> key, of the last build
 
     def build(self, url: str, shard: Shard) -> dict[str, Action]:
         opts = Options(
@@ -285,6 +290,7 @@ class Runner:
             remote=RemoteSettings(sources=(url,), target=url, timeout_s=5),
         )
         planned = prepare(opts, self.seen, engine_factory=lambda script: self.engine)
+        self.keys = {s.id: s.key for s in planned.steps}
         try:
             execute(planned, self.seen, 1, shard)
         finally:
@@ -343,3 +349,156 @@ def test_a_shard_alone_builds_what_the_others_never_upload(tmp_path: Path) -> No
         assert server.records  # and each was uploaded for the others
     finally:
         server.stop()
+
+
+def test_steps_cached_here_are_uploaded_before_this_runners_own_work(tmp_path: Path) -> None:
+    """Steps an earlier build left in this runner's cache go to the shared cache when the run
+    starts, in the plan's order, not after the runner's own steps: another shard may be
+    waiting for them."""
+    from tests.hostileserver import FakeCache
+
+    earlier, shared = FakeCache(), FakeCache()
+    on_server: list[set[str]] = []  # the shared cache's records when the new command ran
+
+    def run(ctx: FakeRun) -> int:
+        if list(ctx.argv[:2]) == ["write", "/etc/four"]:
+            on_server.append(set(shared.records))
+        return shell(ctx)
+
+    try:
+        r = Runner(tmp_path / "shard1", run)
+        r.build(earlier.url, Shard(1, 1))  # run[0..2] in this runner's cache
+        cached = [r.keys[f"run[{n}]"] for n in range(3)]
+        (r.root / "pkg" / "build.toml").write_text(
+            BUILD + '[[commands]]\ncommand = "write /etc/four 4"\n'
+        )
+        actions = r.build(shared.url, Shard(1, 1))
+        # run[0] and run[1] are not needed here (run[2] is cached), but an empty runner needs
+        # them: they go too.
+        skipped, reused = [Action.SKIP] * 2, [Action.CACHED]
+        assert [actions[f"run[{n}]"] for n in range(4)] == [*skipped, *reused, Action.RUN]
+        assert on_server == [set(cached)]  # before the new command, all three
+        puts = [
+            req.removeprefix("PUT /ac/") for req in shared.requests if req.startswith("PUT /ac/")
+        ]
+        assert puts[:3] == cached  # the order the others need them in
+        assert len(puts) == len(set(puts))  # and not sent again at the end
+    finally:
+        earlier.stop()
+        shared.stop()
+
+
+class Pair:
+    """Two packages of one command each, one cache, one fake engine, built by one runner of
+    two shards: `mine`'s command is this runner's, `theirs`' the other shard's (its content is
+    picked so); the other shard never comes."""
+
+    def __init__(self, root: Path, mine: str, run: Callable[[FakeRun], int] = shell) -> None:
+        from tests.hostileserver import FakeCache
+
+        self.root, self.server, self.seen = root, FakeCache(), Seen()
+        self.engine = FakeEngine(run)
+        self.engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
+        (root / "out").mkdir()
+        self.store = StepStore(root / "cache")
+        self.mine = self.job("mine", mine)
+        self.shard = owner(self.first_key(self.mine), 2)
+        self.theirs = next(
+            j
+            for n in range(64)
+            if owner(self.first_key(j := self.job("theirs", f"write /etc/n {n}")), 2) != self.shard
+        )
+
+    def job(self, name: str, command: str) -> Job:
+        pkg = self.root / name
+        pkg.mkdir(exist_ok=True)
+        text = BUILD.split("[[commands]]")[0] + f'[[commands]]\ncommand = "{command}"\n'
+        (pkg / "build.toml").write_text(text)
+        url = self.server.url
+        remote = RemoteSettings(sources=(url,), target=url, timeout_s=5)
+        opts = Options(pkg, cache_dir=self.root / "cache", output_dir=self.root / "out")
+        opts.remote = remote
+        planned = prepare(opts, self.seen, lambda s: self.engine, store=self.store)
+        return Job(planned, self.seen, name)
+
+    @staticmethod
+    def first_key(job: Job) -> str:
+        return next(s.key for s in job.planned.steps if s.id == "run[0]")
+
+    def build(self, jobs: int, wait_s: float) -> BaseException | None:
+        """Build both (in a thread, which must end within 60 s); what it raised."""
+        errors: list[BaseException] = []
+
+        def build() -> None:
+            try:
+                execute_all([self.mine, self.theirs], jobs, Shard(self.shard, 2, wait_s))
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=build, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the build did not end within 60 s"
+        return errors[0] if errors else None
+
+    def close(self) -> None:
+        self.server.stop()
+        self.store.close()
+
+
+def test_a_failure_of_this_runner_ends_its_waits_for_the_others(tmp_path: Path) -> None:
+    """This runner's own step fails while it waits for another shard's step of the other
+    package, whose deadline is far off (600 s). The wait ends at once; the build reports the
+    failure, leaves no container and builds nothing after it."""
+
+    def run(ctx: FakeRun) -> int:
+        if ctx.argv[0] == "fail":  # fails once this runner waits for the other shard
+            until(lambda: bool(pair.seen.events), "the wait for the other shard")
+        return shell(ctx)
+
+    pair = Pair(tmp_path, "fail", run)
+    try:
+        error = pair.build(2, wait_s=600)
+    finally:
+        pair.close()
+    assert isinstance(error, RfsError) and error.exit_code == EXIT_STEP_FAILED
+    assert "package mine" in str(error) and "package theirs" not in str(error)
+    assert [e[0] for e in pair.seen.events] == ["waiting"]  # ended: neither fetched nor built
+    assert pair.engine.calls.count("run") == 1 and not pair.engine.kept
+
+
+def test_a_step_built_after_its_deadline_holds_one_of_the_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other shard's step, built here once its deadline passed, runs in one of the -j
+    slots (Slots.held; what a slot guarantees: tests/unit/pipeline/test_scheduler.py), not
+    beside them; this runner's own step holds the one the scheduler gave it."""
+    import rfs.pipeline.execution as execution
+    from rfs.pipeline.scheduler import Slots
+
+    holding = threading.local()
+
+    class Recording(Slots):
+        @contextlib.contextmanager
+        def held(self) -> Iterator[None]:
+            with super().held():
+                holding.slot = True
+                try:
+                    yield
+                finally:
+                    holding.slot = False
+
+    in_slot: dict[str, bool] = {}
+
+    def run(ctx: FakeRun) -> int:
+        in_slot[ctx.argv[1]] = getattr(holding, "slot", False)
+        return shell(ctx)
+
+    monkeypatch.setattr(execution, "Slots", Recording)
+    pair = Pair(tmp_path, "write /etc/mine 1", run)
+    try:
+        assert pair.build(1, wait_s=0) is None
+    finally:
+        pair.close()
+    assert {e[:2] for e in pair.seen.events} >= {("waiting", "run[0]"), ("deadline", "run[0]")}
+    assert in_slot == {"/etc/mine": False, "/etc/n": True}
