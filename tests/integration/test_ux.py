@@ -29,7 +29,7 @@ from tests.constants import BUSYBOX
 from tests.events import validate_events
 from tests.fsinspect import list_ext4, read_ext4_file
 from tests.packages import write_package
-from tests.rfsrun import Rfs, Run, besides_overlays
+from tests.rfsrun import Rfs, Run
 
 pytestmark = pytest.mark.integration
 
