@@ -431,7 +431,11 @@ def _work_parent() -> str | None:
 
 def _late_ratio(s: Sample) -> float:
     """Wall time over the time of the steps that had to run (the command, export, assembly)."""
-    work = sum(v for k, v in s.steps.items() if k.startswith("run[") or k in ("export", "assemble"))
+    work = sum(
+        v
+        for k, v in s.steps.items()
+        if k.startswith(("run[", "diff[")) or k in ("export", "assemble")
+    )
     return s.wall / work if work else float("inf")
 
 

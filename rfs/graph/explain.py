@@ -290,7 +290,11 @@ def _parent_phrase(step: Step, parent: Step) -> str:
             return "runs on a different base image"
         return f"runs on top of {name}, which changed"
     if step.kind is StepKind.DIFF:
-        return f"reads what {name} made, which changed"
+        if parent.kind is StepKind.RUN:
+            return f"reads what {name} changed, which ran again"
+        if parent.kind is StepKind.BASE:
+            return "is laid on a different base image"
+        return f"is laid on {name}, which changed"
     if step.kind is StepKind.EXPORT:
         return (
             "exports a different base image"

@@ -367,8 +367,8 @@ def test_steps_cached_here_are_uploaded_before_this_runners_own_work(tmp_path: P
 
     try:
         r = Runner(tmp_path / "shard1", run)
-        r.build(earlier.url, Shard(1, 1))  # run[0..2] in this runner's cache
-        cached = [r.keys[f"run[{n}]"] for n in range(3)]
+        r.build(earlier.url, Shard(1, 1))  # run[0..2] and diff[0..2] in this runner's cache
+        cached = [r.keys[f"{kind}[{n}]"] for n in range(3) for kind in ("run", "diff")]
         (r.root / "pkg" / "build.toml").write_text(
             BUILD + '[[commands]]\ncommand = "write /etc/four 4"\n'
         )
@@ -377,11 +377,11 @@ def test_steps_cached_here_are_uploaded_before_this_runners_own_work(tmp_path: P
         # them: they go too.
         skipped, reused = [Action.SKIP] * 2, [Action.CACHED]
         assert [actions[f"run[{n}]"] for n in range(4)] == [*skipped, *reused, Action.RUN]
-        assert on_server == [set(cached)]  # before the new command, all three
+        assert on_server == [set(cached)]  # before the new command, all six
         puts = [
             req.removeprefix("PUT /ac/") for req in shared.requests if req.startswith("PUT /ac/")
         ]
-        assert puts[:3] == cached  # the order the others need them in
+        assert puts[:6] == cached  # the order the others need them in
         assert len(puts) == len(set(puts))  # and not sent again at the end
     finally:
         earlier.stop()

@@ -356,11 +356,12 @@ def test_explain_names_the_changed_line_and_overlay_destination() -> None:
     ]
     assert changes["overlays"] == ["overlays: /etc/resolv.conf content changed"]
     assert changes["diff[0]"] == [
-        "diff[0]: reads what commands[0] made, which changed (script changed (line 3: `echo TWO`))"
+        "diff[0]: reads what commands[0] changed, which ran again "
+        "(script changed (line 3: `echo TWO`))"
     ]
     assert changes["diff[1]"] == [
-        "diff[1]: reads what commands[1] made, which changed",
-        "diff[1]: reads what diff[0] made, which changed",
+        "diff[1]: reads what commands[1] changed, which ran again",
+        "diff[1]: is laid on diff[0], which changed",
     ]
     assert changes["assemble"] == [
         "assemble: diff[0] changed",
