@@ -32,7 +32,7 @@ from rfs.errors import RfsError
 from rfs.fs import tarformat as tf
 from rfs.fs.ext4ops import Patch, commands, digest
 from rfs.fs.overlay import OverlayEntry
-from rfs.fs.plan import make_plan
+from rfs.fs.plan import Plan, make_plan
 from rfs.fs.plantree import Header, read_headers, region, tree_of_plan
 from rfs.fs.selection import Selection
 from rfs.fs.treediff import Tree, diff_trees
@@ -142,11 +142,7 @@ def derive_layered_patch(
     from rfs.fs.layered import Unlayerable, apply_layers, bases, shifted
 
     entries, headers = index
-    before = tree_of_plan(
-        make_plan(entries, selection, (), restore), headers, export_tar, mtime=mtime
-    )
-    if isinstance(before, str):
-        return before
+    before_plan = make_plan(entries, selection, (), restore)
     paths = [export_tar, *layers]
     try:
         starts = bases([path.stat().st_size for path in paths])
@@ -169,10 +165,36 @@ def derive_layered_patch(
         return paths[i], offset - starts[i]
 
     plan = make_plan(merged, selection, overlays, restore)
-    after = tree_of_plan(plan, [head_of[id(e)] for e in merged], locate, mtime=mtime)
+    only, outside = region(plan, _changed_by_layers(entries, before_plan, merged, plan))
+    before = tree_of_plan(before_plan, headers, export_tar, mtime=mtime, only=only)
+    if isinstance(before, str):
+        return before
+    after = tree_of_plan(plan, [head_of[id(e)] for e in merged], locate, mtime=mtime, only=only)
     if isinstance(after, str):
         return after
-    return diff_trees(before, after, missing_includes=plan.missing_includes)
+    return diff_trees(before, after, missing_includes=plan.missing_includes, outside=outside)
+
+
+def _changed_by_layers(
+    entries: list[tf.RawEntry], before: Plan, merged: list[tf.RawEntry], after: Plan
+) -> set[str]:
+    """The paths the layers can change (as region's overlays: only they become trees): those
+    of the layers' entries, the export's entries they replaced or removed, and any path whose
+    selection changed with them (a layer can change a symlink the selection follows)."""
+    in_export = {id(e) for e in entries}
+    in_merged = {id(e) for e in merged}
+    changed = {p for e, p in zip(merged, after.paths, strict=True) if p and id(e) not in in_export}
+    changed |= {
+        p for e, p in zip(entries, before.paths, strict=True) if p and id(e) not in in_merged
+    }
+    kept_before = dict(zip(before.paths, before.keep, strict=True))
+    kept_after = dict(zip(after.paths, after.keep_without_overlays, strict=True))
+    changed |= {
+        p
+        for p in kept_before.keys() | kept_after.keys()
+        if p and kept_before.get(p) != kept_after.get(p)
+    }
+    return changed
 
 
 def tree_of_export(

@@ -281,13 +281,13 @@ def _index_of(plan: Plan, entry: tf.RawEntry) -> int:
     raise ValueError(path)
 
 
-def region(plan: Plan) -> tuple[set[str], dict[str, tuple[int, int]]]:
-    """What the overlays of `plan` can change: the paths whose entries they drop or add (a
-    directory's whole subtree is dropped entry by entry), every name of a hard-linked inode
-    among them, and their ancestors. Also, per directory holding such a path, the bytes and
-    the longest of its other entries (the same with and without the overlays), for
-    diff_trees' `outside`."""
-    touched = {g.path for g in plan.generated}
+def region(plan: Plan, extra: Collection[str] = ()) -> tuple[set[str], dict[str, tuple[int, int]]]:
+    """What the overlays of `plan` (and whatever else changed the `extra` paths: layer diffs)
+    can change: the paths whose entries they drop or add (a directory's whole subtree is
+    dropped entry by entry), every name of a hard-linked inode among them, and their
+    ancestors. Also, per directory holding such a path, the bytes and the longest of its other
+    entries (the same with and without the overlays), for diff_trees' `outside`."""
+    touched = {g.path for g in plan.generated} | set(extra)
     kept_both: list[str] = []
     links: dict[str, str] = {}  # union-find over hard links: path -> a name of its inode
     for entry, path, before, after in zip(
