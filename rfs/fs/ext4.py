@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rfs.errors import EnvironmentProblem, Problem, RfsError, ScriptError
+from rfs.fs.ext4checksums import CHECKSUM_FEATURES, add_checksums, deferrable
 from rfs.fs.image import (
     BaseImageCache,
     Options,
@@ -48,28 +49,38 @@ EXT4_FEATURES = (
     "has_journal,extent,huge_file,flex_bg,metadata_csum,metadata_csum_seed,64bit,dir_nlink,"
     "extra_isize"
 )
-MKE2FS_CONF = "\n".join(
-    [
-        "[defaults]",
-        "    base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr",
-        "    default_mntopts = acl,user_xattr",
-        "    enable_periodic_fsck = 0",
-        "    blocksize = 4096",
-        "    inode_size = 256",
-        "    inode_ratio = 16384",
-        "[fs_types]",
-        "    ext4 = {",
-        f"        features = {EXT4_FEATURES}",
-        "    }",
-        "    small = {",
-        "        inode_ratio = 4096",
-        "    }",
-        "    floppy = {",
-        "        inode_ratio = 8192",
-        "    }",
-        "",
-    ]
-)
+
+
+def mke2fs_conf(*, checksums: bool = True) -> str:
+    """rfs's own mke2fs.conf; `checksums=False` leaves metadata_csum off (rfs.fs.ext4checksums
+    adds it after)."""
+    features = EXT4_FEATURES
+    if not checksums:
+        features = ",".join(f for f in features.split(",") if f not in CHECKSUM_FEATURES)
+    return "\n".join(
+        [
+            "[defaults]",
+            "    base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr",
+            "    default_mntopts = acl,user_xattr",
+            "    enable_periodic_fsck = 0",
+            "    blocksize = 4096",
+            "    inode_size = 256",
+            "    inode_ratio = 16384",
+            "[fs_types]",
+            "    ext4 = {",
+            f"        features = {features}",
+            "    }",
+            "    small = {",
+            "        inode_ratio = 4096",
+            "    }",
+            "    floppy = {",
+            "        inode_ratio = 8192",
+            "    }",
+            "",
+        ]
+    )
+
+
 # mke2fs messages that mean the image is too small for the content.
 _TOO_SMALL = re.compile(
     r"Could not allocate (block|inode)|No free space in the directory"
@@ -121,9 +132,11 @@ def assemble_ext4(
     mkfs_args: Sequence[str] = (),
     restore: Mapping[str, bytes] | None = None,
     layers: tuple[Path, ...] = (),
+    largest_file: int = 0,
 ) -> StreamStats:
     """Build `output`, an ext4 image of exactly `size_mib` MiB, from an export (with `layers`
-    laid on it: rfs.fs.layered) and overlays.
+    laid on it: rfs.fs.layered) and overlays. `largest_file`, the size of the content's
+    largest file when known, may choose a faster route (rfs.fs.ext4checksums).
 
     `seed` (32 bytes from the build key) fixes the filesystem UUID and directory hash seed;
     `source_date_epoch` every timestamp mke2fs sets and the mtime of added entries. `mkfs_args`
@@ -146,33 +159,58 @@ def assemble_ext4(
     argv = [proc.tool_path("mke2fs"), "-q", "-t", "ext4", "-U", str(fs_uuid)]
     argv += _user_args(mkfs_args, extended)
     argv += ["-E", ",".join(extended), "-d", "-"]
+    source = Source(export_tar, selection, overlays, restore, layers=layers)
+    deferred = deferrable(mkfs_args, largest_file)
+    if deferred:
+        log.info(
+            "mke2fs without metadata checksums, added after (a file of %d MiB)",
+            largest_file // MIB,
+        )
+    try:
+        return _make(argv, output, size_mib, source_date_epoch, source, checksums=not deferred)
+    except _ChecksumsFailed as exc:
+        # Most likely a full image whose directories cannot grow for their checksum tails:
+        # made the usual way, mke2fs itself says whether it fits.
+        log.info("making the image with checksums from the start: %s", exc)
+        return _make(argv, output, size_mib, source_date_epoch, source, checksums=True)
+
+
+class _ChecksumsFailed(RfsError):
+    """The checksums could not be added after mke2fs."""
+
+
+def _make(
+    argv: list[str],
+    output: Path,
+    size_mib: int,
+    source_date_epoch: int,
+    source: Source,
+    *,
+    checksums: bool,
+) -> StreamStats:
+    """Run mke2fs on `source` into a new `output`, with checksums from the start or after."""
     with (
         temp_image(output, size_mib) as tmp,
         tempfile.TemporaryDirectory(prefix="rfs-mke2fs-") as confdir,
     ):
         conf = Path(confdir, "mke2fs.conf")
-        conf.write_text(MKE2FS_CONF)
+        conf.write_text(mke2fs_conf(checksums=checksums))
         env = {
             "MKE2FS_CONFIG": str(conf),
             "E2FSPROGS_FAKE_TIME": str(source_date_epoch),
             "SOURCE_DATE_EPOCH": str(source_date_epoch),
         }
-        stats = _run(
-            [*argv, str(tmp)],
-            env,
-            export_tar,
-            selection,
-            overlays,
-            source_date_epoch,
-            restore,
-            size_mib,
-            layers,
-        )
+        stats = _run([*argv, str(tmp)], env, source, source_date_epoch, size_mib)
+        if not checksums:
+            try:
+                add_checksums(tmp, source_date_epoch)
+            except RfsError as exc:
+                raise _ChecksumsFailed(str(exc)) from exc
     return stats
 
 
 # Bumped whenever the base image or the patch would come out differently for the same inputs.
-_BASE_ROUTE = "ext4-base/2"
+_BASE_ROUTE = "ext4-base/3"
 _INCOMPAT_CSUM_SEED, _RO_COMPAT_METADATA_CSUM = 0x2000, 0x400
 
 
@@ -239,7 +277,8 @@ def assemble_ext4_patched(
         with cache.building(key):
             base = cache.get(key)  # made by another build (or package) while this one waited
             if base is None:
-                _make_base(source, cache, key, identity, size_mib, options)
+                largest = max((e.size for e in index[0] if e.is_regular), default=0)
+                _make_base(source, cache, key, identity, size_mib, options, largest)
                 base = cache.get(key)
         if base is None:
             raise RfsError("the base image vanished from the cache during the build")
@@ -281,6 +320,7 @@ def _make_base(
     identity: Mapping[str, object],
     size_mib: int,
     options: Options,
+    largest_file: int,
 ) -> None:
     """Make the base image of `key`: the export (without layers or overlays) through mke2fs."""
     with cache.put(key) as tmp:
@@ -294,6 +334,7 @@ def _make_base(
             source_date_epoch=options.source_date_epoch,
             mkfs_args=options.mkfs_args,
             restore=source.restore,
+            largest_file=largest_file,
         )
 
 
@@ -328,17 +369,8 @@ def _user_args(mkfs_args: Sequence[str], extended: list[str]) -> list[str]:
 
 
 def _run(
-    argv: list[str],
-    env: dict[str, str],
-    export_tar: Path,
-    selection: Selection,
-    overlays: Sequence[OverlayEntry],
-    mtime: int,
-    restore: Mapping[str, bytes] | None,
-    size_mib: int,
-    layers: tuple[Path, ...] = (),
+    argv: list[str], env: dict[str, str], source: Source, mtime: int, size_mib: int
 ) -> StreamStats:
-    source = Source(export_tar, selection, overlays, restore, layers=layers)
     try:
         return feed(argv, source, mtime=mtime, what="mke2fs", env=env)
     except RfsError as exc:

@@ -8,7 +8,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import IO
 
 from rfs.errors import EnvironmentProblem, RfsError
@@ -54,8 +54,10 @@ def run(
     input_bytes: bytes | None = None,
     what: str | None = None,
     shielded: bool = False,
+    accept: Collection[int] = (0,),
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `argv`, capture its output, and raise RfsError naming `what` on a non-zero exit.
+    """Run `argv`, capture its output, and raise RfsError naming `what` on an exit code not
+    in `accept`.
 
     `shielded`: for a tool that must never stop half-way (it writes a file in place): it runs
     in its own session, so a Ctrl-C to the terminal's process group does not reach it, and
@@ -75,7 +77,7 @@ def run(
             )
     except FileNotFoundError as exc:
         raise EnvironmentProblem(f"required tool {argv[0]!r} is not installed") from exc
-    if proc.returncode != 0:
+    if proc.returncode not in accept:
         label = what or os.path.basename(argv[0])
         raise RfsError(f"{label} failed (exit {proc.returncode}): {_tail(proc.stderr)}")
     return proc

@@ -17,6 +17,7 @@ import pytest
 from rfs.errors import EnvironmentProblem, RfsError, ScriptError
 from rfs.fs import image as fs_image
 from rfs.fs.ext4 import assemble_ext4, mkfs_version, required_size_mib
+from rfs.fs.ext4checksums import LARGE_FILE_BYTES
 from rfs.fs.tarstream import OverlayEntry, Selection, StreamStats
 from tests.conftest import require_or_skip
 from tests.constants import BUSYBOX
@@ -204,6 +205,60 @@ def test_uuid_and_hash_seed_come_from_the_seed(export_tar: Path, tmp_path: Path)
     assert fields["Directory Hash Seed"].strip() == str(uuid.UUID(bytes=SEED[16:], version=4))
     assert fields["Filesystem volume name"].strip() == "rootfs"
     assert "orphan_file" not in fields["Filesystem features"]
+
+
+def _header(image: Path) -> dict[str, str]:
+    out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, check=True).stdout
+    return {
+        k.strip(): v.strip()
+        for k, v in (ln.split(":", 1) for ln in out.decode().splitlines() if ":" in ln)
+    }
+
+
+def test_checksums_added_after_mke2fs_are_the_ones_it_makes(
+    export_tar: Path, image: Path, tmp_path: Path
+) -> None:
+    # As for content with a large file: mke2fs without checksums, tune2fs and e2fsck after.
+    # The same features, checksum seed and tree as mke2fs's own (the seed was 0 when tune2fs
+    # set both features at once); e2fsck may rebuild (and so index) a full directory.
+    added = tmp_path / "added.ext4"
+    assemble(export_tar, added, largest_file=LARGE_FILE_BYTES + 1)
+    check = subprocess.run(["e2fsck", "-fn", str(added)], capture_output=True, check=False)
+    assert check.returncode == 0, check.stdout.decode()
+    got, made = _header(added), _header(image)
+    for field in ("Filesystem features", "Checksum type", "Checksum seed", "Filesystem UUID"):
+        assert got[field] == made[field], field
+    assert "metadata_csum" in got["Filesystem features"].split()
+
+    def listing(path: Path) -> dict[str, tuple[object, ...]]:
+        return {
+            p: (e.type, e.mode, e.uid, e.gid, e.mtime, None if e.type == "dir" else e.size)
+            for p, e in list_ext4(path).items()
+        }
+
+    assert listing(added) == listing(image)
+    tree = list_ext4(added)
+    assert read_ext4_file(added, tree["/data/p2"].inode) == b"pair\n"
+    again = tmp_path / "again.ext4"
+    assemble(export_tar.with_name("again.tar"), again, largest_file=LARGE_FILE_BYTES + 1)
+    assert _sha256(again) == _sha256(added)
+
+
+def test_checksums_that_cannot_be_added_after_are_made_from_the_start(
+    export_tar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rfs.fs import ext4
+
+    def fails(image: Path, epoch: int) -> None:
+        raise RfsError("e2fsck -fyD (directory checksums) failed (exit 4): no room")
+
+    monkeypatch.setattr(ext4, "add_checksums", fails)
+    output = tmp_path / "fallback.ext4"
+    assemble(export_tar, output, largest_file=LARGE_FILE_BYTES + 1)
+    assert "metadata_csum" in _header(output)["Filesystem features"].split()
+    check = subprocess.run(["e2fsck", "-fn", str(output)], capture_output=True, check=False)
+    assert check.returncode == 0, check.stdout.decode()
+    assert [p.name for p in tmp_path.iterdir()] == ["fallback.ext4"]
 
 
 def test_selection_keeps_includes_and_parents(export_tar: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,34 @@ def test_a_late_change_reaches_the_image_exactly(tmp_path: Path, case: str) -> N
     assert "export" in _steps(made)  # the reference really took the whole-export route
     assert _tree(out) == _tree(reference)
     assert link_groups(out) == link_groups(reference)
+
+
+def test_an_image_with_a_large_file_is_a_clean_builds_after_a_late_edit(tmp_path: Path) -> None:
+    # A file over 256 MiB (of real blocks, not a hole) makes the base image with its metadata
+    # checksums added after mke2fs (rfs.fs.ext4checksums): the warm image is still the bytes
+    # of a clean build's, and a sound ext4.
+    marker = uuid.uuid4().hex
+    pkg, out = tmp_path / "pkg", tmp_path / "image.ext4"
+    large = "mkdir -p /srv; yes 0123456789abcdef | head -c 283115520 > /srv/large"
+
+    def package(late: str) -> None:
+        commands = [f"script_inline = {json.dumps(large)}", f"command = {json.dumps(late)}"]
+        write_package(pkg, build_toml(marker, commands, size_mib=400))
+
+    package("touch /srv/first")
+    warm = Rfs(tmp_path / "warm")
+    cold = warm("build", pkg, "-o", out, "--log-level", "info")
+    assert cold.code == 0, cold.err
+    assert "without metadata checksums, added after (a file of 270 MiB)" in cold.err
+    package("touch /srv/second")
+    built = warm("build", pkg, "-o", out, "--json")
+    assert built.code == 0, built.err
+    assert "run[0]" not in _steps(built)
+    clean_out = tmp_path / "clean.ext4"
+    assert Rfs(tmp_path / "clean")("build", pkg, "-o", clean_out, "-q").code == 0
+    assert filecmp.cmp(out, clean_out, shallow=False), "the warm image is not the clean one"
+    check = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, check=False)
+    assert check.returncode == 0, check.stdout.decode()
+    tree = list_ext4(out)
+    assert tree["/srv/large"].size == 283115520 and "/srv/second" in tree
+    assert "/srv/first" not in tree

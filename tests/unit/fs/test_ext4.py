@@ -116,3 +116,32 @@ def test_size_estimate() -> None:
     assert 1 <= small < 8
     assert 100 < big < 120  # the data plus its overhead, not much more
     assert many > small  # inodes need room too
+
+
+@pytest.mark.parametrize(
+    ("args", "deferred"),
+    [
+        ((), True),
+        (("-L", "rootfs", "-E", "lazy_itable_init=1"), True),
+        (("-O", "^metadata_csum"), False),
+        (("-O^has_journal",), False),
+        (("-t", "ext2"), False),
+        (("-T", "small"), False),
+        (("-r", "0"), False),
+    ],
+)
+def test_checksums_are_added_after_mke2fs_only_when_the_user_chose_no_features(
+    args: tuple[str, ...], deferred: bool
+) -> None:
+    from rfs.fs.ext4checksums import LARGE_FILE_BYTES, deferrable
+
+    assert deferrable(args, LARGE_FILE_BYTES + 1) is deferred
+    assert not deferrable(args, LARGE_FILE_BYTES)  # no large file: mke2fs's usual route
+
+
+def test_the_conf_without_checksums_lacks_only_them() -> None:
+    from rfs.fs.ext4 import mke2fs_conf
+
+    full, without = mke2fs_conf(), mke2fs_conf(checksums=False)
+    assert "metadata_csum" in full and "metadata_csum" not in without
+    assert full.replace("metadata_csum,metadata_csum_seed,", "") == without
