@@ -174,13 +174,31 @@ def _layer_tags(base: Path) -> set[str]:
     return tags
 
 
+def _other_engines(connected: set[str]) -> list[Engine]:
+    """The engines at their default sockets, other than `connected`, that answer."""
+    found = []
+    for kind in ("docker", "podman"):
+        if kind in connected:
+            continue
+        try:
+            engine = connect(kind, None)
+            engine.ping()
+        except EngineError:
+            continue
+        found.append(engine)
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_test_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """At session end, remove this run's containers, rfs-test-tmp images and the layer images
     of the rfs caches the tests made (a developer's engine would otherwise fill up)."""
     yield
-    layers = _layer_tags(tmp_path_factory.getbasetemp()) if _connected else set()
-    for engine in _connected:
+    layers = _layer_tags(tmp_path_factory.getbasetemp())
+    engines = list(_connected)
+    if layers:  # tests that drive rfs as a subprocess connect no engine of their own
+        engines += _other_engines({engine.name for engine in engines})
+    for engine in engines:
         engine.remove_containers(f"{RUN_LABEL_KEY}={RUN_ID}")
         # Any order works: untagging a parent keeps it only until its last child goes.
         for tag in [*_tmp_images(engine), *sorted(layers)]:

@@ -44,6 +44,7 @@ _HEADERS_S = 30.0  # an engine that has not started answering a request by then 
 _POLL_S = 0.5  # bounded queue waits keep Ctrl-C prompt while a step is silent
 _CHECK_S = 3.0  # how often a silent step's container is inspected, and the grace after it ends
 _DRAIN_S = 10.0
+_COPY_ATTEMPTS = 2
 _WAIT_S = 15.0  # longest single wait() before asking inspect whether the container ended
 # Go's os.FileMode bits, as the engines' path stat reports them.
 _GO_SYMLINK = 1 << 27
@@ -161,9 +162,19 @@ class ContainerOps(ApiCaller):
         with tempfile.TemporaryFile() as archive:
             with self._calling(f"look up paths in the container of step {step}"):
                 source.write(archive, lambda path: self._directory_link(cid, path))
-            archive.seek(0)
-            with self._calling(f"copy files into the container of step {step}"):
-                self._api.put_archive(cid, "/", archive)
+            for attempt in range(_COPY_ATTEMPTS):
+                archive.seek(0)
+                try:
+                    with self._calling(f"copy files into the container of step {step}"):
+                        self._api.put_archive(cid, "/", archive)
+                    return
+                except EngineError as exc:
+                    # Podman 4.3 copies through a child process that once died under load
+                    # ("passing bulk input to subprocess: write |1: broken pipe"); the
+                    # container has not started, so the same archive can be put again.
+                    if attempt + 1 == _COPY_ATTEMPTS or "broken pipe" not in str(exc):
+                        raise
+                    log.info("copying into the container of step %s again: %s", step, exc)
 
     def _path_stat(self, cid: str, path: str) -> dict[str, Any] | None:
         """The engine's stat of `path` in container `cid` (HEAD .../archive), None if absent."""

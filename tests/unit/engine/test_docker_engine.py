@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +121,52 @@ def test_an_engine_that_does_not_answer_in_time(tmp_path: Path) -> None:
         mute.listen(4)  # accepts, never answers
         with pytest.raises(EngineError, match=r"did not answer within 0.3 s while trying to"):
             connect("docker", f"unix://{path}", timeout_s=0.3).version()
+
+
+class _Files:
+    """A CopySource of one small file."""
+
+    def write(self, out: Any, resolve: Any) -> int:
+        import io
+        import tarfile
+
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            info = tarfile.TarInfo("etc/marker")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+        return 1
+
+
+@pytest.mark.parametrize(
+    ("failures", "message", "puts"),
+    [
+        (["passing bulk input to subprocess: write |1: broken pipe"], None, 2),
+        (["broken pipe"] * 2, "could not copy files into the container of step run[0]", 2),
+        (["no space left on device"], "no space left on device", 1),
+    ],
+)
+def test_a_copy_into_a_container_is_made_again_once_after_a_broken_pipe(
+    api: Api,
+    monkeypatch: pytest.MonkeyPatch,
+    failures: list[str],
+    message: str | None,
+    puts: int,
+) -> None:
+    import docker.errors
+
+    engine: Any = connect("podman", api.uri, timeout_s=5)
+    left, put = list(failures), []
+
+    def put_archive(cid: str, path: str, data: Any) -> bool:
+        put.append(data.read())
+        if left:
+            raise docker.errors.APIError(left.pop(0))
+        return True
+
+    monkeypatch.setattr(engine._api, "put_archive", put_archive)
+    if message is None:
+        engine._copy_in("c1", _Files(), "run[0]")
+    else:
+        with pytest.raises(EngineError, match=re.escape(message)):
+            engine._copy_in("c1", _Files(), "run[0]")
+    assert len(put) == puts and len(set(put)) == 1 and put[0]  # the whole archive each time
