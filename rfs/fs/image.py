@@ -216,12 +216,17 @@ def temp_image(output: Path, size_mib: int | None) -> Iterator[Path]:
 
 
 def copy_sparse(source: Path, target: Path) -> None:
-    """Copy an image file without writing its holes (a reflink where the filesystem can)."""
+    """Copy an image file without writing its holes (a reflink where the filesystem can).
+
+    The images rfs makes are sparse files whose holes are all their zeros (mke2fs writes no
+    zeros into a new file), so cp's own hole detection keeps them and copies the data with
+    copy_file_range: 0.7 s for the edits benchmark's 2 GiB image holding 1.5 GiB, against 3.6 s
+    with `--sparse=always`, which reads every block to look for zeros."""
     try:
         proc.run(
             [
                 proc.tool_path("cp"),
-                "--sparse=always",
+                "--sparse=auto",
                 "--reflink=auto",
                 "--",
                 str(source),

@@ -6,6 +6,7 @@ the export's bytes; the warnings an assembly gives."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import tarfile
@@ -91,3 +92,18 @@ def test_warnings_and_a_bad_seed(tmp_path: Path) -> None:
     assert read_back(FsType.EXT4, out, "/bin/tool") == b""  # not selected
     with pytest.raises(RfsError, match="seed must be 32 bytes"):
         assemble(FsType.EXT4, tar, Selection(), [], out, Options(seed=b"short"))
+
+
+def test_a_copied_image_keeps_its_bytes_and_its_holes(tmp_path: Path) -> None:
+    from rfs.fs.image import copy_sparse
+
+    source = tmp_path / "base.img"
+    with source.open("wb") as f:
+        f.truncate(64 << 20)
+        for offset in (0, 17 << 20, (64 << 20) - 4096):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+    target = tmp_path / "copy.img"
+    copy_sparse(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    assert target.stat().st_blocks * 512 < 1 << 20  # 12 KiB of data, not 64 MiB written
