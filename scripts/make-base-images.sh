@@ -6,11 +6,13 @@
 #                                           busybox-static:arm64 (apt-get download; arm64 is a
 #                                           foreign dpkg architecture, scripts/setup-host.sh),
 #                                           loaded with its platform in the image config
-#   rfs-test/debian-arm64:1                 a bootable arm64 Debian: mmdebstrap --arch=arm64
-#                                           --variant=minbase with systemd-sysv and udev (a
-#                                           getty on the serial console), its packages'
-#                                           scripts run under qemu-user-static; loaded with
-#                                           its platform like busybox-arm64 (the arm64 boot test)
+#   rfs-test/debian-arm64:1                 with --arm64-debian only (110 s; the slow arm64 boot
+#                                           test alone uses it): a bootable arm64 Debian:
+#                                           mmdebstrap --arch=arm64 --variant=minbase with
+#                                           systemd-sysv and udev (a getty on the serial
+#                                           console), its packages' scripts run under
+#                                           qemu-user-static; loaded with its platform like
+#                                           busybox-arm64
 #   docker.io/library/debian:bookworm-slim  stand-in for the official image that
 #                                           examples/debian/build.toml names: mmdebstrap minbase,
 #                                           CMD ["bash"] like the official one
@@ -18,7 +20,16 @@
 # org.rfs.base-recipe); a debian:bookworm-slim without the label (a real pulled one) is kept.
 # All are copied into Podman (docker save | podman load: same image IDs) when podman exists.
 # Needs root (mmdebstrap, Docker). Environment: FORCE=1 rebuilds both.
+#   bash scripts/make-base-images.sh [--arm64-debian]
 set -euo pipefail
+
+WITH_DEBIAN_ARM64=0
+for arg in "$@"; do
+    case $arg in
+        --arm64-debian) WITH_DEBIAN_ARM64=1 ;;
+        *) printf '[make-base-images] unknown argument %s (known: --arm64-debian)\n' "$arg" >&2; exit 2 ;;
+    esac
+done
 
 DOCKER=/usr/bin/docker            # /usr/local/bin/docker may be another client
 LABEL=org.rfs.base-recipe
@@ -193,12 +204,16 @@ to_podman() {  # to_podman IMAGE: make podman hold the same image (same ID) as d
 
 build "$BUSYBOX_IMAGE" "$BUSYBOX_RECIPE" 0 make_busybox
 build "$ARM64_IMAGE" "$ARM64_RECIPE" 0 make_busybox_arm64
-build "$DEBIAN_ARM64_IMAGE" "$DEBIAN_ARM64_RECIPE" 0 make_debian_arm64
+if [ "$WITH_DEBIAN_ARM64" = 1 ]; then
+    build "$DEBIAN_ARM64_IMAGE" "$DEBIAN_ARM64_RECIPE" 0 make_debian_arm64
+fi
 build "$DEBIAN_IMAGE" "$DEBIAN_RECIPE" 1 make_debian
 if command -v podman >/dev/null; then
     to_podman "$BUSYBOX_IMAGE"
     to_podman "$ARM64_IMAGE"
-    to_podman "$DEBIAN_ARM64_IMAGE"
+    if [ "$WITH_DEBIAN_ARM64" = 1 ]; then
+        to_podman "$DEBIAN_ARM64_IMAGE"
+    fi
     to_podman "$DEBIAN_IMAGE"
 fi
 "$DOCKER" images --format '{{.Repository}}:{{.Tag}} {{.ID}} {{.Size}}' |
