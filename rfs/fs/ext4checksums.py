@@ -41,10 +41,14 @@ def add_checksums(image: Path, source_date_epoch: int) -> None:
     have made them: the same checksum seed, every directory block with its tail. Raises
     RfsError (naming the tool) when a tool fails, e.g. when directories cannot grow to make
     room for their tails in a full image."""
-    # e2fsprogs reads a fake time of 0 as none and writes the clock's time into the backup
-    # superblocks: 1 then, the nearest time it keeps.
-    now = str(max(source_date_epoch, 1))
-    clock: Mapping[str, str] = {"E2FSPROGS_FAKE_TIME": now, "E2FSCK_TIME": now}
+    # A fake time of 0 reads as none to e2fsprogs, which then writes the clock's time into
+    # the backup superblocks; SOURCE_DATE_EPOCH (honoured since 1.47.1) keeps a 0 as mke2fs.
+    now = str(source_date_epoch)
+    clock: Mapping[str, str] = {
+        "E2FSPROGS_FAKE_TIME": now,
+        "E2FSCK_TIME": now,
+        "SOURCE_DATE_EPOCH": now,
+    }
     for feature in CHECKSUM_FEATURES:
         proc.run(
             [proc.tool_path("tune2fs"), "-O", feature, str(image)],

@@ -4,8 +4,8 @@ shows the serial-console login prompt. That one is slow (a build with apt, then 
 emulated where KVM does not work): run with --run-slow or RFS_RUN_SLOW=1.
 
 The arm64 one builds a linux/arm64 package on the local arm64 Debian base (systemd, udev:
-scripts/make-base-images.sh --arm64-debian), its command run under qemu-user, and boots it with no --arch nor
---kernel: rfs reads the image's architecture and takes the arm64 kernel of
+scripts/make-base-images.sh --arm64-debian), its command run under qemu-user, and boots it
+with no --arch nor --kernel: rfs reads the image's architecture and takes the arm64 kernel of
 scripts/arm64-kernel.sh, under qemu-system-aarch64 emulating the CPU, to the login prompt of
 the serial console ttyAMA0. Slow too (about 40 s of boot on an idle host)."""
 
@@ -110,7 +110,9 @@ def test_an_arm64_debian_boots_to_the_login_prompt(tmp_path: Path, docker_client
     except EnvironmentProblem as exc:
         require_or_skip(f"{exc} ({exc.hint})")
     except Exception:
-        require_or_skip(f"{DEBIAN_ARM64} is missing: run scripts/make-base-images.sh --arm64-debian")
+        require_or_skip(
+            f"{DEBIAN_ARM64} is missing: run scripts/make-base-images.sh --arm64-debian"
+        )
     why = cannot_run("arm64")
     if why is not None:
         require_or_skip(f"{why}: run scripts/setup-host.sh")
