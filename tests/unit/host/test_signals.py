@@ -54,9 +54,15 @@ def test_check_raises_in_marked_worker_threads_after_a_signal_once() -> None:
     assert checked(mark=True) == 0  # the block is over
 
 
+def _sigint_default() -> None:
+    # A shell's background job (`cmd &` without job control) ignores SIGINT, and a child
+    # inherits that: rfs's own handler resets it for the tools it starts, this test does here.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_stop_children_signals_the_tools_but_the_shielded_ones() -> None:
-    tool = subprocess.Popen(["sleep", "60"])
-    shielded = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    tool = subprocess.Popen(["sleep", "60"], preexec_fn=_sigint_default)
+    shielded = subprocess.Popen(["sleep", "60"], start_new_session=True, preexec_fn=_sigint_default)
     try:
         assert signals.stop_children() == 1
         assert tool.wait(10) == -signal.SIGINT
