@@ -2,15 +2,15 @@
 
 With metadata_csum, libext2fs rewrites a file's extent block and recomputes its crc32c for
 every 4 KiB block it writes once the file has more extents than fit in its inode (4 extents of
-at most 128 MiB, fewer where block groups split them): on this machine `mke2fs -d` of one
-1.5 GiB file took 11.3 s with checksums and 3.5 s without (8 s of it in crc32c, seen with
-perf). So when the content has a file over LARGE_FILE_BYTES, mke2fs makes the image without
-them; tune2fs then turns metadata_csum and metadata_csum_seed on (separately: set together,
-the stored seed is 0, not the one derived from the UUID) and `e2fsck -fy` gives every
-directory block its checksum tail, rebuilding (and indexing) the directories whose blocks had
-no room left. The result is a normal metadata_csum image, the same for the same inputs; only
-the directories e2fsck rebuilt differ from what mke2fs would have made, which is why images
-without large files keep the usual route.
+at most 128 MiB, fewer where block groups split them): on this machine `mke2fs -d` of one 1.5
+GiB file took 11.3 s with checksums and 3.5 s without (perf put most of its 8 s of user time in
+crc32c). So when the content has a file over LARGE_FILE_BYTES, mke2fs makes the image without
+them; tune2fs then turns metadata_csum and metadata_csum_seed on (separately: set together, the
+stored seed is 0, not the one derived from the UUID) and `e2fsck -fy` gives every directory
+block its checksum tail, rebuilding (and indexing) the directories whose blocks had no room
+left. The result is a normal metadata_csum image, the same for the same inputs; only the
+directories e2fsck rebuilt differ from what mke2fs would have made, which is why images without
+large files keep the usual route.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rfs.host import proc
 # checksums from the start (an ext2 or a `-O ^metadata_csum` image must not gain them).
 _FEATURE_OPTIONS = ("-O", "-t", "-T", "-r")
 CHECKSUM_FEATURES = ("metadata_csum", "metadata_csum_seed")
-# Below this no file needs more extents than its inode holds, whatever the block groups.
+# A file below this rarely needs more extents than its inode holds (4, of up to 128 MiB each).
 LARGE_FILE_BYTES = 256 << 20
 
 
