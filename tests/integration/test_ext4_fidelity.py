@@ -244,23 +244,6 @@ def test_checksums_added_after_mke2fs_are_the_ones_it_makes(
     assert _sha256(again) == _sha256(added)
 
 
-def test_checksums_that_cannot_be_added_after_are_made_from_the_start(
-    export_tar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from rfs.fs import ext4
-
-    def fails(image: Path, epoch: int) -> None:
-        raise RfsError("e2fsck -fyD (directory checksums) failed (exit 4): no room")
-
-    monkeypatch.setattr(ext4, "add_checksums", fails)
-    output = tmp_path / "fallback.ext4"
-    assemble(export_tar, output, largest_file=LARGE_FILE_BYTES + 1)
-    assert "metadata_csum" in _header(output)["Filesystem features"].split()
-    check = subprocess.run(["e2fsck", "-fn", str(output)], capture_output=True, check=False)
-    assert check.returncode == 0, check.stdout.decode()
-    assert [p.name for p in tmp_path.iterdir()] == ["fallback.ext4"]
-
-
 def test_selection_keeps_includes_and_parents(export_tar: Path, tmp_path: Path) -> None:
     output = tmp_path / "partial.ext4"
     selection = Selection(

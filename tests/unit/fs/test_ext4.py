@@ -145,3 +145,34 @@ def test_the_conf_without_checksums_lacks_only_them() -> None:
     full, without = mke2fs_conf(), mke2fs_conf(checksums=False)
     assert "metadata_csum" in full and "metadata_csum" not in without
     assert full.replace("metadata_csum,metadata_csum_seed,", "") == without
+
+
+def test_checksums_that_cannot_be_added_after_are_made_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real tools, with the step after mke2fs failing as e2fsck does in a full image.
+    from rfs.fs import ext4
+    from rfs.fs.ext4checksums import LARGE_FILE_BYTES
+
+    def fails(image: Path, epoch: int) -> None:
+        raise RfsError("e2fsck -fyD (directory checksums) failed (exit 4): no room")
+
+    monkeypatch.setattr(ext4, "add_checksums", fails)
+    tar = export(tmp_path / "export.tar", {"etc/hostname": b"rfs\n", "bin/sh": b"#!x\n"})
+    output = tmp_path / "fallback.ext4"
+    assemble_ext4(
+        tar,
+        Selection(),
+        [],
+        output,
+        size_mib=8,
+        seed=SEED,
+        source_date_epoch=EPOCH,
+        largest_file=LARGE_FILE_BYTES + 1,
+    )
+    assert (
+        "metadata_csum" in debugfs(output, "stats").split("Filesystem features:")[1].split("\n")[0]
+    )
+    check = subprocess.run(["e2fsck", "-fn", str(output)], capture_output=True, check=False)
+    assert check.returncode == 0, check.stdout.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.tar", "fallback.ext4"]
