@@ -104,7 +104,8 @@ class Engine(Protocol):
     """A container engine as rfs uses it. Implementations raise only `rfs.errors` exceptions.
 
     Every container an engine creates is labelled `org.rfs.managed=1` plus the caller's labels
-    and is removed before the method returns, whatever happens.
+    and is removed before the method returns, whatever happens; but for the container of a
+    command that succeeded, whose removal may still be under way (`settle`).
     """
 
     name: str  # "docker" or "podman"
@@ -270,5 +271,9 @@ class Engine(Protocol):
 
     def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         """Force-remove every container carrying `label` ("key=value" or "key") except the
-        ones whose full ID is in `keep`; return the count."""
+        ones whose full ID is in `keep`; return the count. Settles first (`settle`)."""
+        ...
+
+    def settle(self) -> None:
+        """Wait until the containers of the commands that succeeded are removed."""
         ...

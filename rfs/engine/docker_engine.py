@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, BinaryIO
@@ -75,6 +76,9 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
         self._pull_timeout_s = pull_timeout_s
         self._title = "Podman" if name == "podman" else "Docker"
         self._runtimes_ok: set[str] = set()
+        self._removal_lock = threading.Lock()
+        self._remover = None
+        self._removing = []
         try:
             tls = docker.utils.kwargs_from_env().get("tls") if tls_from_env else None
             self._api: Any = docker.APIClient(
@@ -240,9 +244,9 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
 
         Returns the committed image ID. Raises StepFailed (with the output's last lines) when
         the command cannot start, exits non-zero or outlives `spec.timeout_s`. The container
-        is removed in every case, including KeyboardInterrupt and errors from `on_output`,
-        except with `keep_failed` when the command ran and failed: then it stays, stopped,
-        and `StepFailed.container` names it.
+        is removed in every case, including KeyboardInterrupt and errors from `on_output`
+        (once committed, in the background: `settle`), except with `keep_failed` when the
+        command ran and failed: then it stays, stopped, and `StepFailed.container` names it.
         """
         parent = self._inspect_image(spec.image)
         if parent is None:
@@ -250,7 +254,7 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
         if spec.runtime is not None:
             self.check_runtime(spec.runtime)
         cid = self._create(spec, step)
-        kept = False
+        kept = committed = False
         try:
             if spec.copy_in is not None:
                 self._copy_in(cid, spec.copy_in, step)
@@ -277,11 +281,14 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
                 result = self._api.commit(
                     cid, repository=repo, tag=tag_name, conf=conf, changes=changes
                 )
-            committed = _full_id(str(result["Id"]))
-            self._retire(previous, committed)
-            return committed
+            committed = True
+            image_id = _full_id(str(result["Id"]))
+            self._retire(previous, image_id)
+            return image_id
         finally:
-            if not kept:
+            if committed:
+                self._discard_soon(cid)
+            elif not kept:
                 self._discard(cid)
 
     def probe_start(
@@ -439,6 +446,7 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
 
     def container_labels(self, label: str) -> dict[str, dict[str, str]]:
         """The labels of every container carrying `label` (a key or "key=value"), by ID."""
+        self.settle()  # the background removals first: they would answer 409 or 404 here
         with self._calling(f"list containers labelled {label}"):
             found = self._api.containers(all=True, filters={"label": label})
         return {str(c["Id"]): dict(c.get("Labels") or {}) for c in found}

@@ -453,6 +453,9 @@ class FakeEngine:
         """The kept containers carrying `label`."""
         return {cid: labels for cid, labels in self.kept.items() if _matches(labels, label)}
 
+    def settle(self) -> None:
+        """Nothing to wait for: the fake removes its containers at once."""
+
     def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         """Remove the kept containers carrying `label`, but those in `keep`."""
         gone = [

@@ -48,6 +48,7 @@ def _no_leftover_containers(request: pytest.FixtureRequest, run_label: str) -> I
     yield
     if "docker_engine" in request.fixturenames:
         engine: Engine = request.getfixturevalue("docker_engine")
+        engine.settle()
         assert _labelled_containers(engine, run_label) == []
 
 
