@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,21 +55,60 @@ def export_index(export_tar: Path, side: Path) -> tuple[list[tf.RawEntry], list[
     kept in `side` (BaseImageCache.side_dir of the base image, keyed by the export's content
     and rfs's assembly code): an overlay edit then need not read the export again (180 MiB of
     pages for the Debian example, not always still in the page cache). An unreadable or
-    damaged copy is parsed again and replaced."""
+    damaged copy is replaced. Remembered for the process too (by the file's identity): a cold
+    build reads one export in several steps (the diff steps after an anchor, the assembly),
+    each with a side directory of its own. The lists are shared: callers must not change
+    them."""
     cached = side / _ENTRIES
+    try:
+        st = export_tar.stat()
+        identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = None  # _parse says what is wrong with it
+    found = _load(cached)
+    if found is not None:
+        _remember(identity, found)
+        return found
+    found = _REMEMBERED.get(identity) if identity is not None else None
+    if found is None:
+        found = _parse(export_tar)
+        _remember(identity, found)
+    _keep(found, cached)  # it was missing or damaged there
+    return found
+
+
+def _keep(index: tuple[list[tf.RawEntry], list[Header]], cached: Path) -> None:
+    """Write `index` to `cached`; a cache that cannot keep it parses again next time."""
+    with contextlib.suppress(OSError):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}")
+        with tmp.open("wb") as f:
+            pickle.dump(index, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, cached)
+
+
+_REMEMBERED: dict[tuple[int, ...], tuple[list[tf.RawEntry], list[Header]]] = {}
+_REMEMBERED_MAX = 4
+
+
+def _remember(
+    identity: tuple[int, ...] | None, index: tuple[list[tf.RawEntry], list[Header]]
+) -> None:
+    if identity is None:
+        return
+    _REMEMBERED[identity] = index  # one assignment, then a trim: safe between step threads
+    for old in list(_REMEMBERED)[:-_REMEMBERED_MAX]:
+        _REMEMBERED.pop(old, None)
+
+
+def _load(cached: Path) -> tuple[list[tf.RawEntry], list[Header]] | None:
+    """The parsed headers kept at `cached`, or None when missing or damaged."""
     with contextlib.suppress(Exception):  # unpickling damaged bytes can raise almost anything
         with cached.open("rb") as f:
             found = pickle.load(f)
         if _valid(found):
             return found  # type: ignore[no-any-return]
-    found = _parse(export_tar)
-    with contextlib.suppress(OSError):  # a cache that cannot keep it parses again next time
-        side.mkdir(parents=True, exist_ok=True)
-        tmp = side / f".{_ENTRIES}.{os.getpid()}"
-        with tmp.open("wb") as f:
-            pickle.dump(found, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cached)
-    return found
+    return None
 
 
 def _valid(found: object) -> bool:
@@ -89,7 +129,7 @@ def _parse(export_tar: Path) -> tuple[list[tf.RawEntry], list[Header]]:
         if os.fstat(src.fileno()).st_size == 0:
             return [], []  # mmap refuses an empty file; index_archive would refuse it too
         with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            entries = tf.index_archive(view)
+            entries = tf.index_file(src.fileno(), view)
             return entries, read_headers(view, entries)
 
 

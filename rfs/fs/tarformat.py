@@ -8,7 +8,10 @@ in (owners, large ids, all mode bits and `SCHILY.xattr.*` records survive untouc
 from __future__ import annotations
 
 import mmap
+import os
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
@@ -253,6 +256,33 @@ def index_archive(buf: Buffer) -> list[RawEntry]:
     """
     with memoryview(buf) as base, base.cast("B") as view:
         return _index(view, buf.madvise if isinstance(buf, mmap.mmap) else None)
+
+
+# index_archive of files, by identity: one build reads the same export in several steps (each
+# later command's diff step checks the chain against it, the assembly plans it, the filter
+# streams it), and its headers are parsed once. A file rewritten gets a new inode or mtime.
+_INDEXED: OrderedDict[tuple[int, int, int, int], list[RawEntry]] = OrderedDict()
+_INDEXED_MAX = 4
+_INDEXED_LOCK = threading.Lock()
+
+
+def index_file(fd: int, buf: Buffer) -> list[RawEntry]:
+    """index_archive of `buf`, the whole of the regular file open as `fd`, remembered for the
+    process by the file's identity (device, inode, size, mtime). The entries are shared: a
+    caller must not change them."""
+    st = os.fstat(fd)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _INDEXED_LOCK:
+        found = _INDEXED.get(identity)
+        if found is not None:
+            _INDEXED.move_to_end(identity)
+            return list(found)
+    entries = index_archive(buf)
+    with _INDEXED_LOCK:
+        _INDEXED[identity] = entries
+        while len(_INDEXED) > _INDEXED_MAX:
+            _INDEXED.popitem(last=False)
+    return list(entries)
 
 
 def _number(field: bytes) -> int:

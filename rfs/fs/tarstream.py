@@ -95,7 +95,7 @@ def write_image_stream(
     by root (uid and gid 0), as `mksquashfs -all-root` makes them.
     """
     with _mapped(export_tar) as (buf, src_fd), contextlib.ExitStack() as stack:
-        entries = tf.index_archive(buf)
+        entries = tf.index_archive(buf) if src_fd is None else tf.index_file(src_fd, buf)
         layered = None
         if layers:
             parts = [(buf, src_fd), *(stack.enter_context(_mapped(layer)) for layer in layers)]
