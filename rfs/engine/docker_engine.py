@@ -430,6 +430,7 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
         container (the engine refuses, and that is fine)."""
         if previous is None or previous == current:
             return
+        self.settle()  # a container of `previous` being removed in the background holds it
         with suppress(docker.errors.APIError, OSError, EngineError):
             info = self._inspect_image(previous)
             # Still named by another tag: keep it (Podman would delete an image by ID with
@@ -441,6 +442,7 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
 
     def remove_image(self, ref: str) -> None:
         """Remove an image, or just the tag `ref` if the image has others; absent is fine."""
+        self.settle()  # a container being removed in the background still holds its image
         with self._calling(f"remove image {ref}"), suppress(docker.errors.NotFound):
             self._api.remove_image(ref)
 
