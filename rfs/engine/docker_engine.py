@@ -448,14 +448,15 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
 
     def container_labels(self, label: str) -> dict[str, dict[str, str]]:
         """The labels of every container carrying `label` (a key or "key=value"), by ID."""
-        self.settle()  # the background removals first: they would answer 409 or 404 here
+        self.settle()  # not those being removed in the background
         with self._calling(f"list containers labelled {label}"):
             found = self._api.containers(all=True, filters={"label": label})
         return {str(c["Id"]): dict(c.get("Labels") or {}) for c in found}
 
     def remove_containers(self, label: str, *, keep: Collection[str] = ()) -> int:
         """Force-remove every container carrying `label` ("key=value" or "key") except the
-        ones whose full ID is in `keep`; return the count."""
+        ones whose full ID is in `keep`; return the count. Settles first (`settle`)."""
+        self.settle()  # the background removals first: they would answer 409 or 404 here
         with self._calling(f"list containers labelled {label}"):
             found = self._api.containers(all=True, filters={"label": label})
         removed = 0

@@ -170,3 +170,36 @@ def test_a_copy_into_a_container_is_made_again_once_after_a_broken_pipe(
         with pytest.raises(EngineError, match=re.escape(message)):
             engine._copy_in("c1", _Files(), "run[0]")
     assert len(put) == puts and len(set(put)) == 1 and put[0]  # the whole archive each time
+
+
+def test_the_container_of_a_step_that_succeeded_is_removed_once_in_the_background(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_discard_soon` does not wait for the removal; `remove_containers` (the build's final
+    clean-up) and `remove_image` settle first, so they never find it half-removed."""
+    import time
+
+    engine: Any = connect("docker", api.uri, timeout_s=5)
+    removed: list[str] = []
+    images: list[tuple[str, int]] = []
+
+    def remove_container(cid: str, **_: Any) -> None:
+        time.sleep(0.2)  # an engine that takes its time
+        removed.append(cid)
+
+    def containers(**_: Any) -> list[dict[str, str]]:
+        return [] if "c1" in removed else [{"Id": "c1"}]
+
+    monkeypatch.setattr(engine._api, "remove_container", remove_container)
+    monkeypatch.setattr(engine._api, "containers", containers)
+    monkeypatch.setattr(engine._api, "remove_image", lambda ref: images.append((ref, len(removed))))
+    started = time.monotonic()
+    engine._discard_soon("c1")
+    assert time.monotonic() - started < 0.1 and removed == []
+    assert engine.remove_containers("org.rfs.run=r1") == 0
+    assert removed == ["c1"]
+    engine._discard_soon("c2")
+    engine.remove_image("rfs/layer/x:k")
+    assert images == [("rfs/layer/x:k", 2)]  # after c2's removal
+    engine.settle()  # nothing left to wait for
+    assert removed == ["c1", "c2"]
