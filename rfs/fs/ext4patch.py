@@ -47,25 +47,29 @@ class PatchFailed(RfsError):
     """debugfs reported a problem; the caller falls back to making the image in full."""
 
 
-_ENTRIES = "export-headers-2.pickle"
+_ENTRIES = "export-headers-3.pickle"
 
 
-def export_index(export_tar: Path, side: Path) -> tuple[list[tf.RawEntry], list[Header]]:
+def export_index(
+    export_tar: Path, side: Path, digest: str | None = None
+) -> tuple[list[tf.RawEntry], list[Header]]:
     """The parsed headers of `export_tar` (entries, and owner, mode, time and device of each),
     kept in `side` (BaseImageCache.side_dir of the base image, keyed by the export's content
     and rfs's assembly code): an overlay edit then need not read the export again (180 MiB of
     pages for the Debian example, not always still in the page cache). An unreadable or
-    damaged copy is replaced. Remembered for the process too (by the file's identity): a cold
-    build reads one export in several steps (the diff steps after an anchor, the assembly),
-    each with a side directory of its own. The lists are shared: callers must not change
-    them."""
+    damaged copy is replaced, and so is one kept for other content than `digest` (the
+    export's content hash, when `side` belongs to a step key: a step run again, with
+    --rebuild or --no-cache, can write other bytes under the same key). Remembered for the
+    process too (by the file's identity): a cold build reads one export in several steps (the
+    diff steps after an anchor, the assembly), each with a side directory of its own. The
+    lists are shared: callers must not change them."""
     cached = side / _ENTRIES
     try:
         st = export_tar.stat()
         identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
         identity = None  # _parse says what is wrong with it
-    found = _load(cached)
+    found = _load(cached, digest)
     if found is not None:
         _remember(identity, found)
         return found
@@ -73,17 +77,18 @@ def export_index(export_tar: Path, side: Path) -> tuple[list[tf.RawEntry], list[
     if found is None:
         found = _parse(export_tar)
         _remember(identity, found)
-    _keep(found, cached)  # it was missing or damaged there
+    _keep(found, cached, digest)  # it was missing, damaged or of other content there
     return found
 
 
-def _keep(index: tuple[list[tf.RawEntry], list[Header]], cached: Path) -> None:
-    """Write `index` to `cached`; a cache that cannot keep it parses again next time."""
+def _keep(index: tuple[list[tf.RawEntry], list[Header]], cached: Path, digest: str | None) -> None:
+    """Write `index` (of the content `digest`) to `cached`; a cache that cannot keep it
+    parses again next time."""
     with contextlib.suppress(OSError):
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}")
         with tmp.open("wb") as f:
-            pickle.dump(index, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((digest, *index), f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, cached)
 
 
@@ -101,22 +106,24 @@ def _remember(
         _REMEMBERED.pop(old, None)
 
 
-def _load(cached: Path) -> tuple[list[tf.RawEntry], list[Header]] | None:
-    """The parsed headers kept at `cached`, or None when missing or damaged."""
+def _load(cached: Path, digest: str | None) -> tuple[list[tf.RawEntry], list[Header]] | None:
+    """The parsed headers kept at `cached`, or None when missing, damaged or kept for other
+    content than `digest` (None: any)."""
     with contextlib.suppress(Exception):  # unpickling damaged bytes can raise almost anything
         with cached.open("rb") as f:
             found = pickle.load(f)
-        if _valid(found):
-            return found  # type: ignore[no-any-return]
+        if _valid(found) and (digest is None or found[0] == digest):
+            return found[1], found[2]
     return None
 
 
 def _valid(found: object) -> bool:
-    if not (isinstance(found, tuple) and len(found) == 2):
+    if not (isinstance(found, tuple) and len(found) == 3):
         return False
-    entries, headers = found
+    kept_for, entries, headers = found
     return (
-        isinstance(entries, list)
+        (kept_for is None or isinstance(kept_for, str))
+        and isinstance(entries, list)
         and isinstance(headers, list)
         and len(entries) == len(headers)
         and all(isinstance(e, tf.RawEntry) for e in entries)
@@ -133,9 +140,9 @@ def _parse(export_tar: Path) -> tuple[list[tf.RawEntry], list[Header]]:
             return entries, read_headers(view, entries)
 
 
-def export_entries(export_tar: Path, side: Path) -> list[tf.RawEntry]:
+def export_entries(export_tar: Path, side: Path, digest: str | None = None) -> list[tf.RawEntry]:
     """The parsed entries of `export_tar`, kept in `side` (see export_index)."""
-    return export_index(export_tar, side)[0]
+    return export_index(export_tar, side, digest)[0]
 
 
 def derive_patch(

@@ -268,9 +268,11 @@ def _unlayerable(
 
     key = step.key
     anchor = anchor_path(executor, before, base_id, step, step)
-    side = executor.store.side_dir(
+    anchor_key = (
         base_export_key(base_id, step) if before["anchor"] == BASE else str(before["anchor"])
     )
+    # Checked against the blob's digest: a step run again writes other bytes under its key.
+    digest = (executor.store.record(anchor_key) or {}).get("blob_digest")
     try:
         layers = []
         for diff in [*before["diffs"], key]:
@@ -280,7 +282,10 @@ def _unlayerable(
                 else blob_path(executor, diff, "a layer diff")
             )
             layers.append(tf.index_archive(path.read_bytes()))
-        apply_layers(export_entries(anchor, side), layers)
+        side = executor.store.side_dir(anchor_key)
+        apply_layers(
+            export_entries(anchor, side, digest if isinstance(digest, str) else None), layers
+        )
     except Unlayerable as exc:
         return str(exc)
     except (OSError, ValueError, tf.TarError) as exc:

@@ -83,7 +83,7 @@ def test_a_damaged_kept_copy_is_replaced(tmp_path: Path, parses: list[Path]) -> 
     index = ext4patch.export_index(export, side)
     assert parses == [export]
     assert _names(index) == [b"etc/a"]
-    assert ext4patch._load(side / ext4patch._ENTRIES) is not None
+    assert ext4patch._load(side / ext4patch._ENTRIES, None) is not None
 
 
 def test_index_file_remembers_by_identity(tmp_path: Path) -> None:
@@ -100,3 +100,19 @@ def test_index_file_remembers_by_identity(tmp_path: Path) -> None:
     assert (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) in tf._INDEXED
     _write_tar(path, ["a", "b", "c"])
     assert index() == [b"a", b"b", b"c"]
+
+
+def test_a_kept_copy_of_other_content_is_not_used(tmp_path: Path, parses: list[Path]) -> None:
+    """A step run again (--rebuild, --no-cache) can write other bytes under its key, and so
+    into the same side directory: the kept headers name the content they were parsed from."""
+    side = tmp_path / "side"
+    export = tmp_path / "export.tar"
+    _write_tar(export, ["etc/old"])
+    assert _names(ext4patch.export_index(export, side, "digest-1")) == [b"etc/old"]
+    again = tmp_path / "again.tar"  # the new blob: another file, same key, same side dir
+    _write_tar(again, ["etc/new"])
+    assert _names(ext4patch.export_index(again, side, "digest-2")) == [b"etc/new"]
+    assert _names(ext4patch.export_index(again, side, "digest-2")) == [b"etc/new"]
+    assert parses == [export, again]  # the second read of `again` took the kept copy
+    # Without a digest (a base image's side directory is keyed by the content) it is used.
+    assert ext4patch._load(side / ext4patch._ENTRIES, None) is not None
