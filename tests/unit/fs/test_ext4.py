@@ -176,3 +176,33 @@ def test_checksums_that_cannot_be_added_after_are_made_from_the_start(
     check = subprocess.run(["e2fsck", "-fn", str(output)], capture_output=True, check=False)
     assert check.returncode == 0, check.stdout.decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.tar", "fallback.ext4"]
+
+
+def test_an_interrupt_while_mke2fs_reads_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real mke2fs, with the filter that feeds it interrupted after its first 64 KiB.
+    from typing import Any, BinaryIO
+
+    from rfs.fs import image as fs_image
+
+    def interrupted(src: BinaryIO, *args: Any, **kwargs: Any) -> StreamStats:
+        out: BinaryIO = args[2]
+        out.write(src.read(1 << 16))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fs_image, "write_image_stream", interrupted)
+    work = tmp_path / "work"
+    work.mkdir()
+    tar = export(tmp_path / "export.tar", {"etc/hostname": b"rfs\n", "srv/data": bytes(1 << 20)})
+    with pytest.raises(KeyboardInterrupt):
+        assemble_ext4(
+            tar,
+            Selection(),
+            [],
+            work / "never.ext4",
+            size_mib=8,
+            seed=SEED,
+            source_date_epoch=EPOCH,
+        )
+    assert list(work.iterdir()) == []
