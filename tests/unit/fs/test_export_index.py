@@ -15,6 +15,7 @@ import pytest
 from rfs.fs import ext4patch
 from rfs.fs import tarformat as tf
 from rfs.fs.plantree import Header
+from tests.spies import paths_passed
 
 Index = tuple[list[tf.RawEntry], list[Header]]
 
@@ -35,15 +36,7 @@ def _write_tar(path: Path, names: list[str]) -> None:
 @pytest.fixture
 def parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The exports ext4patch parsed (rather than took from memory or a kept copy)."""
-    seen: list[Path] = []
-    real = ext4patch._parse
-
-    def counting(export_tar: Path) -> Index:
-        seen.append(export_tar)
-        return real(export_tar)
-
-    monkeypatch.setattr(ext4patch, "_parse", counting)
-    return seen
+    return paths_passed(monkeypatch, ext4patch, "_parse")
 
 
 def _names(index: Index) -> list[bytes]:

@@ -11,6 +11,7 @@ import pytest
 from rfs.cli import main
 from rfs.run import store as store_module
 from rfs.run.store import Store
+from tests.spies import paths_passed
 
 
 def _store_with_blob(root: Path, data: bytes = b"x" * 4096) -> tuple[Store, str]:
@@ -27,15 +28,7 @@ def _store_with_blob(root: Path, data: bytes = b"x" * 4096) -> tuple[Store, str]
 def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     import rfs.host.hashing as hashing
 
-    reads: list[Path] = []
-    real = hashing.digest_file
-
-    def counting(path: Path) -> str:
-        reads.append(path)
-        return real(path)
-
-    monkeypatch.setattr(hashing, "digest_file", counting)
-    return reads
+    return paths_passed(monkeypatch, hashing, "digest_file")
 
 
 def test_a_blob_written_by_the_store_is_not_reread(
