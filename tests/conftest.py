@@ -44,6 +44,20 @@ def require_or_skip(reason: str) -> None:
     pytest.skip(reason)
 
 
+def podman_ready() -> None:
+    """Skip (fail in CI) unless Podman answers and holds the busybox test image."""
+    from rfs.engine import connect
+    from rfs.errors import EngineError
+
+    try:
+        engine = connect("podman")
+        engine.ping()
+        if engine.image_id(BUSYBOX) is None:
+            require_or_skip(f"{BUSYBOX} is not in Podman: run scripts/make-base-images.sh")
+    except EngineError as exc:
+        require_or_skip(f"this case needs Podman: {exc}")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--run-slow",

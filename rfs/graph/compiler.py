@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rfs.graph.steps import KEY_VERSION, Facts, Step, StepKind
 from rfs.host.hashing import digest_bytes, digest_json
-from rfs.script.model import BuildScript, Command, Copy, FsType, Overlay
+from rfs.script.model import BuildScript, Command, Copy, Overlay
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -279,11 +279,8 @@ def compile_steps(script: BuildScript, facts: Facts) -> list[Step]:
 
 
 def layered(script: BuildScript) -> bool:
-    """Whether the build keeps what each command changed (a DIFF step per command, see
-    rfs.run.layerchain) instead of one export of the last layer: ext4 images, which are
-    patched with those changes, when there are commands and no side outputs (they read one
-    export)."""
-    return script.filesystem.type is FsType.EXT4 and bool(script.commands) and not script.outputs
+    """Whether the build keeps what each command changed (`BuildScript.layered`)."""
+    return script.layered
 
 
 def build_graph(steps: list[Step]) -> nx.DiGraph:

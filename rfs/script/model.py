@@ -206,3 +206,11 @@ class BuildScript:
     # The .tar/.tar.gz package `package_root` was unpacked from (a temporary directory): the
     # build's identity (its last manifests) and its messages go by this path instead.
     origin: Path | None = None
+
+    @property
+    def layered(self) -> bool:
+        """Whether the build keeps what each command changed (a DIFF step per command, see
+        rfs.run.layerchain) instead of one export of the last layer: ext4 images, which are
+        patched with those changes, when there are commands and no side outputs (they read
+        one export)."""
+        return self.filesystem.type is FsType.EXT4 and bool(self.commands) and not self.outputs

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from rfs.script.schema import _KEYS
-from tests.conftest import require_or_skip
+from tests.conftest import podman_ready
 from tests.constants import BUSYBOX
 from tests.fsinspect import list_ext4
 from tests.rfsrun import rfs, steps_run
@@ -510,19 +510,6 @@ def prepared(
             docker_client.images.remove(tag)
 
 
-def _podman_ready() -> None:
-    from rfs.engine import connect
-    from rfs.errors import EngineError
-
-    try:
-        engine = connect("podman")
-        engine.ping()
-        if engine.image_id(BUSYBOX) is None:
-            require_or_skip(f"{BUSYBOX} is not in Podman: run scripts/make-base-images.sh")
-    except EngineError as exc:
-        require_or_skip(f"the engine case needs Podman: {exc}")
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_warm_build_gives_what_a_clean_build_gives(
     name: str, prepared: dict[str, Any], tmp_path: Path
@@ -531,7 +518,7 @@ def test_a_warm_build_gives_what_a_clean_build_gives(
     pkg = tmp_path / "pkg"
     shutil.copytree(prepared["base"], pkg, symlinks=True)
     if case.needs == "podman":
-        _podman_ready()
+        podman_ready()
     if case.needs == "archive":
         (pkg / "images").mkdir()
         shutil.copy(prepared["archive"], pkg / "images" / "base.tar")
