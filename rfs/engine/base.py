@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from rfs.engine.layerdiff import Limit
 
 #: Every container rfs creates carries this label (value "1"), so leftovers of a crashed or
@@ -199,6 +201,7 @@ class Engine(Protocol):
         tag: str,
         on_output: Callable[[bytes], None],
         keep_failed: bool = False,
+        on_exited: Callable[[str], Future[Any] | None] | None = None,
     ) -> str:
         """Run `spec.argv` in a container, stream its output, commit it as `tag`.
 
@@ -206,7 +209,9 @@ class Engine(Protocol):
         the command exits non-zero or outlives `spec.timeout_s`, StartFailed when it cannot
         start. With
         `keep_failed`, a command that ran and failed leaves its container, stopped, named by
-        `StepFailed.container`.
+        `StepFailed.container`. `on_exited` is called with the container's ID once the
+        command succeeded, before the commit; what it starts may read the container
+        (`export_container`) until the future it returns ends.
         """
         ...
 
@@ -237,6 +242,20 @@ class Engine(Protocol):
         `on_progress` receives the running byte count. `platform`: the container that is
         exported is created for it (`container.platform`), as the commands' are.
         """
+        ...
+
+    def export_container(
+        self, cid: str, dest: BinarySink, *, on_progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Stream the filesystem of the stopped container `cid` (`run_and_commit`'s
+        `on_exited`) as a tarball into `dest`: the export of the image it is committed as."""
+        ...
+
+    def exports_as_committed(self, cid: str, over: Limit | None) -> bool:
+        """Whether the stopped container `cid` exports as the image it is committed as (a
+        command can change what the engine masks in every container) and, with `over`, what
+        it changed holds more than `over` (an estimate that reads no file); False when the
+        engine cannot tell."""
         ...
 
     def save_image(self, ref: str, dest: BinarySink) -> None:

@@ -388,15 +388,22 @@ class ContainerOps(ApiCaller):
             message += " (killed by the kernel's OOM killer)" if oom else " (killed by SIGKILL)"
         return message
 
-    def _discard_soon(self, cid: str) -> None:
-        """Remove, in the background, the container of a step that succeeded: it is committed
-        and nothing reads it again, so the next step need not wait the ~70 ms the engine takes.
-        `settle` waits for these removals, and so does `remove_containers`, which a build calls
-        at its end: nothing is left behind."""
+    def _discard_soon(self, cid: str, after: cf.Future[Any] | None = None) -> None:
+        """Remove, in the background, the container of a step that succeeded: it is committed,
+        so the next step need not wait the ~70 ms the engine takes; once `after` (what still
+        reads the container: its export) has ended, however it ended. `settle` waits for
+        these removals, and so does `remove_containers`, which a build calls at its end:
+        nothing is left behind."""
+
+        def remove() -> None:
+            if after is not None:
+                cf.wait([after])
+            self._discard(cid)
+
         with self._removal_lock:
             if self._remover is None:
                 self._remover = cf.ThreadPoolExecutor(1, thread_name_prefix="rfs-remove")
-            self._removing.append(self._remover.submit(self._discard, cid))
+            self._removing.append(self._remover.submit(remove))
 
     def settle(self) -> None:
         """Wait until the containers handed to the background are removed (or their failure

@@ -13,7 +13,14 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from rfs.engine.apicalls import ApiCaller
 from rfs.engine.base import BinarySink
-from rfs.engine.layerdiff import Limit, TooLarge, Unreadable, normalise_layer, write_upper_dir
+from rfs.engine.layerdiff import (
+    Limit,
+    TooLarge,
+    Unreadable,
+    exports_as_committed,
+    normalise_layer,
+    write_upper_dir,
+)
 from rfs.errors import EngineError
 
 log = logging.getLogger("rfs.engine")
@@ -24,6 +31,7 @@ _OVERLAY_DRIVERS = frozenset({"overlay2", "overlay"})
 class DiffOps(ApiCaller):
     """Reading an image's top layer (mixed into `rfs.engine.docker_engine.DockerEngine`)."""
 
+    name: str
     local: bool
     _root: str | None = None
 
@@ -71,9 +79,23 @@ class DiffOps(ApiCaller):
             dest.truncate()
             return False
 
+    def exports_as_committed(self, cid: str, over: Limit | None) -> bool:
+        """Whether the stopped container `cid` exports as the image it is committed as and,
+        with `over`, what it changed holds more than `over`: told from its layer directory in
+        the engine's overlay storage on this machine, reading no file (see
+        rfs.engine.layerdiff.exports_as_committed); False when that cannot be told."""
+        if not self.local:
+            return False
+        with self._calling(f"inspect container {cid[:12]}"):
+            info = self._api.inspect_container(cid)
+        upper = self._upper_dir(info) if isinstance(info, dict) else None
+        init_layer = self.name == "docker"  # Podman has none (rfs.engine.layerdiff)
+        return upper is not None and exports_as_committed(upper, over, init_layer=init_layer)
+
     def _upper_dir(self, info: dict[str, Any]) -> Path | None:
-        """The image's top layer directory, if the engine keeps it in overlay storage under its
-        root directory on this machine (an answer naming anything else is not followed)."""
+        """The top layer directory of an image (or the layer of a container), if the engine
+        keeps it in overlay storage under its root directory on this machine (an answer
+        naming anything else is not followed)."""
         driver = info.get("GraphDriver") or {}
         upper = (driver.get("Data") or {}).get("UpperDir")
         if driver.get("Name") not in _OVERLAY_DRIVERS or not isinstance(upper, str):

@@ -13,6 +13,7 @@ the SDK has no timeout (we make the same request with one). Podman answers with 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import logging
 import threading
@@ -239,8 +240,13 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
         tag: str,
         on_output: Callable[[bytes], None],
         keep_failed: bool = False,
+        on_exited: Callable[[str], cf.Future[Any] | None] | None = None,
     ) -> str:
         """Run `spec.argv` in a fresh container, stream its output, commit it as `tag`.
+
+        `on_exited` is called with the container's ID once the command has succeeded, before
+        the commit: what it starts reading the container (its export, `export_container`)
+        runs alongside the commit, and the container stays until the future it returns ends.
 
         Returns the committed image ID. Raises StepFailed (with the output's last lines) when
         the command cannot start, exits non-zero or outlives `spec.timeout_s`. The container
@@ -255,6 +261,7 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
             self.check_runtime(spec.runtime)
         cid = self._create(spec, step)
         kept = committed = False
+        reading: cf.Future[Any] | None = None
         try:
             if spec.copy_in is not None:
                 self._copy_in(cid, spec.copy_in, step)
@@ -272,6 +279,8 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
                 raise StepFailed(step, f"timed out after {spec.timeout_s:g} s", tail, container)
             if status != 0:
                 raise StepFailed(step, self._exit_message(cid, status), tail, container)
+            if on_exited is not None:
+                reading = on_exited(cid)
             repo, tag_name = _split_tag(tag)
             conf = commit_config(parent.get("Config") or {}, spec)
             # Podman's compat API ignores the config body and takes only `changes`.
@@ -287,9 +296,9 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
             return image_id
         finally:
             if committed:
-                self._discard_soon(cid)
+                self._discard_soon(cid, after=reading)
             elif not kept:
-                self._discard(cid)
+                self._discard(cid)  # what read it (`reading`) fails, and its caller sees that
 
     def probe_start(
         self,
@@ -360,6 +369,19 @@ class DockerEngine(ContainerOps, PullOps, DiffOps):
             )
         finally:
             self._discard(cid)
+
+    def export_container(
+        self, cid: str, dest: BinarySink, *, on_progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Stream the filesystem of the (stopped) container `cid` as a tarball into `dest`: the
+        export of the image it is being committed as (`run_and_commit`'s `on_exited`)."""
+        self._drain(
+            lambda: self._api.export(cid, chunk_size=_EXPORT_CHUNK),
+            dest,
+            f"export container {cid[:12]}",
+            f"the export of container {cid[:12]}",
+            on_progress,
+        )
 
     def save_image(self, ref: str, dest: BinarySink) -> None:
         """Stream `ref` with its parent layers as an image tarball (`docker save`) into `dest`."""

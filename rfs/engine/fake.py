@@ -26,7 +26,8 @@ import json
 import posixpath
 import tarfile
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, BinaryIO
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rfs.engine.base import EMPTY, MANAGED_LABEL, BinarySink, RunSpec
 from rfs.engine.faketree import (
@@ -43,6 +44,7 @@ from rfs.engine.faketree import (
     make_parents,
     norm,
     sha256_hex,
+    tar_of,
 )
 from rfs.errors import EngineError, EnvironmentProblem, StartFailed, StepFailed
 
@@ -81,6 +83,7 @@ class FakeEngine:
         self.export_platforms: list[str | None] = []  # the platform each export asked for
         self.pull_platforms: list[str | None] = []  # the platform each --pull asked for
         self._containers = 0
+        self._stopped: dict[str, tuple[Tree, int, int]] = {}  # during `on_exited`: files, size
 
     # -- test set-up -------------------------------------------------------------------------
 
@@ -297,8 +300,10 @@ class FakeEngine:
         tag: str,
         on_output: Callable[[bytes], None],
         keep_failed: bool = False,
+        on_exited: Callable[[str], Future[Any] | None] | None = None,
     ) -> str:
-        """Run the stand-in on a copy of `spec.image`'s files and commit what it changed."""
+        """Run the stand-in on a copy of `spec.image`'s files and commit what it changed;
+        `on_exited` may read the container (`export_container`) until its future ends."""
         self.calls.append("run")
         parent = self._image(spec.image)
         self._containers += 1
@@ -318,11 +323,33 @@ class FakeEngine:
                 kept = container
             tail = b"".join(ctx.output).decode("utf-8", "replace")[-2000:]
             raise StepFailed(step, f"exited with code {code}", tail, kept)
-        layer = layer_tar(diff_trees(parent.tree, ctx.files))
+        changed = diff_trees(parent.tree, ctx.files)
+        layer = layer_tar(changed)
+        if on_exited is not None:
+            data = sum(len(e.data) for e in changed.values() if e is not None and e.kind == "file")
+            self._stopped[container] = (dict(ctx.files), len(changed), data)
+            if (reading := on_exited(container)) is not None:
+                wait([reading])
+            del self._stopped[container]
         config = json.loads(parent.config).get("config", {})
         image_id = self._store([*parent.layers, layer], ctx.files, config)
         self.tag(image_id, tag)
         return image_id
+
+    def export_container(
+        self, cid: str, dest: BinarySink, *, on_progress: Callable[[int], None] | None = None
+    ) -> None:
+        """The files of a stopped container (one whose `on_exited` runs) as one tarball."""
+        self.calls.append("export_container")
+        if cid not in self._stopped:
+            raise EngineError(f"no such container: {cid[:12]}")
+        _send(layer_tar(self._stopped[cid][0]), dest, on_progress)
+
+    def exports_as_committed(self, cid: str, over: Limit | None) -> bool:
+        """By the entries and file bytes the stopped container's change holds (the fake has
+        no init layer: its containers always export as their images)."""
+        _, entries, size = self._stopped.get(cid, ({}, -1, -1))
+        return entries >= 0 and (over is None or entries > over.entries or size > over.data_bytes)
 
     def probe_start(
         self,
@@ -349,10 +376,7 @@ class FakeEngine:
         fake has one platform: `platform` is only recorded in `export_platforms`)."""
         self.calls.append("export")
         self.export_platforms.append(platform)
-        data = layer_tar(dict(self._image(image).tree))
-        dest.write(data)
-        if on_progress is not None:
-            on_progress(len(data))
+        _send(layer_tar(dict(self._image(image).tree)), dest, on_progress)
 
     def image_layers(self, ref: str) -> list[str]:
         """The digests of `ref`'s layer tarballs, base first."""
@@ -379,22 +403,13 @@ class FakeEngine:
         image_id = self._resolve(ref)
         assert image_id is not None
         members = {f"{image_id[7:]}.json": found.config}
-        names = []
-        for layer in found.layers:
-            name = f"{sha256_hex(layer)[7:]}/layer.tar"
-            members[name] = layer
-            names.append(name)
+        names = [f"{sha256_hex(layer)[7:]}/layer.tar" for layer in found.layers]
+        members.update(zip(names, found.layers, strict=True))
         tags = [t for t, i in self.tags.items() if i == image_id]
         members["manifest.json"] = json.dumps(
             [{"Config": f"{image_id[7:]}.json", "RepoTags": tags, "Layers": names}]
         ).encode()
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        dest.write(buf.getvalue())
+        dest.write(tar_of(members))
 
     def load_image(self, source: BinaryIO) -> list[str]:
         """Load a `docker save` tarball; its layers must match the config's diff_ids."""
@@ -477,3 +492,9 @@ if TYPE_CHECKING:
     def _is_an_engine(fake: FakeEngine) -> Engine:
         """mypy checks here that FakeEngine satisfies the protocol the real adapter does."""
         return fake
+
+
+def _send(data: bytes, dest: BinarySink, on_progress: Callable[[int], None] | None) -> None:
+    dest.write(data)
+    if on_progress is not None:
+        on_progress(len(data))

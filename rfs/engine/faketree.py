@@ -200,5 +200,16 @@ def copy_into(
         tree[target] = source[path]
 
 
+def tar_of(members: Mapping[str, bytes]) -> bytes:
+    """A tarball of regular files, by name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def sha256_hex(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

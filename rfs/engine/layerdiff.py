@@ -161,6 +161,51 @@ def write_upper_dir(upper: Path, out: BinaryIO, limit: Limit) -> None:
     _write(_finish(items), out)
 
 
+# What Docker's init layer puts above an image's layers in every container (moby's
+# initlayer.Setup): a container made from the committed image shows these, not what the
+# command left there, so a command that changed them exports otherwise than its image.
+_INIT_FILES = frozenset(
+    {".dockerenv", "etc/mtab", "etc/hostname", "etc/hosts", "etc/resolv.conf", "dev/console"}
+)
+_INIT_DIRS = frozenset({"dev", "dev/pts", "dev/shm", "etc", "proc", "sys"})
+
+
+def exports_as_committed(upper: Path, over: Limit | None, *, init_layer: bool) -> bool:
+    """Whether a stopped container whose layer directory is `upper` exports as the image it
+    is committed as (with an `init_layer` above the image's, as Docker has: it changed none
+    of what that masks, `_INIT_FILES`, and `_INIT_DIRS` but as 0755 root directories; Podman
+    writes its own such files into the container's layer, which the commit keeps) and, with
+    `over`, holds more than `over`: entries and the bytes of regular files (a hard-linked
+    inode once) counted from the listing alone, an estimate of what write_upper_dir counts.
+    False when it cannot be read."""
+    budget = _Budget(over or Limit(data_bytes=1 << 62, entries=1 << 62))
+    inodes: set[tuple[int, int]] = set()
+    big = over is None
+    try:
+        for rel, st in _walk(upper, ""):
+            if init_layer and (rel in _INIT_FILES or (rel in _INIT_DIRS and not _plain_dir(st))):
+                return False
+            ident = (st.st_dev, st.st_ino)
+            regular = stat.S_ISREG(st.st_mode) and ident not in inodes
+            inodes.add(ident)
+            if not big:
+                try:
+                    budget.take(st.st_size if regular else 0)
+                except TooLarge:
+                    big = True
+    except Unreadable:
+        return False
+    return big
+
+
+def _plain_dir(st: os.stat_result) -> bool:
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and stat.S_IMODE(st.st_mode) == 0o755
+        and st.st_uid == 0 == st.st_gid
+    )
+
+
 def _walk(top: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of everything below `top`/`rel`, depth first."""
     try:

@@ -24,6 +24,7 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
     # The container a command runs in (mounts, env, user, /etc files) and how it is committed.
     "run": (
         "run/executors.py",
+        "run/earlyexport.py",
         "run/etcfiles.py",
         "run/snapshot.py",
         "host/hashing.py",
@@ -37,11 +38,18 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
         "engine",
     ),
     # How the container filesystem is streamed out of the engine into the tarball.
-    "export": ("run/executors.py", "run/exporting.py", "host/sparse.py", "engine"),
+    "export": (
+        "run/executors.py",
+        "run/earlyexport.py",
+        "run/exporting.py",
+        "host/sparse.py",
+        "engine",
+    ),
     # What a command changed, or its layer's export (rfs.run.layerchain): the diff's form,
     # when a step becomes an anchor.
     "diff": (
         "run/executors.py",
+        "run/earlyexport.py",
         "run/exporting.py",
         "run/layerchain.py",
         "host/sparse.py",
@@ -53,6 +61,7 @@ SHAPED_BY: dict[str, tuple[str, ...]] = {
     # Everything between the tarball and the image: the tar filter, overlays, every driver.
     "assemble": (
         "run/executors.py",
+        "run/earlyexport.py",
         "run/baseimages.py",
         "run/etcfiles.py",
         "run/snapshot.py",

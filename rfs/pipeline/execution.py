@@ -102,6 +102,7 @@ def execute_all(packages: list[Job], jobs: int = 1, shard: Shard | None = None) 
             ex = job.planned.executor
             if ex.snapshot is not None:
                 ex.snapshot.close()
+            ex.settle()  # the exports of containers no step took are deleted
             # Packages share the run label: what one keeps, every package's clean-up keeps.
             _remove_containers(ex, _kept(packages))
             if job.planned.remote is not None:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +20,13 @@ from rfs.script.model import BuildScript, Command, Overlay
 from rfs.script.package import resolve_reference
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from rfs.engine.base import CopySource, Engine, Mount
     from rfs.fs.overlay import OverlayEntry
     from rfs.fs.selection import Selection
     from rfs.report.reporter import Reporter
+    from rfs.run.earlyexport import EarlyExports
     from rfs.run.snapshot import PackageSnapshot
 
 LAYER_REPO = "rfs/layer"
@@ -85,6 +88,7 @@ class Executor:
     # key -> identity (inode, size, mtime) of export blobs whose content hash was checked (or
     # written) during this build, so the planner's check is not repeated before assembly.
     _verified: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    _early: EarlyExports | None = None  # containers exported while committed (rfs.run.earlyexport)
 
     @property
     def engine(self) -> Engine:
@@ -256,6 +260,7 @@ class Executor:
                     tag=self.layer_tag(step.key),
                     on_output=lambda data: self.reporter.output(step, data),
                     keep_failed=self.keep_failed,
+                    on_exited=self._export_early(step),
                 )
             except StartFailed as exc:
                 if spec.privileged:
@@ -271,6 +276,29 @@ class Executor:
         above = len(self.engine.image_layers(image_id))
         record["new_layer"] = above > len(self.engine.image_layers(spec.image))
         return record
+
+    def _export_early(self, step: Step) -> Callable[[str], Future[Any] | None] | None:
+        """What exports the container of RUN step `step` while it is committed, where a later
+        step needs the whole export (rfs.run.earlyexport), else None."""
+        from rfs.run.earlyexport import EarlyExports
+
+        if self._early is None:
+            self._early = EarlyExports(self.store, lambda: self.engine)
+        return self._early.hook_for(self.script, step)
+
+    def adopt_early_export(self, run_key: str, key: str) -> tuple[int, str] | None:
+        """The export of RUN step `run_key`'s container, made while it was committed, as the
+        blob of `key`: its size and content hash; None when there is none."""
+        found = None if self._early is None else self._early.adopt(run_key, key)
+        if found is not None:
+            with contextlib.suppress(OSError):  # hashed on the way in
+                self._verified[key] = file_identity(self.store.root / "blobs" / key)
+        return found
+
+    def settle(self) -> None:
+        """Wait for the early exports still running; delete those no step took."""
+        if self._early is not None:
+            self._early.settle()
 
     def _copy_in(self) -> CopySource | None:
         """The `[[copy]]` entries, from the build's snapshot: what was keyed is what lands."""
@@ -311,8 +339,10 @@ class Executor:
         return dict(record.get("etc_written", {}))
 
     def _export(self, step: Step, parents: dict[str, Step], base_id: str) -> dict[str, Any]:
-        image = self._image_of(parents[step.parents[0]], base_id)
-        size, digest = self.export_image(image, step.key, step)
+        parent = parents[step.parents[0]]
+        image = self._image_of(parent, base_id)
+        early = self.adopt_early_export(parent.key, step.key)
+        size, digest = early or self.export_image(image, step.key, step)
         written = self._written(parents[step.parents[0]])
         return {"blob_size": size, "blob_digest": digest, "etc_written": written}
 

@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING
 
 from rfs.errors import EngineError
 from rfs.graph.steps import Step
-from rfs.run.store import Store
+from rfs.run.store import BlobWriter, Store
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
 
     from rfs.engine.base import BinarySink, Engine
     from rfs.report.reporter import Reporter
@@ -32,6 +33,24 @@ class _TarEnd:
     def complete(self) -> bool:
         """True if what went through ends with the end-of-archive marker."""
         return len(self._tail) == 1024 and not any(self._tail)
+
+
+def complete_export(export: Callable[[BinarySink], None], path: Path, what: str) -> tuple[int, str]:
+    """Write what `export` streams (an engine's export of `what`) to the new file `path`,
+    hashing it on the way; return its size and content hash. Raises EngineError when the
+    stream lacks the end-of-archive marker; the caller deletes `path` on failure."""
+    writer = BlobWriter(path)
+    try:
+        sink = _TarEnd(writer)
+        export(sink)
+    finally:
+        writer.close()
+    if not sink.complete():
+        raise EngineError(
+            f"the export of {what} ended early ({writer.size} bytes, no end-of-archive "
+            "marker): did the engine stop?"
+        )
+    return writer.size, writer.digest
 
 
 def export_into(

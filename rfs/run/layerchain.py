@@ -48,6 +48,8 @@ class Executor(Protocol):
 
     def export_image(self, image: str, key: str, step: Step) -> tuple[int, str]: ...
 
+    def adopt_early_export(self, run_key: str, key: str) -> tuple[int, str] | None: ...
+
     def layer_tag(self, key: str) -> str: ...
 
 
@@ -56,6 +58,13 @@ class Executor(Protocol):
 CHAIN_DATA_BYTES = 32 << 20
 CHAIN_ENTRIES = 4000
 BASE = "base"
+
+
+def chain_limit() -> Limit:
+    """What a chain may hold: a command whose change alone holds more is an anchor."""
+    from rfs.engine.layerdiff import Limit
+
+    return Limit(data_bytes=CHAIN_DATA_BYTES, entries=CHAIN_ENTRIES)
 
 
 def empty_chain() -> dict[str, Any]:
@@ -209,7 +218,9 @@ def run_diff(
             return _record(False, size, digest, chain, written)
         executor.reporter.message(f"rfs: {step.id}: exporting the whole container: {problem}")
         executor.store.drop(step.key)
-    size, digest = executor.export_image(image, step.key, step)
+    # Exported while the command's commit ran (rfs.run.earlyexport), else now.
+    early = executor.adopt_early_export(run_step.key, step.key)
+    size, digest = early or executor.export_image(image, step.key, step)
     chain = {"anchor": step.key, "diffs": [], "data": 0, "entries": 0}
     return _record(True, size, digest, chain, written)
 

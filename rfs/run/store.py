@@ -336,6 +336,17 @@ class Store:
         # The pid lets a later build remove it if this process is killed (remove_parts).
         return self.root / "tmp" / f"part-{os.getpid()}-{key}"
 
+    def part_path(self, name: str) -> Path:
+        """A path for a partial write named `name` (a later build removes it if this process
+        is killed): the caller moves it into place (`adopt`) or deletes it."""
+        return self._part(name)
+
+    def adopt(self, key: str, path: Path, digest: str) -> None:
+        """Make `path` (a `part_path` written with the content hash `digest`) the blob of
+        `key`; record the step after, with `blob_size`/`blob_digest`."""
+        os.replace(path, self.root / "blobs" / key)
+        self.remember_verified(key, digest)
+
     def remove_parts(self) -> None:
         """Delete the partial writes of rfs processes that are gone (a SIGKILL allows no
         clean-up); a tool's own temp file beside one starts with a dot."""

@@ -155,3 +155,31 @@ def test_a_layer_naming_a_path_outside_is_refused() -> None:
     buf.seek(0)
     with pytest.raises(EngineError, match="unsafe name"):
         normalise_layer(buf, io.BytesIO(), BIG)
+
+
+def test_a_container_exports_as_committed_unless_it_changed_what_the_init_layer_masks(
+    tmp_path: Path,
+) -> None:
+    from rfs.engine.layerdiff import exports_as_committed
+
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc").chmod(0o755)
+    (upper / "etc" / "motd").write_bytes(b"x" * 100)
+    assert exports_as_committed(upper, None, init_layer=True)
+    assert not exports_as_committed(
+        upper, Limit(data_bytes=1000, entries=10), init_layer=True
+    )  # small
+    assert exports_as_committed(
+        upper, Limit(data_bytes=50, entries=10), init_layer=True
+    )  # more data
+    assert exports_as_committed(
+        upper, Limit(data_bytes=1000, entries=1), init_layer=True
+    )  # more entries
+    (upper / "etc").chmod(0o700)  # a container of the image shows the init layer's 0755
+    assert not exports_as_committed(upper, None, init_layer=True)
+    (upper / "etc").chmod(0o755)
+    (upper / "etc" / "mtab").symlink_to("../proc/self/mounts")  # systemd's postinst does
+    assert not exports_as_committed(upper, Limit(data_bytes=50, entries=10), init_layer=True)
+    assert exports_as_committed(upper, Limit(data_bytes=50, entries=10), init_layer=False)
+    assert not exports_as_committed(tmp_path / "missing", None, init_layer=True)

@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 
+from rfs.engine.base import RunSpec
 from rfs.engine.fake import FakeEngine, FakeRun
+from rfs.errors import EngineError
 from rfs.graph.planner import Action
 from rfs.host import signals
 from rfs.pipeline.build import Options, execute, prepare
 from rfs.report.reporter import Reporter
 from rfs.run import layerchain
+from rfs.run.earlyexport import EarlyExports
 from rfs.run.store import Store
 from tests.fakeshell import shell_of
 
@@ -181,18 +184,73 @@ def test_a_big_change_is_an_anchor_and_later_small_changes_chain_on_it(
         "diff[3]": (False, k["diff[1]"], [k["diff[2]"], k["diff[3]"]]),
     }
     base_id = b.engine._resolve("fake/base:1")
-    assert len(b.exported) == 2 and b.exported[0] == base_id
-    assert b.exported[1] != base_id and k["run[1]"] in b.exported[1]  # run[1]'s layer tag
+    # diff[1]'s export is run[1]'s container's, made while it was committed (earlyexport)
+    assert b.exported == [base_id] and b.engine.calls.count("export_container") == 1
     assert len(b.cat("/data/big")) == 5000
+    assert b.out.read_bytes() == clean_image(tmp_path / "clean-first", text)
 
     edited = commands("write /etc/one 1", "fill /data/big 5000", FOUR[2], "write /etc/four 44")
     calls = len(b.engine.calls)
     assert b.build(edited) == {"run[3]", "diff[3]", "assemble"}
-    assert "export" not in b.engine.calls[calls:] and len(b.exported) == 2
+    assert "export" not in b.engine.calls[calls:] and b.exported == [base_id]
     k = b.keys
     assert chains(b.records())["diff[3]"] == (False, k["diff[1]"], [k["diff[2]"], k["diff[3]"]])
     assert b.cat("/etc/four") == b"44\n" and b.cat("/etc/three") == b"3\n"
     assert b.out.read_bytes() == clean_image(tmp_path / "clean", edited)
+
+
+def test_the_early_export_gives_the_image_the_export_of_the_layer_gives(
+    tmp_path: Path, small_chain: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The anchor's export taken from the container while it was committed, or from the
+    layer image after (no early export, or a failed one): the same image, and no partial
+    file left in the cache."""
+    text = commands("write /etc/one 1", "fill /data/big 5000", *FOUR[2:])
+    early = Build(tmp_path / "early", text)
+    early.build()
+    assert early.engine.calls.count("export_container") == 1
+    monkeypatch.setattr(EarlyExports, "hook_for", lambda self, script, step: None)
+    late = Build(tmp_path / "late", text)
+    late.build()
+    assert "export_container" not in late.engine.calls and len(late.exported) == 2
+    assert late.out.read_bytes() == early.out.read_bytes()
+    monkeypatch.undo()
+    monkeypatch.setattr(layerchain, "CHAIN_DATA_BYTES", small_chain)
+
+    def broken(self: FakeEngine, cid: str, dest: Any, **kw: Any) -> None:
+        dest.write(b"\0" * 512)  # an export cut short: no end-of-archive marker
+        raise EngineError("the engine went away")
+
+    monkeypatch.setattr(FakeEngine, "export_container", broken)
+    failed = Build(tmp_path / "failed", text)
+    failed.build()
+    assert len(failed.exported) == 2  # diff[1] exported the layer image after all
+    assert failed.out.read_bytes() == early.out.read_bytes()
+    for b in (early, late, failed):
+        assert list((b.cache / "tmp").iterdir()) == []
+
+
+def test_an_early_export_no_step_takes_is_deleted(tmp_path: Path) -> None:
+    """Its RUN step ran, its DIFF step did not need it (here: no step adopts it at all)."""
+    engine = FakeEngine()
+    engine.add_image("fake/base:1", {"/bin/sh": b"#!fake\n"})
+    store = Store(tmp_path / "cache")
+    try:
+        early = EarlyExports(store, lambda: engine)
+        spec = RunSpec(image="fake/base:1", argv=("true",))
+        engine.run_and_commit(
+            spec,
+            step="run[0]",
+            tag="t:1",
+            on_output=lambda _: None,
+            on_exited=early.hook("k", over=None),
+        )
+        assert [p.name for p in (store.root / "tmp").iterdir()] == [store.part_path("early-k").name]
+        early.settle()
+        assert list((store.root / "tmp").iterdir()) == []
+        assert early.adopt("k", "key") is None
+    finally:
+        store.close()
 
 
 def test_a_chain_that_grows_past_the_limit_starts_again_at_an_anchor(
