@@ -3,8 +3,6 @@ of the fake engine (no container engine) and of the tools on PATH."""
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import rfs.engine
 import rfs.fs.assemble
 from rfs.engine.base import EMPTY, Engine
 from rfs.engine.fake import FakeEngine
+from rfs.engine.faketree import tar_of
 from rfs.errors import EngineError, EnvironmentProblem
 from rfs.run.checks import (
     base_archive_problems,
@@ -138,21 +137,11 @@ def test_a_missing_mkfs_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert problem.message == "required tool 'mke2fs' is not installed (apt-get it)"
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def test_base_archive_problems(tmp_path: Path) -> None:
     toml = '[container]\narchive = "/images/base.tar"\n'
-    good = script_of(tmp_path / "good", toml, {"images/base.tar": tar_bytes({"bin/sh": b"x"})})
+    good = script_of(tmp_path / "good", toml, {"images/base.tar": tar_of({"bin/sh": b"x"})})
     assert base_archive_problems(good) == []
-    empty = script_of(tmp_path / "empty", toml, {"images/base.tar": tar_bytes({})})
+    empty = script_of(tmp_path / "empty", toml, {"images/base.tar": tar_of({})})
     (problem,) = base_archive_problems(empty, "build.toml")
     assert problem.path == "container.archive" and "empty tar archive" in problem.message
     assert base_archive_problems(script_of(tmp_path / "image", HEAD)) == []  # no archive
