@@ -232,7 +232,7 @@ def prepare_packages(
     """Plan each of `args.package` (names checked first) with one store: (store, [(name,
     plan)]). `reporter(name)` gives the reporter of each package; `more` sets `Options`
     fields. On failure the store is closed here; else the caller closes it."""
-    from rfs.pipeline.build import prepare
+    from rfs.pipeline.build import prepare, release_snapshots
     from rfs.remote.config import remote_settings
     from rfs.run.store import Store
 
@@ -252,6 +252,7 @@ def prepare_packages(
         for _, one in planned:
             if one.remote is not None:
                 one.remote.close()
+        release_snapshots(one for _, one in planned)
         store.close()
         raise
     finally:

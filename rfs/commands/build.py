@@ -148,7 +148,7 @@ def shard_of(args: argparse.Namespace) -> Shard | None:
 def build_once(args: argparse.Namespace) -> int:
     """Build the image once, reporting to the terminal, the log or JSON as asked."""
     from rfs.errors import StepFailed
-    from rfs.pipeline.build import execute, prepare
+    from rfs.pipeline.build import execute, prepare, release_snapshots
     from rfs.report.display import make_reporter
     from rfs.report.reporter import Reporter, Tee
 
@@ -174,6 +174,7 @@ def build_once(args: argparse.Namespace) -> int:
             if args.verify:
                 verify_image(planned.script.filesystem.type, planned.executor.output, reporter)
         finally:
+            release_snapshots([planned])
             planned.store.close()
     except StepFailed as exc:
         error = exc

@@ -137,7 +137,7 @@ def render(dot: str, fmt: str) -> bytes:
 def run(args: argparse.Namespace) -> int:
     """Print or write the graph."""
     from rfs.graph.explain import explain_plan
-    from rfs.pipeline.build import prepare
+    from rfs.pipeline.build import prepare, release_snapshots
     from rfs.report.reporter import Reporter
 
     if args.format == "png" and args.output is None and sys.stdout.isatty():
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             if changes
         }
     finally:
+        release_snapshots([planned])
         planned.store.close()
     dot = to_dot(planned.decisions, planned.graph.edges, timings, title=str(args.package), why=why)
     return write(args, dot, args.format)
@@ -183,6 +184,7 @@ def union_dot(args: argparse.Namespace) -> str:
     from rfs.commands import prepare_packages
     from rfs.graph.explain import explain_plan
     from rfs.graph.planner import union, union_edges
+    from rfs.pipeline.build import release_snapshots
     from rfs.report.reporter import Reporter
 
     if args.image is not None:
@@ -209,6 +211,7 @@ def union_dot(args: argparse.Namespace) -> str:
                 if changes.get(d.step.id):
                     why[node.name] = changes[d.step.id][0].split(": ", 1)[-1]
     finally:
+        release_snapshots(one for _, one in planned)
         store.close()
     edges = [(nodes[a].name, nodes[b].name) for a, b in union_edges(plans)]
     title = " + ".join(name for name, _ in planned)

@@ -63,7 +63,7 @@ def run_one(args: argparse.Namespace) -> int:
     """Print the plan of one package."""
     from rfs.graph.explain import explain_plan
     from rfs.graph.planner import Action
-    from rfs.pipeline.build import prepare
+    from rfs.pipeline.build import prepare, release_snapshots
     from rfs.remote.config import remote_settings
     from rfs.report.reporter import Reporter
 
@@ -103,6 +103,7 @@ def run_one(args: argparse.Namespace) -> int:
     finally:
         if planned.remote is not None:  # says which remote copies were misses, and why
             planned.remote.close()
+        release_snapshots([planned])
         planned.store.close()
     return EXIT_OK
 
@@ -113,6 +114,7 @@ def run_many(args: argparse.Namespace) -> int:
     from rfs.commands import prepare_packages
     from rfs.graph.explain import explain_plan
     from rfs.graph.planner import Action, union
+    from rfs.pipeline.build import release_snapshots
     from rfs.report.packages import PackageReporter
     from rfs.report.reporter import Reporter
 
@@ -158,5 +160,6 @@ def run_many(args: argparse.Namespace) -> int:
         for _, one in planned:
             if one.remote is not None:
                 one.remote.close()
+        release_snapshots(one for _, one in planned)
         store.close()
     return EXIT_OK

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,90 +104,104 @@ def prepare(
     # Times 0, as copy-in's: SOURCE_DATE_EPOCH is in no command's key, so what commands see
     # must not depend on it.
     snapshot = PackageSnapshot(script.package_root, digests, mtime=0)
-    # The socket shortcut is for the engine `connect_engine` would reach; an engine handed in
-    # (a fake one, in tests) answers for itself.
-    from rfs.fs.tools import remembered_tool_version
-    from rfs.graph.codeversion import code_version
+    try:
+        # The socket shortcut is for the engine `connect_engine` would reach; an engine handed in
+        # (a fake one, in tests) answers for itself.
+        from rfs.fs.tools import remembered_tool_version
+        from rfs.graph.codeversion import code_version
 
-    code = {kind: code_version(kind) for kind in ("run", "export", "diff", "assemble")}
-    quick = not opts.pull and engine_factory is connect_engine
-    from_images = dockerfile_from_images(script, engine, quick=quick, pull=opts.pull)
-    built = dockerfile_base(script, digests, entries, code, store, from_images, fresh=opts.no_cache)
-    found = quick_engine_facts(script, digests, built) if quick else None
-    if found is None:
-        found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull, built=built)
-    if built is not None:
-        record_dockerfile_base(store, built, found.base_id, script.container.engine.value)
-    check_platform(script, found.platform)
+        code = {kind: code_version(kind) for kind in ("run", "export", "diff", "assemble")}
+        quick = not opts.pull and engine_factory is connect_engine
+        from_images = dockerfile_from_images(script, engine, quick=quick, pull=opts.pull)
+        built = dockerfile_base(
+            script, digests, entries, code, store, from_images, fresh=opts.no_cache
+        )
+        found = quick_engine_facts(script, digests, built) if quick else None
+        if found is None:
+            found = engine_facts(engine(), script, digests, snapshot, pull=opts.pull, built=built)
+        if built is not None:
+            record_dockerfile_base(store, built, found.base_id, script.container.engine.value)
+        check_platform(script, found.platform)
 
-    tools = store.meta("tool-versions")
-    known_tools = dict(tools)
-    mkfs_version = remembered_tool_version(script.filesystem.type, tools)
-    if tools != known_tools:
-        store.set_meta("tool-versions", tools)
-    facts = Facts(
-        base_id=found.base_id,
-        file_digests=digests,
-        mkfs_version=mkfs_version,
-        engine=script.container.engine.value,
-        source_date_epoch=source_date_epoch(),
-        platform=found.platform,
-        engine_version=found.engine_version,
-        network=opts.network,
-        code=code,
-        context=context_digests(entries, digests),
-        from_images=from_images,
-    )
-    steps = compile_steps(script, facts)
-    script_file = script.origin or (
-        (script.package_root or opts.package.resolve().parent) / script.script_file.name
-    )
-    script_id = digest_bytes(str(script_file.resolve()).encode())
-    previous = store.last_manifests(script_id)
-    if opts.output is None and opts.output_dir is not None:
-        name = image_name(opts.package)
-        output = opts.output_dir / f"{name}.{script.filesystem.type.value}"
-    else:
-        output = opts.output or Path(str(previous.get("_output", "image.ext4")))
-    executor = Executor(
-        script,
-        store,
-        engine,
-        reporter,
-        output,
-        source_date_epoch=facts.source_date_epoch,
-        labels=_labels(run_id, opts.keep_failed),
-        network=opts.network,
-        keep_failed=opts.keep_failed,
-        snapshot=snapshot,
-        no_cache=opts.no_cache,
-    )
-    store.hold({s.key for s in steps})  # no eviction removes these while this build runs
-    available: Availability = executor.missing
-    remote: RemoteCache | None = None
-    if opts.remote is not None and opts.remote.enabled:
-        from rfs.remote.sync import RemoteCache
+        tools = store.meta("tool-versions")
+        known_tools = dict(tools)
+        mkfs_version = remembered_tool_version(script.filesystem.type, tools)
+        if tools != known_tools:
+            store.set_meta("tool-versions", tools)
+        facts = Facts(
+            base_id=found.base_id,
+            file_digests=digests,
+            mkfs_version=mkfs_version,
+            engine=script.container.engine.value,
+            source_date_epoch=source_date_epoch(),
+            platform=found.platform,
+            engine_version=found.engine_version,
+            network=opts.network,
+            code=code,
+            context=context_digests(entries, digests),
+            from_images=from_images,
+        )
+        steps = compile_steps(script, facts)
+        script_file = script.origin or (
+            (script.package_root or opts.package.resolve().parent) / script.script_file.name
+        )
+        script_id = digest_bytes(str(script_file.resolve()).encode())
+        previous = store.last_manifests(script_id)
+        if opts.output is None and opts.output_dir is not None:
+            name = image_name(opts.package)
+            output = opts.output_dir / f"{name}.{script.filesystem.type.value}"
+        else:
+            output = opts.output or Path(str(previous.get("_output", "image.ext4")))
+        executor = Executor(
+            script,
+            store,
+            engine,
+            reporter,
+            output,
+            source_date_epoch=facts.source_date_epoch,
+            labels=_labels(run_id, opts.keep_failed),
+            network=opts.network,
+            keep_failed=opts.keep_failed,
+            snapshot=snapshot,
+            no_cache=opts.no_cache,
+        )
+        store.hold({s.key for s in steps})  # no eviction removes these while this build runs
+        available: Availability = executor.missing
+        remote: RemoteCache | None = None
+        if opts.remote is not None and opts.remote.enabled:
+            from rfs.remote.sync import RemoteCache
 
-        remote = RemoteCache(opts.remote, store, executor, reporter)
-        ages = max_ages(script)
-        if ages:
-            remote.stale = staleness(steps, ages, time.time())
-        available = remote.availability(executor.missing)
-    planned = Planned(
-        loaded,
-        steps,
-        [],
-        facts,
-        executor,
-        store,
-        script_id,
-        previous=previous,
-        remote=remote,
-        dockerfile=built,
-    )
-    planned.forced = forced_steps(steps, script, store, opts)
-    planned.decisions = plan_steps(steps, available, previous, planned.forced)
-    return planned
+            remote = RemoteCache(opts.remote, store, executor, reporter)
+            ages = max_ages(script)
+            if ages:
+                remote.stale = staleness(steps, ages, time.time())
+            available = remote.availability(executor.missing)
+        planned = Planned(
+            loaded,
+            steps,
+            [],
+            facts,
+            executor,
+            store,
+            script_id,
+            previous=previous,
+            remote=remote,
+            dockerfile=built,
+        )
+        planned.forced = forced_steps(steps, script, store, opts)
+        planned.decisions = plan_steps(steps, available, previous, planned.forced)
+        return planned
+    except BaseException:
+        snapshot.close()  # the copies a Dockerfile base read: nothing is left behind
+        raise
+
+
+def release_snapshots(planned: Iterable[Planned]) -> None:
+    """Delete the package copies planning took (a Dockerfile base is built from them) for
+    plans that are not executed, or whose execution stopped before its own clean-up."""
+    for one in planned:
+        if one.executor.snapshot is not None:
+            one.executor.snapshot.close()
 
 
 def image_name(package: Path) -> str:

@@ -65,11 +65,14 @@ def proxy(docker_engine: Engine) -> Iterator[EngineProxy]:
 
 @pytest.fixture
 def rfs(tmp_path: Path, engine_client: Any) -> Iterator[Rfs]:
-    runner = Rfs(tmp_path / "cache", timeout_s=600)
+    runner = Rfs(tmp_path / "cache", tmpdir=tmp_path / "tmp", timeout_s=600)
     yield runner
     for run_id in runner.run_ids:  # nothing left behind, whatever happened
         left = containers_of(engine_client, run_id)
         assert left == [], f"containers left behind: {[c.id[:12] for c in left]}"
+    # Planning copies the base's context files (rfs.run.snapshot), also for `rfs plan` and
+    # when the base's build fails: the copies go with the process's end.
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == []
     done = runner("cache", "clear")  # the built bases' tags go with the cache
     assert done.code == 0, done.err
 

@@ -19,7 +19,7 @@ from rfs.errors import EnvironmentProblem, ScriptError, StepFailed
 from rfs.graph.explain import explain_plan
 from rfs.graph.planner import Action
 from rfs.host import signals
-from rfs.pipeline.build import Options, Planned, execute, prepare
+from rfs.pipeline.build import Options, Planned, execute, prepare, release_snapshots
 from rfs.report.reporter import Reporter
 from rfs.script.package import load
 from tests.fakeshell import shell_of
@@ -87,6 +87,7 @@ class World:
         try:
             return explain_plan(planned.decisions, planned.previous, planned.script)
         finally:
+            release_snapshots([planned])
             planned.store.close()
 
     def cat(self, path: str) -> str:
@@ -273,6 +274,7 @@ def test_a_pinned_image_is_used_by_its_id_and_the_digest_is_keyed(tmp_path: Path
         opts.package.joinpath("build.toml").read_text().replace("sha256:" + "0" * 64, image_id)
     )
     planned = prepare(opts, Reporter(), engine_factory=lambda script: engine)
+    release_snapshots([planned])
     planned.store.close()
     assert planned.facts.base_id == image_id
     base = next(s for s in planned.steps if s.id == "base")
@@ -358,6 +360,7 @@ def test_a_retagged_from_image_builds_the_base_again_and_explain_names_it(
 def test_the_from_images_are_keyed_by_id_and_platform(tmp_path: Path) -> None:
     w = World(tmp_path)
     planned = w.plan()
+    release_snapshots([planned])
     planned.store.close()
     base = next(s for s in planned.steps if s.id == "base")
     image_id = w.engine.image_id("fake/base:1")
