@@ -45,12 +45,19 @@ def complete_export(export: Callable[[BinarySink], None], path: Path, what: str)
         export(sink)
     finally:
         writer.close()
+    _require_end(sink, writer.size, what)
+    return writer.size, writer.digest
+
+
+def _require_end(sink: _TarEnd, size: int, what: str) -> None:
+    """Raise EngineError unless the stream that went through `sink` ended as a tar archive
+    does: a stream cut short (the engine stopped or crashed) can end cleanly at a chunk
+    boundary, and an export without the end-of-archive marker must never be cached."""
     if not sink.complete():
         raise EngineError(
-            f"the export of {what} ended early ({writer.size} bytes, no end-of-archive "
-            "marker): did the engine stop?"
+            f"the export of {what} ended early ({size} bytes, no end-of-archive marker): "
+            "did the engine stop?"
         )
-    return writer.size, writer.digest
 
 
 def export_into(
@@ -81,11 +88,5 @@ def export_into(
             on_progress=lambda n: reporter.progress(step, n, total),
             platform=platform,
         )
-        if not sink.complete():
-            # A stream cut short (the engine stopped or crashed) can end cleanly at a chunk
-            # boundary; an export without the end-of-archive marker must never be cached.
-            raise EngineError(
-                f"the export of {image} ended early ({writer.size} bytes, "
-                "no end-of-archive marker): did the engine stop?"
-            )
+        _require_end(sink, writer.size, image)
     return writer.size, writer.digest
